@@ -1,0 +1,21 @@
+//! hindsight: post-hoc EMA of neural-network weights as a service.
+//!
+//! Training keeps a few power-function EMAs of the weights and saves snapshots of them; after
+//! training, an EMA of any length is reconstructed as a least-squares combination of the
+//! snapshots (Karras et al., EDM2, arXiv 2312.02696). This crate holds the mathematics, the
+//! trainer-side tracker, and (as the project grows) the snapshot store, the reconstruction
+//! engine, the HTTP server and the EDM2 network.
+//!
+//! Module map:
+//! - [`phema`]: post-hoc EMA mathematics and the tracker (pure: no I/O).
+//! - [`bench`]: synthetic workloads shared by `hindsight bench` and the tests.
+//! - [`error`]: the library's error type.
+
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod bench;
+pub mod error;
+pub mod phema;
+
+pub use error::{Error, Result};

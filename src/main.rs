@@ -1,0 +1,231 @@
+//! The `hindsight` command line.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use hindsight::bench::{edm2_schedule, sigma_sweep, Timing};
+use hindsight::phema::request::{SolveRequest, SolveResponse, SnapshotSpec, TargetSpec};
+use hindsight::phema::{self, SolveOptions, Width};
+
+/// Post-hoc EMA of neural-network weights (EDM2): reconstruct any EMA length after training.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Where hindsight keeps its SQLite index and snapshot store.
+    #[arg(long, global = true, env = "HINDSIGHT_DATA_DIR", default_value = "./hindsight-data")]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Solve for post-hoc EMA coefficients: reads a JSON request on stdin, writes JSON on stdout.
+    ///
+    /// Input: {"snapshots": [{"nimg": N, "sigma_rel": S}, ...], "targets": [{"sigma_rel": S,
+    /// "nimg": N?} | {"gamma": G, "nimg": N?}, ...], "profile_points": P?}.
+    /// Target nimg defaults to the last snapshot. Errors exit non-zero with one line on stderr
+    /// naming the bad field.
+    Solve {
+        /// Print a table for people instead of JSON.
+        #[arg(long)]
+        table: bool,
+    },
+    /// Measure performance against the peers (see BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Time `solve` on an EDM2-shaped run: snapshots every 8Mi images for two widths.
+    Solve {
+        /// Number of snapshot times (each contributes one snapshot per width).
+        #[arg(long, default_value_t = 256)]
+        times: usize,
+        /// Number of target widths, evenly spaced over σ_rel 0.010–0.250.
+        #[arg(long, default_value_t = 31)]
+        targets: usize,
+        /// Timed repetitions.
+        #[arg(long, default_value_t = 200)]
+        iterations: usize,
+        /// Also time EDM2's algorithm in NumPy with this Python (scripts/peer_phema_solve.py).
+        #[arg(long)]
+        peer_python: Option<String>,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    tracing::debug!(data_dir = %cli.data_dir.display(), "starting");
+    if let Err(err) = run(cli) {
+        // One line, naming the field where the library knows it.
+        let chain: Vec<String> = err.chain().map(|e| e.to_string()).collect();
+        eprintln!("error: {}", chain.join(": "));
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Solve { table } => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("reading the request from stdin")?;
+            let response = SolveRequest::from_json(&text)?.solve()?;
+            if table {
+                print_table(&response);
+            } else {
+                println!("{}", serde_json::to_string(&response)?);
+            }
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Solve {
+            times,
+            targets,
+            iterations,
+            peer_python,
+        }) => bench_solve(times, targets, iterations, peer_python),
+    }
+}
+
+fn print_table(response: &SolveResponse) {
+    println!(
+        "{:>9} {:>9} {:>14} {:>5} {:>11} {:>9} {:>9} {:>9}  warnings",
+        "sigma_rel", "gamma", "nimg", "used", "rel_error", "sum|w|", "gain", "cond"
+    );
+    for t in &response.targets {
+        let s = &t.solution;
+        let warnings: Vec<String> = s
+            .warnings
+            .iter()
+            .map(|w| serde_json::to_string(&w.code).unwrap_or_default())
+            .collect();
+        println!(
+            "{:>9.4} {:>9.3} {:>14} {:>5} {:>11.3e} {:>9.3} {:>9.3} {:>9.2e}  {}",
+            s.sigma_rel,
+            s.gamma,
+            s.nimg,
+            s.used_snapshots,
+            s.relative_error,
+            s.coefficient_l1,
+            s.noise_gain,
+            s.condition_number,
+            warnings.join(",").replace('"', "")
+        );
+    }
+}
+
+fn bench_solve(
+    times: usize,
+    n_targets: usize,
+    iterations: usize,
+    peer_python: Option<String>,
+) -> anyhow::Result<()> {
+    if times == 0 || n_targets == 0 || iterations == 0 {
+        bail!("--times, --targets and --iterations must be positive");
+    }
+    let snapshots = edm2_schedule(times, 8 << 20, &phema::DEFAULT_SIGMA_RELS);
+    let targets = sigma_sweep(n_targets, 0.010, 0.250);
+    let options = SolveOptions::default();
+    // Warm up once, then time whole calls (Gram build, factorisation, solves, reports).
+    let reference = phema::solve(&snapshots, &targets, &options)?;
+    let mut samples = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let start = Instant::now();
+        let out = phema::solve(&snapshots, &targets, &options)?;
+        samples.push(start.elapsed().as_secs_f64());
+        std::hint::black_box(out);
+    }
+    let ours = Timing::from_samples(samples);
+    println!(
+        "solve: {} snapshots ({times} times x 2 widths), {n_targets} targets, {iterations} runs",
+        snapshots.len()
+    );
+    println!(
+        "  hindsight: median {:.3} ms  min {:.3} ms  p90 {:.3} ms  (condition number {:.3e})",
+        ours.median * 1e3,
+        ours.min * 1e3,
+        ours.p90 * 1e3,
+        reference[0].condition_number
+    );
+    let Some(python) = peer_python else {
+        return Ok(());
+    };
+    let request = SolveRequest {
+        snapshots: snapshots
+            .iter()
+            .map(|s| SnapshotSpec {
+                nimg: s.nimg,
+                sigma_rel: match s.width {
+                    Width::SigmaRel(v) => Some(v),
+                    Width::Gamma(_) => None,
+                },
+                gamma: None,
+            })
+            .collect(),
+        targets: targets
+            .iter()
+            .map(|t| TargetSpec {
+                sigma_rel: match t.width {
+                    Width::SigmaRel(v) => Some(v),
+                    Width::Gamma(_) => None,
+                },
+                gamma: None,
+                nimg: None,
+            })
+            .collect(),
+        options: None,
+        profile_points: None,
+    };
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/peer_phema_solve.py");
+    let mut child = std::process::Command::new(&python)
+        .arg(script)
+        .arg(iterations.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {python} {script}"))?;
+    serde_json::to_writer(child.stdin.take().context("peer stdin")?, &request)?;
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        bail!("the peer script failed ({})", output.status);
+    }
+    #[derive(serde::Deserialize)]
+    struct PeerResult {
+        median_s: f64,
+        min_s: f64,
+        p90_s: f64,
+        coefficients: Vec<Vec<f64>>,
+    }
+    let peer: PeerResult = serde_json::from_slice(&output.stdout).context("peer output")?;
+    let mut worst = 0.0f64;
+    for (ours, theirs) in reference.iter().zip(&peer.coefficients) {
+        let scale = ours.coefficients.iter().fold(0.0f64, |m, w| m.max(w.abs()));
+        for (a, b) in ours.coefficients.iter().zip(theirs) {
+            worst = worst.max((a - b).abs() / scale);
+        }
+    }
+    println!(
+        "  EDM2 (NumPy): median {:.3} ms  min {:.3} ms  p90 {:.3} ms",
+        peer.median_s * 1e3,
+        peer.min_s * 1e3,
+        peer.p90_s * 1e3
+    );
+    println!(
+        "  ratio (EDM2 / hindsight, median): {:.1}x   max coefficient difference: {worst:.2e} of max|w|",
+        peer.median_s / ours.median
+    );
+    Ok(())
+}

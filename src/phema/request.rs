@@ -1,0 +1,156 @@
+//! JSON request and response shapes for solving, shared by `hindsight solve` and the server.
+//!
+//! ```text
+//! in:  {"snapshots": [{"nimg": 8388608, "sigma_rel": 0.05}, ...],
+//!       "targets":   [{"sigma_rel": 0.1, "nimg": 2147483648}, {"gamma": 6.94}],
+//!       "options": {...}?, "profile_points": 200?}
+//! out: {"targets": [{"sigma_rel", "gamma", "nimg", "coefficients", "used_snapshots",
+//!                    "relative_error", "coefficient_l1", "noise_gain", "condition_number",
+//!                    "warnings", "profile"?}]}
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use super::solve::{
+    sample_profiles, solve, ProfilePoint, Snapshot, SolveOptions, Target, TargetSolution, Width,
+};
+use crate::error::{Error, Result};
+
+/// A snapshot as written in JSON: `nimg` and exactly one of `sigma_rel`, `gamma`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotSpec {
+    /// Training time in images.
+    pub nimg: u64,
+    /// Relative standard deviation of the snapshot's EMA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sigma_rel: Option<f64>,
+    /// Exponent of the snapshot's EMA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gamma: Option<f64>,
+}
+
+/// A target as written in JSON: exactly one of `sigma_rel`, `gamma`; `nimg` optional.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSpec {
+    /// Relative standard deviation to reconstruct.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sigma_rel: Option<f64>,
+    /// Exponent to reconstruct.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gamma: Option<f64>,
+    /// Training time; defaults to the last snapshot's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nimg: Option<u64>,
+}
+
+/// The body of a solve request.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SolveRequest {
+    /// The stored snapshots.
+    pub snapshots: Vec<SnapshotSpec>,
+    /// The profiles to reconstruct.
+    pub targets: Vec<TargetSpec>,
+    /// Warning thresholds; defaults if absent.
+    #[serde(default)]
+    pub options: Option<SolveOptions>,
+    /// When set, each result carries the target and reconstructed profiles sampled at this many
+    /// evenly spaced times (2 to 10 000), for plotting.
+    #[serde(default)]
+    pub profile_points: Option<usize>,
+}
+
+/// One target's result as written in JSON.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct TargetOutput {
+    /// The solution and its quality report.
+    #[serde(flatten)]
+    pub solution: TargetSolution,
+    /// Sampled profiles, when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Vec<ProfilePoint>>,
+}
+
+/// The body of a solve response.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct SolveResponse {
+    /// One entry per requested target, in request order.
+    pub targets: Vec<TargetOutput>,
+}
+
+fn width(sigma_rel: Option<f64>, gamma: Option<f64>, field: &str) -> Result<Width> {
+    match (sigma_rel, gamma) {
+        (Some(s), None) => Ok(Width::SigmaRel(s)),
+        (None, Some(g)) => Ok(Width::Gamma(g)),
+        (Some(_), Some(_)) => Err(Error::invalid(
+            field,
+            "give either sigma_rel or gamma, not both",
+        )),
+        (None, None) => Err(Error::invalid(field, "missing sigma_rel (or gamma)")),
+    }
+}
+
+impl SolveRequest {
+    /// Parses a request from JSON text; errors name the offending field
+    /// (e.g. `targets[1].nimg: invalid type: string "x", expected u64`).
+    pub fn from_json(text: &str) -> Result<Self> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." { "request".to_owned() } else { path };
+            Error::invalid(field, e.into_inner().to_string())
+        })
+    }
+
+    /// Validates and solves.
+    pub fn solve(&self) -> Result<SolveResponse> {
+        let snapshots = self
+            .snapshots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                Ok(Snapshot {
+                    nimg: s.nimg,
+                    width: width(s.sigma_rel, s.gamma, &format!("snapshots[{i}]"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let targets = self
+            .targets
+            .iter()
+            .enumerate()
+            .map(|(j, t)| {
+                Ok(Target {
+                    width: width(t.sigma_rel, t.gamma, &format!("targets[{j}]"))?,
+                    nimg: t.nimg,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if targets.is_empty() {
+            return Err(Error::invalid("targets", "at least one target is needed"));
+        }
+        if let Some(p) = self.profile_points {
+            if !(2..=10_000).contains(&p) {
+                return Err(Error::invalid(
+                    "profile_points",
+                    format!("{p} is out of range: use 2 to 10000"),
+                ));
+            }
+        }
+        let options = self.options.unwrap_or_default();
+        let solutions = solve(&snapshots, &targets, &options)?;
+        let targets = solutions
+            .into_iter()
+            .map(|solution| {
+                let profile = match self.profile_points {
+                    Some(p) => Some(sample_profiles(&snapshots, &solution, p)?),
+                    None => None,
+                };
+                Ok(TargetOutput { solution, profile })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(SolveResponse { targets })
+    }
+}

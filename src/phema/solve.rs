@@ -1,0 +1,475 @@
+//! Least-squares reconstruction of an EMA profile from stored snapshots (EDM2, Algorithm 3),
+//! with a quality report for every target.
+//!
+//! Given snapshot profiles `p_1 … p_n` (each an EMA of the training weights read out at time
+//! `t_k` with exponent `γ_k`) and a target profile `p`, the weights `x` minimise
+//! `‖p − Σ_k x_k p_k‖` in L2 over training time, i.e. solve the Gram system `A x = b` with
+//! `A_kl = ⟨p_k, p_l⟩` and `b_k = ⟨p_k, p⟩` (eq. 151). As in EDM2, the weights are then divided
+//! by their sum so that the reconstruction is an average of snapshots (`Σ w = 1`).
+
+use std::collections::BTreeMap;
+
+use nalgebra::DMatrix;
+use serde::{Deserialize, Serialize};
+
+use super::linalg::GramFactor;
+use super::profile::{
+    check_gamma, check_sigma_rel, gamma_of_sigma_rel, inner_product, sigma_rel_of_gamma, Profile,
+};
+use crate::error::{Error, Result};
+
+/// The width of an EMA profile, given either way.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Width {
+    /// Relative standard deviation `σ_rel ∈ (0, sqrt(1/12))`.
+    SigmaRel(f64),
+    /// Power-function exponent `γ > 0`.
+    Gamma(f64),
+}
+
+impl Width {
+    /// Validates the width and returns `(σ_rel, γ)`. `field` is the path of the enclosing
+    /// object, e.g. `targets[3]`.
+    pub fn resolve(self, field: &str) -> Result<(f64, f64)> {
+        match self {
+            Width::SigmaRel(s) => {
+                check_sigma_rel(s, &format!("{field}.sigma_rel"))?;
+                Ok((s, gamma_of_sigma_rel(s)))
+            }
+            Width::Gamma(g) => {
+                check_gamma(g, &format!("{field}.gamma"))?;
+                Ok((sigma_rel_of_gamma(g), g))
+            }
+        }
+    }
+}
+
+/// A stored snapshot: an EMA of width `width` read out at training time `nimg`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Snapshot {
+    /// Training time in images. Snapshots at `nimg = 0` carry no information and are skipped,
+    /// as EDM2 skips them.
+    pub nimg: u64,
+    /// The EMA's width.
+    pub width: Width,
+}
+
+/// A profile to reconstruct.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Target {
+    /// The EMA's width.
+    pub width: Width,
+    /// Training time to reconstruct at; `None` means the last snapshot's time. Any time from the
+    /// first snapshot to the last is allowed, not only snapshot times.
+    pub nimg: Option<u64>,
+}
+
+/// Thresholds above which a target's report carries a warning.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SolveOptions {
+    /// Warn when `‖p_target − Σ w p‖ / ‖p_target‖` exceeds this. Default 0.05: the EDM2 paper's
+    /// reconstructions of useful widths stay well below a few percent.
+    pub max_relative_error: f64,
+    /// Warn when `sqrt(Σ w²)` exceeds this. Default 10: independent per-snapshot noise (such as
+    /// fp16 rounding of the stored weights) is amplified ten-fold.
+    pub max_noise_gain: f64,
+    /// Warn when the Gram matrix's condition number exceeds this. Default 1e12: beyond it the
+    /// weights themselves carry relative errors near 1e-4 from f64 rounding alone.
+    pub max_condition_number: f64,
+}
+
+impl Default for SolveOptions {
+    fn default() -> Self {
+        Self {
+            max_relative_error: 0.05,
+            max_noise_gain: 10.0,
+            max_condition_number: 1e12,
+        }
+    }
+}
+
+/// Why a target's report deserves a second look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WarningCode {
+    /// The snapshots cannot represent the target profile well.
+    LargeProfileError,
+    /// The weights amplify per-snapshot noise.
+    LargeNoiseGain,
+    /// The Gram system is close to singular.
+    IllConditioned,
+}
+
+/// A warning attached to one target's result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Warning {
+    /// Machine-readable kind.
+    pub code: WarningCode,
+    /// One sentence for people.
+    pub message: String,
+}
+
+/// The solution for one target.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TargetSolution {
+    /// The target's relative standard deviation.
+    pub sigma_rel: f64,
+    /// The target's exponent.
+    pub gamma: f64,
+    /// The training time reconstructed at.
+    pub nimg: u64,
+    /// One weight per input snapshot, in input order; 0 for snapshots after `nimg` (or at 0).
+    /// The weights sum to one.
+    pub coefficients: Vec<f64>,
+    /// How many snapshots took part (those with `0 < nimg_k ≤ nimg`).
+    pub used_snapshots: usize,
+    /// `‖p_target − Σ_k w_k p_k‖ / ‖p_target‖`, L2 over training time, in closed form.
+    pub relative_error: f64,
+    /// `Σ_k |w_k|`: 1 for a pure average, larger when weights cancel.
+    pub coefficient_l1: f64,
+    /// `sqrt(Σ_k w_k²)`: the factor by which independent per-snapshot noise of equal size is
+    /// scaled in the reconstruction.
+    pub noise_gain: f64,
+    /// 2-norm condition number of the Gram matrix of the used snapshots.
+    pub condition_number: f64,
+    /// Warnings for this target (empty when all figures are within [`SolveOptions`]).
+    pub warnings: Vec<Warning>,
+}
+
+/// Solves for every target in one call. The Gram matrix is factored once for all targets.
+pub fn solve(
+    snapshots: &[Snapshot],
+    targets: &[Target],
+    options: &SolveOptions,
+) -> Result<Vec<TargetSolution>> {
+    if snapshots.is_empty() {
+        return Err(Error::invalid("snapshots", "at least one snapshot is needed"));
+    }
+    // Resolve widths and keep the usable snapshots, sorted by time (then exponent).
+    let mut profiles = Vec::with_capacity(snapshots.len());
+    for (i, s) in snapshots.iter().enumerate() {
+        let (_, gamma) = s.width.resolve(&format!("snapshots[{i}]"))?;
+        if s.nimg > 0 {
+            profiles.push((i, s.nimg, gamma));
+        }
+    }
+    if profiles.is_empty() {
+        return Err(Error::invalid(
+            "snapshots",
+            "every snapshot has nimg = 0; a snapshot must be taken after training started",
+        ));
+    }
+    profiles.sort_by(|a, b| (a.1, a.2).partial_cmp(&(b.1, b.2)).expect("finite"));
+    for pair in profiles.windows(2) {
+        let ((i, t, g), (j, u, h)) = (pair[0], pair[1]);
+        if t == u && (g - h).abs() <= 1e-12 * g {
+            let (first, second) = (i.min(j), i.max(j));
+            return Err(Error::invalid(
+                format!("snapshots[{second}]"),
+                format!(
+                    "duplicates snapshots[{first}] (nimg {t}, sigma_rel {:.6})",
+                    sigma_rel_of_gamma(g)
+                ),
+            ));
+        }
+    }
+    let last_nimg = profiles.last().expect("non-empty").1;
+    let first_nimg = profiles[0].1;
+
+    // Resolve targets and group them by how many snapshots they use.
+    let mut resolved = Vec::with_capacity(targets.len());
+    let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (j, t) in targets.iter().enumerate() {
+        let (sigma_rel, gamma) = t.width.resolve(&format!("targets[{j}]"))?;
+        let nimg = t.nimg.unwrap_or(last_nimg);
+        if nimg > last_nimg {
+            return Err(Error::invalid(
+                format!("targets[{j}].nimg"),
+                format!(
+                    "{nimg} is after the last snapshot ({last_nimg}); post-hoc EMA cannot extrapolate"
+                ),
+            ));
+        }
+        if nimg < first_nimg {
+            return Err(Error::invalid(
+                format!("targets[{j}].nimg"),
+                format!("{nimg} is before the first snapshot ({first_nimg})"),
+            ));
+        }
+        let used = profiles.partition_point(|p| p.1 <= nimg);
+        groups.entry(used).or_default().push(j);
+        resolved.push((sigma_rel, gamma, nimg));
+    }
+
+    let sorted: Vec<Profile> = profiles
+        .iter()
+        .map(|&(_, nimg, gamma)| Profile {
+            nimg: nimg as f64,
+            gamma,
+        })
+        .collect();
+    let (equilibrated, scale) = equilibrated_gram(&sorted);
+    let factor = GramFactor::new(equilibrated, scale).map_err(|(k, pivot)| Error::SingularGram {
+        snapshot: profiles[k].0,
+        pivot,
+    })?;
+
+    let mut out: Vec<Option<TargetSolution>> = vec![None; targets.len()];
+    for (&m, members) in &groups {
+        let target_profiles: Vec<Profile> = members
+            .iter()
+            .map(|&j| Profile {
+                nimg: resolved[j].2 as f64,
+                gamma: resolved[j].1,
+            })
+            .collect();
+        // The condition number (two Lanczos runs) and the solves are independent.
+        let (condition_number, (x, z)) = rayon::join(
+            || factor.condition_number(m),
+            || {
+                let rhs = DMatrix::from_fn(m, members.len(), |i, c| {
+                    inner_product(sorted[i], target_profiles[c])
+                });
+                factor.solve(m, &rhs)
+            },
+        );
+        for (c, &j) in members.iter().enumerate() {
+            let (sigma_rel, gamma, nimg) = resolved[j];
+            let target = target_profiles[c];
+            let exact = sorted[..m]
+                .iter()
+                .position(|p| p.nimg == target.nimg && p.gamma == target.gamma);
+            let (weights, relative_error) = match exact {
+                // The target is one of the snapshots: the exact solution is that snapshot alone.
+                Some(k) => {
+                    let mut w = vec![0.0; m];
+                    w[k] = 1.0;
+                    (w, 0.0)
+                }
+                None => normalise(
+                    x.column(c).as_slice(),
+                    z.column(c).norm_squared(),
+                    target.norm_squared(),
+                    &format!("targets[{j}]"),
+                )?,
+            };
+            let mut coefficients = vec![0.0; snapshots.len()];
+            for (k, w) in weights.iter().enumerate() {
+                coefficients[profiles[k].0] = *w;
+            }
+            let coefficient_l1 = weights.iter().map(|w| w.abs()).sum();
+            let noise_gain = weights.iter().map(|w| w * w).sum::<f64>().sqrt();
+            let warnings = warnings(
+                options,
+                relative_error,
+                noise_gain,
+                condition_number,
+                sigma_rel,
+            );
+            out[j] = Some(TargetSolution {
+                sigma_rel,
+                gamma,
+                nimg,
+                coefficients,
+                used_snapshots: m,
+                relative_error,
+                coefficient_l1,
+                noise_gain,
+                condition_number,
+                warnings,
+            });
+        }
+    }
+    Ok(out.into_iter().map(|s| s.expect("every target solved")).collect())
+}
+
+/// The lower triangle of the equilibrated Gram matrix `S = D A D` of time-sorted profiles,
+/// with `A_ab = ⟨p_a, p_b⟩` and `D = diag(A_kk^{-1/2})`, and `diag(D)`.
+///
+/// Entry `(b, a)` with `t_a ≤ t_b` needs `(t_a / t_b)^γ_b`. Snapshots come in a handful of
+/// widths, so for each distinct `γ` the factors `(t_a / t_max)^γ` and `(t_max / t_b)^γ` are
+/// computed once and the entry is their product: `O(n)` calls to `pow` instead of `O(n²)`.
+/// Each factor is within an ulp or so of exact, so the product's relative error stays near the
+/// direct formula's `γ · ε`. When a factor leaves the normal range (very large `γ` over a long
+/// span of times) the entry falls back to the direct ratio, and equal times give exactly 1.
+fn equilibrated_gram(sorted: &[Profile]) -> (DMatrix<f64>, Vec<f64>) {
+    const MAX_FACTORED_WIDTHS: usize = 16;
+    let n = sorted.len();
+    let t_max = sorted[n - 1].nimg;
+    let scale: Vec<f64> = sorted.iter().map(|p| p.norm_squared().sqrt().recip()).collect();
+    let mut widths: Vec<f64> = Vec::new();
+    let class: Vec<usize> = sorted
+        .iter()
+        .map(|p| match widths.iter().position(|&g| g == p.gamma) {
+            Some(c) => c,
+            None => {
+                widths.push(p.gamma);
+                widths.len() - 1
+            }
+        })
+        .collect();
+    let factored = widths.len() <= MAX_FACTORED_WIDTHS;
+    // up[c][a] = (t_a / t_max)^γ_c, down[c][b] = (t_max / t_b)^γ_c / t_b · D_b.
+    let (up, down): (Vec<Vec<f64>>, Vec<Vec<f64>>) = if factored {
+        widths
+            .iter()
+            .map(|&g| {
+                let up = sorted.iter().map(|p| (p.nimg / t_max).powf(g)).collect();
+                let down = sorted.iter().map(|p| (t_max / p.nimg).powf(g)).collect();
+                (up, down)
+            })
+            .unzip()
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let mut s = DMatrix::zeros(n, n);
+    for (a, col) in s.as_mut_slice().chunks_exact_mut(n).enumerate() {
+        let early = sorted[a];
+        col[a] = 1.0;
+        for b in a + 1..n {
+            let late = sorted[b];
+            let c = class[b];
+            let ratio_pow = if early.nimg == late.nimg {
+                1.0
+            } else if factored
+                && up[c][a] >= f64::MIN_POSITIVE
+                && down[c][b] <= 1.0 / f64::MIN_POSITIVE
+            {
+                up[c][a] * down[c][b]
+            } else {
+                (early.nimg / late.nimg).powf(late.gamma)
+            };
+            let pair =
+                (early.gamma + 1.0) * (late.gamma + 1.0) / (early.gamma + late.gamma + 1.0);
+            col[b] = pair * ratio_pow / late.nimg * scale[a] * scale[b];
+        }
+    }
+    (s, scale)
+}
+
+/// Normalises the least-squares weights `x` to sum to one and returns them with the relative
+/// profile error of the normalised reconstruction.
+///
+/// With `q = bᵀ A⁻¹ b` (the squared norm of the orthogonal projection of the target onto the
+/// snapshots' span), `c = ‖p‖²` and `s = Σ x`, the error of `w = x / s` is
+/// `‖p − Σ w p_k‖² = (c − q) + q (1 − 1/s)²`, exact whenever `A x = b`. This avoids the
+/// quadratic form `c − 2 wᵀb + wᵀ A w`, whose terms grow with `Σ|w|` and cancel.
+fn normalise(x: &[f64], q: f64, c: f64, field: &str) -> Result<(Vec<f64>, f64)> {
+    let s: f64 = x.iter().sum();
+    let l1: f64 = x.iter().map(|v| v.abs()).sum();
+    if !(s.abs() > 1e-9 * l1) || !s.is_finite() {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "the least-squares weights sum to {s:e} (Σ|x| = {l1:e}) and cannot be \
+                 normalised; the snapshots do not represent this profile"
+            ),
+        ));
+    }
+    let w = x.iter().map(|v| v / s).collect();
+    let miss = 1.0 - 1.0 / s;
+    let err2 = ((c - q) / c).max(0.0) + q / c * miss * miss;
+    Ok((w, err2.sqrt()))
+}
+
+fn warnings(
+    options: &SolveOptions,
+    relative_error: f64,
+    noise_gain: f64,
+    condition_number: f64,
+    sigma_rel: f64,
+) -> Vec<Warning> {
+    let mut out = Vec::new();
+    if relative_error > options.max_relative_error {
+        out.push(Warning {
+            code: WarningCode::LargeProfileError,
+            message: format!(
+                "the snapshots reproduce the sigma_rel {sigma_rel:.4} profile only to {:.1}% \
+                 (threshold {:.1}%); the reconstruction is a different EMA than asked for",
+                relative_error * 100.0,
+                options.max_relative_error * 100.0
+            ),
+        });
+    }
+    if noise_gain > options.max_noise_gain {
+        out.push(Warning {
+            code: WarningCode::LargeNoiseGain,
+            message: format!(
+                "the weights amplify independent per-snapshot noise {noise_gain:.1}x \
+                 (threshold {:.1}x); low-precision snapshots will show through",
+                options.max_noise_gain
+            ),
+        });
+    }
+    if condition_number > options.max_condition_number {
+        out.push(Warning {
+            code: WarningCode::IllConditioned,
+            message: format!(
+                "the Gram matrix has condition number {condition_number:.2e} (threshold {:.0e}); \
+                 the weights may be inaccurate",
+                options.max_condition_number
+            ),
+        });
+    }
+    out
+}
+
+/// One point of a sampled profile pair, for plots.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProfilePoint {
+    /// Training time in images.
+    pub nimg: f64,
+    /// Density of the target profile at `nimg` (per image).
+    pub target: f64,
+    /// Density of the reconstruction `Σ_k w_k p_k` at `nimg`.
+    pub reconstructed: f64,
+}
+
+/// Samples the target profile and its reconstruction on `points` evenly spaced times from 0 to
+/// the target time (inclusive). `coefficients` are in the order of `snapshots`, as returned by
+/// [`solve`].
+pub fn sample_profiles(
+    snapshots: &[Snapshot],
+    solution: &TargetSolution,
+    points: usize,
+) -> Result<Vec<ProfilePoint>> {
+    if snapshots.len() != solution.coefficients.len() {
+        return Err(Error::invalid(
+            "coefficients",
+            format!(
+                "{} coefficients for {} snapshots",
+                solution.coefficients.len(),
+                snapshots.len()
+            ),
+        ));
+    }
+    let mut used = Vec::new();
+    for (i, (s, &w)) in snapshots.iter().zip(&solution.coefficients).enumerate() {
+        if w != 0.0 && s.nimg > 0 {
+            let (_, gamma) = s.width.resolve(&format!("snapshots[{i}]"))?;
+            used.push((
+                Profile {
+                    nimg: s.nimg as f64,
+                    gamma,
+                },
+                w,
+            ));
+        }
+    }
+    let target = Profile {
+        nimg: solution.nimg as f64,
+        gamma: solution.gamma,
+    };
+    let steps = points.max(2) - 1;
+    Ok((0..=steps)
+        .map(|i| {
+            let tau = target.nimg * i as f64 / steps as f64;
+            ProfilePoint {
+                nimg: tau,
+                target: target.density(tau),
+                reconstructed: used.iter().map(|(p, w)| w * p.density(tau)).sum(),
+            }
+        })
+        .collect())
+}
