@@ -15,19 +15,6 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
-    /// The snapshot profiles are linearly dependent to working precision, so the least-squares
-    /// weights are not determined.
-    #[error(
-        "the snapshot profiles are linearly dependent to working precision \
-         (Gram pivot {pivot:.3e} at snapshot {snapshot}); remove near-duplicate snapshots"
-    )]
-    SingularGram {
-        /// Index (in the caller's order) of the snapshot whose profile is (nearly) a
-        /// combination of the earlier ones.
-        snapshot: usize,
-        /// The pivot of the unit-diagonal Gram matrix that fell below the threshold.
-        pivot: f64,
-    },
 }
 
 impl Error {

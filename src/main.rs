@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use hindsight::bench::{edm2_schedule, sigma_sweep, Timing};
-use hindsight::phema::request::{SolveRequest, SolveResponse, SnapshotSpec, TargetSpec};
+use hindsight::phema::request::{SnapshotSpec, SolveRequest, SolveResponse, TargetSpec};
 use hindsight::phema::{self, SolveOptions, Width};
 
 /// Post-hoc EMA of neural-network weights (EDM2): reconstruct any EMA length after training.
@@ -15,7 +15,12 @@ use hindsight::phema::{self, SolveOptions, Width};
 #[command(version, about)]
 struct Cli {
     /// Where hindsight keeps its SQLite index and snapshot store.
-    #[arg(long, global = true, env = "HINDSIGHT_DATA_DIR", default_value = "./hindsight-data")]
+    #[arg(
+        long,
+        global = true,
+        env = "HINDSIGHT_DATA_DIR",
+        default_value = "./hindsight-data"
+    )]
     data_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -33,6 +38,16 @@ enum Command {
         /// Print a table for people instead of JSON.
         #[arg(long)]
         table: bool,
+        /// Targets as an EDM2-style list, e.g. `0.010,0.015,...,0.250` (replaces the request's
+        /// "targets", which may then be omitted).
+        #[arg(long, value_name = "LIST")]
+        sigma_rel: Option<String>,
+        /// Targets given as exponents γ, same list syntax (combined with --sigma-rel).
+        #[arg(long, value_name = "LIST")]
+        gamma: Option<String>,
+        /// Training time of the --sigma-rel/--gamma targets (default: the last snapshot).
+        #[arg(long, value_name = "NIMG")]
+        at_nimg: Option<u64>,
     },
     /// Measure performance against the peers (see BENCHMARKS.md).
     #[command(subcommand)]
@@ -78,12 +93,45 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Solve { table } => {
+        Command::Solve {
+            table,
+            sigma_rel,
+            gamma,
+            at_nimg,
+        } => {
             let mut text = String::new();
             std::io::stdin()
                 .read_to_string(&mut text)
                 .context("reading the request from stdin")?;
-            let response = SolveRequest::from_json(&text)?.solve()?;
+            let mut request = SolveRequest::from_json(&text)?;
+            if sigma_rel.is_some() || gamma.is_some() {
+                if !request.targets.is_empty() {
+                    bail!("targets: given both in the request and on the command line; use one");
+                }
+                let mut targets = Vec::new();
+                if let Some(list) = sigma_rel {
+                    for v in phema::parse_sigma_rel_list(&list).context("--sigma-rel")? {
+                        targets.push(TargetSpec {
+                            sigma_rel: Some(v),
+                            gamma: None,
+                            nimg: at_nimg,
+                        });
+                    }
+                }
+                if let Some(list) = gamma {
+                    for v in phema::parse_float_list(&list).context("--gamma")? {
+                        targets.push(TargetSpec {
+                            sigma_rel: None,
+                            gamma: Some(v),
+                            nimg: at_nimg,
+                        });
+                    }
+                }
+                request.targets = targets;
+            } else if at_nimg.is_some() {
+                bail!("--at-nimg: only applies to --sigma-rel/--gamma targets");
+            }
+            let response = request.solve()?;
             if table {
                 print_table(&response);
             } else {
@@ -122,7 +170,11 @@ fn print_table(response: &SolveResponse) {
             s.coefficient_l1,
             s.noise_gain,
             s.condition_number,
-            warnings.join(",").replace('"', "")
+            if warnings.is_empty() {
+                "-".to_owned()
+            } else {
+                warnings.join(",").replace('"', "")
+            }
         );
     }
 }
@@ -150,8 +202,9 @@ fn bench_solve(
     }
     let ours = Timing::from_samples(samples);
     println!(
-        "solve: {} snapshots ({times} times x 2 widths), {n_targets} targets, {iterations} runs",
-        snapshots.len()
+        "solve: {} snapshots ({times} times x 2 widths), {n_targets} targets, {iterations} runs, {} threads",
+        snapshots.len(),
+        rayon::current_num_threads()
     );
     println!(
         "  hindsight: median {:.3} ms  min {:.3} ms  p90 {:.3} ms  (condition number {:.3e})",
@@ -203,10 +256,17 @@ fn bench_solve(
         bail!("the peer script failed ({})", output.status);
     }
     #[derive(serde::Deserialize)]
-    struct PeerResult {
+    struct PeerTiming {
         median_s: f64,
         min_s: f64,
         p90_s: f64,
+    }
+    #[derive(serde::Deserialize)]
+    struct PeerResult {
+        #[serde(flatten)]
+        edm2: PeerTiming,
+        vectorised: PeerTiming,
+        numpy: String,
         coefficients: Vec<Vec<f64>>,
     }
     let peer: PeerResult = serde_json::from_slice(&output.stdout).context("peer output")?;
@@ -217,15 +277,21 @@ fn bench_solve(
             worst = worst.max((a - b).abs() / scale);
         }
     }
+    let show = |name: &str, t: &PeerTiming| {
+        println!(
+            "  {name}: median {:.3} ms  min {:.3} ms  p90 {:.3} ms  -> hindsight is {:.1}x faster (median)",
+            t.median_s * 1e3,
+            t.min_s * 1e3,
+            t.p90_s * 1e3,
+            t.median_s / ours.median
+        );
+    };
     println!(
-        "  EDM2 (NumPy): median {:.3} ms  min {:.3} ms  p90 {:.3} ms",
-        peer.median_s * 1e3,
-        peer.min_s * 1e3,
-        peer.p90_s * 1e3
+        "  peer: NumPy {} (scripts/peer_phema_solve.py), coefficients only, no report",
+        peer.numpy
     );
-    println!(
-        "  ratio (EDM2 / hindsight, median): {:.1}x   max coefficient difference: {worst:.2e} of max|w|",
-        peer.median_s / ours.median
-    );
+    show("EDM2 phema.py structure", &peer.edm2);
+    show("EDM2 algorithm, vectorised", &peer.vectorised);
+    println!("  max coefficient difference vs EDM2: {worst:.2e} of max|w|");
     Ok(())
 }

@@ -73,7 +73,12 @@ fn inner_products_match_reference() {
         };
         let a = profile("a_nimg", "a_sigma_rel");
         let b = profile("b_nimg", "b_sigma_rel");
-        check_rel(inner_product(a, b), f(case, "inner_product"), 1e-12, &format!("{case}"));
+        check_rel(
+            inner_product(a, b),
+            f(case, "inner_product"),
+            1e-12,
+            &format!("{case}"),
+        );
     }
 }
 
@@ -153,7 +158,11 @@ fn reconstructions_match_reference() {
                 sigmas[j], sol.relative_error, err_expect, (sol.relative_error - err_expect).abs(),
                 sol.condition_number, f(case, "gram_condition_number"), sol.noise_gain, sol.coefficient_l1
             );
-            assert!(worst <= 1e-9, "{name} σ={}: coefficients differ by {worst:e} of max", sigmas[j]);
+            assert!(
+                worst <= 1e-9,
+                "{name} σ={}: coefficients differ by {worst:e} of max",
+                sigmas[j]
+            );
             assert!(
                 (sol.relative_error - err_expect).abs() <= 1e-9,
                 "{name} σ={}: profile error {} vs {err_expect}",

@@ -64,26 +64,31 @@ impl GramFactor {
         let l = &self.lower;
         let n = l.nrows();
         let d = &self.scale[..m];
-        let lambda_max = || largest_eigenvalue(m, Start::Smooth, |v, out| {
-            let mut w: Vec<f64> = v.iter().zip(d).map(|(x, s)| x / s).collect();
-            kernels::trmv_lower_transposed(l.as_slice(), n, &mut w);
-            kernels::trmv_lower(l.as_slice(), n, &w, out.as_mut_slice());
-            for (o, s) in out.iter_mut().zip(d) {
-                *o /= s;
-            }
-        });
-        let inv_lambda_min = || largest_eigenvalue(m, Start::Scrambled, |v, out| {
-            for i in 0..m {
-                out[i] = v[i] * d[i];
-            }
-            kernels::trsv_lower(l.as_slice(), n, out.as_mut_slice());
-            kernels::trsv_lower_transposed(l.as_slice(), n, out.as_mut_slice());
-            for (o, s) in out.iter_mut().zip(d) {
-                *o *= s;
-            }
-        });
+        let lambda_max = || {
+            largest_eigenvalue(m, Start::Smooth, |v, out| {
+                let mut w: Vec<f64> = v.iter().zip(d).map(|(x, s)| x / s).collect();
+                kernels::trmv_lower_transposed(l.as_slice(), n, &mut w);
+                kernels::trmv_lower(l.as_slice(), n, &w, out.as_mut_slice());
+                for (o, s) in out.iter_mut().zip(d) {
+                    *o /= s;
+                }
+            })
+        };
+        let inv_lambda_min = || {
+            largest_eigenvalue(m, Start::Scrambled, |v, out| {
+                for i in 0..m {
+                    out[i] = v[i] * d[i];
+                }
+                kernels::trsv_lower(l.as_slice(), n, out.as_mut_slice());
+                kernels::trsv_lower_transposed(l.as_slice(), n, out.as_mut_slice());
+                for (o, s) in out.iter_mut().zip(d) {
+                    *o *= s;
+                }
+            })
+        };
         let (lambda_max, inv_lambda_min) = rayon::join(lambda_max, inv_lambda_min);
-        lambda_max * inv_lambda_min
+        // Mathematically ≥ 1; rounding can leave the 1 × 1 case a hair below.
+        (lambda_max * inv_lambda_min).max(1.0)
     }
 }
 
@@ -105,7 +110,8 @@ fn cholesky_in_place(s: &mut DMatrix<f64>) -> Result<(), (usize, f64)> {
                     axpy(-f, &head[p * n + j..p * n + k + kb], &mut tail[j..k + kb]);
                 }
                 let d = data[j * n + j];
-                if !(d > threshold) {
+                // NaN fails this test too, which is what we want.
+                if d.is_nan() || d <= threshold {
                     return Err((j, d));
                 }
                 let r = d.sqrt();
@@ -181,8 +187,12 @@ fn forward_substitution(l: &DMatrix<f64>, b: &mut DMatrix<f64>) {
         let rest = n - k - kb;
         if rest > 0 {
             let solved = b.view((k, 0), (kb, cols)).clone_owned();
-            b.view_mut((k + kb, 0), (rest, cols))
-                .gemm(-1.0, &l.view((k + kb, k), (rest, kb)), &solved, 1.0);
+            b.view_mut((k + kb, 0), (rest, cols)).gemm(
+                -1.0,
+                &l.view((k + kb, k), (rest, kb)),
+                &solved,
+                1.0,
+            );
         }
         k += kb;
     }
@@ -239,7 +249,9 @@ fn largest_eigenvalue(
         Start::Smooth => 1.0 + 0.5 * ((i as f64 + 1.0) * 0.754_877_666).sin(),
         Start::Scrambled => {
             // SplitMix64 finaliser of the index: a fixed, well-mixed sign pattern.
-            let mut z = (i as u64).wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let mut z = (i as u64)
+                .wrapping_add(1)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15);
             z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             z ^= z >> 31;
@@ -352,14 +364,19 @@ mod tests {
             let f = GramFactor::from_gram(a).unwrap();
             let got = f.condition_number(n);
             // Documented accuracy: about 1e-8 relative; assert 1e-6.
-            assert!(((got - expect) / expect).abs() < 1e-6, "n={n}: {got} vs {expect}");
+            assert!(
+                ((got - expect) / expect).abs() < 1e-6,
+                "n={n}: {got} vs {expect}"
+            );
         }
     }
 
     #[test]
     fn dependent_columns_are_reported() {
         let v = [1.0, 2.0, 3.0];
-        let a = DMatrix::from_fn(3, 3, |i, j| v[i] * v[j] + if i == j && i == 0 { 1.0 } else { 0.0 });
+        let a = DMatrix::from_fn(3, 3, |i, j| {
+            v[i] * v[j] + if i == j && i == 0 { 1.0 } else { 0.0 }
+        });
         assert_eq!(GramFactor::from_gram(a).err().map(|e| e.0), Some(2));
     }
 }

@@ -86,7 +86,7 @@ pub(crate) fn gamma_of_sigma_rel(sigma_rel: f64) -> f64 {
         let next = g - step;
         // Convexity makes the exact iteration decrease monotonically; in floating point the
         // first step that fails to decrease marks convergence.
-        if !(next < g) || !(step > 0.0) {
+        if next.is_nan() || next >= g || step <= 0.0 {
             break;
         }
         g = next;
@@ -176,8 +176,14 @@ mod tests {
 
     #[test]
     fn inner_product_matches_quadrature() {
-        let a = Profile { nimg: 3.0e6, gamma: 6.94 };
-        let b = Profile { nimg: 5.0e6, gamma: 16.97 };
+        let a = Profile {
+            nimg: 3.0e6,
+            gamma: 6.94,
+        };
+        let b = Profile {
+            nimg: 5.0e6,
+            gamma: 16.97,
+        };
         // Midpoint rule over [0, t_a], fine enough for 1e-6.
         let n = 200_000;
         let h = a.nimg / n as f64;

@@ -52,6 +52,7 @@ pub struct SolveRequest {
     /// The stored snapshots.
     pub snapshots: Vec<SnapshotSpec>,
     /// The profiles to reconstruct.
+    #[serde(default)]
     pub targets: Vec<TargetSpec>,
     /// Warning thresholds; defaults if absent.
     #[serde(default)]
@@ -99,7 +100,11 @@ impl SolveRequest {
         let de = &mut serde_json::Deserializer::from_str(text);
         serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
-            let field = if path == "." { "request".to_owned() } else { path };
+            let field = if path == "." {
+                "request".to_owned()
+            } else {
+                path
+            };
             Error::invalid(field, e.into_inner().to_string())
         })
     }

@@ -48,7 +48,10 @@ pub fn parse_float_list(text: &str) -> Result<Vec<f64>> {
         }
         let before = |k: usize| i.checked_sub(k).and_then(|p| raw[p]);
         let (Some((a, da)), Some((b, db))) = (before(2), before(1)) else {
-            return Err(Error::invalid(field, "`...` must follow at least two numbers"));
+            return Err(Error::invalid(
+                field,
+                "`...` must follow at least two numbers",
+            ));
         };
         let Some(Some((end, de))) = raw.get(i + 1).copied() else {
             return Err(Error::invalid(field, "`...` must be followed by a number"));
@@ -96,7 +99,10 @@ fn decimals(token: &str) -> usize {
     if token.contains(['e', 'E']) {
         return 15;
     }
-    token.split_once('.').map_or(0, |(_, frac)| frac.len()).min(15)
+    token
+        .split_once('.')
+        .map_or(0, |(_, frac)| frac.len())
+        .min(15)
 }
 
 #[cfg(test)]

@@ -99,6 +99,8 @@ pub enum WarningCode {
     LargeNoiseGain,
     /// The Gram system is close to singular.
     IllConditioned,
+    /// Some snapshots were left out as linearly dependent on earlier ones.
+    DependentSnapshots,
 }
 
 /// A warning attached to one target's result.
@@ -122,7 +124,8 @@ pub struct TargetSolution {
     /// One weight per input snapshot, in input order; 0 for snapshots after `nimg` (or at 0).
     /// The weights sum to one.
     pub coefficients: Vec<f64>,
-    /// How many snapshots took part (those with `0 < nimg_k ≤ nimg`).
+    /// How many snapshots took part: those with `0 < nimg_k ≤ nimg`, less
+    /// `dependent_snapshots`.
     pub used_snapshots: usize,
     /// `‖p_target − Σ_k w_k p_k‖ / ‖p_target‖`, L2 over training time, in closed form.
     pub relative_error: f64,
@@ -133,18 +136,32 @@ pub struct TargetSolution {
     pub noise_gain: f64,
     /// 2-norm condition number of the Gram matrix of the used snapshots.
     pub condition_number: f64,
+    /// Snapshots (input indices) at or before `nimg` that were left out of the solve because
+    /// their profiles are linear combinations of earlier snapshots' to working precision
+    /// (their weight is 0). Usually empty; see [`solve`].
+    pub dependent_snapshots: Vec<usize>,
     /// Warnings for this target (empty when all figures are within [`SolveOptions`]).
     pub warnings: Vec<Warning>,
 }
 
 /// Solves for every target in one call. The Gram matrix is factored once for all targets.
+///
+/// Snapshots are used when `0 < nimg_k ≤ nimg` of the target. Exact duplicates (same `nimg`
+/// and width) are an error. A snapshot whose profile is a linear combination of earlier ones
+/// to working precision (pivot of the unit-diagonal Gram matrix below `4 ε · max(n, 16)`, which
+/// happens when snapshots crowd together) is left out with weight 0 and listed in
+/// `dependent_snapshots`: a truncated Cholesky factorisation, which keeps the weights bounded
+/// where a plain solve would return huge cancelling ones.
 pub fn solve(
     snapshots: &[Snapshot],
     targets: &[Target],
     options: &SolveOptions,
 ) -> Result<Vec<TargetSolution>> {
     if snapshots.is_empty() {
-        return Err(Error::invalid("snapshots", "at least one snapshot is needed"));
+        return Err(Error::invalid(
+            "snapshots",
+            "at least one snapshot is needed",
+        ));
     }
     // Resolve widths and keep the usable snapshots, sorted by time (then exponent).
     let mut profiles = Vec::with_capacity(snapshots.len());
@@ -177,9 +194,8 @@ pub fn solve(
     let last_nimg = profiles.last().expect("non-empty").1;
     let first_nimg = profiles[0].1;
 
-    // Resolve targets and group them by how many snapshots they use.
+    // Resolve targets.
     let mut resolved = Vec::with_capacity(targets.len());
-    let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     for (j, t) in targets.iter().enumerate() {
         let (sigma_rel, gamma) = t.width.resolve(&format!("targets[{j}]"))?;
         let nimg = t.nimg.unwrap_or(last_nimg);
@@ -197,23 +213,42 @@ pub fn solve(
                 format!("{nimg} is before the first snapshot ({first_nimg})"),
             ));
         }
-        let used = profiles.partition_point(|p| p.1 <= nimg);
-        groups.entry(used).or_default().push(j);
         resolved.push((sigma_rel, gamma, nimg));
     }
 
-    let sorted: Vec<Profile> = profiles
-        .iter()
-        .map(|&(_, nimg, gamma)| Profile {
-            nimg: nimg as f64,
-            gamma,
-        })
-        .collect();
-    let (equilibrated, scale) = equilibrated_gram(&sorted);
-    let factor = GramFactor::new(equilibrated, scale).map_err(|(k, pivot)| Error::SingularGram {
-        snapshot: profiles[k].0,
-        pivot,
-    })?;
+    // Factor the Gram matrix. A snapshot whose profile is a linear combination of the earlier
+    // ones to working precision (closely spaced snapshots make such near-dependencies) is
+    // dropped and the rest refactored: it adds nothing the others cannot express, and keeping
+    // it would only produce huge, cancelling weights. The first profile is never dropped
+    // (its pivot is exactly 1).
+    let mut kept = profiles;
+    let mut dependent: Vec<(usize, u64)> = Vec::new();
+    let (sorted, factor) = loop {
+        let sorted: Vec<Profile> = kept
+            .iter()
+            .map(|&(_, nimg, gamma)| Profile {
+                nimg: nimg as f64,
+                gamma,
+            })
+            .collect();
+        let (equilibrated, scale) = equilibrated_gram(&sorted);
+        match GramFactor::new(equilibrated, scale) {
+            Ok(factor) => break (sorted, factor),
+            Err((k, _pivot)) => {
+                let (i, nimg, _) = kept.remove(k);
+                dependent.push((i, nimg));
+            }
+        }
+    };
+    dependent.sort_unstable();
+
+    // Group targets by how many (kept) snapshots they use.
+    let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (j, &(_, _, nimg)) in resolved.iter().enumerate() {
+        let used = kept.partition_point(|p| p.1 <= nimg);
+        groups.entry(used).or_default().push(j);
+    }
+    let profiles = kept;
 
     let mut out: Vec<Option<TargetSolution>> = vec![None; targets.len()];
     for (&m, members) in &groups {
@@ -260,13 +295,29 @@ pub fn solve(
             }
             let coefficient_l1 = weights.iter().map(|w| w.abs()).sum();
             let noise_gain = weights.iter().map(|w| w * w).sum::<f64>().sqrt();
-            let warnings = warnings(
+            let dependent_snapshots: Vec<usize> = dependent
+                .iter()
+                .filter(|&&(_, t)| t <= nimg)
+                .map(|&(i, _)| i)
+                .collect();
+            let mut warnings = warnings(
                 options,
                 relative_error,
                 noise_gain,
                 condition_number,
                 sigma_rel,
             );
+            if !dependent_snapshots.is_empty() {
+                warnings.push(Warning {
+                    code: WarningCode::DependentSnapshots,
+                    message: format!(
+                        "{} snapshot(s) were left out because their profiles are linear \
+                         combinations of earlier ones to working precision: {:?}",
+                        dependent_snapshots.len(),
+                        dependent_snapshots
+                    ),
+                });
+            }
             out[j] = Some(TargetSolution {
                 sigma_rel,
                 gamma,
@@ -277,11 +328,15 @@ pub fn solve(
                 coefficient_l1,
                 noise_gain,
                 condition_number,
+                dependent_snapshots,
                 warnings,
             });
         }
     }
-    Ok(out.into_iter().map(|s| s.expect("every target solved")).collect())
+    Ok(out
+        .into_iter()
+        .map(|s| s.expect("every target solved"))
+        .collect())
 }
 
 /// The lower triangle of the equilibrated Gram matrix `S = D A D` of time-sorted profiles,
@@ -297,7 +352,10 @@ fn equilibrated_gram(sorted: &[Profile]) -> (DMatrix<f64>, Vec<f64>) {
     const MAX_FACTORED_WIDTHS: usize = 16;
     let n = sorted.len();
     let t_max = sorted[n - 1].nimg;
-    let scale: Vec<f64> = sorted.iter().map(|p| p.norm_squared().sqrt().recip()).collect();
+    let scale: Vec<f64> = sorted
+        .iter()
+        .map(|p| p.norm_squared().sqrt().recip())
+        .collect();
     let mut widths: Vec<f64> = Vec::new();
     let class: Vec<usize> = sorted
         .iter()
@@ -340,8 +398,7 @@ fn equilibrated_gram(sorted: &[Profile]) -> (DMatrix<f64>, Vec<f64>) {
             } else {
                 (early.nimg / late.nimg).powf(late.gamma)
             };
-            let pair =
-                (early.gamma + 1.0) * (late.gamma + 1.0) / (early.gamma + late.gamma + 1.0);
+            let pair = (early.gamma + 1.0) * (late.gamma + 1.0) / (early.gamma + late.gamma + 1.0);
             col[b] = pair * ratio_pow / late.nimg * scale[a] * scale[b];
         }
     }
@@ -358,7 +415,7 @@ fn equilibrated_gram(sorted: &[Profile]) -> (DMatrix<f64>, Vec<f64>) {
 fn normalise(x: &[f64], q: f64, c: f64, field: &str) -> Result<(Vec<f64>, f64)> {
     let s: f64 = x.iter().sum();
     let l1: f64 = x.iter().map(|v| v.abs()).sum();
-    if !(s.abs() > 1e-9 * l1) || !s.is_finite() {
+    if !s.is_finite() || s.abs() <= 1e-9 * l1 {
         return Err(Error::invalid(
             field,
             format!(
