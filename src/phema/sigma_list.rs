@@ -14,6 +14,12 @@ use super::profile::check_sigma_rel;
 use crate::error::{Error, Result};
 
 /// Parses a σ_rel list and validates every value as a relative standard deviation.
+///
+/// ```
+/// let list = hindsight::phema::parse_sigma_rel_list("0.05,0.10,...,0.25").unwrap();
+/// assert_eq!(list, [0.05, 0.10, 0.15, 0.20, 0.25]);
+/// assert!(hindsight::phema::parse_sigma_rel_list("0.1,0.2,...,0.3").is_err()); // 0.3 > sqrt(1/12)
+/// ```
 pub fn parse_sigma_rel_list(text: &str) -> Result<Vec<f64>> {
     let values = parse_float_list(text)?;
     for v in &values {

@@ -31,6 +31,24 @@ pub struct TrackedEma {
 }
 
 /// Tracks power-function EMAs of a fixed set of named `f32` tensors.
+///
+/// ```
+/// use hindsight::phema::PowerEma;
+///
+/// let mut weights = vec![0.0f32; 4];
+/// let mut ema = PowerEma::with_default_widths(0, [("w", &weights[..])])?;
+/// for step in 1..=100u64 {
+///     weights.iter_mut().for_each(|w| *w += 1.0); // a training step
+///     if step % 10 == 0 {
+///         // Every 10th step is fine: β accounts for the 10 × 64 images since the last update.
+///         ema.update(step * 64, &[&weights[..]])?;
+///     }
+/// }
+/// let narrow = &ema.ema(0.05).unwrap().tensors[0];
+/// let wide = &ema.ema(0.10).unwrap().tensors[0];
+/// assert!(wide[0] < narrow[0] && narrow[0] < weights[0]);
+/// # Ok::<(), hindsight::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PowerEma {
     names: Vec<String>,
