@@ -4,8 +4,9 @@
 //! offending field with a path such as `targets[2].sigma_rel` so that the command line and the
 //! HTTP server can point at it.
 
-/// Errors produced by the library.
+/// Errors produced by the library. More variants arrive with the store and the server.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A caller-supplied value is out of range or inconsistent with the others.
     #[error("{field}: {reason}")]

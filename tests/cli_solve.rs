@@ -112,6 +112,71 @@ fn profiles_on_request() {
 }
 
 #[test]
+fn partial_options_take_defaults() {
+    let mut request = example();
+    request["options"] = json!({"max_noise_gain": 0.5});
+    let out = solve_ok(&request);
+    let codes: Vec<&str> = out["targets"][0]["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["code"].as_str().unwrap())
+        .collect();
+    assert!(codes.contains(&"large_noise_gain"), "{codes:?}");
+    // The other thresholds kept their defaults: without the option there is no such warning.
+    let plain = solve_ok(&example());
+    assert!(!plain["targets"][0]["warnings"]
+        .to_string()
+        .contains("large_noise_gain"));
+    request["options"] = json!({"max_noise": 0.5});
+    let out = run(&["solve"], &request.to_string());
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: options.max_noise: "));
+}
+
+#[test]
+fn list_syntax_on_the_command_line() {
+    let mut request = example();
+    request.as_object_mut().unwrap().remove("targets");
+    let out = run(
+        &[
+            "solve",
+            "--sigma-rel",
+            "0.05,0.07,...,0.11",
+            "--at-nimg",
+            "20000000",
+        ],
+        &request.to_string(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sigmas: Vec<f64> = v["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["sigma_rel"].as_f64().unwrap())
+        .collect();
+    assert_eq!(sigmas, [0.05, 0.07, 0.09, 0.11]);
+    assert!(v["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t["nimg"] == 20000000));
+    // Targets in both places are ambiguous.
+    let out = run(&["solve", "--sigma-rel", "0.1"], &example().to_string());
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: targets: "));
+    let out = run(
+        &["solve", "--sigma-rel", "0.1,0.2,...,0.45"],
+        &request.to_string(),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not evenly spaced"));
+}
+
+#[test]
 fn table_for_people() {
     let out = run(&["solve", "--table"], &example().to_string());
     assert!(out.status.success());

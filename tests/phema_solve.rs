@@ -225,7 +225,8 @@ fn expect_invalid(result: Result<Vec<phema::TargetSolution>, Error>, field: &str
             assert_eq!(f, field, "{reason}");
             assert!(reason.contains(needle), "{reason}");
         }
-        other => panic!("expected an error on {field}, got {other:?}"),
+        Err(other) => panic!("expected an error on {field}, got {other}"),
+        Ok(out) => panic!("expected an error on {field}, got {} solutions", out.len()),
     }
 }
 
@@ -280,6 +281,28 @@ fn bad_input_is_named() {
         "snapshots[2].sigma_rel",
         "out of range",
     );
+}
+
+#[test]
+fn sizes_and_extremes_are_bounded() {
+    let many: Vec<u64> = (1..=(phema::MAX_SNAPSHOTS as u64 / 2 + 1)).collect();
+    expect_invalid(
+        solve(&snapshots(&many, &[0.05, 0.10]), &[target(0.1, None)]),
+        "snapshots",
+        "at most",
+    );
+    let run = snapshots(&[1000, 2000], &[0.05, 0.10]);
+    let targets = vec![target(0.1, None); phema::MAX_TARGETS + 1];
+    expect_invalid(solve(&run, &targets), "targets", "at most");
+    expect_invalid(
+        solve(&run, &[target(1e-300, None)]),
+        "targets[0].sigma_rel",
+        "smallest",
+    );
+    // The narrowest accepted target is still a finite, normalised answer.
+    let sol = &solve(&run, &[target(phema::SIGMA_REL_MIN, None)]).unwrap()[0];
+    assert_close(sol.coefficients.iter().sum::<f64>(), 1.0, 1e-9);
+    assert!(sol.relative_error.is_finite());
 }
 
 #[test]

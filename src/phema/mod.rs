@@ -22,11 +22,12 @@ mod solve;
 mod tracker;
 
 pub use profile::{
-    beta, gamma_to_sigma_rel, inner_product, sigma_rel_to_gamma, Profile, SIGMA_REL_MAX,
+    beta, gamma_to_sigma_rel, inner_product, sigma_rel_to_gamma, Profile, GAMMA_MAX, SIGMA_REL_MAX,
+    SIGMA_REL_MIN,
 };
 pub use sigma_list::{parse_float_list, parse_sigma_rel_list};
 pub use solve::{
     sample_profiles, solve, ProfilePoint, Snapshot, SolveOptions, Target, TargetSolution, Warning,
-    WarningCode, Width,
+    WarningCode, Width, MAX_SNAPSHOTS, MAX_TARGETS,
 };
 pub use tracker::{realised_sigma_rel, PowerEma, TrackedEma, DEFAULT_SIGMA_RELS};

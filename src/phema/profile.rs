@@ -17,6 +17,13 @@
 
 use crate::error::{Error, Result};
 
+/// The largest exponent accepted, `10⁶` (σ_rel ≈ 1e-6): an average over the last millionth of
+/// training, indistinguishable from the raw weights. Larger values only invite overflow.
+pub const GAMMA_MAX: f64 = 1e6;
+
+/// The smallest relative standard deviation accepted, `10⁻⁶` (γ ≈ 10⁶); see [`GAMMA_MAX`].
+pub const SIGMA_REL_MIN: f64 = 1e-6;
+
 /// The largest valid relative standard deviation, `sqrt(1/12)`: the limit `γ → 0`.
 ///
 /// `σ_rel` must lie strictly inside `(0, SIGMA_REL_MAX)`; EDM2's command line accepts
@@ -45,9 +52,18 @@ pub fn sigma_rel_to_gamma(sigma_rel: f64, field: &str) -> Result<f64> {
     Ok(gamma_of_sigma_rel(sigma_rel))
 }
 
-/// Rejects anything that is not a finite `σ_rel` inside `(0, sqrt(1/12))`.
+/// Rejects anything that is not a finite `σ_rel` inside `(0, sqrt(1/12))` (and at least
+/// [`SIGMA_REL_MIN`]).
 pub fn check_sigma_rel(sigma_rel: f64, field: &str) -> Result<()> {
     if sigma_rel.is_finite() && sigma_rel > 0.0 && sigma_rel < SIGMA_REL_MAX {
+        if sigma_rel < SIGMA_REL_MIN {
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "sigma_rel {sigma_rel} is below the smallest supported value {SIGMA_REL_MIN:e}"
+                ),
+            ));
+        }
         Ok(())
     } else {
         Err(Error::invalid(
@@ -59,14 +75,14 @@ pub fn check_sigma_rel(sigma_rel: f64, field: &str) -> Result<()> {
     }
 }
 
-/// Rejects anything that is not a finite, positive `γ`.
+/// Rejects anything that is not a finite `γ` in `(0, GAMMA_MAX]`.
 pub fn check_gamma(gamma: f64, field: &str) -> Result<()> {
-    if gamma.is_finite() && gamma > 0.0 {
+    if gamma.is_finite() && gamma > 0.0 && gamma <= GAMMA_MAX {
         Ok(())
     } else {
         Err(Error::invalid(
             field,
-            format!("gamma {gamma} is out of range: it must be finite and > 0"),
+            format!("gamma {gamma} is out of range: it must satisfy 0 < gamma <= {GAMMA_MAX:e}"),
         ))
     }
 }
@@ -197,6 +213,30 @@ mod tests {
         assert!(((quad - exact) / exact).abs() < 1e-6, "{quad} vs {exact}");
         assert_eq!(inner_product(a, b), inner_product(b, a));
         assert!((inner_product(a, a) / a.norm_squared() - 1.0).abs() < 1e-15);
+    }
+
+    #[test]
+    fn extreme_widths_stay_finite() {
+        for sigma in [SIGMA_REL_MIN, 1e-4, 0.2886] {
+            let g = sigma_rel_to_gamma(sigma, "s").unwrap();
+            assert!(
+                g.is_finite() && g > 0.0 && g <= 1.01 * GAMMA_MAX,
+                "{sigma} -> {g}"
+            );
+            let p = Profile {
+                nimg: 1e9,
+                gamma: g,
+            };
+            let q = Profile {
+                nimg: 2e9,
+                gamma: g,
+            };
+            assert!(inner_product(p, q).is_finite() && p.norm_squared().is_finite());
+            assert!(beta(g, 2e9, 64.0).is_finite());
+        }
+        assert!(sigma_rel_to_gamma(1e-200, "s").is_err());
+        assert!(gamma_to_sigma_rel(GAMMA_MAX, "g").is_ok());
+        assert!(gamma_to_sigma_rel(2.0 * GAMMA_MAX, "g").is_err());
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub struct SolveRequest {
     #[serde(default)]
     pub options: Option<SolveOptions>,
     /// When set, each result carries the target and reconstructed profiles sampled at this many
-    /// evenly spaced times (2 to 10 000), for plotting.
+    /// evenly spaced times (2 to 2000), for plotting.
     #[serde(default)]
     pub profile_points: Option<usize>,
 }
@@ -137,10 +137,10 @@ impl SolveRequest {
             return Err(Error::invalid("targets", "at least one target is needed"));
         }
         if let Some(p) = self.profile_points {
-            if !(2..=10_000).contains(&p) {
+            if !(2..=2000).contains(&p) {
                 return Err(Error::invalid(
                     "profile_points",
-                    format!("{p} is out of range: use 2 to 10000"),
+                    format!("{p} is out of range: use 2 to 2000"),
                 ));
             }
         }

@@ -65,8 +65,17 @@ pub struct Target {
     pub nimg: Option<u64>,
 }
 
-/// Thresholds above which a target's report carries a warning.
+/// The most snapshots one solve accepts: the Gram matrix takes `8 n²` bytes (128 MiB here).
+/// EDM2's longest published runs have a few hundred snapshot times per width.
+pub const MAX_SNAPSHOTS: usize = 4096;
+
+/// The most targets one solve accepts.
+pub const MAX_TARGETS: usize = 4096;
+
+/// Thresholds above which a target's report carries a warning. Fields missing from JSON take
+/// their defaults.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SolveOptions {
     /// Warn when `‖p_target − Σ w p‖ / ‖p_target‖` exceeds this. Default 0.05: the EDM2 paper's
     /// reconstructions of useful widths stay well below a few percent.
@@ -178,6 +187,24 @@ pub fn solve(
         return Err(Error::invalid(
             "snapshots",
             "at least one snapshot is needed",
+        ));
+    }
+    if snapshots.len() > MAX_SNAPSHOTS {
+        return Err(Error::invalid(
+            "snapshots",
+            format!(
+                "{} snapshots given; at most {MAX_SNAPSHOTS} per solve",
+                snapshots.len()
+            ),
+        ));
+    }
+    if targets.len() > MAX_TARGETS {
+        return Err(Error::invalid(
+            "targets",
+            format!(
+                "{} targets given; at most {MAX_TARGETS} per solve",
+                targets.len()
+            ),
         ));
     }
     // Resolve widths and keep the usable snapshots, sorted by time (then exponent).
