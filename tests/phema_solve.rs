@@ -95,6 +95,8 @@ proptest! {
         let shuffled: Vec<Snapshot> = order.iter().map(|&i| run[i]).collect();
         let a = &solve(&run, &[target(sigma, None)]).unwrap()[0];
         let b = &solve(&shuffled, &[target(sigma, None)]).unwrap()[0];
+        prop_assume!(a.dependent_snapshots.is_empty() && b.dependent_snapshots.is_empty());
+        prop_assume!(a.condition_number < 1e12);
         let tol = tolerance(a);
         for (pos, &i) in order.iter().enumerate() {
             prop_assert!((a.coefficients[i] - b.coefficients[pos]).abs() <= tol);
@@ -111,12 +113,17 @@ proptest! {
             .collect();
         let a = &solve(&run, &[target(sigma, None)]).unwrap()[0];
         let b = &solve(&scaled, &[target(sigma, None)]).unwrap()[0];
+        // Near the dependency threshold, rounding can tip a snapshot in or out; and past a
+        // condition number of 1e12 (where the report warns) the weights are not determined
+        // to the tolerance below. Both are outside what this property is about.
+        prop_assume!(a.dependent_snapshots == b.dependent_snapshots);
+        prop_assume!(a.condition_number < 1e12 && b.condition_number < 1e12);
         let tol = tolerance(a);
         for (x, y) in a.coefficients.iter().zip(&b.coefficients) {
             prop_assert!((x - y).abs() <= tol, "{x} vs {y} (tolerance {tol:e})");
         }
         prop_assert!((a.relative_error - b.relative_error).abs() <= 1e-8);
-        // The smallest eigenvalue itself is only defined to about cond · ε relative.
+        // The smallest eigenvalue is computed to about cond(D A D) · ε relative.
         let cond_tol = 1e-5 + 4.0 * f64::EPSILON * a.condition_number;
         prop_assert!(
             (a.condition_number / b.condition_number - 1.0).abs() <= cond_tol,

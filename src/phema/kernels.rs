@@ -43,12 +43,6 @@ pub(crate) fn axpy(alpha: f64, x: &[f64], y: &mut [f64]) {
     axpy_inline(alpha, x, y)
 }
 
-/// `Σ a_i b_i` (see [`dot_inline`] for the summation order).
-#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2", "aarch64+neon"))]
-pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
-    dot_inline(a, b)
-}
-
 // The single-vector triangular routines below take the lower triangle `L` of a column-major
 // matrix with leading dimension `ld` and work on its leading `m × m` block, `m = x.len()`.
 
@@ -94,6 +88,60 @@ pub(crate) fn trmv_lower_transposed(l: &[f64], ld: usize, x: &mut [f64]) {
     }
 }
 
+// Multi-right-hand-side kernels. `r` holds `R = Xᵀ` column-major with `k` rows (one per
+// right-hand side): the `k` values belonging to unknown `i` are `r[i*k..(i+1)*k]`, so the
+// inner loops run contiguously over all right-hand sides at once.
+
+/// Forward substitution within the diagonal block `[k0, k0 + kb)`: `X_block ← L_block⁻¹ X_block`.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2", "aarch64+neon"))]
+pub(crate) fn block_forward_rows(
+    l: &[f64],
+    ld: usize,
+    k0: usize,
+    kb: usize,
+    r: &mut [f64],
+    k: usize,
+) {
+    for j in k0..k0 + kb {
+        let inv = 1.0 / l[j * ld + j];
+        let (head, tail) = r.split_at_mut((j + 1) * k);
+        let xj = &mut head[j * k..];
+        for v in xj.iter_mut() {
+            *v *= inv;
+        }
+        for i in j + 1..k0 + kb {
+            let lij = l[j * ld + i];
+            let off = (i - j - 1) * k;
+            axpy_inline(-lij, xj, &mut tail[off..off + k]);
+        }
+    }
+}
+
+/// Backward substitution within the diagonal block `[k0, end)`: `X_block ← L_block⁻ᵀ X_block`.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2", "aarch64+neon"))]
+pub(crate) fn block_backward_rows(
+    l: &[f64],
+    ld: usize,
+    k0: usize,
+    end: usize,
+    r: &mut [f64],
+    k: usize,
+) {
+    for j in (k0..end).rev() {
+        let (head, tail) = r.split_at_mut((j + 1) * k);
+        let xj = &mut head[j * k..];
+        for i in j + 1..end {
+            let lij = l[j * ld + i];
+            let off = (i - j - 1) * k;
+            axpy_inline(-lij, &tail[off..off + k], xj);
+        }
+        let inv = 1.0 / l[j * ld + j];
+        for v in xj.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,7 +152,7 @@ mod tests {
             let a: Vec<f64> = (0..len).map(|i| (i as f64 * 0.37).sin()).collect();
             let b: Vec<f64> = (0..len).map(|i| (i as f64 * 0.11).cos()).collect();
             let plain: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-            assert!((dot(&a, &b) - plain).abs() <= 1e-13 * (1.0 + plain.abs()));
+            assert!((dot_inline(&a, &b) - plain).abs() <= 1e-13 * (1.0 + plain.abs()));
             // Triangular routines against dense nalgebra on a small well-conditioned matrix.
             if len > 0 {
                 let l = nalgebra::DMatrix::from_fn(len, len, |i, j| {

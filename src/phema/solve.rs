@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use nalgebra::DMatrix;
 use serde::{Deserialize, Serialize};
 
-use super::linalg::GramFactor;
+use super::linalg::{condition_number, GramFactor};
 use super::profile::{
     check_gamma, check_sigma_rel, gamma_of_sigma_rel, inner_product, sigma_rel_of_gamma, Profile,
 };
@@ -303,16 +303,19 @@ pub fn solve(
                 gamma: resolved[j].1,
             })
             .collect();
-        // The condition number (two Lanczos runs) and the solves are independent.
-        let (condition_number, (x, z)) = rayon::join(
-            || factor.condition_number(m),
+        // Two balanced tasks: the smallest eigenvalue (a Lanczos run through two triangular
+        // solves per step) on one side; the largest (a shorter run) and the solves on the other.
+        let (inverse_lambda_min, (lambda_max, (x, q))) = rayon::join(
+            || factor.inverse_smallest_eigenvalue(m),
             || {
+                let lambda_max = factor.largest_eigenvalue(m);
                 let rhs = DMatrix::from_fn(m, members.len(), |i, c| {
                     inner_product(sorted[i], target_profiles[c])
                 });
-                factor.solve(m, &rhs)
+                (lambda_max, factor.solve(m, &rhs))
             },
         );
+        let condition_number = condition_number(lambda_max, inverse_lambda_min);
         for (c, &j) in members.iter().enumerate() {
             let (sigma_rel, gamma, nimg) = resolved[j];
             let target = target_profiles[c];
@@ -328,7 +331,7 @@ pub fn solve(
                 }
                 None => normalise(
                     x.column(c).as_slice(),
-                    z.column(c).norm_squared(),
+                    q[c],
                     target.norm_squared(),
                     &format!("targets[{j}]"),
                 )?,
