@@ -33,14 +33,30 @@ const PIVOT_EPS: f64 = 4.0 * f64::EPSILON;
 
 impl GramFactor {
     /// Factors `D A D`, given its lower triangle (unit diagonal) in `equilibrated` and
-    /// `scale = diag(D)`. On failure returns the (sorted) index of the first dependent profile
-    /// and its pivot.
-    pub fn new(mut equilibrated: DMatrix<f64>, scale: Vec<f64>) -> Result<Self, (usize, f64)> {
-        cholesky_in_place(&mut equilibrated)?;
-        Ok(Self {
-            scale,
-            lower: equilibrated,
-        })
+    /// `scale = diag(D)`. Returns the factor of the matrix without its dependent rows and
+    /// columns, and the (sorted) indices of those, which the factor no longer has.
+    pub fn new(mut equilibrated: DMatrix<f64>, scale: Vec<f64>) -> (Self, Vec<usize>) {
+        let skipped = cholesky_in_place(&mut equilibrated);
+        if skipped.is_empty() {
+            let factor = Self {
+                scale,
+                lower: equilibrated,
+            };
+            return (factor, skipped);
+        }
+        let kept: Vec<usize> = (0..scale.len())
+            .filter(|i| skipped.binary_search(i).is_err())
+            .collect();
+        let m = kept.len();
+        let lower = DMatrix::from_fn(m, m, |i, j| {
+            if i >= j {
+                equilibrated[(kept[i], kept[j])]
+            } else {
+                0.0
+            }
+        });
+        let scale = kept.iter().map(|&i| scale[i]).collect();
+        (Self { scale, lower }, skipped)
     }
 
     /// Solves `A_m X = B` for the leading `m × m` block, where `rhs` holds `B` (m × k).
@@ -98,27 +114,39 @@ pub(crate) fn condition_number(lambda_max: f64, inverse_lambda_min: f64) -> f64 
     (lambda_max * inverse_lambda_min).max(1.0)
 }
 
-/// Blocked right-looking Cholesky of a symmetric positive definite matrix with unit diagonal,
-/// in place (lower triangle).
-fn cholesky_in_place(s: &mut DMatrix<f64>) -> Result<(), (usize, f64)> {
+/// Blocked right-looking Cholesky of a symmetric positive semi-definite matrix with unit
+/// diagonal, in place (lower triangle), skipping dependent columns.
+///
+/// A column whose pivot falls to `PIVOT_EPS · max(n, 16)` or below (its profile is a linear
+/// combination of the earlier kept ones to working precision) is zeroed and reported. A zero
+/// column contributes nothing to later columns, and no later column reads row `j`'s entries of
+/// earlier columns, so deleting the skipped rows and columns afterwards leaves exactly the
+/// factor of the matrix without them: one pass, however many columns are skipped.
+fn cholesky_in_place(s: &mut DMatrix<f64>) -> Vec<usize> {
     let n = s.nrows();
     let threshold = PIVOT_EPS * n.max(16) as f64;
+    let mut skipped = Vec::new();
     let mut k = 0;
     while k < n {
         let kb = BLOCK.min(n - k);
+        let first_skipped_here = skipped.len();
         // Diagonal block, left-looking by columns so that every inner loop is a contiguous axpy.
         {
             let data = s.as_mut_slice();
             for j in k..k + kb {
                 for p in k..j {
                     let f = data[p * n + j];
-                    let (head, tail) = data.split_at_mut(j * n);
-                    axpy(-f, &head[p * n + j..p * n + k + kb], &mut tail[j..k + kb]);
+                    if f != 0.0 {
+                        let (head, tail) = data.split_at_mut(j * n);
+                        axpy(-f, &head[p * n + j..p * n + k + kb], &mut tail[j..k + kb]);
+                    }
                 }
                 let d = data[j * n + j];
                 // NaN fails this test too, which is what we want.
                 if d.is_nan() || d <= threshold {
-                    return Err((j, d));
+                    data[j * n + j..j * n + n].fill(0.0);
+                    skipped.push(j);
+                    continue;
                 }
                 let r = d.sqrt();
                 data[j * n + j] = r;
@@ -137,10 +165,15 @@ fn cholesky_in_place(s: &mut DMatrix<f64>) -> Result<(), (usize, f64)> {
         {
             let data = s.as_mut_slice();
             for j in k..k + kb {
+                if skipped[first_skipped_here..].contains(&j) {
+                    continue; // already zeroed down to row n
+                }
                 for p in k..j {
                     let f = data[p * n + j];
-                    let (head, tail) = data.split_at_mut(j * n);
-                    axpy(-f, &head[p * n + k + kb..p * n + n], &mut tail[k + kb..n]);
+                    if f != 0.0 {
+                        let (head, tail) = data.split_at_mut(j * n);
+                        axpy(-f, &head[p * n + k + kb..p * n + n], &mut tail[k + kb..n]);
+                    }
                 }
                 let inv = 1.0 / data[j * n + j];
                 for v in &mut data[j * n + k + kb..j * n + n] {
@@ -165,7 +198,7 @@ fn cholesky_in_place(s: &mut DMatrix<f64>) -> Result<(), (usize, f64)> {
         }
         k += kb;
     }
-    Ok(())
+    skipped
 }
 
 /// Solves `L_m X = B` in place for many right-hand sides held transposed: `r` is `Bᵀ`
@@ -299,7 +332,7 @@ mod tests {
     use super::*;
 
     impl GramFactor {
-        fn from_gram(a: DMatrix<f64>) -> Result<Self, (usize, f64)> {
+        fn from_gram(a: DMatrix<f64>) -> (Self, Vec<usize>) {
             let n = a.nrows();
             let scale: Vec<f64> = (0..n).map(|k| a[(k, k)].sqrt().recip()).collect();
             let s = DMatrix::from_fn(n, n, |i, j| a[(i, j)] * scale[i] * scale[j]);
@@ -319,7 +352,7 @@ mod tests {
         for n in [1, 5, 63, 64, 65, 150] {
             let a = spd(n);
             let b = DMatrix::from_fn(n, 3, |i, j| (i * 7 + j * 3) as f64 % 5.0 - 2.0);
-            let f = GramFactor::from_gram(a.clone()).unwrap();
+            let f = GramFactor::from_gram(a.clone()).0;
             let (x, qs) = f.solve(n, &b);
             let expect = a.clone().cholesky().unwrap().solve(&b);
             assert!((&x - &expect).norm() <= 1e-12 * expect.norm(), "n={n}");
@@ -345,7 +378,7 @@ mod tests {
             let a = spd(n);
             let eig = SymmetricEigen::new(a.clone()).eigenvalues;
             let expect = eig.max() / eig.min();
-            let f = GramFactor::from_gram(a).unwrap();
+            let f = GramFactor::from_gram(a).0;
             let got = condition_number(f.largest_eigenvalue(n), f.inverse_smallest_eigenvalue(n));
             // Documented accuracy: about 1e-8 relative; assert 1e-6.
             assert!(
@@ -356,11 +389,28 @@ mod tests {
     }
 
     #[test]
-    fn dependent_columns_are_reported() {
-        let v = [1.0, 2.0, 3.0];
-        let a = DMatrix::from_fn(3, 3, |i, j| {
-            v[i] * v[j] + if i == j && i == 0 { 1.0 } else { 0.0 }
-        });
-        assert_eq!(GramFactor::from_gram(a).err().map(|e| e.0), Some(2));
+    fn dependent_columns_are_skipped_in_one_pass() {
+        // Columns 2 and 5 are combinations of earlier ones (5 in a later block when BLOCK is
+        // small, in the same block otherwise); the factor is that of the matrix without them.
+        let n = 80;
+        let base = spd(n);
+        let mut a = base.clone();
+        let combo = |a: &mut DMatrix<f64>, j: usize, x: usize, y: usize| {
+            // Make column/row j equal to 0.5 col x + 0.5 col y exactly, in Gram terms.
+            let v = (a.column(x) + a.column(y)) * 0.5;
+            a.set_column(j, &v);
+            a.set_row(j, &v.transpose());
+            a[(j, j)] = 0.25 * (a[(x, x)] + 2.0 * a[(x, y)] + a[(y, y)]);
+        };
+        combo(&mut a, 2, 0, 1);
+        combo(&mut a, 45, 3, 40);
+        let (f, skipped) = GramFactor::from_gram(a.clone());
+        assert_eq!(skipped, vec![2, 45]);
+        let kept: Vec<usize> = (0..n).filter(|i| !skipped.contains(i)).collect();
+        let reduced = DMatrix::from_fn(kept.len(), kept.len(), |i, j| a[(kept[i], kept[j])]);
+        let b = DMatrix::from_fn(kept.len(), 2, |i, j| (i + j) as f64 % 3.0 - 1.0);
+        let (x, _) = f.solve(kept.len(), &b);
+        let expect = reduced.cholesky().unwrap().solve(&b);
+        assert!((&x - &expect).norm() <= 1e-9 * expect.norm());
     }
 }

@@ -159,8 +159,8 @@ pub struct TargetSolution {
 /// and width) are an error. A snapshot whose profile is a linear combination of earlier ones
 /// to working precision (pivot of the unit-diagonal Gram matrix below `4 ε · max(n, 16)`, which
 /// happens when snapshots crowd together) is left out with weight 0 and listed in
-/// `dependent_snapshots`: a truncated Cholesky factorisation, which keeps the weights bounded
-/// where a plain solve would return huge cancelling ones.
+/// `dependent_snapshots`: a Cholesky factorisation that skips such columns in its single pass,
+/// which keeps the weights bounded where a plain solve would return huge cancelling ones.
 ///
 /// ```
 /// use hindsight::phema::{solve, Snapshot, SolveOptions, Target, Width};
@@ -261,30 +261,31 @@ pub fn solve(
     }
 
     // Factor the Gram matrix. A snapshot whose profile is a linear combination of the earlier
-    // ones to working precision (closely spaced snapshots make such near-dependencies) is
-    // dropped and the rest refactored: it adds nothing the others cannot express, and keeping
-    // it would only produce huge, cancelling weights. The first profile is never dropped
-    // (its pivot is exactly 1).
-    let mut kept = profiles;
-    let mut dependent: Vec<(usize, u64)> = Vec::new();
-    let (sorted, factor) = loop {
-        let sorted: Vec<Profile> = kept
-            .iter()
-            .map(|&(_, nimg, gamma)| Profile {
-                nimg: nimg as f64,
-                gamma,
-            })
-            .collect();
-        let (equilibrated, scale) = equilibrated_gram(&sorted);
-        match GramFactor::new(equilibrated, scale) {
-            Ok(factor) => break (sorted, factor),
-            Err((k, _pivot)) => {
-                let (i, nimg, _) = kept.remove(k);
-                dependent.push((i, nimg));
-            }
-        }
-    };
+    // ones to working precision (closely spaced snapshots make such near-dependencies) is left
+    // out: it adds nothing the others cannot express, and keeping it would only produce huge,
+    // cancelling weights. The first profile is never left out (its pivot is exactly 1).
+    let all: Vec<Profile> = profiles
+        .iter()
+        .map(|&(_, nimg, gamma)| Profile {
+            nimg: nimg as f64,
+            gamma,
+        })
+        .collect();
+    let (equilibrated, scale) = equilibrated_gram(&all);
+    let (factor, skipped) = GramFactor::new(equilibrated, scale);
+    let mut dependent: Vec<(usize, u64)> = skipped
+        .iter()
+        .map(|&k| (profiles[k].0, profiles[k].1))
+        .collect();
     dependent.sort_unstable();
+    let mut kept = Vec::with_capacity(profiles.len() - skipped.len());
+    let mut sorted = Vec::with_capacity(kept.capacity());
+    for (k, (p, profile)) in profiles.iter().zip(&all).enumerate() {
+        if skipped.binary_search(&k).is_err() {
+            kept.push(*p);
+            sorted.push(*profile);
+        }
+    }
 
     // Group targets by how many (kept) snapshots they use.
     let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
