@@ -8,6 +8,7 @@
 //!
 //! Module map:
 //! - [`phema`]: post-hoc EMA mathematics and the tracker (pure: no I/O).
+//! - [`plot`]: SVG pictures of target and reconstructed profiles.
 //! - [`bench`]: synthetic workloads shared by `hindsight bench` and the tests.
 //! - [`error`]: the library's error type.
 
@@ -17,5 +18,6 @@
 pub mod bench;
 pub mod error;
 pub mod phema;
+pub mod plot;
 
 pub use error::{Error, Result};

@@ -48,6 +48,9 @@ enum Command {
         /// Training time of the --sigma-rel/--gamma targets (default: the last snapshot).
         #[arg(long, value_name = "NIMG")]
         at_nimg: Option<u64>,
+        /// Also draw each target's profile beside its reconstruction into this SVG file.
+        #[arg(long, value_name = "FILE")]
+        plot: Option<PathBuf>,
     },
     /// Measure performance against the peers (see BENCHMARKS.md).
     #[command(subcommand)]
@@ -98,6 +101,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             sigma_rel,
             gamma,
             at_nimg,
+            plot,
         } => {
             let mut text = String::new();
             std::io::stdin()
@@ -132,6 +136,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("--at-nimg: only applies to --sigma-rel/--gamma targets");
             }
             let response = request.solve()?;
+            if let Some(path) = plot {
+                let solutions: Vec<_> = response
+                    .targets
+                    .iter()
+                    .map(|t| t.solution.clone())
+                    .collect();
+                let svg = hindsight::plot::profiles_svg(&request.snapshots()?, &solutions)?;
+                std::fs::write(&path, svg)
+                    .with_context(|| format!("--plot: writing {}", path.display()))?;
+            }
             if table {
                 print_table(&response);
             } else {

@@ -177,6 +177,30 @@ fn list_syntax_on_the_command_line() {
 }
 
 #[test]
+fn plot_to_svg() {
+    let path = std::env::temp_dir().join(format!("hindsight-plot-{}.svg", std::process::id()));
+    let out = run(
+        &["solve", "--plot", path.to_str().unwrap()],
+        &example().to_string(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let svg = std::fs::read_to_string(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert!(svg.starts_with("<svg"));
+    assert!(svg.contains("σ_rel 0.100") && svg.contains("σ_rel 0.100:"));
+    // An unwritable path is a one-line error naming the option.
+    let out = run(
+        &["solve", "--plot", "/nonexistent-dir/x.svg"],
+        &example().to_string(),
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: --plot: writing"));
+}
+
+#[test]
 fn table_for_people() {
     let out = run(&["solve", "--table"], &example().to_string());
     assert!(out.status.success());

@@ -142,7 +142,7 @@ fn closed_form_error_matches_quadrature() {
     for sigma in [0.03, 0.08, 0.12, 0.2] {
         for nimg in [None, Some(6 << 20)] {
             let sol = &solve(&run, &[target(sigma, nimg)]).unwrap()[0];
-            let points = sample_profiles(&run, sol, 400_001).unwrap();
+            let points = sample_profiles(&run, sol, 0.0, 400_001).unwrap();
             let h = points[1].nimg - points[0].nimg;
             let (mut diff2, mut norm2) = (0.0, 0.0);
             // Trapezoid rule; the profiles are continuous except at snapshot times, where the

@@ -109,10 +109,9 @@ impl SolveRequest {
         })
     }
 
-    /// Validates and solves.
-    pub fn solve(&self) -> Result<SolveResponse> {
-        let snapshots = self
-            .snapshots
+    /// The snapshots as the solver takes them (validating that each gives one width).
+    pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
+        self.snapshots
             .iter()
             .enumerate()
             .map(|(i, s)| {
@@ -121,7 +120,12 @@ impl SolveRequest {
                     width: width(s.sigma_rel, s.gamma, &format!("snapshots[{i}]"))?,
                 })
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect()
+    }
+
+    /// Validates and solves.
+    pub fn solve(&self) -> Result<SolveResponse> {
+        let snapshots = self.snapshots()?;
         let targets = self
             .targets
             .iter()
@@ -150,7 +154,7 @@ impl SolveRequest {
             .into_iter()
             .map(|solution| {
                 let profile = match self.profile_points {
-                    Some(p) => Some(sample_profiles(&snapshots, &solution, p)?),
+                    Some(p) => Some(sample_profiles(&snapshots, &solution, 0.0, p)?),
                     None => None,
                 };
                 Ok(TargetOutput { solution, profile })

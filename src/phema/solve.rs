@@ -531,12 +531,13 @@ pub struct ProfilePoint {
     pub reconstructed: f64,
 }
 
-/// Samples the target profile and its reconstruction on `points` evenly spaced times from 0 to
-/// the target time (inclusive). `coefficients` are in the order of `snapshots`, as returned by
-/// [`solve`].
+/// Samples the target profile and its reconstruction on `points` evenly spaced times from
+/// `start_nimg` (clamped to `[0, nimg]`) to the target time `nimg`, inclusive. The solution's
+/// coefficients are in the order of `snapshots`, as returned by [`solve`].
 pub fn sample_profiles(
     snapshots: &[Snapshot],
     solution: &TargetSolution,
+    start_nimg: f64,
     points: usize,
 ) -> Result<Vec<ProfilePoint>> {
     if snapshots.len() != solution.coefficients.len() {
@@ -567,9 +568,10 @@ pub fn sample_profiles(
         gamma: solution.gamma,
     };
     let steps = points.max(2) - 1;
+    let start = start_nimg.clamp(0.0, target.nimg);
     Ok((0..=steps)
         .map(|i| {
-            let tau = target.nimg * i as f64 / steps as f64;
+            let tau = start + (target.nimg - start) * i as f64 / steps as f64;
             ProfilePoint {
                 nimg: tau,
                 target: target.density(tau),
