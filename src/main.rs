@@ -1,6 +1,6 @@
 //! The `hindsight` command line.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -87,6 +87,17 @@ fn main() {
     let cli = Cli::parse();
     tracing::debug!(data_dir = %cli.data_dir.display(), "starting");
     if let Err(err) = run(cli) {
+        // A closed pipe (`hindsight solve --table | head`) is the reader's choice, not a failure.
+        let broken_pipe = err.chain().any(|e| {
+            let kind = e
+                .downcast_ref::<std::io::Error>()
+                .map(std::io::Error::kind)
+                .or_else(|| e.downcast_ref::<serde_json::Error>()?.io_error_kind());
+            kind == Some(std::io::ErrorKind::BrokenPipe)
+        });
+        if broken_pipe {
+            std::process::exit(0);
+        }
         // One line, naming the field where the library knows it.
         let chain: Vec<String> = err.chain().map(|e| e.to_string()).collect();
         eprintln!("error: {}", chain.join(": "));
@@ -147,9 +158,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .with_context(|| format!("--plot: writing {}", path.display()))?;
             }
             if table {
-                print_table(&response);
+                print_table(&response)?;
             } else {
-                println!("{}", serde_json::to_string(&response)?);
+                let mut out = std::io::stdout().lock();
+                serde_json::to_writer(&mut out, &response)?;
+                writeln!(out)?;
             }
             Ok(())
         }
@@ -162,11 +175,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn print_table(response: &SolveResponse) {
-    println!(
+fn print_table(response: &SolveResponse) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
         "{:>9} {:>9} {:>14} {:>5} {:>11} {:>9} {:>9} {:>9}  warnings",
         "sigma_rel", "gamma", "nimg", "used", "rel_error", "sum|w|", "gain", "cond"
-    );
+    )?;
     for t in &response.targets {
         let s = &t.solution;
         let warnings: Vec<String> = s
@@ -174,7 +189,8 @@ fn print_table(response: &SolveResponse) {
             .iter()
             .map(|w| serde_json::to_string(&w.code).unwrap_or_default())
             .collect();
-        println!(
+        writeln!(
+            out,
             "{:>9.4} {:>9.3} {:>14} {:>5} {:>11.3e} {:>9.3} {:>9.3} {:>9.2e}  {}",
             s.sigma_rel,
             s.gamma,
@@ -189,8 +205,9 @@ fn print_table(response: &SolveResponse) {
             } else {
                 warnings.join(",").replace('"', "")
             }
-        );
+        )?;
     }
+    Ok(())
 }
 
 fn bench_solve(

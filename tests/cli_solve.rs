@@ -201,6 +201,42 @@ fn plot_to_svg() {
 }
 
 #[test]
+fn a_closed_pipe_is_not_an_error() {
+    use std::io::Read;
+    // Enough output (49 targets × 512 coefficients) to overflow the pipe buffer.
+    let snapshots = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/examples/edm2-img512-snapshots.json"
+    ))
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hindsight"))
+        .args(["solve", "--sigma-rel", "0.010,0.015,...,0.250"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(snapshots.as_bytes())
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 16];
+    stdout.read_exact(&mut first).unwrap();
+    drop(stdout); // like `| head -c 16`
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(&first, br#"{"targets":[{"si"#);
+}
+
+#[test]
 fn table_for_people() {
     let out = run(&["solve", "--table"], &example().to_string());
     assert!(out.status.success());
