@@ -16,9 +16,47 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A file-system operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, with the path.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A stored blob's content no longer matches its digest.
+    #[error("blob {expected} is corrupt: its content hashes to {actual}")]
+    Corrupt {
+        /// The digest the blob is stored under.
+        expected: String,
+        /// The digest of what is on disk now.
+        actual: String,
+    },
+    /// A blob that should be in the store is not.
+    #[error("blob {0} is missing from the store")]
+    MissingBlob(String),
+    /// The store on disk has a layout this version does not know.
+    #[error("{path}: unsupported store format ({found}); this hindsight reads format {supported}")]
+    StoreFormat {
+        /// The VERSION file.
+        path: String,
+        /// What it says.
+        found: String,
+        /// What we support.
+        supported: u32,
+    },
 }
 
 impl Error {
+    /// Builds an [`Error::Io`] from an I/O error and a description of what was being done.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
     /// Builds an [`Error::InvalidInput`].
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::InvalidInput {

@@ -8,6 +8,7 @@
 //!
 //! Module map:
 //! - [`phema`]: post-hoc EMA mathematics and the tracker (pure: no I/O).
+//! - [`store`]: content-addressed blobs (BLAKE3), atomic writes, verification (bytes only).
 //! - [`plot`]: SVG pictures of target and reconstructed profiles.
 //! - [`bench`]: synthetic workloads shared by `hindsight bench` and the tests.
 //! - [`error`]: the library's error type.
@@ -19,5 +20,6 @@ pub mod bench;
 pub mod error;
 pub mod phema;
 pub mod plot;
+pub mod store;
 
 pub use error::{Error, Result};

@@ -1,0 +1,408 @@
+//! Content-addressed blob store: bytes and digests only (no SQL, no safetensors).
+//!
+//! Layout under the store's root:
+//!
+//! ```text
+//! VERSION                      "hindsight-blobs 1": the on-disk format
+//! blobs/ab/cd/abcd…(64 hex)    one file per blob, fanned out by the digest's first two bytes
+//! tmp/                         writes in progress, on the same file system as blobs/
+//! ```
+//!
+//! Invariants:
+//! - A path under `blobs/` never names a partial file. Writes go to a temporary file in `tmp/`,
+//!   are hashed while written, fsynced, then renamed to the digest's path, and the directory
+//!   is fsynced; a crash at any point leaves at most an orphan in `tmp/`, which
+//!   [`BlobStore::clean_temp`] removes.
+//! - Identical content is stored once: a finished write whose digest is already present just
+//!   drops its temporary file. Two writers of the same content race harmlessly (rename over an
+//!   identical file).
+//! - Blobs are immutable once published. [`BlobStore::verify`] re-hashes them;
+//!   [`VerifiedReader`] hashes while reading and fails at the end of a blob whose content no
+//!   longer matches, so whole-blob reads check integrity for the cost of one BLAKE3 pass
+//!   (several GB/s per core), cheap enough to leave on.
+//!
+//! Which blobs are still wanted is the index's business (`db`); the store only removes what
+//! it is told to.
+
+mod digest;
+
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+pub use digest::Digest;
+
+use crate::error::{Error, Result};
+
+/// The on-disk format this version reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+const VERSION_FILE: &str = "VERSION";
+const BLOBS: &str = "blobs";
+const TMP: &str = "tmp";
+
+fn version_line() -> String {
+    format!("hindsight-blobs {FORMAT_VERSION}\n")
+}
+
+/// A content-addressed store rooted at a directory.
+#[derive(Clone, Debug)]
+pub struct BlobStore {
+    root: PathBuf,
+}
+
+/// What [`BlobStore::verify`] found for one blob.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BlobStatus {
+    /// The content hashes to the blob's name.
+    Intact,
+    /// No file under that digest.
+    Missing,
+    /// The content hashes to something else.
+    Corrupt {
+        /// What the content hashes to now.
+        actual: Digest,
+    },
+}
+
+fn io_err(context: impl FnOnce() -> String) -> impl FnOnce(io::Error) -> Error {
+    move |e| Error::io(context(), e)
+}
+
+/// Fsyncs a directory so that a rename or creation inside it is durable.
+fn sync_dir(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(|| format!("syncing directory {}", path.display())))
+}
+
+impl BlobStore {
+    /// Opens the store at `root`, creating it if it does not exist. Refuses a store written in
+    /// another format.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        for dir in [root.clone(), root.join(BLOBS), root.join(TMP)] {
+            fs::create_dir_all(&dir)
+                .map_err(io_err(|| format!("creating directory {}", dir.display())))?;
+        }
+        let version = root.join(VERSION_FILE);
+        match fs::read_to_string(&version) {
+            Ok(found) => {
+                if found != version_line() {
+                    return Err(Error::StoreFormat {
+                        path: version.display().to_string(),
+                        found: found.trim().to_owned(),
+                        supported: FORMAT_VERSION,
+                    });
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Written like a blob: temporary file, fsync, rename, fsync the directory.
+                let mut tmp = tempfile::NamedTempFile::new_in(root.join(TMP))
+                    .map_err(io_err(|| format!("creating {}", version.display())))?;
+                tmp.write_all(version_line().as_bytes())
+                    .and_then(|_| tmp.as_file().sync_all())
+                    .map_err(io_err(|| format!("writing {}", version.display())))?;
+                tmp.persist(&version)
+                    .map_err(|e| Error::io(format!("creating {}", version.display()), e.error))?;
+                sync_dir(&root)?;
+            }
+            Err(e) => return Err(Error::io(format!("reading {}", version.display()), e)),
+        }
+        Ok(Self { root })
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the blob with this digest lives (whether or not it exists).
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.to_hex();
+        self.root
+            .join(BLOBS)
+            .join(&hex[0..2])
+            .join(&hex[2..4])
+            .join(hex)
+    }
+
+    /// Whether a blob with this digest is present.
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.path(digest).is_file()
+    }
+
+    /// Size in bytes of a present blob.
+    pub fn size(&self, digest: &Digest) -> Result<u64> {
+        let path = self.path(digest);
+        match fs::metadata(&path) {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(Error::MissingBlob(digest.to_hex()))
+            }
+            Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+        }
+    }
+
+    /// Starts writing a new blob. Nothing is visible until [`BlobWriter::finish`]; dropping the
+    /// writer discards what was written.
+    pub fn writer(&self) -> Result<BlobWriter> {
+        let tmp = tempfile::Builder::new()
+            .prefix("blob-")
+            .tempfile_in(self.root.join(TMP))
+            .map_err(io_err(|| {
+                format!("creating a file in {}", self.root.join(TMP).display())
+            }))?;
+        Ok(BlobWriter {
+            store: self.clone(),
+            file: io::BufWriter::with_capacity(1 << 20, tmp),
+            hasher: blake3::Hasher::new(),
+            len: 0,
+        })
+    }
+
+    /// Stores everything `reader` yields; returns the digest and the size.
+    pub fn put(&self, mut reader: impl Read) -> Result<(Digest, u64)> {
+        let mut writer = self.writer()?;
+        io::copy(&mut reader, &mut writer).map_err(io_err(|| "copying into the store".into()))?;
+        writer.finish()
+    }
+
+    /// Opens a blob for reading, without checking its content.
+    pub fn open_blob(&self, digest: &Digest) -> Result<File> {
+        let path = self.path(digest);
+        File::open(&path).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                Error::MissingBlob(digest.to_hex())
+            } else {
+                Error::io(format!("opening {}", path.display()), e)
+            }
+        })
+    }
+
+    /// Opens a blob for a whole, sequential read that checks its content: the reader fails at
+    /// the end of the blob if the bytes read do not hash to `digest`.
+    pub fn open_verified(&self, digest: &Digest) -> Result<VerifiedReader<BufReader<File>>> {
+        let file = self.open_blob(digest)?;
+        Ok(VerifiedReader::new(
+            BufReader::with_capacity(1 << 20, file),
+            *digest,
+        ))
+    }
+
+    /// Re-hashes one blob.
+    pub fn verify(&self, digest: &Digest) -> Result<BlobStatus> {
+        let mut file = match self.open_blob(digest) {
+            Ok(f) => f,
+            Err(Error::MissingBlob(_)) => return Ok(BlobStatus::Missing),
+            Err(e) => return Err(e),
+        };
+        let mut hasher = blake3::Hasher::new();
+        io::copy(&mut file, &mut hasher).map_err(io_err(|| {
+            format!("reading {}", self.path(digest).display())
+        }))?;
+        let actual = Digest::from(hasher.finalize());
+        Ok(if actual == *digest {
+            BlobStatus::Intact
+        } else {
+            BlobStatus::Corrupt { actual }
+        })
+    }
+
+    /// Every blob present, in digest order. Files under `blobs/` whose names are not digests
+    /// (or sit in the wrong fan-out directory) are ignored.
+    pub fn list(&self) -> Result<Vec<Digest>> {
+        let mut out = Vec::new();
+        let blobs = self.root.join(BLOBS);
+        for a in read_dir_sorted(&blobs)?.into_iter().filter(|p| p.is_dir()) {
+            for b in read_dir_sorted(&a)?.into_iter().filter(|p| p.is_dir()) {
+                for f in read_dir_sorted(&b)? {
+                    let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                    if let Ok(d) = name.parse::<Digest>() {
+                        if self.path(&d) == f {
+                            out.push(d);
+                        }
+                    }
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Removes a blob; returns whether it was there.
+    pub fn remove(&self, digest: &Digest) -> Result<bool> {
+        let path = self.path(digest);
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                if let Some(parent) = path.parent() {
+                    sync_dir(parent)?;
+                }
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io(format!("removing {}", path.display()), e)),
+        }
+    }
+
+    /// Removes temporary files older than `age` (orphans of crashed writers; a live writer
+    /// touches its file as it writes). Returns how many were removed.
+    pub fn clean_temp(&self, age: Duration) -> Result<usize> {
+        let now = SystemTime::now();
+        let mut removed = 0;
+        for path in read_dir_sorted(&self.root.join(TMP))? {
+            let modified = fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .map_err(io_err(|| format!("reading {}", path.display())))?;
+            if now.duration_since(modified).unwrap_or_default() >= age {
+                match fs::remove_file(&path) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io(format!("removing {}", path.display()), e)),
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Temporary files present now (writes in progress or orphans).
+    pub fn temp_files(&self) -> Result<Vec<PathBuf>> {
+        read_dir_sorted(&self.root.join(TMP))
+    }
+}
+
+fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_err(|| format!("listing {}", dir.display())))?;
+        out.push(entry.path());
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// A blob being written: hashes as it writes; published by [`BlobWriter::finish`].
+pub struct BlobWriter {
+    store: BlobStore,
+    file: io::BufWriter<tempfile::NamedTempFile>,
+    hasher: blake3::Hasher,
+    len: u64,
+}
+
+impl BlobWriter {
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was written yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The digest of what was written so far.
+    pub fn digest_so_far(&self) -> Digest {
+        Digest::from(self.hasher.finalize())
+    }
+
+    /// Makes the blob durable and visible under its digest: fsync, rename, fsync the directory.
+    /// If the store already has this content, the new copy is dropped instead.
+    pub fn finish(self) -> Result<(Digest, u64)> {
+        let digest = Digest::from(self.hasher.finalize());
+        let len = self.len;
+        let tmp = self
+            .file
+            .into_inner()
+            .map_err(|e| Error::io("flushing a new blob", e.into_error()))?;
+        let path = self.store.path(&digest);
+        if path.is_file() {
+            // Dedupe: identical content is already published. The temporary file goes away.
+            drop(tmp);
+            return Ok((digest, len));
+        }
+        tmp.as_file()
+            .sync_all()
+            .map_err(io_err(|| "syncing a new blob".into()))?;
+        let parent = path.parent().expect("blob paths have parents");
+        let created_dirs = !parent.is_dir();
+        fs::create_dir_all(parent).map_err(io_err(|| format!("creating {}", parent.display())))?;
+        tmp.persist(&path)
+            .map_err(|e| Error::io(format!("publishing {}", path.display()), e.error))?;
+        sync_dir(parent)?;
+        if created_dirs {
+            // The fan-out directories themselves must survive a crash too.
+            if let Some(grand) = parent.parent() {
+                sync_dir(grand)?;
+                if let Some(blobs) = grand.parent() {
+                    sync_dir(blobs)?;
+                }
+            }
+        }
+        Ok((digest, len))
+    }
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Reads a blob while hashing it; the read that reaches the end fails with
+/// `io::ErrorKind::InvalidData` if the content does not match the expected digest.
+pub struct VerifiedReader<R> {
+    inner: R,
+    hasher: blake3::Hasher,
+    expected: Digest,
+    done: bool,
+}
+
+impl<R: Read> VerifiedReader<R> {
+    /// Wraps `inner`, which must yield the whole blob from its start.
+    pub fn new(inner: R, expected: Digest) -> Self {
+        Self {
+            inner,
+            hasher: blake3::Hasher::new(),
+            expected,
+            done: false,
+        }
+    }
+}
+
+impl<R: Read> Read for VerifiedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.done {
+            return Ok(0);
+        }
+        let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            let actual = Digest::from(self.hasher.finalize());
+            if actual != self.expected {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    Error::Corrupt {
+                        expected: self.expected.to_hex(),
+                        actual: actual.to_hex(),
+                    },
+                ));
+            }
+            self.done = true;
+            return Ok(0);
+        }
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
