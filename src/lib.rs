@@ -8,6 +8,7 @@
 //!
 //! Module map:
 //! - [`phema`]: post-hoc EMA mathematics and the tracker (pure: no I/O).
+//! - [`ingest`]: validation of incoming snapshots (safetensors headers).
 //! - [`store`]: content-addressed blobs (BLAKE3), atomic writes, verification (bytes only).
 //! - [`plot`]: SVG pictures of target and reconstructed profiles.
 //! - [`bench`]: synthetic workloads shared by `hindsight bench` and the tests.
@@ -18,6 +19,7 @@
 
 pub mod bench;
 pub mod error;
+pub mod ingest;
 pub mod phema;
 pub mod plot;
 pub mod store;
