@@ -16,6 +16,13 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// The request conflicts with what is stored (an existing name, a different snapshot
+    /// at the same time and width).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The index could not be read or written.
+    #[error("database: {0}")]
+    Database(String),
     /// A file-system operation failed.
     #[error("{context}: {source}")]
     Io {

@@ -8,6 +8,8 @@
 //!
 //! Module map:
 //! - [`phema`]: post-hoc EMA mathematics and the tracker (pure: no I/O).
+//! - [`app`]: the embedded default: index + store under one data directory.
+//! - [`db`]: the SQLite index (sqlx + migrations): runs, manifests, snapshots, blob states.
 //! - [`ingest`]: validation of incoming snapshots (safetensors headers).
 //! - [`store`]: content-addressed blobs (BLAKE3), atomic writes, verification (bytes only).
 //! - [`plot`]: SVG pictures of target and reconstructed profiles.
@@ -17,7 +19,9 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod app;
 pub mod bench;
+pub mod db;
 pub mod error;
 pub mod ingest;
 pub mod phema;

@@ -10,6 +10,8 @@ use hindsight::bench::{edm2_schedule, sigma_sweep, Timing};
 use hindsight::phema::request::{SnapshotSpec, SolveRequest, SolveResponse, TargetSpec};
 use hindsight::phema::{self, SolveOptions, Width};
 
+mod store_commands;
+
 /// Post-hoc EMA of neural-network weights (EDM2): reconstruct any EMA length after training.
 #[derive(Parser)]
 #[command(version, about)]
@@ -55,6 +57,44 @@ enum Command {
     /// Measure performance against the peers (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Import a directory of safetensors snapshots into a run (created if new).
+    ///
+    /// Each file's training time and EMA width come from its __metadata__ (nimg, and sigma_rel
+    /// or gamma) or from an EDM2 file name, <prefix>-<kimg:07d>-<sigma:.3f>.safetensors.
+    /// Re-importing the same files is a no-op; a different file at a stored (nimg, sigma_rel)
+    /// is refused, as is any file whose tensors differ from the run's.
+    Import {
+        /// Directory holding the .safetensors files.
+        dir: PathBuf,
+        /// Run to import into.
+        #[arg(long)]
+        run: String,
+        /// Refuse files whose floating-point tensors hold NaN or Inf.
+        #[arg(long)]
+        check_finite: bool,
+    },
+    /// List runs.
+    Runs {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a run's snapshots.
+    Snapshots {
+        /// The run.
+        run: String,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash every stored blob and report mismatches and missing files.
+    Verify,
+    /// Delete blobs no snapshot references (and orphaned temporary files).
+    Gc {
+        /// Leave pending blobs (ingests in progress) younger than this alone.
+        #[arg(long, default_value_t = 3600)]
+        grace_secs: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -166,6 +206,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Import {
+            dir,
+            run,
+            check_finite,
+        } => block_on(store_commands::import(
+            &cli.data_dir,
+            &dir,
+            &run,
+            check_finite,
+        )),
+        Command::Runs { json } => block_on(store_commands::runs(&cli.data_dir, json)),
+        Command::Snapshots { run, json } => {
+            block_on(store_commands::snapshots(&cli.data_dir, &run, json))
+        }
+        Command::Verify => block_on(store_commands::verify(&cli.data_dir)),
+        Command::Gc { grace_secs } => block_on(store_commands::gc(&cli.data_dir, grace_secs)),
         Command::Bench(BenchCommand::Solve {
             times,
             targets,
@@ -173,6 +229,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             peer_python,
         }) => bench_solve(times, targets, iterations, peer_python),
     }
+}
+
+fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(fut)
 }
 
 fn print_table(response: &SolveResponse) -> std::io::Result<()> {

@@ -1,8 +1,12 @@
 //! Getting snapshots into the store: one validation shared by every door (the Rust trainer
 //! library, directory import, ema-pytorch checkpoints, HTTP upload).
 //!
-//! This part holds the safetensors header validation; the doors arrive with the index.
+//! Every door ends in [`ingest_file`] (or, for streams, the same steps): header validation,
+//! checks against the run's manifest and existing snapshots, a hashed copy into the store, and
+//! one transaction that records the snapshot.
 
+mod file;
 mod header;
 
+pub use file::{ingest_file, kimg_to_nimg, parse_edm2_name, Hints, IngestOptions, Ingested};
 pub use header::{read_header, Header, TensorEntry, MAX_HEADER_BYTES};

@@ -1,0 +1,450 @@
+//! Ingesting one safetensors file: validate, decide (nimg, width), copy into the store while
+//! hashing (and optionally scanning for NaN/Inf), then record it in the index.
+//!
+//! Order of operations, so that a rejected file leaves nothing behind and GC can never
+//! remove a blob an ingest is about to reference:
+//! 1. header validation, width/time resolution, and read-only checks against the index
+//!    (manifest, an existing different snapshot at the same time and width) — before any byte
+//!    is copied;
+//! 2. streaming copy into a temporary blob, hashing (and scanning) as it goes; any failure
+//!    drops the temporary file;
+//! 3. `claim_blob` (row `pending`), then publication (rename, or dedupe against the same
+//!    content already present), then `record_snapshot` (row inserted, blob `valid`) in one
+//!    transaction that re-checks the manifest and conflicts.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::header::{read_header, Header, TensorEntry};
+use crate::db::{Db, ManifestEntry, NewSnapshot, Recorded, Run};
+use crate::error::{Error, Result};
+use crate::phema::Width;
+use crate::store::{BlobStore, Digest};
+
+/// Where a file's training time and EMA width come from, in order of precedence: explicit
+/// values, the safetensors `__metadata__` (`nimg`, and `sigma_rel` or `gamma`), then an EDM2
+/// file name (`<prefix>-<kimg:07d>-<sigma:.3f>.safetensors`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Hints {
+    /// Training time in images.
+    pub nimg: Option<u64>,
+    /// EMA width.
+    pub width: Option<Width>,
+}
+
+/// Options for [`ingest_file`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct IngestOptions {
+    /// Refuse files whose floating-point tensors hold NaN or ±Inf.
+    pub check_finite: bool,
+}
+
+/// What an ingest did.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Ingested {
+    /// Training time in images.
+    pub nimg: u64,
+    /// EMA width.
+    pub sigma_rel: f64,
+    /// Digest of the stored file.
+    pub digest: Digest,
+    /// File size.
+    pub bytes: u64,
+    /// False when the same snapshot was already stored (idempotent re-import).
+    pub inserted: bool,
+}
+
+/// EDM2's mapping from the kimg in a file name back to nimg (`reconstruct_phema.py`): the
+/// largest multiple of 1024 images whose thousands are `kimg`.
+pub fn kimg_to_nimg(kimg: u64) -> Option<u64> {
+    let nimg = (kimg.checked_mul(1000)?.checked_add(999)?) / 1024 * 1024;
+    (nimg / 1000 == kimg).then_some(nimg)
+}
+
+/// Parses an EDM2 snapshot file name, `<prefix>-<kimg>-<sigma>.safetensors` (or `.pkl`):
+/// returns `(nimg, sigma_rel)`.
+pub fn parse_edm2_name(file_name: &str) -> Option<(u64, f64)> {
+    let stem = file_name
+        .strip_suffix(".safetensors")
+        .or_else(|| file_name.strip_suffix(".pkl"))?;
+    let (rest, sigma) = stem.rsplit_once('-')?;
+    let (prefix, kimg) = rest.rsplit_once('-')?;
+    if prefix.is_empty() || kimg.is_empty() || !kimg.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (int, frac) = sigma.split_once('.')?;
+    if int.is_empty()
+        || frac.is_empty()
+        || !int.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    Some((kimg_to_nimg(kimg.parse().ok()?)?, sigma.parse().ok()?))
+}
+
+fn resolve_time_and_width(
+    header: &Header,
+    hints: Hints,
+    file_name: &str,
+    source: &str,
+) -> Result<(u64, Width)> {
+    let meta = &header.metadata;
+    let parse = |key: &str| -> Result<Option<f64>> {
+        match meta.get(key) {
+            None => Ok(None),
+            Some(v) => v.trim().parse::<f64>().map(Some).map_err(|_| {
+                Error::invalid(
+                    format!("{source}: __metadata__.{key}"),
+                    format!("`{v}` is not a number"),
+                )
+            }),
+        }
+    };
+    let from_name = parse_edm2_name(file_name);
+    let nimg = match (hints.nimg, meta.get("nimg")) {
+        (Some(n), _) => Some(n),
+        (None, Some(v)) => Some(v.trim().parse::<u64>().map_err(|_| {
+            Error::invalid(
+                format!("{source}: __metadata__.nimg"),
+                format!("`{v}` is not a whole number of images"),
+            )
+        })?),
+        (None, None) => from_name.map(|(n, _)| n),
+    };
+    let width = match hints.width {
+        Some(w) => Some(w),
+        None => match (parse("sigma_rel")?, parse("gamma")?) {
+            (Some(s), None) => Some(Width::SigmaRel(s)),
+            (None, Some(g)) => Some(Width::Gamma(g)),
+            (Some(_), Some(_)) => {
+                return Err(Error::invalid(
+                    format!("{source}: __metadata__"),
+                    "has both sigma_rel and gamma; give one",
+                ))
+            }
+            (None, None) => from_name.map(|(_, s)| Width::SigmaRel(s)),
+        },
+    };
+    match (nimg, width) {
+        (Some(n), Some(w)) => Ok((n, w)),
+        _ => Err(Error::invalid(
+            source,
+            "cannot tell the snapshot's training time and EMA width: name the file EDM2's way \
+             (<prefix>-<kimg:07d>-<sigma:.3f>.safetensors) or put nimg and sigma_rel (or gamma) \
+             in its __metadata__",
+        )),
+    }
+}
+
+fn manifest_of(tensors: &[TensorEntry]) -> Vec<ManifestEntry> {
+    let mut m: Vec<ManifestEntry> = tensors
+        .iter()
+        .map(|t| ManifestEntry {
+            name: t.name.clone(),
+            dtype: t.dtype.clone(),
+            shape: t.shape.clone(),
+        })
+        .collect();
+    m.sort_by(|a, b| a.name.cmp(&b.name));
+    m
+}
+
+/// Ingests the safetensors file at `path` into `run`. `progress` is called with the number of
+/// bytes copied so far. Blocking (file I/O and hashing); call it off the async runtime's worker
+/// threads for large files, e.g. inside `spawn_blocking` with a handle to the runtime.
+pub async fn ingest_file(
+    db: &Db,
+    store: &BlobStore,
+    run: &Run,
+    path: &Path,
+    hints: Hints,
+    options: IngestOptions,
+    mut progress: impl FnMut(u64) + Send,
+) -> Result<Ingested> {
+    let source = path.display().to_string();
+    let file_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_owned();
+    let mut file = File::open(path).map_err(|e| Error::io(format!("opening {source}"), e))?;
+    let file_len = file
+        .metadata()
+        .map_err(|e| Error::io(format!("reading {source}"), e))?
+        .len();
+    let header = read_header(&mut BufReader::new(&mut file), file_len, &source)?;
+    let (nimg, width) = resolve_time_and_width(&header, hints, &file_name, &source)?;
+    let (sigma_rel, gamma) = width.resolve(&source)?;
+    let manifest = manifest_of(&header.tensors);
+
+    // Read-only checks before copying anything.
+    let expected = db.manifest(run.id).await?;
+    if !expected.is_empty() {
+        let diff = crate::db::manifest_differences(&expected, &manifest);
+        if !diff.is_empty() {
+            let shown: Vec<&str> = diff.iter().take(10).map(String::as_str).collect();
+            return Err(Error::invalid(
+                source,
+                format!(
+                    "tensors differ from run {:?}'s manifest: {}{}",
+                    run.name,
+                    shown.join("; "),
+                    if diff.len() > 10 {
+                        format!(" (and {} more)", diff.len() - 10)
+                    } else {
+                        String::new()
+                    }
+                ),
+            ));
+        }
+    }
+
+    // Copy into a temporary blob, hashing and (optionally) scanning as we go.
+    use std::io::Seek;
+    file.rewind()
+        .map_err(|e| Error::io(format!("reading {source}"), e))?;
+    let mut writer = store.writer()?;
+    let mut scanner = options.check_finite.then(|| FiniteScanner::new(&header));
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut copied = 0u64;
+    loop {
+        let n = reader
+            .read(&mut buf)
+            .map_err(|e| Error::io(format!("reading {source}"), e))?;
+        if n == 0 {
+            break;
+        }
+        if let Some(s) = scanner.as_mut() {
+            s.feed(&buf[..n])
+                .map_err(|reason| Error::invalid(&source, reason))?;
+        }
+        writer
+            .write_all(&buf[..n])
+            .map_err(|e| Error::io(format!("copying {source} into the store"), e))?;
+        copied += n as u64;
+        progress(copied);
+    }
+    if copied != file_len {
+        return Err(Error::invalid(
+            &source,
+            format!("the file changed while it was read ({copied} of {file_len} bytes)"),
+        ));
+    }
+    let digest = writer.digest_so_far();
+
+    // Existing snapshot at the same time and width: same content is a no-op, other content a
+    // conflict. Checked before publishing so that a conflict leaves nothing behind.
+    for s in db.snapshots(run.id).await? {
+        if s.nimg as u64 == nimg && s.sigma_rel == sigma_rel && s.digest != digest.to_hex() {
+            return Err(Error::Conflict(format!(
+                "{source}: run {:?} already has a different snapshot at nimg {nimg} \
+                 sigma_rel {sigma_rel} (digest {})",
+                run.name, s.digest
+            )));
+        }
+    }
+
+    db.claim_blob(&digest.to_hex(), copied).await?;
+    let (published, bytes) = writer.finish()?;
+    debug_assert_eq!(published, digest);
+    let dtypes = dtype_summary(&header.tensors);
+    let recorded = db
+        .record_snapshot(
+            run.id,
+            &NewSnapshot {
+                nimg,
+                sigma_rel,
+                gamma,
+                digest: digest.to_hex(),
+                byte_size: bytes,
+                manifest,
+                dtypes,
+                metadata: serde_json::to_value(&header.metadata).expect("strings serialise"),
+            },
+        )
+        .await?;
+    Ok(Ingested {
+        nimg,
+        sigma_rel,
+        digest,
+        bytes,
+        inserted: recorded == Recorded::Inserted,
+    })
+}
+
+fn dtype_summary(tensors: &[TensorEntry]) -> serde_json::Value {
+    let mut counts = std::collections::BTreeMap::<&str, u64>::new();
+    for t in tensors {
+        *counts.entry(t.dtype.as_str()).or_default() += t.shape.iter().product::<u64>();
+    }
+    serde_json::to_value(counts).expect("counts serialise")
+}
+
+/// Scans floating-point tensors for NaN/Inf as the file streams by.
+struct FiniteScanner {
+    /// (start, end, element size, dtype, name) of float tensors, in file order, absolute.
+    spans: Vec<(u64, u64, usize, String, String)>,
+    next: usize,
+    pos: u64,
+    /// Bytes of a partial element carried over from the previous chunk.
+    carry: Vec<u8>,
+    /// Whole elements of the current tensor already checked.
+    checked: u64,
+}
+
+impl FiniteScanner {
+    fn new(header: &Header) -> Self {
+        let base = header.data_start();
+        let spans = header
+            .tensors
+            .iter()
+            .filter(|t| t.is_float())
+            .map(|t| {
+                let size = match t.dtype.as_str() {
+                    "F64" => 8,
+                    "F32" => 4,
+                    _ => 2,
+                };
+                let start = base + t.offset;
+                (start, start + t.len, size, t.dtype.clone(), t.name.clone())
+            })
+            .collect();
+        Self {
+            spans,
+            next: 0,
+            pos: 0,
+            carry: Vec::new(),
+            checked: 0,
+        }
+    }
+
+    fn feed(&mut self, chunk: &[u8]) -> std::result::Result<(), String> {
+        let chunk_start = self.pos;
+        self.pos += chunk.len() as u64;
+        while let Some((start, end, size, dtype, name)) = self.spans.get(self.next) {
+            if *start >= self.pos {
+                break;
+            }
+            let from = (*start).max(chunk_start);
+            let to = (*end).min(self.pos);
+            if from < to {
+                self.carry.extend_from_slice(
+                    &chunk[(from - chunk_start) as usize..(to - chunk_start) as usize],
+                );
+                let whole = self.carry.len() / size * size;
+                if let Some(i) = first_non_finite(&self.carry[..whole], *size, dtype) {
+                    return Err(format!(
+                        "tensor {name} holds a non-finite value (element {}); refused by \
+                         --check-finite",
+                        self.checked + i as u64
+                    ));
+                }
+                self.checked += (whole / size) as u64;
+                self.carry.drain(..whole);
+            }
+            if *end > self.pos {
+                break;
+            }
+            self.next += 1;
+            self.carry.clear();
+            self.checked = 0;
+        }
+        Ok(())
+    }
+}
+
+fn first_non_finite(bytes: &[u8], size: usize, dtype: &str) -> Option<usize> {
+    bytes.chunks_exact(size).position(|e| match dtype {
+        "F64" => !f64::from_le_bytes(e.try_into().expect("8 bytes")).is_finite(),
+        "F32" => !f32::from_le_bytes(e.try_into().expect("4 bytes")).is_finite(),
+        // F16: exponent bits 10..15 all ones; BF16: bits 7..15 all ones.
+        "F16" => u16::from_le_bytes([e[0], e[1]]) & 0x7c00 == 0x7c00,
+        _ => u16::from_le_bytes([e[0], e[1]]) & 0x7f80 == 0x7f80,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edm2_names() {
+        assert_eq!(
+            parse_edm2_name("phema-0008388-0.050.safetensors"),
+            Some((8388608, 0.05))
+        );
+        assert_eq!(
+            parse_edm2_name("edm2-img512-xs-2147483-0.100.pkl"),
+            Some((2147483648, 0.1))
+        );
+        for bad in [
+            "phema-0008192.safetensors",
+            "-0008192-0.050.safetensors",
+            "phema-8x92-0.050.safetensors",
+            "phema-0008192-0.05x.safetensors",
+            "phema-0008192-0.050.bin",
+            "phema-0008192-.050.safetensors",
+        ] {
+            assert_eq!(parse_edm2_name(bad), None, "{bad}");
+        }
+        // EDM2's kimg→nimg rounds to whole batches of 1024 images.
+        assert_eq!(kimg_to_nimg(8388), Some(8388608));
+        assert_eq!(kimg_to_nimg(8192), Some(8192000));
+        assert_eq!(kimg_to_nimg(1), Some(1024));
+        assert_eq!(kimg_to_nimg(0), Some(0));
+    }
+
+    #[test]
+    fn non_finite_values_are_found_across_chunk_boundaries() {
+        let header = Header {
+            header_len: 0,
+            tensors: vec![
+                TensorEntry {
+                    name: "a".into(),
+                    dtype: "F16".into(),
+                    shape: vec![3],
+                    offset: 0,
+                    len: 6,
+                },
+                TensorEntry {
+                    name: "b".into(),
+                    dtype: "F32".into(),
+                    shape: vec![3],
+                    offset: 6,
+                    len: 12,
+                },
+            ],
+            metadata: Default::default(),
+            data_len: 18,
+        };
+        let mut data = vec![0u8; 8]; // the 8-byte length prefix (header_len 0)
+        data.extend_from_slice(&[0x00, 0x3c, 0x00, 0x3c, 0x00, 0x3c]); // f16 ones
+        for v in [1.0f32, f32::NAN, 2.0] {
+            data.extend_from_slice(&v.to_le_bytes());
+        }
+        for chunk in [1, 3, 5, 7, 64] {
+            let mut s = FiniteScanner::new(&header);
+            let err = data.chunks(chunk).try_for_each(|c| s.feed(c)).unwrap_err();
+            assert!(
+                err.contains("tensor b") && err.contains("element 1"),
+                "{chunk}: {err}"
+            );
+        }
+        data[18..22].copy_from_slice(&3.0f32.to_le_bytes());
+        let mut s = FiniteScanner::new(&header);
+        assert!(data.chunks(3).try_for_each(|c| s.feed(c)).is_ok());
+        // f16 infinity in tensor a.
+        data[10..12].copy_from_slice(&[0x00, 0x7c]);
+        let mut s = FiniteScanner::new(&header);
+        let err = s.feed(&data).unwrap_err();
+        assert!(
+            err.contains("tensor a") && err.contains("element 1"),
+            "{err}"
+        );
+    }
+}

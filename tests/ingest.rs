@@ -1,0 +1,371 @@
+//! Ingest into the store + index: validation for every file, idempotence, conflicts, manifest
+//! checks, dedupe, and garbage collection that never removes what an ingest is about to use.
+//! Every refusal must leave the store and the index exactly as they were.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hindsight::app::DataDir;
+use hindsight::db::BlobState;
+use hindsight::ingest::{ingest_file, Hints, IngestOptions};
+use hindsight::phema::Width;
+use hindsight::Error;
+use safetensors::tensor::{Dtype, TensorView};
+
+/// Writes a safetensors file with f32 tensors `w` (2×3) and `b` (3), filled from `seed`, plus an
+/// I64 step counter, and optional `__metadata__`.
+fn write_snapshot(path: &Path, seed: f32, shape_w: &[usize], meta: &[(&str, &str)]) {
+    let n: usize = shape_w.iter().product();
+    let w: Vec<u8> = (0..n)
+        .flat_map(|i| (seed + i as f32).to_le_bytes())
+        .collect();
+    let b: Vec<u8> = (0..3)
+        .flat_map(|i| (seed * 2.0 + i as f32).to_le_bytes())
+        .collect();
+    let step = 7i64.to_le_bytes().to_vec();
+    let tensors = vec![
+        (
+            "net.w",
+            TensorView::new(Dtype::F32, shape_w.to_vec(), &w).unwrap(),
+        ),
+        ("net.b", TensorView::new(Dtype::F32, vec![3], &b).unwrap()),
+        ("step", TensorView::new(Dtype::I64, vec![], &step).unwrap()),
+    ];
+    let meta: Option<HashMap<String, String>> = if meta.is_empty() {
+        None
+    } else {
+        Some(
+            meta.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    };
+    safetensors::serialize_to_file(tensors, meta, path).unwrap();
+}
+
+struct Env {
+    _dir: tempfile::TempDir,
+    input: PathBuf,
+    data: DataDir,
+}
+
+async fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    let data = DataDir::open(&dir.path().join("data")).await.unwrap();
+    Env {
+        _dir: dir,
+        input,
+        data,
+    }
+}
+
+/// Everything a refusal must leave untouched.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    blobs_on_disk: usize,
+    temp_files: usize,
+    blob_rows: Vec<(String, String)>,
+    snapshots: usize,
+}
+
+async fn state(e: &Env, run: &str) -> Snapshot {
+    let run_id = e.data.db.run(run).await.unwrap().map(|r| r.id);
+    Snapshot {
+        blobs_on_disk: e.data.store.list().unwrap().len(),
+        temp_files: e.data.store.temp_files().unwrap().len(),
+        blob_rows: e
+            .data
+            .db
+            .blobs()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|b| (b.digest, b.state))
+            .collect(),
+        snapshots: match run_id {
+            Some(id) => e.data.db.snapshots(id).await.unwrap().len(),
+            None => 0,
+        },
+    }
+}
+
+async fn ingest(
+    e: &Env,
+    run: &str,
+    file: &Path,
+    options: IngestOptions,
+) -> hindsight::Result<bool> {
+    let run = e.data.db.run_or_create(run).await.unwrap();
+    ingest_file(
+        &e.data.db,
+        &e.data.store,
+        &run,
+        file,
+        Hints::default(),
+        options,
+        |_| {},
+    )
+    .await
+    .map(|r| r.inserted)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn import_is_idempotent_and_dedupes_across_runs() {
+    let e = env().await;
+    let a = e.input.join("phema-0001048-0.050.safetensors");
+    let b = e.input.join("phema-0001048-0.100.safetensors");
+    write_snapshot(&a, 1.0, &[2, 3], &[]);
+    write_snapshot(&b, 2.0, &[2, 3], &[]);
+    assert!(ingest(&e, "r", &a, IngestOptions::default()).await.unwrap());
+    assert!(ingest(&e, "r", &b, IngestOptions::default()).await.unwrap());
+    let before = state(&e, "r").await;
+    assert_eq!((before.blobs_on_disk, before.snapshots), (2, 2));
+    // Same files again: nothing changes.
+    assert!(!ingest(&e, "r", &a, IngestOptions::default()).await.unwrap());
+    assert_eq!(state(&e, "r").await, before);
+    // The same content in another run is stored once.
+    assert!(ingest(&e, "other", &a, IngestOptions::default())
+        .await
+        .unwrap());
+    assert_eq!(e.data.store.list().unwrap().len(), 2);
+    let rows = e
+        .data
+        .db
+        .snapshots(e.data.db.run("r").await.unwrap().unwrap().id)
+        .await
+        .unwrap();
+    assert_eq!(rows[0].nimg, 1048576);
+    assert!(rows.iter().all(|r| r.tensor_count == 3));
+    assert_eq!(rows[0].dtypes, r#"{"F32":9,"I64":1}"#);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metadata_names_the_time_and_width() {
+    let e = env().await;
+    let f = e.input.join("anything.safetensors");
+    write_snapshot(&f, 1.0, &[2, 3], &[("nimg", "123456"), ("gamma", "6.94")]);
+    ingest(&e, "r", &f, IngestOptions::default()).await.unwrap();
+    let run = e.data.db.run("r").await.unwrap().unwrap();
+    let rows = e.data.db.snapshots(run.id).await.unwrap();
+    assert_eq!(rows[0].nimg, 123456);
+    assert!((rows[0].gamma - 6.94).abs() < 1e-12);
+    assert!(rows[0].metadata.contains("123456"));
+    // Neither name nor metadata: a clear refusal.
+    let g = e.input.join("mystery.safetensors");
+    write_snapshot(&g, 1.0, &[2, 3], &[]);
+    let err = ingest(&e, "r", &g, IngestOptions::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot tell"), "{err}");
+    // Explicit hints win over both.
+    let run = e.data.db.run("r").await.unwrap().unwrap();
+    let hints = Hints {
+        nimg: Some(999),
+        width: Some(Width::SigmaRel(0.2)),
+    };
+    let r = ingest_file(
+        &e.data.db,
+        &e.data.store,
+        &run,
+        &g,
+        hints,
+        IngestOptions::default(),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.nimg, r.sigma_rel), (999, 0.2));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_different_file_at_a_stored_time_and_width_is_a_conflict() {
+    let e = env().await;
+    let a = e.input.join("phema-0001048-0.050.safetensors");
+    write_snapshot(&a, 1.0, &[2, 3], &[]);
+    ingest(&e, "r", &a, IngestOptions::default()).await.unwrap();
+    let before = state(&e, "r").await;
+    let other = e.input.join("copy").join("phema-0001048-0.050.safetensors");
+    std::fs::create_dir_all(other.parent().unwrap()).unwrap();
+    write_snapshot(&other, 5.0, &[2, 3], &[]);
+    let err = ingest(&e, "r", &other, IngestOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict(_)), "{err}");
+    assert!(
+        err.to_string().contains("already has a different snapshot"),
+        "{err}"
+    );
+    assert_eq!(state(&e, "r").await, before);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tensors_must_match_the_run_manifest() {
+    let e = env().await;
+    let a = e.input.join("phema-0001048-0.050.safetensors");
+    write_snapshot(&a, 1.0, &[2, 3], &[]);
+    ingest(&e, "r", &a, IngestOptions::default()).await.unwrap();
+    let before = state(&e, "r").await;
+    let b = e.input.join("phema-0002097-0.050.safetensors");
+    write_snapshot(&b, 1.0, &[3, 2], &[]);
+    let err = ingest(&e, "r", &b, IngestOptions::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("net.w: F32 [3, 2] where the run has F32 [2, 3]"),
+        "{err}"
+    );
+    assert_eq!(state(&e, "r").await, before);
+    let run = e.data.db.run("r").await.unwrap().unwrap();
+    assert_eq!(e.data.db.manifest(run.id).await.unwrap().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_files_leave_nothing_behind() {
+    let e = env().await;
+    let good = e.input.join("phema-0001048-0.050.safetensors");
+    write_snapshot(&good, 1.0, &[2, 3], &[]);
+    ingest(&e, "r", &good, IngestOptions::default())
+        .await
+        .unwrap();
+    let before = state(&e, "r").await;
+    let bytes = std::fs::read(&good).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("short", bytes[..5].to_vec(), "too short"),
+        (
+            "truncated",
+            bytes[..bytes.len() - 4].to_vec(),
+            "past the end",
+        ),
+        (
+            "trailing",
+            [bytes.clone(), vec![0; 3]].concat(),
+            "trailing bytes",
+        ),
+        (
+            "huge-header",
+            {
+                let mut b = bytes.clone();
+                b[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+                b
+            },
+            "exceeds the limit",
+        ),
+        (
+            "not-json",
+            {
+                let mut b = bytes.clone();
+                b[8] = b'!';
+                b
+            },
+            "invalid safetensors header",
+        ),
+        (
+            "header-past-end",
+            {
+                let mut b = bytes[..8 + header_len / 2].to_vec();
+                b[..8].copy_from_slice(&(header_len as u64).to_le_bytes());
+                b
+            },
+            "runs past the end",
+        ),
+    ];
+    for (name, content, needle) in cases {
+        let path = e
+            .input
+            .join(format!("phema-0002097-0.050-{name}.safetensors"));
+        std::fs::write(&path, content).unwrap();
+        let err = ingest(&e, "r", &path, IngestOptions::default())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle), "{name}: {err}");
+        assert_eq!(state(&e, "r").await, before, "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_finite_refuses_nan() {
+    let e = env().await;
+    let path = e.input.join("phema-0001048-0.050.safetensors");
+    write_snapshot(&path, f32::NAN, &[2, 3], &[]);
+    let before = state(&e, "r").await;
+    let err = ingest(&e, "r", &path, IngestOptions { check_finite: true })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("non-finite") && err.contains("net."), "{err}");
+    assert_eq!(state(&e, "r").await.blobs_on_disk, before.blobs_on_disk);
+    assert_eq!(state(&e, "r").await.temp_files, 0);
+    // Without the flag the file is stored as it is.
+    assert!(ingest(&e, "r", &path, IngestOptions::default())
+        .await
+        .unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gc_removes_only_unreferenced_blobs_and_spares_inflight_ingests() {
+    let e = env().await;
+    let a = e.input.join("phema-0001048-0.050.safetensors");
+    write_snapshot(&a, 1.0, &[2, 3], &[]);
+    ingest(&e, "r", &a, IngestOptions::default()).await.unwrap();
+    let referenced = e.data.store.list().unwrap()[0];
+
+    // An orphan: stored and claimed but never referenced (a crashed ingest).
+    let (orphan, size) = e.data.store.put(&b"orphan"[..]).unwrap();
+    e.data.db.claim_blob(&orphan.to_hex(), size).await.unwrap();
+    // Within the grace period it is left alone: it may be an ingest in flight.
+    assert!(e
+        .data
+        .db
+        .gc_mark(Duration::from_secs(3600))
+        .await
+        .unwrap()
+        .is_empty());
+    // After it, it goes.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let marked = e.data.db.gc_mark(Duration::ZERO).await.unwrap();
+    assert_eq!(marked, vec![orphan.to_hex()]);
+
+    // An ingest of the same content claims it between GC's mark and sweep phases: the sweep
+    // must then leave the file alone.
+    e.data.db.claim_blob(&orphan.to_hex(), size).await.unwrap();
+    let store = e.data.store.clone();
+    let removed = e
+        .data
+        .db
+        .gc_sweep(&orphan.to_hex(), move || store.remove(&orphan).map(|_| ()))
+        .await
+        .unwrap();
+    assert!(!removed);
+    assert!(e.data.store.contains(&orphan));
+    assert_eq!(
+        e.data.db.blob_state(&orphan.to_hex()).await.unwrap(),
+        Some(BlobState::Pending)
+    );
+
+    // Abandoned for good: marked and swept; the referenced blob survives every pass.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        e.data.db.gc_mark(Duration::ZERO).await.unwrap(),
+        vec![orphan.to_hex()]
+    );
+    let store = e.data.store.clone();
+    assert!(e
+        .data
+        .db
+        .gc_sweep(&orphan.to_hex(), move || store.remove(&orphan).map(|_| ()))
+        .await
+        .unwrap());
+    assert!(!e.data.store.contains(&orphan));
+    assert_eq!(e.data.db.blob_state(&orphan.to_hex()).await.unwrap(), None);
+    assert_eq!(e.data.store.list().unwrap(), vec![referenced]);
+    assert_eq!(
+        e.data.db.blob_state(&referenced.to_hex()).await.unwrap(),
+        Some(BlobState::Valid)
+    );
+}
