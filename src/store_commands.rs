@@ -82,7 +82,8 @@ pub async fn import(
             Ok(r) if r.inserted => inserted += 1,
             Ok(_) => present += 1,
             Err(e) => {
-                bar.println(format!("refused {name}: {e}"));
+                // Printed whether or not the bar is drawn (it is hidden off a terminal).
+                bar.suspend(|| eprintln!("refused {name}: {e}"));
                 failed.push(name);
             }
         }

@@ -1,0 +1,113 @@
+//! The store commands end to end through the real binary: import, listings, verify after a
+//! flipped byte, gc.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use safetensors::tensor::{Dtype, TensorView};
+
+fn hindsight(data: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hindsight"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn write(path: &Path, seed: f32) {
+    let w: Vec<u8> = (0..4)
+        .flat_map(|i| (seed + i as f32).to_le_bytes())
+        .collect();
+    let t = vec![("w", TensorView::new(Dtype::F32, vec![4], &w).unwrap())];
+    safetensors::serialize_to_file(t, None, path).unwrap();
+}
+
+#[test]
+fn import_list_verify_gc() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&input).unwrap();
+    for (i, name) in ["x-0001048-0.050", "x-0001048-0.100", "x-0002097-0.050"]
+        .iter()
+        .enumerate()
+    {
+        write(&input.join(format!("{name}.safetensors")), i as f32);
+    }
+    let out = hindsight(&data, &["import", input.to_str().unwrap(), "--run", "demo"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("3 imported, 0 already present"));
+    let again = hindsight(&data, &["import", input.to_str().unwrap(), "--run", "demo"]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("0 imported, 3 already present"));
+
+    let runs: serde_json::Value =
+        serde_json::from_slice(&hindsight(&data, &["runs", "--json"]).stdout).unwrap();
+    assert_eq!(runs[0]["name"], "demo");
+    assert_eq!(runs[0]["snapshots"], 3);
+    let snaps: serde_json::Value =
+        serde_json::from_slice(&hindsight(&data, &["snapshots", "demo", "--json"]).stdout).unwrap();
+    assert_eq!(snaps.as_array().unwrap().len(), 3);
+    assert_eq!(snaps[2]["nimg"], 2097152);
+    let missing = hindsight(&data, &["snapshots", "nope"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("run \"nope\" does not exist"));
+
+    let ok = hindsight(&data, &["verify"]);
+    assert!(ok.status.success());
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("verified 3 blobs"));
+    // Flip one byte of one blob: verify names it and fails.
+    let digest = snaps[0]["digest"].as_str().unwrap();
+    let blob = data
+        .join("store/blobs")
+        .join(&digest[..2])
+        .join(&digest[2..4])
+        .join(digest);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x80;
+    std::fs::write(&blob, bytes).unwrap();
+    let bad = hindsight(&data, &["verify"]);
+    assert!(!bad.status.success());
+    let report = String::from_utf8_lossy(&bad.stdout);
+    assert!(report.contains(&format!("corrupt: {digest}")), "{report}");
+    assert!(report.contains("1 problem(s)"), "{report}");
+
+    let gc = hindsight(&data, &["gc"]);
+    assert!(gc.status.success());
+    assert!(String::from_utf8_lossy(&gc.stdout).contains("0 blob(s) unreferenced"));
+}
+
+#[test]
+fn a_refused_file_fails_the_import_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    write(&input.join("x-0001048-0.050.safetensors"), 0.0);
+    std::fs::write(
+        input.join("x-0001048-0.100.safetensors"),
+        b"garbage!garbage",
+    )
+    .unwrap();
+    let out = hindsight(
+        &dir.path().join("data"),
+        &["import", input.to_str().unwrap(), "--run", "r"],
+    );
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stdout.contains("1 imported") && stdout.contains("1 refused"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("x-0001048-0.100.safetensors"), "{stderr}");
+    assert!(
+        stderr.contains("refused x-0001048-0.100.safetensors: "),
+        "{stderr}"
+    );
+    assert!(stderr.contains("exceeds the limit"), "{stderr}");
+}
