@@ -99,6 +99,18 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Time `hindsight import` of generated fp16 snapshots against `cp` of the same files.
+    Import {
+        /// Where to generate the snapshots and the copies (needs about 3x their size free).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Number of snapshots.
+        #[arg(long, default_value_t = 48)]
+        snapshots: usize,
+        /// Parameters per snapshot.
+        #[arg(long, default_value_t = 34_000_000)]
+        params: u64,
+    },
     /// Time `solve` on an EDM2-shaped run: snapshots every 8Mi images for two widths.
     Solve {
         /// Number of snapshot times (each contributes one snapshot per width).
@@ -222,6 +234,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Verify => block_on(store_commands::verify(&cli.data_dir)),
         Command::Gc { grace_secs } => block_on(store_commands::gc(&cli.data_dir, grace_secs)),
+        Command::Bench(BenchCommand::Import {
+            dir,
+            snapshots,
+            params,
+        }) => block_on(store_commands::bench_import(&dir, snapshots, params)),
         Command::Bench(BenchCommand::Solve {
             times,
             targets,

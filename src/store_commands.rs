@@ -55,29 +55,43 @@ pub async fn import(
     );
     let start = Instant::now();
     let (mut inserted, mut present, mut failed) = (0, 0, Vec::new());
-    let mut done_before = 0u64;
-    for path in &files {
+    // A few files at a time: one file's fsync overlaps the next one's copy.
+    const IN_FLIGHT: usize = 3;
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut queue = files.iter().cloned();
+    loop {
+        while tasks.len() < IN_FLIGHT {
+            let Some(path) = queue.next() else { break };
+            let (db, store, run_row, bar) = (
+                data.db.clone(),
+                data.store.clone(),
+                run_row.clone(),
+                bar.clone(),
+            );
+            tasks.spawn(async move {
+                let progress = bar.clone();
+                let result = ingest_file(
+                    &db,
+                    &store,
+                    &run_row,
+                    &path,
+                    Hints::default(),
+                    IngestOptions { check_finite },
+                    move |delta| progress.inc(delta),
+                )
+                .await;
+                (path, result)
+            });
+        }
+        let Some(joined) = tasks.join_next().await else {
+            break;
+        };
+        let (path, result) = joined.context("an import task failed")?;
         let name = path
             .file_name()
             .unwrap_or_default()
             .to_string_lossy()
             .into_owned();
-        bar.set_message(name.clone());
-        let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        let progress_bar = bar.clone();
-        let base = done_before;
-        let result = ingest_file(
-            &data.db,
-            &data.store,
-            &run_row,
-            path,
-            Hints::default(),
-            IngestOptions { check_finite },
-            move |copied| progress_bar.set_position(base + copied),
-        )
-        .await;
-        done_before += size;
-        bar.set_position(done_before);
         match result {
             Ok(r) if r.inserted => inserted += 1,
             Ok(_) => present += 1,
@@ -89,6 +103,7 @@ pub async fn import(
         }
     }
     bar.finish_and_clear();
+    failed.sort();
     let secs = start.elapsed().as_secs_f64();
     println!(
         "run {run}: {inserted} imported, {present} already present, {} refused; {} in {secs:.1} s ({}/s)",
@@ -226,5 +241,121 @@ pub async fn gc(data_dir: &Path, grace_secs: u64) -> anyhow::Result<()> {
         "gc: {} blob(s) unreferenced, {removed} removed, {temp} orphaned temporary file(s) removed",
         marked.len()
     );
+    Ok(())
+}
+
+/// Writes `count` EDM2-named fp16 snapshots of `params` parameters (split over a few tensors
+/// like a network's layers) into `dir`.
+fn generate_snapshots(dir: &Path, count: usize, params: u64) -> anyhow::Result<u64> {
+    use safetensors::tensor::{Dtype, TensorView};
+    std::fs::create_dir_all(dir)?;
+    // Layer sizes: a few large and many small tensors, summing to `params`.
+    let mut sizes = vec![params / 4, params / 4, params / 8, params / 8];
+    let rest = params - sizes.iter().sum::<u64>();
+    sizes.extend(std::iter::repeat_n(rest / 64, 64));
+    sizes.push(params - sizes.iter().sum::<u64>());
+    let bar = ProgressBar::new(count as u64);
+    bar.set_style(ProgressStyle::with_template("generating {bar:30} {pos}/{len}").expect("valid"));
+    let mut total = 0;
+    for k in 0..count {
+        let kimg = (k as u64 / 2 + 1) * 8388; // every 8Mi images, two widths each
+        let sigma = if k % 2 == 0 { 0.05 } else { 0.10 };
+        let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ k as u64;
+        let buffers: Vec<Vec<u8>> = sizes
+            .iter()
+            .map(|&n| {
+                (0..n)
+                    .flat_map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        // A finite fp16 in [-2, 2): sign, exponent 0..15, mantissa.
+                        let bits = (state as u16) & 0xBFFF;
+                        bits.to_le_bytes()
+                    })
+                    .collect()
+            })
+            .collect();
+        let tensors: Vec<(String, TensorView<'_>)> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let view = TensorView::new(Dtype::F16, vec![b.len() / 2], b).expect("valid view");
+                (format!("layer{i:03}.weight"), view)
+            })
+            .collect();
+        let path = dir.join(format!("bench-{kimg:07}-{sigma:.3}.safetensors"));
+        safetensors::serialize_to_file(tensors, None, &path)?;
+        total += std::fs::metadata(&path)?.len();
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(total)
+}
+
+fn time_command(program: &str, args: &[&std::ffi::OsStr]) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let status = std::process::Command::new(program).args(args).status()?;
+    if !status.success() {
+        bail!("{program} failed: {status}");
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+pub async fn bench_import(dir: &Path, count: usize, params: u64) -> anyhow::Result<()> {
+    let input = dir.join("snapshots");
+    let bytes = if input.is_dir() && std::fs::read_dir(&input)?.count() == count {
+        std::fs::read_dir(&input)?
+            .map(|e| Ok(e?.metadata()?.len()))
+            .sum::<anyhow::Result<u64>>()?
+    } else {
+        let _ = std::fs::remove_dir_all(&input);
+        generate_snapshots(&input, count, params)?
+    };
+    // Warm the page cache so that both sides read from memory.
+    for e in std::fs::read_dir(&input)? {
+        let mut f = std::fs::File::open(e?.path())?;
+        std::io::copy(&mut f, &mut std::io::sink())?;
+    }
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    println!(
+        "import: {count} fp16 snapshots of {params} parameters, {gib:.2} GiB, page cache warm, {}",
+        dir.display()
+    );
+    for round in 1..=2 {
+        let cp_dest = dir.join("cp-copy");
+        let data_dir = dir.join("data");
+        let _ = std::fs::remove_dir_all(&cp_dest);
+        let _ = std::fs::remove_dir_all(&data_dir);
+        let cp = time_command(
+            "cp",
+            &["-r".as_ref(), input.as_os_str(), cp_dest.as_os_str()],
+        )?;
+        let sync_after_cp = time_command("sync", &[])?;
+        let exe = std::env::current_exe()?;
+        let ours = time_command(
+            exe.to_str().context("executable path")?,
+            &[
+                "--data-dir".as_ref(),
+                data_dir.as_os_str(),
+                "import".as_ref(),
+                input.as_os_str(),
+                "--run".as_ref(),
+                "bench".as_ref(),
+            ],
+        )?;
+        println!(
+            "  round {round}: cp {cp:.2} s ({:.2} GiB/s), cp + sync {:.2} s; hindsight import \
+             (hash + fsync + index) {ours:.2} s ({:.2} GiB/s) -> {:.0}% of cp's speed, {:.0}% of \
+             cp + sync",
+            gib / cp,
+            cp + sync_after_cp,
+            gib / ours,
+            100.0 * cp / ours,
+            100.0 * (cp + sync_after_cp) / ours
+        );
+        let _ = std::fs::remove_dir_all(&cp_dest);
+        let _ = std::fs::remove_dir_all(&data_dir);
+    }
     Ok(())
 }

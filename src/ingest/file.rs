@@ -154,8 +154,9 @@ fn manifest_of(tensors: &[TensorEntry]) -> Vec<ManifestEntry> {
 }
 
 /// Ingests the safetensors file at `path` into `run`. `progress` is called with the number of
-/// bytes copied so far. Blocking (file I/O and hashing); call it off the async runtime's worker
-/// threads for large files, e.g. inside `spawn_blocking` with a handle to the runtime.
+/// bytes copied since its previous call. The file I/O, hashing and fsync run on tokio's
+/// blocking pool, so several ingests may run at once (one file's fsync then overlaps the next
+/// file's copy).
 pub async fn ingest_file(
     db: &Db,
     store: &BlobStore,
@@ -163,7 +164,7 @@ pub async fn ingest_file(
     path: &Path,
     hints: Hints,
     options: IngestOptions,
-    mut progress: impl FnMut(u64) + Send,
+    progress: impl FnMut(u64) + Send + 'static,
 ) -> Result<Ingested> {
     let source = path.display().to_string();
     let file_name = path
@@ -171,12 +172,21 @@ pub async fn ingest_file(
         .and_then(|n| n.to_str())
         .unwrap_or_default()
         .to_owned();
-    let mut file = File::open(path).map_err(|e| Error::io(format!("opening {source}"), e))?;
-    let file_len = file
-        .metadata()
-        .map_err(|e| Error::io(format!("reading {source}"), e))?
-        .len();
-    let header = read_header(&mut BufReader::new(&mut file), file_len, &source)?;
+    let (header, file_len) = {
+        let path = path.to_owned();
+        let source = source.clone();
+        blocking(move || {
+            let mut file =
+                File::open(&path).map_err(|e| Error::io(format!("opening {source}"), e))?;
+            let file_len = file
+                .metadata()
+                .map_err(|e| Error::io(format!("reading {source}"), e))?
+                .len();
+            let header = read_header(&mut BufReader::new(&mut file), file_len, &source)?;
+            Ok((header, file_len))
+        })
+        .await?
+    };
     let (nimg, width) = resolve_time_and_width(&header, hints, &file_name, &source)?;
     let (sigma_rel, gamma) = width.resolve(&source)?;
     let manifest = manifest_of(&header.tensors);
@@ -203,39 +213,19 @@ pub async fn ingest_file(
         }
     }
 
-    // Copy into a temporary blob, hashing and (optionally) scanning as we go.
-    use std::io::Seek;
-    file.rewind()
-        .map_err(|e| Error::io(format!("reading {source}"), e))?;
-    let mut writer = store.writer()?;
-    let mut scanner = options.check_finite.then(|| FiniteScanner::new(&header));
-    let mut reader = BufReader::with_capacity(1 << 20, file);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut copied = 0u64;
-    loop {
-        let n = reader
-            .read(&mut buf)
-            .map_err(|e| Error::io(format!("reading {source}"), e))?;
-        if n == 0 {
-            break;
-        }
-        if let Some(s) = scanner.as_mut() {
-            s.feed(&buf[..n])
-                .map_err(|reason| Error::invalid(&source, reason))?;
-        }
-        writer
-            .write_all(&buf[..n])
-            .map_err(|e| Error::io(format!("copying {source} into the store"), e))?;
-        copied += n as u64;
-        progress(copied);
-    }
-    if copied != file_len {
-        return Err(Error::invalid(
-            &source,
-            format!("the file changed while it was read ({copied} of {file_len} bytes)"),
-        ));
-    }
+    // Copy into a temporary blob, hashing (and optionally scanning) as we go.
+    let writer = {
+        let store = store.clone();
+        let path = path.to_owned();
+        let header = header.clone();
+        let source = source.clone();
+        blocking(move || {
+            copy_into_store(&store, &path, &header, file_len, options, &source, progress)
+        })
+        .await?
+    };
     let digest = writer.digest_so_far();
+    let bytes = writer.len();
 
     // Existing snapshot at the same time and width: same content is a no-op, other content a
     // conflict. Checked before publishing so that a conflict leaves nothing behind.
@@ -249,8 +239,8 @@ pub async fn ingest_file(
         }
     }
 
-    db.claim_blob(&digest.to_hex(), copied).await?;
-    let (published, bytes) = writer.finish()?;
+    db.claim_blob(&digest.to_hex(), bytes).await?;
+    let (published, _) = blocking(move || writer.finish()).await?;
     debug_assert_eq!(published, digest);
     let dtypes = dtype_summary(&header.tensors);
     let recorded = db
@@ -275,6 +265,57 @@ pub async fn ingest_file(
         bytes,
         inserted: recorded == Recorded::Inserted,
     })
+}
+
+/// Runs blocking work on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Database(format!("a blocking task failed: {e}")))?
+}
+
+/// Streams the whole file into an unpublished blob, scanning floats when asked.
+fn copy_into_store(
+    store: &BlobStore,
+    path: &Path,
+    header: &Header,
+    file_len: u64,
+    options: IngestOptions,
+    source: &str,
+    mut progress: impl FnMut(u64),
+) -> Result<crate::store::BlobWriter> {
+    let file = File::open(path).map_err(|e| Error::io(format!("opening {source}"), e))?;
+    let mut writer = store.writer()?;
+    let mut scanner = options.check_finite.then(|| FiniteScanner::new(header));
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut copied = 0u64;
+    loop {
+        let n = reader
+            .read(&mut buf)
+            .map_err(|e| Error::io(format!("reading {source}"), e))?;
+        if n == 0 {
+            break;
+        }
+        if let Some(s) = scanner.as_mut() {
+            s.feed(&buf[..n])
+                .map_err(|reason| Error::invalid(source, reason))?;
+        }
+        writer
+            .write_all(&buf[..n])
+            .map_err(|e| Error::io(format!("copying {source} into the store"), e))?;
+        copied += n as u64;
+        progress(n as u64);
+    }
+    if copied != file_len {
+        return Err(Error::invalid(
+            source,
+            format!("the file changed while it was read ({copied} of {file_len} bytes)"),
+        ));
+    }
+    Ok(writer)
 }
 
 fn dtype_summary(tensors: &[TensorEntry]) -> serde_json::Value {
