@@ -369,3 +369,70 @@ async fn gc_removes_only_unreferenced_blobs_and_spares_inflight_ingests() {
         Some(BlobState::Valid)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_trainer_writes_its_emas_as_snapshots() {
+    use hindsight::ingest::SnapshotWriter;
+    use hindsight::phema::PowerEma;
+    use safetensors::SafeTensors;
+
+    let e = env().await;
+    let mut w = vec![0.0f32; 6];
+    let mut b = vec![1.0f32; 4];
+    let mut ema = PowerEma::with_default_widths(0, [("net.w", &w[..]), ("net.b", &b[..])]).unwrap();
+    let config = serde_json::json!({"lr": 0.01, "batch": 64});
+    let writer = SnapshotWriter::new(&e.data, "trained", &config, &ema, &[vec![2, 3], vec![4]])
+        .await
+        .unwrap();
+    for step in 1..=20u64 {
+        w.iter_mut().for_each(|v| *v += 0.5);
+        b.iter_mut().for_each(|v| *v -= 0.25);
+        ema.update(step * 64, &[&w, &b]).unwrap();
+        if step % 10 == 0 {
+            let written = writer.write(&ema).await.unwrap();
+            assert_eq!(written.len(), 2);
+            assert!(written.iter().all(|r| r.inserted && r.nimg == step * 64));
+        }
+    }
+    // Writing the same state again is a no-op.
+    assert!(writer
+        .write(&ema)
+        .await
+        .unwrap()
+        .iter()
+        .all(|r| !r.inserted));
+    let run = e.data.db.run("trained").await.unwrap().unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&run.metadata).unwrap(),
+        config
+    );
+    let rows = e.data.db.snapshots(run.id).await.unwrap();
+    assert_eq!(rows.len(), 4);
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.nimg, r.sigma_rel))
+            .collect::<Vec<_>>(),
+        [(640, 0.05), (640, 0.1), (1280, 0.05), (1280, 0.1)]
+    );
+    // The stored tensors are the tracker's values, with their shapes.
+    let last = rows
+        .iter()
+        .find(|r| r.nimg == 1280 && r.sigma_rel == 0.05)
+        .unwrap();
+    let bytes = std::fs::read(e.data.store.path(&last.digest.parse().unwrap())).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let stored = file.tensor("net.w").unwrap();
+    assert_eq!(stored.shape(), [2, 3]);
+    let values: Vec<f32> = stored
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(values, ema.ema(0.05).unwrap().tensors[0]);
+    // Shapes must fit the tracked tensors.
+    let err = SnapshotWriter::new(&e.data, "trained", &config, &ema, &[vec![3, 3], vec![4]])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("shapes.net.w:"), "{err}");
+}

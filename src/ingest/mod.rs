@@ -7,6 +7,10 @@
 
 mod file;
 mod header;
+mod write;
+mod writer;
 
 pub use file::{ingest_file, kimg_to_nimg, parse_edm2_name, Hints, IngestOptions, Ingested};
 pub use header::{read_header, Header, TensorEntry, MAX_HEADER_BYTES};
+pub use write::{write_safetensors, OutTensor};
+pub use writer::SnapshotWriter;
