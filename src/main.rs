@@ -64,7 +64,7 @@ enum Command {
     /// Re-importing the same files is a no-op; a different file at a stored (nimg, sigma_rel)
     /// is refused, as is any file whose tensors differ from the run's.
     Import {
-        /// Directory holding the .safetensors files.
+        /// Directory holding the snapshot files.
         dir: PathBuf,
         /// Run to import into.
         #[arg(long)]
@@ -72,6 +72,16 @@ enum Command {
         /// Refuse files whose floating-point tensors hold NaN or Inf.
         #[arg(long)]
         check_finite: bool,
+        /// `safetensors` (EDM2 names or metadata) or `ema-pytorch` (PostHocEMA checkpoint
+        /// folders: {index}.{step}.pt).
+        #[arg(long, value_enum, default_value_t = store_commands::Format::Safetensors)]
+        format: store_commands::Format,
+        /// ema-pytorch: the sigma_rels of the EMA indices, in order (e.g. 0.05,0.28).
+        #[arg(long, value_name = "LIST")]
+        sigma_rels: Option<String>,
+        /// ema-pytorch: training images per EMA step (time = step × this).
+        #[arg(long, value_name = "N")]
+        images_per_step: Option<u64>,
     },
     /// List runs.
     Runs {
@@ -222,12 +232,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dir,
             run,
             check_finite,
-        } => block_on(store_commands::import(
-            &cli.data_dir,
-            &dir,
-            &run,
-            check_finite,
-        )),
+            format,
+            sigma_rels,
+            images_per_step,
+        } => {
+            let source = store_commands::Source::from_args(format, sigma_rels, images_per_step)?;
+            block_on(store_commands::import(
+                &cli.data_dir,
+                &dir,
+                &run,
+                check_finite,
+                source,
+            ))
+        }
         Command::Runs { json } => block_on(store_commands::runs(&cli.data_dir, json)),
         Command::Snapshots { run, json } => {
             block_on(store_commands::snapshots(&cli.data_dir, &run, json))

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use hindsight::app::DataDir;
-use hindsight::ingest::{ingest_file, Hints, IngestOptions};
+use hindsight::ingest::{ingest_ema_pytorch, ingest_file, Hints, IngestOptions};
+use hindsight::phema::sigma_rel_to_gamma;
 use hindsight::store::{BlobStatus, Digest};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -25,21 +26,97 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
+/// Input formats of `hindsight import`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// safetensors files named the EDM2 way or carrying nimg and sigma_rel in __metadata__.
+    Safetensors,
+    /// ema-pytorch PostHocEMA checkpoint folders.
+    EmaPytorch,
+}
+
+/// What to import, with the format's parameters.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// safetensors files.
+    Safetensors,
+    /// ema-pytorch checkpoints.
+    EmaPytorch {
+        /// Width of each EMA index.
+        sigma_rels: Vec<f64>,
+        /// Training images per EMA step.
+        images_per_step: u64,
+    },
+}
+
+impl Source {
+    /// Validates the format-specific options.
+    pub fn from_args(
+        format: Format,
+        sigma_rels: Option<String>,
+        images_per_step: Option<u64>,
+    ) -> anyhow::Result<Self> {
+        match format {
+            Format::Safetensors => {
+                if sigma_rels.is_some() || images_per_step.is_some() {
+                    bail!("--sigma-rels and --images-per-step apply to --format ema-pytorch only");
+                }
+                Ok(Source::Safetensors)
+            }
+            Format::EmaPytorch => {
+                let list = sigma_rels.context(
+                    "--format ema-pytorch needs --sigma-rels: the sigma_rel of each EMA index, in order",
+                )?;
+                let mut widths = Vec::new();
+                for (i, token) in list.split(',').enumerate() {
+                    let v: f64 = token
+                        .trim()
+                        .parse()
+                        .with_context(|| format!("--sigma-rels: `{token}` is not a number"))?;
+                    sigma_rel_to_gamma(v, &format!("--sigma-rels[{i}]"))?;
+                    if widths.contains(&v) {
+                        bail!("--sigma-rels: {v} is listed twice");
+                    }
+                    widths.push(v);
+                }
+                let images_per_step = images_per_step.context(
+                    "--format ema-pytorch needs --images-per-step: ema-pytorch counts steps, hindsight counts images",
+                )?;
+                if images_per_step == 0 {
+                    bail!("--images-per-step must be positive");
+                }
+                Ok(Source::EmaPytorch {
+                    sigma_rels: widths,
+                    images_per_step,
+                })
+            }
+        }
+    }
+
+    fn extension(&self) -> &'static str {
+        match self {
+            Source::Safetensors => "safetensors",
+            Source::EmaPytorch { .. } => "pt",
+        }
+    }
+}
+
 pub async fn import(
     data_dir: &Path,
     dir: &Path,
     run: &str,
     check_finite: bool,
+    source: Source,
 ) -> anyhow::Result<()> {
     let data = DataDir::open(data_dir).await?;
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "safetensors"))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == source.extension()))
         .collect();
     files.sort();
     if files.is_empty() {
-        bail!("{}: no .safetensors files", dir.display());
+        bail!("{}: no .{} files", dir.display(), source.extension());
     }
     let total: u64 = files
         .iter()
@@ -62,24 +139,48 @@ pub async fn import(
     loop {
         while tasks.len() < IN_FLIGHT {
             let Some(path) = queue.next() else { break };
-            let (db, store, run_row, bar) = (
+            let (db, store, run_row, bar, source) = (
                 data.db.clone(),
                 data.store.clone(),
                 run_row.clone(),
                 bar.clone(),
+                source.clone(),
             );
             tasks.spawn(async move {
-                let progress = bar.clone();
-                let result = ingest_file(
-                    &db,
-                    &store,
-                    &run_row,
-                    &path,
-                    Hints::default(),
-                    IngestOptions { check_finite },
-                    move |delta| progress.inc(delta),
-                )
-                .await;
+                let options = IngestOptions { check_finite };
+                let result = match source {
+                    Source::Safetensors => {
+                        let progress = bar.clone();
+                        ingest_file(
+                            &db,
+                            &store,
+                            &run_row,
+                            &path,
+                            Hints::default(),
+                            options,
+                            move |delta| progress.inc(delta),
+                        )
+                        .await
+                    }
+                    Source::EmaPytorch {
+                        sigma_rels,
+                        images_per_step,
+                    } => {
+                        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                        let result = ingest_ema_pytorch(
+                            &db,
+                            &store,
+                            &run_row,
+                            &path,
+                            &sigma_rels,
+                            images_per_step,
+                            options,
+                        )
+                        .await;
+                        bar.inc(size);
+                        result
+                    }
+                };
                 (path, result)
             });
         }

@@ -436,3 +436,115 @@ async fn the_trainer_writes_its_emas_as_snapshots() {
         .to_string();
     assert!(err.starts_with("shapes.net.w:"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ema_pytorch_checkpoint_folders_import() {
+    use hindsight::ingest::ingest_ema_pytorch;
+    use safetensors::SafeTensors;
+
+    let e = env().await;
+    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ema-pytorch");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 6);
+    let run = e.data.db.run_or_create("ema").await.unwrap();
+    let sigma_rels = [0.05, 0.28];
+    for f in &files {
+        let r = ingest_ema_pytorch(
+            &e.data.db,
+            &e.data.store,
+            &run,
+            f,
+            &sigma_rels,
+            64,
+            IngestOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert!(r.inserted);
+    }
+    let rows = e.data.db.snapshots(run.id).await.unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.nimg, r.sigma_rel))
+            .collect::<Vec<_>>(),
+        [
+            (64_000, 0.05),
+            (64_000, 0.28),
+            (128_000, 0.05),
+            (128_000, 0.28),
+            (192_000, 0.05),
+            (192_000, 0.28)
+        ]
+    );
+    // Model names without the wrapper's prefix; bookkeeping buffers left out.
+    let manifest = e.data.db.manifest(run.id).await.unwrap();
+    let names: Vec<&str> = manifest.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["net.0.bias", "net.0.weight", "net.2.weight"]);
+    assert!(manifest.iter().all(|m| m.dtype == "F16"));
+    // Values as the fixture script wrote them: index/2 + step/1024 + element/8, in fp16.
+    let r = rows
+        .iter()
+        .find(|r| r.nimg == 128_000 && r.sigma_rel == 0.28)
+        .unwrap();
+    let bytes = std::fs::read(e.data.store.path(&r.digest.parse().unwrap())).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let w = st.tensor("net.0.weight").unwrap();
+    assert_eq!(w.shape(), [4, 3]);
+    let values: Vec<f32> = w
+        .data()
+        .chunks_exact(2)
+        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+        .collect();
+    let expect: Vec<f32> = (0..12)
+        .map(|i| 0.5 + 2000.0 / 1024.0 + i as f32 / 8.0)
+        .collect();
+    assert_eq!(values, expect);
+    // Re-import is a no-op; an index without a width is refused and leaves nothing.
+    let before = state(&e, "ema").await;
+    let again = ingest_ema_pytorch(
+        &e.data.db,
+        &e.data.store,
+        &run,
+        &files[0],
+        &sigma_rels,
+        64,
+        IngestOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert!(!again.inserted);
+    let err = ingest_ema_pytorch(
+        &e.data.db,
+        &e.data.store,
+        &run,
+        &files[5],
+        &[0.05],
+        64,
+        IngestOptions::default(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("EMA index 1 but only 1 sigma_rels"), "{err}");
+    // Not a checkpoint at all.
+    let junk = e.input.join("0.5.pt");
+    std::fs::write(&junk, b"not a zip").unwrap();
+    let err = ingest_ema_pytorch(
+        &e.data.db,
+        &e.data.store,
+        &run,
+        &junk,
+        &sigma_rels,
+        64,
+        IngestOptions::default(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("not a readable PyTorch checkpoint"), "{err}");
+    assert_eq!(state(&e, "ema").await, before);
+}

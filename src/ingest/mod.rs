@@ -5,11 +5,13 @@
 //! checks against the run's manifest and existing snapshots, a hashed copy into the store, and
 //! one transaction that records the snapshot.
 
+mod ema_pytorch;
 mod file;
 mod header;
 mod write;
 mod writer;
 
+pub use ema_pytorch::{convert_checkpoint, ingest_ema_pytorch, parse_ema_pytorch_name};
 pub use file::{ingest_file, kimg_to_nimg, parse_edm2_name, Hints, IngestOptions, Ingested};
 pub use header::{read_header, Header, TensorEntry, MAX_HEADER_BYTES};
 pub use write::{write_safetensors, OutTensor};
