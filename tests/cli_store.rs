@@ -111,3 +111,69 @@ fn a_refused_file_fails_the_import_and_says_why() {
     );
     assert!(stderr.contains("exceeds the limit"), "{stderr}");
 }
+
+#[test]
+fn a_killed_import_leaves_no_blob_and_no_row() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&input).unwrap();
+    // 256 MiB of f32, so the copy is still running when the kill lands.
+    let n = 64 << 20;
+    let bytes: Vec<u8> = (0..n as u32)
+        .flat_map(|i| (i as f32).to_le_bytes())
+        .collect();
+    let t = vec![("w", TensorView::new(Dtype::F32, vec![n], &bytes).unwrap())];
+    safetensors::serialize_to_file(t, None, &input.join("big-0001048-0.050.safetensors")).unwrap();
+    drop(bytes);
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hindsight"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["import", input.to_str().unwrap(), "--run", "r"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let tmp = data.join("store/tmp");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let copying = std::fs::read_dir(&tmp)
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.metadata().map(|m| m.len() > 0).unwrap_or(false))
+            })
+            .unwrap_or(false);
+        if copying {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the import never started copying"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    // No published blob, no snapshot, no blob row; the listing commands agree.
+    let blobs = data.join("store/blobs");
+    let published = std::fs::read_dir(&blobs).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(published, 0);
+    let runs: serde_json::Value =
+        serde_json::from_slice(&hindsight(&data, &["runs", "--json"]).stdout).unwrap();
+    assert_eq!(runs[0]["snapshots"], 0);
+    let verify = hindsight(&data, &["verify"]);
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("verified 0 blobs"));
+    // The orphaned temporary file is gc's to remove.
+    let gc = hindsight(&data, &["gc", "--grace-secs", "0"]);
+    assert!(
+        String::from_utf8_lossy(&gc.stdout).contains("1 orphaned temporary file(s) removed"),
+        "{}",
+        String::from_utf8_lossy(&gc.stdout)
+    );
+    // And the same import then succeeds.
+    let again = hindsight(&data, &["import", input.to_str().unwrap(), "--run", "r"]);
+    assert!(again.status.success());
+}
