@@ -88,6 +88,22 @@ fn identical_content_is_stored_once() {
 }
 
 #[test]
+fn a_damaged_copy_of_the_same_content_is_replaced_on_the_next_write() {
+    let (_dir, store) = temp_store();
+    let data = vec![9u8; 50_000];
+    let (d, _) = store.put(&data[..]).unwrap();
+    // Truncated behind our back (a torn copy, a bad restore).
+    std::fs::write(store.path(&d), &data[..1000]).unwrap();
+    assert!(matches!(
+        store.verify(&d).unwrap(),
+        BlobStatus::Corrupt { .. }
+    ));
+    // Writing the content again repairs it instead of deduping against the damaged file.
+    store.put(&data[..]).unwrap();
+    assert_eq!(store.verify(&d).unwrap(), BlobStatus::Intact);
+}
+
+#[test]
 fn an_unfinished_writer_leaves_nothing() {
     let (_dir, store) = temp_store();
     {

@@ -321,8 +321,10 @@ impl BlobWriter {
             .into_inner()
             .map_err(|e| Error::io("flushing a new blob", e.into_error()))?;
         let path = self.store.path(&digest);
-        if path.is_file() {
+        if fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == len) {
             // Dedupe: identical content is already published. The temporary file goes away.
+            // (A present file of another size cannot be this content: it is damaged, and the
+            // rename below replaces it atomically with the good copy.)
             drop(tmp);
             return Ok((digest, len));
         }
