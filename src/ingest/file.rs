@@ -276,6 +276,9 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| Error::Database(format!("a blocking task failed: {e}")))?
 }
 
+/// How much to write between early-writeback flushes.
+const EARLY_WRITEBACK_BYTES: u64 = 16 << 20;
+
 /// Streams the whole file into an unpublished blob, scanning floats when asked.
 fn copy_into_store(
     store: &BlobStore,
@@ -292,6 +295,8 @@ fn copy_into_store(
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut buf = vec![0u8; 1 << 20];
     let mut copied = 0u64;
+    let mut flushed_at = 0u64;
+    let mut flusher: Option<std::thread::JoinHandle<()>> = None;
     loop {
         let n = reader
             .read(&mut buf)
@@ -308,6 +313,21 @@ fn copy_into_store(
             .map_err(|e| Error::io(format!("copying {source} into the store"), e))?;
         copied += n as u64;
         progress(n as u64);
+        // Early writeback: every 16 MiB, if the previous background flush has finished, start
+        // another on a second handle, so the disk works while we copy and the final fsync in
+        // `finish` only waits for the tail. (Linux would otherwise hold the data back until
+        // dirty memory reaches its background threshold, gigabytes here.)
+        if copied - flushed_at >= EARLY_WRITEBACK_BYTES
+            && flusher.as_ref().is_none_or(|h| h.is_finished())
+        {
+            if let Some(handle) = writer.file_handle() {
+                flushed_at = copied;
+                flusher = Some(std::thread::spawn(move || {
+                    // Durability comes from the fsync in `finish`; this one only starts it early.
+                    let _ = handle.sync_data();
+                }));
+            }
+        }
     }
     if copied != file_len {
         return Err(Error::invalid(

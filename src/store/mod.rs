@@ -306,6 +306,14 @@ impl BlobWriter {
         self.len == 0
     }
 
+    /// Flushes buffered bytes and returns a second handle on the temporary file, e.g. to start
+    /// its writeback early from another thread. `None` if either step fails (the write itself
+    /// will report the problem).
+    pub fn file_handle(&mut self) -> Option<File> {
+        self.file.flush().ok()?;
+        self.file.get_ref().as_file().try_clone().ok()
+    }
+
     /// The digest of what was written so far.
     pub fn digest_so_far(&self) -> Digest {
         Digest::from(self.hasher.finalize())
