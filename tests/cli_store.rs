@@ -139,10 +139,12 @@ fn a_killed_import_leaves_no_blob_and_no_row() {
     let tmp = data.join("store/tmp");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
+        // A temporary file past 1 MiB is the snapshot's copy (the store also stages its
+        // small VERSION file in tmp/ when it is created).
         let copying = std::fs::read_dir(&tmp)
             .map(|d| {
                 d.flatten()
-                    .any(|e| e.metadata().map(|m| m.len() > 0).unwrap_or(false))
+                    .any(|e| e.metadata().map(|m| m.len() > 1 << 20).unwrap_or(false))
             })
             .unwrap_or(false);
         if copying {
