@@ -53,6 +53,10 @@ enum Command {
         /// Also draw each target's profile beside its reconstruction into this SVG file.
         #[arg(long, value_name = "FILE")]
         plot: Option<PathBuf>,
+        /// Take the snapshots from this stored run (in `hindsight snapshots RUN` order) instead
+        /// of reading a request on stdin; targets come from --sigma-rel/--gamma.
+        #[arg(long, value_name = "RUN")]
+        run: Option<String>,
     },
     /// Measure performance against the peers (see BENCHMARKS.md).
     #[command(subcommand)]
@@ -175,12 +179,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             gamma,
             at_nimg,
             plot,
+            run,
         } => {
-            let mut text = String::new();
-            std::io::stdin()
-                .read_to_string(&mut text)
-                .context("reading the request from stdin")?;
-            let mut request = SolveRequest::from_json(&text)?;
+            let mut request = match run {
+                Some(name) => {
+                    if sigma_rel.is_none() && gamma.is_none() {
+                        bail!("--run: give the targets with --sigma-rel and/or --gamma");
+                    }
+                    block_on(stored_snapshots(&cli.data_dir, &name))?
+                }
+                None => {
+                    let mut text = String::new();
+                    std::io::stdin()
+                        .read_to_string(&mut text)
+                        .context("reading the request from stdin")?;
+                    SolveRequest::from_json(&text)?
+                }
+            };
             if sigma_rel.is_some() || gamma.is_some() {
                 if !request.targets.is_empty() {
                     bail!("targets: given both in the request and on the command line; use one");
@@ -265,7 +280,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+/// A solve request holding a stored run's snapshots (and no targets yet).
+async fn stored_snapshots(data_dir: &std::path::Path, run: &str) -> anyhow::Result<SolveRequest> {
+    let data = hindsight::app::DataDir::open(data_dir).await?;
+    let Some(row) = data.db.run(run).await? else {
+        bail!("run {run:?} does not exist (see `hindsight runs`)");
+    };
+    let snapshots = data.db.snapshots(row.id).await?;
+    if snapshots.is_empty() {
+        bail!("run {run:?} has no snapshots yet");
+    }
+    Ok(SolveRequest {
+        snapshots: snapshots
+            .iter()
+            .map(|s| SnapshotSpec {
+                nimg: s.nimg as u64,
+                sigma_rel: Some(s.sigma_rel),
+                gamma: None,
+            })
+            .collect(),
+        targets: Vec::new(),
+        options: None,
+        profile_points: None,
+    })
+}
+
+/// Runs an async command to completion on a fresh multi-threaded runtime.
+fn block_on<T>(fut: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

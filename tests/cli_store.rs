@@ -179,3 +179,54 @@ fn a_killed_import_leaves_no_blob_and_no_row() {
     let again = hindsight(&data, &["import", input.to_str().unwrap(), "--run", "r"]);
     assert!(again.status.success());
 }
+
+#[test]
+fn solve_straight_from_a_stored_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&input).unwrap();
+    for (i, name) in [
+        "x-0001048-0.050",
+        "x-0001048-0.100",
+        "x-0002097-0.050",
+        "x-0002097-0.100",
+    ]
+    .iter()
+    .enumerate()
+    {
+        write(&input.join(format!("{name}.safetensors")), i as f32);
+    }
+    assert!(
+        hindsight(&data, &["import", input.to_str().unwrap(), "--run", "demo"])
+            .status
+            .success()
+    );
+    let out = hindsight(
+        &data,
+        &["solve", "--run", "demo", "--sigma-rel", "0.06,0.08"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let targets = v["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 2);
+    for t in targets {
+        let w: Vec<f64> = t["coefficients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(w.len(), 4, "one weight per stored snapshot");
+        assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        assert_eq!(t["nimg"], 2097152);
+    }
+    let missing = hindsight(&data, &["solve", "--run", "nope", "--sigma-rel", "0.1"]);
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("run \"nope\" does not exist"));
+    let no_targets = hindsight(&data, &["solve", "--run", "demo"]);
+    assert!(String::from_utf8_lossy(&no_targets.stderr).contains("--sigma-rel"));
+}
