@@ -11,6 +11,7 @@
 //! - [`app`]: the embedded default: index + store under one data directory.
 //! - [`db`]: the SQLite index (sqlx + migrations): runs, manifests, snapshots, blob states.
 //! - [`ingest`]: validation of incoming snapshots (safetensors headers).
+//! - [`materialize`]: weighted sums of snapshots into new weights, one streaming pass.
 //! - [`store`]: content-addressed blobs (BLAKE3), atomic writes, verification (bytes only).
 //! - [`plot`]: SVG pictures of target and reconstructed profiles.
 //! - [`bench`]: synthetic workloads shared by `hindsight bench` and the tests.
@@ -24,6 +25,7 @@ pub mod bench;
 pub mod db;
 pub mod error;
 pub mod ingest;
+pub mod materialize;
 pub mod phema;
 pub mod plot;
 pub mod store;

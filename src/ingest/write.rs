@@ -19,22 +19,36 @@ pub struct OutTensor<'a> {
     pub data: &'a [u8],
 }
 
-/// Writes a safetensors file: tensors in the given order, `__metadata__` with sorted keys,
-/// the header padded with spaces to a multiple of 8 bytes (as the reference writer does).
-pub fn write_safetensors(
-    out: &mut impl Write,
-    tensors: &[OutTensor<'_>],
+/// A tensor's entry in a header to be written: the data follows later, `len` bytes of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutTensorInfo {
+    /// State-dict key.
+    pub name: String,
+    /// safetensors dtype name.
+    pub dtype: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Bytes of data.
+    pub len: u64,
+}
+
+/// Writes the length prefix and the header of a safetensors file whose tensors' data will
+/// follow in the order given: `__metadata__` with sorted keys, padded with spaces to a
+/// multiple of 8 bytes (as the reference writer does).
+pub fn write_safetensors_header(
+    out: &mut (impl Write + ?Sized),
+    tensors: &[OutTensorInfo],
     metadata: &BTreeMap<String, String>,
 ) -> std::io::Result<()> {
     let mut header = Map::new();
     if !metadata.is_empty() {
         header.insert("__metadata__".into(), json!(metadata));
     }
-    let mut offset = 0usize;
+    let mut offset = 0u64;
     for t in tensors {
-        let end = offset + t.data.len();
+        let end = offset + t.len;
         header.insert(
-            t.name.to_owned(),
+            t.name.clone(),
             json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, end]}),
         );
         offset = end;
@@ -46,7 +60,26 @@ pub fn write_safetensors(
         text.push(' ');
     }
     out.write_all(&(text.len() as u64).to_le_bytes())?;
-    out.write_all(text.as_bytes())?;
+    out.write_all(text.as_bytes())
+}
+
+/// Writes a whole safetensors file: the header (see [`write_safetensors_header`]), then the
+/// tensors' data in the given order.
+pub fn write_safetensors(
+    out: &mut impl Write,
+    tensors: &[OutTensor<'_>],
+    metadata: &BTreeMap<String, String>,
+) -> std::io::Result<()> {
+    let infos: Vec<OutTensorInfo> = tensors
+        .iter()
+        .map(|t| OutTensorInfo {
+            name: t.name.to_owned(),
+            dtype: t.dtype.to_owned(),
+            shape: t.shape.to_vec(),
+            len: t.data.len() as u64,
+        })
+        .collect();
+    write_safetensors_header(out, &infos, metadata)?;
     for t in tensors {
         out.write_all(t.data)?;
     }
