@@ -87,6 +87,31 @@ enum Command {
         #[arg(long, value_name = "N")]
         images_per_step: Option<u64>,
     },
+    /// Reconstruct EMA weights from a stored run: one safetensors file per target in --out,
+    /// named <run>-<nimg>-<sigma_rel:.3f>.safetensors, with the quality report printed.
+    Reconstruct {
+        /// The run.
+        #[arg(long)]
+        run: String,
+        /// Target widths, EDM2 list syntax (e.g. 0.05,0.10,...,0.25).
+        #[arg(long, value_name = "LIST")]
+        sigma_rel: Option<String>,
+        /// Target widths as exponents, same syntax.
+        #[arg(long, value_name = "LIST")]
+        gamma: Option<String>,
+        /// Training time to reconstruct at (default: the last snapshot).
+        #[arg(long, value_name = "NIMG")]
+        at_nimg: Option<u64>,
+        /// Element type of the reconstructed floating-point tensors.
+        #[arg(long, value_enum, default_value_t = store_commands::Dtype::F32)]
+        dtype: store_commands::Dtype,
+        /// Directory to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// The quality report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// List runs.
     Runs {
         /// JSON instead of a table.
@@ -200,25 +225,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if !request.targets.is_empty() {
                     bail!("targets: given both in the request and on the command line; use one");
                 }
-                let mut targets = Vec::new();
-                if let Some(list) = sigma_rel {
-                    for v in phema::parse_sigma_rel_list(&list).context("--sigma-rel")? {
-                        targets.push(TargetSpec {
-                            sigma_rel: Some(v),
-                            gamma: None,
-                            nimg: at_nimg,
-                        });
-                    }
-                }
-                if let Some(list) = gamma {
-                    for v in phema::parse_float_list(&list).context("--gamma")? {
-                        targets.push(TargetSpec {
-                            sigma_rel: None,
-                            gamma: Some(v),
-                            nimg: at_nimg,
-                        });
-                    }
-                }
+                let targets = targets_from_lists(sigma_rel, gamma, at_nimg)?;
                 request.targets = targets;
             } else if at_nimg.is_some() {
                 bail!("--at-nimg: only applies to --sigma-rel/--gamma targets");
@@ -260,6 +267,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 source,
             ))
         }
+        Command::Reconstruct {
+            run,
+            sigma_rel,
+            gamma,
+            at_nimg,
+            dtype,
+            out,
+            json,
+        } => {
+            let mut request = block_on(stored_snapshots(&cli.data_dir, &run))?;
+            request.targets = targets_from_lists(sigma_rel, gamma, at_nimg)?;
+            if request.targets.is_empty() {
+                bail!("give the targets with --sigma-rel and/or --gamma");
+            }
+            let response = request.solve()?;
+            block_on(store_commands::reconstruct(
+                &cli.data_dir,
+                &run,
+                &response,
+                dtype,
+                &out,
+            ))?;
+            if json {
+                let mut o = std::io::stdout().lock();
+                serde_json::to_writer(&mut o, &response)?;
+                writeln!(o)?;
+            } else {
+                print_table(&response)?;
+            }
+            Ok(())
+        }
         Command::Runs { json } => block_on(store_commands::runs(&cli.data_dir, json)),
         Command::Snapshots { run, json } => {
             block_on(store_commands::snapshots(&cli.data_dir, &run, json))
@@ -278,6 +316,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             peer_python,
         }) => bench_solve(times, targets, iterations, peer_python),
     }
+}
+
+/// Targets from EDM2-style --sigma-rel / --gamma lists at an optional time.
+fn targets_from_lists(
+    sigma_rel: Option<String>,
+    gamma: Option<String>,
+    at_nimg: Option<u64>,
+) -> anyhow::Result<Vec<TargetSpec>> {
+    let mut targets = Vec::new();
+    if let Some(list) = sigma_rel {
+        for v in phema::parse_sigma_rel_list(&list).context("--sigma-rel")? {
+            targets.push(TargetSpec {
+                sigma_rel: Some(v),
+                gamma: None,
+                nimg: at_nimg,
+            });
+        }
+    }
+    if let Some(list) = gamma {
+        for v in phema::parse_float_list(&list).context("--gamma")? {
+            targets.push(TargetSpec {
+                sigma_rel: None,
+                gamma: Some(v),
+                nimg: at_nimg,
+            });
+        }
+    }
+    Ok(targets)
 }
 
 /// A solve request holding a stored run's snapshots (and no targets yet).

@@ -460,3 +460,143 @@ pub async fn bench_import(dir: &Path, count: usize, params: u64) -> anyhow::Resu
     }
     Ok(())
 }
+
+/// Output element types of `hindsight reconstruct`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dtype {
+    /// 32-bit float.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+/// Writes one reconstruction per solved target into `out_dir`.
+pub async fn reconstruct(
+    data_dir: &Path,
+    run: &str,
+    response: &hindsight::phema::request::SolveResponse,
+    dtype: Dtype,
+    out_dir: &Path,
+) -> anyhow::Result<()> {
+    use hindsight::ingest::read_header;
+    use hindsight::materialize::{materialize, Input, OutDtype};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    let data = DataDir::open(data_dir).await?;
+    let Some(run_row) = data.db.run(run).await? else {
+        bail!("run {run:?} does not exist (see `hindsight runs`)");
+    };
+    // Same order as the solve's snapshots (both come from `snapshots`, by nimg then width).
+    let snaps = data.db.snapshots(run_row.id).await?;
+    let targets = &response.targets;
+    let used: Vec<usize> = (0..snaps.len())
+        .filter(|&i| targets.iter().any(|t| t.solution.coefficients[i] != 0.0))
+        .collect();
+    let names: Vec<String> = targets
+        .iter()
+        .map(|t| {
+            format!(
+                "{run}-{:010}-{:.3}.safetensors",
+                t.solution.nimg, t.solution.sigma_rel
+            )
+        })
+        .collect();
+    if names.iter().collect::<BTreeSet<_>>().len() != names.len() {
+        bail!(
+            "two targets round to the same file name (sigma_rel to 3 decimals); ask for each once"
+        );
+    }
+    let mut inputs = Vec::with_capacity(used.len());
+    for &i in &used {
+        let digest: Digest = snaps[i].digest.parse()?;
+        let mut file = data.store.open_blob(&digest)?;
+        let len = file.metadata()?.len();
+        let header = read_header(
+            &mut std::io::BufReader::new(&mut file),
+            len,
+            &snaps[i].digest,
+        )?;
+        inputs.push(Input {
+            digest,
+            header,
+            nimg: snaps[i].nimg as u64,
+        });
+    }
+    let weights: Vec<Vec<f64>> = targets
+        .iter()
+        .map(|t| used.iter().map(|&i| t.solution.coefficients[i]).collect())
+        .collect();
+    let used_digests: Vec<&str> = used.iter().map(|&i| snaps[i].digest.as_str()).collect();
+    let metadata: Vec<BTreeMap<String, String>> = targets
+        .iter()
+        .map(|t| {
+            let s = &t.solution;
+            BTreeMap::from([
+                ("run".to_owned(), run.to_owned()),
+                ("nimg".to_owned(), s.nimg.to_string()),
+                ("sigma_rel".to_owned(), s.sigma_rel.to_string()),
+                ("gamma".to_owned(), s.gamma.to_string()),
+                ("relative_error".to_owned(), s.relative_error.to_string()),
+                ("noise_gain".to_owned(), s.noise_gain.to_string()),
+                ("coefficient_l1".to_owned(), s.coefficient_l1.to_string()),
+                (
+                    "condition_number".to_owned(),
+                    s.condition_number.to_string(),
+                ),
+                ("snapshot_digests".to_owned(), used_digests.join(",")),
+            ])
+        })
+        .collect();
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let mut staged = Vec::with_capacity(targets.len());
+    for _ in targets {
+        staged.push(
+            tempfile::Builder::new()
+                .prefix(".reconstruction-")
+                .tempfile_in(out_dir)
+                .with_context(|| format!("creating a file in {}", out_dir.display()))?,
+        );
+    }
+    let out_dtype = match dtype {
+        Dtype::F32 => OutDtype::F32,
+        Dtype::F16 => OutDtype::F16,
+        Dtype::Bf16 => OutDtype::BF16,
+    };
+    let bar = ProgressBar::new_spinner();
+    bar.set_message(format!(
+        "reconstructing {} target(s) from {} snapshot(s)",
+        targets.len(),
+        inputs.len()
+    ));
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let store = data.store.clone();
+    let files: Vec<std::fs::File> = staged
+        .iter()
+        .map(|t| t.reopen())
+        .collect::<std::io::Result<_>>()?;
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let mut writers: Vec<std::io::BufWriter<std::fs::File>> = files
+            .into_iter()
+            .map(|f| std::io::BufWriter::with_capacity(1 << 20, f))
+            .collect();
+        {
+            let mut outs: Vec<&mut dyn Write> =
+                writers.iter_mut().map(|w| w as &mut dyn Write).collect();
+            materialize(&store, &inputs, &weights, out_dtype, &metadata, &mut outs)?;
+        }
+        for w in writers {
+            w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        }
+        Ok(())
+    })
+    .await??;
+    bar.finish_and_clear();
+    // Published only after every output is complete and durable.
+    for (tmp, name) in staged.into_iter().zip(&names) {
+        tmp.persist(out_dir.join(name))?;
+    }
+    eprintln!("wrote {} file(s) to {}", names.len(), out_dir.display());
+    Ok(())
+}

@@ -230,3 +230,105 @@ fn solve_straight_from_a_stored_run() {
     let no_targets = hindsight(&data, &["solve", "--run", "demo"]);
     assert!(String::from_utf8_lossy(&no_targets.stderr).contains("--sigma-rel"));
 }
+
+#[test]
+fn reconstruct_writes_one_file_per_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    let data = dir.path().join("data");
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&input).unwrap();
+    let names = [
+        "x-0001048-0.050",
+        "x-0001048-0.100",
+        "x-0002097-0.050",
+        "x-0002097-0.100",
+        "x-0003145-0.050",
+        "x-0003145-0.100",
+    ];
+    for (i, name) in names.iter().enumerate() {
+        write(&input.join(format!("{name}.safetensors")), i as f32 * 10.0);
+    }
+    assert!(
+        hindsight(&data, &["import", input.to_str().unwrap(), "--run", "demo"])
+            .status
+            .success()
+    );
+    let solved: serde_json::Value = serde_json::from_slice(
+        &hindsight(
+            &data,
+            &["solve", "--run", "demo", "--sigma-rel", "0.06,0.08"],
+        )
+        .stdout,
+    )
+    .unwrap();
+    let run = hindsight(
+        &data,
+        &[
+            "reconstruct",
+            "--run",
+            "demo",
+            "--sigma-rel",
+            "0.06,0.08",
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(report["targets"], solved["targets"]);
+    let mut files: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "demo-0003145728-0.060.safetensors",
+            "demo-0003145728-0.080.safetensors"
+        ]
+    );
+    for (k, file) in files.iter().enumerate() {
+        let bytes = std::fs::read(out.join(file)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let got: Vec<f32> = st
+            .tensor("w")
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let w: Vec<f64> = solved["targets"][k]["coefficients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        // Snapshot i holds w[j] = 10 i + j (in the order `snapshots` lists them).
+        for (j, g) in got.iter().enumerate() {
+            let want: f64 = w
+                .iter()
+                .enumerate()
+                .map(|(i, c)| c * (10.0 * i as f64 + j as f64))
+                .sum();
+            assert!(
+                (*g as f64 - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "{g} vs {want}"
+            );
+        }
+        let header =
+            hindsight::ingest::read_header(&mut &bytes[..], bytes.len() as u64, file).unwrap();
+        assert_eq!(header.metadata["run"], "demo");
+        assert_eq!(header.metadata["nimg"], "3145728");
+        assert!(header.metadata.contains_key("relative_error"));
+        assert_eq!(header.metadata["snapshot_digests"].split(',').count(), 6);
+    }
+    // Nothing half-written is left in the output directory.
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 2);
+}
