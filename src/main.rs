@@ -40,16 +40,10 @@ enum Command {
         /// Print a table for people instead of JSON.
         #[arg(long)]
         table: bool,
-        /// Targets as an EDM2-style list, e.g. `0.010,0.015,...,0.250` (replaces the request's
-        /// "targets", which may then be omitted).
-        #[arg(long, value_name = "LIST")]
-        sigma_rel: Option<String>,
-        /// Targets given as exponents γ, same list syntax (combined with --sigma-rel).
-        #[arg(long, value_name = "LIST")]
-        gamma: Option<String>,
-        /// Training time of the --sigma-rel/--gamma targets (default: the last snapshot).
-        #[arg(long, value_name = "NIMG")]
-        at_nimg: Option<u64>,
+        /// Targets on the command line (replacing the request's "targets", which may then be
+        /// omitted).
+        #[command(flatten)]
+        targets: TargetArgs,
         /// Also draw each target's profile beside its reconstruction into this SVG file.
         #[arg(long, value_name = "FILE")]
         plot: Option<PathBuf>,
@@ -93,15 +87,9 @@ enum Command {
         /// The run.
         #[arg(long)]
         run: String,
-        /// Target widths, EDM2 list syntax (e.g. 0.05,0.10,...,0.25).
-        #[arg(long, value_name = "LIST")]
-        sigma_rel: Option<String>,
-        /// Target widths as exponents, same syntax.
-        #[arg(long, value_name = "LIST")]
-        gamma: Option<String>,
-        /// Training time to reconstruct at (default: the last snapshot).
-        #[arg(long, value_name = "NIMG")]
-        at_nimg: Option<u64>,
+        /// The targets.
+        #[command(flatten)]
+        targets: TargetArgs,
         /// Element type of the reconstructed floating-point tensors.
         #[arg(long, value_enum, default_value_t = store_commands::Dtype::F32)]
         dtype: store_commands::Dtype,
@@ -134,6 +122,50 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         grace_secs: u64,
     },
+}
+
+/// Targets given on the command line, in EDM2's list syntax.
+#[derive(clap::Args)]
+struct TargetArgs {
+    /// Target widths as a list, e.g. `0.010,0.015,...,0.250`.
+    #[arg(long, value_name = "LIST")]
+    sigma_rel: Option<String>,
+    /// Target widths as exponents γ, same list syntax (combined with --sigma-rel).
+    #[arg(long, value_name = "LIST")]
+    gamma: Option<String>,
+    /// Training time of these targets (default: the last snapshot).
+    #[arg(long, value_name = "NIMG")]
+    at_nimg: Option<u64>,
+}
+
+impl TargetArgs {
+    fn given(&self) -> bool {
+        self.sigma_rel.is_some() || self.gamma.is_some()
+    }
+
+    /// The targets, validated; empty when none were given.
+    fn parse(&self) -> anyhow::Result<Vec<TargetSpec>> {
+        let mut targets = Vec::new();
+        if let Some(list) = &self.sigma_rel {
+            for v in phema::parse_sigma_rel_list(list).context("--sigma-rel")? {
+                targets.push(TargetSpec {
+                    sigma_rel: Some(v),
+                    gamma: None,
+                    nimg: self.at_nimg,
+                });
+            }
+        }
+        if let Some(list) = &self.gamma {
+            for v in phema::parse_float_list(list).context("--gamma")? {
+                targets.push(TargetSpec {
+                    sigma_rel: None,
+                    gamma: Some(v),
+                    nimg: self.at_nimg,
+                });
+            }
+        }
+        Ok(targets)
+    }
 }
 
 #[derive(Subcommand)]
@@ -200,15 +232,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Solve {
             table,
-            sigma_rel,
-            gamma,
-            at_nimg,
+            targets,
             plot,
             run,
         } => {
             let mut request = match run {
                 Some(name) => {
-                    if sigma_rel.is_none() && gamma.is_none() {
+                    if !targets.given() {
                         bail!("--run: give the targets with --sigma-rel and/or --gamma");
                     }
                     block_on(stored_snapshots(&cli.data_dir, &name))?
@@ -221,13 +251,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     SolveRequest::from_json(&text)?
                 }
             };
-            if sigma_rel.is_some() || gamma.is_some() {
+            if targets.given() {
                 if !request.targets.is_empty() {
                     bail!("targets: given both in the request and on the command line; use one");
                 }
-                let targets = targets_from_lists(sigma_rel, gamma, at_nimg)?;
-                request.targets = targets;
-            } else if at_nimg.is_some() {
+                request.targets = targets.parse()?;
+            } else if targets.at_nimg.is_some() {
                 bail!("--at-nimg: only applies to --sigma-rel/--gamma targets");
             }
             let response = request.solve()?;
@@ -269,15 +298,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Reconstruct {
             run,
-            sigma_rel,
-            gamma,
-            at_nimg,
+            targets,
             dtype,
             out,
             json,
         } => {
             let mut request = block_on(stored_snapshots(&cli.data_dir, &run))?;
-            request.targets = targets_from_lists(sigma_rel, gamma, at_nimg)?;
+            request.targets = targets.parse()?;
             if request.targets.is_empty() {
                 bail!("give the targets with --sigma-rel and/or --gamma");
             }
@@ -316,34 +343,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             peer_python,
         }) => bench_solve(times, targets, iterations, peer_python),
     }
-}
-
-/// Targets from EDM2-style --sigma-rel / --gamma lists at an optional time.
-fn targets_from_lists(
-    sigma_rel: Option<String>,
-    gamma: Option<String>,
-    at_nimg: Option<u64>,
-) -> anyhow::Result<Vec<TargetSpec>> {
-    let mut targets = Vec::new();
-    if let Some(list) = sigma_rel {
-        for v in phema::parse_sigma_rel_list(&list).context("--sigma-rel")? {
-            targets.push(TargetSpec {
-                sigma_rel: Some(v),
-                gamma: None,
-                nimg: at_nimg,
-            });
-        }
-    }
-    if let Some(list) = gamma {
-        for v in phema::parse_float_list(&list).context("--gamma")? {
-            targets.push(TargetSpec {
-                sigma_rel: None,
-                gamma: Some(v),
-                nimg: at_nimg,
-            });
-        }
-    }
-    Ok(targets)
 }
 
 /// A solve request holding a stored run's snapshots (and no targets yet).

@@ -192,6 +192,17 @@ pub fn manifest_differences(expected: &[ManifestEntry], actual: &[ManifestEntry]
     out
 }
 
+/// The first ten differences joined into one line, with a count of the rest.
+pub fn describe_differences(diff: &[String]) -> String {
+    let shown: Vec<&str> = diff.iter().take(10).map(String::as_str).collect();
+    let more = if diff.len() > 10 {
+        format!(" (and {} more)", diff.len() - 10)
+    } else {
+        String::new()
+    };
+    format!("{}{more}", shown.join("; "))
+}
+
 /// Handle to the index.
 #[derive(Clone, Debug)]
 pub struct Db {
@@ -485,17 +496,11 @@ async fn record_in(
             .collect();
         let diff = manifest_differences(&expected, &new.manifest);
         if !diff.is_empty() {
-            let shown: Vec<&str> = diff.iter().take(10).map(String::as_str).collect();
-            let more = if diff.len() > 10 {
-                format!(" (and {} more)", diff.len() - 10)
-            } else {
-                String::new()
-            };
             return Err(Error::invalid(
                 "tensors",
                 format!(
-                    "the file's tensors differ from the run's manifest: {}{more}",
-                    shown.join("; ")
+                    "the file's tensors differ from the run's manifest: {}",
+                    describe_differences(&diff)
                 ),
             ));
         }

@@ -196,18 +196,12 @@ pub async fn ingest_file(
     if !expected.is_empty() {
         let diff = crate::db::manifest_differences(&expected, &manifest);
         if !diff.is_empty() {
-            let shown: Vec<&str> = diff.iter().take(10).map(String::as_str).collect();
             return Err(Error::invalid(
                 source,
                 format!(
-                    "tensors differ from run {:?}'s manifest: {}{}",
+                    "tensors differ from run {:?}'s manifest: {}",
                     run.name,
-                    shown.join("; "),
-                    if diff.len() > 10 {
-                        format!(" (and {} more)", diff.len() - 10)
-                    } else {
-                        String::new()
-                    }
+                    crate::db::describe_differences(&diff)
                 ),
             ));
         }
