@@ -303,16 +303,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out,
             json,
         } => {
-            let mut request = block_on(stored_snapshots(&cli.data_dir, &run))?;
-            request.targets = targets.parse()?;
-            if request.targets.is_empty() {
+            let targets = targets.parse()?;
+            if targets.is_empty() {
                 bail!("give the targets with --sigma-rel and/or --gamma");
             }
-            let response = request.solve()?;
-            block_on(store_commands::reconstruct(
+            let response = block_on(store_commands::reconstruct(
                 &cli.data_dir,
                 &run,
-                &response,
+                targets,
                 dtype,
                 &out,
             ))?;
@@ -355,19 +353,7 @@ async fn stored_snapshots(data_dir: &std::path::Path, run: &str) -> anyhow::Resu
     if snapshots.is_empty() {
         bail!("run {run:?} has no snapshots yet");
     }
-    Ok(SolveRequest {
-        snapshots: snapshots
-            .iter()
-            .map(|s| SnapshotSpec {
-                nimg: s.nimg as u64,
-                sigma_rel: Some(s.sigma_rel),
-                gamma: None,
-            })
-            .collect(),
-        targets: Vec::new(),
-        options: None,
-        profile_points: None,
-    })
+    Ok(store_commands::solve_request(&snapshots))
 }
 
 /// Runs an async command to completion on a fresh multi-threaded runtime.

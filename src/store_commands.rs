@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use hindsight::app::DataDir;
 use hindsight::ingest::{ingest_ema_pytorch, ingest_file, Hints, IngestOptions};
+use hindsight::phema::request::{SnapshotSpec, SolveRequest, SolveResponse, TargetSpec};
 use hindsight::phema::sigma_rel_to_gamma;
 use hindsight::store::{BlobStatus, Digest};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -473,13 +474,32 @@ pub enum Dtype {
 }
 
 /// Writes one reconstruction per solved target into `out_dir`.
+/// A solve request over a stored run's snapshots, in the order `snapshots` lists them.
+pub fn solve_request(snaps: &[hindsight::db::SnapshotRow]) -> SolveRequest {
+    SolveRequest {
+        snapshots: snaps
+            .iter()
+            .map(|s| SnapshotSpec {
+                nimg: s.nimg as u64,
+                sigma_rel: Some(s.sigma_rel),
+                gamma: None,
+            })
+            .collect(),
+        targets: Vec::new(),
+        options: None,
+        profile_points: None,
+    }
+}
+
+/// Solves `targets` over a stored run and writes one reconstruction per target into
+/// `out_dir`; returns the solve's report.
 pub async fn reconstruct(
     data_dir: &Path,
     run: &str,
-    response: &hindsight::phema::request::SolveResponse,
+    targets: Vec<TargetSpec>,
     dtype: Dtype,
     out_dir: &Path,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<SolveResponse> {
     use hindsight::ingest::read_header;
     use hindsight::materialize::{materialize, Input, OutDtype};
     use std::collections::{BTreeMap, BTreeSet};
@@ -488,8 +508,13 @@ pub async fn reconstruct(
     let Some(run_row) = data.db.run(run).await? else {
         bail!("run {run:?} does not exist (see `hindsight runs`)");
     };
-    // Same order as the solve's snapshots (both come from `snapshots`, by nimg then width).
     let snaps = data.db.snapshots(run_row.id).await?;
+    if snaps.is_empty() {
+        bail!("run {run:?} has no snapshots yet");
+    }
+    let mut request = solve_request(&snaps);
+    request.targets = targets;
+    let response = request.solve()?;
     let targets = &response.targets;
     let used: Vec<usize> = (0..snaps.len())
         .filter(|&i| targets.iter().any(|t| t.solution.coefficients[i] != 0.0))
@@ -598,5 +623,5 @@ pub async fn reconstruct(
         tmp.persist(out_dir.join(name))?;
     }
     eprintln!("wrote {} file(s) to {}", names.len(), out_dir.display());
-    Ok(())
+    Ok(response)
 }
