@@ -40,6 +40,9 @@ pub enum Error {
         /// The digest of what is on disk now.
         actual: String,
     },
+    /// A named thing (a run, a reconstruction) does not exist.
+    #[error("{0}")]
+    NotFound(String),
     /// A blob that should be in the store is not.
     #[error("blob {0} is missing from the store")]
     MissingBlob(String),

@@ -12,6 +12,8 @@
 //! - [`db`]: the SQLite index (sqlx + migrations): runs, manifests, snapshots, blob states.
 //! - [`ingest`]: validation of incoming snapshots (safetensors headers).
 //! - [`materialize`]: weighted sums of snapshots into new weights, one streaming pass.
+//! - [`reconstruction`]: solve + materialize into the store, cached by a content key.
+//! - [`server`]: the HTTP API (axum): `app(state)`, routes, errors, auth.
 //! - [`store`]: content-addressed blobs (BLAKE3), atomic writes, verification (bytes only).
 //! - [`plot`]: SVG pictures of target and reconstructed profiles.
 //! - [`bench`]: synthetic workloads shared by `hindsight bench` and the tests.
@@ -28,6 +30,8 @@ pub mod ingest;
 pub mod materialize;
 pub mod phema;
 pub mod plot;
+pub mod reconstruction;
+pub mod server;
 pub mod store;
 
 pub use error::{Error, Result};

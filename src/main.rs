@@ -99,7 +99,50 @@ enum Command {
         /// The quality report as JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Do not hash the snapshots while reading them (faster; damage then goes unnoticed
+        /// until `hindsight verify`).
+        #[arg(long)]
+        no_verify: bool,
+        /// Compute even when the store already holds the reconstruction.
+        #[arg(long)]
+        recompute: bool,
+        /// Write independent copies instead of hard links to the store's read-only files.
+        #[arg(long)]
+        copy: bool,
+        /// Print the process's peak resident memory to stderr at the end (benchmarks).
+        #[arg(long, hide = true)]
+        report_peak_rss: bool,
     },
+    /// Serve the HTTP API (reconstruct, download, upload, listings; see /openapi.json).
+    Serve {
+        /// Address to listen on. Anything but loopback needs --token-file (or
+        /// --insecure-no-auth).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: std::net::SocketAddr,
+        /// File of accepted token hashes, one `blake3:<hex>` per line (see `hindsight token
+        /// new`). With tokens, every request that is not GET or HEAD needs `Authorization:
+        /// Bearer <token>`.
+        #[arg(long, env = "HINDSIGHT_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        /// Allow a non-loopback address without tokens.
+        #[arg(long)]
+        insecure_no_auth: bool,
+        /// Largest snapshot upload, in bytes.
+        #[arg(long, default_value_t = 64 << 30)]
+        max_upload_bytes: u64,
+        /// Uploads processed at once.
+        #[arg(long, default_value_t = 4)]
+        upload_concurrency: usize,
+        /// How long POST /reconstruct waits before answering 202 with a status URL.
+        #[arg(long, default_value_t = 60.0)]
+        reconstruct_wait_secs: f64,
+        /// Do not hash snapshots while materializing, nor downloads while sending them.
+        #[arg(long)]
+        no_verify: bool,
+    },
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// List runs.
     Runs {
         /// JSON instead of a table.
@@ -169,6 +212,17 @@ impl TargetArgs {
 }
 
 #[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a new random token: prints it once on stdout and appends only its hash to the
+    /// token file (created if missing).
+    New {
+        /// The token file `hindsight serve --token-file` reads.
+        #[arg(long, env = "HINDSIGHT_TOKEN_FILE")]
+        token_file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum BenchCommand {
     /// Time `hindsight import` of generated fp16 snapshots against `cp` of the same files.
     Import {
@@ -181,6 +235,25 @@ enum BenchCommand {
         /// Parameters per snapshot.
         #[arg(long, default_value_t = 34_000_000)]
         params: u64,
+    },
+    /// Time `reconstruct` of one and of eight σ_rel from generated fp16 snapshots against `cat`
+    /// of the same files (and EDM2's algorithm in NumPy with --peer-python).
+    Reconstruct {
+        /// Where to keep the generated snapshots and their data directory (reused when present).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Number of snapshots.
+        #[arg(long, default_value_t = 48)]
+        snapshots: usize,
+        /// Parameters per snapshot.
+        #[arg(long, default_value_t = 34_000_000)]
+        params: u64,
+        /// Timed rounds (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Python with NumPy for scripts/peer_reconstruct.py.
+        #[arg(long)]
+        peer_python: Option<String>,
     },
     /// Time `solve` on an EDM2-shaped run: snapshots every 8Mi images for two widths.
     Solve {
@@ -208,6 +281,8 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Reconstructions keep one descriptor per snapshot open; lift the soft limit to the hard one.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     tracing::debug!(data_dir = %cli.data_dir.display(), "starting");
     if let Err(err) = run(cli) {
         // A closed pipe (`hindsight solve --table | head`) is the reader's choice, not a failure.
@@ -302,6 +377,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dtype,
             out,
             json,
+            no_verify,
+            recompute,
+            copy,
+            report_peak_rss,
         } => {
             let targets = targets.parse()?;
             if targets.is_empty() {
@@ -313,7 +392,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 targets,
                 dtype,
                 &out,
+                store_commands::ReconstructFlags {
+                    no_verify,
+                    recompute,
+                    copy,
+                },
             ))?;
+            if report_peak_rss {
+                eprintln!(
+                    "peak_rss_kib {}",
+                    hindsight::bench::peak_rss_kib().unwrap_or(0)
+                );
+            }
             if json {
                 let mut o = std::io::stdout().lock();
                 serde_json::to_writer(&mut o, &response)?;
@@ -321,6 +411,63 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print_table(&response)?;
             }
+            Ok(())
+        }
+        Command::Serve {
+            addr,
+            token_file,
+            insecure_no_auth,
+            max_upload_bytes,
+            upload_concurrency,
+            reconstruct_wait_secs,
+            no_verify,
+        } => {
+            let token_hashes = match &token_file {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    let hashes =
+                        hindsight::server::parse_token_hashes(&text, &path.display().to_string())?;
+                    if hashes.is_empty() {
+                        bail!("{} holds no token hashes", path.display());
+                    }
+                    hashes
+                }
+                None => Vec::new(),
+            };
+            if !addr.ip().is_loopback() && token_hashes.is_empty() && !insecure_no_auth {
+                bail!(
+                    "refusing to serve {addr} without authentication: give --token-file (see \
+                     `hindsight token new`), bind 127.0.0.1, or pass --insecure-no-auth"
+                );
+            }
+            if !(reconstruct_wait_secs.is_finite() && reconstruct_wait_secs >= 0.0) {
+                bail!("--reconstruct-wait-secs must be a non-negative number");
+            }
+            let config = hindsight::server::ServerConfig {
+                token_hashes,
+                max_upload_bytes,
+                upload_concurrency,
+                reconstruct_wait: std::time::Duration::from_secs_f64(reconstruct_wait_secs),
+                verify_reads: !no_verify,
+                ..Default::default()
+            };
+            block_on(serve(cli.data_dir.clone(), addr, config))
+        }
+        Command::Token(TokenCommand::New { token_file }) => {
+            let token = hindsight::server::new_token()?;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&token_file)
+                .with_context(|| format!("opening {}", token_file.display()))?;
+            writeln!(f, "{}", hindsight::server::hash_token(&token))?;
+            f.sync_all()?;
+            println!("{token}");
+            eprintln!(
+                "added its hash to {}; the token itself is not stored anywhere, keep it now",
+                token_file.display()
+            );
             Ok(())
         }
         Command::Runs { json } => block_on(store_commands::runs(&cli.data_dir, json)),
@@ -334,6 +481,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             snapshots,
             params,
         }) => block_on(store_commands::bench_import(&dir, snapshots, params)),
+        Command::Bench(BenchCommand::Reconstruct {
+            dir,
+            snapshots,
+            params,
+            rounds,
+            peer_python,
+        }) => block_on(store_commands::bench_reconstruct(
+            &dir,
+            snapshots,
+            params,
+            rounds,
+            peer_python,
+        )),
         Command::Bench(BenchCommand::Solve {
             times,
             targets,
@@ -341,6 +501,61 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             peer_python,
         }) => bench_solve(times, targets, iterations, peer_python),
     }
+}
+
+/// `hindsight serve`: opens the data directory, binds, serves until Ctrl-C or SIGTERM.
+async fn serve(
+    data_dir: PathBuf,
+    addr: std::net::SocketAddr,
+    config: hindsight::server::ServerConfig,
+) -> anyhow::Result<()> {
+    let data = hindsight::app::DataDir::open(&data_dir).await?;
+    // Temporary files older than a day are leftovers of killed writers.
+    let removed = data
+        .store
+        .clean_temp(std::time::Duration::from_secs(86_400))?;
+    if removed > 0 {
+        tracing::info!(removed, "removed abandoned temporary files");
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let auth = if config.token_hashes.is_empty() {
+        "no authentication".to_owned()
+    } else {
+        format!("{} token(s) for writes", config.token_hashes.len())
+    };
+    eprintln!(
+        "hindsight serving {} on http://{} ({auth}); API description at /openapi.json",
+        data_dir.display(),
+        listener.local_addr()?
+    );
+    let state = hindsight::server::AppState::new(data, config);
+    hindsight::server::serve(listener, state, shutdown_signal()).await?;
+    eprintln!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    eprintln!("shutting down: finishing requests in flight");
 }
 
 /// A solve request holding a stored run's snapshots (and no targets yet).

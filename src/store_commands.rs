@@ -462,6 +462,193 @@ pub async fn bench_import(dir: &Path, count: usize, params: u64) -> anyhow::Resu
     Ok(())
 }
 
+/// Runs a command, returning its wall time and the `peak_rss_kib N` it reports on stderr.
+fn time_reporting(program: &Path, args: &[&std::ffi::OsStr]) -> anyhow::Result<(f64, u64)> {
+    let start = Instant::now();
+    let out = std::process::Command::new(program)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .output()?;
+    let secs = start.elapsed().as_secs_f64();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!("{} failed: {}\n{stderr}", program.display(), out.status);
+    }
+    let rss = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("peak_rss_kib "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    Ok((secs, rss))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// `hindsight bench reconstruct`: one and eight σ_rel from generated fp16 snapshots, against
+/// `cat` of the same files and (optionally) EDM2's algorithm in NumPy, in one run.
+pub async fn bench_reconstruct(
+    dir: &Path,
+    count: usize,
+    params: u64,
+    rounds: usize,
+    peer_python: Option<String>,
+) -> anyhow::Result<()> {
+    let input = dir.join("snapshots");
+    if !(input.is_dir() && std::fs::read_dir(&input)?.count() == count) {
+        let _ = std::fs::remove_dir_all(&input);
+        generate_snapshots(&input, count, params)?;
+    }
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&input)?
+        .map(|e| Ok(e?.path()))
+        .collect::<anyhow::Result<_>>()?;
+    files.sort();
+    let bytes: u64 = files
+        .iter()
+        .map(|f| Ok(std::fs::metadata(f)?.len()))
+        .sum::<anyhow::Result<u64>>()?;
+    let data_dir = dir.join("data");
+    let exe = std::env::current_exe()?;
+    {
+        let data = DataDir::open(&data_dir).await?;
+        let stored = match data.db.run("bench").await? {
+            Some(r) => data.db.snapshots(r.id).await?.len(),
+            None => 0,
+        };
+        if stored != count {
+            drop(data);
+            let _ = std::fs::remove_dir_all(&data_dir);
+            time_command(
+                exe.to_str().context("executable path")?,
+                &[
+                    "--data-dir".as_ref(),
+                    data_dir.as_os_str(),
+                    "import".as_ref(),
+                    input.as_os_str(),
+                    "--run".as_ref(),
+                    "bench".as_ref(),
+                ],
+            )?;
+        }
+    }
+    let out = dir.join("out");
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    println!(
+        "reconstruct: {count} fp16 snapshots of {params} parameters ({gib:.2} GiB), page cache \
+         warm, {rounds} rounds, medians; {} worker threads",
+        rayon::current_num_threads()
+    );
+    let cases: [(&str, &str); 2] = [
+        ("one sigma_rel", "0.15"),
+        ("eight sigma_rel", "0.04,0.07,0.09,0.12,0.15,0.18,0.21,0.25"),
+    ];
+    for (label, sigmas) in cases {
+        let mut cat = Vec::new();
+        let mut verified = Vec::new();
+        let mut unverified = Vec::new();
+        let mut peer = Vec::new();
+        let mut rss = (0u64, 0u64);
+        for _ in 0..rounds {
+            // The files live in the store; time `cat` of the blobs the reconstruction reads.
+            let blobs: Vec<std::ffi::OsString> = {
+                let data = DataDir::open(&data_dir).await?;
+                let run = data.db.run("bench").await?.context("bench run")?;
+                data.db
+                    .snapshots(run.id)
+                    .await?
+                    .iter()
+                    .map(|s| Ok(data.store.path(&s.digest.parse()?).into_os_string()))
+                    .collect::<anyhow::Result<_>>()?
+            };
+            let cat_args: Vec<&std::ffi::OsStr> = blobs.iter().map(|b| b.as_os_str()).collect();
+            let start = Instant::now();
+            let status = std::process::Command::new("cat")
+                .args(&cat_args)
+                .stdout(std::process::Stdio::null())
+                .status()?;
+            anyhow::ensure!(status.success(), "cat failed");
+            cat.push(start.elapsed().as_secs_f64());
+            for (no_verify, times) in [(false, &mut verified), (true, &mut unverified)] {
+                let mut args: Vec<&std::ffi::OsStr> = vec![
+                    "--data-dir".as_ref(),
+                    data_dir.as_os_str(),
+                    "reconstruct".as_ref(),
+                    "--run".as_ref(),
+                    "bench".as_ref(),
+                    "--sigma-rel".as_ref(),
+                    sigmas.as_ref(),
+                    "--dtype".as_ref(),
+                    "f16".as_ref(),
+                    "--out".as_ref(),
+                    out.as_os_str(),
+                    "--recompute".as_ref(),
+                    "--report-peak-rss".as_ref(),
+                ];
+                if no_verify {
+                    args.push("--no-verify".as_ref());
+                }
+                // Each timed run computes afresh and publishes durably: earlier results go.
+                {
+                    let data = DataDir::open(&data_dir).await?;
+                    let run = data.db.run("bench").await?.context("bench run")?;
+                    for r in data.db.reconstructions(run.id).await? {
+                        data.store.remove(&r.digest.parse()?)?;
+                    }
+                    let _ = std::fs::remove_dir_all(&out);
+                }
+                let (secs, peak) = time_reporting(&exe, &args)?;
+                times.push(secs);
+                if no_verify {
+                    rss.1 = rss.1.max(peak);
+                } else {
+                    rss.0 = rss.0.max(peak);
+                }
+            }
+            if let Some(py) = &peer_python {
+                let script =
+                    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/peer_reconstruct.py");
+                let (secs, peak) = time_reporting(
+                    Path::new(py),
+                    &[
+                        script.as_os_str(),
+                        input.as_os_str(),
+                        sigmas.as_ref(),
+                        out.join("peer").as_os_str(),
+                    ],
+                )?;
+                peer.push((secs, peak));
+            }
+        }
+        let cat = median(cat);
+        let v = median(verified);
+        let u = median(unverified);
+        println!(
+            "  {label}: cat floor {cat:.2} s; hindsight {v:.2} s verified ({:.1}x cat), \
+             {u:.2} s --no-verify ({:.1}x cat); peak RSS {} / {} MiB",
+            v / cat,
+            u / cat,
+            rss.0 / 1024,
+            rss.1 / 1024
+        );
+        if !peer.is_empty() {
+            let p = median(peer.iter().map(|p| p.0).collect());
+            let peak = peer.iter().map(|p| p.1).max().unwrap_or(0);
+            println!(
+                "  {label}: EDM2 algorithm (NumPy) {p:.2} s ({:.1}x cat), peak RSS {} MiB -> \
+                 hindsight {:.1}x faster verified, {:.1}x --no-verify",
+                p / cat,
+                peak / 1024,
+                p / v,
+                p / u
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(())
+}
+
 /// Output element types of `hindsight reconstruct`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Dtype {
@@ -491,137 +678,136 @@ pub fn solve_request(snaps: &[hindsight::db::SnapshotRow]) -> SolveRequest {
     }
 }
 
-/// Solves `targets` over a stored run and writes one reconstruction per target into
-/// `out_dir`; returns the solve's report.
+/// How `hindsight reconstruct` reads and caches.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReconstructFlags {
+    /// Skip hashing the snapshots as they are read.
+    pub no_verify: bool,
+    /// Compute even when the store already holds the result.
+    pub recompute: bool,
+    /// Copy the files out of the store instead of hard-linking them.
+    pub copy: bool,
+}
+
+/// Solves `targets` over a stored run, materializes what the store does not hold yet (one
+/// pass for all of them), and copies one file per target into `out_dir`; returns the solve's
+/// report.
 pub async fn reconstruct(
     data_dir: &Path,
     run: &str,
     targets: Vec<TargetSpec>,
     dtype: Dtype,
     out_dir: &Path,
+    flags: ReconstructFlags,
 ) -> anyhow::Result<SolveResponse> {
-    use hindsight::ingest::read_header;
-    use hindsight::materialize::{materialize, Input, OutDtype};
-    use std::collections::{BTreeMap, BTreeSet};
+    use hindsight::materialize::OutDtype;
+    use hindsight::reconstruction::{self, file_name};
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
 
-    let data = DataDir::open(data_dir).await?;
-    let Some(run_row) = data.db.run(run).await? else {
-        bail!("run {run:?} does not exist (see `hindsight runs`)");
+    let out_dtype = match dtype {
+        Dtype::F32 => OutDtype::F32,
+        Dtype::F16 => OutDtype::F16,
+        Dtype::Bf16 => OutDtype::BF16,
     };
-    let snaps = data.db.snapshots(run_row.id).await?;
-    if snaps.is_empty() {
-        bail!("run {run:?} has no snapshots yet");
-    }
-    let mut request = solve_request(&snaps);
-    request.targets = targets;
-    let response = request.solve()?;
-    let targets = &response.targets;
-    let used: Vec<usize> = (0..snaps.len())
-        .filter(|&i| targets.iter().any(|t| t.solution.coefficients[i] != 0.0))
-        .collect();
-    let names: Vec<String> = targets
+    let data = DataDir::open(data_dir).await?;
+    let plan = reconstruction::plan(&data.db, run, targets, out_dtype).await?;
+    let names: Vec<String> = plan
+        .targets
         .iter()
-        .map(|t| {
-            format!(
-                "{run}-{:010}-{:.3}.safetensors",
-                t.solution.nimg, t.solution.sigma_rel
-            )
-        })
+        .map(|t| file_name(run, t.solution.nimg as i64, t.solution.sigma_rel))
         .collect();
     if names.iter().collect::<BTreeSet<_>>().len() != names.len() {
         bail!(
             "two targets round to the same file name (sigma_rel to 3 decimals); ask for each once"
         );
     }
-    let mut inputs = Vec::with_capacity(used.len());
-    for &i in &used {
-        let digest: Digest = snaps[i].digest.parse()?;
-        let mut file = data.store.open_blob(&digest)?;
-        let len = file.metadata()?.len();
-        let header = read_header(
-            &mut std::io::BufReader::new(&mut file),
-            len,
-            &snaps[i].digest,
-        )?;
-        inputs.push(Input {
-            digest,
-            header,
-            nimg: snaps[i].nimg as u64,
-        });
+    let mut rows = Vec::with_capacity(plan.targets.len());
+    let mut missing = Vec::new();
+    for (t, target) in plan.targets.iter().enumerate() {
+        match data.db.reconstruction(&target.id).await? {
+            Some(row) if !flags.recompute && data.store.contains(&row.digest.parse()?) => {
+                rows.push(Some(row))
+            }
+            _ => {
+                rows.push(None);
+                missing.push(t);
+            }
+        }
     }
-    let weights: Vec<Vec<f64>> = targets
-        .iter()
-        .map(|t| used.iter().map(|&i| t.solution.coefficients[i]).collect())
-        .collect();
-    let used_digests: Vec<&str> = used.iter().map(|&i| snaps[i].digest.as_str()).collect();
-    let metadata: Vec<BTreeMap<String, String>> = targets
-        .iter()
-        .map(|t| {
-            let s = &t.solution;
-            BTreeMap::from([
-                ("run".to_owned(), run.to_owned()),
-                ("nimg".to_owned(), s.nimg.to_string()),
-                ("sigma_rel".to_owned(), s.sigma_rel.to_string()),
-                ("gamma".to_owned(), s.gamma.to_string()),
-                ("relative_error".to_owned(), s.relative_error.to_string()),
-                ("noise_gain".to_owned(), s.noise_gain.to_string()),
-                ("coefficient_l1".to_owned(), s.coefficient_l1.to_string()),
-                (
-                    "condition_number".to_owned(),
-                    s.condition_number.to_string(),
-                ),
-                ("snapshot_digests".to_owned(), used_digests.join(",")),
-            ])
-        })
-        .collect();
+    if !missing.is_empty() {
+        let total = reconstruction::input_bytes(&plan, &missing);
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "reconstructing {msg} {bar:30} {binary_bytes}/{binary_total_bytes} \
+                 {binary_bytes_per_sec} eta {eta}",
+            )
+            .expect("valid template"),
+        );
+        bar.set_message(format!("{} target(s)", missing.len()));
+        let ticker = bar.clone();
+        let made = reconstruction::materialize_targets(
+            &data,
+            &plan,
+            &missing,
+            !flags.no_verify,
+            Arc::new(move |n| ticker.inc(n)),
+        )
+        .await?;
+        bar.finish_and_clear();
+        for &t in &missing {
+            let id = &plan.targets[t].id;
+            rows[t] = made.iter().find(|r| &r.id == id).cloned();
+        }
+    }
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let mut staged = Vec::with_capacity(targets.len());
-    for _ in targets {
-        staged.push(
-            tempfile::Builder::new()
+    // Each file is a hard link to the (read-only, durable) blob when the output directory is
+    // on the store's file system, else a copy that is staged, made durable, and only then
+    // given its name. Either way a name never points at a partial file.
+    let mut linked = 0;
+    for (row, name) in rows.iter().zip(&names) {
+        let row = row.as_ref().context("a reconstruction was not recorded")?;
+        let blob = data.store.path(&row.digest.parse()?);
+        let target = out_dir.join(name);
+        let staged = out_dir.join(format!(".{name}.partial"));
+        let _ = std::fs::remove_file(&staged);
+        if !flags.copy && std::fs::hard_link(&blob, &staged).is_ok() {
+            linked += 1;
+        } else {
+            let mut tmp = tempfile::Builder::new()
                 .prefix(".reconstruction-")
                 .tempfile_in(out_dir)
-                .with_context(|| format!("creating a file in {}", out_dir.display()))?,
-        );
+                .with_context(|| format!("creating a file in {}", out_dir.display()))?;
+            let mut source = data.store.open_blob(&row.digest.parse()?)?;
+            std::io::copy(&mut source, tmp.as_file_mut())
+                .with_context(|| format!("copying {}", blob.display()))?;
+            tmp.as_file().sync_all()?;
+            tmp.persist(&staged)?;
+        }
+        std::fs::rename(&staged, &target)
+            .with_context(|| format!("naming {}", target.display()))?;
     }
-    let out_dtype = match dtype {
-        Dtype::F32 => OutDtype::F32,
-        Dtype::F16 => OutDtype::F16,
-        Dtype::Bf16 => OutDtype::BF16,
-    };
-    let bar = ProgressBar::new_spinner();
-    bar.set_message(format!(
-        "reconstructing {} target(s) from {} snapshot(s)",
-        targets.len(),
-        inputs.len()
-    ));
-    bar.enable_steady_tick(Duration::from_millis(120));
-    let store = data.store.clone();
-    let files: Vec<std::fs::File> = staged
-        .iter()
-        .map(|t| t.reopen())
-        .collect::<std::io::Result<_>>()?;
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let mut writers: Vec<std::io::BufWriter<std::fs::File>> = files
+    std::fs::File::open(out_dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", out_dir.display()))?;
+    let reused = rows.len() - missing.len();
+    eprintln!(
+        "wrote {} file(s) to {} ({} computed, {} already in the store; {linked} hard-linked \
+         to the store's read-only copy)",
+        names.len(),
+        out_dir.display(),
+        missing.len(),
+        reused
+    );
+    Ok(SolveResponse {
+        targets: plan
+            .targets
             .into_iter()
-            .map(|f| std::io::BufWriter::with_capacity(1 << 20, f))
-            .collect();
-        {
-            let mut outs: Vec<&mut dyn Write> =
-                writers.iter_mut().map(|w| w as &mut dyn Write).collect();
-            materialize(&store, &inputs, &weights, out_dtype, &metadata, &mut outs)?;
-        }
-        for w in writers {
-            w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        }
-        Ok(())
+            .map(|t| hindsight::phema::request::TargetOutput {
+                solution: t.solution,
+                profile: None,
+            })
+            .collect(),
     })
-    .await??;
-    bar.finish_and_clear();
-    // Published only after every output is complete and durable.
-    for (tmp, name) in staged.into_iter().zip(&names) {
-        tmp.persist(out_dir.join(name))?;
-    }
-    eprintln!("wrote {} file(s) to {}", names.len(), out_dir.display());
-    Ok(response)
 }

@@ -70,6 +70,8 @@ fn import_list_verify_gc() {
     let mut bytes = std::fs::read(&blob).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 0x80;
+    // Blobs are read-only; replace the file as a bad restore would.
+    std::fs::remove_file(&blob).unwrap();
     std::fs::write(&blob, bytes).unwrap();
     let bad = hindsight(&data, &["verify"]);
     assert!(!bad.status.success());

@@ -119,9 +119,9 @@ fn weighted_sums_match_the_reference_coefficients_to_f32_rounding() {
     let (_dir, store, inputs, files) = setup(30);
     let mut outs: Vec<Vec<u8>> = vec![Vec::new(); weights.len()];
     {
-        let mut writers: Vec<&mut dyn std::io::Write> = outs
+        let mut writers: Vec<&mut (dyn std::io::Write + Send)> = outs
             .iter_mut()
-            .map(|o| o as &mut dyn std::io::Write)
+            .map(|o| o as &mut (dyn std::io::Write + Send))
             .collect();
         let meta = vec![BTreeMap::new(); weights.len()];
         materialize(
@@ -175,9 +175,9 @@ fn half_precision_outputs_and_precision_choice() {
     for dtype in [OutDtype::F16, OutDtype::BF16] {
         let mut outs: Vec<Vec<u8>> = vec![Vec::new(); 2];
         {
-            let mut writers: Vec<&mut dyn std::io::Write> = outs
+            let mut writers: Vec<&mut (dyn std::io::Write + Send)> = outs
                 .iter_mut()
-                .map(|o| o as &mut dyn std::io::Write)
+                .map(|o| o as &mut (dyn std::io::Write + Send))
                 .collect();
             let meta = vec![BTreeMap::from([("target".to_owned(), "x".to_owned())]); 2];
             materialize(&store, &inputs, &weights, dtype, &meta, &mut writers).unwrap();
@@ -216,9 +216,10 @@ fn a_corrupt_input_fails_the_reconstruction() {
     let mut bytes = std::fs::read(&path).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
+    std::fs::remove_file(&path).unwrap(); // blobs are read-only
     std::fs::write(&path, bytes).unwrap();
     let mut out = Vec::new();
-    let mut writers: Vec<&mut dyn std::io::Write> = vec![&mut out];
+    let mut writers: Vec<&mut (dyn std::io::Write + Send)> = vec![&mut out];
     let err = materialize(
         &store,
         &inputs,
@@ -237,7 +238,7 @@ fn a_corrupt_input_fails_the_reconstruction() {
 fn bad_arguments_are_refused() {
     let (_dir, store, inputs, _files) = setup(2);
     let mut out = Vec::new();
-    let mut writers: Vec<&mut dyn std::io::Write> = vec![&mut out];
+    let mut writers: Vec<&mut (dyn std::io::Write + Send)> = vec![&mut out];
     let meta = [BTreeMap::new()];
     let e = materialize(
         &store,

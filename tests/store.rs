@@ -93,6 +93,7 @@ fn a_damaged_copy_of_the_same_content_is_replaced_on_the_next_write() {
     let data = vec![9u8; 50_000];
     let (d, _) = store.put(&data[..]).unwrap();
     // Truncated behind our back (a torn copy, a bad restore).
+    std::fs::remove_file(store.path(&d)).unwrap(); // blobs are read-only
     std::fs::write(store.path(&d), &data[..1000]).unwrap();
     assert!(matches!(
         store.verify(&d).unwrap(),
@@ -127,6 +128,7 @@ fn verify_finds_flipped_bytes_and_missing_files() {
     let path = store.path(&bad);
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[50_000] ^= 0x01;
+    std::fs::remove_file(&path).unwrap(); // blobs are read-only
     std::fs::write(&path, &bytes).unwrap();
     std::fs::remove_file(store.path(&gone)).unwrap();
 

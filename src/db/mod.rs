@@ -17,6 +17,9 @@ use sqlx::{FromRow, SqliteConnection};
 
 use crate::error::{Error, Result};
 
+mod reconstructions;
+pub use reconstructions::{NewReconstruction, ReconstructionRow};
+
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
         Error::Database(e.to_string())
@@ -30,7 +33,7 @@ impl From<sqlx::migrate::MigrateError> for Error {
 }
 
 /// A training run.
-#[derive(Clone, Debug, PartialEq, FromRow, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, FromRow, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Run {
     /// Row id.
     pub id: i64,
@@ -45,7 +48,7 @@ pub struct Run {
 }
 
 /// A run with totals, for listings.
-#[derive(Clone, Debug, PartialEq, FromRow, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, FromRow, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunSummary {
     /// Unique name.
     pub name: String,
@@ -64,7 +67,7 @@ pub struct RunSummary {
 }
 
 /// One tensor of a run's manifest.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ManifestEntry {
     /// State-dict key.
     pub name: String,
@@ -82,7 +85,7 @@ struct ManifestRow {
 }
 
 /// A stored snapshot.
-#[derive(Clone, Debug, PartialEq, FromRow, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, FromRow, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SnapshotRow {
     /// Row id.
     pub id: i64,
@@ -157,6 +160,25 @@ pub struct BlobRow {
     pub size: i64,
     /// `pending`, `valid` or `deleted`.
     pub state: String,
+}
+
+/// Run names appear in URLs and file names: 1 to 200 characters, no slashes, backslashes or
+/// control characters, and not `.` or `..`.
+pub fn check_run_name(name: &str) -> Result<()> {
+    let bad = |reason: &str| Err(Error::invalid("run", format!("{name:?}: {reason}")));
+    if name.is_empty() || name.chars().count() > 200 {
+        return bad("a run name has 1 to 200 characters");
+    }
+    if name == "." || name == ".." {
+        return bad("not a usable run name");
+    }
+    if name
+        .chars()
+        .any(|c| c == '/' || c == '\\' || c.is_control())
+    {
+        return bad("a run name may not contain slashes, backslashes or control characters");
+    }
+    Ok(())
 }
 
 fn now_secs() -> i64 {
@@ -243,6 +265,7 @@ impl Db {
         if !metadata.is_object() {
             return Err(Error::invalid("metadata", "must be a JSON object"));
         }
+        check_run_name(name)?;
         let result = sqlx::query_as::<_, Run>(
             "INSERT INTO runs (name, description, metadata) VALUES (?, ?, ?) \
              RETURNING id, name, description, metadata, created_at",
@@ -372,6 +395,7 @@ impl Db {
         let result = sqlx::query_scalar::<_, String>(
             "UPDATE blobs SET state = 'deleted', changed_at = ? \
              WHERE NOT EXISTS (SELECT 1 FROM snapshots s WHERE s.digest = blobs.digest) \
+               AND NOT EXISTS (SELECT 1 FROM reconstructions r WHERE r.digest = blobs.digest) \
                AND (state = 'valid' OR (state = 'pending' AND changed_at < ?)) \
              RETURNING digest",
         )

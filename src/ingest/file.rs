@@ -43,13 +43,14 @@ pub struct IngestOptions {
 }
 
 /// What an ingest did.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Ingested {
     /// Training time in images.
     pub nimg: u64,
     /// EMA width.
     pub sigma_rel: f64,
     /// Digest of the stored file.
+    #[schema(value_type = String)]
     pub digest: Digest,
     /// File size.
     pub bytes: u64,
@@ -172,18 +173,93 @@ pub async fn ingest_file(
         .and_then(|n| n.to_str())
         .unwrap_or_default()
         .to_owned();
-    let (header, file_len) = {
+    let (file, len) = {
         let path = path.to_owned();
         let source = source.clone();
         blocking(move || {
-            let mut file =
-                File::open(&path).map_err(|e| Error::io(format!("opening {source}"), e))?;
-            let file_len = file
+            let file = File::open(&path).map_err(|e| Error::io(format!("opening {source}"), e))?;
+            let len = file
                 .metadata()
                 .map_err(|e| Error::io(format!("reading {source}"), e))?
                 .len();
-            let header = read_header(&mut BufReader::new(&mut file), file_len, &source)?;
-            Ok((header, file_len))
+            Ok((file, len))
+        })
+        .await?
+    };
+    let reader = BufReader::with_capacity(1 << 20, file);
+    ingest_reader(
+        db,
+        store,
+        run,
+        Incoming {
+            reader,
+            len,
+            source,
+            file_name,
+        },
+        hints,
+        options,
+        progress,
+    )
+    .await
+}
+
+/// A safetensors file arriving as a byte stream (a file, an HTTP upload).
+pub struct Incoming<R> {
+    /// The bytes, from the first.
+    pub reader: R,
+    /// How many there are (the file size, an upload's `Content-Length`); a stream that ends
+    /// early or runs on is refused.
+    pub len: u64,
+    /// Names the stream in messages.
+    pub source: String,
+    /// A file name to read an EDM2-style time and width from (may be empty).
+    pub file_name: String,
+}
+
+/// Reads `bytes` into `buf` and keeps a copy: the header is parsed from the stream itself and
+/// its bytes still go into the blob.
+struct Recording<'a, R> {
+    inner: &'a mut R,
+    kept: Vec<u8>,
+}
+
+impl<R: Read> Read for Recording<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.kept.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Ingests a safetensors file from a stream, hashing as the bytes arrive: the header is read
+/// and validated first, the read-only checks against the index run before the rest of the
+/// stream is consumed, and nothing is published unless the whole stream arrived intact.
+pub async fn ingest_reader<R: Read + Send + 'static>(
+    db: &Db,
+    store: &BlobStore,
+    run: &Run,
+    incoming: Incoming<R>,
+    hints: Hints,
+    options: IngestOptions,
+    progress: impl FnMut(u64) + Send + 'static,
+) -> Result<Ingested> {
+    let Incoming {
+        mut reader,
+        len,
+        source,
+        file_name,
+    } = incoming;
+    let (header, prefix, reader) = {
+        let source = source.clone();
+        blocking(move || {
+            let mut recording = Recording {
+                inner: &mut reader,
+                kept: Vec::new(),
+            };
+            let header = read_header(&mut recording, len, &source)?;
+            let prefix = recording.kept;
+            Ok((header, prefix, reader))
         })
         .await?
     };
@@ -210,11 +286,12 @@ pub async fn ingest_file(
     // Copy into a temporary blob, hashing (and optionally scanning) as we go.
     let writer = {
         let store = store.clone();
-        let path = path.to_owned();
         let header = header.clone();
         let source = source.clone();
         blocking(move || {
-            copy_into_store(&store, &path, &header, file_len, options, &source, progress)
+            copy_into_store(
+                &store, reader, &prefix, &header, len, options, &source, progress,
+            )
         })
         .await?
     };
@@ -270,27 +347,31 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| Error::Database(format!("a blocking task failed: {e}")))?
 }
 
-/// How much to write between early-writeback flushes.
-const EARLY_WRITEBACK_BYTES: u64 = 16 << 20;
-
-/// Streams the whole file into an unpublished blob, scanning floats when asked.
+/// Streams the whole file (`prefix`, already read, then the rest of `reader`) into an
+/// unpublished blob, scanning floats when asked.
+#[allow(clippy::too_many_arguments)]
 fn copy_into_store(
     store: &BlobStore,
-    path: &Path,
+    mut reader: impl Read,
+    prefix: &[u8],
     header: &Header,
     file_len: u64,
     options: IngestOptions,
     source: &str,
     mut progress: impl FnMut(u64),
 ) -> Result<crate::store::BlobWriter> {
-    let file = File::open(path).map_err(|e| Error::io(format!("opening {source}"), e))?;
-    let mut writer = store.writer()?;
+    let mut writer = store.writer()?.with_early_writeback();
     let mut scanner = options.check_finite.then(|| FiniteScanner::new(header));
-    let mut reader = BufReader::with_capacity(1 << 20, file);
+    if let Some(s) = scanner.as_mut() {
+        s.feed(prefix)
+            .map_err(|reason| Error::invalid(source, reason))?;
+    }
+    writer
+        .write_all(prefix)
+        .map_err(|e| Error::io(format!("copying {source} into the store"), e))?;
+    progress(prefix.len() as u64);
     let mut buf = vec![0u8; 1 << 20];
-    let mut copied = 0u64;
-    let mut flushed_at = 0u64;
-    let mut flusher: Option<std::thread::JoinHandle<()>> = None;
+    let mut copied = prefix.len() as u64;
     loop {
         let n = reader
             .read(&mut buf)
@@ -307,26 +388,11 @@ fn copy_into_store(
             .map_err(|e| Error::io(format!("copying {source} into the store"), e))?;
         copied += n as u64;
         progress(n as u64);
-        // Early writeback: every 16 MiB, if the previous background flush has finished, start
-        // another on a second handle, so the disk works while we copy and the final fsync in
-        // `finish` only waits for the tail. (Linux would otherwise hold the data back until
-        // dirty memory reaches its background threshold, gigabytes here.)
-        if copied - flushed_at >= EARLY_WRITEBACK_BYTES
-            && flusher.as_ref().is_none_or(|h| h.is_finished())
-        {
-            if let Some(handle) = writer.file_handle() {
-                flushed_at = copied;
-                flusher = Some(std::thread::spawn(move || {
-                    // Durability comes from the fsync in `finish`; this one only starts it early.
-                    let _ = handle.sync_data();
-                }));
-            }
-        }
     }
     if copied != file_len {
         return Err(Error::invalid(
             source,
-            format!("the file changed while it was read ({copied} of {file_len} bytes)"),
+            format!("expected {file_len} bytes but read {copied} (the file changed while it was read, or the upload was cut short)"),
         ));
     }
     Ok(writer)

@@ -12,7 +12,10 @@ mod write;
 mod writer;
 
 pub use ema_pytorch::{convert_checkpoint, ingest_ema_pytorch, parse_ema_pytorch_name};
-pub use file::{ingest_file, kimg_to_nimg, parse_edm2_name, Hints, IngestOptions, Ingested};
+pub use file::{
+    ingest_file, ingest_reader, kimg_to_nimg, parse_edm2_name, Hints, Incoming, IngestOptions,
+    Ingested,
+};
 pub use header::{read_header, Header, TensorEntry, MAX_HEADER_BYTES};
 pub use write::{write_safetensors, write_safetensors_header, OutTensor, OutTensorInfo};
 pub use writer::SnapshotWriter;

@@ -13,9 +13,11 @@
 //! from the newest snapshot with a non-zero weight, as the output's metadata records.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
 
-use half::{bf16, f16};
+use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -26,7 +28,9 @@ use crate::store::{BlobStore, Digest};
 pub const F64_ACCUMULATION_L1: f64 = 4.0;
 
 /// Element type of the reconstructed floating-point tensors.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum OutDtype {
     /// 32-bit float.
@@ -38,6 +42,15 @@ pub enum OutDtype {
 }
 
 impl OutDtype {
+    /// Lower-case name, as in requests and on the command line: `f32`, `f16`, `bf16`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutDtype::F32 => "f32",
+            OutDtype::F16 => "f16",
+            OutDtype::BF16 => "bf16",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             OutDtype::F32 => "F32",
@@ -74,51 +87,347 @@ fn element_size(dtype: &str) -> usize {
     }
 }
 
-fn decode(dtype: &str, bytes: &[u8], out: &mut [f64]) {
-    match dtype {
-        "F64" => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
-                *o = f64::from_le_bytes(c.try_into().expect("8 bytes"));
+/// Elements per work chunk: each input is read 64 Ki elements at a time; larger chunks mean
+/// fewer synchronisations of the worker threads, smaller ones less memory per target (each
+/// worker holds 256 KiB of sums per target).
+const CHUNK_ELEMENTS: usize = 64 << 10;
+
+/// How [`materialize_with`] reads and reports.
+pub struct Options<'a> {
+    /// Hash every input as it is read and fail on a mismatch (the default). Off, a damaged
+    /// blob goes unnoticed until `hindsight verify`; reads are then bounded by memory bandwidth
+    /// rather than by hashing.
+    pub verify: bool,
+    /// Called after each chunk with the number of input bytes it read (from worker threads).
+    pub progress: &'a (dyn Fn(u64) + Sync),
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        Self {
+            verify: true,
+            progress: &|_| {},
+        }
+    }
+}
+
+/// What a materialization did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stats {
+    /// Accumulated in f64 rather than f32.
+    pub f64_accumulation: bool,
+    /// Bytes read from the inputs.
+    pub bytes_read: u64,
+}
+
+/// One input being read: an open blob, where the next read starts, and the running hash.
+struct Cursor {
+    file: File,
+    digest: Digest,
+    pos: u64,
+    hasher: Option<blake3::Hasher>,
+}
+
+impl Cursor {
+    fn read(&mut self, buf: &mut [u8]) -> Result<()> {
+        self.file.read_exact_at(buf, self.pos).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Error::Corrupt {
+                    expected: self.digest.to_hex(),
+                    actual: "(the blob is shorter than its header says)".into(),
+                }
+            } else {
+                Error::io(format!("reading blob {}", self.digest), e)
+            }
+        })?;
+        self.pos += buf.len() as u64;
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(buf);
+        }
+        Ok(())
+    }
+
+    /// Checks the digest of everything read, after reading whatever follows the last tensor.
+    fn finish(mut self) -> Result<()> {
+        let Some(hasher) = self.hasher.as_mut() else {
+            return Ok(());
+        };
+        let len = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io(format!("reading blob {}", self.digest), e))?
+            .len();
+        if len > self.pos {
+            let mut rest = vec![0u8; (len - self.pos) as usize];
+            self.file
+                .read_exact_at(&mut rest, self.pos)
+                .map_err(|e| Error::io(format!("reading blob {}", self.digest), e))?;
+            hasher.update(&rest);
+        }
+        let actual = Digest::from(hasher.finalize());
+        if actual != self.digest {
+            return Err(Error::Corrupt {
+                expected: self.digest.to_hex(),
+                actual: actual.to_hex(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Running sums for K targets over one chunk: f32, or f64 for large coefficients.
+enum Acc {
+    F32(Vec<Vec<f32>>),
+    F64(Vec<Vec<f64>>),
+}
+
+impl Acc {
+    fn new(f64_accumulation: bool, k: usize, chunk: usize) -> Self {
+        if f64_accumulation {
+            Acc::F64(vec![vec![0.0; chunk]; k])
+        } else {
+            Acc::F32(vec![vec![0.0; chunk]; k])
+        }
+    }
+
+    /// Adds `Σ_b weights[b] · values[b]` into target k's sums at `start..start + m`.
+    fn add_block(
+        &mut self,
+        k: usize,
+        start: usize,
+        m: usize,
+        values: &[[f32; BLOCK]],
+        weights: &[f64],
+        add: bool,
+    ) {
+        match self {
+            Acc::F32(a) => {
+                let acc = &mut a[k][start..start + m];
+                if !add {
+                    acc.fill(0.0);
+                }
+                kernels::combine_f32(acc, values, weights)
+            }
+            Acc::F64(a) => {
+                let acc = &mut a[k][start..start + m];
+                if !add {
+                    acc.fill(0.0);
+                }
+                kernels::combine_f64(acc, values, weights)
             }
         }
-        "F32" => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = f32::from_le_bytes(c.try_into().expect("4 bytes")) as f64;
-            }
+    }
+
+    /// Adds the workers' partial sums over the first `n` elements, in worker order (so the
+    /// result does not depend on scheduling), in parallel over targets and pieces.
+    fn add_partials(&mut self, workers: &[Worker], n: usize, add: bool) {
+        match self {
+            Acc::F32(total) => total.par_iter_mut().enumerate().for_each(|(k, t)| {
+                t[..n]
+                    .par_chunks_mut(ENCODE_PIECE)
+                    .enumerate()
+                    .for_each(|(j, piece)| {
+                        let start = j * ENCODE_PIECE;
+                        let end = start + piece.len();
+                        for (i, w) in workers.iter().enumerate() {
+                            if let Acc::F32(a) = &w.acc {
+                                if i == 0 && !add {
+                                    piece.copy_from_slice(&a[k][start..end]);
+                                } else {
+                                    kernels::add_f32(piece, &a[k][start..end]);
+                                }
+                            }
+                        }
+                    })
+            }),
+            Acc::F64(total) => total.par_iter_mut().enumerate().for_each(|(k, t)| {
+                t[..n]
+                    .par_chunks_mut(ENCODE_PIECE)
+                    .enumerate()
+                    .for_each(|(j, piece)| {
+                        let start = j * ENCODE_PIECE;
+                        let end = start + piece.len();
+                        for (i, w) in workers.iter().enumerate() {
+                            if let Acc::F64(a) = &w.acc {
+                                if i == 0 && !add {
+                                    piece.copy_from_slice(&a[k][start..end]);
+                                } else {
+                                    piece
+                                        .iter_mut()
+                                        .zip(&a[k][start..end])
+                                        .for_each(|(p, v)| *p += v);
+                                }
+                            }
+                        }
+                    })
+            }),
         }
-        "F16" => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = f16::from_le_bytes([c[0], c[1]]).to_f64();
+    }
+
+    /// Encodes target k's sums over `range` (at most [`ENCODE_PIECE`] elements) into `out`.
+    fn encode(&self, k: usize, range: std::ops::Range<usize>, dtype: OutDtype, out: &mut [u8]) {
+        let mut narrow = [0f32; ENCODE_PIECE];
+        let sum: &[f32] = match self {
+            Acc::F32(a) => &a[k][range],
+            Acc::F64(a) => {
+                let narrow = &mut narrow[..range.len()];
+                narrow
+                    .iter_mut()
+                    .zip(&a[k][range])
+                    .for_each(|(n, v)| *n = *v as f32);
+                narrow
             }
-        }
-        _ => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = bf16::from_le_bytes([c[0], c[1]]).to_f64();
+        };
+        match dtype {
+            OutDtype::F32 => out.copy_from_slice(bytemuck::cast_slice(sum)),
+            OutDtype::F16 => {
+                let mut halves = [f16::ZERO; ENCODE_PIECE];
+                let halves = &mut halves[..sum.len()];
+                halves.convert_from_f32_slice(sum);
+                out.copy_from_slice(bytemuck::cast_slice(halves));
+            }
+            OutDtype::BF16 => {
+                let mut halves = [bf16::ZERO; ENCODE_PIECE];
+                let halves = &mut halves[..sum.len()];
+                halves.convert_from_f32_slice(sum);
+                out.copy_from_slice(bytemuck::cast_slice(halves));
             }
         }
     }
 }
 
-fn encode(dtype: OutDtype, values: &[f64], out: &mut Vec<u8>) {
-    out.clear();
-    match dtype {
-        OutDtype::F32 => out.extend(values.iter().flat_map(|&v| (v as f32).to_le_bytes())),
-        OutDtype::F16 => out.extend(values.iter().flat_map(|&v| f16::from_f64(v).to_le_bytes())),
-        OutDtype::BF16 => out.extend(values.iter().flat_map(|&v| bf16::from_f64(v).to_le_bytes())),
+/// Elements per piece of the parallel merge and encode steps.
+const ENCODE_PIECE: usize = 4096;
+
+/// Inputs a worker reads before combining them: each accumulator is loaded and stored once
+/// per batch rather than once per input.
+const BATCH_INPUTS: usize = 8;
+/// Elements combined at a time: a batch's values (8 × 2 KiB) and one target's sums stay in
+/// L1 cache while every input of the batch is added in.
+const BLOCK: usize = 512;
+
+/// Scratch of one worker: raw chunks of a batch of inputs (8-byte aligned), one block of their
+/// values as f32, the batch's weights, and the partial sums.
+struct Worker {
+    raw: Vec<Vec<u64>>,
+    values: Vec<[f32; BLOCK]>,
+    batch_weights: Vec<f64>,
+    acc: Acc,
+}
+
+impl Worker {
+    fn new(f64_accumulation: bool, k: usize, chunk: usize) -> Self {
+        Self {
+            raw: Vec::new(),
+            values: vec![[0.0; BLOCK]; BATCH_INPUTS],
+            batch_weights: Vec::with_capacity(BATCH_INPUTS),
+            acc: Acc::new(f64_accumulation, k, chunk),
+        }
+    }
+
+    /// Reads `n` elements of `dtype` from each cursor in `group` and adds them, weighted, to
+    /// this worker's sums (cleared first).
+    fn accumulate(
+        &mut self,
+        group: &mut [Cursor],
+        weights: &[&[f64]],
+        dtype: &str,
+        n: usize,
+    ) -> Result<()> {
+        let size = element_size(dtype);
+        let words = (n * size).div_ceil(8);
+        for (batch_index, batch) in group.chunks_mut(BATCH_INPUTS).enumerate() {
+            let first = batch_index * BATCH_INPUTS;
+            if self.raw.len() < batch.len() {
+                self.raw.resize_with(batch.len(), Vec::new);
+            }
+            for (cursor, raw) in batch.iter_mut().zip(&mut self.raw) {
+                if raw.len() < words {
+                    raw.resize(words, 0);
+                }
+                let bytes: &mut [u8] = bytemuck::cast_slice_mut(raw);
+                cursor.read(&mut bytes[..n * size])?;
+            }
+            let count = batch.len();
+            for start in (0..n).step_by(BLOCK) {
+                let m = BLOCK.min(n - start);
+                for (raw, values) in self.raw[..count].iter().zip(&mut self.values) {
+                    let bytes: &[u8] = bytemuck::cast_slice(raw);
+                    let bytes = &bytes[start * size..(start + m) * size];
+                    let values = &mut values[..m];
+                    match dtype {
+                        "F16" => {
+                            bytemuck::cast_slice::<u8, f16>(bytes).convert_to_f32_slice(values)
+                        }
+                        "BF16" => {
+                            bytemuck::cast_slice::<u8, bf16>(bytes).convert_to_f32_slice(values)
+                        }
+                        "F32" => values.copy_from_slice(bytemuck::cast_slice(bytes)),
+                        // F64 inputs are rounded to f32 before the sum; outputs are at most f32.
+                        _ => values
+                            .iter_mut()
+                            .zip(bytemuck::cast_slice::<u8, f64>(bytes))
+                            .for_each(|(v, x)| *v = *x as f32),
+                    }
+                }
+                for (k, w) in weights.iter().enumerate() {
+                    self.batch_weights.clear();
+                    self.batch_weights
+                        .extend_from_slice(&w[first..first + count]);
+                    // The first batch sets the sums; later ones add to them.
+                    self.acc.add_block(
+                        k,
+                        start,
+                        m,
+                        &self.values[..count],
+                        &self.batch_weights,
+                        batch_index > 0,
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 }
 
-/// Reconstructs K outputs from the inputs in one pass. `weights[k][i]` is target k's weight of
-/// input i; `outputs[k]` receives a complete safetensors file with `metadata[k]` (to which the
-/// accumulation precision and the copied tensors are added).
+/// [`materialize_with`] with the default [`Options`] (verified reads, no progress).
 pub fn materialize(
     store: &BlobStore,
     inputs: &[Input],
     weights: &[Vec<f64>],
     out_dtype: OutDtype,
     metadata: &[BTreeMap<String, String>],
-    outputs: &mut [&mut dyn Write],
-) -> Result<()> {
+    outputs: &mut [&mut (dyn Write + Send)],
+) -> Result<Stats> {
+    materialize_with(
+        store,
+        inputs,
+        weights,
+        out_dtype,
+        metadata,
+        outputs,
+        &Options::default(),
+    )
+}
+
+/// Reconstructs K outputs from the inputs in one pass. `weights[k][i]` is target k's weight of
+/// input i; `outputs[k]` receives a complete safetensors file with `metadata[k]` (to which the
+/// accumulation precision and the copied tensors are added).
+///
+/// The work runs on rayon's pool: for every chunk of [`CHUNK_ELEMENTS`] elements of a tensor,
+/// each worker reads that chunk from its share of the inputs and sums it into its own
+/// accumulators, which are then added together and written out. Memory is a few chunks per
+/// worker and target (about 2.5 MiB per worker plus 256 KiB per target and worker), whatever
+/// the number of snapshots and the size of the model.
+pub fn materialize_with(
+    store: &BlobStore,
+    inputs: &[Input],
+    weights: &[Vec<f64>],
+    out_dtype: OutDtype,
+    metadata: &[BTreeMap<String, String>],
+    outputs: &mut [&mut (dyn Write + Send)],
+    options: &Options<'_>,
+) -> Result<Stats> {
     let k_count = weights.len();
     if inputs.is_empty() || k_count == 0 {
         return Err(Error::invalid("inputs", "nothing to reconstruct"));
@@ -154,7 +463,7 @@ pub fn materialize(
             ));
         }
     }
-    let use_f64 = weights
+    let f64_accumulation = weights
         .iter()
         .any(|w| w.iter().map(|v| v.abs()).sum::<f64>() > F64_ACCUMULATION_L1);
     // Copied (non-float) tensors come from the newest input any target uses.
@@ -194,7 +503,7 @@ pub fn materialize(
         let mut meta = metadata[k].clone();
         meta.insert(
             "accumulation".into(),
-            if use_f64 { "f64" } else { "f32" }.into(),
+            if f64_accumulation { "f64" } else { "f32" }.into(),
         );
         if !copied.is_empty() {
             meta.insert(
@@ -206,84 +515,163 @@ pub fn materialize(
             .map_err(|e| Error::io("writing a reconstruction", e))?;
     }
 
-    // Lockstep pass over the inputs, each read front to back and hashed on the way.
-    let mut readers = inputs
-        .iter()
-        .map(|input| {
-            let mut r = store.open_verified(&input.digest)?;
-            let mut skip = vec![0u8; input.header.data_start() as usize];
-            r.read_exact(&mut skip)
-                .map_err(|e| Error::io(format!("reading blob {}", input.digest), e))?;
-            Ok(r)
+    // Every input is read front to back (the header too, for the hash), in chunks.
+    let mut cursors = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        let file = store.open_blob(&input.digest)?;
+        let mut cursor = Cursor {
+            file,
+            digest: input.digest,
+            pos: 0,
+            hasher: options.verify.then(blake3::Hasher::new),
+        };
+        let mut head = vec![0u8; input.header.data_start() as usize];
+        cursor.read(&mut head)?;
+        cursors.push(cursor);
+    }
+    // Inputs form fixed groups of BATCH_INPUTS, whatever the number of threads: a group's
+    // partial sums are added to the total in group order, so the output's bits do not depend
+    // on the machine (the reconstruction id promises the same bytes for the same inputs).
+    let group_weights: Vec<Vec<&[f64]>> = (0..inputs.len())
+        .step_by(BATCH_INPUTS)
+        .map(|start| {
+            let end = (start + BATCH_INPUTS).min(inputs.len());
+            weights.iter().map(|w| &w[start..end]).collect()
         })
-        .collect::<Result<Vec<_>>>()?;
-    let mut raw = Vec::new();
-    let mut values = Vec::new();
-    let mut encoded = Vec::new();
-    for t in layout {
-        let n = t.shape.iter().product::<u64>() as usize;
-        if !t.is_float() {
-            let mut kept = Vec::new();
-            for (i, r) in readers.iter_mut().enumerate() {
-                raw.resize(t.len as usize, 0);
-                r.read_exact(&mut raw)
-                    .map_err(|e| Error::io(format!("reading blob {}", inputs[i].digest), e))?;
-                if i == newest {
-                    kept = raw.clone();
+        .collect();
+    let chunk = CHUNK_ELEMENTS;
+    let wave = rayon::current_num_threads().clamp(1, group_weights.len());
+    let mut workers: Vec<Worker> = (0..wave)
+        .map(|_| Worker::new(f64_accumulation, k_count, chunk))
+        .collect();
+    let mut total = Acc::new(f64_accumulation, k_count, chunk);
+    let mut bytes_read = 0u64;
+    // Outputs are written by their own thread, one chunk behind the arithmetic.
+    let (send, receive) = std::sync::mpsc::sync_channel::<Vec<Vec<u8>>>(2);
+    let (recycle_send, recycle) = std::sync::mpsc::channel::<Vec<Vec<u8>>>();
+    std::thread::scope(|scope| -> Result<()> {
+        let writer = scope.spawn(move || -> Result<()> {
+            for buffers in receive {
+                for (out, b) in outputs.iter_mut().zip(&buffers) {
+                    out.write_all(b)
+                        .map_err(|e| Error::io("writing a reconstruction", e))?;
                 }
+                let _ = recycle_send.send(buffers);
             }
-            for out in outputs.iter_mut() {
-                out.write_all(&kept)
-                    .map_err(|e| Error::io("writing a reconstruction", e))?;
-            }
-            continue;
-        }
-        let mut acc = vec![vec![0.0f64; n]; k_count];
-        let mut acc32 = vec![vec![0.0f32; if use_f64 { 0 } else { n }]; k_count];
-        values.resize(n, 0.0);
-        for (i, r) in readers.iter_mut().enumerate() {
-            raw.resize(n * element_size(&t.dtype), 0);
-            r.read_exact(&mut raw)
-                .map_err(|e| Error::io(format!("reading blob {}", inputs[i].digest), e))?;
-            if weights.iter().all(|w| w[i] == 0.0) {
-                continue;
-            }
-            decode(&t.dtype, &raw, &mut values);
-            for k in 0..k_count {
-                let w = weights[k][i];
-                if w == 0.0 {
+            Ok(())
+        });
+        let result = (|| -> Result<()> {
+            for t in layout {
+                if !t.is_float() {
+                    let mut kept = Vec::new();
+                    let mut raw = vec![0u8; t.len as usize];
+                    for (i, c) in cursors.iter_mut().enumerate() {
+                        c.read(&mut raw)?;
+                        if i == newest {
+                            kept.clone_from(&raw);
+                        }
+                    }
+                    bytes_read += t.len * inputs.len() as u64;
+                    if send.send(vec![kept; k_count]).is_err() {
+                        return Ok(()); // the writer failed; its error is reported below
+                    }
                     continue;
                 }
-                if use_f64 {
-                    acc[k]
-                        .par_iter_mut()
-                        .zip(values.par_iter())
-                        .for_each(|(a, v)| *a += w * v);
-                } else {
-                    let w = w as f32;
-                    acc32[k]
-                        .par_iter_mut()
-                        .zip(values.par_iter())
-                        .for_each(|(a, v)| *a += w * (*v as f32));
+                let elements = t.shape.iter().product::<u64>() as usize;
+                let in_size = element_size(&t.dtype);
+                let mut done = 0;
+                while done < elements {
+                    let n = (elements - done).min(chunk);
+                    for first in (0..group_weights.len()).step_by(wave) {
+                        let groups = (group_weights.len() - first).min(wave);
+                        let inputs_from = first * BATCH_INPUTS;
+                        let inputs_to = ((first + groups) * BATCH_INPUTS).min(cursors.len());
+                        workers[..groups]
+                            .par_iter_mut()
+                            .zip(cursors[inputs_from..inputs_to].par_chunks_mut(BATCH_INPUTS))
+                            .zip(group_weights[first..first + groups].par_iter())
+                            .try_for_each(|((worker, group), w)| {
+                                worker.accumulate(group, w, &t.dtype, n)?;
+                                (options.progress)((n * in_size * group.len()) as u64);
+                                Ok::<_, Error>(())
+                            })?;
+                        total.add_partials(&workers[..groups], n, first > 0);
+                    }
+                    let mut buffers = recycle
+                        .try_recv()
+                        .unwrap_or_else(|_| vec![Vec::new(); k_count]);
+                    let out_size = out_dtype.size();
+                    let total = &total;
+                    buffers.par_iter_mut().enumerate().for_each(|(k, buf)| {
+                        buf.resize(n * out_size, 0);
+                        buf.par_chunks_mut(ENCODE_PIECE * out_size)
+                            .enumerate()
+                            .for_each(|(j, out)| {
+                                let start = j * ENCODE_PIECE;
+                                let range = start..start + out.len() / out_size;
+                                total.encode(k, range, out_dtype, out);
+                            });
+                    });
+                    bytes_read += (n * in_size * inputs.len()) as u64;
+                    done += n;
+                    if send.send(buffers).is_err() {
+                        return Ok(());
+                    }
                 }
             }
-        }
-        for (k, out) in outputs.iter_mut().enumerate() {
-            if !use_f64 {
-                for (a, b) in acc[k].iter_mut().zip(&acc32[k]) {
-                    *a = *b as f64;
-                }
-            }
-            encode(out_dtype, &acc[k], &mut encoded);
-            out.write_all(&encoded)
-                .map_err(|e| Error::io("writing a reconstruction", e))?;
-        }
-    }
+            Ok(())
+        })();
+        drop(send);
+        let written = writer
+            .join()
+            .map_err(|_| Error::Database("the output writer panicked".into()))?;
+        result.and(written)
+    })?;
     // Reaching the end of every input checks its digest.
-    for (i, r) in readers.iter_mut().enumerate() {
-        let mut rest = Vec::new();
-        r.read_to_end(&mut rest)
-            .map_err(|e| Error::io(format!("verifying blob {}", inputs[i].digest), e))?;
+    cursors.into_par_iter().try_for_each(Cursor::finish)?;
+    Ok(Stats {
+        f64_accumulation,
+        bytes_read,
+    })
+}
+
+/// Vector kernels, compiled for several instruction sets and picked at run time.
+mod kernels {
+    use multiversion::multiversion;
+
+    /// `acc += x`.
+    #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+    pub fn add_f32(acc: &mut [f32], x: &[f32]) {
+        for (a, x) in acc.iter_mut().zip(x) {
+            *a += *x;
+        }
     }
-    Ok(())
+
+    /// `acc += Σ_b w[b] · values[b]` over `acc.len()` elements; `acc` stays in L1 while the
+    /// batch is added in.
+    #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+    pub fn combine_f32(acc: &mut [f32], values: &[[f32; super::BLOCK]], w: &[f64]) {
+        for (v, &w) in values.iter().zip(w) {
+            if w == 0.0 {
+                continue;
+            }
+            let w = w as f32;
+            for (a, x) in acc.iter_mut().zip(v) {
+                *a += w * *x;
+            }
+        }
+    }
+
+    /// [`combine_f32`] with f64 sums.
+    #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+    pub fn combine_f64(acc: &mut [f64], values: &[[f32; super::BLOCK]], w: &[f64]) {
+        for (v, &w) in values.iter().zip(w) {
+            if w == 0.0 {
+                continue;
+            }
+            for (a, x) in acc.iter_mut().zip(v) {
+                *a += w * f64::from(*x);
+            }
+        }
+    }
 }

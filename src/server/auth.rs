@@ -1,0 +1,103 @@
+//! Bearer tokens. The server keeps only BLAKE3 hashes of its tokens (`blake3:<hex>` lines in
+//! the token file); a request's token is hashed and compared in constant time. When tokens
+//! are configured, every request that is not GET or HEAD needs one.
+
+use axum::extract::{Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::error::{Error, Result};
+
+/// The stored form of a token: `blake3:` and the hex digest of its bytes.
+pub fn hash_token(token: &str) -> String {
+    format!("blake3:{}", blake3::hash(token.as_bytes()).to_hex())
+}
+
+/// A fresh random token: `hs_` and 43 characters of URL-safe base64 of 32 random bytes.
+pub fn new_token() -> Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| Error::io("drawing random bytes", std::io::Error::other(e.to_string())))?;
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::from("hs_");
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for b in bytes {
+        acc = (acc << 8) | b as u32;
+        bits += 8;
+        while bits >= 6 {
+            bits -= 6;
+            out.push(ALPHABET[((acc >> bits) & 63) as usize] as char);
+        }
+    }
+    if bits > 0 {
+        out.push(ALPHABET[((acc << (6 - bits)) & 63) as usize] as char);
+    }
+    Ok(out)
+}
+
+/// Parses a token file: one `blake3:<64 hex>` per line; blank lines and `#` comments are
+/// ignored. Errors name the line.
+pub fn parse_token_hashes(text: &str, source: &str) -> Result<Vec<blake3::Hash>> {
+    let mut hashes = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let hash = line
+            .strip_prefix("blake3:")
+            .and_then(|hex| blake3::Hash::from_hex(hex).ok())
+            .ok_or_else(|| {
+                Error::invalid(
+                    format!("{source}:{}", i + 1),
+                    "expected `blake3:<64 hex digits>` (see `hindsight token new`); tokens \
+                     themselves are never stored",
+                )
+            })?;
+        hashes.push(hash);
+    }
+    Ok(hashes)
+}
+
+/// Middleware: refuses non-GET/HEAD requests without a valid bearer token when tokens are
+/// configured.
+pub async fn require_token(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> std::result::Result<Response, ApiError> {
+    let hashes = &state.config.token_hashes;
+    if hashes.is_empty() || matches!(*request.method(), Method::GET | Method::HEAD) {
+        return Ok(next.run(request).await);
+    }
+    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+    let Some(value) = request.headers().get(header::AUTHORIZATION) else {
+        return Err(unauthorized(
+            "this server needs a bearer token for requests that change state \
+             (Authorization: Bearer <token>)",
+        ));
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`"))?;
+    let presented = blake3::hash(token.as_bytes());
+    // `blake3::Hash` compares in constant time; every stored hash is compared.
+    let mut ok = false;
+    for h in hashes {
+        ok |= *h == presented;
+    }
+    if !ok {
+        return Err(unauthorized("the bearer token is not valid"));
+    }
+    Ok(next.run(request).await)
+}

@@ -1,0 +1,158 @@
+//! Sending blobs (strong ETag = content digest, one `Range`, `If-None-Match`, `If-Range`) and
+//! `HEAD /blobs/{digest}`.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+
+use super::error::{ApiError, ApiResult, ErrorBody};
+use super::AppState;
+use crate::db::BlobState;
+use crate::store::Digest;
+
+fn etag_of(digest: &str) -> String {
+    format!("\"{digest}\"")
+}
+
+/// Whether an `If-None-Match` value matches the ETag (`*` or any listed strong or weak tag).
+fn none_match(value: &str, etag: &str) -> bool {
+    value
+        .split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || t == etag || t.strip_prefix("W/") == Some(etag))
+}
+
+/// Streams the blob `digest_hex` as the response to a GET with `headers`.
+pub(super) async fn send_blob(
+    state: &AppState,
+    digest_hex: &str,
+    file_name: &str,
+    headers: &HeaderMap,
+) -> ApiResult<Response> {
+    let digest: Digest = digest_hex.parse().map_err(ApiError::internal)?;
+    let etag = etag_of(digest_hex);
+    let etag_value = HeaderValue::from_str(&etag).map_err(ApiError::internal)?;
+    if let Some(v) = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+    {
+        if none_match(v, &etag) {
+            return Response::builder()
+                .status(StatusCode::NOT_MODIFIED)
+                .header(header::ETAG, etag_value)
+                .body(Body::empty())
+                .map_err(ApiError::internal);
+        }
+    }
+    let path = state.data.store.path(&digest);
+    let mut file = tokio::fs::File::open(&path).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            ApiError::internal(format!("blob {digest_hex} is missing from the store"))
+        } else {
+            ApiError::internal(format!("opening {}: {e}", path.display()))
+        }
+    })?;
+    let len = file
+        .metadata()
+        .await
+        .map_err(|e| ApiError::internal(format!("reading {}: {e}", path.display())))?
+        .len();
+    // A Range applies unless If-Range names another version.
+    let if_range_ok = headers
+        .get(header::IF_RANGE)
+        .is_none_or(|v| v.to_str().ok() == Some(etag.as_str()));
+    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        Some(value) if if_range_ok => match http_range_header::parse_range_header(value) {
+            // A syntactically invalid Range is ignored (RFC 9110 §14.2).
+            Err(_) => None,
+            Ok(parsed) => match parsed.validate(len) {
+                Ok(ranges) if ranges.len() == 1 => Some(ranges[0].clone()),
+                // Several ranges: the whole file, which RFC 9110 allows.
+                Ok(_) => None,
+                Err(_) => {
+                    let mut response: Response = ApiError::new(
+                        StatusCode::RANGE_NOT_SATISFIABLE,
+                        "range_not_satisfiable",
+                        format!("{value} is outside the {len}-byte file"),
+                    )
+                    .into_response_with_range(len);
+                    response.headers_mut().insert(header::ETAG, etag_value);
+                    return Ok(response);
+                }
+            },
+        },
+        _ => None,
+    };
+    let disposition = format!("attachment; filename=\"{}\"", file_name.replace('"', "_"));
+    let builder = Response::builder()
+        .header(header::ETAG, etag_value)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CACHE_CONTROL, "public, max-age=31536000, immutable")
+        .header(header::CONTENT_DISPOSITION, disposition);
+    let response = match range {
+        Some(r) => {
+            use tokio::io::AsyncSeekExt;
+            let (start, end) = (*r.start(), *r.end());
+            file.seek(std::io::SeekFrom::Start(start))
+                .await
+                .map_err(|e| ApiError::internal(format!("seeking {}: {e}", path.display())))?;
+            builder
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"))
+                .header(header::CONTENT_LENGTH, end - start + 1)
+                .body(super::reconstruct::file_body(file, end - start + 1, None))
+        }
+        None => builder
+            .status(StatusCode::OK)
+            .header(header::CONTENT_LENGTH, len)
+            .body(super::reconstruct::file_body(
+                file,
+                len,
+                state.config.verify_reads.then_some(digest),
+            )),
+    };
+    response.map_err(ApiError::internal)
+}
+
+impl ApiError {
+    fn into_response_with_range(self, len: u64) -> Response {
+        use axum::response::IntoResponse;
+        let mut response = self.into_response();
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+            response.headers_mut().insert(header::CONTENT_RANGE, v);
+        }
+        response
+    }
+}
+
+/// Whether the store holds a blob (so clients can skip uploading it); `Content-Length` is its
+/// size.
+#[utoipa::path(head, path = "/blobs/{digest}", tag = "snapshots",
+    params(("digest" = String, Path, description = "BLAKE3 digest, 64 hex digits")),
+    responses(
+        (status = 200, description = "Present; Content-Length is its size"),
+        (status = 400, description = "Malformed digest", body = ErrorBody),
+        (status = 404, description = "Not in the store"),
+    ))]
+pub(super) async fn head_blob(
+    State(state): State<AppState>,
+    Path(digest_hex): Path<String>,
+) -> ApiResult<Response> {
+    let digest: Digest = digest_hex
+        .parse()
+        .map_err(|e: crate::Error| ApiError::invalid(format!("digest: {e}")))?;
+    let present = state.data.db.blob_state(&digest.to_hex()).await? == Some(BlobState::Valid)
+        && state.data.store.contains(&digest);
+    if !present {
+        return Err(ApiError::not_found(format!("no blob {digest}")));
+    }
+    let size = state.data.store.size(&digest)?;
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_LENGTH, size)
+        .header(header::ETAG, etag_of(&digest.to_hex()))
+        .body(Body::empty())
+        .map_err(ApiError::internal)
+}

@@ -1,0 +1,71 @@
+//! The OpenAPI document, generated from the handlers' annotations (utoipa).
+
+use axum::Json;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::{blobs, reconstruct, runs};
+
+/// The API description served at `GET /openapi.json`.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "hindsight",
+        description = "Post-hoc EMA of neural-network weights (EDM2, arXiv 2312.02696): \
+                       reconstruct any EMA length from stored snapshots."
+    ),
+    paths(
+        reconstruct::post_reconstruct,
+        reconstruct::get_reconstruction,
+        reconstruct::get_weights,
+        runs::list_runs,
+        runs::get_run,
+        runs::list_snapshots,
+        runs::upload_snapshot,
+        blobs::head_blob,
+        super::healthz,
+        openapi_json,
+    ),
+    components(schemas(
+        reconstruct::ReconstructRequest,
+        reconstruct::ReconstructionView,
+        reconstruct::ReconstructionList,
+        reconstruct::Widths,
+        runs::RunDetail,
+        super::error::ErrorBody,
+        super::error::ErrorDetail,
+        crate::db::RunSummary,
+        crate::db::Run,
+        crate::db::SnapshotRow,
+        crate::db::ManifestEntry,
+        crate::ingest::Ingested,
+        crate::materialize::OutDtype,
+    )),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "reconstructions", description = "Reconstruct and download EMA weights"),
+        (name = "runs", description = "Training runs"),
+        (name = "snapshots", description = "Stored EMA snapshots and uploads"),
+        (name = "meta", description = "Health and this document"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "meta",
+    responses((status = 200, description = "The OpenAPI 3.1 document", body = Object)))]
+pub(super) async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
