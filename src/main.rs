@@ -113,6 +113,21 @@ enum Command {
         #[arg(long, hide = true)]
         report_peak_rss: bool,
     },
+    /// The main job on a fresh machine: generate an EDM2-shaped run of synthetic fp16
+    /// snapshots (σ_rel 0.05 and 0.10 every 8Mi images), import it into the data directory,
+    /// reconstruct EMA lengths 0.050–0.250 into --out, print the quality report, and say how
+    /// to serve the result.
+    Demo {
+        /// Parameters per snapshot.
+        #[arg(long, default_value_t = 2_000_000)]
+        params: u64,
+        /// Snapshots (half at each width).
+        #[arg(long, default_value_t = 32)]
+        snapshots: usize,
+        /// Where the reconstructed weights go.
+        #[arg(long, default_value = "reconstructions")]
+        out: PathBuf,
+    },
     /// Serve the HTTP API (reconstruct, download, upload, listings; see /openapi.json).
     Serve {
         /// Address to listen on. Anything but loopback needs --token-file (or
@@ -411,6 +426,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print_table(&response)?;
             }
+            Ok(())
+        }
+        Command::Demo {
+            params,
+            snapshots,
+            out,
+        } => {
+            let input = cli.data_dir.join("demo-snapshots");
+            store_commands::ensure_generated(&input, snapshots, params)?;
+            block_on(store_commands::import(
+                &cli.data_dir,
+                &input,
+                "demo",
+                true,
+                store_commands::Source::Safetensors,
+            ))?;
+            let targets = phema::parse_sigma_rel_list("0.050,0.075,...,0.250")?
+                .into_iter()
+                .map(|s| TargetSpec {
+                    sigma_rel: Some(s),
+                    gamma: None,
+                    nimg: None,
+                })
+                .collect();
+            let response = block_on(store_commands::reconstruct(
+                &cli.data_dir,
+                "demo",
+                targets,
+                store_commands::Dtype::F16,
+                &out,
+                store_commands::ReconstructFlags::default(),
+            ))?;
+            print_table(&response)?;
+            eprintln!(
+                "\nnext: `hindsight serve` and POST /reconstruct {{\"run\": \"demo\", \"sigma_rel\": 0.13}} \
+                 (see README), or `hindsight reconstruct --run demo --sigma-rel LIST --out DIR`"
+            );
             Ok(())
         }
         Command::Serve {

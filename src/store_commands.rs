@@ -395,6 +395,16 @@ fn generate_snapshots(dir: &Path, count: usize, params: u64) -> anyhow::Result<u
     Ok(total)
 }
 
+/// Generates `count` snapshots into `dir` unless it already holds that many.
+pub fn ensure_generated(dir: &Path, count: usize, params: u64) -> anyhow::Result<()> {
+    let present = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+    if present != count {
+        let _ = std::fs::remove_dir_all(dir);
+        generate_snapshots(dir, count, params)?;
+    }
+    Ok(())
+}
+
 fn time_command(program: &str, args: &[&std::ffi::OsStr]) -> anyhow::Result<f64> {
     let start = Instant::now();
     let status = std::process::Command::new(program).args(args).status()?;

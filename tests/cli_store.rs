@@ -333,4 +333,111 @@ fn reconstruct_writes_one_file_per_target() {
     }
     // Nothing half-written is left in the output directory.
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 2);
+
+    // The files are read-only hard links to the store's blobs.
+    use std::os::unix::fs::MetadataExt;
+    let first = std::fs::metadata(out.join(&files[0])).unwrap();
+    assert!(first.permissions().readonly());
+    assert_eq!(first.nlink(), 2);
+
+    // Asking again reuses the stored results; --copy writes independent files.
+    let again = hindsight(
+        &data,
+        &[
+            "reconstruct",
+            "--run",
+            "demo",
+            "--sigma-rel",
+            "0.06,0.08",
+            "--out",
+            out.to_str().unwrap(),
+            "--copy",
+        ],
+    );
+    assert!(again.status.success());
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        stderr.contains("0 computed, 2 already in the store"),
+        "{stderr}"
+    );
+    let copied = std::fs::metadata(out.join(&files[0])).unwrap();
+    assert_eq!(copied.nlink(), 1);
+    assert_eq!(copied.len(), first.len());
+    // GC keeps blobs that reconstructions reference.
+    assert!(hindsight(&data, &["gc", "--grace-secs", "0"])
+        .status
+        .success());
+    let verify = hindsight(&data, &["verify"]);
+    assert!(verify.status.success());
+    let listed = hindsight(
+        &data,
+        &[
+            "reconstruct",
+            "--run",
+            "demo",
+            "--sigma-rel",
+            "0.06",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(String::from_utf8_lossy(&listed.stderr).contains("1 already in the store"));
+}
+
+#[test]
+fn serve_refuses_open_addresses_without_tokens_and_stops_on_sigterm() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let refused = hindsight(&data, &["serve", "--addr", "0.0.0.0:0"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--token-file"), "{stderr}");
+
+    // A token: printed once, only its hash on disk.
+    let tokens = dir.path().join("tokens");
+    let made = hindsight(
+        &data,
+        &["token", "new", "--token-file", tokens.to_str().unwrap()],
+    );
+    assert!(made.status.success());
+    let token = String::from_utf8(made.stdout).unwrap().trim().to_owned();
+    let file = std::fs::read_to_string(&tokens).unwrap();
+    assert!(file.starts_with("blake3:") && !file.contains(&token));
+
+    // With the token file an open address is allowed; SIGTERM stops the server cleanly.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hindsight"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["serve", "--addr", "127.0.0.1:0", "--token-file"])
+        .arg(&tokens)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains("1 token(s) for writes"), "{line}");
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let mut tcp = std::net::TcpStream::connect(&addr).unwrap();
+    tcp.write_all(b"POST /reconstruct HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+        .unwrap();
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("stopped"), "{rest}");
 }

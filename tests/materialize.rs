@@ -273,3 +273,134 @@ fn bad_arguments_are_refused() {
         .to_string()
         .contains("differ from the first input"));
 }
+
+/// Snapshot i of a "model" with tensors larger than one work chunk (64 Ki elements): f16
+/// `big` (150 001 elements, odd on purpose), bf16 `mid` (70 000), f32 `small` (3).
+fn large_snapshot(i: usize) -> Vec<u8> {
+    let value = |j: usize| {
+        let mut z = (i as u64 * 7_000_003 + j as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z ^= z >> 33;
+        ((z % 4096) as f32 - 2048.0) / 1024.0
+    };
+    let big: Vec<u8> = (0..150_001)
+        .flat_map(|j| half::f16::from_f32(value(j)).to_le_bytes())
+        .collect();
+    let mid: Vec<u8> = (0..70_000)
+        .flat_map(|j| half::bf16::from_f32(value(200_000 + j)).to_le_bytes())
+        .collect();
+    let small: Vec<u8> = (0..3)
+        .flat_map(|j| value(300_000 + j).to_le_bytes())
+        .collect();
+    let mut out = Vec::new();
+    write_safetensors(
+        &mut out,
+        &[
+            OutTensor {
+                name: "big",
+                dtype: "F16",
+                shape: &[150_001],
+                data: &big,
+            },
+            OutTensor {
+                name: "mid",
+                dtype: "BF16",
+                shape: &[700, 100],
+                data: &mid,
+            },
+            OutTensor {
+                name: "small",
+                dtype: "F32",
+                shape: &[3],
+                data: &small,
+            },
+        ],
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    out
+}
+
+fn run_on_threads(
+    threads: usize,
+    store: &BlobStore,
+    inputs: &[Input],
+    weights: &[Vec<f64>],
+) -> Vec<Vec<u8>> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let mut outs: Vec<Vec<u8>> = vec![Vec::new(); weights.len()];
+        let mut writers: Vec<&mut (dyn std::io::Write + Send)> = outs
+            .iter_mut()
+            .map(|o| o as &mut (dyn std::io::Write + Send))
+            .collect();
+        let meta = vec![BTreeMap::new(); weights.len()];
+        materialize(store, inputs, weights, OutDtype::F32, &meta, &mut writers).unwrap();
+        drop(writers);
+        outs
+    })
+}
+
+#[test]
+fn multi_chunk_tensors_many_inputs_and_thread_count_independence() {
+    // 21 inputs = three groups of up to 8; tensors span several chunks.
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlobStore::open(dir.path().join("store")).unwrap();
+    let files: Vec<Vec<u8>> = (0..21).map(large_snapshot).collect();
+    let inputs: Vec<Input> = files
+        .iter()
+        .enumerate()
+        .map(|(i, bytes)| Input {
+            digest: store.put(&bytes[..]).unwrap().0,
+            header: read_header(&mut &bytes[..], bytes.len() as u64, "snapshot").unwrap(),
+            nimg: i as u64,
+        })
+        .collect();
+    // A plain average, a cancelling combination (f64 path), and one using a single input.
+    let average = vec![1.0 / 21.0; 21];
+    let cancelling: Vec<f64> = (0..21)
+        .map(|i| if i % 2 == 0 { 1.5 } else { -1.25 })
+        .collect();
+    let single: Vec<f64> = (0..21).map(|i| if i == 13 { 1.0 } else { 0.0 }).collect();
+    for weights in [
+        vec![average.clone(), single.clone()],
+        vec![cancelling.clone(), average],
+    ] {
+        let one = run_on_threads(1, &store, &inputs, &weights);
+        let three = run_on_threads(3, &store, &inputs, &weights);
+        assert_eq!(
+            one, three,
+            "the bytes must not depend on the number of threads"
+        );
+        let parsed: Vec<SafeTensors<'_>> = files
+            .iter()
+            .map(|f| SafeTensors::deserialize(f).unwrap())
+            .collect();
+        let columns: Vec<Vec<Vec<f64>>> = ["big", "mid", "small"]
+            .iter()
+            .map(|name| parsed.iter().map(|p| floats(p, name)).collect())
+            .collect();
+        for (k, out) in one.iter().enumerate() {
+            let st = SafeTensors::deserialize(out).unwrap();
+            for (t, name) in ["big", "mid", "small"].iter().enumerate() {
+                let got = floats(&st, name);
+                assert_eq!(got.len(), columns[t][0].len());
+                for (j, g) in got.iter().enumerate() {
+                    let terms = columns[t].iter().zip(&weights[k]).map(|(c, w)| w * c[j]);
+                    let exact: f64 = terms.clone().sum();
+                    let scale: f64 = terms.map(f64::abs).sum();
+                    assert!(
+                        (g - exact).abs() <= 2e-6 * scale + 1e-12,
+                        "target {k} {name}[{j}]: {g} vs {exact}"
+                    );
+                }
+            }
+            if weights[k] == single {
+                // Weight exactly 1 on one input reproduces it exactly.
+                assert_eq!(floats(&st, "big"), columns[0][13]);
+            }
+        }
+    }
+}

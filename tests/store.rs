@@ -105,6 +105,28 @@ fn a_damaged_copy_of_the_same_content_is_replaced_on_the_next_write() {
 }
 
 #[test]
+fn a_same_size_damaged_copy_is_replaced_too() {
+    let (_dir, store) = temp_store();
+    let data: Vec<u8> = (0..60_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let (d, _) = store.put(&data[..]).unwrap();
+    // One flipped bit: same size, other content.
+    let mut damaged = data.clone();
+    damaged[12_345] ^= 0x10;
+    std::fs::remove_file(store.path(&d)).unwrap(); // blobs are read-only
+    std::fs::write(store.path(&d), &damaged).unwrap();
+    assert!(matches!(
+        store.verify(&d).unwrap(),
+        BlobStatus::Corrupt { .. }
+    ));
+    store.put(&data[..]).unwrap();
+    assert_eq!(store.verify(&d).unwrap(), BlobStatus::Intact);
+    assert!(std::fs::metadata(store.path(&d))
+        .unwrap()
+        .permissions()
+        .readonly());
+}
+
+#[test]
 fn an_unfinished_writer_leaves_nothing() {
     let (_dir, store) = temp_store();
     {

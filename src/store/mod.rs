@@ -362,10 +362,13 @@ impl BlobWriter {
             .into_inner()
             .map_err(|e| Error::io("flushing a new blob", e.into_error()))?;
         let path = self.store.path(&digest);
-        if fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == len) {
-            // Dedupe: identical content is already published. The temporary file goes away.
-            // (A present file of another size cannot be this content: it is damaged, and the
-            // rename below replaces it atomically with the good copy.)
+        if fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == len)
+            && matches!(self.store.verify(&digest), Ok(BlobStatus::Intact))
+        {
+            // Dedupe: identical content is already published (checked, not assumed: one read
+            // of the present copy). The temporary file goes away. A present file of another
+            // size or other content is damaged, and the rename below replaces it atomically
+            // with the good copy.
             drop(tmp);
             return Ok((digest, len));
         }
