@@ -123,6 +123,7 @@ pub async fn import(
         .iter()
         .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
         .sum();
+    let existed = data.db.run(run).await?.is_some();
     let run_row = data.db.run_or_create(run).await?;
     let bar = ProgressBar::new(total);
     bar.set_style(
@@ -214,6 +215,9 @@ pub async fn import(
         human_bytes((total as f64 / secs.max(1e-9)) as u64)
     );
     if !failed.is_empty() {
+        if !existed && data.db.delete_run_if_empty(run_row.id).await? {
+            eprintln!("run {run:?} was not created: nothing was imported");
+        }
         bail!("{} file(s) refused: {}", failed.len(), failed.join(", "));
     }
     Ok(())

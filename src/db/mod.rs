@@ -310,6 +310,23 @@ impl Db {
         }
     }
 
+    /// Deletes a run that has no snapshots and no reconstructions (one an ingest created and
+    /// then failed to fill); returns whether it did.
+    pub async fn delete_run_if_empty(&self, run_id: i64) -> Result<bool> {
+        let mut conn = self.begin_immediate().await?;
+        let result = sqlx::query(
+            "DELETE FROM runs WHERE id = ? \
+               AND NOT EXISTS (SELECT 1 FROM snapshots WHERE run_id = runs.id) \
+               AND NOT EXISTS (SELECT 1 FROM reconstructions WHERE run_id = runs.id)",
+        )
+        .bind(run_id)
+        .execute(&mut *conn)
+        .await
+        .map(|r| r.rows_affected() > 0)
+        .map_err(Error::from);
+        finish(&mut conn, result).await
+    }
+
     /// Every run with its totals, by name.
     pub async fn runs(&self) -> Result<Vec<RunSummary>> {
         Ok(sqlx::query_as::<_, RunSummary>(

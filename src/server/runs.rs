@@ -212,6 +212,7 @@ pub(super) async fn upload_snapshot(
         .acquire_owned()
         .await
         .map_err(ApiError::internal)?;
+    let existed = state.data.db.run(&name).await?.is_some();
     let run = state.data.db.run_or_create(&name).await?;
     let stream = request
         .into_body()
@@ -235,8 +236,12 @@ pub(super) async fn upload_snapshot(
         },
         |_| {},
     )
-    .await
-    .map_err(|e| match e {
+    .await;
+    if ingested.is_err() && !existed {
+        // A run this upload created stays only if the upload stored something.
+        let _ = state.data.db.delete_run_if_empty(run.id).await;
+    }
+    let ingested = ingested.map_err(|e| match e {
         // A body that broke off is the client's problem, not the server's.
         crate::Error::Io { context, source } if source.to_string().contains("cut short") => {
             ApiError::invalid(format!("{context}: {source}"))
