@@ -7,6 +7,7 @@
 //! engine, the HTTP server and the EDM2 network.
 //!
 //! Module map:
+//! - [`model`]: the EDM2 network (magnitude-preserving U-Net, preconditioning) in candle.
 //! - [`phema`]: post-hoc EMA mathematics and the tracker (pure: no I/O).
 //! - [`app`]: the embedded default: index + store under one data directory.
 //! - [`db`]: the SQLite index (sqlx + migrations): runs, manifests, snapshots, blob states.
@@ -28,6 +29,7 @@ pub mod db;
 pub mod error;
 pub mod ingest;
 pub mod materialize;
+pub mod model;
 pub mod phema;
 pub mod plot;
 pub mod reconstruction;
