@@ -18,6 +18,7 @@
 //! - [`store`]: content-addressed blobs (BLAKE3), atomic writes, verification (bytes only).
 //! - [`plot`]: SVG pictures of target and reconstructed profiles.
 //! - [`bench`]: synthetic workloads shared by `hindsight bench` and the tests.
+//! - [`train`]: EDM2 training loop (loss, Adam, schedule), procedural dataset.
 //! - [`error`]: the library's error type.
 
 #![deny(unsafe_code)]
@@ -35,5 +36,6 @@ pub mod plot;
 pub mod reconstruction;
 pub mod server;
 pub mod store;
+pub mod train;
 
 pub use error::{Error, Result};

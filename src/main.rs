@@ -11,6 +11,7 @@ use hindsight::phema::request::{SnapshotSpec, SolveRequest, SolveResponse, Targe
 use hindsight::phema::{self, SolveOptions, Width};
 
 mod store_commands;
+mod train_command;
 
 /// Post-hoc EMA of neural-network weights (EDM2): reconstruct any EMA length after training.
 #[derive(Parser)]
@@ -128,6 +129,9 @@ enum Command {
         #[arg(long, default_value = "reconstructions")]
         out: PathBuf,
     },
+    /// Train an EDM2 network on the built-in procedural dataset, writing power-function EMA
+    /// snapshots (σ_rel 0.05 and 0.10 by default) into the store as a run.
+    Train(train_command::TrainArgs),
     /// Serve the HTTP API (reconstruct, download, upload, listings; see /openapi.json).
     Serve {
         /// Address to listen on. Anything but loopback needs --token-file (or
@@ -465,6 +469,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Train(args) => train_command::train(&cli.data_dir, args),
         Command::Serve {
             addr,
             token_file,

@@ -226,3 +226,117 @@ fn config_has_edm2_defaults_and_round_trips() {
     .unwrap_err();
     assert!(err.to_string().contains("chanel_mult"), "{err}");
 }
+
+#[test]
+fn loss_gradients_and_forced_normalization_match_the_reference() {
+    let fixture = Fixture::load();
+    let config = fixture.config();
+    // Trainable parameters as candle Vars; the Fourier buffers stay constants.
+    let mut params = Vec::new();
+    let mut tensors = HashMap::new();
+    for (key, t) in fixture.weights() {
+        if key.contains("fourier") {
+            tensors.insert(key, t);
+        } else {
+            let var = candle_core::Var::from_tensor(&t).unwrap();
+            tensors.insert(key.clone(), var.as_tensor().clone());
+            params.push((key, var));
+        }
+    }
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    model::force_normalize(&params).unwrap();
+    for (key, var) in &params {
+        check(
+            &format!("forced_normalized/{key}"),
+            var.as_tensor(),
+            fixture.get(&format!("forced_normalized/{key}")),
+            1e-6,
+        );
+    }
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let net = Precond::new(vb, &config).unwrap();
+    // The clean images are formula inputs too (`loss/images`, kind sym, scale 1), so the
+    // fixture does not ship them.
+    let images = &Tensor::from_vec(
+        formula::values(
+            "loss/images",
+            fixture.get("loss/noise_unit").elem_count(),
+            Kind::Sym,
+            1.0,
+            0.0,
+        ),
+        fixture.get("loss/noise_unit").dims(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let loss = model::edm2_loss(
+        &net,
+        images,
+        fixture.get("loss/sigma"),
+        fixture.get("loss/noise_unit"),
+        Some(fixture.get("loss/class_labels")),
+    )
+    .unwrap();
+    check(
+        "loss per element",
+        &loss,
+        fixture.get("loss/per_element"),
+        1e-5,
+    );
+    let batch = images.dim(0).unwrap() as f64;
+    let objective = (loss.sum_all().unwrap() / batch).unwrap();
+    check(
+        "loss sum / batch",
+        &objective.reshape(1).unwrap(),
+        fixture.get("loss/mean_over_batch_sum"),
+        1e-5,
+    );
+    let grads = objective.backward().unwrap();
+    let mut worst = (0.0, String::new());
+    for (key, var) in &params {
+        let grad = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient reached {key}"));
+        let e = check(
+            &format!("grad/{key}"),
+            grad,
+            fixture.get(&format!("grad/{key}")),
+            1e-4,
+        );
+        if e > worst.0 {
+            worst = (e, key.clone());
+        }
+    }
+    eprintln!("worst gradient error {:e} ({})", worst.0, worst.1);
+}
+
+#[test]
+fn sampler_matches_the_reference() {
+    let fixture = Fixture::load();
+    let config = fixture.config();
+    let vb = VarBuilder::from_tensors(fixture.weights(), DType::F32, &Device::Cpu);
+    let net = Precond::new(vb, &config).unwrap();
+    let spec = &fixture.spec["sampler"];
+    let sampler = model::sampler::SamplerConfig {
+        num_steps: spec["num_steps"].as_u64().unwrap() as usize,
+        sigma_min: spec["sigma_min"].as_f64().unwrap(),
+        sigma_max: spec["sigma_max"].as_f64().unwrap(),
+        rho: spec["rho"].as_f64().unwrap(),
+    };
+    let mut steps = 0;
+    let samples = model::sampler::edm_sampler(
+        &net,
+        fixture.get("sampler/noise"),
+        Some(fixture.get("input/class_labels")),
+        &sampler,
+        |_, _| steps += 1,
+    )
+    .unwrap();
+    assert_eq!(steps, sampler.num_steps);
+    let e = check("samples", &samples, fixture.get("sampler/samples"), 1e-5);
+    eprintln!("sampler relative max error {e:e}");
+    // EDM2's default schedule.
+    let t = model::sampler::SamplerConfig::default().noise_levels();
+    assert_eq!(t.len(), 33);
+    assert!((t[0] - 80.0).abs() < 1e-4 && (t[31] - 0.002).abs() < 1e-8 && t[32] == 0.0);
+}

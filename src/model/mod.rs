@@ -12,6 +12,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 pub mod formula;
+pub mod sampler;
 
 /// Network configuration, with EDM2's names and defaults (`Precond` + `UNet` + `Block`
 /// arguments). Stored with every run trained by hindsight.
@@ -622,4 +623,39 @@ pub fn default_device() -> Device {
         return d;
     }
     Device::Cpu
+}
+
+/// EDM2's training loss (`EDM2Loss`, eq. 21 with the learned uncertainty): per element,
+/// `(λ(σ) / e^{u(σ)}) · (D(y + σn; σ) − y)² + u(σ)` with `λ(σ) = (σ² + σ_data²) / (σ·σ_data)²`,
+/// for clean images `y` [N, C, H, W], noise levels `sigma` [N] and unit noise `noise_unit`.
+pub fn edm2_loss(
+    net: &Precond,
+    images: &Tensor,
+    sigma: &Tensor,
+    noise_unit: &Tensor,
+    class_labels: Option<&Tensor>,
+) -> Result<Tensor> {
+    let n = images.dim(0)?;
+    let sd = net.config.sigma_data;
+    let sigma4 = sigma.reshape((n, 1, 1, 1))?;
+    let weight = (sigma4.sqr()? + sd * sd)?.broadcast_div(&sigma4.affine(sd, 0.0)?.sqr()?)?;
+    let noisy = (images + noise_unit.broadcast_mul(&sigma4)?)?;
+    let (denoised, logvar) = net.forward(&noisy, sigma, class_labels)?;
+    let scale = weight.broadcast_div(&logvar.exp()?)?;
+    (denoised - images)?
+        .sqr()?
+        .broadcast_mul(&scale)?
+        .broadcast_add(&logvar)
+}
+
+/// Forced weight normalisation (EDM2 eq. 47 / `MPConv` in training mode): every
+/// convolution and linear weight (rank ≥ 2) is replaced by `normalize(w)`; gains and Fourier
+/// buffers are left alone. Call before each training step's forward pass.
+pub fn force_normalize(params: &[(String, candle_core::Var)]) -> Result<()> {
+    for (name, var) in params {
+        if name.ends_with(".weight") && var.rank() >= 2 {
+            var.set(&normalize(var.as_tensor(), None)?)?;
+        }
+    }
+    Ok(())
 }
