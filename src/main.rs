@@ -10,6 +10,7 @@ use hindsight::bench::{edm2_schedule, sigma_sweep, Timing};
 use hindsight::phema::request::{SnapshotSpec, SolveRequest, SolveResponse, TargetSpec};
 use hindsight::phema::{self, SolveOptions, Width};
 
+mod generate_command;
 mod store_commands;
 mod train_command;
 
@@ -132,6 +133,9 @@ enum Command {
     /// Train an EDM2 network on the built-in procedural dataset, writing power-function EMA
     /// snapshots (σ_rel 0.05 and 0.10 by default) into the store as a run.
     Train(train_command::TrainArgs),
+    /// Generate images with EDM's Heun sampler from weights (a file or a stored
+    /// reconstruction): one PNG per seed plus grid.png.
+    Generate(generate_command::GenerateArgs),
     /// Serve the HTTP API (reconstruct, download, upload, listings; see /openapi.json).
     Serve {
         /// Address to listen on. Anything but loopback needs --token-file (or
@@ -273,6 +277,16 @@ enum BenchCommand {
         /// Python with NumPy for scripts/peer_reconstruct.py.
         #[arg(long)]
         peer_python: Option<String>,
+    },
+    /// Time the EDM2 network's forward pass and training step (the reference fixture's
+    /// configuration).
+    Train {
+        /// Images per batch.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Timed repetitions.
+        #[arg(long, default_value_t = 5)]
+        iterations: usize,
     },
     /// Time `solve` on an EDM2-shaped run: snapshots every 8Mi images for two widths.
     Solve {
@@ -470,6 +484,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Train(args) => train_command::train(&cli.data_dir, args),
+        Command::Generate(args) => generate_command::generate(&cli.data_dir, args),
         Command::Serve {
             addr,
             token_file,
@@ -551,6 +566,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rounds,
             peer_python,
         )),
+        Command::Bench(BenchCommand::Train { batch, iterations }) => {
+            train_command::bench_train(batch, iterations)
+        }
         Command::Bench(BenchCommand::Solve {
             times,
             targets,

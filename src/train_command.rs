@@ -1,4 +1,4 @@
-//! `hindsight train`: trains an EDM2 network on the procedural dataset and writes
+//! `hindsight train`: trains an EDM2 network on the procedural dataset or PNG images and writes
 //! power-function EMA snapshots into the store as a run.
 
 use std::path::Path;
@@ -10,7 +10,7 @@ use hindsight::app::DataDir;
 use hindsight::ingest::SnapshotWriter;
 use hindsight::model::{default_device, Edm2Config};
 use hindsight::phema::{PowerEma, Width};
-use hindsight::train::data::Procedural;
+use hindsight::train::data::{Dataset, ImageFolder, Procedural};
 use hindsight::train::{TrainConfig, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -23,6 +23,10 @@ pub struct TrainArgs {
     /// Network configuration as JSON (EDM2's names); default: a small 16×16 model.
     #[arg(long)]
     pub network: Option<std::path::PathBuf>,
+    /// Training images: `procedural` (built in, no download) or a folder / ZIP of PNGs in
+    /// EDM2's dataset layout (`dataset.json` labels optional; size and classes come from it).
+    #[arg(long, default_value = "procedural")]
+    pub dataset: String,
     /// Image side of the procedural dataset (and of the default network).
     #[arg(long, default_value_t = 16)]
     pub resolution: usize,
@@ -53,6 +57,134 @@ pub struct TrainArgs {
     /// Seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Continue from the run's checkpoint (written at every snapshot) up to --total-kimg;
+    /// the network and training options come from the checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+fn checkpoint_path(data_dir: &Path, run: &str) -> std::path::PathBuf {
+    data_dir
+        .join("checkpoints")
+        .join(format!("{run}.safetensors"))
+}
+
+fn tensor_bytes(t: &Tensor) -> anyhow::Result<Vec<u8>> {
+    Ok(flat(t)?.iter().flat_map(|v| v.to_le_bytes()).collect())
+}
+
+/// Writes the trainer, the EMAs and the data position atomically (temp file, fsync, rename).
+fn save_checkpoint(
+    path: &Path,
+    trainer: &Trainer,
+    ema: &PowerEma,
+    data_index: u64,
+) -> anyhow::Result<()> {
+    use hindsight::ingest::{write_safetensors, OutTensor};
+    let (mut tensors, mut meta) = trainer.checkpoint();
+    let names = ema.names();
+    let mut ema_tensors = Vec::new();
+    for (k, e) in ema.emas().iter().enumerate() {
+        for (name, values) in names.iter().zip(&e.tensors) {
+            ema_tensors.push((
+                format!("ema{k}/{name}"),
+                values
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            ));
+        }
+    }
+    meta.insert(
+        "ema_sigma_rels".into(),
+        serde_json::to_string(&ema.emas().iter().map(|e| e.sigma_rel).collect::<Vec<_>>())?,
+    );
+    meta.insert("ema_names".into(), serde_json::to_string(names)?);
+    meta.insert("ema_nimg".into(), ema.nimg().to_string());
+    meta.insert("data_index".into(), data_index.to_string());
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.dims().to_vec(), tensor_bytes(t)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let state = trainer.state_dict();
+    let shapes: std::collections::HashMap<&str, Vec<usize>> = state
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.dims().to_vec()))
+        .collect();
+    let ema_shapes: Vec<Vec<usize>> = ema_tensors
+        .iter()
+        .map(|(n, _)| {
+            let name = n.split_once('/').map_or("", |x| x.1);
+            shapes.get(name).cloned().unwrap_or_default()
+        })
+        .collect();
+    let mut out: Vec<OutTensor<'_>> = bytes
+        .iter()
+        .map(|(n, s, b)| OutTensor {
+            name: n,
+            dtype: "F32",
+            shape: s,
+            data: b,
+        })
+        .collect();
+    for ((n, b), s) in ema_tensors.iter().zip(&ema_shapes) {
+        out.push(OutTensor {
+            name: n,
+            dtype: "F32",
+            shape: s,
+            data: b,
+        });
+    }
+    std::fs::create_dir_all(path.parent().expect("checkpoint dir"))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(path.parent().expect("checkpoint dir"))?;
+    {
+        let mut w = std::io::BufWriter::new(tmp.as_file_mut());
+        write_safetensors(&mut w, &out, &meta)?;
+        std::io::Write::flush(&mut w)?;
+    }
+    tmp.as_file().sync_all()?;
+    tmp.persist(path)?;
+    Ok(())
+}
+
+fn load_checkpoint(path: &Path, device: &Device) -> anyhow::Result<(Trainer, PowerEma, u64)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let header = hindsight::ingest::read_header(
+        &mut &bytes[..],
+        bytes.len() as u64,
+        &path.display().to_string(),
+    )?;
+    let meta = header.metadata;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device)?;
+    let trainer = Trainer::restore(&tensors, &meta, device)?;
+    let get = |k: &str| {
+        meta.get(k)
+            .with_context(|| format!("{}: no {k}", path.display()))
+    };
+    let sigma_rels: Vec<f64> = serde_json::from_str(get("ema_sigma_rels")?)?;
+    let names: Vec<String> = serde_json::from_str(get("ema_names")?)?;
+    let mut emas = Vec::new();
+    for (k, &sigma_rel) in sigma_rels.iter().enumerate() {
+        let tensors = names
+            .iter()
+            .map(|n| {
+                let t = tensors
+                    .get(&format!("ema{k}/{n}"))
+                    .with_context(|| format!("no ema{k}/{n}"))?;
+                flat(t)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let (_, gamma) = Width::SigmaRel(sigma_rel).resolve("ema")?;
+        emas.push(hindsight::phema::TrackedEma {
+            sigma_rel,
+            gamma,
+            tensors,
+        });
+    }
+    let ema = PowerEma::from_parts(names, emas, get("ema_nimg")?.parse()?)?;
+    let data_index = get("data_index")?.parse()?;
+    Ok((trainer, ema, data_index))
 }
 
 fn default_network(resolution: usize, classes: usize) -> Edm2Config {
@@ -77,7 +209,26 @@ fn flat(t: &Tensor) -> anyhow::Result<Vec<f32>> {
 }
 
 /// Runs the training loop.
-pub fn train(data_dir: &Path, args: TrainArgs) -> anyhow::Result<()> {
+pub fn train(data_dir: &Path, mut args: TrainArgs) -> anyhow::Result<()> {
+    let dataset = if args.dataset == "procedural" {
+        Dataset::Procedural(Procedural {
+            resolution: args.resolution,
+            classes: args.classes,
+            seed: args.seed ^ 0x5eed,
+        })
+    } else {
+        let folder = ImageFolder::open(Path::new(&args.dataset))?;
+        args.resolution = folder.resolution;
+        args.classes = folder.classes;
+        eprintln!(
+            "dataset {}: {} images of {2}×{2}, {3} classes",
+            args.dataset,
+            folder.len(),
+            folder.resolution,
+            folder.classes
+        );
+        Dataset::Images(folder, args.seed ^ 0x5eed)
+    };
     let network = match &args.network {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -97,7 +248,7 @@ pub fn train(data_dir: &Path, args: TrainArgs) -> anyhow::Result<()> {
     }
     if network.img_resolution != args.resolution || network.img_channels != 3 {
         bail!(
-            "the procedural dataset makes 3×{0}×{0} images; the network expects {1}×{2}×{2}",
+            "the dataset has 3×{0}×{0} images; the network expects {1}×{2}×{2}",
             args.resolution,
             network.img_channels,
             network.img_resolution
@@ -116,11 +267,25 @@ pub fn train(data_dir: &Path, args: TrainArgs) -> anyhow::Result<()> {
     config.rampup_mimg = args.rampup_mimg;
     config.seed = args.seed;
     let device = default_device();
-    let mut trainer = Trainer::new(config.clone(), &device)?;
-    let dataset = Procedural {
-        resolution: args.resolution,
-        classes: args.classes,
-        seed: args.seed ^ 0x5eed,
+    let checkpoint = checkpoint_path(data_dir, &args.run);
+    let resumed = if args.resume {
+        if !checkpoint.is_file() {
+            bail!(
+                "no checkpoint for run {:?} at {}",
+                args.run,
+                checkpoint.display()
+            );
+        }
+        Some(load_checkpoint(&checkpoint, &device)?)
+    } else {
+        None
+    };
+    if let Some((t, _, _)) = &resumed {
+        config = t.config.clone();
+    }
+    let (mut trainer, resumed_ema, mut index) = match resumed {
+        Some((t, e, i)) => (t, Some(e), i),
+        None => (Trainer::new(config.clone(), &device)?, None, 0),
     };
 
     let state = trainer.state_dict();
@@ -130,18 +295,21 @@ pub fn train(data_dir: &Path, args: TrainArgs) -> anyhow::Result<()> {
         .iter()
         .map(|(_, t)| flat(t))
         .collect::<anyhow::Result<_>>()?;
-    let mut ema = PowerEma::new(
-        &widths,
-        0,
-        names
-            .iter()
-            .map(String::as_str)
-            .zip(values.iter().map(Vec::as_slice)),
-    )?;
+    let mut ema = match resumed_ema {
+        Some(e) => e,
+        None => PowerEma::new(
+            &widths,
+            0,
+            names
+                .iter()
+                .map(String::as_str)
+                .zip(values.iter().map(Vec::as_slice)),
+        )?,
+    };
     let runtime = tokio::runtime::Runtime::new()?;
     let metadata = serde_json::json!({
         "trainer": "hindsight train",
-        "dataset": {"kind": "procedural", "resolution": args.resolution, "classes": args.classes, "seed": dataset.seed},
+        "dataset": {"source": args.dataset, "resolution": args.resolution, "classes": args.classes, "seed": args.seed ^ 0x5eed},
         "training": config,
         "network": config.network,
     });
@@ -156,15 +324,16 @@ pub fn train(data_dir: &Path, args: TrainArgs) -> anyhow::Result<()> {
         "{bar:30} {pos}/{len} img  {per_sec}  {msg}",
     )?);
     let start = Instant::now();
-    let mut next_snapshot = args.snapshot_kimg * 1000;
-    let mut index = 0u64;
+    let interval = args.snapshot_kimg * 1000;
+    let mut next_snapshot = (trainer.cur_nimg / interval + 1) * interval;
+    bar.set_position(trainer.cur_nimg.min(total));
     let mut recent = Vec::new();
     let mut snapshots = 0;
     while trainer.cur_nimg < total {
         let mut pixels = Vec::with_capacity(args.batch * 3 * args.resolution * args.resolution);
         let mut classes = Vec::with_capacity(args.batch);
         for _ in 0..args.batch {
-            let (img, class) = dataset.image(index);
+            let (img, class) = dataset.example(index);
             index += 1;
             pixels.extend(img);
             classes.push(class);
@@ -200,7 +369,8 @@ pub fn train(data_dir: &Path, args: TrainArgs) -> anyhow::Result<()> {
         if trainer.cur_nimg >= next_snapshot || trainer.cur_nimg >= total {
             let stored = runtime.block_on(writer.write(&ema))?;
             snapshots += stored.len();
-            next_snapshot += args.snapshot_kimg * 1000;
+            next_snapshot += interval;
+            save_checkpoint(&checkpoint, &trainer, &ema, index)?;
         }
     }
     bar.finish_and_clear();
@@ -210,6 +380,63 @@ pub fn train(data_dir: &Path, args: TrainArgs) -> anyhow::Result<()> {
         start.elapsed().as_secs_f64(),
         args.run,
         args.run
+    );
+    Ok(())
+}
+
+/// `hindsight bench train`: seconds per forward pass and per training step of the EDM2 network
+/// in the configuration of the reference fixture (16×16, 3 channels, 10 classes,
+/// model_channels 32, channel_mult [1, 2], 1 block, attention at 8×8).
+pub fn bench_train(batch: usize, iterations: usize) -> anyhow::Result<()> {
+    let network: Edm2Config = serde_json::from_value(serde_json::json!({
+        "img_resolution": 16, "img_channels": 3, "label_dim": 10, "model_channels": 32,
+        "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [8],
+        "channels_per_head": 32, "logvar_channels": 16
+    }))?;
+    let device = default_device();
+    let mut config = TrainConfig::new(network, batch);
+    config.rampup_mimg = 0.0;
+    let mut trainer = Trainer::new(config, &device)?;
+    let data = Procedural {
+        resolution: 16,
+        classes: 10,
+        seed: 1,
+    };
+    let mut pixels = Vec::new();
+    let mut classes = Vec::new();
+    for i in 0..batch as u64 {
+        let (img, c) = data.image(i);
+        pixels.extend(img);
+        classes.push(c);
+    }
+    let images = Tensor::from_vec(pixels, (batch, 3, 16, 16), &device)?;
+    let labels = one_hot(&classes, 10, &device)?;
+    let sigma = Tensor::full(1.0f32, batch, &device)?;
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut forward = Vec::new();
+    let mut step = Vec::new();
+    for _ in 0..iterations + 1 {
+        let t = Instant::now();
+        let (d, _) = trainer.net().forward(&images, &sigma, Some(&labels))?;
+        d.sum_all()?.to_scalar::<f32>()?;
+        forward.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        trainer.step(&images, Some(&labels))?;
+        step.push(t.elapsed().as_secs_f64());
+    }
+    // The first round warms caches and allocators.
+    forward.remove(0);
+    step.remove(0);
+    println!(
+        "EDM2 16x16 mc32 [1,2] 1 block attn 8x8, batch {batch}, {} rayon threads, device {:?}: \
+         forward {:.3} s, training step {:.3} s (medians of {iterations})",
+        rayon::current_num_threads(),
+        device,
+        median(forward),
+        median(step)
     );
     Ok(())
 }

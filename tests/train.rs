@@ -205,3 +205,75 @@ async fn train_snapshot_reconstruct_and_sample_end_to_end() {
     let values = flat(&images);
     assert!(values.iter().all(|v| v.is_finite()));
 }
+
+fn png_bytes(w: u32, h: u32, rgb: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, w, h);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.write_header().unwrap().write_image_data(rgb).unwrap();
+    }
+    out
+}
+
+#[test]
+fn png_folders_and_zips_in_edm2_layout() {
+    use hindsight::train::data::ImageFolder;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("ds");
+    std::fs::create_dir_all(root.join("00000")).unwrap();
+    let mut labels = Vec::new();
+    let mut members = Vec::new();
+    for i in 0..5u8 {
+        let rgb: Vec<u8> = (0..4 * 4 * 3).map(|j| i * 40 + j as u8).collect();
+        let name = format!("00000/img{i:08}.png");
+        let bytes = png_bytes(4, 4, &rgb);
+        std::fs::write(root.join(&name), &bytes).unwrap();
+        members.push((name.clone(), bytes));
+        labels.push(serde_json::json!([name, i % 3]));
+    }
+    let json = serde_json::json!({ "labels": labels }).to_string();
+    std::fs::write(root.join("dataset.json"), &json).unwrap();
+    let folder = ImageFolder::open(&root).unwrap();
+    assert_eq!((folder.len(), folder.resolution, folder.classes), (5, 4, 3));
+    let (img, class) = folder.image(2);
+    assert_eq!(class, 2);
+    // Pixel (0, 0) of image 2: R = 80, G = 81, B = 82 → [−1, 1].
+    assert!((img[0] - (80.0 / 127.5 - 1.0)).abs() < 1e-6);
+    assert!((img[16] - (81.0 / 127.5 - 1.0)).abs() < 1e-6);
+
+    // The same as a stored ZIP, as EDM2's dataset_tool writes it.
+    let zip_path = dir.path().join("ds.zip");
+    {
+        let file = std::fs::File::create(&zip_path).unwrap();
+        let mut zip = zip::ZipWriter::new(file);
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        for (name, bytes) in &members {
+            zip.start_file(name.as_str(), options).unwrap();
+            std::io::Write::write_all(&mut zip, bytes).unwrap();
+        }
+        zip.start_file("dataset.json", options).unwrap();
+        std::io::Write::write_all(&mut zip, json.as_bytes()).unwrap();
+        zip.finish().unwrap();
+    }
+    let zipped = ImageFolder::open(&zip_path).unwrap();
+    assert_eq!((zipped.len(), zipped.classes), (5, 3));
+    assert_eq!(zipped.image(4), folder.image(4));
+
+    // Bad inputs: a non-square image; a missing label; nothing at all.
+    std::fs::write(root.join("00000/odd.png"), png_bytes(4, 3, &[0; 36])).unwrap();
+    let err = ImageFolder::open(&root).unwrap_err().to_string();
+    assert!(err.contains("odd.png") && err.contains("square"), "{err}");
+    std::fs::remove_file(root.join("00000/odd.png")).unwrap();
+    std::fs::write(root.join("00000/extra.png"), png_bytes(4, 4, &[0; 48])).unwrap();
+    let err = ImageFolder::open(&root).unwrap_err().to_string();
+    assert!(err.contains("no label for 00000/extra.png"), "{err}");
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    assert!(ImageFolder::open(&empty)
+        .unwrap_err()
+        .to_string()
+        .contains("no PNG"));
+}

@@ -79,3 +79,37 @@ pub fn edm_sampler(
     }
     Ok(x)
 }
+
+/// The starting noise of image `seed`: a unit Gaussian of `shape` from an RNG seeded by
+/// `seed` alone, so an image depends only on its seed (not on the batch it is generated in).
+pub fn seeded_noise(seed: u64, shape: &[usize]) -> Vec<f32> {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    (0..n)
+        .map(|_| rand_distr::StandardNormal.sample(&mut rng))
+        .collect()
+}
+
+/// The class of image `seed` when none is given: drawn from a stream of its own.
+pub fn seeded_class(seed: u64, classes: usize) -> usize {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xC1A5_5E5D_C1A5_5E5D);
+    rng.random_range(0..classes.max(1))
+}
+
+/// Converts a CHW image in [−1, 1] to 8-bit RGB (HWC), rounding as EDM2 does
+/// (`x · 127.5 + 128`, clipped).
+pub fn to_rgb8(chw: &[f32], channels: usize, height: usize, width: usize) -> Vec<u8> {
+    let mut out = vec![0u8; height * width * channels];
+    for c in 0..channels {
+        for y in 0..height {
+            for x in 0..width {
+                let v = chw[c * height * width + y * width + x] * 127.5 + 128.0;
+                out[(y * width + x) * channels + c] = v.clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
+    out
+}

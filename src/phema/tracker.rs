@@ -103,6 +103,39 @@ impl PowerEma {
         })
     }
 
+    /// Restores a tracker saved as its parts (names, EMAs, time), e.g. from a training
+    /// checkpoint. Every EMA must hold one buffer per name, with equal lengths across EMAs.
+    pub fn from_parts(names: Vec<String>, emas: Vec<TrackedEma>, nimg: u64) -> Result<Self> {
+        let Some(first) = emas.first() else {
+            return Err(Error::invalid("emas", "at least one EMA is needed"));
+        };
+        let lens: Vec<usize> = first.tensors.iter().map(Vec::len).collect();
+        if lens.len() != names.len() {
+            return Err(Error::invalid(
+                "emas",
+                format!("{} buffers for {} names", lens.len(), names.len()),
+            ));
+        }
+        for (i, e) in emas.iter().enumerate() {
+            let ok = e.tensors.len() == lens.len()
+                && e.tensors.iter().zip(&lens).all(|(t, &n)| t.len() == n)
+                && (e.gamma - gamma_of_sigma_rel(e.sigma_rel)).abs()
+                    <= 1e-9 * e.gamma.abs().max(1.0);
+            if !ok {
+                return Err(Error::invalid(
+                    format!("emas[{i}]"),
+                    "buffers or width disagree with the first EMA",
+                ));
+            }
+        }
+        Ok(Self {
+            names,
+            lens,
+            emas,
+            nimg,
+        })
+    }
+
     /// Tracks `DEFAULT_SIGMA_RELS` (0.05 and 0.10).
     pub fn with_default_widths<'a>(
         nimg: u64,

@@ -98,3 +98,232 @@ impl Procedural {
         (out, class)
     }
 }
+
+/// Images from a folder or a ZIP archive in EDM2's dataset layout: PNG files (any
+/// sub-folders), all of one square size, and optionally `dataset.json` with
+/// `{"labels": [["path/in/archive.png", class], ...]}`. ZIP members must be stored
+/// uncompressed, as EDM2's `dataset_tool.py` writes them. Everything is decoded once into
+/// memory (8 bits per channel).
+#[derive(Clone, Debug)]
+pub struct ImageFolder {
+    /// Image side in pixels.
+    pub resolution: usize,
+    /// Number of classes (0 without labels).
+    pub classes: usize,
+    pixels: Vec<u8>,
+    labels: Vec<usize>,
+}
+
+fn decode_png(bytes: &[u8], name: &str) -> crate::Result<(usize, usize, Vec<u8>)> {
+    let bad = |m: String| crate::Error::invalid(name, m);
+    let mut decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = decoder
+        .read_info()
+        .map_err(|e| bad(format!("not a PNG: {e}")))?;
+    let mut buf = vec![0; reader.output_buffer_size().unwrap_or(0)];
+    let info = reader
+        .next_frame(&mut buf)
+        .map_err(|e| bad(format!("cannot decode: {e}")))?;
+    let (w, h) = (info.width as usize, info.height as usize);
+    let channels = info.color_type.samples();
+    let mut rgb = Vec::with_capacity(w * h * 3);
+    for px in buf[..w * h * channels].chunks_exact(channels) {
+        match channels {
+            1 | 2 => rgb.extend([px[0]; 3]),
+            _ => rgb.extend(&px[..3]),
+        }
+    }
+    Ok((w, h, rgb))
+}
+
+impl ImageFolder {
+    /// Loads every PNG under `path` (a directory or a `.zip`).
+    pub fn open(path: &std::path::Path) -> crate::Result<Self> {
+        let source = path.display().to_string();
+        let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut labels_json: Option<Vec<u8>> = None;
+        if path.is_dir() {
+            let mut stack = vec![path.to_path_buf()];
+            while let Some(dir) = stack.pop() {
+                let entries = std::fs::read_dir(&dir)
+                    .map_err(|e| crate::Error::io(format!("reading {}", dir.display()), e))?;
+                for entry in entries {
+                    let p = entry
+                        .map_err(|e| crate::Error::io(format!("reading {}", dir.display()), e))?
+                        .path();
+                    let rel = p
+                        .strip_prefix(path)
+                        .unwrap_or(&p)
+                        .to_string_lossy()
+                        .replace('\\', "/");
+                    if p.is_dir() {
+                        stack.push(p);
+                    } else if rel.to_lowercase().ends_with(".png") || rel == "dataset.json" {
+                        let bytes = std::fs::read(&p)
+                            .map_err(|e| crate::Error::io(format!("reading {}", p.display()), e))?;
+                        if rel == "dataset.json" {
+                            labels_json = Some(bytes);
+                        } else {
+                            files.push((rel, bytes));
+                        }
+                    }
+                }
+            }
+        } else {
+            let file = std::fs::File::open(path)
+                .map_err(|e| crate::Error::io(format!("opening {source}"), e))?;
+            let mut archive = zip::ZipArchive::new(std::io::BufReader::new(file))
+                .map_err(|e| crate::Error::invalid(&source, format!("not a ZIP archive: {e}")))?;
+            for i in 0..archive.len() {
+                let mut entry = archive
+                    .by_index(i)
+                    .map_err(|e| crate::Error::invalid(&source, format!("entry {i}: {e}")))?;
+                let name = entry
+                    .name()
+                    .map_err(|e| crate::Error::invalid(&source, format!("entry {i}: {e}")))?
+                    .into_owned();
+                if !(name.to_lowercase().ends_with(".png") || name == "dataset.json") {
+                    continue;
+                }
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut entry, &mut bytes).map_err(|e| {
+                    crate::Error::invalid(
+                        &source,
+                        format!("{name}: {e} (members must be stored uncompressed)"),
+                    )
+                })?;
+                if name == "dataset.json" {
+                    labels_json = Some(bytes);
+                } else {
+                    files.push((name, bytes));
+                }
+            }
+        }
+        files.sort_by(|a, b| a.0.cmp(&b.0));
+        if files.is_empty() {
+            return Err(crate::Error::invalid(&source, "no PNG images found"));
+        }
+        let label_map: Option<std::collections::HashMap<String, usize>> = match labels_json {
+            None => None,
+            Some(bytes) => {
+                let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+                    crate::Error::invalid(format!("{source}/dataset.json"), e.to_string())
+                })?;
+                match v.get("labels") {
+                    Some(serde_json::Value::Array(items)) => Some(
+                        items
+                            .iter()
+                            .filter_map(|it| {
+                                Some((
+                                    it.get(0)?.as_str()?.to_owned(),
+                                    it.get(1)?.as_u64()? as usize,
+                                ))
+                            })
+                            .collect(),
+                    ),
+                    _ => None,
+                }
+            }
+        };
+        let mut resolution = 0;
+        let mut pixels = Vec::new();
+        let mut labels = Vec::with_capacity(files.len());
+        for (name, bytes) in &files {
+            let (w, h, rgb) = decode_png(bytes, &format!("{source}/{name}"))?;
+            if w != h || (resolution != 0 && w != resolution) {
+                return Err(crate::Error::invalid(
+                    format!("{source}/{name}"),
+                    format!(
+                        "is {w}×{h}; every image must be square and of one size ({resolution})"
+                    ),
+                ));
+            }
+            resolution = w;
+            pixels.extend(rgb);
+            if let Some(map) = &label_map {
+                labels.push(*map.get(name).ok_or_else(|| {
+                    crate::Error::invalid(
+                        format!("{source}/dataset.json"),
+                        format!("no label for {name}"),
+                    )
+                })?);
+            }
+        }
+        let classes = labels.iter().max().map_or(0, |m| m + 1);
+        Ok(Self {
+            resolution,
+            classes,
+            pixels,
+            labels,
+        })
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.pixels.len() / (3 * self.resolution * self.resolution)
+    }
+
+    /// Whether there are none (never, once opened).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Image `index` (as CHW f32 in [−1, 1]) and its class.
+    pub fn image(&self, index: usize) -> (Vec<f32>, usize) {
+        let n = self.resolution * self.resolution;
+        let px = &self.pixels[index * 3 * n..(index + 1) * 3 * n];
+        let mut out = vec![0f32; 3 * n];
+        for (i, rgb) in px.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                out[c * n + i] = rgb[c] as f32 / 127.5 - 1.0;
+            }
+        }
+        (out, self.labels.get(index).copied().unwrap_or(0))
+    }
+}
+
+/// Where training images come from.
+#[derive(Clone, Debug)]
+pub enum Dataset {
+    /// The built-in procedural images.
+    Procedural(Procedural),
+    /// A folder or ZIP of PNGs, visited in a fresh seeded order every epoch.
+    Images(ImageFolder, u64),
+}
+
+impl Dataset {
+    /// Image side.
+    pub fn resolution(&self) -> usize {
+        match self {
+            Dataset::Procedural(p) => p.resolution,
+            Dataset::Images(f, _) => f.resolution,
+        }
+    }
+
+    /// Classes.
+    pub fn classes(&self) -> usize {
+        match self {
+            Dataset::Procedural(p) => p.classes,
+            Dataset::Images(f, _) => f.classes,
+        }
+    }
+
+    /// The `i`-th training example of the endless stream.
+    pub fn example(&self, i: u64) -> (Vec<f32>, usize) {
+        match self {
+            Dataset::Procedural(p) => p.image(i),
+            Dataset::Images(f, seed) => {
+                use rand::seq::SliceRandom;
+                let n = f.len() as u64;
+                let epoch = i / n;
+                let mut order: Vec<usize> = (0..f.len()).collect();
+                let mut rng = rand::rngs::StdRng::seed_from_u64(
+                    seed ^ epoch.wrapping_mul(0xA076_1D64_78BD_642F),
+                );
+                order.shuffle(&mut rng);
+                f.image(order[(i % n) as usize])
+            }
+        }
+    }
+}

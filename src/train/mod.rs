@@ -108,7 +108,6 @@ pub struct Trainer {
     adam: Adam,
     /// Training images seen so far.
     pub cur_nimg: u64,
-    rng: rand::rngs::StdRng,
     device: Device,
 }
 
@@ -160,7 +159,7 @@ impl Trainer {
                 params.push((name, Var::from_tensor(&value)?));
             }
         }
-        Self::assemble(config, params, buffers, 0, rng, device)
+        Self::assemble(config, params, buffers, 0, device)
     }
 
     fn assemble(
@@ -168,7 +167,6 @@ impl Trainer {
         params: Vec<(String, Var)>,
         buffers: Vec<(String, Tensor)>,
         cur_nimg: u64,
-        rng: rand::rngs::StdRng,
         device: &Device,
     ) -> Result<Self> {
         let mut tensors = std::collections::HashMap::new();
@@ -193,9 +191,87 @@ impl Trainer {
             net,
             adam,
             cur_nimg,
-            rng,
             device: device.clone(),
         })
+    }
+
+    /// The complete training state as named tensors (`param/…`, `buffer/…`, `adam_m/…`,
+    /// `adam_v/…`) and metadata (`cur_nimg`, `adam_step`, `config` as JSON), ready to be
+    /// written as one safetensors file.
+    pub fn checkpoint(
+        &self,
+    ) -> (
+        Vec<(String, Tensor)>,
+        std::collections::BTreeMap<String, String>,
+    ) {
+        let mut tensors = Vec::new();
+        for (i, (name, var)) in self.params.iter().enumerate() {
+            tensors.push((format!("param/{name}"), var.as_tensor().clone()));
+            tensors.push((format!("adam_m/{name}"), self.adam.m[i].clone()));
+            tensors.push((format!("adam_v/{name}"), self.adam.v[i].clone()));
+        }
+        for (name, t) in &self.buffers {
+            tensors.push((format!("buffer/{name}"), t.clone()));
+        }
+        let meta = std::collections::BTreeMap::from([
+            ("hindsight_checkpoint".to_owned(), "1".to_owned()),
+            ("cur_nimg".to_owned(), self.cur_nimg.to_string()),
+            ("adam_step".to_owned(), self.adam.step.to_string()),
+            (
+                "config".to_owned(),
+                serde_json::to_string(&self.config).expect("config serialises"),
+            ),
+        ]);
+        (tensors, meta)
+    }
+
+    /// Restores a trainer from [`Trainer::checkpoint`]'s tensors and metadata.
+    pub fn restore(
+        tensors: &std::collections::HashMap<String, Tensor>,
+        meta: &std::collections::BTreeMap<String, String>,
+        device: &Device,
+    ) -> Result<Self> {
+        let bad = |m: String| candle_core::Error::Msg(format!("checkpoint: {m}"));
+        let field = |k: &str| {
+            meta.get(k)
+                .ok_or_else(|| bad(format!("no {k} in its metadata")))
+        };
+        if field("hindsight_checkpoint")? != "1" {
+            return Err(bad("unknown checkpoint format".into()));
+        }
+        let config: TrainConfig =
+            serde_json::from_str(field("config")?).map_err(|e| bad(format!("config: {e}")))?;
+        let cur_nimg: u64 = field("cur_nimg")?
+            .parse()
+            .map_err(|_| bad("cur_nimg".into()))?;
+        let step: u64 = field("adam_step")?
+            .parse()
+            .map_err(|_| bad("adam_step".into()))?;
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        let mut params = Vec::new();
+        let mut buffers = Vec::new();
+        for key in names {
+            let t = tensors[key].to_device(device)?;
+            if let Some(name) = key.strip_prefix("param/") {
+                params.push((name.to_owned(), Var::from_tensor(&t)?));
+            } else if let Some(name) = key.strip_prefix("buffer/") {
+                buffers.push((name.to_owned(), t));
+            }
+        }
+        let mut trainer = Self::assemble(config, params, buffers, cur_nimg, device)?;
+        for (i, (name, _)) in trainer.params.iter().enumerate() {
+            let get = |prefix: &str| {
+                tensors
+                    .get(&format!("{prefix}/{name}"))
+                    .ok_or_else(|| bad(format!("no {prefix}/{name}")))
+                    .and_then(|t| t.to_device(device))
+            };
+            trainer.adam.m[i] = get("adam_m")?;
+            trainer.adam.v[i] = get("adam_v")?;
+        }
+        trainer.adam.step = step;
+        Ok(trainer)
     }
 
     /// The network (sharing the trainer's parameters).
@@ -227,9 +303,14 @@ impl Trainer {
             cfg.rampup_mimg,
         );
         force_normalize(&self.params)?;
-        let ln_sigma = normal(&mut self.rng, &[batch], &self.device)?;
+        // Noise levels and noise of step k come from a stream seeded by (seed, k), so a run
+        // resumed from a checkpoint continues exactly as it would have.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(
+            cfg.seed ^ crate::model::formula::splitmix64(self.adam.step),
+        );
+        let ln_sigma = normal(&mut rng, &[batch], &self.device)?;
         let sigma = ln_sigma.affine(cfg.p_std, cfg.p_mean)?.exp()?;
-        let noise = normal(&mut self.rng, images.dims(), &self.device)?;
+        let noise = normal(&mut rng, images.dims(), &self.device)?;
         let loss = edm2_loss(&self.net, images, &sigma, &noise, labels)?;
         let objective = (loss.sum_all()? / batch as f64)?;
         let grads = objective.backward()?;

@@ -1,0 +1,199 @@
+//! `hindsight train`, `reconstruct` and `generate` end to end on the command line.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn hindsight(data: &Path, args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_hindsight"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "hindsight {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn png_size(path: &Path) -> (u32, u32, Vec<u8>) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf)
+}
+
+#[test]
+fn train_reconstruct_generate() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let network = dir.path().join("net.json");
+    std::fs::write(
+        &network,
+        r#"{"img_resolution": 8, "img_channels": 3, "label_dim": 3, "model_channels": 8,
+            "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [4],
+            "channels_per_head": 8, "logvar_channels": 8}"#,
+    )
+    .unwrap();
+    let network = network.to_str().unwrap();
+    hindsight(
+        &data,
+        &[
+            "train",
+            "--run",
+            "tiny",
+            "--network",
+            network,
+            "--resolution",
+            "8",
+            "--classes",
+            "3",
+            "--batch",
+            "8",
+            "--total-kimg",
+            "1",
+            "--snapshot-kimg",
+            "1",
+        ],
+    );
+    let listed = hindsight(&data, &["snapshots", "tiny", "--json"]);
+    let snaps: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(snaps.as_array().unwrap().len(), 2, "{snaps}"); // σ_rel 0.05 and 0.10 at 1000 images
+    let out = dir.path().join("weights");
+    hindsight(
+        &data,
+        &[
+            "reconstruct",
+            "--run",
+            "tiny",
+            "--sigma-rel",
+            "0.08",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    let weights = out.join("tiny-0000001000-0.080.safetensors");
+    assert!(weights.is_file());
+
+    // The network configuration comes from the run's metadata.
+    let images = dir.path().join("images");
+    let w = weights.to_str().unwrap();
+    hindsight(
+        &data,
+        &[
+            "generate",
+            "--weights",
+            w,
+            "--seeds",
+            "0-4",
+            "--steps",
+            "4",
+            "--batch",
+            "3",
+            "--out",
+            images.to_str().unwrap(),
+        ],
+    );
+    for seed in 0..5 {
+        let (width, height, _) = png_size(&images.join(format!("{seed:06}.png")));
+        assert_eq!((width, height), (8, 8));
+    }
+    let (gw, gh, _) = png_size(&images.join("grid.png"));
+    assert_eq!((gw, gh), (24, 16)); // 3 × 2 cells of 8 pixels
+                                    // An image depends only on its seed, not on its batch.
+    let alone = dir.path().join("alone");
+    hindsight(
+        &data,
+        &[
+            "generate",
+            "--weights",
+            w,
+            "--seeds",
+            "3",
+            "--steps",
+            "4",
+            "--out",
+            alone.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        png_size(&images.join("000003.png")).2,
+        png_size(&alone.join("000003.png")).2
+    );
+}
+
+#[test]
+fn generate_refuses_bad_arguments() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = Command::new(env!("CARGO_BIN_EXE_hindsight"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["generate", "--out", dir.path().join("x").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--weights"));
+}
+
+#[test]
+fn a_resumed_run_continues_exactly_as_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let network = dir.path().join("net.json");
+    std::fs::write(
+        &network,
+        r#"{"img_resolution": 8, "img_channels": 3, "label_dim": 0, "model_channels": 8,
+            "channel_mult": [1], "num_blocks": 1, "attn_resolutions": [],
+            "logvar_channels": 8}"#,
+    )
+    .unwrap();
+    let common = |run: &'static str, kimg: &'static str| {
+        vec![
+            "train",
+            "--run",
+            run,
+            "--network",
+            network.to_str().unwrap().to_owned().leak(),
+            "--resolution",
+            "8",
+            "--batch",
+            "8",
+            "--total-kimg",
+            kimg,
+            "--snapshot-kimg",
+            "1",
+        ]
+    };
+    hindsight(&data, &common("straight", "2"));
+    hindsight(&data, &common("resumed", "1"));
+    let mut again = common("resumed", "2");
+    again.push("--resume");
+    hindsight(&data, &again);
+    let digests = |run: &str| -> Vec<(u64, f64, String)> {
+        let out = hindsight(&data, &["snapshots", run, "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["nimg"].as_u64().unwrap(),
+                    s["sigma_rel"].as_f64().unwrap(),
+                    s["digest"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let straight = digests("straight");
+    assert_eq!(straight.len(), 4);
+    assert_eq!(
+        straight,
+        digests("resumed"),
+        "bit-identical snapshots after resuming"
+    );
+}
