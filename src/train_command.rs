@@ -48,6 +48,11 @@ pub struct TrainArgs {
     /// Batches before the learning rate decays as 1/sqrt(t).
     #[arg(long, default_value_t = 2000.0)]
     pub ref_batches: f64,
+    /// Statistics interval in thousands of images: one JSON line per interval (images, loss
+    /// mean and standard deviation, learning rate, images per second) appended to
+    /// `<data-dir>/training/<run>/stats.jsonl`.
+    #[arg(long, default_value_t = 1)]
+    pub status_kimg: u64,
     /// Learning-rate warm-up in millions of images.
     #[arg(long, default_value_t = 0.01)]
     pub rampup_mimg: f64,
@@ -65,8 +70,13 @@ pub struct TrainArgs {
 
 fn checkpoint_path(data_dir: &Path, run: &str) -> std::path::PathBuf {
     data_dir
-        .join("checkpoints")
-        .join(format!("{run}.safetensors"))
+        .join("training")
+        .join(run)
+        .join("checkpoint.safetensors")
+}
+
+fn stats_path(data_dir: &Path, run: &str) -> std::path::PathBuf {
+    data_dir.join("training").join(run).join("stats.jsonl")
 }
 
 fn tensor_bytes(t: &Tensor) -> anyhow::Result<Vec<u8>> {
@@ -254,8 +264,8 @@ pub fn train(data_dir: &Path, mut args: TrainArgs) -> anyhow::Result<()> {
             network.img_resolution
         );
     }
-    if args.batch == 0 || args.total_kimg == 0 || args.snapshot_kimg == 0 {
-        bail!("--batch, --total-kimg and --snapshot-kimg must be positive");
+    if args.batch == 0 || args.total_kimg == 0 || args.snapshot_kimg == 0 || args.status_kimg == 0 {
+        bail!("--batch, --total-kimg, --snapshot-kimg and --status-kimg must be positive");
     }
     let widths: Vec<Width> = hindsight::phema::parse_sigma_rel_list(&args.sigma_rels)?
         .into_iter()
@@ -325,6 +335,17 @@ pub fn train(data_dir: &Path, mut args: TrainArgs) -> anyhow::Result<()> {
     )?);
     let start = Instant::now();
     let interval = args.snapshot_kimg * 1000;
+    let status_interval = args.status_kimg * 1000;
+    let mut next_status = (trainer.cur_nimg / status_interval + 1) * status_interval;
+    let stats_file = stats_path(data_dir, &args.run);
+    std::fs::create_dir_all(stats_file.parent().expect("stats dir"))?;
+    let mut stats_out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&stats_file)
+        .with_context(|| format!("opening {}", stats_file.display()))?;
+    let mut interval_losses: Vec<f64> = Vec::new();
+    let mut interval_start = (Instant::now(), trainer.cur_nimg);
     let mut next_snapshot = (trainer.cur_nimg / interval + 1) * interval;
     bar.set_position(trainer.cur_nimg.min(total));
     let mut recent = Vec::new();
@@ -350,6 +371,7 @@ pub fn train(data_dir: &Path, mut args: TrainArgs) -> anyhow::Result<()> {
         };
         let stats = trainer.step(&images, labels.as_ref())?;
         recent.push(stats.loss);
+        interval_losses.push(stats.loss);
         if recent.len() > 20 {
             recent.remove(0);
         }
@@ -366,6 +388,28 @@ pub fn train(data_dir: &Path, mut args: TrainArgs) -> anyhow::Result<()> {
             recent.iter().sum::<f64>() / recent.len() as f64,
             stats.lr
         ));
+        if trainer.cur_nimg >= next_status || trainer.cur_nimg >= total {
+            let n = interval_losses.len() as f64;
+            let mean = interval_losses.iter().sum::<f64>() / n;
+            let var = interval_losses
+                .iter()
+                .map(|l| (l - mean).powi(2))
+                .sum::<f64>()
+                / n;
+            let secs = interval_start.0.elapsed().as_secs_f64();
+            let line = serde_json::json!({
+                "nimg": trainer.cur_nimg,
+                "loss_mean": mean,
+                "loss_std": var.sqrt(),
+                "lr": stats.lr,
+                "images_per_sec": (trainer.cur_nimg - interval_start.1) as f64 / secs.max(1e-9),
+                "elapsed_secs": start.elapsed().as_secs_f64(),
+            });
+            std::io::Write::write_all(&mut stats_out, format!("{line}\n").as_bytes())?;
+            interval_losses.clear();
+            interval_start = (Instant::now(), trainer.cur_nimg);
+            next_status += status_interval;
+        }
         if trainer.cur_nimg >= next_snapshot || trainer.cur_nimg >= total {
             let stored = runtime.block_on(writer.write(&ema))?;
             snapshots += stored.len();

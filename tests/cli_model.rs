@@ -60,6 +60,12 @@ fn train_reconstruct_generate() {
             "1",
         ],
     );
+    let stats = std::fs::read_to_string(data.join("training/tiny/stats.jsonl")).unwrap();
+    let line: serde_json::Value = serde_json::from_str(stats.lines().next().unwrap()).unwrap();
+    assert_eq!(line["nimg"], 1000);
+    assert!(line["loss_mean"].as_f64().unwrap().is_finite());
+    assert!(line["images_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(data.join("training/tiny/checkpoint.safetensors").is_file());
     let listed = hindsight(&data, &["snapshots", "tiny", "--json"]);
     let snaps: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
     assert_eq!(snaps.as_array().unwrap().len(), 2, "{snaps}"); // σ_rel 0.05 and 0.10 at 1000 images
