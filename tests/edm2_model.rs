@@ -340,3 +340,42 @@ fn sampler_matches_the_reference() {
     assert_eq!(t.len(), 33);
     assert!((t[0] - 80.0).abs() < 1e-4 && (t[31] - 0.002).abs() < 1e-8 && t[32] == 0.0);
 }
+
+#[test]
+fn gemm_convolution_matches_candles_conv2d_with_gradients() {
+    let dev = Device::Cpu;
+    let make = |name: &str, shape: &[usize]| {
+        let n = shape.iter().product();
+        Tensor::from_vec(formula::values(name, n, Kind::Sym, 1.0, 0.0), shape, &dev).unwrap()
+    };
+    for (k, (n, c, h, w), o) in [
+        (3, (2, 5, 7, 6), 4),
+        (1, (3, 4, 5, 5), 6),
+        (3, (1, 1, 1, 3), 2),
+    ] {
+        let x = candle_core::Var::from_tensor(&make("x", &[n, c, h, w])).unwrap();
+        let wt = candle_core::Var::from_tensor(&make("w", &[o, c, k, k])).unwrap();
+        let r = make("r", &[n, o, h, w]);
+        let ours = model::conv2d_same(x.as_tensor(), wt.as_tensor()).unwrap();
+        let theirs = x
+            .as_tensor()
+            .conv2d(wt.as_tensor(), k / 2, 1, 1, 1)
+            .unwrap();
+        check(&format!("conv k={k} forward"), &ours, &theirs, 1e-6);
+        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (what, v) in [("input", &x), ("weight", &wt)] {
+            check(
+                &format!("conv k={k} grad {what}"),
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+                1e-5,
+            );
+        }
+    }
+}

@@ -11,7 +11,10 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+mod conv;
 pub mod formula;
+
+pub use conv::conv2d_same;
 pub mod sampler;
 
 /// Network configuration, with EDM2's names and defaults (`Precond` + `UNet` + `Block`
@@ -252,8 +255,7 @@ impl MpConv {
         if w.rank() == 2 {
             return x.matmul(&w.t()?);
         }
-        let pad = w.dim(3)? / 2;
-        x.conv2d(&w, pad, 1, 1, 1)
+        conv2d_same(x, &w)
     }
 }
 
