@@ -52,15 +52,6 @@ pub struct PlannedTarget {
     pub solution: TargetSolution,
 }
 
-/// A reconstruction and whether it was already stored.
-#[derive(Clone, Debug)]
-pub struct Outcome {
-    /// The stored row.
-    pub row: ReconstructionRow,
-    /// True when no work was needed.
-    pub cached: bool,
-}
-
 /// The conventional file name of a reconstruction: `<run>-<nimg:010>-<σ:.3f>.safetensors`.
 pub fn file_name(run: &str, nimg: i64, sigma_rel: f64) -> String {
     format!("{run}-{nimg:010}-{sigma_rel:.3}.safetensors")
@@ -341,35 +332,11 @@ fn weights_text(coefficients: &[f64], used: &[usize]) -> String {
         .join(",")
 }
 
-/// Looks every target of `plan` up and materializes the missing ones in one pass (no
-/// coordination with other processes; the server adds single-flight on top).
-pub async fn reconstruct(
-    data: &DataDir,
-    plan: &Plan,
-    verify: bool,
-    progress: Arc<dyn Fn(u64) + Send + Sync>,
-) -> Result<Vec<Outcome>> {
-    let mut found = BTreeMap::new();
-    let mut missing = Vec::new();
-    for (t, target) in plan.targets.iter().enumerate() {
-        match data.db.reconstruction(&target.id).await? {
-            Some(row) if data.store.contains(&row.digest.parse()?) => {
-                found.insert(target.id.clone(), (row, true));
-            }
-            _ => missing.push(t),
-        }
+/// The stored reconstruction `id`, if its row exists and its blob is in the store (a row
+/// whose blob was lost counts as missing, so it is computed again).
+pub async fn stored(data: &DataDir, id: &str) -> Result<Option<ReconstructionRow>> {
+    match data.db.reconstruction(id).await? {
+        Some(row) if data.store.contains(&row.digest.parse()?) => Ok(Some(row)),
+        _ => Ok(None),
     }
-    for row in materialize_targets(data, plan, &missing, verify, progress).await? {
-        found.insert(row.id.clone(), (row, false));
-    }
-    plan.targets
-        .iter()
-        .map(|t| {
-            let (row, cached) = found
-                .get(&t.id)
-                .cloned()
-                .ok_or_else(|| Error::Database(format!("reconstruction {} missing", t.id)))?;
-            Ok(Outcome { row, cached })
-        })
-        .collect()
 }

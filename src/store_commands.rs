@@ -739,15 +739,15 @@ pub async fn reconstruct(
     let mut rows = Vec::with_capacity(plan.targets.len());
     let mut missing = Vec::new();
     for (t, target) in plan.targets.iter().enumerate() {
-        match data.db.reconstruction(&target.id).await? {
-            Some(row) if !flags.recompute && data.store.contains(&row.digest.parse()?) => {
-                rows.push(Some(row))
-            }
-            _ => {
-                rows.push(None);
-                missing.push(t);
-            }
+        let found = if flags.recompute {
+            None
+        } else {
+            reconstruction::stored(&data, &target.id).await?
+        };
+        if found.is_none() {
+            missing.push(t);
         }
+        rows.push(found);
     }
     if !missing.is_empty() {
         let total = reconstruction::input_bytes(&plan, &missing);

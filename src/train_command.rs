@@ -91,20 +91,8 @@ fn save_checkpoint(
     data_index: u64,
 ) -> anyhow::Result<()> {
     use hindsight::ingest::{write_safetensors, OutTensor};
-    let (mut tensors, mut meta) = trainer.checkpoint();
+    let (tensors, mut meta) = trainer.checkpoint();
     let names = ema.names();
-    let mut ema_tensors = Vec::new();
-    for (k, e) in ema.emas().iter().enumerate() {
-        for (name, values) in names.iter().zip(&e.tensors) {
-            ema_tensors.push((
-                format!("ema{k}/{name}"),
-                values
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect::<Vec<u8>>(),
-            ));
-        }
-    }
     meta.insert(
         "ema_sigma_rels".into(),
         serde_json::to_string(&ema.emas().iter().map(|e| e.sigma_rel).collect::<Vec<_>>())?,
@@ -112,24 +100,21 @@ fn save_checkpoint(
     meta.insert("ema_names".into(), serde_json::to_string(names)?);
     meta.insert("ema_nimg".into(), ema.nimg().to_string());
     meta.insert("data_index".into(), data_index.to_string());
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+    // (name, shape, little-endian f32 bytes) of the trainer's tensors, then of every EMA
+    // buffer (the EMA tracks the state dict, in its order).
+    let mut entries: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(n, t)| Ok((n.clone(), t.dims().to_vec(), tensor_bytes(t)?)))
         .collect::<anyhow::Result<_>>()?;
     let state = trainer.state_dict();
-    let shapes: std::collections::HashMap<&str, Vec<usize>> = state
-        .iter()
-        .map(|(n, t)| (n.as_str(), t.dims().to_vec()))
-        .collect();
-    let ema_shapes: Vec<Vec<usize>> = ema_tensors
-        .iter()
-        .map(|(n, _)| {
-            let name = n.split_once('/').map_or("", |x| x.1);
-            shapes.get(name).cloned().unwrap_or_default()
-        })
-        .collect();
-    let mut out: Vec<OutTensor<'_>> = bytes
+    for (k, e) in ema.emas().iter().enumerate() {
+        for ((name, values), (_, t)) in names.iter().zip(&e.tensors).zip(&state) {
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            entries.push((format!("ema{k}/{name}"), t.dims().to_vec(), bytes));
+        }
+    }
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let out: Vec<OutTensor<'_>> = entries
         .iter()
         .map(|(n, s, b)| OutTensor {
             name: n,
@@ -138,14 +123,6 @@ fn save_checkpoint(
             data: b,
         })
         .collect();
-    for ((n, b), s) in ema_tensors.iter().zip(&ema_shapes) {
-        out.push(OutTensor {
-            name: n,
-            dtype: "F32",
-            shape: s,
-            data: b,
-        });
-    }
     std::fs::create_dir_all(path.parent().expect("checkpoint dir"))?;
     let mut tmp = tempfile::NamedTempFile::new_in(path.parent().expect("checkpoint dir"))?;
     {

@@ -190,77 +190,54 @@ impl Acc {
         }
     }
 
-    /// Adds `Σ_b weights[b] · values[b]` into target k's sums at `start..start + m`.
-    fn add_block(
+    /// Sets target k's sums at `start..start + m` to `Σ_b weights[b] · values[b]`.
+    fn set_block(
         &mut self,
         k: usize,
         start: usize,
         m: usize,
         values: &[[f32; BLOCK]],
         weights: &[f64],
-        add: bool,
     ) {
         match self {
             Acc::F32(a) => {
                 let acc = &mut a[k][start..start + m];
-                if !add {
-                    acc.fill(0.0);
-                }
+                acc.fill(0.0);
                 kernels::combine_f32(acc, values, weights)
             }
             Acc::F64(a) => {
                 let acc = &mut a[k][start..start + m];
-                if !add {
-                    acc.fill(0.0);
-                }
+                acc.fill(0.0);
                 kernels::combine_f64(acc, values, weights)
             }
         }
     }
 
     /// Adds the workers' partial sums over the first `n` elements, in worker order (so the
-    /// result does not depend on scheduling), in parallel over targets and pieces.
+    /// result does not depend on scheduling), in parallel over targets and pieces; with
+    /// `add` false the first worker's sums replace the total instead of adding to it.
     fn add_partials(&mut self, workers: &[Worker], n: usize, add: bool) {
         match self {
-            Acc::F32(total) => total.par_iter_mut().enumerate().for_each(|(k, t)| {
-                t[..n]
-                    .par_chunks_mut(ENCODE_PIECE)
-                    .enumerate()
-                    .for_each(|(j, piece)| {
-                        let start = j * ENCODE_PIECE;
-                        let end = start + piece.len();
-                        for (i, w) in workers.iter().enumerate() {
-                            if let Acc::F32(a) = &w.acc {
-                                if i == 0 && !add {
-                                    piece.copy_from_slice(&a[k][start..end]);
-                                } else {
-                                    kernels::add_f32(piece, &a[k][start..end]);
-                                }
-                            }
-                        }
+            Acc::F32(total) => {
+                let parts: Vec<&[Vec<f32>]> = workers
+                    .iter()
+                    .map(|w| match &w.acc {
+                        Acc::F32(a) => a.as_slice(),
+                        Acc::F64(_) => unreachable!("all accumulators share one precision"),
                     })
-            }),
-            Acc::F64(total) => total.par_iter_mut().enumerate().for_each(|(k, t)| {
-                t[..n]
-                    .par_chunks_mut(ENCODE_PIECE)
-                    .enumerate()
-                    .for_each(|(j, piece)| {
-                        let start = j * ENCODE_PIECE;
-                        let end = start + piece.len();
-                        for (i, w) in workers.iter().enumerate() {
-                            if let Acc::F64(a) = &w.acc {
-                                if i == 0 && !add {
-                                    piece.copy_from_slice(&a[k][start..end]);
-                                } else {
-                                    piece
-                                        .iter_mut()
-                                        .zip(&a[k][start..end])
-                                        .for_each(|(p, v)| *p += v);
-                                }
-                            }
-                        }
+                    .collect();
+                merge_sums(total, &parts, n, add);
+            }
+            Acc::F64(total) => {
+                let parts: Vec<&[Vec<f64>]> = workers
+                    .iter()
+                    .map(|w| match &w.acc {
+                        Acc::F64(a) => a.as_slice(),
+                        Acc::F32(_) => unreachable!("all accumulators share one precision"),
                     })
-            }),
+                    .collect();
+                merge_sums(total, &parts, n, add);
+            }
         }
     }
 
@@ -296,22 +273,47 @@ impl Acc {
     }
 }
 
+/// `total[k][..n] (+)= Σ_i parts[i][k][..n]`, summed in `parts` order.
+fn merge_sums<T: Copy + std::ops::AddAssign + Send + Sync>(
+    total: &mut [Vec<T>],
+    parts: &[&[Vec<T>]],
+    n: usize,
+    add: bool,
+) {
+    total.par_iter_mut().enumerate().for_each(|(k, t)| {
+        t[..n]
+            .par_chunks_mut(ENCODE_PIECE)
+            .enumerate()
+            .for_each(|(j, piece)| {
+                let start = j * ENCODE_PIECE;
+                let end = start + piece.len();
+                for (i, p) in parts.iter().enumerate() {
+                    let src = &p[k][start..end];
+                    if i == 0 && !add {
+                        piece.copy_from_slice(src);
+                    } else {
+                        piece.iter_mut().zip(src).for_each(|(a, b)| *a += *b);
+                    }
+                }
+            })
+    });
+}
+
 /// Elements per piece of the parallel merge and encode steps.
 const ENCODE_PIECE: usize = 4096;
 
-/// Inputs a worker reads before combining them: each accumulator is loaded and stored once
-/// per batch rather than once per input.
+/// Inputs per group: a worker reads a group's chunks, then combines them block by block, so
+/// each accumulator is loaded and stored once per group rather than once per input.
 const BATCH_INPUTS: usize = 8;
-/// Elements combined at a time: a batch's values (8 × 2 KiB) and one target's sums stay in
-/// L1 cache while every input of the batch is added in.
+/// Elements combined at a time: a group's values (8 × 2 KiB) and one target's sums stay in
+/// L1 cache while every input of the group is added in.
 const BLOCK: usize = 512;
 
-/// Scratch of one worker: raw chunks of a batch of inputs (8-byte aligned), one block of their
-/// values as f32, the batch's weights, and the partial sums.
+/// Scratch of one worker: raw chunks of its group of inputs (8-byte aligned), one block of
+/// their values as f32, and the group's sums.
 struct Worker {
     raw: Vec<Vec<u64>>,
     values: Vec<[f32; BLOCK]>,
-    batch_weights: Vec<f64>,
     acc: Acc,
 }
 
@@ -320,13 +322,12 @@ impl Worker {
         Self {
             raw: Vec::new(),
             values: vec![[0.0; BLOCK]; BATCH_INPUTS],
-            batch_weights: Vec::with_capacity(BATCH_INPUTS),
             acc: Acc::new(f64_accumulation, k, chunk),
         }
     }
 
-    /// Reads `n` elements of `dtype` from each cursor in `group` and adds them, weighted, to
-    /// this worker's sums (cleared first).
+    /// Reads `n` elements of `dtype` from each cursor in `group` (at most [`BATCH_INPUTS`])
+    /// and sets this worker's sums to their weighted sum.
     fn accumulate(
         &mut self,
         group: &mut [Cursor],
@@ -334,56 +335,39 @@ impl Worker {
         dtype: &str,
         n: usize,
     ) -> Result<()> {
+        debug_assert!(group.len() <= BATCH_INPUTS);
         let size = element_size(dtype);
         let words = (n * size).div_ceil(8);
-        for (batch_index, batch) in group.chunks_mut(BATCH_INPUTS).enumerate() {
-            let first = batch_index * BATCH_INPUTS;
-            if self.raw.len() < batch.len() {
-                self.raw.resize_with(batch.len(), Vec::new);
+        if self.raw.len() < group.len() {
+            self.raw.resize_with(group.len(), Vec::new);
+        }
+        for (cursor, raw) in group.iter_mut().zip(&mut self.raw) {
+            if raw.len() < words {
+                raw.resize(words, 0);
             }
-            for (cursor, raw) in batch.iter_mut().zip(&mut self.raw) {
-                if raw.len() < words {
-                    raw.resize(words, 0);
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(raw);
+            cursor.read(&mut bytes[..n * size])?;
+        }
+        let count = group.len();
+        for start in (0..n).step_by(BLOCK) {
+            let m = BLOCK.min(n - start);
+            for (raw, values) in self.raw[..count].iter().zip(&mut self.values) {
+                let bytes: &[u8] = bytemuck::cast_slice(raw);
+                let bytes = &bytes[start * size..(start + m) * size];
+                let values = &mut values[..m];
+                match dtype {
+                    "F16" => bytemuck::cast_slice::<u8, f16>(bytes).convert_to_f32_slice(values),
+                    "BF16" => bytemuck::cast_slice::<u8, bf16>(bytes).convert_to_f32_slice(values),
+                    "F32" => values.copy_from_slice(bytemuck::cast_slice(bytes)),
+                    // F64 inputs are rounded to f32 before the sum; outputs are at most f32.
+                    _ => values
+                        .iter_mut()
+                        .zip(bytemuck::cast_slice::<u8, f64>(bytes))
+                        .for_each(|(v, x)| *v = *x as f32),
                 }
-                let bytes: &mut [u8] = bytemuck::cast_slice_mut(raw);
-                cursor.read(&mut bytes[..n * size])?;
             }
-            let count = batch.len();
-            for start in (0..n).step_by(BLOCK) {
-                let m = BLOCK.min(n - start);
-                for (raw, values) in self.raw[..count].iter().zip(&mut self.values) {
-                    let bytes: &[u8] = bytemuck::cast_slice(raw);
-                    let bytes = &bytes[start * size..(start + m) * size];
-                    let values = &mut values[..m];
-                    match dtype {
-                        "F16" => {
-                            bytemuck::cast_slice::<u8, f16>(bytes).convert_to_f32_slice(values)
-                        }
-                        "BF16" => {
-                            bytemuck::cast_slice::<u8, bf16>(bytes).convert_to_f32_slice(values)
-                        }
-                        "F32" => values.copy_from_slice(bytemuck::cast_slice(bytes)),
-                        // F64 inputs are rounded to f32 before the sum; outputs are at most f32.
-                        _ => values
-                            .iter_mut()
-                            .zip(bytemuck::cast_slice::<u8, f64>(bytes))
-                            .for_each(|(v, x)| *v = *x as f32),
-                    }
-                }
-                for (k, w) in weights.iter().enumerate() {
-                    self.batch_weights.clear();
-                    self.batch_weights
-                        .extend_from_slice(&w[first..first + count]);
-                    // The first batch sets the sums; later ones add to them.
-                    self.acc.add_block(
-                        k,
-                        start,
-                        m,
-                        &self.values[..count],
-                        &self.batch_weights,
-                        batch_index > 0,
-                    );
-                }
+            for (k, w) in weights.iter().enumerate() {
+                self.acc.set_block(k, start, m, &self.values[..count], w);
             }
         }
         Ok(())
@@ -638,14 +622,6 @@ pub fn materialize_with(
 /// Vector kernels, compiled for several instruction sets and picked at run time.
 mod kernels {
     use multiversion::multiversion;
-
-    /// `acc += x`.
-    #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
-    pub fn add_f32(acc: &mut [f32], x: &[f32]) {
-        for (a, x) in acc.iter_mut().zip(x) {
-            *a += *x;
-        }
-    }
 
     /// `acc += Σ_b w[b] · values[b]` over `acc.len()` elements; `acc` stays in L1 while the
     /// batch is added in.

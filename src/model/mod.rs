@@ -406,6 +406,19 @@ impl UNet {
             .map_or(*cblock.iter().max().unwrap_or(&0), |m| {
                 cfg.model_channels * m
             });
+        // Every block shares the configuration and the embedding width.
+        let block = |vb: &VarBuilder, name: &str, cin, cout, flavor, resample, attention| {
+            Block::new(
+                vb.pp(name),
+                cfg,
+                cin,
+                cout,
+                cemb,
+                flavor,
+                resample,
+                attention,
+            )
+        };
         let venc = vb.pp("enc");
         let mut enc = Vec::new();
         let mut cout = cfg.img_channels + 1;
@@ -421,16 +434,7 @@ impl UNet {
                 ));
             } else {
                 let name = format!("{res}x{res}_down");
-                let b = Block::new(
-                    venc.pp(&name),
-                    cfg,
-                    cout,
-                    cout,
-                    cemb,
-                    Flavor::Enc,
-                    Resample::Down,
-                    false,
-                )?;
+                let b = block(&venc, &name, cout, cout, Flavor::Enc, Resample::Down, false)?;
                 enc.push((name, EncLayer::Block(b)));
             }
             for idx in 0..cfg.num_blocks {
@@ -438,12 +442,11 @@ impl UNet {
                 cout = channels;
                 let name = format!("{res}x{res}_block{idx}");
                 let attention = cfg.attn_resolutions.contains(&res);
-                let b = Block::new(
-                    venc.pp(&name),
-                    cfg,
+                let b = block(
+                    &venc,
+                    &name,
                     cin,
                     cout,
-                    cemb,
                     Flavor::Enc,
                     Resample::Keep,
                     attention,
@@ -465,12 +468,11 @@ impl UNet {
             if level == cblock.len() - 1 {
                 for (i, attention) in [(0, true), (1, false)] {
                     let name = format!("{res}x{res}_in{i}");
-                    let b = Block::new(
-                        vdec.pp(&name),
-                        cfg,
+                    let b = block(
+                        &vdec,
+                        &name,
                         cout,
                         cout,
-                        cemb,
                         Flavor::Dec,
                         Resample::Keep,
                         attention,
@@ -479,16 +481,7 @@ impl UNet {
                 }
             } else {
                 let name = format!("{res}x{res}_up");
-                let b = Block::new(
-                    vdec.pp(&name),
-                    cfg,
-                    cout,
-                    cout,
-                    cemb,
-                    Flavor::Dec,
-                    Resample::Up,
-                    false,
-                )?;
+                let b = block(&vdec, &name, cout, cout, Flavor::Dec, Resample::Up, false)?;
                 dec.push((name, b));
             }
             for idx in 0..=cfg.num_blocks {
@@ -496,12 +489,11 @@ impl UNet {
                 cout = channels;
                 let name = format!("{res}x{res}_block{idx}");
                 let attention = cfg.attn_resolutions.contains(&res);
-                let b = Block::new(
-                    vdec.pp(&name),
-                    cfg,
+                let b = block(
+                    &vdec,
+                    &name,
                     cin,
                     cout,
-                    cemb,
                     Flavor::Dec,
                     Resample::Keep,
                     attention,

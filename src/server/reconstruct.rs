@@ -207,18 +207,8 @@ fn widths(w: &Widths, field: &str, gamma: bool) -> ApiResult<Vec<f64>> {
     }
 }
 
-/// A stored row whose blob is present, if any.
 async fn stored(state: &AppState, id: &str) -> ApiResult<Option<ReconstructionRow>> {
-    match state.data.db.reconstruction(id).await? {
-        Some(row) => {
-            let digest = row
-                .digest
-                .parse()
-                .map_err(|e: crate::Error| ApiError::internal(e))?;
-            Ok(state.data.store.contains(&digest).then_some(row))
-        }
-        None => Ok(None),
-    }
+    Ok(reconstruction::stored(&state.data, id).await?)
 }
 
 /// Reconstruct weights for one or more EMA lengths.
