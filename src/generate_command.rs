@@ -74,6 +74,7 @@ fn write_png(path: &Path, rgb: &[u8], width: usize, height: usize) -> anyhow::Re
 
 /// Generates the images.
 pub fn generate(data_dir: &Path, args: GenerateArgs) -> anyhow::Result<()> {
+    hindsight::model::keep_freed_memory();
     let runtime = tokio::runtime::Runtime::new()?;
     let (weights_path, run_name) = match (&args.weights, &args.reconstruction) {
         (Some(path), _) => {

@@ -287,6 +287,25 @@ enum BenchCommand {
         /// Timed repetitions.
         #[arg(long, default_value_t = 5)]
         iterations: usize,
+        /// Python with PyTorch: also time scripts/peer_edm2_torch.py (the same network in
+        /// PyTorch, checked against the reference fixture first) with the same batch, thread
+        /// count and device, and print the ratios.
+        #[arg(long)]
+        peer_python: Option<String>,
+    },
+    /// Check the EDM2 network on the device this binary computes on (CUDA when built with
+    /// the `cuda` feature and a GPU is present) against the reference fixture: forward pass,
+    /// sampler, forced weight normalisation, loss and every gradient. Exits 1 when any is
+    /// outside its tolerance.
+    Parity {
+        /// The fixture tensors (default: $HINDSIGHT_EDM2_FIXTURE, else
+        /// tests/fixtures/edm2_unet.safetensors).
+        #[arg(long)]
+        fixture: Option<PathBuf>,
+        /// Its JSON description (default: $HINDSIGHT_EDM2_FIXTURE_JSON, else
+        /// tests/fixtures/edm2_unet.json).
+        #[arg(long)]
+        fixture_json: Option<PathBuf>,
     },
     /// Time `solve` on an EDM2-shaped run: snapshots every 8Mi images for two widths.
     Solve {
@@ -566,9 +585,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rounds,
             peer_python,
         )),
-        Command::Bench(BenchCommand::Train { batch, iterations }) => {
-            train_command::bench_train(batch, iterations)
-        }
+        Command::Bench(BenchCommand::Train {
+            batch,
+            iterations,
+            peer_python,
+        }) => train_command::bench_train(batch, iterations, peer_python.as_deref()),
+        Command::Bench(BenchCommand::Parity {
+            fixture,
+            fixture_json,
+        }) => train_command::bench_parity(fixture, fixture_json),
         Command::Bench(BenchCommand::Solve {
             times,
             targets,

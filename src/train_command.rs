@@ -197,6 +197,7 @@ fn flat(t: &Tensor) -> anyhow::Result<Vec<f32>> {
 
 /// Runs the training loop.
 pub fn train(data_dir: &Path, mut args: TrainArgs) -> anyhow::Result<()> {
+    hindsight::model::keep_freed_memory();
     let dataset = if args.dataset == "procedural" {
         Dataset::Procedural(Procedural {
             resolution: args.resolution,
@@ -408,7 +409,12 @@ pub fn train(data_dir: &Path, mut args: TrainArgs) -> anyhow::Result<()> {
 /// `hindsight bench train`: seconds per forward pass and per training step of the EDM2 network
 /// in the configuration of the reference fixture (16×16, 3 channels, 10 classes,
 /// model_channels 32, channel_mult [1, 2], 1 block, attention at 8×8).
-pub fn bench_train(batch: usize, iterations: usize) -> anyhow::Result<()> {
+pub fn bench_train(
+    batch: usize,
+    iterations: usize,
+    peer_python: Option<&str>,
+) -> anyhow::Result<()> {
+    hindsight::model::keep_freed_memory();
     let network: Edm2Config = serde_json::from_value(serde_json::json!({
         "img_resolution": 16, "img_channels": 3, "label_dim": 10, "model_channels": 32,
         "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [8],
@@ -446,18 +452,94 @@ pub fn bench_train(batch: usize, iterations: usize) -> anyhow::Result<()> {
         forward.push(t.elapsed().as_secs_f64());
         let t = Instant::now();
         trainer.step(&images, Some(&labels))?;
+        device.synchronize()?;
         step.push(t.elapsed().as_secs_f64());
     }
     // The first round warms caches and allocators.
     forward.remove(0);
     step.remove(0);
+    let threads = rayon::current_num_threads();
+    let (forward, step) = (median(forward), median(step));
     println!(
-        "EDM2 16x16 mc32 [1,2] 1 block attn 8x8, batch {batch}, {} rayon threads, device {:?}: \
-         forward {:.3} s, training step {:.3} s (medians of {iterations})",
-        rayon::current_num_threads(),
+        "EDM2 16x16 mc32 [1,2] 1 block attn 8x8, batch {batch}, {threads} threads, device {:?}\n  \
+         hindsight (candle): forward {forward:.4} s, training step {step:.4} s (medians of {iterations})",
         device,
-        median(forward),
-        median(step)
     );
+    if let Some(python) = peer_python {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/peer_edm2_torch.py");
+        let device_name = if device.is_cuda() { "cuda" } else { "cpu" };
+        let output = std::process::Command::new(python)
+            .arg(&script)
+            .args(["--batch", &batch.to_string()])
+            .args(["--iterations", &iterations.to_string()])
+            .args(["--threads", &threads.to_string()])
+            .args(["--device", device_name])
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .with_context(|| format!("running {python} {}", script.display()))?;
+        anyhow::ensure!(
+            output.status.success(),
+            "the PyTorch peer failed ({})",
+            output.status
+        );
+        let line = String::from_utf8_lossy(&output.stdout);
+        let peer: serde_json::Value = serde_json::from_str(line.trim())
+            .with_context(|| format!("the PyTorch peer printed {line:?}"))?;
+        let get = |k: &str| {
+            peer[k]
+                .as_f64()
+                .with_context(|| format!("no {k:?} in the peer's output {line:?}"))
+        };
+        let (pf, ps) = (get("forward_s")?, get("step_s")?);
+        println!(
+            "  PyTorch {} ({}, fixture parity {:.1e}): forward {pf:.4} s, training step {ps:.4} s\n  \
+             hindsight / PyTorch: forward {:.2}x, training step {:.2}x (below 1: hindsight faster)",
+            peer["torch"].as_str().unwrap_or("?"),
+            peer["device"].as_str().unwrap_or("?"),
+            get("parity")?,
+            forward / pf,
+            step / ps,
+        );
+    }
+    Ok(())
+}
+
+/// `hindsight bench parity`: the reference fixture's comparisons on this binary's device.
+pub fn bench_parity(
+    fixture: Option<std::path::PathBuf>,
+    fixture_json: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    use hindsight::model::parity::{compare_all, fixture_paths, Fixture};
+    // tests/fixtures of the working directory (a checkout), else of the source tree built from.
+    let mut dir = Path::new("tests/fixtures").to_path_buf();
+    if !dir.is_dir() {
+        dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    }
+    let (default_tensors, default_json) = fixture_paths(&dir);
+    let tensors = fixture.unwrap_or(default_tensors);
+    let json = fixture_json.unwrap_or(default_json);
+    let device = default_device();
+    let start = Instant::now();
+    let fx = Fixture::load(&tensors, &json, &device)?;
+    let results = compare_all(&fx)?;
+    println!(
+        "EDM2 network vs the reference fixture {} on {:?} ({:.1} s)",
+        tensors.display(),
+        device,
+        start.elapsed().as_secs_f64()
+    );
+    for c in &results {
+        println!(
+            "  {:<4} {:<64} {:.2e}  (tolerance {:.0e})",
+            if c.ok() { "ok" } else { "FAIL" },
+            c.what,
+            c.error,
+            c.tolerance
+        );
+    }
+    let failed = results.iter().filter(|c| !c.ok()).count();
+    if failed > 0 {
+        bail!("{failed} comparison(s) outside tolerance");
+    }
     Ok(())
 }

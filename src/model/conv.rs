@@ -1,20 +1,161 @@
-//! Stride-1 "same" convolution as one GEMM over an im2col buffer, with a backward pass that
-//! is one more GEMM per operand and a col2im — candle's CPU convolution backward is a direct
-//! loop. Only the im2col/col2im rearrangements are custom ops; the products are candle
-//! matmuls, so autograd handles the weight gradient.
+//! Stride-1 "same" convolution on the CPU as one small GEMM per image, with its own backward
+//! pass (candle's CPU convolution backward is a direct loop).
+//!
+//! Per image `b`: `y_b[O, H·W] = W[O, C·k²] · cols_b[C·k², H·W]`, where `cols_b` is the
+//! image's im2col matrix built in a per-thread scratch buffer that stays in cache for the
+//! product (1×1 kernels use the image itself). The backward pass is, per image,
+//! `∂x_b = col2im(Wᵀ · ∂y_b)` and `∂W = Σ_b ∂y_b · cols_bᵀ`, the weight gradient summed over
+//! fixed groups of images in a fixed order, so results do not depend on the thread count
+//! (bit-identical resumed training relies on that). Images run in parallel on rayon; each
+//! product is single-threaded.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// `x` [N, C, H, W] → columns [C·k·k, N·H·W] with zero padding k/2 (k odd).
-struct Im2col {
+/// A row-major or strided f32 matrix view: element (i, j) is `data[i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> View<'a> {
+    fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    fn t(self) -> Self {
+        Self {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    /// Whether every element lies inside `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst[m, n] (row-major) = (accumulate ? dst : 0) + a[m, k] · b[k, n]`, single-threaded.
+#[allow(unsafe_code)] // the one call into the `gemm` crate, behind bounds checks
+fn sgemm(dst: &mut [f32], accumulate: bool, a: View<'_>, b: View<'_>) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(b.rows == k && dst.len() == m * n && a.in_bounds() && b.in_bounds());
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: the asserts above keep every element the views and `dst` describe inside their
+    // slices; `dst` is borrowed mutably, so it overlaps neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Geometry of one convolution: `x` [N, C, H, W], `w` [O, C, k, k], padding k/2.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
     k: usize,
 }
 
-/// The adjoint of [`Im2col`]: columns [C·k·k, N·H·W] → [N, C, H, W], summing overlaps.
-struct Col2im {
-    k: usize,
-    dims: (usize, usize, usize, usize),
+impl Geometry {
+    fn hw(&self) -> usize {
+        self.h * self.w
+    }
+
+    /// Rows of an im2col matrix: C·k².
+    fn kdim(&self) -> usize {
+        self.c * self.k * self.k
+    }
+
+    /// The (destination offset, source offset, length) of every in-bounds row segment of the
+    /// im2col matrix for row `(ci, dy, dx)`, as offsets within one image's plane of H·W.
+    fn shifts(&self, dy: usize, dx: usize) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        let p = (self.k / 2) as isize;
+        let shift = dx as isize - p;
+        let from = shift.max(0) as usize;
+        let to = (self.w as isize + shift.min(0)) as usize;
+        let dfrom = (-shift).max(0) as usize;
+        (0..self.h).filter_map(move |y| {
+            let sy = y as isize + dy as isize - p;
+            (sy >= 0 && sy < self.h as isize)
+                .then(|| (y * self.w + dfrom, sy as usize * self.w + from, to - from))
+        })
+    }
+
+    /// im2col of one image `x` [C, H·W] into `cols` [C·k², H·W]. Entries that fall in the
+    /// padding are never written: `cols` must start zeroed and only ever be used for this
+    /// geometry, so they stay zero.
+    fn im2col(&self, x: &[f32], cols: &mut [f32]) {
+        let (k, hw) = (self.k, self.hw());
+        for (row, dst) in cols.chunks_exact_mut(hw).enumerate() {
+            let (ci, dy, dx) = (row / (k * k), (row / k) % k, row % k);
+            let src = &x[ci * hw..(ci + 1) * hw];
+            for (d, s, len) in self.shifts(dy, dx) {
+                dst[d..d + len].copy_from_slice(&src[s..s + len]);
+            }
+        }
+    }
+
+    /// The adjoint of [`Self::im2col`]: adds `cols` [C·k², H·W] into `x` [C, H·W].
+    fn col2im_add(&self, cols: &[f32], x: &mut [f32]) {
+        let (k, hw) = (self.k, self.hw());
+        for (row, src) in cols.chunks_exact(hw).enumerate() {
+            let (ci, dy, dx) = (row / (k * k), (row / k) % k, row % k);
+            let dst = &mut x[ci * hw..(ci + 1) * hw];
+            for (s, d, len) in self.shifts(dy, dx) {
+                dst[d..d + len]
+                    .iter_mut()
+                    .zip(&src[s..s + len])
+                    .for_each(|(a, b)| *a += b);
+            }
+        }
+    }
 }
 
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -25,95 +166,154 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> R
     }
 }
 
-impl CustomOp1 for Im2col {
+/// Images per partial weight gradient: the gradient is summed over such fixed groups (in
+/// parallel), then the groups in order.
+const WEIGHT_GRAD_GROUP: usize = 4;
+
+/// The convolution: arguments `x`, `w`; result `y` [N, O, H, W].
+struct Conv {
+    g: Geometry,
+}
+
+/// `∂x` from `∂y` and `w`: arguments `∂y` [N, O, H, W], `w`; result [N, C, H, W].
+struct ConvGradInput {
+    g: Geometry,
+}
+
+/// `∂W` from `x` and `∂y`: arguments `x`, `∂y`; result [O, C, k, k].
+struct ConvGradWeight {
+    g: Geometry,
+}
+
+impl CustomOp2 for Conv {
     fn name(&self) -> &'static str {
-        "hindsight-im2col"
+        "hindsight-conv2d"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(storage, layout, "im2col")?;
-        let (n, c, h, w) = layout.shape().dims4()?;
-        let k = self.k;
-        let p = k / 2;
-        let cols_per_row = n * h * w;
-        let mut out = vec![0f32; c * k * k * cols_per_row];
-        out.par_chunks_mut(cols_per_row)
-            .enumerate()
-            .for_each(|(row, dst)| {
-                let (ci, dy, dx) = (row / (k * k), (row / k) % k, row % k);
-                for b in 0..n {
-                    let src = &x[(b * c + ci) * h * w..(b * c + ci + 1) * h * w];
-                    for y in 0..h {
-                        let sy = y as isize + dy as isize - p as isize;
-                        if sy < 0 || sy >= h as isize {
-                            continue;
-                        }
-                        let srow = &src[sy as usize * w..(sy as usize + 1) * w];
-                        let drow = &mut dst[b * h * w + y * w..b * h * w + (y + 1) * w];
-                        let shift = dx as isize - p as isize;
-                        let (from, to) =
-                            (shift.max(0) as usize, (w as isize + shift.min(0)) as usize);
-                        let dfrom = (-shift).max(0) as usize;
-                        drow[dfrom..dfrom + (to - from)].copy_from_slice(&srow[from..to]);
-                    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.g;
+        let x = contiguous_f32(s1, l1, "conv2d input")?;
+        let w = contiguous_f32(s2, l2, "conv2d weight")?;
+        let (hw, kd) = (g.hw(), g.kdim());
+        let wm = View::row_major(w, g.o, kd);
+        let mut y = vec![0f32; g.n * g.o * hw];
+        y.par_chunks_mut(g.o * hw).enumerate().for_each_init(
+            || vec![0f32; if g.k == 1 { 0 } else { kd * hw }],
+            |cols, (b, yb)| {
+                let xb = &x[b * g.c * hw..(b + 1) * g.c * hw];
+                if g.k == 1 {
+                    sgemm(yb, false, wm, View::row_major(xb, g.c, hw));
+                } else {
+                    g.im2col(xb, cols);
+                    sgemm(yb, false, wm, View::row_major(cols, kd, hw));
                 }
-            });
-        Ok((CpuStorage::F32(out), Shape::from((c * k * k, cols_per_row))))
+            },
+        );
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.h, g.w))))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad_res.contiguous()?.apply_op1_no_bwd(&Col2im {
-            k: self.k,
-            dims: arg.dims4()?,
-        })?;
-        Ok(Some(grad))
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let gx = grad.apply_op2_no_bwd(&w.contiguous()?, &ConvGradInput { g: self.g })?;
+        let gw = x
+            .contiguous()?
+            .apply_op2_no_bwd(&grad, &ConvGradWeight { g: self.g })?;
+        Ok((Some(gx), Some(gw)))
     }
 }
 
-impl CustomOp1 for Col2im {
+impl CustomOp2 for ConvGradInput {
     fn name(&self) -> &'static str {
-        "hindsight-col2im"
+        "hindsight-conv2d-grad-input"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let cols = contiguous_f32(storage, layout, "col2im")?;
-        let (n, c, h, w) = self.dims;
-        let k = self.k;
-        let p = k / 2;
-        let cols_per_row = n * h * w;
-        let mut out = vec![0f32; n * c * h * w];
-        // One task per (image, channel) plane: each sums its k·k column rows.
-        out.par_chunks_mut(h * w)
-            .enumerate()
-            .for_each(|(plane, dst)| {
-                let (b, ci) = (plane / c, plane % c);
-                for dy in 0..k {
-                    for dx in 0..k {
-                        let row = (ci * k + dy) * k + dx;
-                        let src = &cols
-                            [row * cols_per_row + b * h * w..row * cols_per_row + (b + 1) * h * w];
-                        for y in 0..h {
-                            let sy = y as isize + dy as isize - p as isize;
-                            if sy < 0 || sy >= h as isize {
-                                continue;
-                            }
-                            let shift = dx as isize - p as isize;
-                            let (from, to) =
-                                (shift.max(0) as usize, (w as isize + shift.min(0)) as usize);
-                            let dfrom = (-shift).max(0) as usize;
-                            let srow = &src[y * w + dfrom..y * w + dfrom + (to - from)];
-                            let drow = &mut dst[sy as usize * w + from..sy as usize * w + to];
-                            drow.iter_mut().zip(srow).for_each(|(d, s)| *d += s);
-                        }
-                    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.g;
+        let gy = contiguous_f32(s1, l1, "conv2d gradient")?;
+        let w = contiguous_f32(s2, l2, "conv2d weight")?;
+        let (hw, kd) = (g.hw(), g.kdim());
+        let wt = View::row_major(w, g.o, kd).t(); // [C·k², O]
+        let mut gx = vec![0f32; g.n * g.c * hw];
+        gx.par_chunks_mut(g.c * hw).enumerate().for_each_init(
+            || vec![0f32; if g.k == 1 { 0 } else { kd * hw }],
+            |cols, (b, gxb)| {
+                let gyb = View::row_major(&gy[b * g.o * hw..(b + 1) * g.o * hw], g.o, hw);
+                if g.k == 1 {
+                    sgemm(gxb, false, wt, gyb);
+                } else {
+                    sgemm(cols, false, wt, gyb);
+                    g.col2im_add(cols, gxb);
                 }
-            });
-        Ok((CpuStorage::F32(out), Shape::from((n, c, h, w))))
+            },
+        );
+        Ok((CpuStorage::F32(gx), Shape::from((g.n, g.c, g.h, g.w))))
     }
 }
 
-/// `conv2d(x, w)` with stride 1 and padding k/2 for an odd square kernel, as
-/// `w[O, C·k·k] · im2col(x)`; on devices other than the CPU, candle's own convolution.
+impl CustomOp2 for ConvGradWeight {
+    fn name(&self) -> &'static str {
+        "hindsight-conv2d-grad-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.g;
+        let x = contiguous_f32(s1, l1, "conv2d input")?;
+        let gy = contiguous_f32(s2, l2, "conv2d gradient")?;
+        let (hw, kd) = (g.hw(), g.kdim());
+        let groups: Vec<Vec<f32>> = (0..g.n.div_ceil(WEIGHT_GRAD_GROUP))
+            .into_par_iter()
+            .map(|group| {
+                let mut acc = vec![0f32; g.o * kd];
+                let mut cols = vec![0f32; if g.k == 1 { 0 } else { kd * hw }];
+                let images = group * WEIGHT_GRAD_GROUP..((group + 1) * WEIGHT_GRAD_GROUP).min(g.n);
+                for (i, b) in images.enumerate() {
+                    let xb = &x[b * g.c * hw..(b + 1) * g.c * hw];
+                    let gyb = View::row_major(&gy[b * g.o * hw..(b + 1) * g.o * hw], g.o, hw);
+                    let colsb = if g.k == 1 {
+                        View::row_major(xb, g.c, hw)
+                    } else {
+                        g.im2col(xb, &mut cols);
+                        View::row_major(&cols, kd, hw)
+                    };
+                    sgemm(&mut acc, i > 0, gyb, colsb.t());
+                }
+                acc
+            })
+            .collect();
+        let mut gw = vec![0f32; g.o * kd];
+        for part in &groups {
+            gw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+        }
+        Ok((CpuStorage::F32(gw), Shape::from((g.o, g.c, g.k, g.k))))
+    }
+}
+
+/// `conv2d(x, w)` with stride 1 and padding k/2 for an odd square kernel; on devices other
+/// than the CPU (or other dtypes), candle's own convolution.
 pub fn conv2d_same(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (n, c, h, wd) = x.dims4()?;
     let (o, ci, kh, kw) = w.dims4()?;
@@ -122,17 +322,17 @@ pub fn conv2d_same(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         || kh % 2 == 0
         || ci != c
         || x.dtype() != candle_core::DType::F32
+        || w.dtype() != candle_core::DType::F32
     {
         return x.conv2d(w, kh / 2, 1, 1, 1);
     }
-    let cols = if kh == 1 {
-        // [N, C, H, W] → [C, N·H·W]: a transpose, no copies of windows.
-        x.reshape((n, c, h * wd))?
-            .transpose(0, 1)?
-            .reshape((c, n * h * wd))?
-    } else {
-        x.contiguous()?.apply_op1(Im2col { k: kh })?
+    let g = Geometry {
+        n,
+        c,
+        h,
+        w: wd,
+        o,
+        k: kh,
     };
-    let y = w.reshape((o, c * kh * kw))?.matmul(&cols)?; // [O, N·H·W]
-    y.reshape((o, n, h, wd))?.transpose(0, 1)?.contiguous()
+    x.contiguous()?.apply_op2(&w.contiguous()?, Conv { g })
 }

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 mod conv;
 pub mod formula;
+pub mod parity;
 
 pub use conv::conv2d_same;
 pub mod sampler;
@@ -607,6 +608,23 @@ impl Precond {
             .forward(&self.logvar_fourier.forward(&c_noise)?, Gain::One)?
             .reshape((n, 1, 1, 1))?;
         Ok((denoised, logvar))
+    }
+}
+
+/// Makes the C allocator keep freed memory in the process (Linux with glibc; elsewhere a
+/// no-op). candle allocates a new buffer for every tensor operation; glibc returns large
+/// buffers to the kernel when they are freed (mmap threshold, heap trimming), so every
+/// training step faulted its whole working set in again and the kernel zeroed it page by
+/// page — about a quarter of a CPU training step in a profile. Called by the commands that
+/// run the network (train, generate, bench); the memory kept is the step's working set.
+#[allow(unsafe_code)] // the crate's one FFI call: libc::mallopt
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; it is safe to call at any time.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20); // glibc's maximum
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
     }
 }
 
