@@ -243,3 +243,84 @@ fn convolution_results_do_not_depend_on_the_thread_count() {
         "1 vs 3 threads: bit-identical output and gradients"
     );
 }
+
+#[test]
+fn fused_cpu_kernels_match_the_composed_definitions_with_gradients() {
+    use model::composed;
+    let dev = Device::Cpu;
+    let make = |name: &str, shape: &[usize], scale: f64| {
+        let n = shape.iter().product();
+        Tensor::from_vec(formula::values(name, n, Kind::Sym, scale, 0.0), shape, &dev).unwrap()
+    };
+    let r = make("r", &[3, 5, 4, 6], 1.0);
+    // Gradient of Σ r·f(x) with respect to x, for the fused and the composed f.
+    let both = |what: &str,
+                x: &Tensor,
+                fused: &dyn Fn(&Tensor) -> Tensor,
+                reference: &dyn Fn(&Tensor) -> Tensor| {
+        let v = candle_core::Var::from_tensor(x).unwrap();
+        let (a, b) = (fused(v.as_tensor()), reference(v.as_tensor()));
+        check(&format!("{what} forward"), &a, &b, 1e-6);
+        let r = r
+            .narrow(0, 0, x.dim(0).unwrap())
+            .unwrap()
+            .reshape(x.shape())
+            .unwrap();
+        let ga = (&a * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&b * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        check(
+            &format!("{what} gradient"),
+            ga.get(v.as_tensor()).unwrap(),
+            gb.get(v.as_tensor()).unwrap(),
+            1e-5,
+        );
+    };
+    let x = make("x", &[3, 5, 4, 6], 3.0);
+    // Pixel norm (channels), whole-slice norm (weights), and a middle range of a 5-d tensor.
+    both(
+        "normalize dim 1",
+        &x,
+        &|t| model::normalize(t, Some(&[1])).unwrap(),
+        &|t| composed::normalize(t, &[1]).unwrap(),
+    );
+    both(
+        "normalize all but first",
+        &x,
+        &|t| model::normalize(t, None).unwrap(),
+        &|t| composed::normalize(t, &[1, 2, 3]).unwrap(),
+    );
+    let x5 = make("x5", &[3, 2, 5, 3, 4], 2.0);
+    both(
+        "normalize dim 2 of 5",
+        &x5,
+        &|t| model::normalize(t, Some(&[2])).unwrap(),
+        &|t| composed::normalize(t, &[2]).unwrap(),
+    );
+    // All zeros: the norm is ε and the gradient r/ε, as PyTorch's norm (subgradient 0 at 0)
+    // gives; the composed version's sqrt has an infinite derivative there (NaN).
+    let zeros = candle_core::Var::from_tensor(&x.zeros_like().unwrap()).unwrap();
+    let y = model::normalize(zeros.as_tensor(), Some(&[1])).unwrap();
+    assert_eq!(flat(&y), vec![0.0; x.elem_count()]);
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    check(
+        "normalize zeros gradient",
+        g.get(zeros.as_tensor()).unwrap(),
+        &(&r / 1e-4).unwrap(),
+        1e-6,
+    );
+    both("mp_silu", &x, &|t| model::mp_silu(t).unwrap(), &|t| {
+        composed::mp_silu(t).unwrap()
+    });
+    // Values beyond the clip bound on both sides.
+    both("clip", &x, &|t| model::clip(t, 1.5).unwrap(), &|t| {
+        composed::clip(t, 1.5).unwrap()
+    });
+    let y = make("y", &[3, 5, 4, 6], 1.0);
+    let v = candle_core::Var::from_tensor(&y).unwrap();
+    both(
+        "mp_sum",
+        &x,
+        &|t| model::mp_sum(t, v.as_tensor(), 0.3).unwrap(),
+        &|t| composed::mp_sum(t, v.as_tensor(), 0.3).unwrap(),
+    );
+}

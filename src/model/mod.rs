@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 mod conv;
 pub mod formula;
+mod fused;
 pub mod parity;
 
 pub use conv::conv2d_same;
@@ -121,24 +122,86 @@ const NORM_EPS: f64 = 1e-4;
 pub fn normalize(x: &Tensor, dims: Option<&[usize]>) -> Result<Tensor> {
     let all: Vec<usize> = (1..x.rank()).collect();
     let dims = dims.unwrap_or(&all);
-    let mut reduced = 1usize;
-    for &d in dims {
-        reduced *= x.dim(d)?;
+    let consecutive = dims.windows(2).all(|w| w[1] == w[0] + 1);
+    if fused::applies(x) && consecutive && !dims.is_empty() {
+        let (first, last) = (dims[0], dims[dims.len() - 1]);
+        let op = fused::Normalize {
+            outer: x.dims()[..first].iter().product(),
+            mid: x.dims()[first..=last].iter().product(),
+            inner: x.dims()[last + 1..].iter().product(),
+            eps: NORM_EPS as f32,
+        };
+        return x.contiguous()?.apply_op1(op);
     }
-    let norm = x.sqr()?.sum_keepdim(dims)?.sqrt()?;
-    let denom = norm.affine((1.0 / reduced as f64).sqrt(), NORM_EPS)?;
-    x.broadcast_div(&denom)
+    composed::normalize(x, dims)
 }
 
 /// Magnitude-preserving SiLU: `silu(x) / 0.596`.
 pub fn mp_silu(x: &Tensor) -> Result<Tensor> {
-    x.silu()? / 0.596
+    if fused::applies(x) {
+        return x.contiguous()?.apply_op1(fused::Map(fused::MpSilu));
+    }
+    composed::mp_silu(x)
+}
+
+/// `clamp(x, −c, c)` (EDM2's activation clipping).
+pub fn clip(x: &Tensor, c: f64) -> Result<Tensor> {
+    if fused::applies(x) {
+        return x.contiguous()?.apply_op1(fused::Map(fused::Clip(c as f32)));
+    }
+    composed::clip(x, c)
 }
 
 /// Magnitude-preserving sum: `lerp(a, b, t) / sqrt((1 − t)² + t²)`.
 pub fn mp_sum(a: &Tensor, b: &Tensor, t: f64) -> Result<Tensor> {
-    let scale = ((1.0 - t).powi(2) + t * t).sqrt();
-    (a.affine((1.0 - t) / scale, 0.0)? + b.affine(t / scale, 0.0)?)?.contiguous()
+    let (wa, wb) = composed::mp_sum_weights(t);
+    if fused::applies(a) && fused::applies(b) && a.shape() == b.shape() {
+        let op = fused::LinComb {
+            wa: wa as f32,
+            wb: wb as f32,
+        };
+        return a.contiguous()?.apply_op2(&b.contiguous()?, op);
+    }
+    composed::mp_sum(a, b, t)
+}
+
+/// The element-wise operations composed from candle ops (each with candle's backward): what
+/// other devices run, and the definitions the fused CPU kernels are tested against.
+pub mod composed {
+    use candle_core::{Result, Tensor};
+
+    /// [`super::normalize`] over explicit `dims`.
+    pub fn normalize(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
+        let mut reduced = 1usize;
+        for &d in dims {
+            reduced *= x.dim(d)?;
+        }
+        let norm = x.sqr()?.sum_keepdim(dims)?.sqrt()?;
+        let denom = norm.affine((1.0 / reduced as f64).sqrt(), super::NORM_EPS)?;
+        x.broadcast_div(&denom)
+    }
+
+    /// [`super::mp_silu`].
+    pub fn mp_silu(x: &Tensor) -> Result<Tensor> {
+        x.silu()? / 0.596
+    }
+
+    /// [`super::clip`].
+    pub fn clip(x: &Tensor, c: f64) -> Result<Tensor> {
+        x.clamp(-c, c)
+    }
+
+    /// The weights of `a` and `b` in [`super::mp_sum`].
+    pub fn mp_sum_weights(t: f64) -> (f64, f64) {
+        let scale = ((1.0 - t).powi(2) + t * t).sqrt();
+        ((1.0 - t) / scale, t / scale)
+    }
+
+    /// [`super::mp_sum`].
+    pub fn mp_sum(a: &Tensor, b: &Tensor, t: f64) -> Result<Tensor> {
+        let (wa, wb) = mp_sum_weights(t);
+        (a.affine(wa, 0.0)? + b.affine(wb, 0.0)?)?.contiguous()
+    }
 }
 
 /// Magnitude-preserving concatenation along channels with balance `t`.
@@ -369,7 +432,7 @@ impl Block {
             let y = proj.forward(&y.reshape((n, c, h, w))?, Gain::One)?;
             x = mp_sum(&x, &y, self.attn_balance)?;
         }
-        x.clamp(-self.clip_act, self.clip_act)
+        clip(&x, self.clip_act)
     }
 }
 

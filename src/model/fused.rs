@@ -1,0 +1,317 @@
+//! Fused CPU kernels for the magnitude-preserving element-wise operations, each with its own
+//! backward pass.
+//!
+//! Composed from candle ops, `normalize` is five passes forward and a dozen backward, a clamp
+//! with scalar bounds broadcasts its bounds and builds masks, and every op's gradient starts
+//! as a zero tensor that the contribution is added to. These kernels do one pass forward and
+//! one or two backward. On other devices and dtypes the callers in `model` use the composed
+//! versions (which the parity tests also cover through the GPU check).
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Elements per parallel task of the point-wise kernels.
+const CHUNK: usize = 1 << 15;
+
+fn slice_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    let data = storage.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{what}: needs a contiguous f32 tensor"),
+    }
+}
+
+/// Whether the fused kernels apply: a contiguous f32 tensor on the CPU.
+pub fn applies(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+}
+
+/// A point-wise function and its derivative.
+pub trait Pointwise: Copy + Send + Sync + 'static {
+    /// Op name for candle.
+    const NAME: &'static str;
+    /// Name of the gradient op.
+    const GRAD_NAME: &'static str;
+    /// The function.
+    fn f(self, x: f32) -> f32;
+    /// Its derivative.
+    fn df(self, x: f32) -> f32;
+}
+
+/// `silu(x) / 0.596`.
+#[derive(Clone, Copy)]
+pub struct MpSilu;
+
+impl Pointwise for MpSilu {
+    const NAME: &'static str = "hindsight-mp-silu";
+    const GRAD_NAME: &'static str = "hindsight-mp-silu-grad";
+    #[inline]
+    fn f(self, x: f32) -> f32 {
+        x / (1.0 + (-x).exp()) / 0.596
+    }
+    #[inline]
+    fn df(self, x: f32) -> f32 {
+        let s = 1.0 / (1.0 + (-x).exp());
+        s * (1.0 + x * (1.0 - s)) / 0.596
+    }
+}
+
+/// `clamp(x, −c, c)`; the gradient passes where `|x| ≤ c`.
+#[derive(Clone, Copy)]
+pub struct Clip(pub f32);
+
+impl Pointwise for Clip {
+    const NAME: &'static str = "hindsight-clip";
+    const GRAD_NAME: &'static str = "hindsight-clip-grad";
+    #[inline]
+    fn f(self, x: f32) -> f32 {
+        x.clamp(-self.0, self.0)
+    }
+    #[inline]
+    fn df(self, x: f32) -> f32 {
+        if x.abs() <= self.0 {
+            1.0
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Applies a [`Pointwise`] function as a candle op with a backward pass.
+pub struct Map<P>(pub P);
+
+struct MapGrad<P>(P);
+
+impl<P: Pointwise> CustomOp1 for Map<P> {
+    fn name(&self) -> &'static str {
+        P::NAME
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice_f32(storage, layout, P::NAME)?;
+        let mut y = vec![0f32; x.len()];
+        let p = self.0;
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, &x)| *y = p.f(x)));
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            arg.apply_op2_no_bwd(&grad.contiguous()?, &MapGrad(self.0))?,
+        ))
+    }
+}
+
+impl<P: Pointwise> CustomOp2 for MapGrad<P> {
+    fn name(&self) -> &'static str {
+        P::GRAD_NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice_f32(s1, l1, P::GRAD_NAME)?;
+        let g = slice_f32(s2, l2, P::GRAD_NAME)?;
+        if x.len() != g.len() {
+            candle_core::bail!("{}: shapes differ", P::GRAD_NAME);
+        }
+        let mut out = vec![0f32; x.len()];
+        let p = self.0;
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+            .for_each(|(o, (x, g))| {
+                for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
+                    *o = g * p.df(x);
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `wa·a + wb·b` for tensors of one shape (the magnitude-preserving sum).
+pub struct LinComb {
+    /// Weight of the first operand.
+    pub wa: f32,
+    /// Weight of the second operand.
+    pub wb: f32,
+}
+
+impl CustomOp2 for LinComb {
+    fn name(&self) -> &'static str {
+        "hindsight-lincomb"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let a = slice_f32(s1, l1, "mp_sum")?;
+        let b = slice_f32(s2, l2, "mp_sum")?;
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("mp_sum: shapes {:?} and {:?}", l1.shape(), l2.shape());
+        }
+        let mut out = vec![0f32; a.len()];
+        let (wa, wb) = (self.wa, self.wb);
+        out.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .for_each(|(o, (a, b))| {
+                for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                    *o = wa * a + wb * b;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((
+            Some(grad.affine(self.wa as f64, 0.0)?),
+            Some(grad.affine(self.wb as f64, 0.0)?),
+        ))
+    }
+}
+
+/// `x / (ε + ‖x‖/√M)` over the middle axis of a contiguous tensor viewed as
+/// `[outer, M, inner]` (EDM2's `normalize` over a contiguous range of dimensions).
+#[derive(Clone, Copy)]
+pub struct Normalize {
+    /// Product of the dimensions before the normalised ones.
+    pub outer: usize,
+    /// Product of the normalised dimensions.
+    pub mid: usize,
+    /// Product of the dimensions after them.
+    pub inner: usize,
+    /// ε.
+    pub eps: f32,
+}
+
+struct NormalizeGrad(Normalize);
+
+impl Normalize {
+    /// Σ x² over the middle axis for one outer slice: `inner` sums.
+    fn sums(&self, x: &[f32], sums: &mut [f32]) {
+        sums.fill(0.0);
+        for row in x.chunks_exact(self.inner) {
+            sums.iter_mut().zip(row).for_each(|(s, &v)| *s += v * v);
+        }
+    }
+
+    fn check(&self, len: usize) -> Result<()> {
+        if self.outer * self.mid * self.inner != len {
+            candle_core::bail!("normalize: layout does not match {len} elements");
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp1 for Normalize {
+    fn name(&self) -> &'static str {
+        "hindsight-normalize"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice_f32(storage, layout, "normalize")?;
+        self.check(x.len())?;
+        let (mid, inner) = (self.mid, self.inner);
+        let scale = 1.0 / (mid as f32).sqrt();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(mid * inner)
+            .zip(x.par_chunks(mid * inner))
+            .for_each_init(
+                || vec![0f32; inner],
+                |d, (y, x)| {
+                    self.sums(x, d);
+                    d.iter_mut()
+                        .for_each(|s| *s = 1.0 / (self.eps + s.sqrt() * scale));
+                    for (yr, xr) in y.chunks_exact_mut(inner).zip(x.chunks_exact(inner)) {
+                        for ((y, &x), &r) in yr.iter_mut().zip(xr).zip(d.iter()) {
+                            *y = x * r;
+                        }
+                    }
+                },
+            );
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(arg.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &NormalizeGrad(*self),
+        )?))
+    }
+}
+
+impl CustomOp2 for NormalizeGrad {
+    fn name(&self) -> &'static str {
+        "hindsight-normalize-grad"
+    }
+
+    /// With `n = ‖x‖`, `d = ε + n/√M`: `∂x_m = g_m/d − x_m · (Σ_j g_j x_j) / (d² · n · √M)`.
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let p = self.0;
+        let x = slice_f32(s1, l1, "normalize grad")?;
+        let g = slice_f32(s2, l2, "normalize grad")?;
+        p.check(x.len())?;
+        p.check(g.len())?;
+        let (mid, inner) = (p.mid, p.inner);
+        let root_m = (mid as f32).sqrt();
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(mid * inner)
+            .zip(x.par_chunks(mid * inner).zip(g.par_chunks(mid * inner)))
+            .for_each_init(
+                || (vec![0f32; inner], vec![0f32; inner]),
+                |(a, b), (o, (x, g))| {
+                    p.sums(x, a); // a = n²
+                    b.fill(0.0); // b = Σ g·x
+                    for (xr, gr) in x.chunks_exact(inner).zip(g.chunks_exact(inner)) {
+                        for ((b, &x), &g) in b.iter_mut().zip(xr).zip(gr) {
+                            *b += g * x;
+                        }
+                    }
+                    // a ← 1/d, b ← (Σ g·x) / (d²·n·√M) (0 where x is all zeros).
+                    for (a, b) in a.iter_mut().zip(b.iter_mut()) {
+                        let n = a.sqrt();
+                        let inv_d = 1.0 / (p.eps + n / root_m);
+                        *b = if n > 0.0 {
+                            *b * inv_d * inv_d / (n * root_m)
+                        } else {
+                            0.0
+                        };
+                        *a = inv_d;
+                    }
+                    for ((orow, xr), gr) in o
+                        .chunks_exact_mut(inner)
+                        .zip(x.chunks_exact(inner))
+                        .zip(g.chunks_exact(inner))
+                    {
+                        for ((((o, &x), &g), &a), &b) in
+                            orow.iter_mut().zip(xr).zip(gr).zip(a.iter()).zip(b.iter())
+                        {
+                            *o = g * a - x * b;
+                        }
+                    }
+                },
+            );
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
