@@ -241,11 +241,15 @@ pub async fn materialize_targets(
         .iter()
         .map(|&i| (plan.snapshots[i].digest.clone(), plan.snapshots[i].nimg))
         .collect();
+    let checksums = data
+        .db
+        .blob_checksums(&snaps.iter().map(|s| s.0.clone()).collect::<Vec<_>>())
+        .await?;
     let dtype = plan.dtype;
     let count = which.len();
     let writers = tokio::task::spawn_blocking(move || -> Result<Vec<BlobWriter>> {
         let mut inputs = Vec::with_capacity(snaps.len());
-        for (digest_hex, nimg) in &snaps {
+        for ((digest_hex, nimg), checksum) in snaps.iter().zip(&checksums) {
             let digest: Digest = digest_hex.parse()?;
             let mut file = store.open_blob(&digest)?;
             let len = file
@@ -257,6 +261,7 @@ pub async fn materialize_targets(
                 digest,
                 header,
                 nimg: *nimg as u64,
+                checksum: checksum.as_deref().map(str::parse).transpose()?,
             });
         }
         let mut writers = (0..count)
@@ -295,7 +300,10 @@ pub async fn materialize_targets(
     for (writer, &t) in writers.into_iter().zip(&which) {
         let digest = writer.digest_so_far();
         let size = writer.len();
-        data.db.claim_blob(&digest.to_hex(), size).await?;
+        let checksum = writer.checksum_so_far().to_hex();
+        data.db
+            .claim_blob(&digest.to_hex(), size, Some(&checksum))
+            .await?;
         tokio::task::spawn_blocking(move || writer.finish())
             .await
             .map_err(|e| Error::Database(format!("publishing a blob failed: {e}")))??;

@@ -296,13 +296,34 @@ pub async fn verify(data_dir: &Path) -> anyhow::Result<()> {
         .expect("valid template"),
     );
     let mut problems = Vec::new();
+    let mut filled = 0;
     for row in rows.iter().filter(|r| r.state != "deleted") {
         let digest: Digest = row.digest.parse()?;
         let store = data.store.clone();
-        let status = tokio::task::spawn_blocking(move || store.verify(&digest)).await??;
+        let (status, checksum) =
+            tokio::task::spawn_blocking(move || store.verify_with_checksum(&digest)).await??;
         bar.inc(row.size.max(0) as u64);
         match status {
-            BlobStatus::Intact => {}
+            BlobStatus::Intact => {
+                // The fast read checksum: recorded for blobs stored before checksums were
+                // kept; a recorded one that disagrees with intact content is corrected (it
+                // would otherwise fail every reconstruction reading this blob).
+                let computed = checksum
+                    .expect("intact blobs come with a checksum")
+                    .to_hex();
+                match &row.checksum {
+                    Some(recorded) if *recorded == computed => {}
+                    recorded => {
+                        if recorded.is_some() {
+                            problems
+                                .push(format!("checksum record wrong (corrected): {}", row.digest));
+                        } else {
+                            filled += 1;
+                        }
+                        data.db.set_blob_checksum(&row.digest, &computed).await?;
+                    }
+                }
+            }
             BlobStatus::Missing => problems.push(format!("missing: {}", row.digest)),
             BlobStatus::Corrupt { actual } => problems.push(format!(
                 "corrupt: {} (content hashes to {actual})",
@@ -320,6 +341,9 @@ pub async fn verify(data_dir: &Path) -> anyhow::Result<()> {
         human_bytes(total),
         problems.len()
     );
+    if filled > 0 {
+        println!("recorded the read checksum of {filled} blob(s) stored without one");
+    }
     if !problems.is_empty() {
         bail!("{} blob(s) failed verification", problems.len());
     }

@@ -441,3 +441,113 @@ fn serve_refuses_open_addresses_without_tokens_and_stops_on_sigterm() {
     stderr.read_to_string(&mut rest).unwrap();
     assert!(rest.contains("stopped"), "{rest}");
 }
+
+#[test]
+fn read_checksums_are_recorded_used_and_repaired_by_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&input).unwrap();
+    for (i, name) in ["c-0001048-0.050", "c-0001048-0.100", "c-0002097-0.050"]
+        .iter()
+        .enumerate()
+    {
+        write(&input.join(format!("{name}.safetensors")), i as f32);
+    }
+    assert!(
+        hindsight(&data, &["import", input.to_str().unwrap(), "--run", "c"])
+            .status
+            .success()
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let blobs = rt.block_on(async {
+        let d = hindsight::app::DataDir::open(&data).await.unwrap();
+        d.db.blobs().await.unwrap()
+    });
+    // Import recorded each blob's XXH3-128 of its exact bytes.
+    for b in &blobs {
+        let digest: hindsight::store::Digest = b.digest.parse().unwrap();
+        let bytes = std::fs::read(
+            data.join("store/blobs")
+                .join(&b.digest[..2])
+                .join(&b.digest[2..4])
+                .join(&b.digest),
+        )
+        .unwrap();
+        assert_eq!(hindsight::store::Digest::of(&bytes), digest);
+        let expected = hindsight::store::Checksum::of(&bytes).to_hex();
+        assert_eq!(
+            b.checksum.as_deref(),
+            Some(expected.as_str()),
+            "{}",
+            b.digest
+        );
+    }
+    // A wrong record (as a damaged index would have) fails reconstructions, naming the blob...
+    let victim = blobs[0].digest.clone();
+    rt.block_on(async {
+        let d = hindsight::app::DataDir::open(&data).await.unwrap();
+        d.db.set_blob_checksum(&victim, &"0".repeat(32))
+            .await
+            .unwrap();
+    });
+    let out_dir = dir.path().join("out");
+    let args = [
+        "reconstruct",
+        "--run",
+        "c",
+        "--sigma-rel",
+        "0.07",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ];
+    let failed = hindsight(&data, &args);
+    assert!(!failed.status.success());
+    let err = String::from_utf8_lossy(&failed.stderr);
+    assert!(err.contains(&victim) && err.contains("checksum"), "{err}");
+    // ... `verify` finds the content intact, says the record was wrong and corrects it ...
+    let verify = hindsight(&data, &["verify"]);
+    let report = String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        report.contains(&format!("checksum record wrong (corrected): {victim}")),
+        "{report}"
+    );
+    assert!(hindsight(&data, &["verify"]).status.success());
+    // ... and the reconstruction works again.
+    let ok = hindsight(&data, &args);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    // A store from before checksums were kept: reads verify the BLAKE3 digest instead, and
+    // `verify` records the missing checksums.
+    rt.block_on(async {
+        let url = format!(
+            "sqlite://{}",
+            data.join(hindsight::app::INDEX_FILE).display()
+        );
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        sqlx::query("UPDATE blobs SET checksum = NULL")
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+    });
+    let legacy = hindsight(&data, &[&args[..], &["--recompute"]].concat());
+    assert!(
+        legacy.status.success(),
+        "{}",
+        String::from_utf8_lossy(&legacy.stderr)
+    );
+    let verify = hindsight(&data, &["verify"]);
+    assert!(verify.status.success());
+    let report = String::from_utf8_lossy(&verify.stdout);
+    assert!(report.contains("recorded the read checksum of"), "{report}");
+    let blobs = rt.block_on(async {
+        let d = hindsight::app::DataDir::open(&data).await.unwrap();
+        d.db.blobs().await.unwrap()
+    });
+    assert!(blobs.iter().all(|b| b.checksum.is_some()), "{blobs:?}");
+}

@@ -317,7 +317,11 @@ async fn gc_removes_only_unreferenced_blobs_and_spares_inflight_ingests() {
 
     // An orphan: stored and claimed but never referenced (a crashed ingest).
     let (orphan, size) = e.data.store.put(&b"orphan"[..]).unwrap();
-    e.data.db.claim_blob(&orphan.to_hex(), size).await.unwrap();
+    e.data
+        .db
+        .claim_blob(&orphan.to_hex(), size, None)
+        .await
+        .unwrap();
     // Within the grace period it is left alone: it may be an ingest in flight.
     assert!(e
         .data
@@ -333,7 +337,11 @@ async fn gc_removes_only_unreferenced_blobs_and_spares_inflight_ingests() {
 
     // An ingest of the same content claims it between GC's mark and sweep phases: the sweep
     // must then leave the file alone.
-    e.data.db.claim_blob(&orphan.to_hex(), size).await.unwrap();
+    e.data
+        .db
+        .claim_blob(&orphan.to_hex(), size, None)
+        .await
+        .unwrap();
     let store = e.data.store.clone();
     let removed = e
         .data

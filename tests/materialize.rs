@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use hindsight::ingest::{read_header, write_safetensors, OutTensor};
 use hindsight::materialize::{materialize, Input, OutDtype};
-use hindsight::store::BlobStore;
+use hindsight::store::{BlobStore, Checksum};
 use safetensors::SafeTensors;
 
 /// Snapshot i: f32 `w` (3×5), f16 `h` (7), and an I64 `step` = i; values from a hash of (i, j).
@@ -83,6 +83,7 @@ fn setup(n: usize) -> (tempfile::TempDir, BlobStore, Vec<Input>, Vec<Vec<u8>>) {
             digest,
             header,
             nimg: (i as u64 + 1) * 1000,
+            checksum: Some(Checksum::of(&bytes)),
         });
         files.push(bytes);
     }
@@ -211,27 +212,41 @@ fn half_precision_outputs_and_precision_choice() {
 
 #[test]
 fn a_corrupt_input_fails_the_reconstruction() {
-    let (_dir, store, inputs, _files) = setup(3);
-    let path = store.path(&inputs[1].digest);
-    let mut bytes = std::fs::read(&path).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 1;
-    std::fs::remove_file(&path).unwrap(); // blobs are read-only
-    std::fs::write(&path, bytes).unwrap();
-    let mut out = Vec::new();
-    let mut writers: Vec<&mut (dyn std::io::Write + Send)> = vec![&mut out];
-    let err = materialize(
-        &store,
-        &inputs,
-        &[vec![0.2, 0.3, 0.5]],
-        OutDtype::F32,
-        &[BTreeMap::new()],
-        &mut writers,
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(err.contains(&inputs[1].digest.to_hex()), "{err}");
-    assert!(err.contains("corrupt"), "{err}");
+    // One flipped bit in a tensor, and one in the header, caught by the recorded checksum and,
+    // for a blob without one, by its digest.
+    for (offset_from_end, with_checksum) in [(1, true), (1, false), (0, true), (0, false)] {
+        let (_dir, store, mut inputs, _files) = setup(3);
+        if !with_checksum {
+            inputs[1].checksum = None;
+        }
+        let path = store.path(&inputs[1].digest);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = if offset_from_end == 0 {
+            10
+        } else {
+            bytes.len() - offset_from_end
+        };
+        bytes[at] ^= 1;
+        std::fs::remove_file(&path).unwrap(); // blobs are read-only
+        std::fs::write(&path, bytes).unwrap();
+        let mut out = Vec::new();
+        let mut writers: Vec<&mut (dyn std::io::Write + Send)> = vec![&mut out];
+        let err = materialize(
+            &store,
+            &inputs,
+            &[vec![0.2, 0.3, 0.5]],
+            OutDtype::F32,
+            &[BTreeMap::new()],
+            &mut writers,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(&inputs[1].digest.to_hex()), "{err}");
+        assert!(err.contains("corrupt"), "{err}");
+        if with_checksum {
+            assert!(err.contains("checksum"), "{err}");
+        }
+    }
 }
 
 #[test]
@@ -356,6 +371,8 @@ fn multi_chunk_tensors_many_inputs_and_thread_count_independence() {
             digest: store.put(&bytes[..]).unwrap().0,
             header: read_header(&mut &bytes[..], bytes.len() as u64, "snapshot").unwrap(),
             nimg: i as u64,
+            // Half the inputs verify by checksum, half by digest (blobs without one).
+            checksum: (i % 2 == 0).then(|| Checksum::of(bytes)),
         })
         .collect();
     // A plain average, a cancelling combination (f64 path), and one using a single input.

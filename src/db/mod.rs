@@ -160,6 +160,8 @@ pub struct BlobRow {
     pub size: i64,
     /// `pending`, `valid` or `deleted`.
     pub state: String,
+    /// XXH3-128 of the content (hex), when recorded.
+    pub checksum: Option<String>,
 }
 
 /// Run names appear in URLs and file names: 1 to 200 characters, no slashes, backslashes or
@@ -381,18 +383,49 @@ impl Db {
     /// Claims a digest for an ingest about to publish (or reuse) its file: the row becomes
     /// `pending` with a fresh timestamp, whatever its state was. Must happen before the file
     /// is published or found present, so that GC cannot remove it in between.
-    pub async fn claim_blob(&self, digest: &str, size: u64) -> Result<()> {
+    /// `checksum` is the content's XXH3-128 (hex), kept for fast verified reads.
+    pub async fn claim_blob(&self, digest: &str, size: u64, checksum: Option<&str>) -> Result<()> {
         let mut conn = self.begin_immediate().await?;
         let result = sqlx::query(
-            "INSERT INTO blobs (digest, size, state, changed_at) VALUES (?, ?, 'pending', ?) \
-             ON CONFLICT (digest) DO UPDATE SET state = 'pending', changed_at = excluded.changed_at",
+            "INSERT INTO blobs (digest, size, state, changed_at, checksum) \
+             VALUES (?, ?, 'pending', ?, ?) \
+             ON CONFLICT (digest) DO UPDATE SET state = 'pending', \
+               changed_at = excluded.changed_at, \
+               checksum = coalesce(excluded.checksum, blobs.checksum)",
         )
         .bind(digest)
         .bind(size as i64)
         .bind(now_secs())
+        .bind(checksum)
         .execute(&mut *conn)
         .await;
         finish(&mut conn, result.map(|_| ()).map_err(Error::from)).await
+    }
+
+    /// The recorded checksums (XXH3-128 hex) of `digests`, in order; `None` where a blob has
+    /// none recorded (written before checksums were kept) or no row.
+    pub async fn blob_checksums(&self, digests: &[String]) -> Result<Vec<Option<String>>> {
+        let mut out = Vec::with_capacity(digests.len());
+        let mut conn = self.pool.acquire().await?;
+        for d in digests {
+            let row: Option<Option<String>> =
+                sqlx::query_scalar("SELECT checksum FROM blobs WHERE digest = ?")
+                    .bind(d)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            out.push(row.flatten());
+        }
+        Ok(out)
+    }
+
+    /// Records the checksum of a blob, computed in a full read that found its digest intact.
+    pub async fn set_blob_checksum(&self, digest: &str, checksum: &str) -> Result<()> {
+        sqlx::query("UPDATE blobs SET checksum = ? WHERE digest = ?")
+            .bind(checksum)
+            .bind(digest)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Records a snapshot whose file is in the store under a claimed digest, in one
@@ -463,11 +496,11 @@ impl Db {
 
     /// Every blob row, by digest.
     pub async fn blobs(&self) -> Result<Vec<BlobRow>> {
-        Ok(
-            sqlx::query_as::<_, BlobRow>("SELECT digest, size, state FROM blobs ORDER BY digest")
-                .fetch_all(&self.pool)
-                .await?,
+        Ok(sqlx::query_as::<_, BlobRow>(
+            "SELECT digest, size, state, checksum FROM blobs ORDER BY digest",
         )
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// The state of one blob row.

@@ -296,6 +296,7 @@ pub async fn ingest_reader<R: Read + Send + 'static>(
         .await?
     };
     let digest = writer.digest_so_far();
+    let checksum = writer.checksum_so_far().to_hex();
     let bytes = writer.len();
 
     // Existing snapshot at the same time and width: same content is a no-op, other content a
@@ -310,7 +311,8 @@ pub async fn ingest_reader<R: Read + Send + 'static>(
         }
     }
 
-    db.claim_blob(&digest.to_hex(), bytes).await?;
+    db.claim_blob(&digest.to_hex(), bytes, Some(&checksum))
+        .await?;
     let (published, _) = blocking(move || writer.finish()).await?;
     debug_assert_eq!(published, digest);
     let dtypes = dtype_summary(&header.tensors);

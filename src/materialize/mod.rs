@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::ingest::{write_safetensors_header, Header, OutTensorInfo, TensorEntry};
-use crate::store::{BlobStore, Digest};
+use crate::store::{BlobStore, Checksum, Digest};
 
 /// Σ|w| above which accumulation switches from f32 to f64.
 pub const F64_ACCUMULATION_L1: f64 = 4.0;
@@ -74,6 +74,9 @@ pub struct Input {
     pub digest: Digest,
     /// Its header (see [`crate::ingest::read_header`]).
     pub header: Header,
+    /// Its recorded XXH3-128 checksum: verified reads check it (fast); without one they
+    /// re-derive the BLAKE3 digest.
+    pub checksum: Option<Checksum>,
     /// Training time, to pick the newest snapshot for copied tensors.
     pub nimg: u64,
 }
@@ -120,12 +123,20 @@ pub struct Stats {
     pub bytes_read: u64,
 }
 
+/// How an input's bytes are checked as they are read.
+enum Check {
+    /// Against its recorded XXH3-128 checksum.
+    Checksum(xxhash_rust::xxh3::Xxh3, Checksum),
+    /// Against its BLAKE3 digest (no checksum recorded).
+    Digest(Box<blake3::Hasher>),
+}
+
 /// One input being read: an open blob, where the next read starts, and the running hash.
 struct Cursor {
     file: File,
     digest: Digest,
     pos: u64,
-    hasher: Option<blake3::Hasher>,
+    check: Option<Check>,
 }
 
 impl Cursor {
@@ -141,17 +152,22 @@ impl Cursor {
             }
         })?;
         self.pos += buf.len() as u64;
-        if let Some(h) = self.hasher.as_mut() {
-            h.update(buf);
+        match self.check.as_mut() {
+            Some(Check::Checksum(h, _)) => h.update(buf),
+            Some(Check::Digest(h)) => {
+                h.update(buf);
+            }
+            None => {}
         }
         Ok(())
     }
 
-    /// Checks the digest of everything read, after reading whatever follows the last tensor.
+    /// Checks the checksum or digest of everything read, after reading whatever follows the
+    /// last tensor.
     fn finish(mut self) -> Result<()> {
-        let Some(hasher) = self.hasher.as_mut() else {
+        if self.check.is_none() {
             return Ok(());
-        };
+        }
         let len = self
             .file
             .metadata()
@@ -159,17 +175,30 @@ impl Cursor {
             .len();
         if len > self.pos {
             let mut rest = vec![0u8; (len - self.pos) as usize];
-            self.file
-                .read_exact_at(&mut rest, self.pos)
-                .map_err(|e| Error::io(format!("reading blob {}", self.digest), e))?;
-            hasher.update(&rest);
+            self.read(&mut rest)?;
         }
-        let actual = Digest::from(hasher.finalize());
-        if actual != self.digest {
-            return Err(Error::Corrupt {
-                expected: self.digest.to_hex(),
-                actual: actual.to_hex(),
-            });
+        match self.check {
+            Some(Check::Checksum(h, expected)) => {
+                let actual = Checksum(h.digest128());
+                if actual != expected {
+                    return Err(Error::Corrupt {
+                        expected: self.digest.to_hex(),
+                        actual: format!(
+                            "(content changed: checksum {actual}, recorded {expected})"
+                        ),
+                    });
+                }
+            }
+            Some(Check::Digest(h)) => {
+                let actual = Digest::from(h.finalize());
+                if actual != self.digest {
+                    return Err(Error::Corrupt {
+                        expected: self.digest.to_hex(),
+                        actual: actual.to_hex(),
+                    });
+                }
+            }
+            None => {}
         }
         Ok(())
     }
@@ -507,7 +536,10 @@ pub fn materialize_with(
             file,
             digest: input.digest,
             pos: 0,
-            hasher: options.verify.then(blake3::Hasher::new),
+            check: options.verify.then(|| match input.checksum {
+                Some(c) => Check::Checksum(xxhash_rust::xxh3::Xxh3::new(), c),
+                None => Check::Digest(Box::default()),
+            }),
         };
         let mut head = vec![0u8; input.header.data_start() as usize];
         cursor.read(&mut head)?;

@@ -27,11 +27,11 @@
 mod digest;
 
 use std::fs::{self, File};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-pub use digest::Digest;
+pub use digest::{Checksum, Digest};
 
 use crate::error::{Error, Result};
 
@@ -158,6 +158,7 @@ impl BlobStore {
             store: self.clone(),
             file: io::BufWriter::with_capacity(1 << 20, tmp),
             hasher: blake3::Hasher::new(),
+            checksum: xxhash_rust::xxh3::Xxh3::new(),
             len: 0,
             writeback: None,
         })
@@ -194,20 +195,37 @@ impl BlobStore {
 
     /// Re-hashes one blob.
     pub fn verify(&self, digest: &Digest) -> Result<BlobStatus> {
-        let mut file = match self.open_blob(digest) {
+        Ok(self.verify_with_checksum(digest)?.0)
+    }
+
+    /// Re-hashes one blob and computes its [`Checksum`] in the same read (the checksum is
+    /// `None` unless the blob is intact).
+    pub fn verify_with_checksum(&self, digest: &Digest) -> Result<(BlobStatus, Option<Checksum>)> {
+        let file = match self.open_blob(digest) {
             Ok(f) => f,
-            Err(Error::MissingBlob(_)) => return Ok(BlobStatus::Missing),
+            Err(Error::MissingBlob(_)) => return Ok((BlobStatus::Missing, None)),
             Err(e) => return Err(e),
         };
         let mut hasher = blake3::Hasher::new();
-        io::copy(&mut file, &mut hasher).map_err(io_err(|| {
-            format!("reading {}", self.path(digest).display())
-        }))?;
+        let mut checksum = xxhash_rust::xxh3::Xxh3::new();
+        let mut reader = BufReader::with_capacity(1 << 20, file);
+        loop {
+            let buf = reader.fill_buf().map_err(io_err(|| {
+                format!("reading {}", self.path(digest).display())
+            }))?;
+            if buf.is_empty() {
+                break;
+            }
+            hasher.update(buf);
+            checksum.update(buf);
+            let n = buf.len();
+            reader.consume(n);
+        }
         let actual = Digest::from(hasher.finalize());
         Ok(if actual == *digest {
-            BlobStatus::Intact
+            (BlobStatus::Intact, Some(Checksum(checksum.digest128())))
         } else {
-            BlobStatus::Corrupt { actual }
+            (BlobStatus::Corrupt { actual }, None)
         })
     }
 
@@ -293,6 +311,7 @@ pub struct BlobWriter {
     store: BlobStore,
     file: io::BufWriter<tempfile::NamedTempFile>,
     hasher: blake3::Hasher,
+    checksum: xxhash_rust::xxh3::Xxh3,
     len: u64,
     /// Where the last early writeback started, and the thread doing it.
     writeback: Option<(u64, Option<std::thread::JoinHandle<()>>)>,
@@ -352,6 +371,11 @@ impl BlobWriter {
         Digest::from(self.hasher.finalize())
     }
 
+    /// The [`Checksum`] of what was written so far.
+    pub fn checksum_so_far(&self) -> Checksum {
+        Checksum(self.checksum.digest128())
+    }
+
     /// Makes the blob durable and visible under its digest: fsync, rename, fsync the directory.
     /// If the store already has this content, the new copy is dropped instead.
     pub fn finish(self) -> Result<(Digest, u64)> {
@@ -409,6 +433,7 @@ impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.file.write(buf)?;
         self.hasher.update(&buf[..n]);
+        self.checksum.update(&buf[..n]);
         self.len += n as u64;
         self.maybe_start_writeback();
         Ok(n)
