@@ -126,7 +126,7 @@ pub struct Stats {
 /// How an input's bytes are checked as they are read.
 enum Check {
     /// Against its recorded XXH3-128 checksum.
-    Checksum(xxhash_rust::xxh3::Xxh3, Checksum),
+    Checksum(Box<xxhash_rust::xxh3::Xxh3>, Checksum),
     /// Against its BLAKE3 digest (no checksum recorded).
     Digest(Box<blake3::Hasher>),
 }
@@ -537,7 +537,7 @@ pub fn materialize_with(
             digest: input.digest,
             pos: 0,
             check: options.verify.then(|| match input.checksum {
-                Some(c) => Check::Checksum(xxhash_rust::xxh3::Xxh3::new(), c),
+                Some(c) => Check::Checksum(Box::default(), c),
                 None => Check::Digest(Box::default()),
             }),
         };
