@@ -229,16 +229,8 @@ impl Acc {
         weights: &[f64],
     ) {
         match self {
-            Acc::F32(a) => {
-                let acc = &mut a[k][start..start + m];
-                acc.fill(0.0);
-                kernels::combine_f32(acc, values, weights)
-            }
-            Acc::F64(a) => {
-                let acc = &mut a[k][start..start + m];
-                acc.fill(0.0);
-                kernels::combine_f64(acc, values, weights)
-            }
+            Acc::F32(a) => kernels::combine_f32(&mut a[k][start..start + m], values, weights),
+            Acc::F64(a) => kernels::combine_f64(&mut a[k][start..start + m], values, weights),
         }
     }
 
@@ -385,7 +377,7 @@ impl Worker {
                 let bytes = &bytes[start * size..(start + m) * size];
                 let values = &mut values[..m];
                 match dtype {
-                    "F16" => bytemuck::cast_slice::<u8, f16>(bytes).convert_to_f32_slice(values),
+                    "F16" => kernels::f16_to_f32(bytemuck::cast_slice(bytes), values),
                     "BF16" => bytemuck::cast_slice::<u8, bf16>(bytes).convert_to_f32_slice(values),
                     "F32" => values.copy_from_slice(bytemuck::cast_slice(bytes)),
                     // F64 inputs are rounded to f32 before the sum; outputs are at most f32.
@@ -655,31 +647,179 @@ pub fn materialize_with(
 mod kernels {
     use multiversion::multiversion;
 
-    /// `acc += Σ_b w[b] · values[b]` over `acc.len()` elements; `acc` stays in L1 while the
-    /// batch is added in.
-    #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
-    pub fn combine_f32(acc: &mut [f32], values: &[[f32; super::BLOCK]], w: &[f64]) {
+    /// Lanes per step of the combine kernels (one 512-bit register of f32).
+    const LANES: usize = 16;
+
+    /// The non-zero weights of a batch and their value rows (at most [`super::BATCH_INPUTS`]).
+    fn terms<'a, T: Copy + Default>(
+        values: &'a [[f32; super::BLOCK]],
+        w: &[f64],
+        convert: impl Fn(f64) -> T,
+    ) -> (
+        [T; super::BATCH_INPUTS],
+        [&'a [f32; super::BLOCK]; super::BATCH_INPUTS],
+        usize,
+    ) {
+        let mut ws = [T::default(); super::BATCH_INPUTS];
+        let mut vs = [&values[0]; super::BATCH_INPUTS];
+        let mut n = 0;
         for (v, &w) in values.iter().zip(w) {
-            if w == 0.0 {
-                continue;
-            }
-            let w = w as f32;
-            for (a, x) in acc.iter_mut().zip(v) {
-                *a += w * *x;
+            if w != 0.0 {
+                ws[n] = convert(w);
+                vs[n] = v;
+                n += 1;
             }
         }
+        (ws, vs, n)
+    }
+
+    /// `acc = Σ_b w[b] · values[b]` over `acc.len()` elements, inputs with weight 0 skipped,
+    /// each element summed in input order (mul, then add: the same bits on every instruction
+    /// set). A register of sums takes the whole batch before it is stored once, instead of
+    /// a load and store of `acc` per input.
+    #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+    pub fn combine_f32(acc: &mut [f32], values: &[[f32; super::BLOCK]], w: &[f64]) {
+        let (ws, vs, n) = terms(values, w, |w| w as f32);
+        let full = acc.len() / LANES * LANES;
+        for (j, out) in acc[..full].chunks_exact_mut(LANES).enumerate() {
+            let mut sum = [0f32; LANES];
+            for t in 0..n {
+                let v = &vs[t][j * LANES..(j + 1) * LANES];
+                for (s, x) in sum.iter_mut().zip(v) {
+                    *s += ws[t] * *x;
+                }
+            }
+            out.copy_from_slice(&sum);
+        }
+        for (i, out) in acc.iter_mut().enumerate().skip(full) {
+            let mut sum = 0f32;
+            for t in 0..n {
+                sum += ws[t] * vs[t][i];
+            }
+            *out = sum;
+        }
+    }
+
+    /// IEEE binary16 bits → f32, exactly as the F16C instruction converts (every value; NaNs
+    /// keep their payload and come out quiet). Branch-free, so each instruction-set version
+    /// is vectorised: `half`'s slice conversion calls its F16C routine once per 8 values.
+    #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+    pub fn f16_to_f32(src: &[u16], dst: &mut [f32]) {
+        for (d, &h) in dst.iter_mut().zip(src) {
+            *d = f16_bits_to_f32(h);
+        }
+    }
+
+    /// One value of [`f16_to_f32`].
+    #[inline(always)]
+    pub fn f16_bits_to_f32(h: u16) -> f32 {
+        let h = u32::from(h);
+        let sign = (h & 0x8000) << 16;
+        let exp = h & 0x7c00;
+        let man = h & 0x03ff;
+        // Normal: rebias the exponent (15 → 127) and widen the mantissa.
+        let normal = ((h & 0x7fff) << 13) + ((127 - 15) << 23);
+        // Subnormal or zero: man · 2⁻²⁴, exact in f32 (no subnormal arithmetic involved).
+        let small = (man as f32 * f32::from_bits(0x3380_0000)).to_bits();
+        // Infinity or NaN (quieted).
+        let special = 0x7f80_0000 | (man << 13) | if man != 0 { 0x0040_0000 } else { 0 };
+        let bits = if exp == 0 {
+            small
+        } else if exp == 0x7c00 {
+            special
+        } else {
+            normal
+        };
+        f32::from_bits(bits | sign)
     }
 
     /// [`combine_f32`] with f64 sums.
     #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
     pub fn combine_f64(acc: &mut [f64], values: &[[f32; super::BLOCK]], w: &[f64]) {
-        for (v, &w) in values.iter().zip(w) {
-            if w == 0.0 {
-                continue;
+        let (ws, vs, n) = terms(values, w, |w| w);
+        const L: usize = LANES / 2;
+        let full = acc.len() / L * L;
+        for (j, out) in acc[..full].chunks_exact_mut(L).enumerate() {
+            let mut sum = [0f64; L];
+            for t in 0..n {
+                let v = &vs[t][j * L..(j + 1) * L];
+                for (s, x) in sum.iter_mut().zip(v) {
+                    *s += ws[t] * f64::from(*x);
+                }
             }
-            for (a, x) in acc.iter_mut().zip(v) {
-                *a += w * f64::from(*x);
+            out.copy_from_slice(&sum);
+        }
+        for (i, out) in acc.iter_mut().enumerate().skip(full) {
+            let mut sum = 0f64;
+            for t in 0..n {
+                sum += ws[t] * f64::from(vs[t][i]);
             }
+            *out = sum;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use half::f16;
+    use half::slice::HalfFloatSliceExt;
+
+    #[test]
+    fn combining_gives_the_bits_of_the_sequential_sum() {
+        use super::{kernels, BATCH_INPUTS, BLOCK};
+        let mut values = vec![[0f32; BLOCK]; BATCH_INPUTS];
+        let mut x = 0x1234_5678_u32;
+        for row in values.iter_mut() {
+            for v in row.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                *v = (x as f32 / u32::MAX as f32 - 0.5) * 3.0;
+            }
+        }
+        let w = [0.3, 0.0, -1.7, 2.5e-3, 0.0, 1.0, -0.25, 0.125];
+        for (inputs, m) in [(8, BLOCK), (8, 37), (3, 100), (1, 16), (5, 1)] {
+            let (values, w) = (&values[..inputs], &w[..inputs]);
+            let mut got = vec![f32::NAN; m];
+            kernels::combine_f32(&mut got, values, w);
+            let mut got64 = vec![f64::NAN; m];
+            kernels::combine_f64(&mut got64, values, w);
+            for i in 0..m {
+                let (mut s, mut s64) = (0f32, 0f64);
+                for (row, &wb) in values.iter().zip(w) {
+                    if wb != 0.0 {
+                        s += wb as f32 * row[i];
+                        s64 += wb * f64::from(row[i]);
+                    }
+                }
+                assert_eq!(
+                    got[i].to_bits(),
+                    s.to_bits(),
+                    "f32 inputs {inputs} m {m} i {i}"
+                );
+                assert_eq!(
+                    got64[i].to_bits(),
+                    s64.to_bits(),
+                    "f64 inputs {inputs} m {m} i {i}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn f16_decoding_matches_half_for_every_value() {
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        let mut ours = vec![0f32; all.len()];
+        super::kernels::f16_to_f32(&all, &mut ours);
+        let mut theirs = vec![0f32; all.len()];
+        bytemuck::cast_slice::<u16, f16>(&all).convert_to_f32_slice(&mut theirs);
+        for (h, (a, b)) in all.iter().zip(ours.iter().zip(&theirs)) {
+            assert_eq!(a.to_bits(), b.to_bits(), "f16 bits {h:#06x}: {a} vs {b}");
+            assert_eq!(
+                a.to_bits(),
+                super::kernels::f16_bits_to_f32(*h).to_bits(),
+                "{h:#06x}"
+            );
         }
     }
 }
