@@ -309,3 +309,34 @@ fn a_writer_killed_mid_write_publishes_nothing() {
 fn a_writer_killed_before_publishing_publishes_nothing() {
     kill_child_and_check("written");
 }
+
+#[test]
+fn checksums_are_xxh3_128_and_streaming_agrees_with_one_shot() {
+    use hindsight::store::{Checksum, ChecksumHasher};
+    // XXH3-128 of the empty input (seed 0, default secret), as every implementation gives it.
+    assert_eq!(
+        Checksum::of(b"").to_hex(),
+        "99aa06d3014798d86001c324468d497f"
+    );
+    let data: Vec<u8> = (0..1_000_003u32)
+        .map(|i| (i * 2_654_435_761 >> 13) as u8)
+        .collect();
+    let mut h = ChecksumHasher::new();
+    for piece in data.chunks(65_537) {
+        h.update(piece);
+    }
+    assert_eq!(h.finish(), Checksum::of(&data));
+    let hex = h.finish().to_hex();
+    assert_eq!(hex.parse::<Checksum>().unwrap(), h.finish());
+    assert!("xyz".parse::<Checksum>().is_err());
+    // A blob written through the store carries the checksum of its bytes.
+    let dir = tempfile::tempdir().unwrap();
+    let store = hindsight::store::BlobStore::open(dir.path()).unwrap();
+    let mut w = store.writer().unwrap();
+    std::io::Write::write_all(&mut w, &data).unwrap();
+    assert_eq!(w.checksum_so_far(), Checksum::of(&data));
+    let (digest, _) = w.finish().unwrap();
+    let (status, checksum) = store.verify_with_checksum(&digest).unwrap();
+    assert_eq!(status, hindsight::store::BlobStatus::Intact);
+    assert_eq!(checksum, Some(Checksum::of(&data)));
+}

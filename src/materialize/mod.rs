@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::ingest::{write_safetensors_header, Header, OutTensorInfo, TensorEntry};
-use crate::store::{BlobStore, Checksum, Digest};
+use crate::store::{BlobStore, Checksum, ChecksumHasher, Digest};
 
 /// Σ|w| above which accumulation switches from f32 to f64.
 pub const F64_ACCUMULATION_L1: f64 = 4.0;
@@ -126,7 +126,7 @@ pub struct Stats {
 /// How an input's bytes are checked as they are read.
 enum Check {
     /// Against its recorded XXH3-128 checksum.
-    Checksum(Box<xxhash_rust::xxh3::Xxh3>, Checksum),
+    Checksum(Box<ChecksumHasher>, Checksum),
     /// Against its BLAKE3 digest (no checksum recorded).
     Digest(Box<blake3::Hasher>),
 }
@@ -179,7 +179,7 @@ impl Cursor {
         }
         match self.check {
             Some(Check::Checksum(h, expected)) => {
-                let actual = Checksum(h.digest128());
+                let actual = h.finish();
                 if actual != expected {
                     return Err(Error::Corrupt {
                         expected: self.digest.to_hex(),

@@ -129,7 +129,7 @@ pub struct Checksum(pub u128);
 impl Checksum {
     /// The checksum of `bytes`.
     pub fn of(bytes: &[u8]) -> Self {
-        Self(xxhash_rust::xxh3::xxh3_128(bytes))
+        Self(twox_hash::XxHash3_128::oneshot(bytes))
     }
 
     /// 32 lowercase hex digits.
@@ -164,5 +164,26 @@ impl FromStr for Checksum {
         u128::from_str_radix(s, 16)
             .map(Self)
             .map_err(|e| Error::invalid("checksum", e.to_string()))
+    }
+}
+
+/// Computes a [`Checksum`] incrementally.
+#[derive(Default)]
+pub struct ChecksumHasher(twox_hash::XxHash3_128);
+
+impl ChecksumHasher {
+    /// A hasher with nothing written.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.write(bytes);
+    }
+
+    /// The checksum of everything added so far.
+    pub fn finish(&self) -> Checksum {
+        Checksum(self.0.finish_128())
     }
 }

@@ -31,7 +31,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-pub use digest::{Checksum, Digest};
+pub use digest::{Checksum, ChecksumHasher, Digest};
 
 use crate::error::{Error, Result};
 
@@ -158,7 +158,7 @@ impl BlobStore {
             store: self.clone(),
             file: io::BufWriter::with_capacity(1 << 20, tmp),
             hasher: blake3::Hasher::new(),
-            checksum: xxhash_rust::xxh3::Xxh3::new(),
+            checksum: ChecksumHasher::new(),
             len: 0,
             writeback: None,
         })
@@ -207,7 +207,7 @@ impl BlobStore {
             Err(e) => return Err(e),
         };
         let mut hasher = blake3::Hasher::new();
-        let mut checksum = xxhash_rust::xxh3::Xxh3::new();
+        let mut checksum = ChecksumHasher::new();
         let mut reader = BufReader::with_capacity(1 << 20, file);
         loop {
             let buf = reader.fill_buf().map_err(io_err(|| {
@@ -223,7 +223,7 @@ impl BlobStore {
         }
         let actual = Digest::from(hasher.finalize());
         Ok(if actual == *digest {
-            (BlobStatus::Intact, Some(Checksum(checksum.digest128())))
+            (BlobStatus::Intact, Some(checksum.finish()))
         } else {
             (BlobStatus::Corrupt { actual }, None)
         })
@@ -311,7 +311,7 @@ pub struct BlobWriter {
     store: BlobStore,
     file: io::BufWriter<tempfile::NamedTempFile>,
     hasher: blake3::Hasher,
-    checksum: xxhash_rust::xxh3::Xxh3,
+    checksum: ChecksumHasher,
     len: u64,
     /// Where the last early writeback started, and the thread doing it.
     writeback: Option<(u64, Option<std::thread::JoinHandle<()>>)>,
@@ -373,7 +373,7 @@ impl BlobWriter {
 
     /// The [`Checksum`] of what was written so far.
     pub fn checksum_so_far(&self) -> Checksum {
-        Checksum(self.checksum.digest128())
+        self.checksum.finish()
     }
 
     /// Makes the blob durable and visible under its digest: fsync, rename, fsync the directory.
