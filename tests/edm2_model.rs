@@ -311,6 +311,17 @@ fn fused_cpu_kernels_match_the_composed_definitions_with_gradients() {
     both("mp_silu", &x, &|t| model::mp_silu(t).unwrap(), &|t| {
         composed::mp_silu(t).unwrap()
     });
+    // Rows of 6 with values up to ±3 (and the large-value case, shifted by 80).
+    both("softmax", &x, &|t| model::softmax_last(t).unwrap(), &|t| {
+        composed::softmax_last(t).unwrap()
+    });
+    let big = (&x + 80.0).unwrap();
+    both(
+        "softmax shifted",
+        &big,
+        &|t| model::softmax_last(t).unwrap(),
+        &|t| composed::softmax_last(t).unwrap(),
+    );
     // Values beyond the clip bound on both sides.
     both("clip", &x, &|t| model::clip(t, 1.5).unwrap(), &|t| {
         composed::clip(t, 1.5).unwrap()

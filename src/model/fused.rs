@@ -315,3 +315,89 @@ impl CustomOp2 for NormalizeGrad {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
+
+/// Softmax over the last dimension of a contiguous tensor (rows of `row` elements).
+#[derive(Clone, Copy)]
+pub struct Softmax {
+    /// Length of the last dimension.
+    pub row: usize,
+}
+
+struct SoftmaxGrad(Softmax);
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "hindsight-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice_f32(storage, layout, "softmax")?;
+        let row = self.row;
+        if row == 0 || x.len() % row != 0 {
+            candle_core::bail!("softmax: rows of {row} do not tile {} elements", x.len());
+        }
+        let mut y = vec![0f32; x.len()];
+        let rows_per_task = (CHUNK / row).max(1) * row;
+        y.par_chunks_mut(rows_per_task)
+            .zip(x.par_chunks(rows_per_task))
+            .for_each(|(y, x)| {
+                for (y, x) in y.chunks_exact_mut(row).zip(x.chunks_exact(row)) {
+                    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let mut sum = 0f32;
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = (x - max).exp();
+                        sum += *y;
+                    }
+                    let inv = 1.0 / sum;
+                    y.iter_mut().for_each(|y| *y *= inv);
+                }
+            });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(res.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &SoftmaxGrad(*self),
+        )?))
+    }
+}
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "hindsight-softmax-grad"
+    }
+
+    /// `∂x = y ⊙ (g − Σ g·y)` per row, from the softmax output `y` and its gradient `g`.
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = slice_f32(s1, l1, "softmax grad")?;
+        let g = slice_f32(s2, l2, "softmax grad")?;
+        let row = self.0.row;
+        if y.len() != g.len() || row == 0 || y.len() % row != 0 {
+            candle_core::bail!("softmax grad: shapes differ");
+        }
+        let mut out = vec![0f32; y.len()];
+        let rows_per_task = (CHUNK / row).max(1) * row;
+        out.par_chunks_mut(rows_per_task)
+            .zip(y.par_chunks(rows_per_task).zip(g.par_chunks(rows_per_task)))
+            .for_each(|(o, (y, g))| {
+                for ((o, y), g) in o
+                    .chunks_exact_mut(row)
+                    .zip(y.chunks_exact(row))
+                    .zip(g.chunks_exact(row))
+                {
+                    let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                    for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                        *o = y * (g - dot);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}

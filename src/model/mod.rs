@@ -191,6 +191,13 @@ pub mod composed {
         x.clamp(-c, c)
     }
 
+    /// [`super::softmax_last`], composed from differentiable ops.
+    pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+        let max = x.max_keepdim(candle_core::D::Minus1)?.detach();
+        let e = x.broadcast_sub(&max)?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(candle_core::D::Minus1)?)
+    }
+
     /// The weights of `a` and `b` in [`super::mp_sum`].
     pub fn mp_sum_weights(t: f64) -> (f64, f64) {
         let scale = ((1.0 - t).powi(2) + t * t).sqrt();
@@ -237,11 +244,13 @@ pub fn resample(x: &Tensor, mode: Resample) -> Result<Tensor> {
     }
 }
 
-/// Softmax over the last dimension, composed from differentiable ops.
-fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+/// Softmax over the last dimension (with its backward pass; candle-nn's has none).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if fused::applies(x) {
+        let row = x.dim(D::Minus1)?;
+        return x.contiguous()?.apply_op1(fused::Softmax { row });
+    }
+    composed::softmax_last(x)
 }
 
 /// Magnitude-preserving Fourier features of a noise level.
