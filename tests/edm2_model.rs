@@ -322,6 +322,22 @@ fn fused_cpu_kernels_match_the_composed_definitions_with_gradients() {
         &|t| model::softmax_last(t).unwrap(),
         &|t| composed::softmax_last(t).unwrap(),
     );
+    // The embedding modulation: gradients for the activations and for the per-channel scale.
+    let yv = candle_core::Var::from_tensor(&x).unwrap();
+    let cv = candle_core::Var::from_tensor(&make("c", &[3, 5], 2.0)).unwrap();
+    let a = model::modulated_mp_silu(yv.as_tensor(), cv.as_tensor()).unwrap();
+    let b = composed::modulated_mp_silu(yv.as_tensor(), cv.as_tensor()).unwrap();
+    check("modulated mp_silu forward", &a, &b, 1e-6);
+    let ga = (&a * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gb = (&b * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for (what, v) in [("activations", &yv), ("scale", &cv)] {
+        check(
+            &format!("modulated mp_silu gradient of the {what}"),
+            ga.get(v.as_tensor()).unwrap(),
+            gb.get(v.as_tensor()).unwrap(),
+            1e-5,
+        );
+    }
     // Values beyond the clip bound on both sides.
     both("clip", &x, &|t| model::clip(t, 1.5).unwrap(), &|t| {
         composed::clip(t, 1.5).unwrap()

@@ -401,3 +401,137 @@ impl CustomOp2 for SoftmaxGrad {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
+
+/// `mp_silu(y · c)` for `y` [N, C, H, W] and a per-channel scale `c` [N, C] (EDM2's embedding
+/// modulation followed by its activation), with the gradients of both.
+pub struct ModSilu;
+
+/// ∂y of [`ModSilu`]: arguments `y`, `c`, `g`.
+struct ModSiluGradY;
+
+/// ∂c of [`ModSilu`]: arguments `y`, `c`, `g`; result [N, C].
+struct ModSiluGradC;
+
+/// (planes N·C, plane size H·W) of `y` and `c`'s shapes, checked.
+fn mod_dims(y: &Layout, c: &Layout) -> Result<(usize, usize)> {
+    let (n, ch, h, w) = y.shape().dims4()?;
+    let (cn, cc) = c.shape().dims2()?;
+    if (cn, cc) != (n, ch) {
+        candle_core::bail!("modulation: scale {:?} for {:?}", c.shape(), y.shape());
+    }
+    Ok((n * ch, h * w))
+}
+
+impl CustomOp2 for ModSilu {
+    fn name(&self) -> &'static str {
+        "hindsight-mod-silu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = slice_f32(s1, l1, "modulation")?;
+        let c = slice_f32(s2, l2, "modulation scale")?;
+        let (_, plane) = mod_dims(l1, l2)?;
+        let mut out = vec![0f32; y.len()];
+        out.par_chunks_mut(plane)
+            .zip(y.par_chunks(plane).zip(c.par_iter()))
+            .for_each(|(o, (y, &c))| {
+                for (o, &y) in o.iter_mut().zip(y) {
+                    *o = MpSilu.f(y * c);
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        y: &Tensor,
+        c: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let gy = y.apply_op3_no_bwd(c, &grad, &ModSiluGradY)?;
+        let gc = y.apply_op3_no_bwd(c, &grad, &ModSiluGradC)?;
+        Ok((Some(gy), Some(gc)))
+    }
+}
+
+impl candle_core::CustomOp3 for ModSiluGradY {
+    fn name(&self) -> &'static str {
+        "hindsight-mod-silu-grad-y"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = slice_f32(s1, l1, "modulation grad")?;
+        let c = slice_f32(s2, l2, "modulation grad")?;
+        let g = slice_f32(s3, l3, "modulation grad")?;
+        let (_, plane) = mod_dims(l1, l2)?;
+        if g.len() != y.len() {
+            candle_core::bail!("modulation grad: shapes differ");
+        }
+        let mut out = vec![0f32; y.len()];
+        out.par_chunks_mut(plane)
+            .zip(
+                y.par_chunks(plane)
+                    .zip(g.par_chunks(plane).zip(c.par_iter())),
+            )
+            .for_each(|(o, (y, (g, &c)))| {
+                for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                    *o = g * MpSilu.df(y * c) * c;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+impl candle_core::CustomOp3 for ModSiluGradC {
+    fn name(&self) -> &'static str {
+        "hindsight-mod-silu-grad-c"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = slice_f32(s1, l1, "modulation grad")?;
+        let c = slice_f32(s2, l2, "modulation grad")?;
+        let g = slice_f32(s3, l3, "modulation grad")?;
+        let (_, plane) = mod_dims(l1, l2)?;
+        if g.len() != y.len() {
+            candle_core::bail!("modulation grad: shapes differ");
+        }
+        let mut out = vec![0f32; c.len()];
+        out.par_iter_mut()
+            .zip(
+                y.par_chunks(plane)
+                    .zip(g.par_chunks(plane).zip(c.par_iter())),
+            )
+            .for_each(|(o, (y, (g, &c)))| {
+                *o = y
+                    .iter()
+                    .zip(g)
+                    .map(|(&y, &g)| g * MpSilu.df(y * c) * y)
+                    .sum();
+            });
+        Ok((CpuStorage::F32(out), l2.shape().clone()))
+    }
+}

@@ -144,6 +144,15 @@ pub fn mp_silu(x: &Tensor) -> Result<Tensor> {
     composed::mp_silu(x)
 }
 
+/// `mp_silu(y · c)` with `c` [N, C] scaling the channels of `y` [N, C, H, W] (the embedding's
+/// modulation in EDM2's blocks).
+pub fn modulated_mp_silu(y: &Tensor, c: &Tensor) -> Result<Tensor> {
+    if fused::applies(y) && fused::applies(c) && y.rank() == 4 && c.rank() == 2 {
+        return y.contiguous()?.apply_op2(&c.contiguous()?, fused::ModSilu);
+    }
+    composed::modulated_mp_silu(y, c)
+}
+
 /// `clamp(x, −c, c)` (EDM2's activation clipping).
 pub fn clip(x: &Tensor, c: f64) -> Result<Tensor> {
     if fused::applies(x) {
@@ -189,6 +198,11 @@ pub mod composed {
     /// [`super::clip`].
     pub fn clip(x: &Tensor, c: f64) -> Result<Tensor> {
         x.clamp(-c, c)
+    }
+
+    /// [`super::modulated_mp_silu`].
+    pub fn modulated_mp_silu(y: &Tensor, c: &Tensor) -> Result<Tensor> {
+        mp_silu(&y.broadcast_mul(&c.unsqueeze(2)?.unsqueeze(3)?)?)
     }
 
     /// [`super::softmax_last`], composed from differentiable ops.
@@ -417,7 +431,7 @@ impl Block {
         }
         let y = self.conv_res0.forward(&mp_silu(&x)?, Gain::One)?;
         let c = (self.emb_linear.forward(emb, Gain::Param(&self.emb_gain))? + 1.0)?;
-        let y = mp_silu(&y.broadcast_mul(&c.unsqueeze(2)?.unsqueeze(3)?)?)?;
+        let y = modulated_mp_silu(&y, &c)?;
         let y = self.conv_res1.forward(&y, Gain::One)?;
         if self.flavor == Flavor::Dec {
             if let Some(skip) = &self.conv_skip {
