@@ -202,11 +202,16 @@ pub struct Normalize {
 struct NormalizeGrad(Normalize);
 
 impl Normalize {
-    /// Σ x² over the middle axis for one outer slice: `inner` sums.
-    fn sums(&self, x: &[f32], sums: &mut [f32]) {
+    /// Σ x² over the middle axis for one outer slice: `inner` sums, accumulated in f64 (a
+    /// weight's fan-in reaches thousands of terms; PyTorch's norm is more accurate than a
+    /// plain f32 running sum).
+    fn sums(&self, x: &[f32], sums: &mut [f64]) {
         sums.fill(0.0);
         for row in x.chunks_exact(self.inner) {
-            sums.iter_mut().zip(row).for_each(|(s, &v)| *s += v * v);
+            sums.iter_mut().zip(row).for_each(|(s, &v)| {
+                let v = f64::from(v);
+                *s += v * v;
+            });
         }
     }
 
@@ -227,16 +232,18 @@ impl CustomOp1 for Normalize {
         let x = slice_f32(storage, layout, "normalize")?;
         self.check(x.len())?;
         let (mid, inner) = (self.mid, self.inner);
-        let scale = 1.0 / (mid as f32).sqrt();
+        let scale = 1.0 / (mid as f64).sqrt();
+        let eps = f64::from(self.eps);
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(mid * inner)
             .zip(x.par_chunks(mid * inner))
             .for_each_init(
-                || vec![0f32; inner],
-                |d, (y, x)| {
-                    self.sums(x, d);
-                    d.iter_mut()
-                        .for_each(|s| *s = 1.0 / (self.eps + s.sqrt() * scale));
+                || (vec![0f64; inner], vec![0f32; inner]),
+                |(s, d), (y, x)| {
+                    self.sums(x, s);
+                    for (d, s) in d.iter_mut().zip(s.iter()) {
+                        *d = (1.0 / (eps + s.sqrt() * scale)) as f32;
+                    }
                     for (yr, xr) in y.chunks_exact_mut(inner).zip(x.chunks_exact(inner)) {
                         for ((y, &x), &r) in yr.iter_mut().zip(xr).zip(d.iter()) {
                             *y = x * r;
@@ -274,30 +281,40 @@ impl CustomOp2 for NormalizeGrad {
         p.check(x.len())?;
         p.check(g.len())?;
         let (mid, inner) = (p.mid, p.inner);
-        let root_m = (mid as f32).sqrt();
+        let root_m = (mid as f64).sqrt();
+        let eps = f64::from(p.eps);
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(mid * inner)
             .zip(x.par_chunks(mid * inner).zip(g.par_chunks(mid * inner)))
             .for_each_init(
-                || (vec![0f32; inner], vec![0f32; inner]),
-                |(a, b), (o, (x, g))| {
-                    p.sums(x, a); // a = n²
-                    b.fill(0.0); // b = Σ g·x
+                || {
+                    (
+                        vec![0f64; inner],
+                        vec![0f64; inner],
+                        vec![0f32; inner],
+                        vec![0f32; inner],
+                    )
+                },
+                |(n2, gx, a, b), (o, (x, g))| {
+                    p.sums(x, n2);
+                    gx.fill(0.0); // Σ g·x
                     for (xr, gr) in x.chunks_exact(inner).zip(g.chunks_exact(inner)) {
-                        for ((b, &x), &g) in b.iter_mut().zip(xr).zip(gr) {
-                            *b += g * x;
+                        for ((s, &x), &g) in gx.iter_mut().zip(xr).zip(gr) {
+                            *s += f64::from(g) * f64::from(x);
                         }
                     }
-                    // a ← 1/d, b ← (Σ g·x) / (d²·n·√M) (0 where x is all zeros).
-                    for (a, b) in a.iter_mut().zip(b.iter_mut()) {
-                        let n = a.sqrt();
-                        let inv_d = 1.0 / (p.eps + n / root_m);
+                    // a = 1/d, b = (Σ g·x) / (d²·n·√M) (0 where x is all zeros).
+                    for (((a, b), &n2), &gx) in
+                        a.iter_mut().zip(b.iter_mut()).zip(n2.iter()).zip(gx.iter())
+                    {
+                        let n = n2.sqrt();
+                        let inv_d = 1.0 / (eps + n / root_m);
                         *b = if n > 0.0 {
-                            *b * inv_d * inv_d / (n * root_m)
+                            (gx * inv_d * inv_d / (n * root_m)) as f32
                         } else {
                             0.0
                         };
-                        *a = inv_d;
+                        *a = inv_d as f32;
                     }
                     for ((orow, xr), gr) in o
                         .chunks_exact_mut(inner)
