@@ -633,12 +633,18 @@ pub async fn bench_reconstruct(
                 if no_verify {
                     args.push("--no-verify".as_ref());
                 }
-                // Each timed run computes afresh and publishes durably: earlier results go.
+                // Each timed run computes afresh and publishes durably: earlier results go,
+                // rows and files, the way `gc` removes them (the index stays consistent).
                 {
                     let data = DataDir::open(&data_dir).await?;
                     let run = data.db.run("bench").await?.context("bench run")?;
-                    for r in data.db.reconstructions(run.id).await? {
-                        data.store.remove(&r.digest.parse()?)?;
+                    data.db.forget_reconstructions(run.id).await?;
+                    for digest in data.db.gc_mark(Duration::ZERO).await? {
+                        let store = data.store.clone();
+                        let d: Digest = digest.parse()?;
+                        data.db
+                            .gc_sweep(&digest, move || store.remove(&d).map(|_| ()))
+                            .await?;
                     }
                     let _ = std::fs::remove_dir_all(&out);
                 }

@@ -550,4 +550,20 @@ fn read_checksums_are_recorded_used_and_repaired_by_verify() {
         d.db.blobs().await.unwrap()
     });
     assert!(blobs.iter().all(|b| b.checksum.is_some()), "{blobs:?}");
+
+    // Forgetting the run's reconstructions leaves their blobs to `gc`, and the index
+    // consistent: `verify` finds nothing missing afterwards.
+    let forgotten = rt.block_on(async {
+        let d = hindsight::app::DataDir::open(&data).await.unwrap();
+        let run = d.db.run("c").await.unwrap().unwrap();
+        d.db.forget_reconstructions(run.id).await.unwrap()
+    });
+    assert!(forgotten >= 1);
+    assert!(hindsight(&data, &["gc", "--grace-secs", "0"])
+        .status
+        .success());
+    let verify = hindsight(&data, &["verify"]);
+    let report = String::from_utf8_lossy(&verify.stdout);
+    assert!(verify.status.success(), "{report}");
+    assert!(report.contains("verified 3 blobs"), "{report}");
 }

@@ -80,6 +80,16 @@ impl Db {
         .await?)
     }
 
+    /// Forgets a run's stored reconstructions (rows only: their blobs become unreferenced,
+    /// and `gc` removes them). Returns how many rows went.
+    pub async fn forget_reconstructions(&self, run_id: i64) -> Result<u64> {
+        Ok(sqlx::query("DELETE FROM reconstructions WHERE run_id = ?")
+            .bind(run_id)
+            .execute(self.pool())
+            .await?
+            .rows_affected())
+    }
+
     /// Records reconstructions in one transaction and marks their blobs valid. A row whose id
     /// is already stored is pointed at the new blob (a recomputation, e.g. after the old blob
     /// was lost; the old blob, if unreferenced now, is left to GC).
