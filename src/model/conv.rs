@@ -4,7 +4,8 @@
 //! Per image `b`: `y_b[O, H·W] = W[O, C·k²] · cols_b[C·k², H·W]`, where `cols_b` is the
 //! image's im2col matrix built in a per-thread scratch buffer that stays in cache for the
 //! product (1×1 kernels use the image itself). The backward pass is, per image,
-//! `∂x_b = col2im(Wᵀ · ∂y_b)` and `∂W = Σ_b ∂y_b · cols_bᵀ`, the weight gradient summed over
+//! `∂x_b` = the same convolution of `∂y_b` with the kernel turned by 180° and its channel
+//! axes swapped (one more forward-shaped GEMM), and `∂W = Σ_b ∂y_b · cols_bᵀ`, summed over
 //! fixed groups of images in a fixed order, so results do not depend on the thread count
 //! (bit-identical resumed training relies on that). Images run in parallel on rayon; each
 //! product is single-threaded.
@@ -141,21 +142,6 @@ impl Geometry {
             }
         }
     }
-
-    /// The adjoint of [`Self::im2col`]: adds `cols` [C·k², H·W] into `x` [C, H·W].
-    fn col2im_add(&self, cols: &[f32], x: &mut [f32]) {
-        let (k, hw) = (self.k, self.hw());
-        for (row, src) in cols.chunks_exact(hw).enumerate() {
-            let (ci, dy, dx) = (row / (k * k), (row / k) % k, row % k);
-            let dst = &mut x[ci * hw..(ci + 1) * hw];
-            for (s, d, len) in self.shifts(dy, dx) {
-                dst[d..d + len]
-                    .iter_mut()
-                    .zip(&src[s..s + len])
-                    .for_each(|(a, b)| *a += b);
-            }
-        }
-    }
 }
 
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -249,21 +235,45 @@ impl CustomOp2 for ConvGradInput {
         let g = self.g;
         let gy = contiguous_f32(s1, l1, "conv2d gradient")?;
         let w = contiguous_f32(s2, l2, "conv2d weight")?;
-        let (hw, kd) = (g.hw(), g.kdim());
-        let wt = View::row_major(w, g.o, kd).t(); // [C·k², O]
+        let (hw, k) = (g.hw(), g.k);
         let mut gx = vec![0f32; g.n * g.c * hw];
-        gx.par_chunks_mut(g.c * hw).enumerate().for_each_init(
-            || vec![0f32; if g.k == 1 { 0 } else { kd * hw }],
-            |cols, (b, gxb)| {
-                let gyb = View::row_major(&gy[b * g.o * hw..(b + 1) * g.o * hw], g.o, hw);
-                if g.k == 1 {
+        if k == 1 {
+            let wt = View::row_major(w, g.o, g.c).t(); // [C, O]
+            gx.par_chunks_mut(g.c * hw)
+                .enumerate()
+                .for_each(|(b, gxb)| {
+                    let gyb = View::row_major(&gy[b * g.o * hw..(b + 1) * g.o * hw], g.o, hw);
                     sgemm(gxb, false, wt, gyb);
-                } else {
-                    sgemm(cols, false, wt, gyb);
-                    g.col2im_add(cols, gxb);
+                });
+        } else {
+            // A stride-1 "same" convolution's input gradient is the same kind of convolution of
+            // ∂y with the kernel turned by 180° and its channel axes swapped:
+            // ∂x[c] = Σ_o rot180(W[o, c]) ⋆ ∂y[o]. One more forward-shaped GEMM per image
+            // (depth O·k²) instead of a thin product (depth O) and a col2im scatter.
+            let mut flipped = vec![0f32; g.c * g.o * k * k];
+            for o in 0..g.o {
+                for c in 0..g.c {
+                    for i in 0..k * k {
+                        flipped[(c * g.o + o) * k * k + (k * k - 1 - i)] =
+                            w[(o * g.c + c) * k * k + i];
+                    }
                 }
-            },
-        );
+            }
+            let back = Geometry {
+                c: g.o,
+                o: g.c,
+                ..g
+            };
+            let kd = back.kdim();
+            let wm = View::row_major(&flipped, g.c, kd);
+            gx.par_chunks_mut(g.c * hw).enumerate().for_each_init(
+                || vec![0f32; kd * hw],
+                |cols, (b, gxb)| {
+                    back.im2col(&gy[b * g.o * hw..(b + 1) * g.o * hw], cols);
+                    sgemm(gxb, false, wm, View::row_major(cols, kd, hw));
+                },
+            );
+        }
         Ok((CpuStorage::F32(gx), Shape::from((g.n, g.c, g.h, g.w))))
     }
 }
