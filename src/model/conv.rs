@@ -13,6 +13,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::fused::slice_f32;
+
 /// A row-major or strided f32 matrix view: element (i, j) is `data[i·rs + j·cs]`.
 #[derive(Clone, Copy)]
 struct View<'a> {
@@ -144,14 +146,6 @@ impl Geometry {
     }
 }
 
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("{what}: needs a contiguous f32 tensor"),
-    }
-}
-
 /// Images per partial weight gradient: the gradient is summed over such fixed groups (in
 /// parallel), then the groups in order.
 const WEIGHT_GRAD_GROUP: usize = 4;
@@ -184,8 +178,8 @@ impl CustomOp2 for Conv {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.g;
-        let x = contiguous_f32(s1, l1, "conv2d input")?;
-        let w = contiguous_f32(s2, l2, "conv2d weight")?;
+        let x = slice_f32(s1, l1, "conv2d input")?;
+        let w = slice_f32(s2, l2, "conv2d weight")?;
         let (hw, kd) = (g.hw(), g.kdim());
         let wm = View::row_major(w, g.o, kd);
         let mut y = vec![0f32; g.n * g.o * hw];
@@ -233,8 +227,8 @@ impl CustomOp2 for ConvGradInput {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.g;
-        let gy = contiguous_f32(s1, l1, "conv2d gradient")?;
-        let w = contiguous_f32(s2, l2, "conv2d weight")?;
+        let gy = slice_f32(s1, l1, "conv2d gradient")?;
+        let w = slice_f32(s2, l2, "conv2d weight")?;
         let (hw, k) = (g.hw(), g.k);
         let mut gx = vec![0f32; g.n * g.c * hw];
         if k == 1 {
@@ -291,8 +285,8 @@ impl CustomOp2 for ConvGradWeight {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.g;
-        let x = contiguous_f32(s1, l1, "conv2d input")?;
-        let gy = contiguous_f32(s2, l2, "conv2d gradient")?;
+        let x = slice_f32(s1, l1, "conv2d input")?;
+        let gy = slice_f32(s2, l2, "conv2d gradient")?;
         let (hw, kd) = (g.hw(), g.kdim());
         let groups: Vec<Vec<f32>> = (0..g.n.div_ceil(WEIGHT_GRAD_GROUP))
             .into_par_iter()

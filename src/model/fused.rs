@@ -13,7 +13,12 @@ use rayon::prelude::*;
 /// Elements per parallel task of the point-wise kernels.
 const CHUNK: usize = 1 << 15;
 
-fn slice_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+/// The elements of a contiguous f32 tensor (the custom ops of `model` take no strided input).
+pub(super) fn slice_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [f32]> {
     let data = storage.as_slice::<f32>()?;
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
@@ -429,6 +434,32 @@ struct ModSiluGradY;
 /// ∂c of [`ModSilu`]: arguments `y`, `c`, `g`; result [N, C].
 struct ModSiluGradC;
 
+/// The arguments of the [`ModSilu`] gradient ops, checked.
+struct ModGradArgs<'a> {
+    y: &'a [f32],
+    c: &'a [f32],
+    g: &'a [f32],
+    /// H·W.
+    plane: usize,
+}
+
+impl<'a> ModGradArgs<'a> {
+    fn new(
+        (s1, l1): (&'a CpuStorage, &Layout),
+        (s2, l2): (&'a CpuStorage, &Layout),
+        (s3, l3): (&'a CpuStorage, &Layout),
+    ) -> Result<Self> {
+        let y = slice_f32(s1, l1, "modulation grad")?;
+        let c = slice_f32(s2, l2, "modulation grad")?;
+        let g = slice_f32(s3, l3, "modulation grad")?;
+        let (_, plane) = mod_dims(l1, l2)?;
+        if g.len() != y.len() {
+            candle_core::bail!("modulation grad: shapes differ");
+        }
+        Ok(Self { y, c, g, plane })
+    }
+}
+
 /// (planes N·C, plane size H·W) of `y` and `c`'s shapes, checked.
 fn mod_dims(y: &Layout, c: &Layout) -> Result<(usize, usize)> {
     let (n, ch, h, w) = y.shape().dims4()?;
@@ -493,13 +524,7 @@ impl candle_core::CustomOp3 for ModSiluGradY {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let y = slice_f32(s1, l1, "modulation grad")?;
-        let c = slice_f32(s2, l2, "modulation grad")?;
-        let g = slice_f32(s3, l3, "modulation grad")?;
-        let (_, plane) = mod_dims(l1, l2)?;
-        if g.len() != y.len() {
-            candle_core::bail!("modulation grad: shapes differ");
-        }
+        let ModGradArgs { y, c, g, plane } = ModGradArgs::new((s1, l1), (s2, l2), (s3, l3))?;
         let mut out = vec![0f32; y.len()];
         out.par_chunks_mut(plane)
             .zip(
@@ -529,13 +554,7 @@ impl candle_core::CustomOp3 for ModSiluGradC {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let y = slice_f32(s1, l1, "modulation grad")?;
-        let c = slice_f32(s2, l2, "modulation grad")?;
-        let g = slice_f32(s3, l3, "modulation grad")?;
-        let (_, plane) = mod_dims(l1, l2)?;
-        if g.len() != y.len() {
-            candle_core::bail!("modulation grad: shapes differ");
-        }
+        let ModGradArgs { y, c, g, plane } = ModGradArgs::new((s1, l1), (s2, l2), (s3, l3))?;
         let mut out = vec![0f32; c.len()];
         out.par_iter_mut()
             .zip(

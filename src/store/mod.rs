@@ -195,19 +195,27 @@ impl BlobStore {
 
     /// Re-hashes one blob.
     pub fn verify(&self, digest: &Digest) -> Result<BlobStatus> {
-        Ok(self.verify_with_checksum(digest)?.0)
+        Ok(self.rehash(digest, None)?.0)
     }
 
     /// Re-hashes one blob and computes its [`Checksum`] in the same read (the checksum is
     /// `None` unless the blob is intact).
     pub fn verify_with_checksum(&self, digest: &Digest) -> Result<(BlobStatus, Option<Checksum>)> {
+        self.rehash(digest, Some(ChecksumHasher::new()))
+    }
+
+    /// Reads a blob whole, hashing it and, when given one, feeding `checksum` too.
+    fn rehash(
+        &self,
+        digest: &Digest,
+        mut checksum: Option<ChecksumHasher>,
+    ) -> Result<(BlobStatus, Option<Checksum>)> {
         let file = match self.open_blob(digest) {
             Ok(f) => f,
             Err(Error::MissingBlob(_)) => return Ok((BlobStatus::Missing, None)),
             Err(e) => return Err(e),
         };
         let mut hasher = blake3::Hasher::new();
-        let mut checksum = ChecksumHasher::new();
         let mut reader = BufReader::with_capacity(1 << 20, file);
         loop {
             let buf = reader.fill_buf().map_err(io_err(|| {
@@ -217,13 +225,15 @@ impl BlobStore {
                 break;
             }
             hasher.update(buf);
-            checksum.update(buf);
+            if let Some(c) = checksum.as_mut() {
+                c.update(buf);
+            }
             let n = buf.len();
             reader.consume(n);
         }
         let actual = Digest::from(hasher.finalize());
         Ok(if actual == *digest {
-            (BlobStatus::Intact, Some(checksum.finish()))
+            (BlobStatus::Intact, checksum.map(|c| c.finish()))
         } else {
             (BlobStatus::Corrupt { actual }, None)
         })
