@@ -258,6 +258,9 @@ enum BenchCommand {
         /// Parameters per snapshot.
         #[arg(long, default_value_t = 34_000_000)]
         params: u64,
+        /// Timed rounds after the warm-up round (they alternate which side goes first).
+        #[arg(long, default_value_t = 4)]
+        rounds: usize,
     },
     /// Time `reconstruct` of one and of eight σ_rel from generated fp16 snapshots against `cat`
     /// of the same files (and EDM2's algorithm in NumPy with --peer-python).
@@ -571,7 +574,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dir,
             snapshots,
             params,
-        }) => block_on(store_commands::bench_import(&dir, snapshots, params)),
+            rounds,
+        }) => block_on(store_commands::bench_import(
+            &dir, snapshots, params, rounds,
+        )),
         Command::Bench(BenchCommand::Reconstruct {
             dir,
             snapshots,

@@ -68,6 +68,53 @@ fn put_then_read_back_under_the_content_digest() {
 }
 
 #[test]
+fn streamed_writes_with_early_writeback_keep_every_byte() {
+    for streaming in [false, true] {
+        streamed_write(streaming);
+    }
+}
+
+fn streamed_write(streaming: bool) {
+    // 50 MiB in uneven pieces: several 16 MiB writeback ranges are started, waited for and
+    // dropped from the page cache before `finish`, and the tail after the last boundary is
+    // left to the fsync.
+    let (_dir, store) = temp_store();
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let data: Vec<u8> = (0..50 << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let writer = store.writer().unwrap();
+    let mut writer = if streaming {
+        writer.with_streaming_writeback()
+    } else {
+        writer.with_early_writeback()
+    };
+    let mut rest = &data[..];
+    let mut piece = 1usize;
+    while !rest.is_empty() {
+        let n = piece.min(rest.len());
+        writer.write_all(&rest[..n]).unwrap();
+        rest = &rest[n..];
+        piece = piece * 3 % 7_000_001 + 1;
+    }
+    assert_eq!(writer.len(), data.len() as u64);
+    let (digest, len) = writer.finish().unwrap();
+    assert_eq!(digest, Digest::of(&data));
+    assert_eq!(len, data.len() as u64);
+    let back = std::fs::read(store.path(&digest)).unwrap();
+    assert!(
+        back == data,
+        "the published blob differs from what was written"
+    );
+    assert_eq!(store.verify(&digest).unwrap(), BlobStatus::Intact);
+}
+
+#[test]
 fn identical_content_is_stored_once() {
     let (_dir, store) = temp_store();
     let (a, _) = store.put(&b"same bytes"[..]).unwrap();

@@ -362,7 +362,7 @@ fn copy_into_store(
     source: &str,
     mut progress: impl FnMut(u64),
 ) -> Result<crate::store::BlobWriter> {
-    let mut writer = store.writer()?.with_early_writeback();
+    let mut writer = store.writer()?.with_streaming_writeback();
     let mut scanner = options.check_finite.then(|| FiniteScanner::new(header));
     if let Some(s) = scanner.as_mut() {
         s.feed(prefix)

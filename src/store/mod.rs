@@ -25,6 +25,7 @@
 //! it is told to.
 
 mod digest;
+mod writeback;
 
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -323,39 +324,68 @@ pub struct BlobWriter {
     hasher: blake3::Hasher,
     checksum: ChecksumHasher,
     len: u64,
-    /// Where the last early writeback started, and the thread doing it.
-    writeback: Option<(u64, Option<std::thread::JoinHandle<()>>)>,
+    writeback: Option<Writeback>,
+}
+
+/// Early-writeback state of a [`BlobWriter`].
+#[derive(Clone, Copy)]
+struct Writeback {
+    /// Start of the range whose writeback was started last.
+    previous: u64,
+    /// Its end: the next range starts here.
+    started: u64,
+    /// Whether ranges are waited for and dropped from the page cache once written back.
+    drop_cached: bool,
 }
 
 /// Bytes written between early-writeback starts.
 const EARLY_WRITEBACK_BYTES: u64 = 16 << 20;
 
 impl BlobWriter {
-    /// Starts writing data back to disk every 16 MiB from a helper thread (when the previous
-    /// round has finished), so that the disk works while the blob is produced and the fsync
-    /// in [`finish`](Self::finish) only waits for the tail. Linux would otherwise hold the
-    /// data back until dirty memory reaches its background threshold, gigabytes on big
-    /// machines. Durability still comes from `finish`.
+    /// Starts writing the blob back to disk every 16 MiB as it is written, so that the disk
+    /// works while the blob is produced and the fsync in [`finish`](Self::finish) only waits
+    /// for the tail (Linux would otherwise hold the data back until dirty memory reaches its
+    /// background threshold, gigabytes on big machines). The blob stays in the page cache,
+    /// for a reader who wants it next. Durability still comes from `finish`.
     pub fn with_early_writeback(mut self) -> Self {
-        self.writeback = Some((0, None));
+        self.writeback = Some(Writeback {
+            previous: 0,
+            started: 0,
+            drop_cached: false,
+        });
+        self
+    }
+
+    /// Early writeback as in [`with_early_writeback`](Self::with_early_writeback), and each
+    /// 16 MiB range, once written back, is waited for and dropped from the page cache. For
+    /// bulk ingest: a multi-gigabyte import streams to disk at the disk's pace in a few
+    /// dozen MiB of memory instead of evicting the rest of the page cache.
+    pub fn with_streaming_writeback(mut self) -> Self {
+        self.writeback = Some(Writeback {
+            previous: 0,
+            started: 0,
+            drop_cached: true,
+        });
         self
     }
 
     fn maybe_start_writeback(&mut self) {
-        let Some((at, thread)) = &self.writeback else {
+        let Some(w) = self.writeback else {
             return;
         };
-        if self.len - at < EARLY_WRITEBACK_BYTES
-            || thread.as_ref().is_some_and(|h| !h.is_finished())
-        {
+        if self.len - w.started < EARLY_WRITEBACK_BYTES || self.file.flush().is_err() {
             return;
         }
-        if let Some(handle) = self.file_handle() {
-            let thread = std::thread::spawn(move || {
-                let _ = handle.sync_data();
-            });
-            self.writeback = Some((self.len, Some(thread)));
+        let file = self.file.get_ref().as_file();
+        writeback::start(file, w.started, self.len - w.started);
+        if w.drop_cached && w.started > w.previous {
+            writeback::wait_and_drop(file, w.previous, w.started - w.previous);
         }
+        self.writeback = Some(Writeback {
+            previous: w.started,
+            started: self.len,
+            drop_cached: w.drop_cached,
+        });
     }
 
     /// Bytes written so far.
@@ -366,14 +396,6 @@ impl BlobWriter {
     /// Whether nothing was written yet.
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-
-    /// Flushes buffered bytes and returns a second handle on the temporary file, e.g. to start
-    /// its writeback early from another thread. `None` if either step fails (the write itself
-    /// will report the problem).
-    pub fn file_handle(&mut self) -> Option<File> {
-        self.file.flush().ok()?;
-        self.file.get_ref().as_file().try_clone().ok()
     }
 
     /// The digest of what was written so far.
