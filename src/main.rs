@@ -505,8 +505,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Train(args) => train_command::train(&cli.data_dir, args),
-        Command::Generate(args) => generate_command::generate(&cli.data_dir, args),
+        Command::Train(args) => {
+            hindsight::model::on_compute_pool(|| train_command::train(&cli.data_dir, args))
+        }
+        Command::Generate(args) => {
+            hindsight::model::on_compute_pool(|| generate_command::generate(&cli.data_dir, args))
+        }
         Command::Serve {
             addr,
             token_file,
@@ -595,7 +599,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             batch,
             iterations,
             peer_python,
-        }) => train_command::bench_train(batch, iterations, peer_python.as_deref()),
+        }) => hindsight::model::on_compute_pool(|| {
+            train_command::bench_train(batch, iterations, peer_python.as_deref())
+        }),
         Command::Bench(BenchCommand::Parity {
             fixture,
             fixture_json,

@@ -178,6 +178,9 @@ fn gemm_convolution_matches_candles_conv2d_with_gradients() {
         (1, (3, 4, 5, 5), 6),
         (5, (2, 2, 3, 4), 3), // kernel larger than the image
         (3, (1, 1, 1, 3), 2),
+        (3, (5, 3, 12, 11), 4), // H·W ≥ 128: weight gradient computed transposed
+        (1, (6, 2, 16, 9), 3),
+        (3, (2, 2, 2, 1), 3), // a one-pixel-wide image: every shifted entry is padding
     ] {
         let x = candle_core::Var::from_tensor(&make("x", &[n, c, h, w])).unwrap();
         let wt = candle_core::Var::from_tensor(&make("w", &[o, c, k, k])).unwrap();
@@ -213,16 +216,16 @@ fn convolution_results_do_not_depend_on_the_thread_count() {
         let n = shape.iter().product();
         Tensor::from_vec(formula::values(name, n, Kind::Sym, 1.0, 0.0), shape, &dev).unwrap()
     };
-    let run = |threads: usize| {
+    let run = |threads: usize, [n, c, h, w]: [usize; 4]| {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
             .unwrap();
         pool.install(|| {
-            let x = candle_core::Var::from_tensor(&make("x", &[13, 6, 8, 8])).unwrap();
-            let w = candle_core::Var::from_tensor(&make("w", &[7, 6, 3, 3])).unwrap();
-            let y = model::conv2d_same(x.as_tensor(), w.as_tensor()).unwrap();
-            let g = (&y * make("r", &[13, 7, 8, 8]))
+            let x = candle_core::Var::from_tensor(&make("x", &[n, c, h, w])).unwrap();
+            let wt = candle_core::Var::from_tensor(&make("w", &[7, c, 3, 3])).unwrap();
+            let y = model::conv2d_same(x.as_tensor(), wt.as_tensor()).unwrap();
+            let g = (&y * make("r", &[n, 7, h, w]))
                 .unwrap()
                 .sum_all()
                 .unwrap()
@@ -231,17 +234,19 @@ fn convolution_results_do_not_depend_on_the_thread_count() {
             [
                 &y,
                 g.get(x.as_tensor()).unwrap(),
-                g.get(w.as_tensor()).unwrap(),
+                g.get(wt.as_tensor()).unwrap(),
             ]
             .map(flat)
         })
     };
-    let one = run(1);
-    assert_eq!(
-        one,
-        run(3),
-        "1 vs 3 threads: bit-identical output and gradients"
-    );
+    for shape in [[13, 6, 8, 8], [9, 3, 12, 12]] {
+        let one = run(1, shape);
+        assert_eq!(
+            one,
+            run(3, shape),
+            "{shape:?}, 1 vs 3 threads: bit-identical output and gradients"
+        );
+    }
 }
 
 #[test]
@@ -322,6 +327,26 @@ fn fused_cpu_kernels_match_the_composed_definitions_with_gradients() {
         &|t| model::softmax_last(t).unwrap(),
         &|t| composed::softmax_last(t).unwrap(),
     );
+    // 2× resampling both ways (candle's upsampling gradient is a grouped convolution).
+    for (mode, out) in [
+        (model::Resample::Down, [3, 5, 2, 3]),
+        (model::Resample::Up, [3, 5, 8, 12]),
+    ] {
+        let v = candle_core::Var::from_tensor(&x).unwrap();
+        let a = model::resample(v.as_tensor(), mode).unwrap();
+        let b = composed::resample(v.as_tensor(), mode).unwrap();
+        assert_eq!(a.dims(), out);
+        check(&format!("{mode:?} forward"), &a, &b, 1e-6);
+        let ro = make("ro", &out, 1.0);
+        let ga = (&a * &ro).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&b * &ro).unwrap().sum_all().unwrap().backward().unwrap();
+        check(
+            &format!("{mode:?} gradient"),
+            ga.get(v.as_tensor()).unwrap(),
+            gb.get(v.as_tensor()).unwrap(),
+            1e-6,
+        );
+    }
     // The embedding modulation: gradients for the activations and for the per-channel scale.
     let yv = candle_core::Var::from_tensor(&x).unwrap();
     let cv = candle_core::Var::from_tensor(&make("c", &[3, 5], 2.0)).unwrap();

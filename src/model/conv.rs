@@ -116,32 +116,55 @@ impl Geometry {
         self.c * self.k * self.k
     }
 
-    /// The (destination offset, source offset, length) of every in-bounds row segment of the
-    /// im2col matrix for row `(ci, dy, dx)`, as offsets within one image's plane of H·W.
-    fn shifts(&self, dy: usize, dx: usize) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
-        let p = (self.k / 2) as isize;
-        let shift = dx as isize - p;
-        let from = shift.max(0) as usize;
-        let to = (self.w as isize + shift.min(0)) as usize;
-        let dfrom = (-shift).max(0) as usize;
-        (0..self.h).filter_map(move |y| {
-            let sy = y as isize + dy as isize - p;
-            (sy >= 0 && sy < self.h as isize)
-                .then(|| (y * self.w + dfrom, sy as usize * self.w + from, to - from))
-        })
+    /// Copies one im2col row `(dy, dx)` of one channel: `dst[y·W + x] = src[(y + dy − p)·W +
+    /// x + dx − p]` where that lies inside the image. The rows of the image that stay inside
+    /// are copied as one block (a horizontal shift only wraps entries across row ends, which
+    /// are then set to zero); rows that fall in the vertical padding are not written.
+    fn shifted_copy(&self, src: &[f32], dst: &mut [f32], dy: usize, dx: usize) {
+        let (h, w, p) = (self.h as isize, self.w as isize, (self.k / 2) as isize);
+        let (dy, shift) = (dy as isize - p, dx as isize - p);
+        let (y0, y1) = ((-dy).max(0), (h - dy).min(h));
+        if y0 >= y1 {
+            return;
+        }
+        let offset = dy * w + shift;
+        let from = (y0 * w).max(-offset);
+        let to = (y1 * w).min(h * w - offset);
+        if from < to {
+            let (from, to) = (from as usize, to as usize);
+            let s = (from as isize + offset) as usize;
+            dst[from..to].copy_from_slice(&src[s..s + (to - from)]);
+        }
+        let border = shift.unsigned_abs().min(self.w);
+        if border > 0 {
+            for y in y0 as usize..y1 as usize {
+                let row = &mut dst[y * self.w..(y + 1) * self.w];
+                if shift > 0 {
+                    row[self.w - border..].fill(0.0);
+                } else {
+                    row[..border].fill(0.0);
+                }
+            }
+        }
     }
 
     /// im2col of one image `x` [C, H·W] into `cols` [C·k², H·W]. Entries that fall in the
     /// padding are never written: `cols` must start zeroed and only ever be used for this
     /// geometry, so they stay zero.
     fn im2col(&self, x: &[f32], cols: &mut [f32]) {
+        self.im2col_block(x, cols, self.hw(), 0);
+    }
+
+    /// im2col of one image into columns `at..at + H·W` of a wider matrix whose rows are
+    /// `stride` long (several images side by side). Padding entries are never written, as
+    /// for [`im2col`](Self::im2col).
+    fn im2col_block(&self, x: &[f32], cols: &mut [f32], stride: usize, at: usize) {
         let (k, hw) = (self.k, self.hw());
-        for (row, dst) in cols.chunks_exact_mut(hw).enumerate() {
+        for (row, line) in cols.chunks_exact_mut(stride).enumerate() {
             let (ci, dy, dx) = (row / (k * k), (row / k) % k, row % k);
             let src = &x[ci * hw..(ci + 1) * hw];
-            for (d, s, len) in self.shifts(dy, dx) {
-                dst[d..d + len].copy_from_slice(&src[s..s + len]);
-            }
+            let dst = &mut line[at..at + hw];
+            self.shifted_copy(src, dst, dy, dx);
         }
     }
 }
@@ -288,12 +311,17 @@ impl CustomOp2 for ConvGradWeight {
         let x = slice_f32(s1, l1, "conv2d input")?;
         let gy = slice_f32(s2, l2, "conv2d gradient")?;
         let (hw, kd) = (g.hw(), g.kdim());
-        let groups: Vec<Vec<f32>> = (0..g.n.div_ceil(WEIGHT_GRAD_GROUP))
+        // Per fixed group of images, ∂W_groupᵀ[C·k², O] = Σ_b cols_b · ∂y_bᵀ, computed
+        // transposed: with the deep axis (H·W) contiguous in both inputs `gemm` runs up to 2x
+        // faster than ∂y_b · cols_bᵀ.
+        let group = WEIGHT_GRAD_GROUP;
+        let transposed = hw >= 128;
+        let groups: Vec<Vec<f32>> = (0..g.n.div_ceil(group))
             .into_par_iter()
-            .map(|group| {
-                let mut acc = vec![0f32; g.o * kd];
+            .map(|gi| {
+                let mut acc = vec![0f32; kd * g.o];
                 let mut cols = vec![0f32; if g.k == 1 { 0 } else { kd * hw }];
-                let images = group * WEIGHT_GRAD_GROUP..((group + 1) * WEIGHT_GRAD_GROUP).min(g.n);
+                let images = gi * group..((gi + 1) * group).min(g.n);
                 for (i, b) in images.enumerate() {
                     let xb = &x[b * g.c * hw..(b + 1) * g.c * hw];
                     let gyb = View::row_major(&gy[b * g.o * hw..(b + 1) * g.o * hw], g.o, hw);
@@ -303,14 +331,26 @@ impl CustomOp2 for ConvGradWeight {
                         g.im2col(xb, &mut cols);
                         View::row_major(&cols, kd, hw)
                     };
-                    sgemm(&mut acc, i > 0, gyb, colsb.t());
+                    if transposed {
+                        sgemm(&mut acc, i > 0, colsb, gyb.t());
+                    } else {
+                        sgemm(&mut acc, i > 0, gyb, colsb.t());
+                    }
                 }
                 acc
             })
             .collect();
         let mut gw = vec![0f32; g.o * kd];
         for part in &groups {
-            gw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+            if transposed {
+                for (o, row) in gw.chunks_exact_mut(kd).enumerate() {
+                    for (r, v) in row.iter_mut().enumerate() {
+                        *v += part[r * g.o + o];
+                    }
+                }
+            } else {
+                gw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+            }
         }
         Ok((CpuStorage::F32(gw), Shape::from((g.o, g.c, g.k, g.k))))
     }
