@@ -327,6 +327,24 @@ fn fused_cpu_kernels_match_the_composed_definitions_with_gradients() {
         &|t| model::softmax_last(t).unwrap(),
         &|t| composed::softmax_last(t).unwrap(),
     );
+    // Magnitude-preserving concatenation: gradients for both operands.
+    let av = candle_core::Var::from_tensor(&x).unwrap();
+    let bv = candle_core::Var::from_tensor(&make("b", &[3, 2, 4, 6], 2.0)).unwrap();
+    let a = model::mp_cat(av.as_tensor(), bv.as_tensor(), 0.3).unwrap();
+    let b = composed::mp_cat(av.as_tensor(), bv.as_tensor(), 0.3).unwrap();
+    assert_eq!(a.dims(), [3, 7, 4, 6]);
+    check("mp_cat forward", &a, &b, 1e-6);
+    let rc = make("rc", &[3, 7, 4, 6], 1.0);
+    let ga = (&a * &rc).unwrap().sum_all().unwrap().backward().unwrap();
+    let gb = (&b * &rc).unwrap().sum_all().unwrap().backward().unwrap();
+    for (what, v) in [("first", &av), ("second", &bv)] {
+        check(
+            &format!("mp_cat gradient of the {what} operand"),
+            ga.get(v.as_tensor()).unwrap(),
+            gb.get(v.as_tensor()).unwrap(),
+            1e-6,
+        );
+    }
     // 2× resampling both ways (candle's upsampling gradient is a grouped convolution).
     for (mode, out) in [
         (model::Resample::Down, [3, 5, 2, 3]),

@@ -224,6 +224,19 @@ pub mod composed {
         (a.affine(wa, 0.0)? + b.affine(wb, 0.0)?)?.contiguous()
     }
 
+    /// The weights of `a` and `b` (with `na` and `nb` channels) in [`super::mp_cat`].
+    pub fn mp_cat_weights(na: usize, nb: usize, t: f64) -> (f64, f64) {
+        let (na, nb) = (na as f64, nb as f64);
+        let c = ((na + nb) / ((1.0 - t).powi(2) + t * t)).sqrt();
+        (c / na.sqrt() * (1.0 - t), c / nb.sqrt() * t)
+    }
+
+    /// [`super::mp_cat`].
+    pub fn mp_cat(a: &Tensor, b: &Tensor, t: f64) -> Result<Tensor> {
+        let (wa, wb) = mp_cat_weights(a.dim(1)?, b.dim(1)?, t);
+        Tensor::cat(&[a.affine(wa, 0.0)?, b.affine(wb, 0.0)?], 1)
+    }
+
     /// [`super::resample`] with candle's pooling and upsampling.
     pub fn resample(x: &Tensor, mode: super::Resample) -> Result<Tensor> {
         match mode {
@@ -239,12 +252,21 @@ pub mod composed {
 
 /// Magnitude-preserving concatenation along channels with balance `t`.
 pub fn mp_cat(a: &Tensor, b: &Tensor, t: f64) -> Result<Tensor> {
-    let na = a.dim(1)? as f64;
-    let nb = b.dim(1)? as f64;
-    let c = ((na + nb) / ((1.0 - t).powi(2) + t * t)).sqrt();
-    let wa = c / na.sqrt() * (1.0 - t);
-    let wb = c / nb.sqrt() * t;
-    Tensor::cat(&[a.affine(wa, 0.0)?, b.affine(wb, 0.0)?], 1)
+    let (wa, wb) = composed::mp_cat_weights(a.dim(1)?, b.dim(1)?, t);
+    if fused::applies(a)
+        && fused::applies(b)
+        && a.rank() >= 2
+        && a.rank() == b.rank()
+        && a.dim(1)? > 0
+        && b.dim(1)? > 0
+    {
+        let op = fused::ScaledCat {
+            wa: wa as f32,
+            wb: wb as f32,
+        };
+        return a.contiguous()?.apply_op2(&b.contiguous()?, op);
+    }
+    composed::mp_cat(a, b, t)
 }
 
 /// Resampling with EDM2's default [1, 1] filter.
