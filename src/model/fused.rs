@@ -209,10 +209,69 @@ impl CustomOp2 for LinComb {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let channels = grad.dims().get(1).copied().unwrap_or(1);
+        let part = |scale: f32| ScaledSlice {
+            start: 0,
+            len: channels,
+            scale,
+        };
         Ok((
-            Some(grad.affine(self.wa as f64, 0.0)?),
-            Some(grad.affine(self.wb as f64, 0.0)?),
+            Some(grad.apply_op1_no_bwd(&part(self.wa))?),
+            Some(grad.apply_op1_no_bwd(&part(self.wb))?),
         ))
+    }
+}
+
+/// `scale · x[:, start..start + len]` for a contiguous tensor (a scalar times the whole
+/// tensor when the range covers dimension 1, or for tensors of rank < 2), in parallel: the
+/// backward passes of [`LinComb`] and [`ScaledCat`]. (candle's `affine` runs on one thread,
+/// and on a narrowed view it copies strided.)
+#[derive(Clone, Copy)]
+pub struct ScaledSlice {
+    /// First index of dimension 1 kept.
+    pub start: usize,
+    /// How many are kept.
+    pub len: usize,
+    /// The factor.
+    pub scale: f32,
+}
+
+impl CustomOp1 for ScaledSlice {
+    fn name(&self) -> &'static str {
+        "hindsight-scaled-slice"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice_f32(storage, layout, "scaled slice")?;
+        let dims = layout.shape().dims();
+        let s = self.scale;
+        if dims.len() < 2 {
+            let y: Vec<f32> = x.par_iter().map(|&v| s * v).collect();
+            return Ok((CpuStorage::F32(y), layout.shape().clone()));
+        }
+        if self.start + self.len > dims[1] {
+            candle_core::bail!(
+                "scaled slice: {}..{} outside dimension 1 of {dims:?}",
+                self.start,
+                self.start + self.len
+            );
+        }
+        let inner: usize = dims[2..].iter().product();
+        let (from, width, row) = (self.start * inner, self.len * inner, dims[1] * inner);
+        let mut y = vec![0f32; dims[0] * width];
+        if width > 0 {
+            y.par_chunks_mut(width)
+                .zip(x.par_chunks(row))
+                .for_each(|(y, x)| {
+                    y.iter_mut()
+                        .zip(&x[from..from + width])
+                        .for_each(|(y, &v)| *y = s * v);
+                });
+        }
+        let mut out = dims.to_vec();
+        out[1] = self.len;
+        Ok((CpuStorage::F32(y), Shape::from(out)))
     }
 }
 
@@ -268,9 +327,11 @@ impl CustomOp2 for ScaledCat {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (ca, cb) = (a.dim(1)?, b.dim(1)?);
+        let grad = grad.contiguous()?;
+        let part = |start, len, scale| ScaledSlice { start, len, scale };
         Ok((
-            Some(grad.narrow(1, 0, ca)?.affine(self.wa as f64, 0.0)?),
-            Some(grad.narrow(1, ca, cb)?.affine(self.wb as f64, 0.0)?),
+            Some(grad.apply_op1_no_bwd(&part(0, ca, self.wa))?),
+            Some(grad.apply_op1_no_bwd(&part(ca, cb, self.wb))?),
         ))
     }
 }
