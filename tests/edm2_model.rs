@@ -345,6 +345,34 @@ fn fused_cpu_kernels_match_the_composed_definitions_with_gradients() {
             1e-6,
         );
     }
+    // The attention core, [N, heads, d, 3, T] → [N, heads, d, T], on normalised q/k/v as the
+    // network feeds it (and on raw values, where the scores are larger).
+    for (what, scale) in [("normalised", 0.0), ("raw", 2.0)] {
+        let raw = make(
+            "qkv",
+            &[2, 3, 4, 3, 10],
+            if scale == 0.0 { 1.0 } else { scale },
+        );
+        let y = if scale == 0.0 {
+            model::normalize(&raw, Some(&[2])).unwrap()
+        } else {
+            raw
+        };
+        let v = candle_core::Var::from_tensor(&y).unwrap();
+        let a = model::attention(v.as_tensor()).unwrap();
+        let b = composed::attention(v.as_tensor()).unwrap();
+        assert_eq!(a.dims(), [2, 3, 4, 10]);
+        check(&format!("attention ({what}) forward"), &a, &b, 1e-6);
+        let ro = make("ra", &[2, 3, 4, 10], 1.0);
+        let ga = (&a * &ro).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&b * &ro).unwrap().sum_all().unwrap().backward().unwrap();
+        check(
+            &format!("attention ({what}) gradient"),
+            ga.get(v.as_tensor()).unwrap(),
+            gb.get(v.as_tensor()).unwrap(),
+            1e-5,
+        );
+    }
     // 2× resampling both ways (candle's upsampling gradient is a grouped convolution).
     for (mode, out) in [
         (model::Resample::Down, [3, 5, 2, 3]),

@@ -17,16 +17,16 @@ use super::fused::slice_f32;
 
 /// A row-major or strided f32 matrix view: element (i, j) is `data[i·rs + j·cs]`.
 #[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    rs: usize,
-    cs: usize,
+pub(super) struct View<'a> {
+    pub(super) data: &'a [f32],
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    pub(super) rs: usize,
+    pub(super) cs: usize,
 }
 
 impl<'a> View<'a> {
-    fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+    pub(super) fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
         Self {
             data,
             rows,
@@ -36,7 +36,7 @@ impl<'a> View<'a> {
         }
     }
 
-    fn t(self) -> Self {
+    pub(super) fn t(self) -> Self {
         Self {
             data: self.data,
             rows: self.cols,
@@ -56,7 +56,7 @@ impl<'a> View<'a> {
 
 /// `dst[m, n] (row-major) = (accumulate ? dst : 0) + a[m, k] · b[k, n]`, single-threaded.
 #[allow(unsafe_code)] // the one call into the `gemm` crate, behind bounds checks
-fn sgemm(dst: &mut [f32], accumulate: bool, a: View<'_>, b: View<'_>) {
+pub(super) fn sgemm(dst: &mut [f32], accumulate: bool, a: View<'_>, b: View<'_>) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert!(b.rows == k && dst.len() == m * n && a.in_bounds() && b.in_bounds());
     if m == 0 || n == 0 {

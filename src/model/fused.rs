@@ -10,6 +10,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::conv::{sgemm, View};
+
 /// Elements per parallel task of the point-wise kernels.
 const CHUNK: usize = 1 << 15;
 
@@ -803,6 +805,158 @@ impl CustomOp1 for Resample2 {
             w: ow,
         };
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&back)?))
+    }
+}
+
+/// The core of EDM2's self-attention for one tensor `y` [N, heads, d, 3, T] holding the
+/// (normalised) queries, keys and values side by side: per image and head,
+/// `W = softmax(s · QᵀK)` over keys and `O = V Wᵀ`, giving [N, heads, d, T]; `s` is 1/√d.
+/// One graph node with its own backward (recomputing `W`), instead of three strided copies,
+/// a scaling, two products and a softmax, each with candle's gradient bookkeeping.
+#[derive(Clone, Copy)]
+pub struct Attention {
+    /// Channels per head.
+    pub d: usize,
+    /// Positions (H·W).
+    pub t: usize,
+    /// The scale `s` of the scores.
+    pub scale: f32,
+}
+
+struct AttentionGrad(Attention);
+
+impl Attention {
+    fn check(&self, layout: &Layout) -> Result<usize> {
+        let dims = layout.shape().dims();
+        if dims.len() != 5 || dims[2] != self.d || dims[3] != 3 || dims[4] != self.t {
+            candle_core::bail!(
+                "attention: expected [N, heads, {}, 3, {}], got {dims:?}",
+                self.d,
+                self.t
+            );
+        }
+        Ok(dims[0] * dims[1])
+    }
+
+    /// Views of Q, K and V [d, T] inside one head's block of `y`.
+    fn qkv<'a>(&self, y: &'a [f32]) -> [View<'a>; 3] {
+        let t = self.t;
+        [0, 1, 2].map(|j| View {
+            data: &y[j * t..],
+            rows: self.d,
+            cols: t,
+            rs: 3 * t,
+            cs: 1,
+        })
+    }
+
+    /// `W = softmax(s · QᵀK)` [T, T] into `w`.
+    fn weights(&self, q: View<'_>, k: View<'_>, w: &mut [f32]) {
+        sgemm(w, false, q.t(), k);
+        for row in w.chunks_exact_mut(self.t) {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut sum = 0f32;
+            for v in row.iter_mut() {
+                *v = exp(self.scale * (*v - max));
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "hindsight-attention"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = slice_f32(storage, layout, "attention")?;
+        self.check(layout)?;
+        let (d, t) = (self.d, self.t);
+        let mut out = vec![0f32; y.len() / 3];
+        out.par_chunks_mut(d * t)
+            .zip(y.par_chunks(3 * d * t))
+            .for_each_init(
+                || vec![0f32; t * t],
+                |w, (o, y)| {
+                    let [q, k, v] = self.qkv(y);
+                    self.weights(q, k, w);
+                    sgemm(o, false, v, View::row_major(w, t, t).t());
+                },
+            );
+        let dims = layout.shape().dims();
+        Ok((CpuStorage::F32(out), Shape::from((dims[0], dims[1], d, t))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(arg.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &AttentionGrad(*self),
+        )?))
+    }
+}
+
+impl CustomOp2 for AttentionGrad {
+    fn name(&self) -> &'static str {
+        "hindsight-attention-grad"
+    }
+
+    /// With `G` = ∂O: ∂V = G W, ∂W = Gᵀ V, ∂S = s · W ⊙ (∂W − rowsum(∂W ⊙ W)),
+    /// ∂Q = K ∂Sᵀ, ∂K = Q ∂S.
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let a = self.0;
+        let y = slice_f32(s1, l1, "attention")?;
+        let g = slice_f32(s2, l2, "attention gradient")?;
+        a.check(l1)?;
+        let (d, t) = (a.d, a.t);
+        if g.len() * 3 != y.len() {
+            candle_core::bail!(
+                "attention gradient: {} values for {} inputs",
+                g.len(),
+                y.len()
+            );
+        }
+        let mut gy = vec![0f32; y.len()];
+        gy.par_chunks_mut(3 * d * t)
+            .zip(y.par_chunks(3 * d * t).zip(g.par_chunks(d * t)))
+            .for_each_init(
+                || (vec![0f32; t * t], vec![0f32; t * t], vec![0f32; d * t]),
+                |(w, dw, part), (gy, (y, g))| {
+                    let [q, k, v] = a.qkv(y);
+                    a.weights(q, k, w);
+                    let gv = View::row_major(g, d, t);
+                    let wv = View::row_major(w, t, t);
+                    // ∂W and then ∂S in place.
+                    sgemm(dw, false, gv.t(), v);
+                    for (dr, wr) in dw.chunks_exact_mut(t).zip(w.chunks_exact(t)) {
+                        let dot: f32 = dr.iter().zip(wr).map(|(a, b)| a * b).sum();
+                        dr.iter_mut()
+                            .zip(wr)
+                            .for_each(|(d, &w)| *d = a.scale * w * (*d - dot));
+                    }
+                    let ds = View::row_major(dw, t, t);
+                    let mut put = |j: usize, part: &[f32]| {
+                        for (c, src) in part.chunks_exact(t).enumerate() {
+                            gy[c * 3 * t + j * t..c * 3 * t + (j + 1) * t].copy_from_slice(src);
+                        }
+                    };
+                    sgemm(part, false, k, ds.t());
+                    put(0, part);
+                    sgemm(part, false, q, ds);
+                    put(1, part);
+                    sgemm(part, false, gv, wv);
+                    put(2, part);
+                },
+            );
+        Ok((CpuStorage::F32(gy), l1.shape().clone()))
     }
 }
 

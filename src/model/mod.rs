@@ -237,6 +237,18 @@ pub mod composed {
         Tensor::cat(&[a.affine(wa, 0.0)?, b.affine(wb, 0.0)?], 1)
     }
 
+    /// [`super::attention`].
+    pub fn attention(y: &Tensor) -> Result<Tensor> {
+        let d = y.dim(2)?;
+        let q = y.narrow(3, 0, 1)?.squeeze(3)?.contiguous()?;
+        let k = y.narrow(3, 1, 1)?.squeeze(3)?.contiguous()?;
+        let v = y.narrow(3, 2, 1)?.squeeze(3)?.contiguous()?;
+        let k = (k / (d as f64).sqrt())?;
+        // w[n,h,q,k] = Σ_c q[n,h,c,q] k[n,h,c,k]; y[n,h,c,q] = Σ_k w[n,h,q,k] v[n,h,c,k].
+        let weights = softmax_last(&q.transpose(2, 3)?.matmul(&k)?)?;
+        v.matmul(&weights.transpose(2, 3)?)
+    }
+
     /// [`super::resample`] with candle's pooling and upsampling.
     pub fn resample(x: &Tensor, mode: super::Resample) -> Result<Tensor> {
         match mode {
@@ -295,6 +307,22 @@ pub fn resample(x: &Tensor, mode: Resample) -> Result<Tensor> {
         }
     }
     composed::resample(x, mode)
+}
+
+/// The core of self-attention for `y` [N, heads, d, 3, T] (queries, keys and values of each
+/// head side by side, normalised): `softmax(QᵀK / √d)` over the keys applied to the values,
+/// giving [N, heads, d, T].
+pub fn attention(y: &Tensor) -> Result<Tensor> {
+    if fused::applies(y) && y.rank() == 5 && y.dim(3)? == 3 {
+        let (d, t) = (y.dim(2)?, y.dim(4)?);
+        let op = fused::Attention {
+            d,
+            t,
+            scale: (1.0 / (d as f64).sqrt()) as f32,
+        };
+        return y.contiguous()?.apply_op1(op);
+    }
+    composed::attention(y)
 }
 
 /// Softmax over the last dimension (with its backward pass; candle-nn's has none).
@@ -483,14 +511,7 @@ impl Block {
             let heads = self.num_heads;
             let y = qkv.forward(&x, Gain::One)?;
             let y = y.reshape((n, heads, c / heads, 3, h * w))?;
-            let y = normalize(&y, Some(&[2]))?;
-            let q = y.narrow(3, 0, 1)?.squeeze(3)?.contiguous()?;
-            let k = y.narrow(3, 1, 1)?.squeeze(3)?.contiguous()?;
-            let v = y.narrow(3, 2, 1)?.squeeze(3)?.contiguous()?;
-            let k = (k / ((c / heads) as f64).sqrt())?;
-            // w[n,h,q,k] = Σ_c q[n,h,c,q] k[n,h,c,k]; y[n,h,c,q] = Σ_k w[n,h,q,k] v[n,h,c,k].
-            let weights = softmax_last(&q.transpose(2, 3)?.contiguous()?.matmul(&k)?)?;
-            let y = v.matmul(&weights.transpose(2, 3)?.contiguous()?)?;
+            let y = attention(&normalize(&y, Some(&[2]))?)?;
             let y = proj.forward(&y.reshape((n, c, h, w))?, Gain::One)?;
             x = mp_sum(&x, &y, self.attn_balance)?;
         }
