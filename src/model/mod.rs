@@ -245,8 +245,9 @@ pub mod composed {
         let v = y.narrow(3, 2, 1)?.squeeze(3)?.contiguous()?;
         let k = (k / (d as f64).sqrt())?;
         // w[n,h,q,k] = Σ_c q[n,h,c,q] k[n,h,c,k]; y[n,h,c,q] = Σ_k w[n,h,q,k] v[n,h,c,k].
-        let weights = softmax_last(&q.transpose(2, 3)?.matmul(&k)?)?;
-        v.matmul(&weights.transpose(2, 3)?)
+        // (The transposes are made contiguous: the form the GPU check ran.)
+        let weights = softmax_last(&q.transpose(2, 3)?.contiguous()?.matmul(&k)?)?;
+        v.matmul(&weights.transpose(2, 3)?.contiguous()?)
     }
 
     /// [`super::resample`] with candle's pooling and upsampling.
