@@ -512,14 +512,8 @@ impl CustomOp1 for Softmax {
             .zip(x.par_chunks(rows_per_task))
             .for_each(|(y, x)| {
                 for (y, x) in y.chunks_exact_mut(row).zip(x.chunks_exact(row)) {
-                    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                    let mut sum = 0f32;
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = exp(x - max);
-                        sum += *y;
-                    }
-                    let inv = 1.0 / sum;
-                    y.iter_mut().for_each(|y| *y *= inv);
+                    y.copy_from_slice(x);
+                    softmax_row(y, 1.0);
                 }
             });
         Ok((CpuStorage::F32(y), layout.shape().clone()))
@@ -808,6 +802,37 @@ impl CustomOp1 for Resample2 {
     }
 }
 
+/// Lanes of the reductions in [`softmax_row`]: separate partial maxima and sums that the
+/// compiler keeps in vector registers (one running value would serialise the loop).
+const LANES: usize = 16;
+
+/// `row ← softmax(scale · row)` in place, in separate vectorisable passes.
+fn softmax_row(row: &mut [f32], scale: f32) {
+    let mut maxes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &v) in maxes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&maxes)
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    row.iter_mut().for_each(|v| *v = exp(scale * (*v - max)));
+    let mut sums = [0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (s, &v) in sums.iter_mut().zip(c) {
+            *s += v;
+        }
+    }
+    let sum: f32 = sums.iter().chain(chunks.remainder()).sum();
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
 /// The core of EDM2's self-attention for one tensor `y` [N, heads, d, 3, T] holding the
 /// (normalised) queries, keys and values side by side: per image and head,
 /// `W = softmax(s · QᵀK)` over keys and `O = V Wᵀ`, giving [N, heads, d, T]; `s` is 1/√d.
@@ -854,14 +879,7 @@ impl Attention {
     fn weights(&self, q: View<'_>, k: View<'_>, w: &mut [f32]) {
         sgemm(w, false, q.t(), k);
         for row in w.chunks_exact_mut(self.t) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let mut sum = 0f32;
-            for v in row.iter_mut() {
-                *v = exp(self.scale * (*v - max));
-                sum += *v;
-            }
-            let inv = 1.0 / sum;
-            row.iter_mut().for_each(|v| *v *= inv);
+            softmax_row(row, self.scale);
         }
     }
 }
