@@ -148,23 +148,14 @@ impl Geometry {
         }
     }
 
-    /// im2col of one image `x` [C, H·W] into `cols` [C·k², H·W]. Entries that fall in the
-    /// padding are never written: `cols` must start zeroed and only ever be used for this
-    /// geometry, so they stay zero.
+    /// im2col of one image `x` [C, H·W] into `cols` [C·k², H·W]. Entries in the rows of
+    /// vertical padding are never written (the wrapped entries of a horizontal shift are
+    /// written as zeros): `cols` must start zeroed and only ever be used for this geometry.
     fn im2col(&self, x: &[f32], cols: &mut [f32]) {
-        self.im2col_block(x, cols, self.hw(), 0);
-    }
-
-    /// im2col of one image into columns `at..at + H·W` of a wider matrix whose rows are
-    /// `stride` long (several images side by side). Padding entries are never written, as
-    /// for [`im2col`](Self::im2col).
-    fn im2col_block(&self, x: &[f32], cols: &mut [f32], stride: usize, at: usize) {
         let (k, hw) = (self.k, self.hw());
-        for (row, line) in cols.chunks_exact_mut(stride).enumerate() {
+        for (row, dst) in cols.chunks_exact_mut(hw).enumerate() {
             let (ci, dy, dx) = (row / (k * k), (row / k) % k, row % k);
-            let src = &x[ci * hw..(ci + 1) * hw];
-            let dst = &mut line[at..at + hw];
-            self.shifted_copy(src, dst, dy, dx);
+            self.shifted_copy(&x[ci * hw..(ci + 1) * hw], dst, dy, dx);
         }
     }
 }
