@@ -1,5 +1,5 @@
-//! Fused CPU kernels for the magnitude-preserving element-wise operations, each with its own
-//! backward pass.
+//! Fused CPU kernels for the magnitude-preserving element-wise operations, the concatenation,
+//! 2× resampling and the attention core, each with its own backward pass.
 //!
 //! Composed from candle ops, `normalize` is five passes forward and a dozen backward, a clamp
 //! with scalar bounds broadcasts its bounds and builds masks, and every op's gradient starts

@@ -4,8 +4,9 @@
 //!
 //! Facts follow NVlabs/edm2 `training/networks_edm2.py`; parameter names equal its state-dict
 //! keys (`unet.enc.16x16_block0.conv_res0.weight`, …) so converted EDM2 weights load as they
-//! are. Every operation here is composed from candle ops that have a backward pass (no
-//! `softmax_last_dim`, `rms_norm`, `layer_norm` or `sdpa`), so the same code trains.
+//! are. Every operation has a backward pass: on the CPU the fused kernels of `fused` (each
+//! with its own), elsewhere the definitions in [`composed`], built from candle ops that have
+//! one (no `softmax_last_dim`, `rms_norm`, `layer_norm` or `sdpa`), so the same code trains.
 
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
