@@ -320,6 +320,14 @@ fn fused_cpu_kernels_match_the_composed_definitions_with_gradients() {
     both("softmax", &x, &|t| model::softmax_last(t).unwrap(), &|t| {
         composed::softmax_last(t).unwrap()
     });
+    // Rows of 24: one full block of the kernels' 16 partial maxima and sums, and a tail.
+    let long = x.reshape((3, 5, 24)).unwrap();
+    both(
+        "softmax rows of 24",
+        &long,
+        &|t| model::softmax_last(t).unwrap(),
+        &|t| composed::softmax_last(t).unwrap(),
+    );
     let big = (&x + 80.0).unwrap();
     both(
         "softmax shifted",
@@ -346,11 +354,12 @@ fn fused_cpu_kernels_match_the_composed_definitions_with_gradients() {
         );
     }
     // The attention core, [N, heads, d, 3, T] → [N, heads, d, T], on normalised q/k/v as the
-    // network feeds it (and on raw values, where the scores are larger).
+    // network feeds it (and on raw values, where the scores are larger); 20 positions, so
+    // the softmax rows have a full block of 16 lanes and a tail.
     for (what, scale) in [("normalised", 0.0), ("raw", 2.0)] {
         let raw = make(
             "qkv",
-            &[2, 3, 4, 3, 10],
+            &[2, 3, 4, 3, 20],
             if scale == 0.0 { 1.0 } else { scale },
         );
         let y = if scale == 0.0 {
@@ -361,9 +370,9 @@ fn fused_cpu_kernels_match_the_composed_definitions_with_gradients() {
         let v = candle_core::Var::from_tensor(&y).unwrap();
         let a = model::attention(v.as_tensor()).unwrap();
         let b = composed::attention(v.as_tensor()).unwrap();
-        assert_eq!(a.dims(), [2, 3, 4, 10]);
+        assert_eq!(a.dims(), [2, 3, 4, 20]);
         check(&format!("attention ({what}) forward"), &a, &b, 1e-6);
-        let ro = make("ra", &[2, 3, 4, 10], 1.0);
+        let ro = make("ra", &[2, 3, 4, 20], 1.0);
         let ga = (&a * &ro).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (&b * &ro).unwrap().sum_all().unwrap().backward().unwrap();
         check(

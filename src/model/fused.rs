@@ -11,6 +11,9 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use super::conv::{sgemm, View};
+use super::kernels;
+#[cfg(test)]
+use super::kernels::exp;
 
 /// Elements per parallel task of the point-wise kernels.
 const CHUNK: usize = 1 << 15;
@@ -33,32 +36,6 @@ pub fn applies(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32
 }
 
-/// `eˣ` in straight-line f32 arithmetic that compilers vectorise (the C library's `expf` is a
-/// call per element): range reduction `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`, Cephes' degree-7
-/// polynomial for `eʳ`, and `2ⁿ` built from its bits. Within 1 ulp of the correctly rounded
-/// value on a sweep of 22 million inputs over the clamped range (the test allows 2); inputs are clamped to [−87, 88] (results from
-/// 1.6e−38 to 1.7e38, no infinities or subnormals), which the callers' `1 + e⁻ˣ` and
-/// max-subtracted softmax never notice.
-#[inline(always)]
-pub fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding and subtracting 1.5·2²³ rounds to the nearest integer (SSE2 has no vector round).
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.987_569_1e-4_f32;
-    let p = p * r + 1.398_2e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5; // Cephes: 5.0000001201e-1, which rounds to 0.5 in f32
-    let er = p * r * r + r + 1.0;
-    er * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
 /// A point-wise function and its derivative.
 pub trait Pointwise: Copy + Send + Sync + 'static {
     /// Op name for candle.
@@ -69,6 +46,16 @@ pub trait Pointwise: Copy + Send + Sync + 'static {
     fn f(self, x: f32) -> f32;
     /// Its derivative.
     fn df(self, x: f32) -> f32;
+    /// `y[i] = f(x[i])` over a chunk.
+    fn map(self, y: &mut [f32], x: &[f32]) {
+        y.iter_mut().zip(x).for_each(|(y, &x)| *y = self.f(x));
+    }
+    /// `o[i] = g[i] · f'(x[i])` over a chunk.
+    fn map_grad(self, o: &mut [f32], x: &[f32], g: &[f32]) {
+        for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
+            *o = g * self.df(x);
+        }
+    }
 }
 
 /// `silu(x) / 0.596`.
@@ -80,12 +67,17 @@ impl Pointwise for MpSilu {
     const GRAD_NAME: &'static str = "hindsight-mp-silu-grad";
     #[inline]
     fn f(self, x: f32) -> f32 {
-        x / (1.0 + exp(-x)) / 0.596
+        kernels::mp_silu(x)
     }
     #[inline]
     fn df(self, x: f32) -> f32 {
-        let s = 1.0 / (1.0 + exp(-x));
-        s * (1.0 + x * (1.0 - s)) / 0.596
+        kernels::mp_silu_grad(x)
+    }
+    fn map(self, y: &mut [f32], x: &[f32]) {
+        kernels::mp_silu_map(y, x);
+    }
+    fn map_grad(self, o: &mut [f32], x: &[f32], g: &[f32]) {
+        kernels::mp_silu_backward(o, x, g);
     }
 }
 
@@ -126,7 +118,7 @@ impl<P: Pointwise> CustomOp1 for Map<P> {
         let p = self.0;
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, &x)| *y = p.f(x)));
+            .for_each(|(y, x)| p.map(y, x));
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
@@ -158,11 +150,7 @@ impl<P: Pointwise> CustomOp2 for MapGrad<P> {
         let p = self.0;
         out.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(o, (x, g))| {
-                for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
-                    *o = g * p.df(x);
-                }
-            });
+            .for_each(|(o, (x, g))| p.map_grad(o, x, g));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -196,11 +184,7 @@ impl CustomOp2 for LinComb {
         let (wa, wb) = (self.wa, self.wb);
         out.par_chunks_mut(CHUNK)
             .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .for_each(|(o, (a, b))| {
-                for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                    *o = wa * a + wb * b;
-                }
-            });
+            .for_each(|(o, (a, b))| kernels::lincomb(o, a, b, wa, wb));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -249,7 +233,10 @@ impl CustomOp1 for ScaledSlice {
         let dims = layout.shape().dims();
         let s = self.scale;
         if dims.len() < 2 {
-            let y: Vec<f32> = x.par_iter().map(|&v| s * v).collect();
+            let mut y = vec![0f32; x.len()];
+            y.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK))
+                .for_each(|(y, x)| kernels::scale(y, x, s));
             return Ok((CpuStorage::F32(y), layout.shape().clone()));
         }
         if self.start + self.len > dims[1] {
@@ -265,11 +252,7 @@ impl CustomOp1 for ScaledSlice {
         if width > 0 {
             y.par_chunks_mut(width)
                 .zip(x.par_chunks(row))
-                .for_each(|(y, x)| {
-                    y.iter_mut()
-                        .zip(&x[from..from + width])
-                        .for_each(|(y, &v)| *y = s * v);
-                });
+                .for_each(|(y, x)| kernels::scale(y, &x[from..from + width], s));
         }
         let mut out = dims.to_vec();
         out[1] = self.len;
@@ -313,8 +296,8 @@ impl CustomOp2 for ScaledCat {
             .zip(a.par_chunks(ca.max(1)).zip(b.par_chunks(cb.max(1))))
             .for_each(|(o, (a, b))| {
                 let (oa, ob) = o.split_at_mut(ca);
-                oa.iter_mut().zip(a).for_each(|(o, &v)| *o = wa * v);
-                ob.iter_mut().zip(b).for_each(|(o, &v)| *o = wb * v);
+                kernels::scale(oa, a, wa);
+                kernels::scale(ob, b, wb);
             });
         let mut dims = da.to_vec();
         dims[1] += db[1];
@@ -355,19 +338,6 @@ pub struct Normalize {
 struct NormalizeGrad(Normalize);
 
 impl Normalize {
-    /// Σ x² over the middle axis for one outer slice: `inner` sums, accumulated in f64 (a
-    /// weight's fan-in reaches thousands of terms; PyTorch's norm is more accurate than a
-    /// plain f32 running sum).
-    fn sums(&self, x: &[f32], sums: &mut [f64]) {
-        sums.fill(0.0);
-        for row in x.chunks_exact(self.inner) {
-            sums.iter_mut().zip(row).for_each(|(s, &v)| {
-                let v = f64::from(v);
-                *s += v * v;
-            });
-        }
-    }
-
     fn check(&self, len: usize) -> Result<()> {
         if self.outer * self.mid * self.inner != len {
             candle_core::bail!("normalize: layout does not match {len} elements");
@@ -393,15 +363,11 @@ impl CustomOp1 for Normalize {
             .for_each_init(
                 || (vec![0f64; inner], vec![0f32; inner]),
                 |(s, d), (y, x)| {
-                    self.sums(x, s);
+                    kernels::sum_squares(x, s);
                     for (d, s) in d.iter_mut().zip(s.iter()) {
                         *d = (1.0 / (eps + s.sqrt() * scale)) as f32;
                     }
-                    for (yr, xr) in y.chunks_exact_mut(inner).zip(x.chunks_exact(inner)) {
-                        for ((y, &x), &r) in yr.iter_mut().zip(xr).zip(d.iter()) {
-                            *y = x * r;
-                        }
-                    }
+                    kernels::scale_rows(y, x, d);
                 },
             );
         Ok((CpuStorage::F32(y), layout.shape().clone()))
@@ -449,13 +415,8 @@ impl CustomOp2 for NormalizeGrad {
                     )
                 },
                 |(n2, gx, a, b), (o, (x, g))| {
-                    p.sums(x, n2);
-                    gx.fill(0.0); // Σ g·x
-                    for (xr, gr) in x.chunks_exact(inner).zip(g.chunks_exact(inner)) {
-                        for ((s, &x), &g) in gx.iter_mut().zip(xr).zip(gr) {
-                            *s += f64::from(g) * f64::from(x);
-                        }
-                    }
+                    kernels::sum_squares(x, n2);
+                    kernels::sum_products(x, g, gx);
                     // a = 1/d, b = (Σ g·x) / (d²·n·√M) (0 where x is all zeros).
                     for (((a, b), &n2), &gx) in
                         a.iter_mut().zip(b.iter_mut()).zip(n2.iter()).zip(gx.iter())
@@ -469,17 +430,7 @@ impl CustomOp2 for NormalizeGrad {
                         };
                         *a = inv_d as f32;
                     }
-                    for ((orow, xr), gr) in o
-                        .chunks_exact_mut(inner)
-                        .zip(x.chunks_exact(inner))
-                        .zip(g.chunks_exact(inner))
-                    {
-                        for ((((o, &x), &g), &a), &b) in
-                            orow.iter_mut().zip(xr).zip(gr).zip(a.iter()).zip(b.iter())
-                        {
-                            *o = g * a - x * b;
-                        }
-                    }
+                    kernels::normalize_backward_rows(o, x, g, a, b);
                 },
             );
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -511,10 +462,8 @@ impl CustomOp1 for Softmax {
         y.par_chunks_mut(rows_per_task)
             .zip(x.par_chunks(rows_per_task))
             .for_each(|(y, x)| {
-                for (y, x) in y.chunks_exact_mut(row).zip(x.chunks_exact(row)) {
-                    y.copy_from_slice(x);
-                    softmax_row(y, 1.0);
-                }
+                y.copy_from_slice(x);
+                kernels::softmax_rows(y, row, 1.0);
             });
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
@@ -550,18 +499,7 @@ impl CustomOp2 for SoftmaxGrad {
         let rows_per_task = (CHUNK / row).max(1) * row;
         out.par_chunks_mut(rows_per_task)
             .zip(y.par_chunks(rows_per_task).zip(g.par_chunks(rows_per_task)))
-            .for_each(|(o, (y, g))| {
-                for ((o, y), g) in o
-                    .chunks_exact_mut(row)
-                    .zip(y.chunks_exact(row))
-                    .zip(g.chunks_exact(row))
-                {
-                    let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
-                    for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
-                        *o = y * (g - dot);
-                    }
-                }
-            });
+            .for_each(|(o, (y, g))| kernels::softmax_rows_backward(o, Some(g), y, row, 1.0));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -570,11 +508,10 @@ impl CustomOp2 for SoftmaxGrad {
 /// modulation followed by its activation), with the gradients of both.
 pub struct ModSilu;
 
-/// ∂y of [`ModSilu`]: arguments `y`, `c`, `g`.
-struct ModSiluGradY;
-
-/// ∂c of [`ModSilu`]: arguments `y`, `c`, `g`; result [N, C].
-struct ModSiluGradC;
+/// Both gradients of [`ModSilu`] in one sweep: arguments `y`, `c`, `g`; result the flat
+/// concatenation `[∂y (N·C·H·W values), ∂c (N·C values)]`, which the backward pass splits
+/// into two views without copying.
+struct ModSiluGrad;
 
 /// The arguments of the [`ModSilu`] gradient ops, checked.
 struct ModGradArgs<'a> {
@@ -630,11 +567,7 @@ impl CustomOp2 for ModSilu {
         let mut out = vec![0f32; y.len()];
         out.par_chunks_mut(plane)
             .zip(y.par_chunks(plane).zip(c.par_iter()))
-            .for_each(|(o, (y, &c))| {
-                for (o, &y) in o.iter_mut().zip(y) {
-                    *o = MpSilu.f(y * c);
-                }
-            });
+            .for_each(|(o, (y, &c))| kernels::mod_silu_plane(o, y, c));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -646,15 +579,17 @@ impl CustomOp2 for ModSilu {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let gy = y.apply_op3_no_bwd(c, &grad, &ModSiluGradY)?;
-        let gc = y.apply_op3_no_bwd(c, &grad, &ModSiluGradC)?;
+        let both = y.apply_op3_no_bwd(c, &grad, &ModSiluGrad)?;
+        let (ny, nc) = (y.elem_count(), c.elem_count());
+        let gy = both.narrow(0, 0, ny)?.reshape(y.shape())?;
+        let gc = both.narrow(0, ny, nc)?.reshape(c.shape())?;
         Ok((Some(gy), Some(gc)))
     }
 }
 
-impl candle_core::CustomOp3 for ModSiluGradY {
+impl candle_core::CustomOp3 for ModSiluGrad {
     fn name(&self) -> &'static str {
-        "hindsight-mod-silu-grad-y"
+        "hindsight-mod-silu-grad"
     }
 
     fn cpu_fwd(
@@ -667,50 +602,20 @@ impl candle_core::CustomOp3 for ModSiluGradY {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let ModGradArgs { y, c, g, plane } = ModGradArgs::new((s1, l1), (s2, l2), (s3, l3))?;
-        let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut(plane)
+        let mut out = vec![0f32; y.len() + c.len()];
+        let (gy, gc) = out.split_at_mut(y.len());
+        gy.par_chunks_mut(plane)
+            .zip(gc.par_iter_mut())
             .zip(
                 y.par_chunks(plane)
-                    .zip(g.par_chunks(plane).zip(c.par_iter())),
+                    .zip(g.par_chunks(plane))
+                    .zip(c.par_iter()),
             )
-            .for_each(|(o, (y, (g, &c)))| {
-                for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
-                    *o = g * MpSilu.df(y * c) * c;
-                }
+            .for_each(|((gy, gc), ((y, g), &c))| {
+                *gc = kernels::mod_silu_plane_backward(gy, y, g, c);
             });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-}
-
-impl candle_core::CustomOp3 for ModSiluGradC {
-    fn name(&self) -> &'static str {
-        "hindsight-mod-silu-grad-c"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let ModGradArgs { y, c, g, plane } = ModGradArgs::new((s1, l1), (s2, l2), (s3, l3))?;
-        let mut out = vec![0f32; c.len()];
-        out.par_iter_mut()
-            .zip(
-                y.par_chunks(plane)
-                    .zip(g.par_chunks(plane).zip(c.par_iter())),
-            )
-            .for_each(|(o, (y, (g, &c)))| {
-                *o = y
-                    .iter()
-                    .zip(g)
-                    .map(|(&y, &g)| g * MpSilu.df(y * c) * y)
-                    .sum();
-            });
-        Ok((CpuStorage::F32(out), l2.shape().clone()))
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
     }
 }
 
@@ -802,37 +707,6 @@ impl CustomOp1 for Resample2 {
     }
 }
 
-/// Lanes of the reductions in [`softmax_row`]: separate partial maxima and sums that the
-/// compiler keeps in vector registers (one running value would serialise the loop).
-const LANES: usize = 16;
-
-/// `row ← softmax(scale · row)` in place, in separate vectorisable passes.
-fn softmax_row(row: &mut [f32], scale: f32) {
-    let mut maxes = [f32::NEG_INFINITY; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for c in &mut chunks {
-        for (m, &v) in maxes.iter_mut().zip(c) {
-            *m = if v > *m { v } else { *m };
-        }
-    }
-    let max = chunks
-        .remainder()
-        .iter()
-        .chain(&maxes)
-        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-    row.iter_mut().for_each(|v| *v = exp(scale * (*v - max)));
-    let mut sums = [0f32; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for c in &mut chunks {
-        for (s, &v) in sums.iter_mut().zip(c) {
-            *s += v;
-        }
-    }
-    let sum: f32 = sums.iter().chain(chunks.remainder()).sum();
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|v| *v *= inv);
-}
-
 /// The core of EDM2's self-attention for one tensor `y` [N, heads, d, 3, T] holding the
 /// (normalised) queries, keys and values side by side: per image and head,
 /// `W = softmax(s · QᵀK)` over keys and `O = V Wᵀ`, giving [N, heads, d, T]; `s` is 1/√d.
@@ -878,9 +752,7 @@ impl Attention {
     /// `W = softmax(s · QᵀK)` [T, T] into `w`.
     fn weights(&self, q: View<'_>, k: View<'_>, w: &mut [f32]) {
         sgemm(w, false, q.t(), k);
-        for row in w.chunks_exact_mut(self.t) {
-            softmax_row(row, self.scale);
-        }
+        kernels::softmax_rows(w, self.t, self.scale);
     }
 }
 
@@ -954,12 +826,7 @@ impl CustomOp2 for AttentionGrad {
                     let wv = View::row_major(w, t, t);
                     // ∂W and then ∂S in place.
                     sgemm(dw, false, gv.t(), v);
-                    for (dr, wr) in dw.chunks_exact_mut(t).zip(w.chunks_exact(t)) {
-                        let dot: f32 = dr.iter().zip(wr).map(|(a, b)| a * b).sum();
-                        dr.iter_mut()
-                            .zip(wr)
-                            .for_each(|(d, &w)| *d = a.scale * w * (*d - dot));
-                    }
+                    kernels::softmax_rows_backward(dw, None, w, t, a.scale);
                     let ds = View::row_major(dw, t, t);
                     let mut put = |j: usize, part: &[f32]| {
                         for (c, src) in part.chunks_exact(t).enumerate() {

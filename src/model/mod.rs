@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 mod conv;
 pub mod formula;
 mod fused;
+mod kernels;
 pub mod parity;
 
 pub use conv::conv2d_same;
