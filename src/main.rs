@@ -328,6 +328,8 @@ enum BenchCommand {
 }
 
 fn main() {
+    // Before any other thread exists: candle reads it when its first large element-wise op runs.
+    hindsight::model::leave_cores_to_the_compute_pool();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
