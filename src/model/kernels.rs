@@ -139,6 +139,14 @@ pub(super) fn scale(o: &mut [f32], x: &[f32], s: f32) {
     }
 }
 
+/// `o[i] += x[i]`.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+pub(super) fn add_assign(o: &mut [f32], x: &[f32]) {
+    for (o, &x) in o.iter_mut().zip(x) {
+        *o += x;
+    }
+}
+
 /// `o[i] = wa · a[i] + wb · b[i]`.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
 pub(super) fn lincomb(o: &mut [f32], a: &[f32], b: &[f32], wa: f32, wb: f32) {

@@ -19,6 +19,7 @@ mod kernels;
 pub mod parity;
 
 pub use conv::conv2d_same;
+
 pub mod sampler;
 
 /// Network configuration, with EDM2's names and defaults (`Precond` + `UNet` + `Block`
