@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{edm2_loss, force_normalize, Edm2Config, Precond};
 
+mod adam;
 pub mod data;
 
 /// EDM2's learning rate at `cur_nimg` (`learning_rate_schedule`): `ref_lr`, divided by
@@ -315,21 +316,19 @@ impl Trainer {
         let objective = (loss.sum_all()? / batch as f64)?;
         let grads = objective.backward()?;
         self.adam.step += 1;
-        let t = self.adam.step as i32;
-        let (b1, b2) = (cfg.beta1, cfg.beta2);
+        let update = adam::AdamStep {
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            lr,
+            t: self.adam.step as i32,
+        };
         for (i, (_, var)) in self.params.iter().enumerate() {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            // Non-finite gradients are zeroed (EDM2: nan_to_num).
-            let finite = g.abs()?.le(f32::MAX as f64)?;
-            let g = finite.where_cond(g, &g.zeros_like()?)?;
-            let m = ((&self.adam.m[i] * b1)? + (&g * (1.0 - b1))?)?;
-            let v = ((&self.adam.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let m_hat = (&m / (1.0 - b1.powi(t)))?;
-            let v_hat = (&v / (1.0 - b2.powi(t)))?;
-            let update = (m_hat / (v_hat.sqrt()? + cfg.eps)?)?;
-            var.set(&(var.as_tensor() - (update * lr)?)?)?;
+            // Non-finite gradients are zeroed (EDM2: nan_to_num) inside the update.
+            let (m, v) = update.apply(var, g, &self.adam.m[i], &self.adam.v[i])?;
             self.adam.m[i] = m;
             self.adam.v[i] = v;
         }
