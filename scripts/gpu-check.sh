@@ -63,13 +63,13 @@ step "parity on the CPU (same binary, GPU hidden)"
 CUDA_VISIBLE_DEVICES= run "$BIN" bench parity
 
 step "GPU: hindsight (candle CUDA) vs PyTorch CUDA, batch 64"
-run "$BIN" bench train --batch 64 --iterations 20 --peer-python "$PY"
+run "$BIN" bench train --batch 64 --iterations 20 --rounds 3 --peer-python "$PY"
 step "GPU: batch 512"
-run "$BIN" bench train --batch 512 --iterations 10 --peer-python "$PY"
+run "$BIN" bench train --batch 512 --iterations 10 --rounds 3 --peer-python "$PY"
 
 step "CPU, 2 threads each: hindsight (candle) vs PyTorch, batch 64"
 CUDA_VISIBLE_DEVICES= RAYON_NUM_THREADS=2 LIMIT=180 \
-  run "$BIN" bench train --batch 64 --iterations 5 --peer-python "$PY"
+  run "$BIN" bench train --batch 64 --iterations 5 --rounds 3 --peer-python "$PY"
 
 step "end to end on the GPU: train → snapshots → reconstruct → generate"
 DATA=$(mktemp -d)

@@ -295,6 +295,11 @@ enum BenchCommand {
         /// count and device, and print the ratios.
         #[arg(long)]
         peer_python: Option<String>,
+        /// Rounds of both sides, alternating which goes first (with a peer): the ratios are
+        /// taken per round and their median printed, so load that comes and goes on a shared
+        /// machine hits both sides alike.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// Check the EDM2 network on the device this binary computes on (CUDA when built with
     /// the `cuda` feature and a GPU is present) against the reference fixture: forward pass,
@@ -601,8 +606,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             batch,
             iterations,
             peer_python,
+            rounds,
         }) => hindsight::model::on_compute_pool(|| {
-            train_command::bench_train(batch, iterations, peer_python.as_deref())
+            train_command::bench_train(batch, iterations, peer_python.as_deref(), rounds)
         }),
         Command::Bench(BenchCommand::Parity {
             fixture,

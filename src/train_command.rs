@@ -413,8 +413,13 @@ pub fn bench_train(
     batch: usize,
     iterations: usize,
     peer_python: Option<&str>,
+    rounds: usize,
 ) -> anyhow::Result<()> {
     hindsight::model::keep_freed_memory();
+    anyhow::ensure!(
+        iterations > 0 && rounds > 0,
+        "--iterations and --rounds must be positive"
+    );
     let network: Edm2Config = serde_json::from_value(serde_json::json!({
         "img_resolution": 16, "img_channels": 3, "label_dim": 10, "model_channels": 32,
         "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [8],
@@ -439,35 +444,39 @@ pub fn bench_train(
     let images = Tensor::from_vec(pixels, (batch, 3, 16, 16), &device)?;
     let labels = one_hot(&classes, 10, &device)?;
     let sigma = Tensor::full(1.0f32, batch, &device)?;
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let mut forward = Vec::new();
-    let mut step = Vec::new();
-    for _ in 0..iterations + 1 {
-        let t = Instant::now();
-        let (d, _) = trainer.net().forward(&images, &sigma, Some(&labels))?;
-        d.sum_all()?.to_scalar::<f32>()?;
-        forward.push(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        trainer.step(&images, Some(&labels))?;
-        device.synchronize()?;
-        step.push(t.elapsed().as_secs_f64());
-    }
-    // The first round warms caches and allocators.
-    forward.remove(0);
-    step.remove(0);
     let threads = rayon::current_num_threads();
-    let (forward, step) = (median(forward), median(step));
+    // Medians of `iterations` timed repetitions after one warm-up repetition.
+    let mut ours = || -> anyhow::Result<(f64, f64)> {
+        let mut forward = Vec::new();
+        let mut step = Vec::new();
+        for _ in 0..iterations + 1 {
+            let t = Instant::now();
+            let (d, _) = trainer.net().forward(&images, &sigma, Some(&labels))?;
+            d.sum_all()?.to_scalar::<f32>()?;
+            forward.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            trainer.step(&images, Some(&labels))?;
+            device.synchronize()?;
+            step.push(t.elapsed().as_secs_f64());
+        }
+        forward.remove(0);
+        step.remove(0);
+        Ok((median(forward), median(step)))
+    };
     println!(
-        "EDM2 16x16 mc32 [1,2] 1 block attn 8x8, batch {batch}, {threads} threads, device {:?}\n  \
-         hindsight (candle): forward {forward:.4} s, training step {step:.4} s (medians of {iterations})",
-        device,
+        "EDM2 16x16 mc32 [1,2] 1 block attn 8x8, batch {batch}, {threads} threads, device {device:?}"
     );
-    if let Some(python) = peer_python {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/peer_edm2_torch.py");
-        let device_name = if device.is_cuda() { "cuda" } else { "cpu" };
+    let Some(python) = peer_python else {
+        let (forward, step) = ours()?;
+        println!(
+            "  hindsight (candle): forward {forward:.4} s, training step {step:.4} s (medians of \
+             {iterations})"
+        );
+        return Ok(());
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/peer_edm2_torch.py");
+    let device_name = if device.is_cuda() { "cuda" } else { "cpu" };
+    let peer = || -> anyhow::Result<(f64, f64, String)> {
         let output = std::process::Command::new(python)
             .arg(&script)
             .args(["--batch", &batch.to_string()])
@@ -490,18 +499,56 @@ pub fn bench_train(
                 .as_f64()
                 .with_context(|| format!("no {k:?} in the peer's output {line:?}"))
         };
-        let (pf, ps) = (get("forward_s")?, get("step_s")?);
-        println!(
-            "  PyTorch {} ({}, fixture parity {:.1e}): forward {pf:.4} s, training step {ps:.4} s\n  \
-             hindsight / PyTorch: forward {:.2}x, training step {:.2}x (below 1: hindsight faster)",
+        let about = format!(
+            "PyTorch {} ({}, fixture parity {:.1e})",
             peer["torch"].as_str().unwrap_or("?"),
             peer["device"].as_str().unwrap_or("?"),
-            get("parity")?,
-            forward / pf,
-            step / ps,
+            get("parity")?
         );
+        Ok((get("forward_s")?, get("step_s")?, about))
+    };
+    println!(
+        "  medians of {iterations} per side and round; rounds alternate which side goes first"
+    );
+    let (mut forward_ratios, mut step_ratios) = (Vec::new(), Vec::new());
+    let mut about = String::new();
+    for round in 0..rounds {
+        let ((f, s), (pf, ps, peer_about)) = if round % 2 == 0 {
+            let o = ours()?;
+            (o, peer()?)
+        } else {
+            let p = peer()?;
+            (ours()?, p)
+        };
+        about = peer_about;
+        let first = if round % 2 == 0 {
+            "hindsight"
+        } else {
+            "PyTorch"
+        };
+        println!(
+            "  round {} ({first} first): hindsight forward {f:.4} s, step {s:.4} s | PyTorch \
+             forward {pf:.4} s, step {ps:.4} s | ratio forward {:.2}x, step {:.2}x",
+            round + 1,
+            f / pf,
+            s / ps
+        );
+        forward_ratios.push(f / pf);
+        step_ratios.push(s / ps);
     }
+    println!(
+        "  peer: {about}\n  hindsight / PyTorch, median of {rounds} round(s): forward {:.2}x, \
+         training step {:.2}x (below 1: hindsight faster)",
+        median(forward_ratios),
+        median(step_ratios)
+    );
     Ok(())
+}
+
+/// The median (upper middle for an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// `hindsight bench parity`: the reference fixture's comparisons on this binary's device.
