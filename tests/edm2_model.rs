@@ -430,4 +430,30 @@ fn fused_cpu_kernels_match_the_composed_definitions_with_gradients() {
         &|t| model::mp_sum(t, v.as_tensor(), 0.3).unwrap(),
         &|t| composed::mp_sum(t, v.as_tensor(), 0.3).unwrap(),
     );
+    // The sum clipped (a block's end), with sums beyond the bound on both sides: gradients of
+    // both operands, zero where the sum was clipped.
+    let bv = candle_core::Var::from_tensor(&y).unwrap();
+    let xv = candle_core::Var::from_tensor(&x).unwrap();
+    let a = model::mp_sum_clip(xv.as_tensor(), bv.as_tensor(), 0.3, Some(2.2)).unwrap();
+    let b = composed::clip(
+        &composed::mp_sum(xv.as_tensor(), bv.as_tensor(), 0.3).unwrap(),
+        2.2,
+    )
+    .unwrap();
+    let clipped = flat(&b).iter().filter(|v| v.abs() >= 2.2).count();
+    assert!(
+        clipped > 10 && clipped < x.elem_count() / 2,
+        "{clipped} clipped"
+    );
+    check("mp_sum_clip forward", &a, &b, 1e-6);
+    let ga = (&a * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gb = (&b * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for (what, v) in [("first", &xv), ("second", &bv)] {
+        check(
+            &format!("mp_sum_clip gradient of the {what} operand"),
+            ga.get(v.as_tensor()).unwrap(),
+            gb.get(v.as_tensor()).unwrap(),
+            1e-6,
+        );
+    }
 }

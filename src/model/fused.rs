@@ -161,7 +161,14 @@ pub struct LinComb {
     pub wa: f32,
     /// Weight of the second operand.
     pub wb: f32,
+    /// Clamp the sum to `[−c, c]` (EDM2's activation clipping after a block's last sum; the
+    /// gradient passes where the sum lies within): one pass and one graph node instead of two.
+    pub clip: Option<f32>,
 }
+
+/// Both gradients of a clipped [`LinComb`] in one sweep: arguments `∂out`, `a`, `b`; result
+/// the flat concatenation `[∂a, ∂b]`, split by the backward pass into views.
+struct LinCombClipGrad(LinComb);
 
 impl CustomOp2 for LinComb {
     fn name(&self) -> &'static str {
@@ -182,20 +189,29 @@ impl CustomOp2 for LinComb {
         }
         let mut out = vec![0f32; a.len()];
         let (wa, wb) = (self.wa, self.wb);
+        let c = self.clip.unwrap_or(f32::INFINITY);
         out.par_chunks_mut(CHUNK)
             .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .for_each(|(o, (a, b))| kernels::lincomb(o, a, b, wa, wb));
+            .for_each(|(o, (a, b))| kernels::lincomb_clip(o, a, b, wa, wb, c));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
     fn bwd(
         &self,
-        _a: &Tensor,
-        _b: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
+        if self.clip.is_some() {
+            let op = LinCombClipGrad(LinComb { ..*self });
+            let both = grad.apply_op3_no_bwd(&a.contiguous()?, &b.contiguous()?, &op)?;
+            let n = grad.elem_count();
+            let ga = both.narrow(0, 0, n)?.reshape(a.shape())?;
+            let gb = both.narrow(0, n, n)?.reshape(b.shape())?;
+            return Ok((Some(ga), Some(gb)));
+        }
         let channels = grad.dims().get(1).copied().unwrap_or(1);
         let part = |scale: f32| ScaledSlice {
             start: 0,
@@ -206,6 +222,45 @@ impl CustomOp2 for LinComb {
             Some(grad.apply_op1_no_bwd(&part(self.wa))?),
             Some(grad.apply_op1_no_bwd(&part(self.wb))?),
         ))
+    }
+}
+
+impl candle_core::CustomOp3 for LinCombClipGrad {
+    fn name(&self) -> &'static str {
+        "hindsight-lincomb-clip-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = slice_f32(s1, l1, "mp_sum grad")?;
+        let a = slice_f32(s2, l2, "mp_sum grad")?;
+        let b = slice_f32(s3, l3, "mp_sum grad")?;
+        if a.len() != g.len() || b.len() != g.len() {
+            candle_core::bail!("mp_sum grad: shapes differ");
+        }
+        let LinComb { wa, wb, clip } = self.0;
+        let c = clip.unwrap_or(f32::INFINITY);
+        let mut out = vec![0f32; 2 * g.len()];
+        let (ga, gb) = out.split_at_mut(g.len());
+        ga.par_chunks_mut(CHUNK)
+            .zip(gb.par_chunks_mut(CHUNK))
+            .zip(
+                g.par_chunks(CHUNK)
+                    .zip(a.par_chunks(CHUNK))
+                    .zip(b.par_chunks(CHUNK)),
+            )
+            .for_each(|((ga, gb), ((g, a), b))| {
+                kernels::lincomb_clip_backward((ga, gb), g, a, b, wa, wb, c)
+            });
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
     }
 }
 

@@ -147,11 +147,37 @@ pub(super) fn add_assign(o: &mut [f32], x: &[f32]) {
     }
 }
 
-/// `o[i] = wa · a[i] + wb · b[i]`.
+/// `o[i] = clamp(wa · a[i] + wb · b[i], −c, c)` (`c` may be infinite).
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
-pub(super) fn lincomb(o: &mut [f32], a: &[f32], b: &[f32], wa: f32, wb: f32) {
+pub(super) fn lincomb_clip(o: &mut [f32], a: &[f32], b: &[f32], wa: f32, wb: f32, c: f32) {
     for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-        *o = wa * a + wb * b;
+        *o = (wa * a + wb * b).clamp(-c, c);
+    }
+}
+
+/// The backward pass of [`lincomb_clip`]: with `m[i]` 1 where `|wa·a[i] + wb·b[i]| ≤ c`,
+/// else 0, `ga[i] = wa · g[i] · m[i]` and `gb[i] = wb · g[i] · m[i]`.
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+pub(super) fn lincomb_clip_backward(
+    (ga, gb): (&mut [f32], &mut [f32]),
+    g: &[f32],
+    a: &[f32],
+    b: &[f32],
+    wa: f32,
+    wb: f32,
+    c: f32,
+) {
+    for i in 0..ga
+        .len()
+        .min(gb.len())
+        .min(g.len())
+        .min(a.len())
+        .min(b.len())
+    {
+        let inside = (wa * a[i] + wb * b[i]).abs() <= c;
+        let g = if inside { g[i] } else { 0.0 };
+        ga[i] = wa * g;
+        gb[i] = wb * g;
     }
 }
 

@@ -166,15 +166,25 @@ pub fn clip(x: &Tensor, c: f64) -> Result<Tensor> {
 
 /// Magnitude-preserving sum: `lerp(a, b, t) / sqrt((1 − t)² + t²)`.
 pub fn mp_sum(a: &Tensor, b: &Tensor, t: f64) -> Result<Tensor> {
+    mp_sum_clip(a, b, t, None)
+}
+
+/// [`mp_sum`] followed by [`clip`] with bound `c` when given (one fused pass on the CPU).
+pub fn mp_sum_clip(a: &Tensor, b: &Tensor, t: f64, c: Option<f64>) -> Result<Tensor> {
     let (wa, wb) = composed::mp_sum_weights(t);
     if fused::applies(a) && fused::applies(b) && a.shape() == b.shape() {
         let op = fused::LinComb {
             wa: wa as f32,
             wb: wb as f32,
+            clip: c.map(|c| c as f32),
         };
         return a.contiguous()?.apply_op2(&b.contiguous()?, op);
     }
-    composed::mp_sum(a, b, t)
+    let sum = composed::mp_sum(a, b, t)?;
+    match c {
+        Some(c) => composed::clip(&sum, c),
+        None => Ok(sum),
+    }
 }
 
 /// The element-wise operations composed from candle ops (each with candle's backward): what
@@ -509,17 +519,18 @@ impl Block {
                 x = skip.forward(&x, Gain::One)?;
             }
         }
-        x = mp_sum(&x, &y, self.res_balance)?;
-        if let (Some(qkv), Some(proj)) = (&self.attn_qkv, &self.attn_proj) {
-            let (n, c, h, w) = x.dims4()?;
-            let heads = self.num_heads;
-            let y = qkv.forward(&x, Gain::One)?;
-            let y = y.reshape((n, heads, c / heads, 3, h * w))?;
-            let y = attention(&normalize(&y, Some(&[2]))?)?;
-            let y = proj.forward(&y.reshape((n, c, h, w))?, Gain::One)?;
-            x = mp_sum(&x, &y, self.attn_balance)?;
-        }
-        clip(&x, self.clip_act)
+        // The block ends with its last sum clipped to ±clip_act (one fused op on the CPU).
+        let (Some(qkv), Some(proj)) = (&self.attn_qkv, &self.attn_proj) else {
+            return mp_sum_clip(&x, &y, self.res_balance, Some(self.clip_act));
+        };
+        let x = mp_sum(&x, &y, self.res_balance)?;
+        let (n, c, h, w) = x.dims4()?;
+        let heads = self.num_heads;
+        let y = qkv.forward(&x, Gain::One)?;
+        let y = y.reshape((n, heads, c / heads, 3, h * w))?;
+        let y = attention(&normalize(&y, Some(&[2]))?)?;
+        let y = proj.forward(&y.reshape((n, c, h, w))?, Gain::One)?;
+        mp_sum_clip(&x, &y, self.attn_balance, Some(self.clip_act))
     }
 }
 
