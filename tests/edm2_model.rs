@@ -182,27 +182,44 @@ fn gemm_convolution_matches_candles_conv2d_with_gradients() {
         (1, (6, 2, 16, 9), 3),
         (3, (2, 2, 2, 1), 3), // a one-pixel-wide image: every shifted entry is padding
     ] {
-        let x = candle_core::Var::from_tensor(&make("x", &[n, c, h, w])).unwrap();
-        let wt = candle_core::Var::from_tensor(&make("w", &[o, c, k, k])).unwrap();
-        let r = make("r", &[n, o, h, w]);
-        let ours = model::conv2d_same(x.as_tensor(), wt.as_tensor()).unwrap();
-        let theirs = x
-            .as_tensor()
-            .conv2d(wt.as_tensor(), k / 2, 1, 1, 1)
-            .unwrap();
-        check(&format!("conv k={k} forward"), &ours, &theirs, 1e-6);
-        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for (what, v) in [("input", &x), ("weight", &wt)] {
+        // Plain, and with EDM2's activation applied to the input inside the convolution
+        // (against the separate activation followed by candle's convolution).
+        for act in [model::InputAct::Identity, model::InputAct::MpSilu] {
+            let x = candle_core::Var::from_tensor(&make("x", &[n, c, h, w])).unwrap();
+            let wt = candle_core::Var::from_tensor(&make("w", &[o, c, k, k])).unwrap();
+            let r = make("r", &[n, o, h, w]);
+            let ours = model::conv2d_same_act(x.as_tensor(), wt.as_tensor(), act).unwrap();
+            let input = match act {
+                model::InputAct::Identity => x.as_tensor().clone(),
+                model::InputAct::MpSilu => model::composed::mp_silu(x.as_tensor()).unwrap(),
+            };
+            let theirs = input.conv2d(wt.as_tensor(), k / 2, 1, 1, 1).unwrap();
+            check(&format!("conv k={k} {act:?} forward"), &ours, &theirs, 1e-6);
+            let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (theirs * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (what, v) in [("input", &x), ("weight", &wt)] {
+                check(
+                    &format!("conv k={k} {act:?} grad {what}"),
+                    g1.get(v.as_tensor()).unwrap(),
+                    g2.get(v.as_tensor()).unwrap(),
+                    1e-5,
+                );
+            }
+            // An input no parameter led to (the network's first layer) gets no gradient; the
+            // weight's is unchanged.
+            let plain = make("x", &[n, c, h, w]);
+            let y = model::conv2d_same_act(&plain, wt.as_tensor(), act).unwrap();
+            let g3 = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(g3.get(&plain).is_none());
             check(
-                &format!("conv k={k} grad {what}"),
-                g1.get(v.as_tensor()).unwrap(),
-                g2.get(v.as_tensor()).unwrap(),
+                &format!("conv k={k} {act:?} grad weight, untracked input"),
+                g3.get(wt.as_tensor()).unwrap(),
+                g2.get(wt.as_tensor()).unwrap(),
                 1e-5,
             );
         }

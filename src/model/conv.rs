@@ -186,19 +186,56 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 /// parallel), then the groups in order.
 const WEIGHT_GRAD_GROUP: usize = 4;
 
-/// The convolution: arguments `x`, `w`; result `y` [N, O, H, W].
-struct Conv {
-    g: Geometry,
+/// A point-wise activation of the convolution's input, applied inside the convolution (per
+/// image, in cache) instead of as an op of its own: the activated tensor is never stored, and
+/// the graph has one node (and one gradient to accumulate) fewer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputAct {
+    /// The input as it is.
+    Identity,
+    /// [`super::mp_silu`] of the input.
+    MpSilu,
 }
 
-/// `∂x` from `∂y` and `w`: arguments `∂y` [N, O, H, W], `w`; result [N, C, H, W].
+impl InputAct {
+    /// Floats of scratch the activated image needs.
+    fn plane(self, g: &Geometry) -> usize {
+        match self {
+            InputAct::Identity => 0,
+            InputAct::MpSilu => g.c * g.hw(),
+        }
+    }
+
+    /// The image `xb` [C, H·W] as the convolution sees it: `xb` itself, or its activation
+    /// written into `plane`.
+    fn apply<'a>(self, xb: &'a [f32], plane: &'a mut [f32]) -> &'a [f32] {
+        match self {
+            InputAct::Identity => xb,
+            InputAct::MpSilu => {
+                kernels::mp_silu_map(plane, xb);
+                plane
+            }
+        }
+    }
+}
+
+/// The convolution of `act(x)`: arguments `x`, `w`; result `y` [N, O, H, W].
+struct Conv {
+    g: Geometry,
+    act: InputAct,
+}
+
+/// `∂x` from `∂y`, `w` and `x` (for the activation's derivative): arguments `∂y` [N, O, H, W],
+/// `w`, `x`; result [N, C, H, W].
 struct ConvGradInput {
     g: Geometry,
+    act: InputAct,
 }
 
 /// `∂W` from `x` and `∂y`: arguments `x`, `∂y`; result [O, C, k, k].
 struct ConvGradWeight {
     g: Geometry,
+    act: InputAct,
 }
 
 impl CustomOp2 for Conv {
@@ -219,16 +256,20 @@ impl CustomOp2 for Conv {
         let (hw, kd) = (g.hw(), g.kdim());
         let wm = View::row_major(w, g.o, kd);
         let mut y = vec![0f32; g.n * g.o * hw];
+        let act = self.act;
+        let (plane, cols) = (act.plane(&g), if g.k == 1 { 0 } else { kd * hw });
         y.par_chunks_mut(g.o * hw).enumerate().for_each(|(b, yb)| {
             let xb = &x[b * g.c * hw..(b + 1) * g.c * hw];
-            if g.k == 1 {
-                sgemm(yb, false, wm, View::row_major(xb, g.c, hw));
-            } else {
-                with_scratch(kd * hw, |cols| {
+            with_scratch(plane + cols, |buf| {
+                let (a, cols) = buf.split_at_mut(plane);
+                let xb = act.apply(xb, a);
+                if g.k == 1 {
+                    sgemm(yb, false, wm, View::row_major(xb, g.c, hw));
+                } else {
                     g.im2col(xb, cols);
                     sgemm(yb, false, wm, View::row_major(cols, kd, hw));
-                });
-            }
+                }
+            });
         });
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.h, g.w))))
     }
@@ -242,19 +283,20 @@ impl CustomOp2 for Conv {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         // No input gradient for an input that no parameter led to (the network's first layer).
+        let (g, act) = (self.g, self.act);
+        let x = x.contiguous()?;
         let gx = if x.track_op() {
-            Some(grad.apply_op2_no_bwd(&w.contiguous()?, &ConvGradInput { g: self.g })?)
+            let op = ConvGradInput { g, act };
+            Some(grad.apply_op3_no_bwd(&w.contiguous()?, &x, &op)?)
         } else {
             None
         };
-        let gw = x
-            .contiguous()?
-            .apply_op2_no_bwd(&grad, &ConvGradWeight { g: self.g })?;
+        let gw = x.apply_op2_no_bwd(&grad, &ConvGradWeight { g, act })?;
         Ok((gx, Some(gw)))
     }
 }
 
-impl CustomOp2 for ConvGradInput {
+impl candle_core::CustomOp3 for ConvGradInput {
     fn name(&self) -> &'static str {
         "hindsight-conv2d-grad-input"
     }
@@ -265,10 +307,23 @@ impl CustomOp2 for ConvGradInput {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.g;
         let gy = slice_f32(s1, l1, "conv2d gradient")?;
         let w = slice_f32(s2, l2, "conv2d weight")?;
+        let x = slice_f32(s3, l3, "conv2d input")?;
+        if x.len() != g.n * g.c * g.hw() || gy.len() != g.n * g.o * g.hw() {
+            candle_core::bail!("conv2d gradient: shapes do not match the geometry {g:?}");
+        }
+        // ∂x_b = act'(x_b) ⊙ ∂(act x)_b, in place after each image's product.
+        let act_grad = |b: usize, gxb: &mut [f32]| {
+            if self.act == InputAct::MpSilu {
+                let xb = &x[b * g.c * g.hw()..(b + 1) * g.c * g.hw()];
+                kernels::mp_silu_backward_in_place(gxb, xb);
+            }
+        };
         let (hw, k) = (g.hw(), g.k);
         let mut gx = vec![0f32; g.n * g.c * hw];
         if k == 1 {
@@ -278,6 +333,7 @@ impl CustomOp2 for ConvGradInput {
                 .for_each(|(b, gxb)| {
                     let gyb = View::row_major(&gy[b * g.o * hw..(b + 1) * g.o * hw], g.o, hw);
                     sgemm(gxb, false, wt, gyb);
+                    act_grad(b, gxb);
                 });
         } else {
             // A stride-1 "same" convolution's input gradient is the same kind of convolution of
@@ -307,6 +363,7 @@ impl CustomOp2 for ConvGradInput {
                         back.im2col(&gy[b * g.o * hw..(b + 1) * g.o * hw], cols);
                         sgemm(gxb, false, wm, View::row_major(cols, kd, hw));
                     });
+                    act_grad(b, gxb);
                 });
         }
         Ok((CpuStorage::F32(gx), Shape::from((g.n, g.c, g.h, g.w))))
@@ -335,6 +392,8 @@ impl CustomOp2 for ConvGradWeight {
         // 1×1 layers with few positions keep the direct form (M = O is the larger side there).
         let group = WEIGHT_GRAD_GROUP;
         let transposed = g.k > 1 || hw >= 128;
+        let act = self.act;
+        let (plane, cols_len) = (act.plane(&g), if g.k == 1 { 0 } else { kd * hw });
         let groups: Vec<Vec<f32>> = (0..g.n.div_ceil(group))
             .into_par_iter()
             .map(|gi| {
@@ -350,14 +409,16 @@ impl CustomOp2 for ConvGradWeight {
                             sgemm(&mut acc, i > 0, gyb, colsb.t());
                         }
                     };
-                    if g.k == 1 {
-                        product(View::row_major(xb, g.c, hw));
-                    } else {
-                        with_scratch(kd * hw, |cols| {
+                    with_scratch(plane + cols_len, |buf| {
+                        let (a, cols) = buf.split_at_mut(plane);
+                        let xb = act.apply(xb, a);
+                        if g.k == 1 {
+                            product(View::row_major(xb, g.c, hw));
+                        } else {
                             g.im2col(xb, cols);
                             product(View::row_major(cols, kd, hw));
-                        });
-                    }
+                        }
+                    });
                 }
                 acc
             })
@@ -392,6 +453,11 @@ impl CustomOp2 for ConvGradWeight {
 /// `conv2d(x, w)` with stride 1 and padding k/2 for an odd square kernel; on devices other
 /// than the CPU (or other dtypes), candle's own convolution.
 pub fn conv2d_same(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    conv2d_same_act(x, w, InputAct::Identity)
+}
+
+/// [`conv2d_same`] of `act(x)`; on the CPU the activation is applied inside the convolution.
+pub fn conv2d_same_act(x: &Tensor, w: &Tensor, act: InputAct) -> Result<Tensor> {
     let (n, c, h, wd) = x.dims4()?;
     let (o, ci, kh, kw) = w.dims4()?;
     if !x.device().is_cpu()
@@ -401,6 +467,10 @@ pub fn conv2d_same(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         || x.dtype() != candle_core::DType::F32
         || w.dtype() != candle_core::DType::F32
     {
+        let x = match act {
+            InputAct::Identity => x.clone(),
+            InputAct::MpSilu => super::mp_silu(x)?,
+        };
         return x.conv2d(w, kh / 2, 1, 1, 1);
     }
     let g = Geometry {
@@ -411,5 +481,5 @@ pub fn conv2d_same(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         o,
         k: kh,
     };
-    x.contiguous()?.apply_op2(&w.contiguous()?, Conv { g })
+    x.contiguous()?.apply_op2(&w.contiguous()?, Conv { g, act })
 }

@@ -94,6 +94,14 @@ pub(super) fn mp_silu_backward(o: &mut [f32], x: &[f32], g: &[f32]) {
     }
 }
 
+/// `o[i] ← o[i] · mp_silu'(x[i])` (the same arithmetic as [`mp_silu_backward`] with `g = o`).
+#[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
+pub(super) fn mp_silu_backward_in_place(o: &mut [f32], x: &[f32]) {
+    for (o, &x) in o.iter_mut().zip(x) {
+        *o *= mp_silu_grad(x);
+    }
+}
+
 /// One plane of the modulated activation: `o[i] = mp_silu(c · y[i])`.
 #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
 pub(super) fn mod_silu_plane(o: &mut [f32], y: &[f32], c: f32) {

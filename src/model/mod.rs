@@ -18,7 +18,7 @@ mod fused;
 mod kernels;
 pub mod parity;
 
-pub use conv::conv2d_same;
+pub use conv::{conv2d_same, conv2d_same_act, InputAct};
 
 pub mod sampler;
 
@@ -419,11 +419,20 @@ impl MpConv {
 
     /// Applies the layer: `x @ wᵀ` for a linear layer, a same-padded convolution otherwise.
     pub fn forward(&self, x: &Tensor, gain: Gain<'_>) -> Result<Tensor> {
+        self.forward_act(x, gain, InputAct::Identity)
+    }
+
+    /// [`Self::forward`] of `act(x)` (for a convolution, the activation runs inside it).
+    pub fn forward_act(&self, x: &Tensor, gain: Gain<'_>, act: InputAct) -> Result<Tensor> {
         let w = self.effective_weight(gain)?;
         if w.rank() == 2 {
+            let x = match act {
+                InputAct::Identity => x.clone(),
+                InputAct::MpSilu => mp_silu(x)?,
+            };
             return x.matmul(&w.t()?);
         }
-        conv2d_same(x, &w)
+        conv2d_same_act(x, &w, act)
     }
 }
 
@@ -510,7 +519,9 @@ impl Block {
             }
             x = normalize(&x, Some(&[1]))?;
         }
-        let y = self.conv_res0.forward(&mp_silu(&x)?, Gain::One)?;
+        let y = self
+            .conv_res0
+            .forward_act(&x, Gain::One, InputAct::MpSilu)?;
         let c = (self.emb_linear.forward(emb, Gain::Param(&self.emb_gain))? + 1.0)?;
         let y = modulated_mp_silu(&y, &c)?;
         let y = self.conv_res1.forward(&y, Gain::One)?;
