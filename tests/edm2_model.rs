@@ -181,6 +181,13 @@ fn gemm_convolution_matches_candles_conv2d_with_gradients() {
         (3, (5, 3, 12, 11), 4), // H·W ≥ 128: weight gradient computed transposed
         (1, (6, 2, 16, 9), 3),
         (3, (2, 2, 2, 1), 3), // a one-pixel-wide image: every shifted entry is padding
+        // C·k ≥ 48: lowered to kernel rows (k products per image) instead of im2col; for the
+        // input gradient that is O·k ≥ 48.
+        (3, (5, 16, 6, 5), 4),
+        (3, (2, 3, 5, 4), 17),
+        (5, (2, 10, 4, 7), 11),
+        (3, (2, 20, 12, 11), 18), // both, with H·W ≥ 128
+        (3, (1, 16, 2, 1), 16),   // kernel rows of a one-pixel-wide image
     ] {
         // Plain, and with EDM2's activation applied to the input inside the convolution
         // (against the separate activation followed by candle's convolution).
@@ -256,7 +263,7 @@ fn convolution_results_do_not_depend_on_the_thread_count() {
             .map(flat)
         })
     };
-    for shape in [[13, 6, 8, 8], [9, 3, 12, 12]] {
+    for shape in [[13, 6, 8, 8], [9, 3, 12, 12], [6, 17, 8, 8]] {
         let one = run(1, shape);
         assert_eq!(
             one,
