@@ -800,19 +800,27 @@ pub fn keep_freed_memory() {
     }
 }
 
-/// Keeps candle's own thread pool for element-wise ops (its "barrier pool": one spinning
-/// worker per core but one, besides rayon's) from competing with the compute pool for the
-/// cores, by setting `CANDLE_NUM_THREADS=1` unless the user set it. The model's heavy work
-/// (convolutions, fused kernels) runs on rayon; what candle still runs itself in a training
-/// step is mostly gradient accumulation (a zero tensor plus an add per graph node), which then
-/// runs on the calling thread. Measured on 2 cores: training step 0.26–0.28 s → 0.25 s; a
-/// lower spin limit for candle's workers instead was slower (they park and are woken per op).
+/// Keeps candle's own thread pool for element-wise ops (its "barrier pool": one worker per
+/// thread but one, each spinning 25 000 rounds after every op, besides rayon's) from taking
+/// the cores from the compute pool: unless the user set `CANDLE_NUM_THREADS`, it is set to a
+/// quarter of the compute threads (`RAYON_NUM_THREADS`, else one per core), at least 1. The
+/// heavy work (convolutions, fused kernels) runs on rayon; what candle still runs itself in a
+/// training step is mostly gradient accumulation (a zero tensor plus an add per graph node).
+/// Measured (BENCHMARKS.md), training step with 2 threads on 2 cores: candle's default 0.27–
+/// 0.33 s, one candle thread 0.25 s, a lower spin limit instead 0.26–0.31 s; with 16 threads
+/// on 16 cores: 16 candle threads 0.19–0.20 s, 4 threads 0.13–0.14 s, 1 thread 0.15–0.16 s.
 /// Call it at the start of `main`, before any thread is spawned (it sets an environment
 /// variable); candle reads it when its pool is first used.
 pub fn leave_cores_to_the_compute_pool() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    if std::env::var_os("CANDLE_NUM_THREADS").is_some() {
+        return;
     }
+    let compute = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    std::env::set_var("CANDLE_NUM_THREADS", (compute / 4).max(1).to_string());
 }
 
 /// Runs `work` with the calling thread's compute on a fresh rayon pool of the configured size
