@@ -1,14 +1,16 @@
-//! Stride-1 "same" convolution on the CPU as one small GEMM per image, with its own backward
-//! pass (candle's CPU convolution backward is a direct loop).
+//! Stride-1 "same" convolution on the CPU as small GEMMs per image, with its own backward pass
+//! (candle's CPU convolution backward is a direct loop).
 //!
 //! Per image `b`: `y_b[O, H·W] = W[O, C·k²] · cols_b[C·k², H·W]`, where `cols_b` is the
-//! image's im2col matrix built in a per-thread scratch buffer that stays in cache for the
-//! product (1×1 kernels use the image itself). The backward pass is, per image,
-//! `∂x_b` = the same convolution of `∂y_b` with the kernel turned by 180° and its channel
-//! axes swapped (one more forward-shaped GEMM), and `∂W = Σ_b ∂y_b · cols_bᵀ`, summed over
-//! fixed groups of images in a fixed order, so results do not depend on the thread count
-//! (bit-identical resumed training relies on that). Images run in parallel on rayon; each
-//! product is single-threaded.
+//! image lowered in a per-thread scratch buffer that stays in cache for the products: its
+//! im2col matrix (one product), or its kernel-row form (k shifted copies of the image, k
+//! products of depth C·k; see [`Geometry::lower`]); 1×1 kernels use the image itself. An
+//! activation of the input ([`InputAct`]) is applied per image on the way in. The backward
+//! pass is, per image, `∂x_b` = the same convolution of `∂y_b` with the kernel turned by 180°
+//! and its channel axes swapped (forward-shaped products again), and `∂W = Σ_b ∂y_b ·
+//! cols_bᵀ`, summed over fixed groups of images in a fixed order, so results do not depend
+//! on the thread count (bit-identical resumed training relies on that). Images run in
+//! parallel on rayon; each product is single-threaded.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -285,8 +287,9 @@ const ROWS_MIN_DEPTH: usize = 48;
 const ROWS_MIN_POSITIONS: usize = 128;
 
 thread_local! {
-    /// Each compute thread's im2col buffer, kept between calls (it grows to the largest
-    /// geometry seen): allocating and zeroing one per task cost more than the copy itself.
+    /// Each compute thread's buffer for a lowered image (and its activation), kept between
+    /// calls (it grows to the largest geometry seen): allocating and zeroing one per task
+    /// cost more than the copy itself.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -508,7 +511,8 @@ impl CustomOp2 for ConvGradWeight {
         let gy = slice_f32(s2, l2, "conv2d gradient")?;
         let (hw, kd) = (g.hw(), g.kdim());
         let g = Geometry { rows: true, ..g };
-        // Per fixed group of images, ∂W_groupᵀ[C·k², O] = Σ_b cols_b · ∂y_bᵀ, computed
+        // Per fixed group of images and per product (kernel row), ∂W_groupᵀ[depth, O] =
+        // Σ_b cols_b · ∂y_bᵀ with cols_b that product's right-hand side, computed
         // transposed: with the deep axis (H·W) contiguous in both inputs `gemm` runs up to 2x
         // faster than ∂y_b · cols_bᵀ (8×8 3×3 layers: 86–119 → 108–146 GFLOP/s on 2 cores).
         // 1×1 layers with few positions keep the direct form (M = O is the larger side there).

@@ -364,7 +364,7 @@ impl MpFourier {
         })
     }
 
-    /// `cos(x ⊗ freqs + phases) · sqrt(2)` for `x` of shape [N].
+    /// `cos(x ⊗ freqs + phases) · sqrt(2)` for `x` of shape \[N\].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let n = x.dim(0)?;
         let y = x
@@ -689,7 +689,7 @@ impl UNet {
         })
     }
 
-    /// `x` [N, C, H, W], `noise_labels` [N], `class_labels` [N, label_dim] (one-hot or soft).
+    /// `x` [N, C, H, W], `noise_labels` \[N\], `class_labels` [N, label_dim] (one-hot or soft).
     pub fn forward(
         &self,
         x: &Tensor,
@@ -752,7 +752,7 @@ impl Precond {
     }
 
     /// The denoised image `D(x; σ)` and the log-variance `u(σ)` (EDM2 eq. 21), for `x`
-    /// [N, C, H, W], `sigma` [N] and optional `class_labels` [N, label_dim].
+    /// [N, C, H, W], `sigma` \[N\] and optional `class_labels` [N, label_dim].
     pub fn forward(
         &self,
         x: &Tensor,
@@ -852,7 +852,7 @@ pub fn default_device() -> Device {
 
 /// EDM2's training loss (`EDM2Loss`, eq. 21 with the learned uncertainty): per element,
 /// `(λ(σ) / e^{u(σ)}) · (D(y + σn; σ) − y)² + u(σ)` with `λ(σ) = (σ² + σ_data²) / (σ·σ_data)²`,
-/// for clean images `y` [N, C, H, W], noise levels `sigma` [N] and unit noise `noise_unit`.
+/// for clean images `y` [N, C, H, W], noise levels `sigma` \[N\] and unit noise `noise_unit`.
 pub fn edm2_loss(
     net: &Precond,
     images: &Tensor,
