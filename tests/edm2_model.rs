@@ -406,6 +406,28 @@ fn fused_cpu_kernels_match_the_composed_definitions_with_gradients() {
             1e-5,
         );
     }
+    // The whole attention step as a block runs it: the qkv convolution's output [N, 3C, H, W]
+    // normalised per head and attended (one fused op), against reshape → composed normalize →
+    // composed attention → reshape; 20 positions, 2 heads of 4 channels.
+    {
+        let v = candle_core::Var::from_tensor(&make("qkv4", &[2, 24, 4, 5], 2.0)).unwrap();
+        let a = model::normalized_attention(v.as_tensor(), 2).unwrap();
+        let t = v.as_tensor().reshape((2, 2, 4, 3, 20)).unwrap();
+        let b = composed::attention(&composed::normalize(&t, &[2]).unwrap())
+            .unwrap()
+            .reshape((2, 8, 4, 5))
+            .unwrap();
+        check("normalized attention forward", &a, &b, 1e-6);
+        let ro = make("rn", &[2, 8, 4, 5], 1.0);
+        let ga = (&a * &ro).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&b * &ro).unwrap().sum_all().unwrap().backward().unwrap();
+        check(
+            "normalized attention gradient",
+            ga.get(v.as_tensor()).unwrap(),
+            gb.get(v.as_tensor()).unwrap(),
+            1e-5,
+        );
+    }
     // 2× resampling both ways (candle's upsampling gradient is a grouped convolution).
     for (mode, out) in [
         (model::Resample::Down, [3, 5, 2, 3]),

@@ -402,6 +402,62 @@ impl Normalize {
     }
 }
 
+/// Per-task buffers of [`Normalize`]'s slice passes (`inner` long each).
+struct NormScratch {
+    n2: Vec<f64>,
+    gx: Vec<f64>,
+    a: Vec<f32>,
+    b: Vec<f32>,
+}
+
+impl Normalize {
+    fn scratch(&self) -> NormScratch {
+        NormScratch {
+            n2: vec![0f64; self.inner],
+            gx: vec![0f64; self.inner],
+            a: vec![0f32; self.inner],
+            b: vec![0f32; self.inner],
+        }
+    }
+
+    /// `y = x / (ε + ‖x‖/√M)` for one `[mid, inner]` slice.
+    fn slice_forward(&self, y: &mut [f32], x: &[f32], sc: &mut NormScratch) {
+        let scale = 1.0 / (self.mid as f64).sqrt();
+        let eps = f64::from(self.eps);
+        kernels::sum_squares(x, &mut sc.n2);
+        for (d, s) in sc.a.iter_mut().zip(sc.n2.iter()) {
+            *d = (1.0 / (eps + s.sqrt() * scale)) as f32;
+        }
+        kernels::scale_rows(y, x, &sc.a);
+    }
+
+    /// The backward pass of one slice: with `n = ‖x‖`, `d = ε + n/√M`,
+    /// `∂x_m = g_m/d − x_m · (Σ_j g_j x_j) / (d² · n · √M)`.
+    fn slice_backward(&self, o: &mut [f32], x: &[f32], g: &[f32], sc: &mut NormScratch) {
+        let root_m = (self.mid as f64).sqrt();
+        let eps = f64::from(self.eps);
+        kernels::sum_squares(x, &mut sc.n2);
+        kernels::sum_products(x, g, &mut sc.gx);
+        // a = 1/d, b = (Σ g·x) / (d²·n·√M) (0 where x is all zeros).
+        for (((a, b), &n2), &gx) in
+            sc.a.iter_mut()
+                .zip(sc.b.iter_mut())
+                .zip(sc.n2.iter())
+                .zip(sc.gx.iter())
+        {
+            let n = n2.sqrt();
+            let inv_d = 1.0 / (eps + n / root_m);
+            *b = if n > 0.0 {
+                (gx * inv_d * inv_d / (n * root_m)) as f32
+            } else {
+                0.0
+            };
+            *a = inv_d as f32;
+        }
+        kernels::normalize_backward_rows(o, x, g, &sc.a, &sc.b);
+    }
+}
+
 impl CustomOp1 for Normalize {
     fn name(&self) -> &'static str {
         "hindsight-normalize"
@@ -410,22 +466,11 @@ impl CustomOp1 for Normalize {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice_f32(storage, layout, "normalize")?;
         self.check(x.len())?;
-        let (mid, inner) = (self.mid, self.inner);
-        let scale = 1.0 / (mid as f64).sqrt();
-        let eps = f64::from(self.eps);
+        let slice = self.mid * self.inner;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(mid * inner)
-            .zip(x.par_chunks(mid * inner))
-            .for_each_init(
-                || (vec![0f64; inner], vec![0f32; inner]),
-                |(s, d), (y, x)| {
-                    kernels::sum_squares(x, s);
-                    for (d, s) in d.iter_mut().zip(s.iter()) {
-                        *d = (1.0 / (eps + s.sqrt() * scale)) as f32;
-                    }
-                    kernels::scale_rows(y, x, d);
-                },
-            );
+        y.par_chunks_mut(slice)
+            .zip(x.par_chunks(slice))
+            .for_each_init(|| self.scratch(), |sc, (y, x)| self.slice_forward(y, x, sc));
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
@@ -442,7 +487,7 @@ impl CustomOp2 for NormalizeGrad {
         "hindsight-normalize-grad"
     }
 
-    /// With `n = ‖x‖`, `d = ε + n/√M`: `∂x_m = g_m/d − x_m · (Σ_j g_j x_j) / (d² · n · √M)`.
+    /// See [`Normalize::slice_backward`].
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -455,39 +500,13 @@ impl CustomOp2 for NormalizeGrad {
         let g = slice_f32(s2, l2, "normalize grad")?;
         p.check(x.len())?;
         p.check(g.len())?;
-        let (mid, inner) = (p.mid, p.inner);
-        let root_m = (mid as f64).sqrt();
-        let eps = f64::from(p.eps);
+        let slice = p.mid * p.inner;
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(mid * inner)
-            .zip(x.par_chunks(mid * inner).zip(g.par_chunks(mid * inner)))
+        out.par_chunks_mut(slice)
+            .zip(x.par_chunks(slice).zip(g.par_chunks(slice)))
             .for_each_init(
-                || {
-                    (
-                        vec![0f64; inner],
-                        vec![0f64; inner],
-                        vec![0f32; inner],
-                        vec![0f32; inner],
-                    )
-                },
-                |(n2, gx, a, b), (o, (x, g))| {
-                    kernels::sum_squares(x, n2);
-                    kernels::sum_products(x, g, gx);
-                    // a = 1/d, b = (Σ g·x) / (d²·n·√M) (0 where x is all zeros).
-                    for (((a, b), &n2), &gx) in
-                        a.iter_mut().zip(b.iter_mut()).zip(n2.iter()).zip(gx.iter())
-                    {
-                        let n = n2.sqrt();
-                        let inv_d = 1.0 / (eps + n / root_m);
-                        *b = if n > 0.0 {
-                            (gx * inv_d * inv_d / (n * root_m)) as f32
-                        } else {
-                            0.0
-                        };
-                        *a = inv_d as f32;
-                    }
-                    kernels::normalize_backward_rows(o, x, g, a, b);
-                },
+                || p.scratch(),
+                |sc, (o, (x, g))| p.slice_backward(o, x, g, sc),
             );
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -810,6 +829,46 @@ impl Attention {
         sgemm(w, false, q.t(), k);
         kernels::softmax_rows(w, self.t, self.scale);
     }
+
+    /// One head: `o` [d, T] from its block `y` [d, 3, T]; `w` is [T, T] scratch.
+    fn block(&self, o: &mut [f32], y: &[f32], w: &mut [f32]) {
+        let [q, k, v] = self.qkv(y);
+        self.weights(q, k, w);
+        sgemm(o, false, v, View::row_major(w, self.t, self.t).t());
+    }
+
+    /// Scratch of [`Self::block_backward`]: W, ∂W and one [d, T] part.
+    fn grad_scratch(&self) -> [Vec<f32>; 3] {
+        let (d, t) = (self.d, self.t);
+        [vec![0f32; t * t], vec![0f32; t * t], vec![0f32; d * t]]
+    }
+
+    /// One head's backward pass: `gy` [d, 3, T] from its block `y` and the output's gradient
+    /// `g` [d, T]. With `G` = ∂O: ∂V = G W, ∂W = Gᵀ V, ∂S = s · W ⊙ (∂W − rowsum(∂W ⊙ W)),
+    /// ∂Q = K ∂Sᵀ, ∂K = Q ∂S.
+    fn block_backward(&self, gy: &mut [f32], y: &[f32], g: &[f32], sc: &mut [Vec<f32>; 3]) {
+        let (d, t) = (self.d, self.t);
+        let [w, dw, part] = sc;
+        let [q, k, v] = self.qkv(y);
+        self.weights(q, k, w);
+        let gv = View::row_major(g, d, t);
+        let wv = View::row_major(w, t, t);
+        // ∂W and then ∂S in place.
+        sgemm(dw, false, gv.t(), v);
+        kernels::softmax_rows_backward(dw, None, w, t, self.scale);
+        let ds = View::row_major(dw, t, t);
+        let mut put = |j: usize, part: &[f32]| {
+            for (c, src) in part.chunks_exact(t).enumerate() {
+                gy[c * 3 * t + j * t..c * 3 * t + (j + 1) * t].copy_from_slice(src);
+            }
+        };
+        sgemm(part, false, k, ds.t());
+        put(0, part);
+        sgemm(part, false, q, ds);
+        put(1, part);
+        sgemm(part, false, gv, wv);
+        put(2, part);
+    }
 }
 
 impl CustomOp1 for Attention {
@@ -824,14 +883,7 @@ impl CustomOp1 for Attention {
         let mut out = vec![0f32; y.len() / 3];
         out.par_chunks_mut(d * t)
             .zip(y.par_chunks(3 * d * t))
-            .for_each_init(
-                || vec![0f32; t * t],
-                |w, (o, y)| {
-                    let [q, k, v] = self.qkv(y);
-                    self.weights(q, k, w);
-                    sgemm(o, false, v, View::row_major(w, t, t).t());
-                },
-            );
+            .for_each_init(|| vec![0f32; t * t], |w, (o, y)| self.block(o, y, w));
         let dims = layout.shape().dims();
         Ok((CpuStorage::F32(out), Shape::from((dims[0], dims[1], d, t))))
     }
@@ -849,8 +901,7 @@ impl CustomOp2 for AttentionGrad {
         "hindsight-attention-grad"
     }
 
-    /// With `G` = ∂O: ∂V = G W, ∂W = Gᵀ V, ∂S = s · W ⊙ (∂W − rowsum(∂W ⊙ W)),
-    /// ∂Q = K ∂Sᵀ, ∂K = Q ∂S.
+    /// See [`Attention::block_backward`].
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -874,27 +925,123 @@ impl CustomOp2 for AttentionGrad {
         gy.par_chunks_mut(3 * d * t)
             .zip(y.par_chunks(3 * d * t).zip(g.par_chunks(d * t)))
             .for_each_init(
-                || (vec![0f32; t * t], vec![0f32; t * t], vec![0f32; d * t]),
-                |(w, dw, part), (gy, (y, g))| {
-                    let [q, k, v] = a.qkv(y);
-                    a.weights(q, k, w);
-                    let gv = View::row_major(g, d, t);
-                    let wv = View::row_major(w, t, t);
-                    // ∂W and then ∂S in place.
-                    sgemm(dw, false, gv.t(), v);
-                    kernels::softmax_rows_backward(dw, None, w, t, a.scale);
-                    let ds = View::row_major(dw, t, t);
-                    let mut put = |j: usize, part: &[f32]| {
-                        for (c, src) in part.chunks_exact(t).enumerate() {
-                            gy[c * 3 * t + j * t..c * 3 * t + (j + 1) * t].copy_from_slice(src);
-                        }
-                    };
-                    sgemm(part, false, k, ds.t());
-                    put(0, part);
-                    sgemm(part, false, q, ds);
-                    put(1, part);
-                    sgemm(part, false, gv, wv);
-                    put(2, part);
+                || a.grad_scratch(),
+                |sc, (gy, (y, g))| a.block_backward(gy, y, g, sc),
+            );
+        Ok((CpuStorage::F32(gy), l1.shape().clone()))
+    }
+}
+
+/// EDM2's attention from the `qkv` convolution's output `y` [N, 3C, H, W] to [N, C, H, W]:
+/// per image and head, the block [d, 3, T] (`d = C / heads`, `T = H·W`) normalised over `d`,
+/// then [`Attention`]. One graph node with its own backward (recomputing the normalised block
+/// and the weights) where the composed form has a reshape, the normalisation, the attention
+/// core and a reshape back — four nodes, each with its gradient to accumulate.
+#[derive(Clone, Copy)]
+pub struct AttentionNorm {
+    /// The core.
+    pub attention: Attention,
+    /// ε of the normalisation.
+    pub eps: f32,
+}
+
+struct AttentionNormGrad(AttentionNorm);
+
+impl AttentionNorm {
+    fn norm(&self) -> Normalize {
+        let a = self.attention;
+        Normalize {
+            outer: 1,
+            mid: a.d,
+            inner: 3 * a.t,
+            eps: self.eps,
+        }
+    }
+
+    /// Output channels C, checked against `layout` [N, 3C, H, W].
+    fn check(&self, layout: &Layout) -> Result<(usize, usize, usize, usize)> {
+        let (n, c3, h, w) = layout.shape().dims4()?;
+        let a = self.attention;
+        if h * w != a.t || c3 % (3 * a.d) != 0 {
+            candle_core::bail!(
+                "attention: [N, 3C, H, W] with H·W = {} and C a multiple of {}, got {:?}",
+                a.t,
+                a.d,
+                layout.shape()
+            );
+        }
+        Ok((n, c3 / 3, h, w))
+    }
+}
+
+impl CustomOp1 for AttentionNorm {
+    fn name(&self) -> &'static str {
+        "hindsight-attention-norm"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = slice_f32(storage, layout, "attention")?;
+        let (n, c, h, w) = self.check(layout)?;
+        let (a, norm) = (self.attention, self.norm());
+        let (d, t) = (a.d, a.t);
+        let mut out = vec![0f32; y.len() / 3];
+        out.par_chunks_mut(d * t)
+            .zip(y.par_chunks(3 * d * t))
+            .for_each_init(
+                || (vec![0f32; t * t], vec![0f32; 3 * d * t], norm.scratch()),
+                |(wts, yn, sc), (o, y)| {
+                    norm.slice_forward(yn, y, sc);
+                    a.block(o, yn, wts);
+                },
+            );
+        Ok((CpuStorage::F32(out), Shape::from((n, c, h, w))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(arg.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &AttentionNormGrad(*self),
+        )?))
+    }
+}
+
+impl CustomOp2 for AttentionNormGrad {
+    fn name(&self) -> &'static str {
+        "hindsight-attention-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let p = self.0;
+        let y = slice_f32(s1, l1, "attention")?;
+        let g = slice_f32(s2, l2, "attention gradient")?;
+        p.check(l1)?;
+        let (a, norm) = (p.attention, p.norm());
+        let (d, t) = (a.d, a.t);
+        if g.len() * 3 != y.len() {
+            candle_core::bail!(
+                "attention gradient: {} values for {} inputs",
+                g.len(),
+                y.len()
+            );
+        }
+        let mut gy = vec![0f32; y.len()];
+        gy.par_chunks_mut(3 * d * t)
+            .zip(y.par_chunks(3 * d * t).zip(g.par_chunks(d * t)))
+            .for_each_init(
+                || {
+                    let blocks = (vec![0f32; 3 * d * t], vec![0f32; 3 * d * t]);
+                    (blocks, a.grad_scratch(), norm.scratch())
+                },
+                |((yn, gyn), asc, nsc), (gy, (y, g))| {
+                    norm.slice_forward(yn, y, nsc);
+                    a.block_backward(gyn, yn, g, asc);
+                    norm.slice_backward(gy, y, gyn, nsc);
                 },
             );
         Ok((CpuStorage::F32(gy), l1.shape().clone()))

@@ -339,6 +339,31 @@ pub fn attention(y: &Tensor) -> Result<Tensor> {
     composed::attention(y)
 }
 
+/// EDM2's self-attention between the `qkv` and `proj` convolutions: `y` [N, 3C, H, W] viewed
+/// as [N, heads, C / heads, 3, H·W], normalised over the channels of each head, then
+/// [`attention`], giving [N, C, H, W] (one fused op on the CPU).
+pub fn normalized_attention(y: &Tensor, heads: usize) -> Result<Tensor> {
+    let (n, c3, h, w) = y.dims4()?;
+    let c = c3 / 3;
+    if heads == 0 || c3 % (3 * heads) != 0 {
+        candle_core::bail!("attention: {c3} qkv channels for {heads} heads");
+    }
+    if fused::applies(y) {
+        let d = c / heads;
+        let op = fused::AttentionNorm {
+            attention: fused::Attention {
+                d,
+                t: h * w,
+                scale: (1.0 / (d as f64).sqrt()) as f32,
+            },
+            eps: NORM_EPS as f32,
+        };
+        return y.contiguous()?.apply_op1(op);
+    }
+    let y = y.reshape((n, heads, c / heads, 3, h * w))?;
+    attention(&normalize(&y, Some(&[2]))?)?.reshape((n, c, h, w))
+}
+
 /// Softmax over the last dimension (with its backward pass; candle-nn's has none).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     if fused::applies(x) {
@@ -535,12 +560,8 @@ impl Block {
             return mp_sum_clip(&x, &y, self.res_balance, Some(self.clip_act));
         };
         let x = mp_sum(&x, &y, self.res_balance)?;
-        let (n, c, h, w) = x.dims4()?;
-        let heads = self.num_heads;
-        let y = qkv.forward(&x, Gain::One)?;
-        let y = y.reshape((n, heads, c / heads, 3, h * w))?;
-        let y = attention(&normalize(&y, Some(&[2]))?)?;
-        let y = proj.forward(&y.reshape((n, c, h, w))?, Gain::One)?;
+        let y = normalized_attention(&qkv.forward(&x, Gain::One)?, self.num_heads)?;
+        let y = proj.forward(&y, Gain::One)?;
         mp_sum_clip(&x, &y, self.attn_balance, Some(self.clip_act))
     }
 }
