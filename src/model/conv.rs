@@ -329,6 +329,14 @@ impl InputAct {
         }
     }
 
+    /// `act(x)` as a tensor of its own (where the convolution does not apply it itself).
+    pub fn apply_to(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            InputAct::Identity => Ok(x.clone()),
+            InputAct::MpSilu => super::mp_silu(x),
+        }
+    }
+
     /// The image `xb` [C, H·W] as the convolution sees it: `xb` itself, or its activation
     /// written into `plane`.
     fn apply<'a>(self, xb: &'a [f32], plane: &'a mut [f32]) -> &'a [f32] {
@@ -599,11 +607,7 @@ pub fn conv2d_same_act(x: &Tensor, w: &Tensor, act: InputAct) -> Result<Tensor> 
         || x.dtype() != candle_core::DType::F32
         || w.dtype() != candle_core::DType::F32
     {
-        let x = match act {
-            InputAct::Identity => x.clone(),
-            InputAct::MpSilu => super::mp_silu(x)?,
-        };
-        return x.conv2d(w, kh / 2, 1, 1, 1);
+        return act.apply_to(x)?.conv2d(w, kh / 2, 1, 1, 1);
     }
     let g = Geometry {
         n,

@@ -32,6 +32,16 @@ pub(super) fn slice_f32<'a>(
     }
 }
 
+/// Splits the flat result of an op that computes two gradients in one sweep, `[∂a, ∂b]`, into
+/// tensors of `a`'s and `b`'s shapes: views of it, no copy.
+fn split_pair(both: &Tensor, a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (na, nb) = (a.elem_count(), b.elem_count());
+    Ok((
+        both.narrow(0, 0, na)?.reshape(a.shape())?,
+        both.narrow(0, na, nb)?.reshape(b.shape())?,
+    ))
+}
+
 /// Whether the fused kernels apply: a contiguous f32 tensor on the CPU.
 pub fn applies(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32
@@ -208,9 +218,7 @@ impl CustomOp2 for LinComb {
         if self.clip.is_some() {
             let op = LinCombClipGrad(LinComb { ..*self });
             let both = grad.apply_op3_no_bwd(&a.contiguous()?, &b.contiguous()?, &op)?;
-            let n = grad.elem_count();
-            let ga = both.narrow(0, 0, n)?.reshape(a.shape())?;
-            let gb = both.narrow(0, n, n)?.reshape(b.shape())?;
+            let (ga, gb) = split_pair(&both, a, b)?;
             return Ok((Some(ga), Some(gb)));
         }
         let channels = grad.dims().get(1).copied().unwrap_or(1);
@@ -655,9 +663,7 @@ impl CustomOp2 for ModSilu {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let both = y.apply_op3_no_bwd(c, &grad, &ModSiluGrad)?;
-        let (ny, nc) = (y.elem_count(), c.elem_count());
-        let gy = both.narrow(0, 0, ny)?.reshape(y.shape())?;
-        let gc = both.narrow(0, ny, nc)?.reshape(c.shape())?;
+        let (gy, gc) = split_pair(&both, y, c)?;
         Ok((Some(gy), Some(gc)))
     }
 }
@@ -837,6 +843,33 @@ impl Attention {
         sgemm(o, false, v, View::row_major(w, self.t, self.t).t());
     }
 
+    /// A backward pass head by head, in parallel: the input `y` (blocks [d, 3, T]) and the
+    /// output's gradient `g` (blocks [d, T]) checked against each other, and `f(scratch, gy, y,
+    /// g)` run per block with a scratch from `init` per task; returns the input's gradient.
+    fn heads_backward<S>(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        init: impl Fn() -> S + Sync + Send,
+        f: impl Fn(&mut S, &mut [f32], &[f32], &[f32]) + Sync + Send,
+    ) -> Result<Vec<f32>> {
+        let y = slice_f32(s1, l1, "attention")?;
+        let g = slice_f32(s2, l2, "attention gradient")?;
+        let (d, t) = (self.d, self.t);
+        if g.len() * 3 != y.len() {
+            candle_core::bail!(
+                "attention gradient: {} values for {} inputs",
+                g.len(),
+                y.len()
+            );
+        }
+        let mut gy = vec![0f32; y.len()];
+        gy.par_chunks_mut(3 * d * t)
+            .zip(y.par_chunks(3 * d * t).zip(g.par_chunks(d * t)))
+            .for_each_init(init, |sc, (gy, (y, g))| f(sc, gy, y, g));
+        Ok(gy)
+    }
+
     /// Scratch of [`Self::block_backward`]: W, ∂W and one [d, T] part.
     fn grad_scratch(&self) -> [Vec<f32>; 3] {
         let (d, t) = (self.d, self.t);
@@ -910,24 +943,13 @@ impl CustomOp2 for AttentionGrad {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let a = self.0;
-        let y = slice_f32(s1, l1, "attention")?;
-        let g = slice_f32(s2, l2, "attention gradient")?;
         a.check(l1)?;
-        let (d, t) = (a.d, a.t);
-        if g.len() * 3 != y.len() {
-            candle_core::bail!(
-                "attention gradient: {} values for {} inputs",
-                g.len(),
-                y.len()
-            );
-        }
-        let mut gy = vec![0f32; y.len()];
-        gy.par_chunks_mut(3 * d * t)
-            .zip(y.par_chunks(3 * d * t).zip(g.par_chunks(d * t)))
-            .for_each_init(
-                || a.grad_scratch(),
-                |sc, (gy, (y, g))| a.block_backward(gy, y, g, sc),
-            );
+        let gy = a.heads_backward(
+            (s1, l1),
+            (s2, l2),
+            || a.grad_scratch(),
+            |sc, gy, y, g| a.block_backward(gy, y, g, sc),
+        )?;
         Ok((CpuStorage::F32(gy), l1.shape().clone()))
     }
 }
@@ -1018,32 +1040,22 @@ impl CustomOp2 for AttentionNormGrad {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let p = self.0;
-        let y = slice_f32(s1, l1, "attention")?;
-        let g = slice_f32(s2, l2, "attention gradient")?;
         p.check(l1)?;
         let (a, norm) = (p.attention, p.norm());
-        let (d, t) = (a.d, a.t);
-        if g.len() * 3 != y.len() {
-            candle_core::bail!(
-                "attention gradient: {} values for {} inputs",
-                g.len(),
-                y.len()
-            );
-        }
-        let mut gy = vec![0f32; y.len()];
-        gy.par_chunks_mut(3 * d * t)
-            .zip(y.par_chunks(3 * d * t).zip(g.par_chunks(d * t)))
-            .for_each_init(
-                || {
-                    let blocks = (vec![0f32; 3 * d * t], vec![0f32; 3 * d * t]);
-                    (blocks, a.grad_scratch(), norm.scratch())
-                },
-                |((yn, gyn), asc, nsc), (gy, (y, g))| {
-                    norm.slice_forward(yn, y, nsc);
-                    a.block_backward(gyn, yn, g, asc);
-                    norm.slice_backward(gy, y, gyn, nsc);
-                },
-            );
+        let block = 3 * a.d * a.t;
+        let gy = a.heads_backward(
+            (s1, l1),
+            (s2, l2),
+            || {
+                let blocks = (vec![0f32; block], vec![0f32; block]);
+                (blocks, a.grad_scratch(), norm.scratch())
+            },
+            |((yn, gyn), asc, nsc), gy, y, g| {
+                norm.slice_forward(yn, y, nsc);
+                a.block_backward(gyn, yn, g, asc);
+                norm.slice_backward(gy, y, gyn, nsc);
+            },
+        )?;
         Ok((CpuStorage::F32(gy), l1.shape().clone()))
     }
 }

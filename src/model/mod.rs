@@ -451,11 +451,7 @@ impl MpConv {
     pub fn forward_act(&self, x: &Tensor, gain: Gain<'_>, act: InputAct) -> Result<Tensor> {
         let w = self.effective_weight(gain)?;
         if w.rank() == 2 {
-            let x = match act {
-                InputAct::Identity => x.clone(),
-                InputAct::MpSilu => mp_silu(x)?,
-            };
-            return x.matmul(&w.t()?);
+            return act.apply_to(x)?.matmul(&w.t()?);
         }
         conv2d_same_act(x, &w, act)
     }
