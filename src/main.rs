@@ -301,6 +301,20 @@ enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Time each 3×3 convolution shape of the `bench train` network (forward, and forward with
+    /// both gradients) on the CPU with the direct GEMM path and with Winograd's F(2×2, 3×3),
+    /// side by side in one run.
+    Conv {
+        /// Images per batch.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Timed repetitions per layer, algorithm and round.
+        #[arg(long, default_value_t = 15)]
+        iterations: usize,
+        /// Rounds, alternating which algorithm goes first; medians over all.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+    },
     /// Check the EDM2 network on the device this binary computes on (CUDA when built with
     /// the `cuda` feature and a GPU is present) against the reference fixture: forward pass,
     /// sampler, forced weight normalisation, loss and every gradient. Exits 1 when any is
@@ -609,6 +623,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rounds,
         }) => hindsight::model::on_compute_pool(|| {
             train_command::bench_train(batch, iterations, peer_python.as_deref(), rounds)
+        }),
+        Command::Bench(BenchCommand::Conv {
+            batch,
+            iterations,
+            rounds,
+        }) => hindsight::model::on_compute_pool(|| {
+            train_command::bench_conv(batch, iterations, rounds)
         }),
         Command::Bench(BenchCommand::Parity {
             fixture,

@@ -406,6 +406,101 @@ pub fn train(data_dir: &Path, mut args: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `hindsight bench conv`: each 3×3 convolution shape of the `bench train` network (input
+/// channels, output channels, resolution), timed on the CPU with the direct GEMM path and with
+/// Winograd's F(2×2, 3×3): the forward pass alone, and the forward pass with both gradients.
+pub fn bench_conv(batch: usize, iterations: usize, rounds: usize) -> anyhow::Result<()> {
+    use hindsight::model::{conv2d_same, set_winograd, winograd_applies, winograd_enabled};
+    anyhow::ensure!(
+        batch > 0 && iterations > 0 && rounds > 0,
+        "--batch, --iterations and --rounds must be positive"
+    );
+    hindsight::model::keep_freed_memory();
+    let initial = winograd_enabled();
+    let device = Device::Cpu;
+    let layers: [(usize, usize, usize); 10] = [
+        (4, 32, 16),
+        (32, 32, 16),
+        (32, 32, 8),
+        (64, 64, 8),
+        (128, 64, 8),
+        (96, 64, 8),
+        (64, 64, 16),
+        (96, 32, 16),
+        (64, 32, 16),
+        (32, 3, 16),
+    ];
+    println!(
+        "3x3 convolutions of the bench network, batch {batch}, {} threads; medians of \
+         {iterations} x {rounds} rounds (alternating which algorithm goes first)",
+        rayon::current_num_threads()
+    );
+    println!(
+        "  {:<20} {:>11} {:>11} {:>6}   {:>12} {:>12} {:>6}",
+        "C -> O, HxW", "fwd direct", "Winograd", "ratio", "f+b direct", "Winograd", "ratio"
+    );
+    let (mut total_f, mut total_b) = ([0.0f64; 2], [0.0f64; 2]);
+    for (c, o, h) in layers {
+        let x =
+            candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (batch, c, h, h), &device)?)?;
+        let w = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (o, c, 3, 3), &device)?)?;
+        let r = Tensor::randn(0f32, 1.0, (batch, o, h, h), &device)?;
+        let (xt, wt) = (x.as_tensor().detach(), w.as_tensor().detach());
+        let mut times: [[Vec<f64>; 2]; 2] = Default::default(); // [algorithm][fwd, fwd+bwd]
+        for round in 0..rounds {
+            for k in 0..2 {
+                let winograd = (k + round) % 2 == 1;
+                set_winograd(winograd);
+                let a = usize::from(winograd);
+                for i in 0..=iterations {
+                    let t = Instant::now();
+                    conv2d_same(&xt, &wt)?;
+                    let f = t.elapsed().as_secs_f64();
+                    let t = Instant::now();
+                    let g = (conv2d_same(x.as_tensor(), w.as_tensor())? * &r)?
+                        .sum_all()?
+                        .backward()?;
+                    anyhow::ensure!(g.get(w.as_tensor()).is_some(), "no weight gradient");
+                    let b = t.elapsed().as_secs_f64();
+                    if i > 0 {
+                        times[a][0].push(f);
+                        times[a][1].push(b);
+                    }
+                }
+            }
+        }
+        let [[fd, bd], [fw, bw]] = times.map(|t| t.map(median));
+        for (a, (f, b)) in [(fd, bd), (fw, bw)].into_iter().enumerate() {
+            total_f[a] += f;
+            total_b[a] += b;
+        }
+        let applies = winograd_applies(3, c, o, h, h);
+        println!(
+            "  {:<20} {:>8.3} ms {:>8.3} ms {:>5.2}x   {:>9.3} ms {:>9.3} ms {:>5.2}x{}",
+            format!("{c} -> {o}, {h}x{h}"),
+            fd * 1e3,
+            fw * 1e3,
+            fw / fd,
+            bd * 1e3,
+            bw * 1e3,
+            bw / bd,
+            if applies { "" } else { "  (direct either way)" }
+        );
+    }
+    println!(
+        "  {:<20} {:>8.3} ms {:>8.3} ms {:>5.2}x   {:>9.3} ms {:>9.3} ms {:>5.2}x",
+        "total",
+        total_f[0] * 1e3,
+        total_f[1] * 1e3,
+        total_f[1] / total_f[0],
+        total_b[0] * 1e3,
+        total_b[1] * 1e3,
+        total_b[1] / total_b[0]
+    );
+    set_winograd(initial);
+    Ok(())
+}
+
 /// `hindsight bench train`: seconds per forward pass and per training step of the EDM2 network
 /// in the configuration of the reference fixture (16×16, 3 channels, 10 classes,
 /// model_channels 32, channel_mult [1, 2], 1 block, attention at 8×8).
@@ -463,8 +558,16 @@ pub fn bench_train(
         step.remove(0);
         Ok((median(forward), median(step)))
     };
+    let convolutions = if !device.is_cpu() {
+        "candle's"
+    } else if hindsight::model::winograd_enabled() {
+        "Winograd F(2x2,3x3) where it applies"
+    } else {
+        "direct (HINDSIGHT_CONV=direct)"
+    };
     println!(
-        "EDM2 16x16 mc32 [1,2] 1 block attn 8x8, batch {batch}, {threads} threads, device {device:?}"
+        "EDM2 16x16 mc32 [1,2] 1 block attn 8x8, batch {batch}, {threads} threads, device \
+         {device:?}, convolutions {convolutions}"
     );
     let Some(python) = peer_python else {
         let (forward, step) = ours()?;
@@ -577,7 +680,7 @@ pub fn bench_parity(
     );
     for c in &results {
         println!(
-            "  {:<4} {:<64} {:.2e}  (tolerance {:.0e})",
+            "  {:<4} {:<72} {:.2e}  (tolerance {:.0e})",
             if c.ok() { "ok" } else { "FAIL" },
             c.what,
             c.error,

@@ -203,3 +203,34 @@ fn a_resumed_run_continues_exactly_as_an_uninterrupted_one() {
         "bit-identical snapshots after resuming"
     );
 }
+
+#[test]
+fn bench_parity_and_bench_conv_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Every fixture comparison within tolerance (exit 0), including the float64 reference run.
+    let out = hindsight(&data, &["bench", "parity"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("grad/* vs float64, ours"), "{text}");
+    assert!(text.contains("grad/* vs float64, the fixture's"), "{text}");
+    assert!(!text.contains("FAIL"), "{text}");
+    // Both convolution algorithms, each 3×3 shape of the bench network, and the totals.
+    let out = hindsight(
+        &data,
+        &[
+            "bench",
+            "conv",
+            "--batch",
+            "2",
+            "--iterations",
+            "1",
+            "--rounds",
+            "1",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<&str> = text.lines().filter(|l| l.contains(" ms ")).collect();
+    assert_eq!(rows.len(), 11, "{text}");
+    assert!(rows[0].contains("(direct either way)") && rows[1].contains("32 -> 32, 16x16"));
+    assert!(rows[10].trim_start().starts_with("total"), "{text}");
+}

@@ -136,6 +136,22 @@ fn network_loss_gradients_and_sampler_match_the_reference() {
         assert!(results.iter().any(|c| c.what == key), "{key} not compared");
     }
     assert!(results.iter().any(|c| c.what.starts_with("grad/* of ")));
+    // Against the same network in float64: our float32 gradients (fused kernels, Winograd
+    // convolutions) stay as close to the exact ones as the reference's own float32 run does
+    // (measured: 1.5e-5 and 2.6e-5 at worst), not just close to that run.
+    let vs_f64 = |whose: &str| {
+        let prefix = format!("grad/* vs float64, {whose} ");
+        results
+            .iter()
+            .find(|c| c.what.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("{prefix} not compared"))
+            .error
+    };
+    let (ours, reference) = (vs_f64("ours"), vs_f64("the fixture's"));
+    assert!(
+        ours <= 1.5 * reference,
+        "float32 gradients {ours:e} from float64, the reference's own {reference:e}"
+    );
     // EDM2's default schedule:
     let t = model::sampler::SamplerConfig::default().noise_levels();
     assert_eq!(t.len(), 33);
@@ -188,6 +204,12 @@ fn gemm_convolution_matches_candles_conv2d_with_gradients() {
         (5, (2, 10, 4, 7), 11),
         (3, (2, 20, 12, 11), 18), // both, with H·W ≥ 128
         (3, (1, 16, 2, 1), 16),   // kernel rows of a one-pixel-wide image
+        // Even H and W, C and O ≥ 16: Winograd F(2×2, 3×3) for all three products.
+        (3, (5, 16, 8, 6), 17),
+        (3, (3, 24, 2, 4), 16),   // one tile row
+        (3, (11, 16, 4, 4), 16),  // fewer images than one chunk's worth of tiles
+        (3, (9, 17, 16, 16), 19), // the last chunk short of images
+        (3, (2, 16, 6, 5), 16),   // odd W: not Winograd
     ] {
         // Plain, and with EDM2's activation applied to the input inside the convolution
         // (against the separate activation followed by candle's convolution).
@@ -240,16 +262,16 @@ fn convolution_results_do_not_depend_on_the_thread_count() {
         let n = shape.iter().product();
         Tensor::from_vec(formula::values(name, n, Kind::Sym, 1.0, 0.0), shape, &dev).unwrap()
     };
-    let run = |threads: usize, [n, c, h, w]: [usize; 4]| {
+    let run = |threads: usize, [n, c, h, w]: [usize; 4], o: usize| {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
             .unwrap();
         pool.install(|| {
             let x = candle_core::Var::from_tensor(&make("x", &[n, c, h, w])).unwrap();
-            let wt = candle_core::Var::from_tensor(&make("w", &[7, c, 3, 3])).unwrap();
+            let wt = candle_core::Var::from_tensor(&make("w", &[o, c, 3, 3])).unwrap();
             let y = model::conv2d_same(x.as_tensor(), wt.as_tensor()).unwrap();
-            let g = (&y * make("r", &[n, 7, h, w]))
+            let g = (&y * make("r", &[n, o, h, w]))
                 .unwrap()
                 .sum_all()
                 .unwrap()
@@ -263,11 +285,19 @@ fn convolution_results_do_not_depend_on_the_thread_count() {
             .map(flat)
         })
     };
-    for shape in [[13, 6, 8, 8], [9, 3, 12, 12], [6, 17, 8, 8]] {
-        let one = run(1, shape);
+    for (shape, o) in [
+        ([13, 6, 8, 8], 7),
+        ([9, 3, 12, 12], 7),
+        ([6, 17, 8, 8], 7),
+        // Winograd: chunks of 8 images at 8×8; 20 chunks of 2 at 16×16, summed in groups of 2
+        // for the weight gradient.
+        ([13, 16, 8, 8], 16),
+        ([40, 16, 16, 16], 17),
+    ] {
+        let one = run(1, shape, o);
         assert_eq!(
             one,
-            run(3, shape),
+            run(3, shape, o),
             "{shape:?}, 1 vs 3 threads: bit-identical output and gradients"
         );
     }

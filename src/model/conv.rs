@@ -11,12 +11,19 @@
 //! cols_bᵀ`, summed over fixed groups of images in a fixed order, so results do not depend
 //! on the thread count (bit-identical resumed training relies on that). Images run in
 //! parallel on rayon; each product is single-threaded.
+//!
+//! 3×3 layers with even H and W and at least 16 input and output channels take Winograd's
+//! F(2×2, 3×3) instead, for all three products ([`super::winograd`]; 2.25× fewer
+//! multiplications), unless `HINDSIGHT_CONV=direct` ([`winograd_enabled`]).
+
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::fused::slice_f32;
 use super::kernels;
+use super::winograd::Winograd;
 
 /// A row-major or strided f32 matrix view: element (i, j) is `data[i·rs + j·cs]`.
 #[derive(Clone, Copy)]
@@ -114,6 +121,20 @@ struct Geometry {
 impl Geometry {
     fn hw(&self) -> usize {
         self.h * self.w
+    }
+
+    /// The Winograd form of this convolution, where it takes that path (see
+    /// [`Winograd::applies`] and [`winograd_enabled`]).
+    fn winograd(&self) -> Option<Winograd> {
+        (winograd_enabled() && Winograd::applies(self.k, self.c, self.o, self.h, self.w)).then_some(
+            Winograd {
+                n: self.n,
+                c: self.c,
+                o: self.o,
+                h: self.h,
+                w: self.w,
+            },
+        )
     }
 
     /// Rows of an im2col matrix: C·k².
@@ -276,6 +297,55 @@ impl Geometry {
     }
 }
 
+/// Whether 3×3 convolutions may use Winograd's F(2×2, 3×3) ([`super::winograd`]): yes unless
+/// the environment variable `HINDSIGHT_CONV` is `direct` (read on first use), which keeps
+/// every convolution on the direct GEMM path — for comparisons, or to reproduce the rounding
+/// of runs made before Winograd was added; [`set_winograd`] overrides it.
+pub fn winograd_enabled() -> bool {
+    match WINOGRAD.load(Ordering::Relaxed) {
+        ON => true,
+        OFF => false,
+        _ => {
+            let on = match std::env::var("HINDSIGHT_CONV").as_deref() {
+                Ok("direct") => false,
+                Ok("winograd") | Err(_) => true,
+                Ok(other) => {
+                    tracing::warn!(
+                        "HINDSIGHT_CONV={other:?} is neither \"winograd\" nor \"direct\"; \
+                         using winograd"
+                    );
+                    true
+                }
+            };
+            // A concurrent `set_winograd` wins over the environment.
+            let _ = WINOGRAD.compare_exchange(
+                UNSET,
+                if on { ON } else { OFF },
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            WINOGRAD.load(Ordering::Relaxed) == ON
+        }
+    }
+}
+
+/// Whether a stride-1 "same" convolution of `c` input and `o` output channels, k×k kernel and
+/// H×W images takes the Winograd path when it is enabled: k = 3, H and W even, C and O ≥ 16.
+pub fn winograd_applies(k: usize, c: usize, o: usize, h: usize, w: usize) -> bool {
+    Winograd::applies(k, c, o, h, w)
+}
+
+/// Turns the Winograd path on or off for the whole process (`hindsight bench conv` times
+/// both in one run).
+pub fn set_winograd(enabled: bool) {
+    WINOGRAD.store(if enabled { ON } else { OFF }, Ordering::Relaxed);
+}
+
+const UNSET: u8 = 0;
+const ON: u8 = 1;
+const OFF: u8 = 2;
+static WINOGRAD: AtomicU8 = AtomicU8::new(UNSET);
+
 /// Least depth C·k of the kernel-row products (below it, im2col's one deeper product wins).
 const ROWS_MIN_DEPTH: usize = 48;
 
@@ -295,7 +365,7 @@ thread_local! {
 
 /// Runs `f` with this thread's scratch buffer of `len` floats (contents unspecified). `f` must
 /// not call back into anything that uses the scratch buffer (it runs no parallel work).
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+pub(super) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     SCRATCH.with(|cell| {
         let mut buf = cell.borrow_mut();
         if buf.len() < len {
@@ -323,9 +393,14 @@ pub enum InputAct {
 impl InputAct {
     /// Floats of scratch the activated image needs.
     fn plane(self, g: &Geometry) -> usize {
+        self.plane_len(g.c * g.hw())
+    }
+
+    /// Floats of scratch the activation of an image of `len` floats needs.
+    pub(super) fn plane_len(self, len: usize) -> usize {
         match self {
             InputAct::Identity => 0,
-            InputAct::MpSilu => g.c * g.hw(),
+            InputAct::MpSilu => len,
         }
     }
 
@@ -339,7 +414,7 @@ impl InputAct {
 
     /// The image `xb` [C, H·W] as the convolution sees it: `xb` itself, or its activation
     /// written into `plane`.
-    fn apply<'a>(self, xb: &'a [f32], plane: &'a mut [f32]) -> &'a [f32] {
+    pub(super) fn apply<'a>(self, xb: &'a [f32], plane: &'a mut [f32]) -> &'a [f32] {
         match self {
             InputAct::Identity => xb,
             InputAct::MpSilu => {
@@ -385,13 +460,17 @@ impl CustomOp2 for Conv {
         let x = slice_f32(s1, l1, "conv2d input")?;
         let w = slice_f32(s2, l2, "conv2d weight")?;
         let hw = g.hw();
+        let mut y = vec![0f32; g.n * g.o * hw];
+        let act = self.act;
+        if let Some(wg) = g.winograd() {
+            wg.forward(&mut y, x, &wg.transform_weights(w), act);
+            return Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.h, g.w))));
+        }
         let g = Geometry {
             rows: hw >= ROWS_MIN_POSITIONS,
             ..g
         };
         let wparts = g.weight_parts(w);
-        let mut y = vec![0f32; g.n * g.o * hw];
-        let act = self.act;
         let (plane, lowered) = (act.plane(&g), g.lowered_len());
         y.par_chunks_mut(g.o * hw).enumerate().for_each(|(b, yb)| {
             let xb = &x[b * g.c * hw..(b + 1) * g.c * hw];
@@ -486,6 +565,20 @@ impl candle_core::CustomOp3 for ConvGradInput {
                 rows: hw >= ROWS_MIN_POSITIONS,
                 ..g
             };
+            if let Some(wg) = back.winograd() {
+                wg.forward(
+                    &mut gx,
+                    gy,
+                    &wg.transform_weights(&flipped),
+                    InputAct::Identity,
+                );
+                if self.act != InputAct::Identity {
+                    gx.par_chunks_mut(g.c * hw)
+                        .enumerate()
+                        .for_each(|(b, gxb)| act_grad(b, gxb));
+                }
+                return Ok((CpuStorage::F32(gx), Shape::from((g.n, g.c, g.h, g.w))));
+            }
             let wparts = back.weight_parts(&flipped);
             gx.par_chunks_mut(g.c * hw)
                 .enumerate()
@@ -517,6 +610,10 @@ impl CustomOp2 for ConvGradWeight {
         let g = self.g;
         let x = slice_f32(s1, l1, "conv2d input")?;
         let gy = slice_f32(s2, l2, "conv2d gradient")?;
+        if let Some(wg) = g.winograd() {
+            let gw = wg.weight_grad(x, gy, self.act);
+            return Ok((CpuStorage::F32(gw), Shape::from((g.o, g.c, g.k, g.k))));
+        }
         let (hw, kd) = (g.hw(), g.kdim());
         let g = Geometry { rows: true, ..g };
         // Per fixed group of images and per product (kernel row), ∂W_groupᵀ[depth, O] =

@@ -17,8 +17,11 @@ pub mod formula;
 mod fused;
 mod kernels;
 pub mod parity;
+mod winograd;
 
-pub use conv::{conv2d_same, conv2d_same_act, InputAct};
+pub use conv::{
+    conv2d_same, conv2d_same_act, set_winograd, winograd_applies, winograd_enabled, InputAct,
+};
 
 pub mod sampler;
 

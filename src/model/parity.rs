@@ -215,22 +215,9 @@ pub fn compare_all(fixture: &Fixture) -> anyhow::Result<Vec<Comparison>> {
         1e-5,
     )?);
 
-    // Training mode: trainable parameters as Vars (the Fourier buffers stay constants).
-    let mut params = Vec::new();
-    let mut tensors = HashMap::new();
-    for (key, t) in fixture.weights()? {
-        if key.contains("fourier") {
-            tensors.insert(key, t);
-        } else {
-            let var = Var::from_tensor(&t)?;
-            tensors.insert(key.clone(), var.as_tensor().clone());
-            params.push((key, var));
-        }
-    }
-    params.sort_by(|a, b| a.0.cmp(&b.0));
-    force_normalize(&params)?;
+    let case = LossCase::new(fixture, DType::F32, &fixture.device)?;
     let mut worst = (0.0f64, String::new());
-    for (key, var) in &params {
+    for (key, var) in &case.params {
         let e = max_rel_error(
             var.as_tensor(),
             fixture.get(&format!("forced_normalized/{key}"))?,
@@ -245,45 +232,129 @@ pub fn compare_all(fixture: &Fixture) -> anyhow::Result<Vec<Comparison>> {
         error: worst.0,
         tolerance: 1e-6,
     });
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, &fixture.device);
-    let train_net = Precond::new(vb, &fixture.config()?)?;
-    let images = fixture.loss_images()?;
-    let loss = edm2_loss(
-        &train_net,
-        &images,
-        fixture.get("loss/sigma")?,
-        fixture.get("loss/noise_unit")?,
-        Some(fixture.get("loss/class_labels")?),
-    )?;
     out.push(compare(
         "loss/per_element",
-        &loss,
+        &case.loss,
         fixture.get("loss/per_element")?,
         1e-5,
     )?);
-    let objective = (loss.sum_all()? / images.dim(0)? as f64)?;
     out.push(compare(
         "loss/mean_over_batch_sum",
-        &objective.reshape(1)?,
+        &case.objective.reshape(1)?,
         fixture.get("loss/mean_over_batch_sum")?,
         1e-5,
     )?);
-    let grads = objective.backward()?;
+    let ours = case.gradients()?;
+    let want = |key: &str| fixture.get(&format!("grad/{key}"));
+    let worst = worst_error(&ours, |key| Ok(want(key)?.clone()))?;
+    out.push(Comparison {
+        what: format!("grad/* of {} parameters (worst: {})", ours.len(), worst.1),
+        error: worst.0,
+        tolerance: 1e-4,
+    });
+    // Both float32 computations against the same network in float64 (on the CPU): how far
+    // each one's rounding takes it from the exact gradients, as opposed to from each other.
+    let exact: HashMap<String, Tensor> = LossCase::new(fixture, DType::F64, &Device::Cpu)?
+        .gradients()?
+        .into_iter()
+        .collect();
+    let truth = |key: &str| {
+        exact
+            .get(key)
+            .cloned()
+            .ok_or_else(|| anyhow!("no float64 gradient for {key}"))
+    };
+    let reference: Vec<(String, Tensor)> = ours
+        .iter()
+        .map(|(key, _)| Ok((key.clone(), want(key)?.clone())))
+        .collect::<anyhow::Result<_>>()?;
+    for (whose, grads) in [("ours", &ours), ("the fixture's", &reference)] {
+        let worst = worst_error(grads, truth)?;
+        out.push(Comparison {
+            what: format!("grad/* vs float64, {whose} (worst: {})", worst.1),
+            error: worst.0,
+            tolerance: 1e-4,
+        });
+    }
+    Ok(out)
+}
+
+/// The largest [`max_rel_error`] of `got` against `want(key)` over all keys, and its key.
+fn worst_error(
+    got: &[(String, Tensor)],
+    want: impl Fn(&str) -> anyhow::Result<Tensor>,
+) -> anyhow::Result<(f64, String)> {
     let mut worst = (0.0f64, String::new());
-    for (key, var) in &params {
-        let grad = grads
-            .get(var.as_tensor())
-            .ok_or_else(|| anyhow!("no gradient reached {key}"))?;
-        let e = max_rel_error(grad, fixture.get(&format!("grad/{key}"))?)
-            .with_context(|| format!("grad/{key}"))?;
+    for (key, grad) in got {
+        let e = max_rel_error(grad, &want(key)?).with_context(|| format!("grad/{key}"))?;
         if e >= worst.0 {
             worst = (e, key.clone());
         }
     }
-    out.push(Comparison {
-        what: format!("grad/* of {} parameters (worst: {})", params.len(), worst.1),
-        error: worst.0,
-        tolerance: 1e-4,
-    });
-    Ok(out)
+    Ok(worst)
+}
+
+/// The fixture's loss case computed in `dtype`: the formula weights as trainable parameters
+/// (sorted by name; the Fourier buffers stay constants), forced-normalised, the EDM2 loss per
+/// element and its batch mean. In float64 the CPU runs the composed definitions and candle's
+/// convolution (the fused kernels and Winograd are float32 only), which gives a reference
+/// for the rounding of both the float32 fixture and this crate's float32 path.
+pub struct LossCase {
+    /// Trainable parameters by EDM2 state-dict key, sorted.
+    pub params: Vec<(String, Var)>,
+    /// The loss per element.
+    pub loss: Tensor,
+    /// `Σ loss / N`, the quantity the fixture's gradients are of.
+    pub objective: Tensor,
+}
+
+impl LossCase {
+    /// Builds and runs the case in `dtype` on `device`.
+    pub fn new(fixture: &Fixture, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+        let mut params = Vec::new();
+        let mut tensors = HashMap::new();
+        for (key, t) in fixture.weights()? {
+            let t = t.to_device(device)?.to_dtype(dtype)?;
+            if key.contains("fourier") {
+                tensors.insert(key, t);
+            } else {
+                let var = Var::from_tensor(&t)?;
+                tensors.insert(key.clone(), var.as_tensor().clone());
+                params.push((key, var));
+            }
+        }
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        force_normalize(&params)?;
+        let vb = VarBuilder::from_tensors(tensors, dtype, device);
+        let net = Precond::new(vb, &fixture.config()?)?;
+        let input = |key: &str| anyhow::Ok(fixture.get(key)?.to_device(device)?.to_dtype(dtype)?);
+        let images = fixture.loss_images()?.to_device(device)?.to_dtype(dtype)?;
+        let loss = edm2_loss(
+            &net,
+            &images,
+            &input("loss/sigma")?,
+            &input("loss/noise_unit")?,
+            Some(&input("loss/class_labels")?),
+        )?;
+        let objective = (loss.sum_all()? / images.dim(0)? as f64)?;
+        Ok(Self {
+            params,
+            loss,
+            objective,
+        })
+    }
+
+    /// The gradient of the objective for every parameter, in [`Self::params`] order.
+    pub fn gradients(&self) -> anyhow::Result<Vec<(String, Tensor)>> {
+        let grads = self.objective.backward()?;
+        self.params
+            .iter()
+            .map(|(key, var)| {
+                let grad = grads
+                    .get(var.as_tensor())
+                    .ok_or_else(|| anyhow!("no gradient reached {key}"))?;
+                Ok((key.clone(), grad.clone()))
+            })
+            .collect()
+    }
 }
