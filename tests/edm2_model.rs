@@ -256,6 +256,40 @@ fn gemm_convolution_matches_candles_conv2d_with_gradients() {
 }
 
 #[test]
+fn an_images_convolution_does_not_depend_on_its_batch() {
+    // Winograd multiplies chunks of images together, and how many depends on the batch; each
+    // image's output must still be the same bits alone as in a batch (the sampler's
+    // one-seed-per-image guarantee). Deep inputs (C > 512) and two-tile images included.
+    let dev = Device::Cpu;
+    let make = |name: &str, shape: &[usize]| {
+        let n = shape.iter().product();
+        Tensor::from_vec(formula::values(name, n, Kind::Sym, 1.0, 0.0), shape, &dev).unwrap()
+    };
+    for (c, o, h, w) in [
+        (16, 16, 8, 8),
+        (16, 17, 16, 16),
+        (520, 16, 4, 4),
+        (1100, 16, 8, 8),
+        (2100, 20, 4, 4),
+        (16, 16, 2, 4),
+        (16, 16, 2, 2),
+        (3, 5, 6, 6),
+    ] {
+        let x = make("x", &[5, c, h, w]);
+        let wt = make("w", &[o, c, 3, 3]);
+        let all = model::conv2d_same(&x, &wt).unwrap();
+        for b in 0..5 {
+            let one = model::conv2d_same(&x.narrow(0, b, 1).unwrap(), &wt).unwrap();
+            assert_eq!(
+                flat(&one),
+                flat(&all.narrow(0, b, 1).unwrap()),
+                "C {c}, O {o}, {h}x{w}: image {b} alone vs in a batch of 5"
+            );
+        }
+    }
+}
+
+#[test]
 fn convolution_results_do_not_depend_on_the_thread_count() {
     let dev = Device::Cpu;
     let make = |name: &str, shape: &[usize]| {

@@ -330,7 +330,8 @@ pub fn winograd_enabled() -> bool {
 }
 
 /// Whether a stride-1 "same" convolution of `c` input and `o` output channels, k×k kernel and
-/// H×W images takes the Winograd path when it is enabled: k = 3, H and W even, C and O ≥ 16.
+/// H×W images takes the Winograd path when it is enabled: k = 3, H and W even (H·W ≥ 8), C and
+/// O ≥ 16.
 pub fn winograd_applies(k: usize, c: usize, o: usize, h: usize, w: usize) -> bool {
     Winograd::applies(k, c, o, h, w)
 }

@@ -35,6 +35,13 @@ const CHUNK_TILES: usize = 128;
 /// enough tasks for the threads, few enough partial sums to add.
 const MAX_GROUPS: usize = 16;
 
+/// Deepest product the forward pass hands to `gemm` in one call. `gemm` splits deeper
+/// products into blocks whose size depends on the matrix sizes for small ones (M, N ≤ 64), so
+/// a chunk's tile count (which depends on the batch) could change how an image's sums are
+/// grouped; at this depth or less it never splits, so an image's output is the same bits in
+/// any batch (the sampler's seed-per-image guarantee relies on that).
+const MAX_DEPTH: usize = 512;
+
 /// Least number of input and of output channels for the Winograd path: the products have
 /// depth C (forward) and height O, and below this the direct convolution's deeper product
 /// (depth 9·C) is faster than the shallow ones plus the transforms.
@@ -51,13 +58,15 @@ pub(super) struct Winograd {
 }
 
 impl Winograd {
-    /// Whether a k×k convolution of these channels and image size takes this path.
+    /// Whether a k×k convolution of these channels and image size takes this path: k = 3, H
+    /// and W even with at least two tiles per image (a product with one column would go to
+    /// `gemm`'s matrix–vector path, which sums in another order, so a single 2×2 image would
+    /// come out different alone than in a batch), and C, O ≥ [`MIN_CHANNELS`].
     pub(super) fn applies(k: usize, c: usize, o: usize, h: usize, w: usize) -> bool {
         k == 3
             && h.is_multiple_of(2)
             && w.is_multiple_of(2)
-            && h >= 2
-            && w >= 2
+            && h * w >= 8
             && c >= MIN_CHANNELS
             && o >= MIN_CHANNELS
     }
@@ -134,9 +143,23 @@ impl Winograd {
                 self.with_buffers(images, act, |plane, rows, v, m| {
                     self.transform_input(xc, images, act, plane, rows, v);
                     for xi in 0..XI {
-                        let uxi = View::row_major(&u[xi * o * c..(xi + 1) * o * c], o, c);
-                        let vxi = View::row_major(&v[xi * c * t..(xi + 1) * c * t], c, t);
-                        sgemm(&mut m[xi * o * t..(xi + 1) * o * t], false, uxi, vxi);
+                        let uxi = &u[xi * o * c..(xi + 1) * o * c];
+                        let vxi = &v[xi * c * t..(xi + 1) * c * t];
+                        let mxi = &mut m[xi * o * t..(xi + 1) * o * t];
+                        // In slices of at most MAX_DEPTH channels, so that the summation order
+                        // of each output is fixed by C alone (see MAX_DEPTH).
+                        for c0 in (0..c).step_by(MAX_DEPTH) {
+                            let depth = MAX_DEPTH.min(c - c0);
+                            let a = View {
+                                data: &uxi[c0..],
+                                rows: o,
+                                cols: depth,
+                                rs: c,
+                                cs: 1,
+                            };
+                            let b = View::row_major(&vxi[c0 * t..(c0 + depth) * t], depth, t);
+                            sgemm(mxi, c0 > 0, a, b);
+                        }
                     }
                     for (b, yb) in yc.chunks_exact_mut(o * hw).enumerate() {
                         for (oi, plane) in yb.chunks_exact_mut(hw).enumerate() {
