@@ -216,17 +216,14 @@ pub fn compare_all(fixture: &Fixture) -> anyhow::Result<Vec<Comparison>> {
     )?);
 
     let case = LossCase::new(fixture, DType::F32, &fixture.device)?;
-    let mut worst = (0.0f64, String::new());
-    for (key, var) in &case.params {
-        let e = max_rel_error(
-            var.as_tensor(),
-            fixture.get(&format!("forced_normalized/{key}"))?,
-        )
-        .with_context(|| format!("forced_normalized/{key}"))?;
-        if e >= worst.0 {
-            worst = (e, key.clone());
-        }
-    }
+    let normalized: Vec<(String, Tensor)> = case
+        .params
+        .iter()
+        .map(|(key, var)| (key.clone(), var.as_tensor().clone()))
+        .collect();
+    let worst = worst_error("forced_normalized", &normalized, |key| {
+        Ok(fixture.get(&format!("forced_normalized/{key}"))?.clone())
+    })?;
     out.push(Comparison {
         what: format!("forced_normalized/* (worst: {})", worst.1),
         error: worst.0,
@@ -246,7 +243,7 @@ pub fn compare_all(fixture: &Fixture) -> anyhow::Result<Vec<Comparison>> {
     )?);
     let ours = case.gradients()?;
     let want = |key: &str| fixture.get(&format!("grad/{key}"));
-    let worst = worst_error(&ours, |key| Ok(want(key)?.clone()))?;
+    let worst = worst_error("grad", &ours, |key| Ok(want(key)?.clone()))?;
     out.push(Comparison {
         what: format!("grad/* of {} parameters (worst: {})", ours.len(), worst.1),
         error: worst.0,
@@ -269,7 +266,7 @@ pub fn compare_all(fixture: &Fixture) -> anyhow::Result<Vec<Comparison>> {
         .map(|(key, _)| Ok((key.clone(), want(key)?.clone())))
         .collect::<anyhow::Result<_>>()?;
     for (whose, grads) in [("ours", &ours), ("the fixture's", &reference)] {
-        let worst = worst_error(grads, truth)?;
+        let worst = worst_error("grad", grads, truth)?;
         out.push(Comparison {
             what: format!("grad/* vs float64, {whose} (worst: {})", worst.1),
             error: worst.0,
@@ -279,14 +276,16 @@ pub fn compare_all(fixture: &Fixture) -> anyhow::Result<Vec<Comparison>> {
     Ok(out)
 }
 
-/// The largest [`max_rel_error`] of `got` against `want(key)` over all keys, and its key.
+/// The largest [`max_rel_error`] of `got` against `want(key)` over all keys, and its key
+/// (`what` names the tensors in errors).
 fn worst_error(
+    what: &str,
     got: &[(String, Tensor)],
     want: impl Fn(&str) -> anyhow::Result<Tensor>,
 ) -> anyhow::Result<(f64, String)> {
     let mut worst = (0.0f64, String::new());
-    for (key, grad) in got {
-        let e = max_rel_error(grad, &want(key)?).with_context(|| format!("grad/{key}"))?;
+    for (key, tensor) in got {
+        let e = max_rel_error(tensor, &want(key)?).with_context(|| format!("{what}/{key}"))?;
         if e >= worst.0 {
             worst = (e, key.clone());
         }
