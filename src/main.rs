@@ -314,6 +314,10 @@ enum BenchCommand {
         /// Rounds, alternating which algorithm goes first; medians over all.
         #[arg(long, default_value_t = 2)]
         rounds: usize,
+        /// Time this shape instead, `N,C,O,H` (images, input and output channels, square
+        /// size); repeatable. E.g. EDM2-S layers: `--shape 8,192,192,64 --shape 32,768,768,8`.
+        #[arg(long = "shape", value_parser = parse_conv_shape)]
+        shapes: Vec<[usize; 4]>,
     },
     /// Check the EDM2 network on the device this binary computes on (CUDA when built with
     /// the `cuda` feature and a GPU is present) against the reference fixture: forward pass,
@@ -377,6 +381,17 @@ fn main() {
         eprintln!("error: {}", chain.join(": "));
         std::process::exit(1);
     }
+}
+
+/// `N,C,O,H` for `bench conv --shape`.
+fn parse_conv_shape(s: &str) -> Result<[usize; 4], String> {
+    let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+    let sizes: Vec<usize> = parts
+        .iter()
+        .map(|p| p.parse::<usize>().map_err(|e| format!("{p:?}: {e}")))
+        .collect::<Result<_, _>>()?;
+    <[usize; 4]>::try_from(sizes)
+        .map_err(|v| format!("expected N,C,O,H (four sizes), got {} in {s:?}", v.len()))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -628,8 +643,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             batch,
             iterations,
             rounds,
+            shapes,
         }) => hindsight::model::on_compute_pool(|| {
-            train_command::bench_conv(batch, iterations, rounds)
+            train_command::bench_conv(batch, iterations, rounds, &shapes)
         }),
         Command::Bench(BenchCommand::Parity {
             fixture,

@@ -406,41 +406,61 @@ pub fn train(data_dir: &Path, mut args: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `hindsight bench conv`: each 3×3 convolution shape of the `bench train` network (input
-/// channels, output channels, resolution), timed on the CPU with the direct GEMM path and with
-/// Winograd's F(2×2, 3×3): the forward pass alone, and the forward pass with both gradients.
-pub fn bench_conv(batch: usize, iterations: usize, rounds: usize) -> anyhow::Result<()> {
+/// `hindsight bench conv`: 3×3 convolution shapes (by default each one of the `bench train`
+/// network at `batch` images; else the given `[N, C, O, H]`, square images), timed on the CPU
+/// with the direct GEMM path and with Winograd's F(2×2, 3×3): the forward pass alone, and the
+/// forward pass with both gradients.
+pub fn bench_conv(
+    batch: usize,
+    iterations: usize,
+    rounds: usize,
+    shapes: &[[usize; 4]],
+) -> anyhow::Result<()> {
     use hindsight::model::{conv2d_same, set_winograd, winograd_applies, winograd_enabled};
     anyhow::ensure!(
         batch > 0 && iterations > 0 && rounds > 0,
         "--batch, --iterations and --rounds must be positive"
     );
+    if let Some(bad) = shapes.iter().find(|s| s.contains(&0)) {
+        anyhow::bail!("--shape {bad:?}: every size must be positive");
+    }
     hindsight::model::keep_freed_memory();
     let initial = winograd_enabled();
     let device = Device::Cpu;
-    let layers: [(usize, usize, usize); 10] = [
-        (4, 32, 16),
-        (32, 32, 16),
-        (32, 32, 8),
-        (64, 64, 8),
-        (128, 64, 8),
-        (96, 64, 8),
-        (64, 64, 16),
-        (96, 32, 16),
-        (64, 32, 16),
-        (32, 3, 16),
-    ];
+    let layers: Vec<[usize; 4]> = if shapes.is_empty() {
+        [
+            (4, 32, 16),
+            (32, 32, 16),
+            (32, 32, 8),
+            (64, 64, 8),
+            (128, 64, 8),
+            (96, 64, 8),
+            (64, 64, 16),
+            (96, 32, 16),
+            (64, 32, 16),
+            (32, 3, 16),
+        ]
+        .map(|(c, o, h)| [batch, c, o, h])
+        .to_vec()
+    } else {
+        shapes.to_vec()
+    };
     println!(
-        "3x3 convolutions of the bench network, batch {batch}, {} threads; medians of \
-         {iterations} x {rounds} rounds (alternating which algorithm goes first)",
+        "3x3 convolutions ({}), {} threads; medians of {iterations} x {rounds} rounds \
+         (alternating which algorithm goes first)",
+        if shapes.is_empty() {
+            format!("the bench network's, batch {batch}")
+        } else {
+            "the given shapes".to_string()
+        },
         rayon::current_num_threads()
     );
     println!(
-        "  {:<20} {:>11} {:>11} {:>6}   {:>12} {:>12} {:>6}",
-        "C -> O, HxW", "fwd direct", "Winograd", "ratio", "f+b direct", "Winograd", "ratio"
+        "  {:<24} {:>11} {:>11} {:>6}   {:>12} {:>12} {:>6}",
+        "N x C -> O, HxW", "fwd direct", "Winograd", "ratio", "f+b direct", "Winograd", "ratio"
     );
     let (mut total_f, mut total_b) = ([0.0f64; 2], [0.0f64; 2]);
-    for (c, o, h) in layers {
+    for [batch, c, o, h] in layers {
         let x =
             candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (batch, c, h, h), &device)?)?;
         let w = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (o, c, 3, 3), &device)?)?;
@@ -476,8 +496,8 @@ pub fn bench_conv(batch: usize, iterations: usize, rounds: usize) -> anyhow::Res
         }
         let applies = winograd_applies(3, c, o, h, h);
         println!(
-            "  {:<20} {:>8.3} ms {:>8.3} ms {:>5.2}x   {:>9.3} ms {:>9.3} ms {:>5.2}x{}",
-            format!("{c} -> {o}, {h}x{h}"),
+            "  {:<24} {:>8.3} ms {:>8.3} ms {:>5.2}x   {:>9.3} ms {:>9.3} ms {:>5.2}x{}",
+            format!("{batch} x {c} -> {o}, {h}x{h}"),
             fd * 1e3,
             fw * 1e3,
             fw / fd,
@@ -488,7 +508,7 @@ pub fn bench_conv(batch: usize, iterations: usize, rounds: usize) -> anyhow::Res
         );
     }
     println!(
-        "  {:<20} {:>8.3} ms {:>8.3} ms {:>5.2}x   {:>9.3} ms {:>9.3} ms {:>5.2}x",
+        "  {:<24} {:>8.3} ms {:>8.3} ms {:>5.2}x   {:>9.3} ms {:>9.3} ms {:>5.2}x",
         "total",
         total_f[0] * 1e3,
         total_f[1] * 1e3,

@@ -231,6 +231,29 @@ fn bench_parity_and_bench_conv_run() {
     let text = String::from_utf8_lossy(&out.stdout);
     let rows: Vec<&str> = text.lines().filter(|l| l.contains(" ms ")).collect();
     assert_eq!(rows.len(), 11, "{text}");
-    assert!(rows[0].contains("(direct either way)") && rows[1].contains("32 -> 32, 16x16"));
+    assert!(rows[0].contains("(direct either way)") && rows[1].contains("2 x 32 -> 32, 16x16"));
     assert!(rows[10].trim_start().starts_with("total"), "{text}");
+    // Given shapes instead; a malformed one is refused with the reason.
+    let out = hindsight(
+        &data,
+        &[
+            "bench",
+            "conv",
+            "--iterations",
+            "1",
+            "--rounds",
+            "1",
+            "--shape",
+            "1,16,16,4",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("1 x 16 -> 16, 4x4"), "{text}");
+    let out = Command::new(env!("CARGO_BIN_EXE_hindsight"))
+        .args(["bench", "conv", "--shape", "1,16,16"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("expected N,C,O,H"), "{err}");
 }

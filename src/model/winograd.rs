@@ -17,6 +17,11 @@
 //! transforms through the chain rule ([`Winograd::weight_grad`]); the input gradient is itself
 //! a forward-shaped convolution (of `∂y` with the turned kernel), so [`Winograd::forward`]
 //! serves it as well.
+//!
+//! One difference from the direct product: a non-finite input value reaches all four outputs
+//! of the 2×2 tiles whose 4×4 windows hold it (through the transforms' sums), not only the
+//! outputs whose 3×3 neighbourhood holds it. Outputs next to a NaN or ∞ may therefore be NaN
+//! where the direct path gives a finite value; finite inputs are unaffected.
 
 use multiversion::multiversion;
 use rayon::prelude::*;
