@@ -21,6 +21,17 @@ fn load_fixture() -> Fixture {
     Fixture::load(&tensors, &json, &Device::Cpu).unwrap()
 }
 
+/// Formula values (kind sym, scale 1) named `name`, shaped `shape`, on the CPU.
+fn formula_tensor(name: &str, shape: &[usize]) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_vec(
+        formula::values(name, n, Kind::Sym, 1.0, 0.0),
+        shape,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
 fn flat(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
@@ -183,11 +194,7 @@ fn config_has_edm2_defaults_and_round_trips() {
 
 #[test]
 fn gemm_convolution_matches_candles_conv2d_with_gradients() {
-    let dev = Device::Cpu;
-    let make = |name: &str, shape: &[usize]| {
-        let n = shape.iter().product();
-        Tensor::from_vec(formula::values(name, n, Kind::Sym, 1.0, 0.0), shape, &dev).unwrap()
-    };
+    let make = formula_tensor;
     for (k, (n, c, h, w), o) in [
         (3, (2, 5, 7, 6), 4),
         (3, (9, 3, 4, 5), 5), // more images than one weight-gradient group, not a multiple
@@ -260,11 +267,7 @@ fn an_images_convolution_does_not_depend_on_its_batch() {
     // Winograd multiplies chunks of images together, and how many depends on the batch; each
     // image's output must still be the same bits alone as in a batch (the sampler's
     // one-seed-per-image guarantee). Deep inputs (C > 512) and two-tile images included.
-    let dev = Device::Cpu;
-    let make = |name: &str, shape: &[usize]| {
-        let n = shape.iter().product();
-        Tensor::from_vec(formula::values(name, n, Kind::Sym, 1.0, 0.0), shape, &dev).unwrap()
-    };
+    let make = formula_tensor;
     for (c, o, h, w) in [
         (16, 16, 8, 8),
         (16, 17, 16, 16),
@@ -291,11 +294,7 @@ fn an_images_convolution_does_not_depend_on_its_batch() {
 
 #[test]
 fn convolution_results_do_not_depend_on_the_thread_count() {
-    let dev = Device::Cpu;
-    let make = |name: &str, shape: &[usize]| {
-        let n = shape.iter().product();
-        Tensor::from_vec(formula::values(name, n, Kind::Sym, 1.0, 0.0), shape, &dev).unwrap()
-    };
+    let make = formula_tensor;
     let run = |threads: usize, [n, c, h, w]: [usize; 4], o: usize| {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)

@@ -380,6 +380,23 @@ pub(super) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R 
 /// parallel), then the groups in order.
 const WEIGHT_GRAD_GROUP: usize = 4;
 
+/// `Σ parts` element-wise (each `len` floats), added in the order of `parts` for every
+/// element, in parallel over blocks of elements: partial weight gradients summed so that the
+/// result does not depend on how many threads computed them.
+pub(super) fn sum_in_order(parts: &[Vec<f32>], len: usize) -> Vec<f32> {
+    let mut total = vec![0f32; len];
+    total
+        .par_chunks_mut(1 << 12)
+        .enumerate()
+        .for_each(|(j, chunk)| {
+            let at = j << 12;
+            for part in parts {
+                kernels::add_assign(chunk, &part[at..at + chunk.len()]);
+            }
+        });
+    total
+}
+
 /// A point-wise activation of the convolution's input, applied inside the convolution (per
 /// image, in cache) instead of as an op of its own: the activated tensor is never stored, and
 /// the graph has one node (and one gradient to accumulate) fewer.
@@ -655,16 +672,7 @@ impl CustomOp2 for ConvGradWeight {
             .collect();
         // The groups' sums added in group order (element-wise, so in parallel over elements),
         // then, for the transposed products, one transpose into [O, C·k²].
-        let mut total = vec![0f32; g.o * kd];
-        total
-            .par_chunks_mut(1 << 12)
-            .enumerate()
-            .for_each(|(j, chunk)| {
-                let at = j << 12;
-                for part in &groups {
-                    kernels::add_assign(chunk, &part[at..at + chunk.len()]);
-                }
-            });
+        let total = sum_in_order(&groups, g.o * kd);
         let gw = if transposed {
             let (k, depth) = (g.k, g.part_depth());
             let mut gw = vec![0f32; g.o * kd];

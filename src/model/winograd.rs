@@ -26,7 +26,7 @@
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::conv::{sgemm, with_scratch, InputAct, View};
+use super::conv::{sgemm, sum_in_order, with_scratch, InputAct, View};
 
 /// Transform positions per tile (4 × 4).
 const XI: usize = 16;
@@ -270,14 +270,7 @@ impl Winograd {
                 du
             })
             .collect();
-        // The groups' sums in group order (element-wise, in parallel over elements).
-        let mut du = vec![0f32; XI * oc];
-        du.par_chunks_mut(1 << 12).enumerate().for_each(|(j, out)| {
-            let at = j << 12;
-            for part in &partials {
-                super::kernels::add_assign(out, &part[at..at + out.len()]);
-            }
-        });
+        let du = sum_in_order(&partials, XI * oc);
         // ∂g = Gᵀ ∂U G per kernel.
         let mut gw = vec![0f32; oc * 9];
         for (at, g) in gw.chunks_exact_mut(9).enumerate() {
