@@ -1,7 +1,12 @@
-//! Synthetic workloads for `hindsight bench` and for tests: snapshot schedules shaped like real
-//! training runs, so figures in BENCHMARKS.md can be reproduced anywhere.
+//! Synthetic workloads for `hindsight bench`, the demo and tests: snapshot schedules shaped
+//! like real training runs and synthetic snapshot files of any size, so figures in
+//! BENCHMARKS.md can be reproduced anywhere; and the small statistics the benchmarks print.
 
+use std::path::Path;
+
+use crate::error::{Error, Result};
 use crate::phema::{Snapshot, Target, Width};
+use crate::progress::Progress;
 
 /// Snapshots of an EDM2-style run: `count` snapshot times evenly spaced `interval_nimg` apart
 /// (the first at `interval_nimg`), each with one snapshot per width in `sigma_rels`.
@@ -57,6 +62,95 @@ impl Timing {
             p90: at(0.9),
         }
     }
+}
+
+/// The median of `values` (the upper middle one for an even count); `values` must not be
+/// empty.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Writes `count` EDM2-named fp16 snapshots (`bench-<kimg:07>-<σ:.3f>.safetensors`, σ_rel
+/// 0.05 and 0.10 alternating, a snapshot time every 8Mi images) of `params` parameters each,
+/// split over a few large and many small tensors like a network's layers, into `dir`. The
+/// values are finite pseudo-random fp16 in [−2, 2), the same for the same arguments. Returns
+/// the bytes written; `progress` counts files.
+pub fn write_synthetic_snapshots(
+    dir: &Path,
+    count: usize,
+    params: u64,
+    progress: &dyn Progress,
+) -> Result<u64> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let io = |what: &str| {
+        let what = what.to_owned();
+        move |e: std::io::Error| Error::io(what, e)
+    };
+    std::fs::create_dir_all(dir).map_err(io(&format!("creating {}", dir.display())))?;
+    // Layer sizes: a few large and many small tensors, summing to `params`.
+    let mut sizes = vec![params / 4, params / 4, params / 8, params / 8];
+    let rest = params - sizes.iter().sum::<u64>();
+    sizes.extend(std::iter::repeat_n(rest / 64, 64));
+    sizes.push(params - sizes.iter().sum::<u64>());
+    progress.set_length(count as u64);
+    let mut total = 0;
+    for k in 0..count {
+        let kimg = (k as u64 / 2 + 1) * 8388; // every 8Mi images, two widths each
+        let sigma = if k % 2 == 0 { 0.05 } else { 0.10 };
+        let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ k as u64;
+        let buffers: Vec<Vec<u8>> = sizes
+            .iter()
+            .map(|&n| {
+                (0..n)
+                    .flat_map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        // A finite fp16 in [-2, 2): sign, exponent 0..15, mantissa.
+                        let bits = (state as u16) & 0xBFFF;
+                        bits.to_le_bytes()
+                    })
+                    .collect()
+            })
+            .collect();
+        let tensors: Vec<(String, TensorView<'_>)> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let view = TensorView::new(Dtype::F16, vec![b.len() / 2], b).expect("valid view");
+                (format!("layer{i:03}.weight"), view)
+            })
+            .collect();
+        let path = dir.join(format!("bench-{kimg:07}-{sigma:.3}.safetensors"));
+        safetensors::serialize_to_file(tensors, None, &path).map_err(|e| {
+            Error::io(
+                format!("writing {}", path.display()),
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
+        total += std::fs::metadata(&path)
+            .map_err(io(&format!("reading {}", path.display())))?
+            .len();
+        progress.inc(1);
+    }
+    Ok(total)
+}
+
+/// [`write_synthetic_snapshots`] unless `dir` already holds `count` files (from an earlier
+/// call with the same arguments); a directory with another count is emptied and rewritten.
+pub fn ensure_synthetic_snapshots(
+    dir: &Path,
+    count: usize,
+    params: u64,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let present = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+    if present != count {
+        let _ = std::fs::remove_dir_all(dir);
+        write_synthetic_snapshots(dir, count, params, progress)?;
+    }
+    Ok(())
 }
 
 /// Peak resident memory of this process in KiB (`VmHWM` from `/proc/self/status`), where the

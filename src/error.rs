@@ -1,10 +1,13 @@
-//! The library's error type.
+//! The library's error type, and the one helper that runs blocking work off the async
+//! workers.
 //!
 //! Every variant says what was wrong in terms a user can act on; input errors name the
 //! offending field with a path such as `targets[2].sigma_rel` so that the command line and the
-//! HTTP server can point at it.
+//! HTTP server can point at it. Errors that wrap another keep it as their `source()` (the
+//! database's `sqlx::Error`, an `std::io::Error`), so callers can inspect it; their own
+//! message already includes the source's, and [`chain_text`] prints each message once.
 
-/// Errors produced by the library. More variants arrive with the store and the server.
+/// Errors produced by the library.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -16,13 +19,30 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A byte stream ended or broke off before all the bytes it announced arrived: an upload
+    /// whose client went away, or a file that changed while it was read. The client (or the
+    /// file's writer) can fix it by sending it again.
+    #[error("{source_name}: {reason}")]
+    Incomplete {
+        /// Names the stream (`upload`, a path).
+        source_name: String,
+        /// What arrived and what was expected.
+        reason: String,
+    },
     /// The request conflicts with what is stored (an existing name, a different snapshot
     /// at the same time and width).
     #[error("conflict: {0}")]
     Conflict(String),
     /// The index could not be read or written.
     #[error("database: {0}")]
-    Database(String),
+    Database(#[from] sqlx::Error),
+    /// The index's schema could not be brought up to date.
+    #[error("migrating the index: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    /// The index holds something this version cannot make sense of (a row that vanished in
+    /// the middle of an operation, a malformed JSON column).
+    #[error("index: {0}")]
+    Index(String),
     /// A file-system operation failed.
     #[error("{context}: {source}")]
     Io {
@@ -32,6 +52,19 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Work handed to another thread (tokio's blocking pool, a writer thread) did not finish:
+    /// it panicked or was cancelled.
+    #[error("{what} did not finish: {reason}")]
+    Task {
+        /// What the task was doing.
+        what: String,
+        /// How it ended (the panic message, or cancellation).
+        reason: String,
+    },
+    /// A tensor computation failed (candle: a shape mismatch inside the network, a device
+    /// error, an out-of-memory on the GPU).
+    #[error("tensor computation: {0}")]
+    Tensor(#[from] candle_core::Error),
     /// A stored blob's content no longer matches its digest.
     #[error("blob {expected} is corrupt: its content hashes to {actual}")]
     Corrupt {
@@ -74,7 +107,85 @@ impl Error {
             reason: reason.into(),
         }
     }
+
+    /// Builds an [`Error::Task`] for a thread that panicked, from its panic payload.
+    pub fn panicked(what: impl Into<String>, payload: &(dyn std::any::Any + Send)) -> Self {
+        let reason = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "it panicked".to_owned());
+        Error::Task {
+            what: what.into(),
+            reason: format!("panicked: {reason}"),
+        }
+    }
+
+    /// The whole chain of messages in one line (`a: b: c`), each source once: what logs and
+    /// the command line print.
+    pub fn chain_text(&self) -> String {
+        chain_text(self)
+    }
+}
+
+/// One line from an error and its sources, `outer: inner: …`, leaving out a source whose text
+/// the line already ends with (wrappers that repeat their source in their own message).
+pub fn chain_text(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut next = error.source();
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !text.is_empty() && !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        next = e.source();
+    }
+    line
+}
+
+/// Runs blocking work (file I/O, hashing, fsync, materialization) on tokio's blocking pool
+/// and waits for it; a panic or cancellation becomes [`Error::Task`] naming `what`.
+pub async fn blocking<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => Err(Error::panicked(what, &*e.into_panic())),
+        Err(e) => Err(Error::Task {
+            what: what.to_owned(),
+            reason: e.to_string(),
+        }),
+    }
 }
 
 /// Result alias for the library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chains_print_each_message_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let e = Error::io("opening x.safetensors", io);
+        assert_eq!(e.chain_text(), "opening x.safetensors: No such file");
+        let e = Error::invalid("targets[1].sigma_rel", "out of range");
+        assert_eq!(e.chain_text(), "targets[1].sigma_rel: out of range");
+    }
+
+    #[tokio::test]
+    async fn a_panicking_blocking_task_is_a_task_error() {
+        let err = blocking::<()>("hashing a blob", || panic!("boom"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Task { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "hashing a blob did not finish: panicked: boom"
+        );
+        assert_eq!(blocking("adding", || Ok(1 + 1)).await.unwrap(), 2);
+    }
+}

@@ -53,6 +53,8 @@ fn import_list_verify_gc() {
         serde_json::from_slice(&hindsight(&data, &["snapshots", "demo", "--json"]).stdout).unwrap();
     assert_eq!(snaps.as_array().unwrap().len(), 3);
     assert_eq!(snaps[2]["nimg"], 2097152);
+    // JSON columns come out as JSON objects, not as text.
+    assert!(snaps[2]["dtypes"].is_object() && snaps[2]["metadata"].is_object());
     let missing = hindsight(&data, &["snapshots", "nope"]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("run \"nope\" does not exist"));
@@ -325,7 +327,7 @@ fn reconstruct_writes_one_file_per_target() {
             );
         }
         let header =
-            hindsight::ingest::read_header(&mut &bytes[..], bytes.len() as u64, file).unwrap();
+            hindsight::format::read_header(&mut &bytes[..], bytes.len() as u64, file).unwrap();
         assert_eq!(header.metadata["run"], "demo");
         assert_eq!(header.metadata["nimg"], "3145728");
         assert!(header.metadata.contains_key("relative_error"));

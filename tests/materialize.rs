@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use hindsight::ingest::{read_header, write_safetensors, OutTensor};
+use hindsight::format::{read_header, write_safetensors, OutTensor};
 use hindsight::materialize::{materialize, Input, OutDtype};
 use hindsight::store::{BlobStore, Checksum};
 use safetensors::SafeTensors;

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 use hindsight::app::DataDir;
-use hindsight::ingest::{write_safetensors, OutTensor};
+use hindsight::format::{write_safetensors, OutTensor};
 use hindsight::server::{app, hash_token, parse_token_hashes, AppState, ServerConfig};
 
 const TOKEN: &str = "hs_test-token";
@@ -332,6 +332,17 @@ async fn listings_health_blobs_and_openapi() {
     let snaps = snaps.as_array().unwrap();
     assert_eq!(snaps.len(), 6);
     let digest = snaps[0]["digest"].as_str().unwrap();
+    // JSON columns are JSON objects, not JSON text inside strings.
+    assert!(snaps[0]["dtypes"]["F32"].is_u64(), "{}", snaps[0]);
+    assert!(snaps[0]["metadata"]["nimg"].is_string(), "{}", snaps[0]);
+    let (status, run) = server.json(get("/runs/r")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(run["run"]["metadata"].is_object(), "{run}");
+    // The schemas say so too.
+    let (_, doc) = server.json(get("/openapi.json")).await;
+    let schemas = &doc["components"]["schemas"];
+    assert_eq!(schemas["Run"]["properties"]["metadata"]["type"], "object");
+    assert_eq!(schemas["SnapshotRow"]["properties"]["dtypes"]["type"], "object");
 
     let head = |uri: String| Request::head(uri).body(Body::empty()).unwrap();
     let (status, headers, body) = server.send(head(format!("/blobs/{digest}"))).await;

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use sqlx::FromRow;
 
-use super::{finish, now_secs, Db};
+use super::{finish, json_text, Db};
 use crate::error::Result;
 
 /// A stored reconstruction.
@@ -27,7 +27,8 @@ pub struct ReconstructionRow {
     /// Its size.
     pub byte_size: i64,
     /// JSON object: the quality report and the weighted snapshots.
-    pub report: String,
+    #[sqlx(json)]
+    pub report: serde_json::Value,
     /// RFC 3339 UTC.
     pub created_at: String,
 }
@@ -112,19 +113,14 @@ impl Db {
                 .bind(&r.dtype)
                 .bind(&r.digest)
                 .bind(r.byte_size as i64)
-                .bind(r.report.to_string())
+                .bind(json_text(&r.report))
                 .execute(&mut *conn)
                 .await?;
-                sqlx::query("UPDATE blobs SET state = 'valid', changed_at = ? WHERE digest = ?")
-                    .bind(now_secs())
-                    .bind(&r.digest)
-                    .execute(&mut *conn)
-                    .await?;
-                Ok::<_, sqlx::Error>(())
+                super::blobs::mark_valid(&mut conn, &r.digest).await
             }
             .await;
             if let Err(e) = step {
-                result = Err(e.into());
+                result = Err(e);
                 break;
             }
         }

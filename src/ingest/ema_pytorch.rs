@@ -15,9 +15,9 @@ use std::path::Path;
 use candle_core::DType;
 
 use super::file::{ingest_file, Hints, IngestOptions, Ingested};
-use super::write::{write_safetensors, OutTensor};
 use crate::db::{Db, Run};
-use crate::error::{Error, Result};
+use crate::error::{blocking, Error, Result};
+use crate::format::{write_safetensors, OutTensor};
 use crate::phema::Width;
 use crate::store::BlobStore;
 
@@ -197,25 +197,20 @@ pub async fn ingest_ema_pytorch(
         ("step".to_owned(), step.to_string()),
     ]
     .into();
-    let mut staged = tempfile::Builder::new()
-        .prefix("ema-pytorch-")
-        .suffix(".safetensors")
-        .tempfile_in(store.root().join("tmp"))
-        .map_err(|e| Error::io("staging a converted checkpoint", e))?;
+    let mut staged = store.staging_file("ema-pytorch-", ".safetensors")?;
     {
         let path = path.to_owned();
         let file = staged
             .as_file_mut()
             .try_clone()
             .map_err(|e| Error::io("staging a converted checkpoint", e))?;
-        tokio::task::spawn_blocking(move || {
+        blocking("converting an ema-pytorch checkpoint", move || {
             let mut out = std::io::BufWriter::new(file);
             convert_checkpoint(&path, &metadata, &mut out)?;
             out.flush()
                 .map_err(|e| Error::io("staging a converted checkpoint", e))
         })
-        .await
-        .map_err(|e| Error::Database(format!("a blocking task failed: {e}")))??;
+        .await?;
     }
     let hints = Hints {
         nimg: Some(nimg),

@@ -18,9 +18,9 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::header::{read_header, Header, TensorEntry};
 use crate::db::{Db, ManifestEntry, NewSnapshot, Recorded, Run};
-use crate::error::{Error, Result};
+use crate::error::{blocking, Error, Result};
+use crate::format::{read_header, Header, TensorEntry};
 use crate::phema::Width;
 use crate::store::{BlobStore, Digest};
 
@@ -43,14 +43,13 @@ pub struct IngestOptions {
 }
 
 /// What an ingest did.
-#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Ingested {
     /// Training time in images.
     pub nimg: u64,
     /// EMA width.
     pub sigma_rel: f64,
     /// Digest of the stored file.
-    #[schema(value_type = String)]
     pub digest: Digest,
     /// File size.
     pub bytes: u64,
@@ -176,7 +175,7 @@ pub async fn ingest_file(
     let (file, len) = {
         let path = path.to_owned();
         let source = source.clone();
-        blocking(move || {
+        blocking("opening a snapshot file", move || {
             let file = File::open(&path).map_err(|e| Error::io(format!("opening {source}"), e))?;
             let len = file
                 .metadata()
@@ -252,12 +251,12 @@ pub async fn ingest_reader<R: Read + Send + 'static>(
     } = incoming;
     let (header, prefix, reader) = {
         let source = source.clone();
-        blocking(move || {
+        blocking("reading a snapshot's header", move || {
             let mut recording = Recording {
                 inner: &mut reader,
                 kept: Vec::new(),
             };
-            let header = read_header(&mut recording, len, &source)?;
+            let header = read_header(&mut recording, len, &source).map_err(incomplete_if_cut)?;
             let prefix = recording.kept;
             Ok((header, prefix, reader))
         })
@@ -288,7 +287,7 @@ pub async fn ingest_reader<R: Read + Send + 'static>(
         let store = store.clone();
         let header = header.clone();
         let source = source.clone();
-        blocking(move || {
+        blocking("copying a snapshot into the store", move || {
             copy_into_store(
                 &store, reader, &prefix, &header, len, options, &source, progress,
             )
@@ -313,7 +312,7 @@ pub async fn ingest_reader<R: Read + Send + 'static>(
 
     db.claim_blob(&digest.to_hex(), bytes, Some(&checksum))
         .await?;
-    let (published, _) = blocking(move || writer.finish()).await?;
+    let (published, _) = blocking("publishing a snapshot", move || writer.finish()).await?;
     debug_assert_eq!(published, digest);
     let dtypes = dtype_summary(&header.tensors);
     let recorded = db
@@ -340,13 +339,37 @@ pub async fn ingest_reader<R: Read + Send + 'static>(
     })
 }
 
-/// Runs blocking work on tokio's blocking pool.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| Error::Database(format!("a blocking task failed: {e}")))?
+/// The error a stream's reader returns (wrapped in an `std::io::Error`) when the bytes stop
+/// arriving for good: a client that went away mid-upload. Ingest turns it into
+/// [`Error::Incomplete`], which is the sender's to fix, rather than a storage failure.
+#[derive(Debug, thiserror::Error)]
+#[error("the upload was cut short: {0}")]
+pub struct CutShort(pub String);
+
+impl CutShort {
+    /// Wraps an error of the underlying transport as an `std::io::Error` carrying `CutShort`.
+    pub fn io_error(cause: impl std::fmt::Display) -> std::io::Error {
+        std::io::Error::other(CutShort(cause.to_string()))
+    }
+}
+
+/// The `CutShort` inside a read error, if that is what it is.
+fn cut_short(e: &std::io::Error) -> Option<&CutShort> {
+    e.get_ref()?.downcast_ref::<CutShort>()
+}
+
+/// A read error that is a cut-off stream becomes [`Error::Incomplete`]; others pass.
+fn incomplete_if_cut(e: Error) -> Error {
+    match e {
+        Error::Io { context, source } => match cut_short(&source) {
+            Some(cut) => Error::Incomplete {
+                source_name: context,
+                reason: cut.to_string(),
+            },
+            None => Error::Io { context, source },
+        },
+        other => other,
+    }
 }
 
 /// Streams the whole file (`prefix`, already read, then the rest of `reader`) into an
@@ -377,7 +400,7 @@ fn copy_into_store(
     loop {
         let n = reader
             .read(&mut buf)
-            .map_err(|e| Error::io(format!("reading {source}"), e))?;
+            .map_err(|e| incomplete_if_cut(Error::io(format!("reading {source}"), e)))?;
         if n == 0 {
             break;
         }
@@ -392,10 +415,13 @@ fn copy_into_store(
         progress(n as u64);
     }
     if copied != file_len {
-        return Err(Error::invalid(
-            source,
-            format!("expected {file_len} bytes but read {copied} (the file changed while it was read, or the upload was cut short)"),
-        ));
+        return Err(Error::Incomplete {
+            source_name: source.to_owned(),
+            reason: format!(
+                "expected {file_len} bytes but read {copied} (the file changed while it was \
+                 read, or the upload was cut short)"
+            ),
+        });
     }
     Ok(writer)
 }

@@ -13,81 +13,38 @@
 //! from the newest snapshot with a non-zero weight, as the output's metadata records.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 
-use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::ingest::{write_safetensors_header, Header, OutTensorInfo, TensorEntry};
-use crate::store::{BlobStore, Checksum, ChecksumHasher, Digest};
+use crate::format::{write_safetensors_header, Header, OutTensorInfo, TensorEntry};
+use crate::store::{BlobStore, Checksum, Digest};
 
-/// Σ|w| above which accumulation switches from f32 to f64.
-pub const F64_ACCUMULATION_L1: f64 = 4.0;
+mod dtype;
+mod kernels;
+mod read;
+mod sum;
 
-/// Element type of the reconstructed floating-point tensors.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum OutDtype {
-    /// 32-bit float.
-    F32,
-    /// IEEE half.
-    F16,
-    /// bfloat16.
-    BF16,
-}
+pub use dtype::{OutDtype, F64_ACCUMULATION_L1};
 
-impl OutDtype {
-    /// Lower-case name, as in requests and on the command line: `f32`, `f16`, `bf16`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OutDtype::F32 => "f32",
-            OutDtype::F16 => "f16",
-            OutDtype::BF16 => "bf16",
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            OutDtype::F32 => "F32",
-            OutDtype::F16 => "F16",
-            OutDtype::BF16 => "BF16",
-        }
-    }
-
-    fn size(self) -> usize {
-        match self {
-            OutDtype::F32 => 4,
-            OutDtype::F16 | OutDtype::BF16 => 2,
-        }
-    }
-}
+use dtype::element_size;
+use kernels::BATCH_INPUTS;
+use read::{Check, Cursor};
+use sum::{Acc, Worker, ENCODE_PIECE};
 
 /// One input snapshot: its blob, its validated header, and its training time.
 #[derive(Clone, Debug)]
 pub struct Input {
     /// The blob holding the snapshot's safetensors file.
     pub digest: Digest,
-    /// Its header (see [`crate::ingest::read_header`]).
+    /// Its header (see [`crate::format::read_header`]).
     pub header: Header,
     /// Its recorded XXH3-128 checksum: verified reads check it (fast); without one they
     /// re-derive the BLAKE3 digest.
     pub checksum: Option<Checksum>,
     /// Training time, to pick the newest snapshot for copied tensors.
     pub nimg: u64,
-}
-
-fn element_size(dtype: &str) -> usize {
-    match dtype {
-        "F64" | "I64" | "U64" => 8,
-        "F32" | "I32" | "U32" => 4,
-        "F16" | "BF16" | "I16" | "U16" => 2,
-        _ => 1,
-    }
 }
 
 /// Elements per work chunk: each input is read 64 Ki elements at a time; larger chunks mean
@@ -123,278 +80,6 @@ pub struct Stats {
     pub bytes_read: u64,
 }
 
-/// How an input's bytes are checked as they are read.
-enum Check {
-    /// Against its recorded XXH3-128 checksum.
-    Checksum(Box<ChecksumHasher>, Checksum),
-    /// Against its BLAKE3 digest (no checksum recorded).
-    Digest(Box<blake3::Hasher>),
-}
-
-/// One input being read: an open blob, where the next read starts, and the running hash.
-struct Cursor {
-    file: File,
-    digest: Digest,
-    pos: u64,
-    check: Option<Check>,
-}
-
-impl Cursor {
-    fn read(&mut self, buf: &mut [u8]) -> Result<()> {
-        self.file.read_exact_at(buf, self.pos).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                Error::Corrupt {
-                    expected: self.digest.to_hex(),
-                    actual: "(the blob is shorter than its header says)".into(),
-                }
-            } else {
-                Error::io(format!("reading blob {}", self.digest), e)
-            }
-        })?;
-        self.pos += buf.len() as u64;
-        match self.check.as_mut() {
-            Some(Check::Checksum(h, _)) => h.update(buf),
-            Some(Check::Digest(h)) => {
-                h.update(buf);
-            }
-            None => {}
-        }
-        Ok(())
-    }
-
-    /// Checks the checksum or digest of everything read, after reading whatever follows the
-    /// last tensor.
-    fn finish(mut self) -> Result<()> {
-        if self.check.is_none() {
-            return Ok(());
-        }
-        let len = self
-            .file
-            .metadata()
-            .map_err(|e| Error::io(format!("reading blob {}", self.digest), e))?
-            .len();
-        if len > self.pos {
-            let mut rest = vec![0u8; (len - self.pos) as usize];
-            self.read(&mut rest)?;
-        }
-        match self.check {
-            Some(Check::Checksum(h, expected)) => {
-                let actual = h.finish();
-                if actual != expected {
-                    return Err(Error::Corrupt {
-                        expected: self.digest.to_hex(),
-                        actual: format!(
-                            "(content changed: checksum {actual}, recorded {expected})"
-                        ),
-                    });
-                }
-            }
-            Some(Check::Digest(h)) => {
-                let actual = Digest::from(h.finalize());
-                if actual != self.digest {
-                    return Err(Error::Corrupt {
-                        expected: self.digest.to_hex(),
-                        actual: actual.to_hex(),
-                    });
-                }
-            }
-            None => {}
-        }
-        Ok(())
-    }
-}
-
-/// Running sums for K targets over one chunk: f32, or f64 for large coefficients.
-enum Acc {
-    F32(Vec<Vec<f32>>),
-    F64(Vec<Vec<f64>>),
-}
-
-impl Acc {
-    fn new(f64_accumulation: bool, k: usize, chunk: usize) -> Self {
-        if f64_accumulation {
-            Acc::F64(vec![vec![0.0; chunk]; k])
-        } else {
-            Acc::F32(vec![vec![0.0; chunk]; k])
-        }
-    }
-
-    /// Sets target k's sums at `start..start + m` to `Σ_b weights[b] · values[b]`.
-    fn set_block(
-        &mut self,
-        k: usize,
-        start: usize,
-        m: usize,
-        values: &[[f32; BLOCK]],
-        weights: &[f64],
-    ) {
-        match self {
-            Acc::F32(a) => kernels::combine_f32(&mut a[k][start..start + m], values, weights),
-            Acc::F64(a) => kernels::combine_f64(&mut a[k][start..start + m], values, weights),
-        }
-    }
-
-    /// Adds the workers' partial sums over the first `n` elements, in worker order (so the
-    /// result does not depend on scheduling), in parallel over targets and pieces; with
-    /// `add` false the first worker's sums replace the total instead of adding to it.
-    fn add_partials(&mut self, workers: &[Worker], n: usize, add: bool) {
-        match self {
-            Acc::F32(total) => {
-                let parts: Vec<&[Vec<f32>]> = workers
-                    .iter()
-                    .map(|w| match &w.acc {
-                        Acc::F32(a) => a.as_slice(),
-                        Acc::F64(_) => unreachable!("all accumulators share one precision"),
-                    })
-                    .collect();
-                merge_sums(total, &parts, n, add);
-            }
-            Acc::F64(total) => {
-                let parts: Vec<&[Vec<f64>]> = workers
-                    .iter()
-                    .map(|w| match &w.acc {
-                        Acc::F64(a) => a.as_slice(),
-                        Acc::F32(_) => unreachable!("all accumulators share one precision"),
-                    })
-                    .collect();
-                merge_sums(total, &parts, n, add);
-            }
-        }
-    }
-
-    /// Encodes target k's sums over `range` (at most [`ENCODE_PIECE`] elements) into `out`.
-    fn encode(&self, k: usize, range: std::ops::Range<usize>, dtype: OutDtype, out: &mut [u8]) {
-        let mut narrow = [0f32; ENCODE_PIECE];
-        let sum: &[f32] = match self {
-            Acc::F32(a) => &a[k][range],
-            Acc::F64(a) => {
-                let narrow = &mut narrow[..range.len()];
-                narrow
-                    .iter_mut()
-                    .zip(&a[k][range])
-                    .for_each(|(n, v)| *n = *v as f32);
-                narrow
-            }
-        };
-        match dtype {
-            OutDtype::F32 => out.copy_from_slice(bytemuck::cast_slice(sum)),
-            OutDtype::F16 => {
-                let mut halves = [f16::ZERO; ENCODE_PIECE];
-                let halves = &mut halves[..sum.len()];
-                halves.convert_from_f32_slice(sum);
-                out.copy_from_slice(bytemuck::cast_slice(halves));
-            }
-            OutDtype::BF16 => {
-                let mut halves = [bf16::ZERO; ENCODE_PIECE];
-                let halves = &mut halves[..sum.len()];
-                halves.convert_from_f32_slice(sum);
-                out.copy_from_slice(bytemuck::cast_slice(halves));
-            }
-        }
-    }
-}
-
-/// `total[k][..n] (+)= Σ_i parts[i][k][..n]`, summed in `parts` order.
-fn merge_sums<T: Copy + std::ops::AddAssign + Send + Sync>(
-    total: &mut [Vec<T>],
-    parts: &[&[Vec<T>]],
-    n: usize,
-    add: bool,
-) {
-    total.par_iter_mut().enumerate().for_each(|(k, t)| {
-        t[..n]
-            .par_chunks_mut(ENCODE_PIECE)
-            .enumerate()
-            .for_each(|(j, piece)| {
-                let start = j * ENCODE_PIECE;
-                let end = start + piece.len();
-                for (i, p) in parts.iter().enumerate() {
-                    let src = &p[k][start..end];
-                    if i == 0 && !add {
-                        piece.copy_from_slice(src);
-                    } else {
-                        piece.iter_mut().zip(src).for_each(|(a, b)| *a += *b);
-                    }
-                }
-            })
-    });
-}
-
-/// Elements per piece of the parallel merge and encode steps.
-const ENCODE_PIECE: usize = 4096;
-
-/// Inputs per group: a worker reads a group's chunks, then combines them block by block, so
-/// each accumulator is loaded and stored once per group rather than once per input.
-const BATCH_INPUTS: usize = 8;
-/// Elements combined at a time: a group's values (8 × 2 KiB) and one target's sums stay in
-/// L1 cache while every input of the group is added in.
-const BLOCK: usize = 512;
-
-/// Scratch of one worker: raw chunks of its group of inputs (8-byte aligned), one block of
-/// their values as f32, and the group's sums.
-struct Worker {
-    raw: Vec<Vec<u64>>,
-    values: Vec<[f32; BLOCK]>,
-    acc: Acc,
-}
-
-impl Worker {
-    fn new(f64_accumulation: bool, k: usize, chunk: usize) -> Self {
-        Self {
-            raw: Vec::new(),
-            values: vec![[0.0; BLOCK]; BATCH_INPUTS],
-            acc: Acc::new(f64_accumulation, k, chunk),
-        }
-    }
-
-    /// Reads `n` elements of `dtype` from each cursor in `group` (at most [`BATCH_INPUTS`])
-    /// and sets this worker's sums to their weighted sum.
-    fn accumulate(
-        &mut self,
-        group: &mut [Cursor],
-        weights: &[&[f64]],
-        dtype: &str,
-        n: usize,
-    ) -> Result<()> {
-        debug_assert!(group.len() <= BATCH_INPUTS);
-        let size = element_size(dtype);
-        let words = (n * size).div_ceil(8);
-        if self.raw.len() < group.len() {
-            self.raw.resize_with(group.len(), Vec::new);
-        }
-        for (cursor, raw) in group.iter_mut().zip(&mut self.raw) {
-            if raw.len() < words {
-                raw.resize(words, 0);
-            }
-            let bytes: &mut [u8] = bytemuck::cast_slice_mut(raw);
-            cursor.read(&mut bytes[..n * size])?;
-        }
-        let count = group.len();
-        for start in (0..n).step_by(BLOCK) {
-            let m = BLOCK.min(n - start);
-            for (raw, values) in self.raw[..count].iter().zip(&mut self.values) {
-                let bytes: &[u8] = bytemuck::cast_slice(raw);
-                let bytes = &bytes[start * size..(start + m) * size];
-                let values = &mut values[..m];
-                match dtype {
-                    "F16" => kernels::f16_to_f32(bytemuck::cast_slice(bytes), values),
-                    "BF16" => bytemuck::cast_slice::<u8, bf16>(bytes).convert_to_f32_slice(values),
-                    "F32" => values.copy_from_slice(bytemuck::cast_slice(bytes)),
-                    // F64 inputs are rounded to f32 before the sum; outputs are at most f32.
-                    _ => values
-                        .iter_mut()
-                        .zip(bytemuck::cast_slice::<u8, f64>(bytes))
-                        .for_each(|(v, x)| *v = *x as f32),
-                }
-            }
-            for (k, w) in weights.iter().enumerate() {
-                self.acc.set_block(k, start, m, &self.values[..count], w);
-            }
-        }
-        Ok(())
-    }
-}
-
 /// [`materialize_with`] with the default [`Options`] (verified reads, no progress).
 pub fn materialize(
     store: &BlobStore,
@@ -424,6 +109,10 @@ pub fn materialize(
 /// accumulators, which are then added together and written out. Memory is a few chunks per
 /// worker and target (about 2.5 MiB per worker plus 256 KiB per target and worker), whatever
 /// the number of snapshots and the size of the model.
+///
+/// Errors: no input or target, a weight count or metadata count that does not match, a
+/// non-finite weight, inputs whose tensors differ, an unreadable or damaged input (verified
+/// reads), or a failing output.
 pub fn materialize_with(
     store: &BlobStore,
     inputs: &[Input],
@@ -433,11 +122,55 @@ pub fn materialize_with(
     outputs: &mut [&mut (dyn Write + Send)],
     options: &Options<'_>,
 ) -> Result<Stats> {
+    check_arguments(inputs, weights, metadata, outputs.len())?;
+    let layout: &[TensorEntry] = &inputs[0].header.tensors;
+    let f64_accumulation = weights
+        .iter()
+        .any(|w| w.iter().map(|v| v.abs()).sum::<f64>() > F64_ACCUMULATION_L1);
+    // Copied (non-float) tensors come from the newest input any target uses.
+    let newest = (0..inputs.len())
+        .filter(|&i| weights.iter().any(|w| w[i] != 0.0))
+        .max_by_key(|&i| inputs[i].nimg)
+        .unwrap_or(inputs.len() - 1);
+    write_output_headers(
+        layout,
+        out_dtype,
+        f64_accumulation,
+        inputs[newest].nimg,
+        metadata,
+        outputs,
+    )?;
+    let mut cursors = open_inputs(store, inputs, options.verify)?;
+    let pass = Pass {
+        layout,
+        weights,
+        out_dtype,
+        f64_accumulation,
+        newest,
+        progress: options.progress,
+    };
+    let bytes_read = pass.run(&mut cursors, outputs)?;
+    // Reaching the end of every input checks its digest.
+    cursors.into_par_iter().try_for_each(Cursor::finish)?;
+    Ok(Stats {
+        f64_accumulation,
+        bytes_read,
+    })
+}
+
+/// Checks the counts and the weights, and that every input has the first one's tensors in
+/// the same order.
+fn check_arguments(
+    inputs: &[Input],
+    weights: &[Vec<f64>],
+    metadata: &[BTreeMap<String, String>],
+    outputs: usize,
+) -> Result<()> {
     let k_count = weights.len();
     if inputs.is_empty() || k_count == 0 {
         return Err(Error::invalid("inputs", "nothing to reconstruct"));
     }
-    if outputs.len() != k_count || metadata.len() != k_count {
+    if outputs != k_count || metadata.len() != k_count {
         return Err(Error::invalid(
             "outputs",
             "one output and one metadata map per target are needed",
@@ -451,7 +184,6 @@ pub fn materialize_with(
             ));
         }
     }
-    // All inputs must share the first one's tensors, in the same order.
     let layout: &[TensorEntry] = &inputs[0].header.tensors;
     for (i, input) in inputs.iter().enumerate().skip(1) {
         let same = input.header.tensors.len() == layout.len()
@@ -468,16 +200,20 @@ pub fn materialize_with(
             ));
         }
     }
-    let f64_accumulation = weights
-        .iter()
-        .any(|w| w.iter().map(|v| v.abs()).sum::<f64>() > F64_ACCUMULATION_L1);
-    // Copied (non-float) tensors come from the newest input any target uses.
-    let newest = (0..inputs.len())
-        .filter(|&i| weights.iter().any(|w| w[i] != 0.0))
-        .max_by_key(|&i| inputs[i].nimg)
-        .unwrap_or(inputs.len() - 1);
+    Ok(())
+}
 
-    // Output headers are known up front.
+/// Writes every output's header, which is known up front: float tensors in `out_dtype`,
+/// others as they are; the metadata gains the accumulation precision and which tensors were
+/// copied from the newest snapshot (at `newest_nimg`).
+fn write_output_headers(
+    layout: &[TensorEntry],
+    out_dtype: OutDtype,
+    f64_accumulation: bool,
+    newest_nimg: u64,
+    metadata: &[BTreeMap<String, String>],
+    outputs: &mut [&mut (dyn Write + Send)],
+) -> Result<()> {
     let infos: Vec<OutTensorInfo> = layout
         .iter()
         .map(|t| {
@@ -504,8 +240,8 @@ pub fn materialize_with(
         .filter(|t| !t.is_float())
         .map(|t| t.name.as_str())
         .collect();
-    for (k, out) in outputs.iter_mut().enumerate() {
-        let mut meta = metadata[k].clone();
+    for (out, meta) in outputs.iter_mut().zip(metadata) {
+        let mut meta = meta.clone();
         meta.insert(
             "accumulation".into(),
             if f64_accumulation { "f64" } else { "f32" }.into(),
@@ -513,14 +249,17 @@ pub fn materialize_with(
         if !copied.is_empty() {
             meta.insert(
                 "copied_from_newest_snapshot".into(),
-                format!("{} (nimg {})", copied.join(","), inputs[newest].nimg),
+                format!("{} (nimg {newest_nimg})", copied.join(",")),
             );
         }
         write_safetensors_header(out, &infos, &meta)
             .map_err(|e| Error::io("writing a reconstruction", e))?;
     }
+    Ok(())
+}
 
-    // Every input is read front to back (the header too, for the hash), in chunks.
+/// Opens every input for reading front to back, reading its header (the hash covers it).
+fn open_inputs(store: &BlobStore, inputs: &[Input], verify: bool) -> Result<Vec<Cursor>> {
     let mut cursors = Vec::with_capacity(inputs.len());
     for input in inputs {
         let file = store.open_blob(&input.digest)?;
@@ -528,7 +267,7 @@ pub fn materialize_with(
             file,
             digest: input.digest,
             pos: 0,
-            check: options.verify.then(|| match input.checksum {
+            check: verify.then(|| match input.checksum {
                 Some(c) => Check::Checksum(Box::default(), c),
                 None => Check::Digest(Box::default()),
             }),
@@ -537,225 +276,147 @@ pub fn materialize_with(
         cursor.read(&mut head)?;
         cursors.push(cursor);
     }
-    // Inputs form fixed groups of BATCH_INPUTS, whatever the number of threads: a group's
-    // partial sums are added to the total in group order, so the output's bits do not depend
-    // on the machine (the reconstruction id promises the same bytes for the same inputs).
-    let group_weights: Vec<Vec<&[f64]>> = (0..inputs.len())
-        .step_by(BATCH_INPUTS)
-        .map(|start| {
-            let end = (start + BATCH_INPUTS).min(inputs.len());
-            weights.iter().map(|w| &w[start..end]).collect()
-        })
-        .collect();
-    let chunk = CHUNK_ELEMENTS;
-    let wave = rayon::current_num_threads().clamp(1, group_weights.len());
-    let mut workers: Vec<Worker> = (0..wave)
-        .map(|_| Worker::new(f64_accumulation, k_count, chunk))
-        .collect();
-    let mut total = Acc::new(f64_accumulation, k_count, chunk);
-    let mut bytes_read = 0u64;
-    // Outputs are written by their own thread, one chunk behind the arithmetic.
-    let (send, receive) = std::sync::mpsc::sync_channel::<Vec<Vec<u8>>>(2);
-    let (recycle_send, recycle) = std::sync::mpsc::channel::<Vec<Vec<u8>>>();
-    std::thread::scope(|scope| -> Result<()> {
-        let writer = scope.spawn(move || -> Result<()> {
-            for buffers in receive {
-                for (out, b) in outputs.iter_mut().zip(&buffers) {
-                    out.write_all(b)
-                        .map_err(|e| Error::io("writing a reconstruction", e))?;
-                }
-                let _ = recycle_send.send(buffers);
-            }
-            Ok(())
-        });
-        let result = (|| -> Result<()> {
-            for t in layout {
-                if !t.is_float() {
-                    let mut kept = Vec::new();
-                    let mut raw = vec![0u8; t.len as usize];
-                    for (i, c) in cursors.iter_mut().enumerate() {
-                        c.read(&mut raw)?;
-                        if i == newest {
-                            kept.clone_from(&raw);
-                        }
-                    }
-                    bytes_read += t.len * inputs.len() as u64;
-                    if send.send(vec![kept; k_count]).is_err() {
-                        return Ok(()); // the writer failed; its error is reported below
-                    }
-                    continue;
-                }
-                let elements = t.shape.iter().product::<u64>() as usize;
-                let in_size = element_size(&t.dtype);
-                let mut done = 0;
-                while done < elements {
-                    let n = (elements - done).min(chunk);
-                    for first in (0..group_weights.len()).step_by(wave) {
-                        let groups = (group_weights.len() - first).min(wave);
-                        let inputs_from = first * BATCH_INPUTS;
-                        let inputs_to = ((first + groups) * BATCH_INPUTS).min(cursors.len());
-                        workers[..groups]
-                            .par_iter_mut()
-                            .zip(cursors[inputs_from..inputs_to].par_chunks_mut(BATCH_INPUTS))
-                            .zip(group_weights[first..first + groups].par_iter())
-                            .try_for_each(|((worker, group), w)| {
-                                worker.accumulate(group, w, &t.dtype, n)?;
-                                (options.progress)((n * in_size * group.len()) as u64);
-                                Ok::<_, Error>(())
-                            })?;
-                        total.add_partials(&workers[..groups], n, first > 0);
-                    }
-                    let mut buffers = recycle
-                        .try_recv()
-                        .unwrap_or_else(|_| vec![Vec::new(); k_count]);
-                    let out_size = out_dtype.size();
-                    let total = &total;
-                    buffers.par_iter_mut().enumerate().for_each(|(k, buf)| {
-                        buf.resize(n * out_size, 0);
-                        buf.par_chunks_mut(ENCODE_PIECE * out_size)
-                            .enumerate()
-                            .for_each(|(j, out)| {
-                                let start = j * ENCODE_PIECE;
-                                let range = start..start + out.len() / out_size;
-                                total.encode(k, range, out_dtype, out);
-                            });
-                    });
-                    bytes_read += (n * in_size * inputs.len()) as u64;
-                    done += n;
-                    if send.send(buffers).is_err() {
-                        return Ok(());
-                    }
-                }
-            }
-            Ok(())
-        })();
-        drop(send);
-        let written = writer
-            .join()
-            .map_err(|_| Error::Database("the output writer panicked".into()))?;
-        result.and(written)
-    })?;
-    // Reaching the end of every input checks its digest.
-    cursors.into_par_iter().try_for_each(Cursor::finish)?;
-    Ok(Stats {
-        f64_accumulation,
-        bytes_read,
-    })
+    Ok(cursors)
 }
 
-/// Vector kernels, compiled for several instruction sets and picked at run time.
-mod kernels {
-    use multiversion::multiversion;
+/// One pass over the inputs' tensor data, writing every output's data section.
+struct Pass<'a> {
+    layout: &'a [TensorEntry],
+    weights: &'a [Vec<f64>],
+    out_dtype: OutDtype,
+    f64_accumulation: bool,
+    /// The input copied tensors come from.
+    newest: usize,
+    progress: &'a (dyn Fn(u64) + Sync),
+}
 
-    /// Lanes per step of the combine kernels (one 512-bit register of f32).
-    const LANES: usize = 16;
-
-    /// The non-zero weights of a batch and their value rows (at most [`super::BATCH_INPUTS`]).
-    fn terms<'a, T: Copy + Default>(
-        values: &'a [[f32; super::BLOCK]],
-        w: &[f64],
-        convert: impl Fn(f64) -> T,
-    ) -> (
-        [T; super::BATCH_INPUTS],
-        [&'a [f32; super::BLOCK]; super::BATCH_INPUTS],
-        usize,
-    ) {
-        let mut ws = [T::default(); super::BATCH_INPUTS];
-        let mut vs = [&values[0]; super::BATCH_INPUTS];
-        let mut n = 0;
-        for (v, &w) in values.iter().zip(w) {
-            if w != 0.0 {
-                ws[n] = convert(w);
-                vs[n] = v;
-                n += 1;
-            }
-        }
-        (ws, vs, n)
+impl Pass<'_> {
+    /// Runs the pass; returns the bytes read. Outputs are written by their own thread, one
+    /// chunk behind the arithmetic.
+    fn run(&self, cursors: &mut [Cursor], outputs: &mut [&mut (dyn Write + Send)]) -> Result<u64> {
+        let k_count = self.weights.len();
+        let (send, receive) = std::sync::mpsc::sync_channel::<Vec<Vec<u8>>>(2);
+        let (recycle_send, recycle) = std::sync::mpsc::channel::<Vec<Vec<u8>>>();
+        std::thread::scope(|scope| -> Result<u64> {
+            let writer = scope.spawn(move || -> Result<()> {
+                for buffers in receive {
+                    for (out, b) in outputs.iter_mut().zip(&buffers) {
+                        out.write_all(b)
+                            .map_err(|e| Error::io("writing a reconstruction", e))?;
+                    }
+                    let _ = recycle_send.send(buffers);
+                }
+                Ok(())
+            });
+            let result = self.compute(cursors, &send, &recycle, k_count);
+            drop(send);
+            let written = writer
+                .join()
+                .map_err(|panic| Error::panicked("the reconstruction's output writer", &*panic))?;
+            // A send fails only when the writer stopped: the pass then ends early with Ok and
+            // the writer's error is the one reported.
+            let bytes_read = result?;
+            written.map(|()| bytes_read)
+        })
     }
 
-    /// `acc = Σ_b w[b] · values[b]` over `acc.len()` elements, inputs with weight 0 skipped,
-    /// each element summed in input order (mul, then add: the same bits on every instruction
-    /// set). A register of sums takes the whole batch before it is stored once, instead of
-    /// a load and store of `acc` per input.
-    #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
-    pub fn combine_f32(acc: &mut [f32], values: &[[f32; super::BLOCK]], w: &[f64]) {
-        let (ws, vs, n) = terms(values, w, |w| w as f32);
-        let full = acc.len() / LANES * LANES;
-        for (j, out) in acc[..full].chunks_exact_mut(LANES).enumerate() {
-            let mut sum = [0f32; LANES];
-            for t in 0..n {
-                let v = &vs[t][j * LANES..(j + 1) * LANES];
-                for (s, x) in sum.iter_mut().zip(v) {
-                    *s += ws[t] * *x;
+    /// Reads and sums every tensor, handing each chunk's encoded outputs to `send`; stops
+    /// early (Ok) when the writer has gone away.
+    fn compute(
+        &self,
+        cursors: &mut [Cursor],
+        send: &std::sync::mpsc::SyncSender<Vec<Vec<u8>>>,
+        recycle: &std::sync::mpsc::Receiver<Vec<Vec<u8>>>,
+        k_count: usize,
+    ) -> Result<u64> {
+        // Inputs form fixed groups of BATCH_INPUTS, whatever the number of threads: a group's
+        // partial sums are added to the total in group order, so the output's bits do not
+        // depend on the machine (the reconstruction id promises the same bytes for the same
+        // inputs).
+        let group_weights: Vec<Vec<&[f64]>> = (0..cursors.len())
+            .step_by(BATCH_INPUTS)
+            .map(|start| {
+                let end = (start + BATCH_INPUTS).min(cursors.len());
+                self.weights.iter().map(|w| &w[start..end]).collect()
+            })
+            .collect();
+        let chunk = CHUNK_ELEMENTS;
+        let wave = rayon::current_num_threads().clamp(1, group_weights.len());
+        let mut workers: Vec<Worker> = (0..wave)
+            .map(|_| Worker::new(self.f64_accumulation, k_count, chunk))
+            .collect();
+        let mut total = Acc::new(self.f64_accumulation, k_count, chunk);
+        let mut bytes_read = 0u64;
+        for t in self.layout {
+            if !t.is_float() {
+                bytes_read += t.len * cursors.len() as u64;
+                if send.send(self.copy_tensor(t, cursors)?).is_err() {
+                    return Ok(bytes_read);
+                }
+                continue;
+            }
+            let elements = t.shape.iter().product::<u64>() as usize;
+            let in_size = element_size(&t.dtype);
+            let mut done = 0;
+            while done < elements {
+                let n = (elements - done).min(chunk);
+                for first in (0..group_weights.len()).step_by(wave) {
+                    let groups = (group_weights.len() - first).min(wave);
+                    let inputs_from = first * BATCH_INPUTS;
+                    let inputs_to = ((first + groups) * BATCH_INPUTS).min(cursors.len());
+                    workers[..groups]
+                        .par_iter_mut()
+                        .zip(cursors[inputs_from..inputs_to].par_chunks_mut(BATCH_INPUTS))
+                        .zip(group_weights[first..first + groups].par_iter())
+                        .try_for_each(|((worker, group), w)| {
+                            worker.accumulate(group, w, &t.dtype, n)?;
+                            (self.progress)((n * in_size * group.len()) as u64);
+                            Ok::<_, Error>(())
+                        })?;
+                    total.add_partials(&workers[..groups], n, first > 0);
+                }
+                let buffers = recycle
+                    .try_recv()
+                    .unwrap_or_else(|_| vec![Vec::new(); k_count]);
+                let buffers = self.encode(&total, buffers, n);
+                bytes_read += (n * in_size * cursors.len()) as u64;
+                done += n;
+                if send.send(buffers).is_err() {
+                    return Ok(bytes_read);
                 }
             }
-            out.copy_from_slice(&sum);
         }
-        for (i, out) in acc.iter_mut().enumerate().skip(full) {
-            let mut sum = 0f32;
-            for t in 0..n {
-                sum += ws[t] * vs[t][i];
-            }
-            *out = sum;
-        }
+        Ok(bytes_read)
     }
 
-    /// IEEE binary16 bits → f32, exactly as the F16C instruction converts (every value; NaNs
-    /// keep their payload and come out quiet). Branch-free, so each instruction-set version
-    /// is vectorised: `half`'s slice conversion calls its F16C routine once per 8 values.
-    #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
-    pub fn f16_to_f32(src: &[u16], dst: &mut [f32]) {
-        for (d, &h) in dst.iter_mut().zip(src) {
-            *d = f16_bits_to_f32(h);
+    /// A non-float tensor: read from every input (keeping the hashes whole), the newest
+    /// input's bytes for every output.
+    fn copy_tensor(&self, t: &TensorEntry, cursors: &mut [Cursor]) -> Result<Vec<Vec<u8>>> {
+        let mut kept = Vec::new();
+        let mut raw = vec![0u8; t.len as usize];
+        for (i, c) in cursors.iter_mut().enumerate() {
+            c.read(&mut raw)?;
+            if i == self.newest {
+                kept.clone_from(&raw);
+            }
         }
+        Ok(vec![kept; self.weights.len()])
     }
 
-    /// One value of [`f16_to_f32`].
-    #[inline(always)]
-    pub fn f16_bits_to_f32(h: u16) -> f32 {
-        let h = u32::from(h);
-        let sign = (h & 0x8000) << 16;
-        let exp = h & 0x7c00;
-        let man = h & 0x03ff;
-        // Normal: rebias the exponent (15 → 127) and widen the mantissa.
-        let normal = ((h & 0x7fff) << 13) + ((127 - 15) << 23);
-        // Subnormal or zero: man · 2⁻²⁴, exact in f32 (no subnormal arithmetic involved).
-        let small = (man as f32 * f32::from_bits(0x3380_0000)).to_bits();
-        // Infinity or NaN (quieted).
-        let special = 0x7f80_0000 | (man << 13) | if man != 0 { 0x0040_0000 } else { 0 };
-        let bits = if exp == 0 {
-            small
-        } else if exp == 0x7c00 {
-            special
-        } else {
-            normal
-        };
-        f32::from_bits(bits | sign)
-    }
-
-    /// [`combine_f32`] with f64 sums.
-    #[multiversion(targets("x86_64+avx512f+avx512vl", "x86_64+avx2+fma", "aarch64+neon"))]
-    pub fn combine_f64(acc: &mut [f64], values: &[[f32; super::BLOCK]], w: &[f64]) {
-        let (ws, vs, n) = terms(values, w, |w| w);
-        const L: usize = LANES / 2;
-        let full = acc.len() / L * L;
-        for (j, out) in acc[..full].chunks_exact_mut(L).enumerate() {
-            let mut sum = [0f64; L];
-            for t in 0..n {
-                let v = &vs[t][j * L..(j + 1) * L];
-                for (s, x) in sum.iter_mut().zip(v) {
-                    *s += ws[t] * f64::from(*x);
-                }
-            }
-            out.copy_from_slice(&sum);
-        }
-        for (i, out) in acc.iter_mut().enumerate().skip(full) {
-            let mut sum = 0f64;
-            for t in 0..n {
-                sum += ws[t] * f64::from(vs[t][i]);
-            }
-            *out = sum;
-        }
+    /// Encodes the first `n` sums of every target into `buffers` in the output dtype.
+    fn encode(&self, total: &Acc, mut buffers: Vec<Vec<u8>>, n: usize) -> Vec<Vec<u8>> {
+        let out_size = self.out_dtype.size();
+        buffers.par_iter_mut().enumerate().for_each(|(k, buf)| {
+            buf.resize(n * out_size, 0);
+            buf.par_chunks_mut(ENCODE_PIECE * out_size)
+                .enumerate()
+                .for_each(|(j, out)| {
+                    let start = j * ENCODE_PIECE;
+                    let range = start..start + out.len() / out_size;
+                    total.encode(k, range, self.out_dtype, out);
+                });
+        });
+        buffers
     }
 }
 
@@ -766,7 +427,7 @@ mod tests {
 
     #[test]
     fn combining_gives_the_bits_of_the_sequential_sum() {
-        use super::{kernels, BATCH_INPUTS, BLOCK};
+        use super::kernels::{self, BATCH_INPUTS, BLOCK};
         let mut values = vec![[0f32; BLOCK]; BATCH_INPUTS];
         let mut x = 0x1234_5678_u32;
         for row in values.iter_mut() {

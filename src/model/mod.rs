@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+mod config_file;
 mod conv;
 pub mod formula;
 mod fused;

@@ -45,6 +45,52 @@ pub struct TargetSpec {
     pub nimg: Option<u64>,
 }
 
+impl From<&Snapshot> for SnapshotSpec {
+    fn from(s: &Snapshot) -> Self {
+        let (sigma_rel, gamma) = match s.width {
+            Width::SigmaRel(v) => (Some(v), None),
+            Width::Gamma(v) => (None, Some(v)),
+        };
+        SnapshotSpec {
+            nimg: s.nimg,
+            sigma_rel,
+            gamma,
+        }
+    }
+}
+
+impl TargetSpec {
+    /// A target of `width` at `nimg` (the last snapshot when `None`).
+    pub fn new(width: Width, nimg: Option<u64>) -> Self {
+        let (sigma_rel, gamma) = match width {
+            Width::SigmaRel(v) => (Some(v), None),
+            Width::Gamma(v) => (None, Some(v)),
+        };
+        TargetSpec {
+            sigma_rel,
+            gamma,
+            nimg,
+        }
+    }
+
+    /// One target per σ_rel, then one per γ, all at `nimg`: how the command line
+    /// (`--sigma-rel`, `--gamma`, `--at-nimg`) and `POST /reconstruct` name targets.
+    pub fn from_lists(sigma_rels: &[f64], gammas: &[f64], nimg: Option<u64>) -> Vec<Self> {
+        let sigma_rels = sigma_rels.iter().map(|&v| Width::SigmaRel(v));
+        let gammas = gammas.iter().map(|&v| Width::Gamma(v));
+        sigma_rels
+            .chain(gammas)
+            .map(|w| TargetSpec::new(w, nimg))
+            .collect()
+    }
+}
+
+impl From<&Target> for TargetSpec {
+    fn from(t: &Target) -> Self {
+        TargetSpec::new(t.width, t.nimg)
+    }
+}
+
 /// The body of a solve request.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -79,6 +125,21 @@ pub struct TargetOutput {
 pub struct SolveResponse {
     /// One entry per requested target, in request order.
     pub targets: Vec<TargetOutput>,
+}
+
+impl From<Vec<TargetSolution>> for SolveResponse {
+    /// A response without sampled profiles.
+    fn from(solutions: Vec<TargetSolution>) -> Self {
+        SolveResponse {
+            targets: solutions
+                .into_iter()
+                .map(|solution| TargetOutput {
+                    solution,
+                    profile: None,
+                })
+                .collect(),
+        }
+    }
 }
 
 fn width(sigma_rel: Option<f64>, gamma: Option<f64>, field: &str) -> Result<Width> {

@@ -8,7 +8,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 
 use super::error::ApiError;
-use super::AppState;
+use super::state::AppState;
 use crate::error::{Error, Result};
 
 /// The stored form of a token: `blake3:` and the hex digest of its bytes.
@@ -61,6 +61,36 @@ pub fn parse_token_hashes(text: &str, source: &str) -> Result<Vec<blake3::Hash>>
         hashes.push(hash);
     }
     Ok(hashes)
+}
+
+/// Reads a token file (see [`parse_token_hashes`]); a file without any hash is an error.
+pub fn read_token_file(path: &std::path::Path) -> Result<Vec<blake3::Hash>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let hashes = parse_token_hashes(&text, &path.display().to_string())?;
+    if hashes.is_empty() {
+        return Err(Error::invalid(
+            path.display().to_string(),
+            "holds no token hashes",
+        ));
+    }
+    Ok(hashes)
+}
+
+/// Makes a new token and appends its hash (only) to the token file at `path`, created if
+/// missing, durably. Returns the token, which is stored nowhere else.
+pub fn append_new_token(path: &std::path::Path) -> Result<String> {
+    use std::io::Write;
+    let token = new_token()?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    writeln!(f, "{}", hash_token(&token))
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    Ok(token)
 }
 
 /// Middleware: refuses non-GET/HEAD requests without a valid bearer token when tokens are

@@ -1,13 +1,16 @@
-//! Sending blobs (strong ETag = content digest, one `Range`, `If-None-Match`, `If-Range`) and
-//! `HEAD /blobs/{digest}`.
+//! Sending blobs (strong ETag = content digest, one `Range`, `If-None-Match`, `If-Range`;
+//! whole-file downloads hashed as they stream) and `HEAD /blobs/{digest}`.
+
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
+use futures_util::StreamExt;
 
 use super::error::{ApiError, ApiResult, ErrorBody};
-use super::AppState;
+use super::state::AppState;
 use crate::db::BlobState;
 use crate::store::Digest;
 
@@ -102,12 +105,12 @@ pub(super) async fn send_blob(
                 .status(StatusCode::PARTIAL_CONTENT)
                 .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"))
                 .header(header::CONTENT_LENGTH, end - start + 1)
-                .body(super::reconstruct::file_body(file, end - start + 1, None))
+                .body(file_body(file, end - start + 1, None))
         }
         None => builder
             .status(StatusCode::OK)
             .header(header::CONTENT_LENGTH, len)
-            .body(super::reconstruct::file_body(
+            .body(file_body(
                 file,
                 len,
                 state.config.verify_reads.then_some(digest),
@@ -155,4 +158,38 @@ pub(super) async fn head_blob(
         .header(header::ETAG, etag_of(&digest.to_hex()))
         .body(Body::empty())
         .map_err(ApiError::internal)
+}
+
+/// Makes a streamed body from a file region, hashing a whole-file read when `verify` names
+/// the expected digest: a mismatch ends the stream with an error, so the client sees a
+/// truncated response rather than wrong bytes.
+fn file_body(file: tokio::fs::File, len: u64, verify: Option<Digest>) -> Body {
+    use tokio::io::AsyncReadExt;
+    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), 256 << 10);
+    match verify {
+        None => Body::from_stream(stream),
+        Some(expected) => {
+            let hasher = Arc::new(std::sync::Mutex::new(blake3::Hasher::new()));
+            let h = hasher.clone();
+            let checked = stream.map(move |chunk| {
+                if let Ok(c) = &chunk {
+                    h.lock().expect("hasher").update(c);
+                }
+                chunk
+            });
+            let tail = futures_util::stream::once(async move {
+                let actual = Digest::from(hasher.lock().expect("hasher").finalize());
+                if actual == expected {
+                    None
+                } else {
+                    tracing::error!(
+                        "blob {expected} is corrupt (hashes to {actual}); download aborted"
+                    );
+                    Some(Err(std::io::Error::other("stored blob is corrupt")))
+                }
+            })
+            .filter_map(futures_util::future::ready);
+            Body::from_stream(checked.chain(tail))
+        }
+    }
 }

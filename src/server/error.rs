@@ -1,5 +1,6 @@
 //! The HTTP error shape: `{"error": {"code": "...", "message": "..."}}` with a 4xx status for
-//! what the client can fix, and a plain 500 for everything else (detail logged, not sent).
+//! what the client can fix, and a plain 500 for everything else (detail logged, not sent);
+//! and reading request bodies into that shape.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -60,6 +61,11 @@ impl ApiError {
     /// 500 `internal`, after logging what happened.
     pub fn internal(detail: impl std::fmt::Display) -> Self {
         tracing::error!("internal error: {detail}");
+        Self::internal_logged()
+    }
+
+    /// 500 `internal` for an error already logged.
+    fn internal_logged() -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -71,10 +77,16 @@ impl ApiError {
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         match e {
-            Error::InvalidInput { .. } => ApiError::invalid(e.to_string()),
+            // What the client sent: it can fix it.
+            Error::InvalidInput { .. } | Error::Incomplete { .. } => {
+                ApiError::invalid(e.to_string())
+            }
             Error::NotFound(m) => ApiError::not_found(m),
             Error::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
-            other => ApiError::internal(other),
+            other => {
+                tracing::error!(error = %other.chain_text(), "internal error");
+                ApiError::internal_logged()
+            }
         }
     }
 }
@@ -99,3 +111,30 @@ impl IntoResponse for ApiError {
 
 /// Result of a handler.
 pub type ApiResult<T> = std::result::Result<T, ApiError>;
+
+/// Parses a JSON body with field paths in the error (`targets[1].nimg: …`).
+pub(super) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." || path == "?" {
+            ApiError::invalid(format!("request body: {inner}"))
+        } else {
+            ApiError::invalid(format!("{path}: {inner}"))
+        }
+    })
+}
+
+/// Maps a body-reading rejection (too large, cut off) to the JSON error shape.
+pub(super) fn body_rejection(r: axum::extract::rejection::BytesRejection) -> ApiError {
+    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the request body is larger than this server accepts",
+        )
+    } else {
+        ApiError::invalid(format!("reading the request body: {}", r.body_text()))
+    }
+}

@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{blobs, reconstruct, runs};
+use super::{blobs, error, meta, reconstruct, runs, views};
 
 /// The API description served at `GET /openapi.json`.
 #[derive(OpenApi)]
@@ -23,23 +23,23 @@ use super::{blobs, reconstruct, runs};
         runs::list_snapshots,
         runs::upload_snapshot,
         blobs::head_blob,
-        super::healthz,
+        meta::healthz,
         openapi_json,
     ),
     components(schemas(
         reconstruct::ReconstructRequest,
-        reconstruct::ReconstructionView,
-        reconstruct::ReconstructionList,
         reconstruct::Widths,
-        runs::RunDetail,
-        super::error::ErrorBody,
-        super::error::ErrorDetail,
-        crate::db::RunSummary,
-        crate::db::Run,
-        crate::db::SnapshotRow,
-        crate::db::ManifestEntry,
-        crate::ingest::Ingested,
-        crate::materialize::OutDtype,
+        views::ReconstructionView,
+        views::ReconstructionList,
+        views::RunDetail,
+        views::RunSummaryView,
+        views::RunView,
+        views::SnapshotView,
+        views::ManifestEntryView,
+        views::IngestedView,
+        views::DtypeView,
+        error::ErrorBody,
+        error::ErrorDetail,
     )),
     modifiers(&BearerAuth),
     tags(

@@ -5,37 +5,26 @@ use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::TryStreamExt;
-use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use serde::Deserialize;
+use utoipa::IntoParams;
 
 use super::error::{ApiError, ApiResult, ErrorBody};
-use super::AppState;
-use crate::db::{ManifestEntry, Run, RunSummary, SnapshotRow};
-use crate::ingest::{ingest_reader, Hints, Incoming, IngestOptions, Ingested};
+use super::state::AppState;
+use super::views::{
+    IngestedView, ManifestEntryView, ReconstructionView, RunDetail, RunSummaryView, SnapshotView,
+};
+use crate::db::Run;
+use crate::ingest::{ingest_reader, CutShort, Hints, Incoming, IngestOptions, RunForIngest};
 use crate::phema::Width;
-
-/// A run with its manifest and stored reconstructions.
-#[derive(Serialize, ToSchema)]
-pub struct RunDetail {
-    /// The run.
-    pub run: Run,
-    /// Number of snapshots.
-    pub snapshots: usize,
-    /// Total bytes of the snapshots.
-    pub bytes: u64,
-    /// Latest snapshot time (reconstructions default to it).
-    pub last_nimg: Option<i64>,
-    /// The tensors every snapshot has.
-    pub manifest: Vec<ManifestEntry>,
-    /// Reconstructions stored for this run, newest first.
-    pub reconstructions: Vec<super::reconstruct::ReconstructionView>,
-}
 
 /// Every run with its totals.
 #[utoipa::path(get, path = "/runs", tag = "runs",
-    responses((status = 200, description = "All runs, by name", body = [RunSummary])))]
-pub(super) async fn list_runs(State(state): State<AppState>) -> ApiResult<Json<Vec<RunSummary>>> {
-    Ok(Json(state.data.db.runs().await?))
+    responses((status = 200, description = "All runs, by name", body = [RunSummaryView])))]
+pub(super) async fn list_runs(
+    State(state): State<AppState>,
+) -> ApiResult<Json<Vec<RunSummaryView>>> {
+    let runs = state.data.db.runs().await?;
+    Ok(Json(runs.into_iter().map(RunSummaryView::from).collect()))
 }
 
 async fn run_named(state: &AppState, name: &str) -> ApiResult<Run> {
@@ -67,14 +56,14 @@ pub(super) async fn get_run(
         .reconstructions(run.id)
         .await?
         .iter()
-        .map(|r| super::reconstruct::ready_view(r, true))
+        .map(|r| ReconstructionView::ready(r, true))
         .collect();
     Ok(Json(RunDetail {
         snapshots: snapshots.len(),
         bytes: snapshots.iter().map(|s| s.byte_size as u64).sum(),
         last_nimg: snapshots.iter().map(|s| s.nimg).max(),
-        run,
-        manifest,
+        run: run.into(),
+        manifest: manifest.into_iter().map(ManifestEntryView::from).collect(),
         reconstructions,
     }))
 }
@@ -83,15 +72,16 @@ pub(super) async fn get_run(
 #[utoipa::path(get, path = "/runs/{run}/snapshots", tag = "snapshots",
     params(("run" = String, Path, description = "Run name")),
     responses(
-        (status = 200, description = "The snapshots", body = [SnapshotRow]),
+        (status = 200, description = "The snapshots", body = [SnapshotView]),
         (status = 404, description = "No such run", body = ErrorBody),
     ))]
 pub(super) async fn list_snapshots(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> ApiResult<Json<Vec<SnapshotRow>>> {
+) -> ApiResult<Json<Vec<SnapshotView>>> {
     let run = run_named(&state, &name).await?;
-    Ok(Json(state.data.db.snapshots(run.id).await?))
+    let rows = state.data.db.snapshots(run.id).await?;
+    Ok(Json(rows.into_iter().map(SnapshotView::from).collect()))
 }
 
 /// Where an upload's time and width come from (query string, or `X-Hindsight-Nimg`,
@@ -126,61 +116,47 @@ fn header_number<T: std::str::FromStr>(headers: &HeaderMap, name: &str) -> ApiRe
     }
 }
 
-/// Upload one snapshot (a safetensors file, streamed as the body, `Content-Length`
-/// required). It is validated and hashed as it arrives and checked against the run's manifest
-/// exactly as `hindsight import` does; nothing is stored unless the whole file arrives. The
-/// run is created on its first snapshot.
-#[utoipa::path(post, path = "/runs/{run}/snapshots", tag = "snapshots",
-    params(("run" = String, Path, description = "Run name"), UploadParams),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream",
-        description = "The safetensors file"),
-    responses(
-        (status = 201, description = "Stored", body = Ingested),
-        (status = 200, description = "The same snapshot was already stored", body = Ingested),
-        (status = 400, description = "Invalid file or parameters", body = ErrorBody),
-        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
-        (status = 409, description = "A different snapshot is stored at this time and width", body = ErrorBody),
-        (status = 411, description = "No Content-Length", body = ErrorBody),
-        (status = 413, description = "Larger than the server's upload limit", body = ErrorBody),
-    ),
-    security(("bearer" = [])))]
-pub(super) async fn upload_snapshot(
-    State(state): State<AppState>,
-    Path(name): Path<String>,
-    uri: Uri,
-    request: Request,
-) -> ApiResult<Response> {
-    let params: UploadParams = match uri.query() {
-        None => UploadParams::default(),
-        Some(_) => {
-            axum::extract::Query::<UploadParams>::try_from_uri(&uri)
+impl UploadParams {
+    /// The query string's parameters (all optional).
+    fn from_uri(uri: &Uri) -> ApiResult<Self> {
+        match uri.query() {
+            None => Ok(UploadParams::default()),
+            Some(_) => Ok(axum::extract::Query::<UploadParams>::try_from_uri(uri)
                 .map_err(|e| ApiError::invalid(format!("query: {}", e.body_text())))?
-                .0
+                .0),
         }
-    };
-    let headers = request.headers();
-    let nimg = match params.nimg {
-        Some(n) => Some(n),
-        None => header_number::<u64>(headers, "x-hindsight-nimg")?,
-    };
-    let sigma_rel = match params.sigma_rel {
-        Some(s) => Some(s),
-        None => header_number::<f64>(headers, "x-hindsight-sigma-rel")?,
-    };
-    let gamma = match params.gamma {
-        Some(g) => Some(g),
-        None => header_number::<f64>(headers, "x-hindsight-gamma")?,
-    };
-    let width = match (sigma_rel, gamma) {
-        (Some(s), None) => Some(Width::SigmaRel(s)),
-        (None, Some(g)) => Some(Width::Gamma(g)),
-        (None, None) => None,
-        (Some(_), Some(_)) => {
-            return Err(ApiError::invalid(
-                "give either sigma_rel or gamma, not both",
-            ))
-        }
-    };
+    }
+
+    /// Time and width from the query, else from the `X-Hindsight-*` headers.
+    fn hints(&self, headers: &HeaderMap) -> ApiResult<Hints> {
+        let nimg = match self.nimg {
+            Some(n) => Some(n),
+            None => header_number::<u64>(headers, "x-hindsight-nimg")?,
+        };
+        let sigma_rel = match self.sigma_rel {
+            Some(s) => Some(s),
+            None => header_number::<f64>(headers, "x-hindsight-sigma-rel")?,
+        };
+        let gamma = match self.gamma {
+            Some(g) => Some(g),
+            None => header_number::<f64>(headers, "x-hindsight-gamma")?,
+        };
+        let width = match (sigma_rel, gamma) {
+            (Some(s), None) => Some(Width::SigmaRel(s)),
+            (None, Some(g)) => Some(Width::Gamma(g)),
+            (None, None) => None,
+            (Some(_), Some(_)) => {
+                return Err(ApiError::invalid(
+                    "give either sigma_rel or gamma, not both",
+                ))
+            }
+        };
+        Ok(Hints { nimg, width })
+    }
+}
+
+/// The upload's `Content-Length`, required and within the server's limit.
+fn upload_length(headers: &HeaderMap, limit: u64) -> ApiResult<u64> {
     let len: u64 = match headers.get(header::CONTENT_LENGTH) {
         None => {
             return Err(ApiError::new(
@@ -195,16 +171,43 @@ pub(super) async fn upload_snapshot(
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| ApiError::invalid("Content-Length is not a number"))?,
     };
-    if len > state.config.max_upload_bytes {
+    if len > limit {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
-            format!(
-                "{len} bytes is more than this server's upload limit of {} bytes",
-                state.config.max_upload_bytes
-            ),
+            format!("{len} bytes is more than this server's upload limit of {limit} bytes"),
         ));
     }
+    Ok(len)
+}
+
+/// Upload one snapshot (a safetensors file, streamed as the body, `Content-Length`
+/// required). It is validated and hashed as it arrives and checked against the run's manifest
+/// exactly as `hindsight import` does; nothing is stored unless the whole file arrives. The
+/// run is created on its first snapshot.
+#[utoipa::path(post, path = "/runs/{run}/snapshots", tag = "snapshots",
+    params(("run" = String, Path, description = "Run name"), UploadParams),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream",
+        description = "The safetensors file"),
+    responses(
+        (status = 201, description = "Stored", body = IngestedView),
+        (status = 200, description = "The same snapshot was already stored", body = IngestedView),
+        (status = 400, description = "Invalid file or parameters", body = ErrorBody),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 409, description = "A different snapshot is stored at this time and width", body = ErrorBody),
+        (status = 411, description = "No Content-Length", body = ErrorBody),
+        (status = 413, description = "Larger than the server's upload limit", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn upload_snapshot(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    uri: Uri,
+    request: Request,
+) -> ApiResult<Response> {
+    let params = UploadParams::from_uri(&uri)?;
+    let hints = params.hints(request.headers())?;
+    let len = upload_length(request.headers(), state.config.max_upload_bytes)?;
     crate::db::check_run_name(&name)?;
     let _permit = state
         .uploads
@@ -212,46 +215,39 @@ pub(super) async fn upload_snapshot(
         .acquire_owned()
         .await
         .map_err(ApiError::internal)?;
-    let existed = state.data.db.run(&name).await?.is_some();
-    let run = state.data.db.run_or_create(&name).await?;
+    let target = RunForIngest::open(&state.data.db, &name).await?;
+    // A body that breaks off is the client's doing: ingest reports it as `Incomplete`.
     let stream = request
         .into_body()
         .into_data_stream()
-        .map_err(|e| std::io::Error::other(format!("the upload was cut short: {e}")));
+        .map_err(CutShort::io_error);
     let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
-    let file_name = params.filename.clone().unwrap_or_default();
     let ingested = ingest_reader(
         &state.data.db,
         &state.data.store,
-        &run,
+        &target.run,
         Incoming {
             reader,
             len,
             source: "upload".into(),
-            file_name,
+            file_name: params.filename.clone().unwrap_or_default(),
         },
-        Hints { nimg, width },
+        hints,
         IngestOptions {
             check_finite: params.check_finite,
         },
         |_| {},
     )
     .await;
-    if ingested.is_err() && !existed {
+    if ingested.is_err() {
         // A run this upload created stays only if the upload stored something.
-        let _ = state.data.db.delete_run_if_empty(run.id).await;
+        let _ = target.abandon(&state.data.db).await;
     }
-    let ingested = ingested.map_err(|e| match e {
-        // A body that broke off is the client's problem, not the server's.
-        crate::Error::Io { context, source } if source.to_string().contains("cut short") => {
-            ApiError::invalid(format!("{context}: {source}"))
-        }
-        other => other.into(),
-    })?;
+    let ingested = ingested?;
     let status = if ingested.inserted {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(ingested)).into_response())
+    Ok((status, Json(IngestedView::from(ingested))).into_response())
 }

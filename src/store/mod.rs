@@ -149,12 +149,7 @@ impl BlobStore {
     /// Starts writing a new blob. Nothing is visible until [`BlobWriter::finish`]; dropping the
     /// writer discards what was written.
     pub fn writer(&self) -> Result<BlobWriter> {
-        let tmp = tempfile::Builder::new()
-            .prefix("blob-")
-            .tempfile_in(self.root.join(TMP))
-            .map_err(io_err(|| {
-                format!("creating a file in {}", self.root.join(TMP).display())
-            }))?;
+        let tmp = self.staging_file("blob-", "")?;
         Ok(BlobWriter {
             store: self.clone(),
             file: io::BufWriter::with_capacity(1 << 20, tmp),
@@ -163,6 +158,20 @@ impl BlobStore {
             len: 0,
             writeback: None,
         })
+    }
+
+    /// A scratch file in the store's staging directory (same file system as the blobs, so a
+    /// file staged here can be moved or hard-linked in without a copy), named
+    /// `<prefix>…<suffix>`. It is deleted when dropped; one left behind by a crash is an
+    /// orphan that [`BlobStore::clean_temp`] removes. Nobody else builds paths under `tmp/`.
+    pub fn staging_file(&self, prefix: &str, suffix: &str) -> Result<tempfile::NamedTempFile> {
+        tempfile::Builder::new()
+            .prefix(prefix)
+            .suffix(suffix)
+            .tempfile_in(self.root.join(TMP))
+            .map_err(io_err(|| {
+                format!("creating a file in {}", self.root.join(TMP).display())
+            }))
     }
 
     /// Stores everything `reader` yields; returns the digest and the size.

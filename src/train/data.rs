@@ -1,4 +1,5 @@
-//! Training data: a built-in procedural dataset that needs no download.
+//! Training data: a built-in procedural dataset that needs no download, and folders or ZIPs
+//! of PNGs in EDM2's dataset layout.
 //!
 //! Image `i` of the procedural set is drawn from an RNG seeded by (seed, i): a soft vertical
 //! background gradient and one filled shape whose kind (disc, square, diamond, ring, cross)
@@ -6,6 +7,7 @@
 //! [−1, 1] as EDM2 feeds its networks. The images have real structure (edges, flat regions,
 //! class-dependent shape) at any resolution from 8 pixels up.
 
+use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 
 /// Shape kinds, one per class modulo their number.
@@ -283,6 +285,21 @@ impl ImageFolder {
     }
 }
 
+/// The seed of the data stream (image order, procedural images) of a training run with
+/// `training_seed`: derived from it so that data and initialisation draw different numbers.
+pub fn data_seed(training_seed: u64) -> u64 {
+    training_seed ^ 0x5eed
+}
+
+/// One-hot rows `[classes.len(), n]` (f32) for class-conditional networks.
+pub fn one_hot(classes: &[usize], n: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let mut v = vec![0f32; classes.len() * n];
+    for (i, &c) in classes.iter().enumerate() {
+        v[i * n + c] = 1.0;
+    }
+    Tensor::from_vec(v, (classes.len(), n), device)
+}
+
 /// Where training images come from.
 #[derive(Clone, Debug)]
 pub enum Dataset {
@@ -293,6 +310,62 @@ pub enum Dataset {
 }
 
 impl Dataset {
+    /// The dataset `source` names: `procedural` (of `resolution` and `classes`), else a
+    /// folder or ZIP of PNGs (whose own size and classes win). `training_seed` is the run's
+    /// seed; the stream's comes from [`data_seed`].
+    pub fn open(
+        source: &str,
+        resolution: usize,
+        classes: usize,
+        training_seed: u64,
+    ) -> crate::Result<Self> {
+        let seed = data_seed(training_seed);
+        if source == "procedural" {
+            Ok(Dataset::Procedural(Procedural {
+                resolution,
+                classes,
+                seed,
+            }))
+        } else {
+            Ok(Dataset::Images(
+                ImageFolder::open(std::path::Path::new(source))?,
+                seed,
+            ))
+        }
+    }
+
+    /// The seed of the data stream.
+    pub fn seed(&self) -> u64 {
+        match self {
+            Dataset::Procedural(p) => p.seed,
+            Dataset::Images(_, seed) => *seed,
+        }
+    }
+
+    /// Examples `first..first + n` of the stream as a batch: images `[n, 3, R, R]` in
+    /// [−1, 1] and, for class-conditional data, one-hot labels `[n, classes]`.
+    pub fn batch(
+        &self,
+        first: u64,
+        n: usize,
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let r = self.resolution();
+        let mut pixels = Vec::with_capacity(n * 3 * r * r);
+        let mut classes = Vec::with_capacity(n);
+        for i in 0..n as u64 {
+            let (img, class) = self.example(first + i);
+            pixels.extend(img);
+            classes.push(class);
+        }
+        let images = Tensor::from_vec(pixels, (n, 3, r, r), device)?;
+        let labels = match self.classes() {
+            0 => None,
+            c => Some(one_hot(&classes, c, device)?),
+        };
+        Ok((images, labels))
+    }
+
     /// Image side.
     pub fn resolution(&self) -> usize {
         match self {

@@ -1,14 +1,15 @@
-//! The trainer-side door: writes the EMAs of a [`PowerEma`] tracker as safetensors snapshots
-//! into a run, through the same validation and recording as every other door.
+//! The trainer door: writes the EMAs of a [`PowerEma`] tracker as safetensors snapshots into
+//! a run, through the same validation and recording as every other door. (The safetensors
+//! codec itself is [`crate::format`].)
 
 use std::collections::BTreeMap;
 use std::io::Write;
 
 use super::file::{ingest_file, Hints, IngestOptions, Ingested};
-use super::write::{write_safetensors, OutTensor};
 use crate::app::DataDir;
 use crate::db::Run;
 use crate::error::{Error, Result};
+use crate::format::{write_safetensors, OutTensor};
 use crate::phema::{PowerEma, Width};
 
 /// Writes snapshots of a tracker into one run of a local data directory.
@@ -57,14 +58,7 @@ impl SnapshotWriter {
                 ));
             }
         }
-        let run = match data.db.run(run_name).await? {
-            Some(run) => run,
-            None => match data.db.create_run(run_name, "", run_metadata).await {
-                Ok(run) => run,
-                Err(Error::Conflict(_)) => data.db.run_or_create(run_name).await?,
-                Err(e) => return Err(e),
-            },
-        };
+        let (run, _) = data.db.run_or_create_with(run_name, run_metadata).await?;
         Ok(Self {
             data: data.clone(),
             run,
@@ -116,11 +110,7 @@ impl SnapshotWriter {
             .into();
             // Staged in the store's own temporary directory (same file system), then ingested
             // like any other file.
-            let mut staged = tempfile::Builder::new()
-                .prefix("snapshot-")
-                .suffix(".safetensors")
-                .tempfile_in(self.data.store.root().join("tmp"))
-                .map_err(|e| Error::io("staging a snapshot", e))?;
+            let mut staged = self.data.store.staging_file("snapshot-", ".safetensors")?;
             {
                 let mut out = std::io::BufWriter::new(staged.as_file_mut());
                 write_safetensors(&mut out, &tensors, &metadata)

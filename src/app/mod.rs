@@ -1,11 +1,15 @@
 //! The embedded default deployment: an SQLite index and a local blob store under one data
-//! directory, opened together.
+//! directory, opened together, and the upkeep that needs both ([`verify`], [`gc`]).
 
 use std::path::{Path, PathBuf};
 
 use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::store::BlobStore;
+
+mod maintain;
+
+pub use maintain::{gc, verify, GcReport, VerifyReport};
 
 /// File name of the index inside the data directory.
 pub const INDEX_FILE: &str = "index.sqlite";
@@ -34,6 +38,15 @@ impl DataDir {
             path: path.to_owned(),
             db,
             store,
+        })
+    }
+
+    /// The run named `name`, or [`Error::NotFound`] saying how to list the runs.
+    pub async fn existing_run(&self, name: &str) -> Result<crate::db::Run> {
+        self.db.run(name).await?.ok_or_else(|| {
+            Error::NotFound(format!(
+                "run {name:?} does not exist (see `hindsight runs`)"
+            ))
         })
     }
 }

@@ -1,0 +1,59 @@
+//! `hindsight verify | gc`: upkeep of the data directory.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::bail;
+use hindsight::app::DataDir;
+
+use super::output::{bar, human_bytes};
+
+/// Re-hashes every blob; prints each problem and a summary; fails if any was found.
+pub fn verify(data_dir: &Path) -> anyhow::Result<()> {
+    let progress = bar("{spinner} verifying {bar:30} {bytes}/{total_bytes} {bytes_per_sec}");
+    let report = super::block_on(async {
+        let data = DataDir::open(data_dir).await?;
+        Ok(hindsight::app::verify(&data, &progress).await?)
+    })?;
+    progress.finish_and_clear();
+    for p in &report.problems {
+        println!("{p}");
+    }
+    println!(
+        "verified {} blobs ({}): {} problem(s)",
+        report.blobs,
+        human_bytes(report.bytes),
+        report.problems.len()
+    );
+    if report.checksums_filled > 0 {
+        println!(
+            "recorded the read checksum of {} blob(s) stored without one",
+            report.checksums_filled
+        );
+    }
+    if !report.ok() {
+        bail!("{} blob(s) failed verification", report.problems.len());
+    }
+    Ok(())
+}
+
+/// Options of `hindsight gc`.
+#[derive(clap::Args)]
+pub struct GcArgs {
+    /// Leave pending blobs (ingests in progress) younger than this alone.
+    #[arg(long, default_value_t = 3600)]
+    grace_secs: u64,
+}
+
+/// Removes unreferenced blobs and orphaned staging files.
+pub fn gc(data_dir: &Path, args: GcArgs) -> anyhow::Result<()> {
+    let report = super::block_on(async {
+        let data = DataDir::open(data_dir).await?;
+        Ok(hindsight::app::gc(&data, Duration::from_secs(args.grace_secs)).await?)
+    })?;
+    println!(
+        "gc: {} blob(s) unreferenced, {} removed, {} orphaned temporary file(s) removed",
+        report.unreferenced, report.removed, report.temp_files
+    );
+    Ok(())
+}

@@ -1,0 +1,111 @@
+//! The command line: one `Args` struct per command, parsed by clap, each handled by one
+//! function of its file that calls the library and prints. No library logic lives here.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod demo;
+mod generate;
+mod maintain;
+mod output;
+mod reconstruct;
+mod serve;
+mod solve;
+mod store;
+mod train;
+
+/// Post-hoc EMA of neural-network weights (EDM2): reconstruct any EMA length after training.
+#[derive(Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// Where hindsight keeps its SQLite index and snapshot store.
+    #[arg(
+        long,
+        global = true,
+        env = "HINDSIGHT_DATA_DIR",
+        default_value = "./hindsight-data"
+    )]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Solve for post-hoc EMA coefficients: reads a JSON request on stdin, writes JSON on stdout.
+    ///
+    /// Input: {"snapshots": [{"nimg": N, "sigma_rel": S}, ...], "targets": [{"sigma_rel": S,
+    /// "nimg": N?} | {"gamma": G, "nimg": N?}, ...], "profile_points": P?}.
+    /// Target nimg defaults to the last snapshot. Errors exit non-zero with one line on stderr
+    /// naming the bad field.
+    Solve(solve::SolveArgs),
+    /// Measure performance against the peers (see BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Import a directory of safetensors snapshots into a run (created if new).
+    ///
+    /// Each file's training time and EMA width come from its __metadata__ (nimg, and sigma_rel
+    /// or gamma) or from an EDM2 file name, <prefix>-<kimg:07d>-<sigma:.3f>.safetensors.
+    /// Re-importing the same files is a no-op; a different file at a stored (nimg, sigma_rel)
+    /// is refused, as is any file whose tensors differ from the run's.
+    Import(store::ImportArgs),
+    /// Reconstruct EMA weights from a stored run: one safetensors file per target in --out,
+    /// named <run>-<nimg>-<sigma_rel:.3f>.safetensors, with the quality report printed.
+    Reconstruct(reconstruct::ReconstructArgs),
+    /// The main job on a fresh machine: generate an EDM2-shaped run of synthetic fp16
+    /// snapshots (σ_rel 0.05 and 0.10 every 8Mi images), import it into the data directory,
+    /// reconstruct EMA lengths 0.050–0.250 into --out, print the quality report, and say how
+    /// to serve the result.
+    Demo(demo::DemoArgs),
+    /// Train an EDM2 network on the built-in procedural dataset, writing power-function EMA
+    /// snapshots (σ_rel 0.05 and 0.10 by default) into the store as a run.
+    Train(train::TrainArgs),
+    /// Generate images with EDM's Heun sampler from weights (a file or a stored
+    /// reconstruction): one PNG per seed plus grid.png.
+    Generate(generate::GenerateArgs),
+    /// Serve the HTTP API (reconstruct, download, upload, listings; see /openapi.json).
+    Serve(serve::ServeArgs),
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(serve::TokenCommand),
+    /// List runs.
+    Runs(store::RunsArgs),
+    /// List a run's snapshots.
+    Snapshots(store::SnapshotsArgs),
+    /// Re-hash every stored blob and report mismatches and missing files.
+    Verify,
+    /// Delete blobs no snapshot references (and orphaned temporary files).
+    Gc(maintain::GcArgs),
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let data_dir = cli.data_dir;
+    match cli.command {
+        Command::Solve(args) => solve::run(&data_dir, args),
+        Command::Bench(command) => bench::run(command),
+        Command::Import(args) => store::import(&data_dir, args),
+        Command::Reconstruct(args) => reconstruct::run(&data_dir, args),
+        Command::Demo(args) => demo::run(&data_dir, args),
+        Command::Train(args) => train::run(&data_dir, args),
+        Command::Generate(args) => generate::run(&data_dir, args),
+        Command::Serve(args) => serve::run(&data_dir, args),
+        Command::Token(command) => serve::token(command),
+        Command::Runs(args) => store::runs(&data_dir, args),
+        Command::Snapshots(args) => store::snapshots(&data_dir, args),
+        Command::Verify => maintain::verify(&data_dir),
+        Command::Gc(args) => maintain::gc(&data_dir, args),
+    }
+}
+
+/// Runs an async command to completion on a fresh multi-threaded runtime.
+fn block_on<T>(fut: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(fut)
+}

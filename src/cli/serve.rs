@@ -1,0 +1,107 @@
+//! `hindsight serve` and `hindsight token`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
+use clap::Subcommand;
+use hindsight::server::{self, ServerConfig};
+
+/// Options of `hindsight serve`.
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on. Anything but loopback needs --token-file (or
+    /// --insecure-no-auth).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    /// File of accepted token hashes, one `blake3:<hex>` per line (see `hindsight token
+    /// new`). With tokens, every request that is not GET or HEAD needs `Authorization:
+    /// Bearer <token>`.
+    #[arg(long, env = "HINDSIGHT_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Allow a non-loopback address without tokens.
+    #[arg(long)]
+    insecure_no_auth: bool,
+    /// Largest snapshot upload, in bytes.
+    #[arg(long, default_value_t = 64 << 30)]
+    max_upload_bytes: u64,
+    /// Uploads processed at once.
+    #[arg(long, default_value_t = 4)]
+    upload_concurrency: usize,
+    /// How long POST /reconstruct waits before answering 202 with a status URL.
+    #[arg(long, default_value_t = 60.0)]
+    reconstruct_wait_secs: f64,
+    /// Do not hash snapshots while materializing, nor downloads while sending them.
+    #[arg(long)]
+    no_verify: bool,
+}
+
+/// Serves until Ctrl-C or SIGTERM.
+pub fn run(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
+    let token_hashes = match &args.token_file {
+        Some(path) => server::read_token_file(path)?,
+        None => Vec::new(),
+    };
+    let addr = args.addr;
+    if !addr.ip().is_loopback() && token_hashes.is_empty() && !args.insecure_no_auth {
+        bail!(
+            "refusing to serve {addr} without authentication: give --token-file (see \
+             `hindsight token new`), bind 127.0.0.1, or pass --insecure-no-auth"
+        );
+    }
+    if !(args.reconstruct_wait_secs.is_finite() && args.reconstruct_wait_secs >= 0.0) {
+        bail!("--reconstruct-wait-secs must be a non-negative number");
+    }
+    let auth = if token_hashes.is_empty() {
+        "no authentication".to_owned()
+    } else {
+        format!("{} token(s) for writes", token_hashes.len())
+    };
+    let config = ServerConfig {
+        token_hashes,
+        max_upload_bytes: args.max_upload_bytes,
+        upload_concurrency: args.upload_concurrency,
+        reconstruct_wait: std::time::Duration::from_secs_f64(args.reconstruct_wait_secs),
+        verify_reads: !args.no_verify,
+        ..Default::default()
+    };
+    let shutdown = async {
+        server::shutdown_signal().await;
+        eprintln!("shutting down: finishing requests in flight");
+    };
+    super::block_on(async {
+        server::serve_data_dir(data_dir, addr, config, shutdown, |local| {
+            eprintln!(
+                "hindsight serving {} on http://{local} ({auth}); API description at \
+                 /openapi.json",
+                data_dir.display()
+            )
+        })
+        .await?;
+        eprintln!("stopped");
+        Ok(())
+    })
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Make a new random token: prints it once on stdout and appends only its hash to the
+    /// token file (created if missing).
+    New {
+        /// The token file `hindsight serve --token-file` reads.
+        #[arg(long, env = "HINDSIGHT_TOKEN_FILE")]
+        token_file: PathBuf,
+    },
+}
+
+/// `hindsight token new`.
+pub fn token(command: TokenCommand) -> anyhow::Result<()> {
+    let TokenCommand::New { token_file } = command;
+    let token = server::append_new_token(&token_file)?;
+    println!("{token}");
+    eprintln!(
+        "added its hash to {}; the token itself is not stored anywhere, keep it now",
+        token_file.display()
+    );
+    Ok(())
+}

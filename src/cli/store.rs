@@ -1,0 +1,205 @@
+//! `hindsight import | runs | snapshots`: the store from the command line.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use hindsight::app::DataDir;
+use hindsight::ingest::{import_dir, IngestOptions, Source};
+
+use super::output::{bar, human_bytes, print_json};
+
+/// Input formats of `hindsight import`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// safetensors files named the EDM2 way or carrying nimg and sigma_rel in __metadata__.
+    Safetensors,
+    /// ema-pytorch PostHocEMA checkpoint folders.
+    EmaPytorch,
+}
+
+/// Options of `hindsight import`.
+#[derive(clap::Args)]
+pub struct ImportArgs {
+    /// Directory holding the snapshot files.
+    dir: PathBuf,
+    /// Run to import into.
+    #[arg(long)]
+    run: String,
+    /// Refuse files whose floating-point tensors hold NaN or Inf.
+    #[arg(long)]
+    check_finite: bool,
+    /// `safetensors` (EDM2 names or metadata) or `ema-pytorch` (PostHocEMA checkpoint
+    /// folders: {index}.{step}.pt).
+    #[arg(long, value_enum, default_value_t = Format::Safetensors)]
+    format: Format,
+    /// ema-pytorch: the sigma_rels of the EMA indices, in order (e.g. 0.05,0.28).
+    #[arg(long, value_name = "LIST")]
+    sigma_rels: Option<String>,
+    /// ema-pytorch: training images per EMA step (time = step × this).
+    #[arg(long, value_name = "N")]
+    images_per_step: Option<u64>,
+}
+
+impl ImportArgs {
+    /// The source the flags describe, with the ema-pytorch flags required for that format
+    /// and refused for the other.
+    fn source(&self) -> anyhow::Result<Source> {
+        match self.format {
+            Format::Safetensors => {
+                if self.sigma_rels.is_some() || self.images_per_step.is_some() {
+                    bail!("--sigma-rels and --images-per-step apply to --format ema-pytorch only");
+                }
+                Ok(Source::Safetensors)
+            }
+            Format::EmaPytorch => {
+                let list = self.sigma_rels.as_deref().context(
+                    "--format ema-pytorch needs --sigma-rels: the sigma_rel of each EMA index, in order",
+                )?;
+                let widths = list
+                    .split(',')
+                    .map(|token| {
+                        token
+                            .trim()
+                            .parse::<f64>()
+                            .with_context(|| format!("--sigma-rels: `{token}` is not a number"))
+                    })
+                    .collect::<anyhow::Result<Vec<f64>>>()?;
+                let images_per_step = self.images_per_step.context(
+                    "--format ema-pytorch needs --images-per-step: ema-pytorch counts steps, hindsight counts images",
+                )?;
+                Ok(
+                    Source::ema_pytorch(&widths, images_per_step).map_err(|e| match e {
+                        hindsight::Error::InvalidInput { field, reason } => {
+                            anyhow::anyhow!("--{}: {reason}", field.replace('_', "-"))
+                        }
+                        other => other.into(),
+                    })?,
+                )
+            }
+        }
+    }
+}
+
+/// `hindsight import`.
+pub fn import(data_dir: &Path, args: ImportArgs) -> anyhow::Result<()> {
+    let source = args.source()?;
+    let options = IngestOptions {
+        check_finite: args.check_finite,
+    };
+    import_files(data_dir, &args.dir, &args.run, &source, options)
+}
+
+/// Imports a directory with a progress bar, printing refusals as they happen and a summary
+/// line; fails when a file was refused (shared with the demo).
+pub fn import_files(
+    data_dir: &Path,
+    dir: &Path,
+    run: &str,
+    source: &Source,
+    options: IngestOptions,
+) -> anyhow::Result<()> {
+    super::block_on(async {
+        let data = DataDir::open(data_dir).await?;
+        let progress = bar(
+            "{spinner} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+        );
+        let report =
+            import_dir(&data, dir, run, source, options, Arc::new(progress.clone())).await?;
+        progress.finish_and_clear();
+        println!(
+            "run {run}: {} imported, {} already present, {} refused; {} in {:.1} s ({}/s)",
+            report.inserted,
+            report.present,
+            report.refused.len(),
+            human_bytes(report.bytes),
+            report.secs,
+            human_bytes((report.bytes as f64 / report.secs.max(1e-9)) as u64)
+        );
+        if !report.refused.is_empty() {
+            if report.run_removed {
+                eprintln!("run {run:?} was not created: nothing was imported");
+            }
+            let names: Vec<&str> = report.refused.iter().map(|(n, _)| n.as_str()).collect();
+            bail!("{} file(s) refused: {}", names.len(), names.join(", "));
+        }
+        Ok(())
+    })
+}
+
+/// Options of `hindsight runs`.
+#[derive(clap::Args)]
+pub struct RunsArgs {
+    /// JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Lists the runs.
+pub fn runs(data_dir: &Path, args: RunsArgs) -> anyhow::Result<()> {
+    let runs = super::block_on(async { Ok(DataDir::open(data_dir).await?.db.runs().await?) })?;
+    if args.json {
+        return print_json(&runs);
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<30} {:>9} {:>11} {:>14} {:>14}  created",
+        "run", "snapshots", "size", "first nimg", "last nimg"
+    )?;
+    for r in runs {
+        writeln!(
+            out,
+            "{:<30} {:>9} {:>11} {:>14} {:>14}  {}",
+            r.name,
+            r.snapshots,
+            human_bytes(r.bytes as u64),
+            r.first_nimg.map_or("-".into(), |v| v.to_string()),
+            r.last_nimg.map_or("-".into(), |v| v.to_string()),
+            r.created_at
+        )?;
+    }
+    Ok(())
+}
+
+/// Options of `hindsight snapshots`.
+#[derive(clap::Args)]
+pub struct SnapshotsArgs {
+    /// The run.
+    run: String,
+    /// JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Lists a run's snapshots.
+pub fn snapshots(data_dir: &Path, args: SnapshotsArgs) -> anyhow::Result<()> {
+    let rows = super::block_on(async {
+        let data = DataDir::open(data_dir).await?;
+        let run = data.existing_run(&args.run).await?;
+        Ok(data.db.snapshots(run.id).await?)
+    })?;
+    if args.json {
+        return print_json(&rows);
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:>14} {:>9} {:>8} {:>11} {:>8}  digest",
+        "nimg", "sigma_rel", "gamma", "size", "tensors"
+    )?;
+    for s in rows {
+        writeln!(
+            out,
+            "{:>14} {:>9.4} {:>8.3} {:>11} {:>8}  {}",
+            s.nimg,
+            s.sigma_rel,
+            s.gamma,
+            human_bytes(s.byte_size as u64),
+            s.tensor_count,
+            &s.digest[..16]
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! The `runs` table: named training runs with free-form JSON metadata.
+
+use serde::{Deserialize, Serialize};
+use sqlx::FromRow;
+
+use super::{finish, json_text, Db};
+use crate::error::{Error, Result};
+
+/// A training run.
+#[derive(Clone, Debug, PartialEq, FromRow, Serialize, Deserialize)]
+pub struct Run {
+    /// Row id.
+    pub id: i64,
+    /// Unique name.
+    pub name: String,
+    /// Free text.
+    pub description: String,
+    /// JSON object: training and network configuration, anything the trainer records.
+    #[sqlx(json)]
+    pub metadata: serde_json::Value,
+    /// RFC 3339 UTC.
+    pub created_at: String,
+}
+
+/// A run with totals, for listings.
+#[derive(Clone, Debug, PartialEq, FromRow, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Unique name.
+    pub name: String,
+    /// Free text.
+    pub description: String,
+    /// RFC 3339 UTC.
+    pub created_at: String,
+    /// Number of snapshots.
+    pub snapshots: i64,
+    /// Total bytes of the snapshots' files.
+    pub bytes: i64,
+    /// Earliest snapshot time.
+    pub first_nimg: Option<i64>,
+    /// Latest snapshot time.
+    pub last_nimg: Option<i64>,
+}
+
+/// Run names appear in URLs and file names: 1 to 200 characters, no slashes, backslashes or
+/// control characters, and not `.` or `..`.
+pub fn check_run_name(name: &str) -> Result<()> {
+    let bad = |reason: &str| Err(Error::invalid("run", format!("{name:?}: {reason}")));
+    if name.is_empty() || name.chars().count() > 200 {
+        return bad("a run name has 1 to 200 characters");
+    }
+    if name == "." || name == ".." {
+        return bad("not a usable run name");
+    }
+    if name
+        .chars()
+        .any(|c| c == '/' || c == '\\' || c.is_control())
+    {
+        return bad("a run name may not contain slashes, backslashes or control characters");
+    }
+    Ok(())
+}
+
+const SELECT_RUN: &str = "SELECT id, name, description, metadata, created_at FROM runs";
+
+impl Db {
+    /// Creates a run; an existing name is a conflict.
+    pub async fn create_run(
+        &self,
+        name: &str,
+        description: &str,
+        metadata: &serde_json::Value,
+    ) -> Result<Run> {
+        if !metadata.is_object() {
+            return Err(Error::invalid("metadata", "must be a JSON object"));
+        }
+        check_run_name(name)?;
+        let result = sqlx::query_as::<_, Run>(
+            "INSERT INTO runs (name, description, metadata) VALUES (?, ?, ?) \
+             RETURNING id, name, description, metadata, created_at",
+        )
+        .bind(name)
+        .bind(description)
+        .bind(json_text(metadata))
+        .fetch_one(self.pool())
+        .await;
+        match result {
+            Ok(run) => Ok(run),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(Error::Conflict(format!("run {name:?} already exists")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The run with this name, if any.
+    pub async fn run(&self, name: &str) -> Result<Option<Run>> {
+        Ok(
+            sqlx::query_as::<_, Run>(&format!("{SELECT_RUN} WHERE name = ?"))
+                .bind(name)
+                .fetch_optional(self.pool())
+                .await?,
+        )
+    }
+
+    /// The run with this name, created (empty, with `metadata`) if it does not exist; the flag
+    /// says whether this call created it.
+    pub async fn run_or_create_with(
+        &self,
+        name: &str,
+        metadata: &serde_json::Value,
+    ) -> Result<(Run, bool)> {
+        if let Some(run) = self.run(name).await? {
+            return Ok((run, false));
+        }
+        match self.create_run(name, "", metadata).await {
+            Ok(run) => Ok((run, true)),
+            // Created concurrently by someone else: fine.
+            Err(Error::Conflict(_)) => self
+                .run(name)
+                .await?
+                .map(|run| (run, false))
+                .ok_or_else(|| Error::Index(format!("run {name:?} vanished"))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The run with this name, created empty if it does not exist.
+    pub async fn run_or_create(&self, name: &str) -> Result<Run> {
+        Ok(self
+            .run_or_create_with(name, &serde_json::json!({}))
+            .await?
+            .0)
+    }
+
+    /// Deletes a run that has no snapshots and no reconstructions (one an ingest created and
+    /// then failed to fill); returns whether it did.
+    pub async fn delete_run_if_empty(&self, run_id: i64) -> Result<bool> {
+        let mut conn = self.begin_immediate().await?;
+        let result = sqlx::query(
+            "DELETE FROM runs WHERE id = ? \
+               AND NOT EXISTS (SELECT 1 FROM snapshots WHERE run_id = runs.id) \
+               AND NOT EXISTS (SELECT 1 FROM reconstructions WHERE run_id = runs.id)",
+        )
+        .bind(run_id)
+        .execute(&mut *conn)
+        .await
+        .map(|r| r.rows_affected() > 0)
+        .map_err(Error::from);
+        finish(&mut conn, result).await
+    }
+
+    /// Every run with its totals, by name.
+    pub async fn runs(&self) -> Result<Vec<RunSummary>> {
+        Ok(sqlx::query_as::<_, RunSummary>(
+            "SELECT r.name, r.description, r.created_at, \
+                    COUNT(s.id) AS snapshots, COALESCE(SUM(s.byte_size), 0) AS bytes, \
+                    MIN(s.nimg) AS first_nimg, MAX(s.nimg) AS last_nimg \
+             FROM runs r LEFT JOIN snapshots s ON s.run_id = r.id \
+             GROUP BY r.id ORDER BY r.name",
+        )
+        .fetch_all(self.pool())
+        .await?)
+    }
+}

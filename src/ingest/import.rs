@@ -1,0 +1,215 @@
+//! Importing a directory of snapshot files into a run (`hindsight import`, the demo).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{ingest_ema_pytorch, ingest_file, Hints, IngestOptions, Ingested, RunForIngest};
+use crate::app::DataDir;
+use crate::error::{Error, Result};
+use crate::phema::sigma_rel_to_gamma;
+use crate::progress::Progress;
+
+/// What a directory holds, with the format's parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Source {
+    /// safetensors files named the EDM2 way or carrying `nimg` and `sigma_rel` (or `gamma`)
+    /// in their `__metadata__`.
+    Safetensors,
+    /// ema-pytorch `PostHocEMA` checkpoint folders (`{index}.{step}.pt`).
+    EmaPytorch {
+        /// Width of each EMA index, in order.
+        sigma_rels: Vec<f64>,
+        /// Training images per EMA step (ema-pytorch counts steps, hindsight images).
+        images_per_step: u64,
+    },
+}
+
+impl Source {
+    /// An ema-pytorch source, validated: every width a valid σ_rel, none twice, and a
+    /// positive number of images per step. Errors name `sigma_rels[i]` or `images_per_step`.
+    pub fn ema_pytorch(sigma_rels: &[f64], images_per_step: u64) -> Result<Self> {
+        for (i, &v) in sigma_rels.iter().enumerate() {
+            sigma_rel_to_gamma(v, &format!("sigma_rels[{i}]"))?;
+            if sigma_rels[..i].contains(&v) {
+                return Err(Error::invalid(
+                    format!("sigma_rels[{i}]"),
+                    format!("{v} is listed twice"),
+                ));
+            }
+        }
+        if sigma_rels.is_empty() {
+            return Err(Error::invalid("sigma_rels", "at least one width is needed"));
+        }
+        if images_per_step == 0 {
+            return Err(Error::invalid("images_per_step", "must be positive"));
+        }
+        Ok(Source::EmaPytorch {
+            sigma_rels: sigma_rels.to_vec(),
+            images_per_step,
+        })
+    }
+
+    /// The file extension this source reads: `safetensors` or `pt`.
+    pub fn extension(&self) -> &'static str {
+        match self {
+            Source::Safetensors => "safetensors",
+            Source::EmaPytorch { .. } => "pt",
+        }
+    }
+}
+
+/// What [`import_dir`] did.
+#[derive(Debug)]
+pub struct ImportReport {
+    /// Files stored as new snapshots.
+    pub inserted: usize,
+    /// Files whose snapshot was already stored (a re-import).
+    pub present: usize,
+    /// Files refused, by name, with the reason.
+    pub refused: Vec<(String, Error)>,
+    /// Bytes of all the files.
+    pub bytes: u64,
+    /// Wall time, seconds.
+    pub secs: f64,
+    /// The run did not exist before, nothing was stored, and it was removed again.
+    pub run_removed: bool,
+}
+
+/// Files ingested at once: one file's fsync overlaps the next one's copy.
+const IN_FLIGHT: usize = 3;
+
+/// Imports every `.safetensors` (or, for ema-pytorch, `.pt`) file of `dir` into the run
+/// `run_name` (created if new), a few at a time. Each file is validated and stored on its own:
+/// a refused file is listed in the report (and passed to `progress.note`) and does not stop
+/// the others. `progress` counts bytes.
+///
+/// Errors: `dir` unreadable or without a matching file, an invalid run name, or an index or
+/// store failure.
+pub async fn import_dir(
+    data: &DataDir,
+    dir: &Path,
+    run_name: &str,
+    source: &Source,
+    options: IngestOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<ImportReport> {
+    let files = matching_files(dir, source.extension())?;
+    let bytes: u64 = files
+        .iter()
+        .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    progress.set_length(bytes);
+    let target = RunForIngest::open(&data.db, run_name).await?;
+    let start = Instant::now();
+    let mut report = ImportReport {
+        inserted: 0,
+        present: 0,
+        refused: Vec::new(),
+        bytes,
+        secs: 0.0,
+        run_removed: false,
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut queue = files.into_iter();
+    loop {
+        while tasks.len() < IN_FLIGHT {
+            let Some(path) = queue.next() else { break };
+            let (data, run, source, progress) = (
+                data.clone(),
+                target.run.clone(),
+                source.clone(),
+                progress.clone(),
+            );
+            tasks.spawn(async move {
+                let result = ingest_one(&data, &run, &path, &source, options, progress).await;
+                (path, result)
+            });
+        }
+        let Some(joined) = tasks.join_next().await else {
+            break;
+        };
+        let (path, result) = joined.map_err(|e| Error::Task {
+            what: "an import task".into(),
+            reason: e.to_string(),
+        })?;
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        match result {
+            Ok(r) if r.inserted => report.inserted += 1,
+            Ok(_) => report.present += 1,
+            Err(e) => {
+                progress.note(&format!("refused {name}: {}", e.chain_text()));
+                report.refused.push((name, e));
+            }
+        }
+    }
+    report.refused.sort_by(|a, b| a.0.cmp(&b.0));
+    report.secs = start.elapsed().as_secs_f64();
+    if !report.refused.is_empty() {
+        report.run_removed = target.abandon(&data.db).await?;
+    }
+    Ok(report)
+}
+
+/// The files of `dir` with extension `ext`, sorted by name.
+fn matching_files(dir: &Path, ext: &str) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == ext))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::invalid(
+            dir.display().to_string(),
+            format!("no .{ext} files"),
+        ));
+    }
+    Ok(files)
+}
+
+async fn ingest_one(
+    data: &DataDir,
+    run: &crate::db::Run,
+    path: &Path,
+    source: &Source,
+    options: IngestOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<Ingested> {
+    match source {
+        Source::Safetensors => {
+            ingest_file(
+                &data.db,
+                &data.store,
+                run,
+                path,
+                Hints::default(),
+                options,
+                move |delta| progress.inc(delta),
+            )
+            .await
+        }
+        Source::EmaPytorch {
+            sigma_rels,
+            images_per_step,
+        } => {
+            let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            let result = ingest_ema_pytorch(
+                &data.db,
+                &data.store,
+                run,
+                path,
+                sigma_rels,
+                *images_per_step,
+                options,
+            )
+            .await;
+            progress.inc(size);
+            result
+        }
+    }
+}

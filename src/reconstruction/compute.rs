@@ -1,0 +1,236 @@
+//! Computing planned reconstructions: one materialization pass over the snapshots for all
+//! missing targets, published into the store and recorded in the index.
+
+use std::collections::BTreeMap;
+use std::io::{BufReader, BufWriter};
+use std::sync::Arc;
+
+use super::plan::{report, Plan};
+use crate::app::DataDir;
+use crate::db::{NewReconstruction, ReconstructionRow};
+use crate::error::{blocking, Error, Result};
+use crate::format::read_header;
+use crate::materialize::{materialize_with, Input, Options, OutDtype};
+use crate::store::{BlobStore, BlobWriter, Digest};
+
+/// Indices of the plan's snapshots that targets `which` give a weight.
+fn used_snapshots(plan: &Plan, which: &[usize]) -> Vec<usize> {
+    (0..plan.snapshots.len())
+        .filter(|&i| {
+            which
+                .iter()
+                .any(|&t| plan.targets[t].solution.coefficients[i] != 0.0)
+        })
+        .collect()
+}
+
+/// Bytes that materializing targets `which` reads (for progress bars).
+pub fn input_bytes(plan: &Plan, which: &[usize]) -> u64 {
+    used_snapshots(plan, which)
+        .iter()
+        .map(|&i| plan.snapshots[i].byte_size as u64)
+        .sum()
+}
+
+/// Materializes targets `which` of `plan` in one pass into the store and records them.
+/// Targets with the same id are computed once. Runs the pass on the blocking pool;
+/// `progress` is called with the input bytes read as the pass goes.
+pub async fn materialize_targets(
+    data: &DataDir,
+    plan: &Plan,
+    which: &[usize],
+    verify: bool,
+    progress: Arc<dyn Fn(u64) + Send + Sync>,
+) -> Result<Vec<ReconstructionRow>> {
+    let mut which: Vec<usize> = which.to_vec();
+    {
+        let mut seen = std::collections::BTreeSet::new();
+        which.retain(|&t| seen.insert(plan.targets[t].id.clone()));
+    }
+    if which.is_empty() {
+        return Ok(Vec::new());
+    }
+    let used = used_snapshots(plan, &which);
+    let snapshots: Vec<(String, i64)> = used
+        .iter()
+        .map(|&i| (plan.snapshots[i].digest.clone(), plan.snapshots[i].nimg))
+        .collect();
+    let digests: Vec<String> = snapshots.iter().map(|s| s.0.clone()).collect();
+    let pass = PassInputs {
+        checksums: data.db.blob_checksums(&digests).await?,
+        snapshots,
+        weights: which
+            .iter()
+            .map(|&t| {
+                let c = &plan.targets[t].solution.coefficients;
+                used.iter().map(|&i| c[i]).collect()
+            })
+            .collect(),
+        metadata: which
+            .iter()
+            .map(|&t| output_metadata(plan, t, &used))
+            .collect(),
+        dtype: plan.dtype,
+        verify,
+    };
+    let store = data.store.clone();
+    let writers = blocking("the materialization pass", move || {
+        pass.run(&store, &*progress)
+    })
+    .await?;
+    let rows = publish(data, plan, &which, writers).await?;
+    data.db.record_reconstructions(&rows).await?;
+    let mut stored = Vec::with_capacity(rows.len());
+    for r in &rows {
+        stored.push(
+            data.db
+                .reconstruction(&r.id)
+                .await?
+                .ok_or_else(|| Error::Index(format!("reconstruction {} vanished", r.id)))?,
+        );
+    }
+    Ok(stored)
+}
+
+/// The `__metadata__` of target `t`'s output: what it is, the solver's figures, and the
+/// snapshots it weighs (`used`) with their weights.
+fn output_metadata(plan: &Plan, t: usize, used: &[usize]) -> BTreeMap<String, String> {
+    let target = &plan.targets[t];
+    let s = &target.solution;
+    let digests: Vec<&str> = used
+        .iter()
+        .map(|&i| plan.snapshots[i].digest.as_str())
+        .collect();
+    let weights: Vec<String> = used
+        .iter()
+        .map(|&i| format!("{:e}", s.coefficients[i]))
+        .collect();
+    BTreeMap::from([
+        ("hindsight_reconstruction".to_owned(), target.id.clone()),
+        ("run".to_owned(), plan.run.name.clone()),
+        ("nimg".to_owned(), s.nimg.to_string()),
+        ("sigma_rel".to_owned(), s.sigma_rel.to_string()),
+        ("gamma".to_owned(), s.gamma.to_string()),
+        ("relative_error".to_owned(), s.relative_error.to_string()),
+        ("noise_gain".to_owned(), s.noise_gain.to_string()),
+        ("coefficient_l1".to_owned(), s.coefficient_l1.to_string()),
+        (
+            "condition_number".to_owned(),
+            s.condition_number.to_string(),
+        ),
+        ("snapshot_digests".to_owned(), digests.join(",")),
+        ("snapshot_weights".to_owned(), weights.join(",")),
+    ])
+}
+
+/// Everything the blocking pass needs, owned so it can move to the blocking pool.
+struct PassInputs {
+    /// (digest, nimg) of each snapshot read.
+    snapshots: Vec<(String, i64)>,
+    /// Their recorded read checksums, in the same order.
+    checksums: Vec<Option<String>>,
+    /// Per target, one weight per snapshot.
+    weights: Vec<Vec<f64>>,
+    /// Per target, the output's metadata.
+    metadata: Vec<BTreeMap<String, String>>,
+    dtype: OutDtype,
+    verify: bool,
+}
+
+impl PassInputs {
+    /// Reads the snapshots' headers and runs the materialization into one unpublished blob
+    /// per target.
+    fn run(self, store: &BlobStore, progress: &(dyn Fn(u64) + Sync)) -> Result<Vec<BlobWriter>> {
+        let mut inputs = Vec::with_capacity(self.snapshots.len());
+        for ((digest_hex, nimg), checksum) in self.snapshots.iter().zip(&self.checksums) {
+            let digest: Digest = digest_hex.parse()?;
+            let mut file = store.open_blob(&digest)?;
+            let len = file
+                .metadata()
+                .map_err(|e| Error::io(format!("reading blob {digest}"), e))?
+                .len();
+            let header = read_header(&mut BufReader::new(&mut file), len, digest_hex)?;
+            inputs.push(Input {
+                digest,
+                header,
+                nimg: *nimg as u64,
+                checksum: checksum.as_deref().map(str::parse).transpose()?,
+            });
+        }
+        let mut writers = (0..self.weights.len())
+            .map(|_| {
+                Ok(BufWriter::with_capacity(
+                    1 << 20,
+                    store.writer()?.with_early_writeback(),
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        {
+            let mut outs: Vec<&mut (dyn std::io::Write + Send)> = writers
+                .iter_mut()
+                .map(|w| w as &mut (dyn std::io::Write + Send))
+                .collect();
+            let options = Options {
+                verify: self.verify,
+                progress,
+            };
+            materialize_with(
+                store,
+                &inputs,
+                &self.weights,
+                self.dtype,
+                &self.metadata,
+                &mut outs,
+                &options,
+            )?;
+        }
+        writers
+            .into_iter()
+            .map(|w| {
+                w.into_inner()
+                    .map_err(|e| Error::io("writing a reconstruction", e.into_error()))
+            })
+            .collect()
+    }
+}
+
+/// Claims and publishes each target's blob; returns the rows to record.
+async fn publish(
+    data: &DataDir,
+    plan: &Plan,
+    which: &[usize],
+    writers: Vec<BlobWriter>,
+) -> Result<Vec<NewReconstruction>> {
+    let mut rows = Vec::with_capacity(which.len());
+    for (writer, &t) in writers.into_iter().zip(which) {
+        let digest = writer.digest_so_far();
+        let size = writer.len();
+        let checksum = writer.checksum_so_far().to_hex();
+        data.db
+            .claim_blob(&digest.to_hex(), size, Some(&checksum))
+            .await?;
+        blocking("publishing a reconstruction", move || writer.finish()).await?;
+        let target = &plan.targets[t];
+        rows.push(NewReconstruction {
+            id: target.id.clone(),
+            run_id: plan.run.id,
+            nimg: target.solution.nimg,
+            sigma_rel: target.solution.sigma_rel,
+            gamma: target.solution.gamma,
+            dtype: plan.dtype.as_str().to_owned(),
+            digest: digest.to_hex(),
+            byte_size: size,
+            report: report(plan, target),
+        });
+    }
+    Ok(rows)
+}
+
+/// The stored reconstruction `id`, if its row exists and its blob is in the store (a row
+/// whose blob was lost counts as missing, so it is computed again).
+pub async fn stored(data: &DataDir, id: &str) -> Result<Option<ReconstructionRow>> {
+    match data.db.reconstruction(id).await? {
+        Some(row) if data.store.contains(&row.digest.parse()?) => Ok(Some(row)),
+        _ => Ok(None),
+    }
+}

@@ -1,0 +1,164 @@
+//! Planning a reconstruction: solve for the targets over a run's stored snapshots and give
+//! each target its cache key.
+//!
+//! The key is BLAKE3 over a text naming the key format, every snapshot the solver saw (digest,
+//! `nimg`, `sigma_rel`), the target's `gamma` (as exact f64 bits) and `nimg`, and the output
+//! dtype. A snapshot added to the run later changes the solve and therefore the key; a target
+//! asked for as `sigma_rel` or as the equivalent `gamma` shares one entry.
+
+use serde_json::json;
+
+use crate::db::{Db, Run, SnapshotRow};
+use crate::error::{Error, Result};
+use crate::materialize::OutDtype;
+use crate::phema::request::{SnapshotSpec, SolveRequest, TargetSpec};
+use crate::phema::TargetSolution;
+
+/// First line of the key text; bump it when the solver or the materializer change their
+/// output for the same inputs.
+pub const KEY_FORMAT: &str = "hindsight reconstruction 2";
+
+/// Most targets one request may ask for.
+pub const MAX_TARGETS: usize = 64;
+
+/// A solved request: the run, its snapshots as the solver saw them, and each target's key and
+/// solution.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The run.
+    pub run: Run,
+    /// Its snapshots, in the order of the solution's coefficients.
+    pub snapshots: Vec<SnapshotRow>,
+    /// Output element type.
+    pub dtype: OutDtype,
+    /// One entry per requested target, in request order.
+    pub targets: Vec<PlannedTarget>,
+}
+
+/// One target of a [`Plan`].
+#[derive(Clone, Debug)]
+pub struct PlannedTarget {
+    /// The cache key, which is also the reconstruction's id.
+    pub id: String,
+    /// The solver's answer and quality report.
+    pub solution: TargetSolution,
+}
+
+/// The conventional file name of a reconstruction: `<run>-<nimg:010>-<σ:.3f>.safetensors`.
+pub fn file_name(run: &str, nimg: i64, sigma_rel: f64) -> String {
+    format!("{run}-{nimg:010}-{sigma_rel:.3}.safetensors")
+}
+
+/// Solves `targets` over the stored snapshots of `run_name`.
+pub async fn plan(
+    db: &Db,
+    run_name: &str,
+    targets: Vec<TargetSpec>,
+    dtype: OutDtype,
+) -> Result<Plan> {
+    if targets.len() > MAX_TARGETS {
+        return Err(Error::invalid(
+            "targets",
+            format!(
+                "{} targets in one request; at most {MAX_TARGETS}",
+                targets.len()
+            ),
+        ));
+    }
+    let run = db
+        .run(run_name)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("run {run_name:?} does not exist")))?;
+    let snapshots = db.snapshots(run.id).await?;
+    if snapshots.is_empty() {
+        return Err(Error::invalid(
+            "run",
+            format!("run {run_name:?} has no snapshots yet"),
+        ));
+    }
+    let request = SolveRequest {
+        targets,
+        ..solve_request(&snapshots)
+    };
+    let response = request.solve()?;
+    let targets = response
+        .targets
+        .into_iter()
+        .map(|t| PlannedTarget {
+            id: key(&snapshots, &t.solution, dtype),
+            solution: t.solution,
+        })
+        .collect();
+    Ok(Plan {
+        run,
+        snapshots,
+        dtype,
+        targets,
+    })
+}
+
+/// A solve request over stored snapshots, in the order given (which is the order of the
+/// solution's coefficients), with no targets yet.
+pub fn solve_request(snapshots: &[SnapshotRow]) -> SolveRequest {
+    SolveRequest {
+        snapshots: snapshots
+            .iter()
+            .map(|s| SnapshotSpec {
+                nimg: s.nimg as u64,
+                sigma_rel: Some(s.sigma_rel),
+                gamma: None,
+            })
+            .collect(),
+        targets: Vec::new(),
+        options: None,
+        profile_points: None,
+    }
+}
+
+fn key(snapshots: &[SnapshotRow], solution: &TargetSolution, dtype: OutDtype) -> String {
+    let mut text = format!(
+        "{KEY_FORMAT}\ndtype {}\ntarget gamma {:016x} nimg {}\n",
+        dtype.as_str(),
+        solution.gamma.to_bits(),
+        solution.nimg
+    );
+    for s in snapshots {
+        text.push_str(&format!(
+            "snapshot {} nimg {} sigma_rel {:016x}\n",
+            s.digest,
+            s.nimg,
+            s.sigma_rel.to_bits()
+        ));
+    }
+    blake3::hash(text.as_bytes()).to_hex().to_string()
+}
+
+/// The report stored with a reconstruction: the solver's figures and the snapshots it weighs.
+pub fn report(plan: &Plan, target: &PlannedTarget) -> serde_json::Value {
+    let s = &target.solution;
+    let inputs: Vec<_> = plan
+        .snapshots
+        .iter()
+        .zip(&s.coefficients)
+        .filter(|(_, &w)| w != 0.0)
+        .map(|(snap, &w)| {
+            json!({"digest": snap.digest, "nimg": snap.nimg, "sigma_rel": snap.sigma_rel, "weight": w})
+        })
+        .collect();
+    json!({
+        "sigma_rel": s.sigma_rel,
+        "gamma": s.gamma,
+        "nimg": s.nimg,
+        "used_snapshots": s.used_snapshots,
+        "relative_error": s.relative_error,
+        "coefficient_l1": s.coefficient_l1,
+        "noise_gain": s.noise_gain,
+        "condition_number": s.condition_number,
+        "dependent_snapshots": s.dependent_snapshots
+            .iter()
+            .map(|&i| &plan.snapshots[i].digest)
+            .collect::<Vec<_>>(),
+        "warnings": s.warnings,
+        "inputs": inputs,
+    })
+}

@@ -1,0 +1,70 @@
+//! What every handler shares: the settings and the state, built once by `hindsight serve`
+//! (or a test) and cloned per request.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use super::jobs::Jobs;
+use crate::app::DataDir;
+
+/// Server settings. Every field has a default suitable for a workstation.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// BLAKE3 hashes of the accepted bearer tokens; empty means no authentication.
+    pub token_hashes: Vec<blake3::Hash>,
+    /// Largest JSON request body, in bytes.
+    pub max_json_bytes: usize,
+    /// Largest snapshot upload, in bytes.
+    pub max_upload_bytes: u64,
+    /// Uploads processed at once; more wait their turn.
+    pub upload_concurrency: usize,
+    /// How long `POST /reconstruct` waits for a computation before answering 202 with a
+    /// status URL (a request may ask for less with `wait_secs`).
+    pub reconstruct_wait: Duration,
+    /// Hash snapshots while materializing and whole-file downloads while sending them.
+    pub verify_reads: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            token_hashes: Vec::new(),
+            max_json_bytes: 64 << 10,
+            max_upload_bytes: 64 << 30,
+            upload_concurrency: 4,
+            reconstruct_wait: Duration::from_secs(60),
+            verify_reads: true,
+        }
+    }
+}
+
+/// Everything a handler needs, cloned per request (all fields are shared handles).
+#[derive(Clone)]
+pub struct AppState {
+    /// The index and the blob store.
+    pub data: DataDir,
+    /// Settings.
+    pub config: Arc<ServerConfig>,
+    pub(super) jobs: Arc<Jobs>,
+    pub(super) uploads: Arc<Semaphore>,
+}
+
+impl AppState {
+    /// State over an opened data directory.
+    pub fn new(data: DataDir, config: ServerConfig) -> Self {
+        let uploads = Arc::new(Semaphore::new(config.upload_concurrency.max(1)));
+        Self {
+            data,
+            config: Arc::new(config),
+            jobs: Arc::default(),
+            uploads,
+        }
+    }
+
+    /// How many materialization passes this server has started (for tests and metrics).
+    pub fn materialization_passes(&self) -> u64 {
+        self.jobs.passes()
+    }
+}

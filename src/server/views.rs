@@ -1,0 +1,312 @@
+//! The API's wire types: what clients send and receive, with their OpenAPI schemas. Index
+//! rows and library types are converted here, so the storage layout and the library can
+//! change without changing the API (and they carry no OpenAPI derives). JSON columns are
+//! JSON objects here, never JSON text inside a string.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::db::{ManifestEntry, ReconstructionRow, Run, RunSummary, SnapshotRow};
+use crate::ingest::Ingested;
+use crate::materialize::OutDtype;
+use crate::reconstruction::{file_name, report, Plan};
+
+/// A training run.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Run)]
+pub struct RunView {
+    /// Row id.
+    pub id: i64,
+    /// Unique name.
+    pub name: String,
+    /// Free text.
+    pub description: String,
+    /// JSON object: training and network configuration, anything the trainer records.
+    #[schema(value_type = Object)]
+    pub metadata: serde_json::Value,
+    /// RFC 3339 UTC.
+    pub created_at: String,
+}
+
+impl From<Run> for RunView {
+    fn from(r: Run) -> Self {
+        RunView {
+            id: r.id,
+            name: r.name,
+            description: r.description,
+            metadata: r.metadata,
+            created_at: r.created_at,
+        }
+    }
+}
+
+/// A run with totals, for listings.
+#[derive(Serialize, ToSchema)]
+#[schema(as = RunSummary)]
+pub struct RunSummaryView {
+    /// Unique name.
+    pub name: String,
+    /// Free text.
+    pub description: String,
+    /// RFC 3339 UTC.
+    pub created_at: String,
+    /// Number of snapshots.
+    pub snapshots: i64,
+    /// Total bytes of the snapshots' files.
+    pub bytes: i64,
+    /// Earliest snapshot time.
+    pub first_nimg: Option<i64>,
+    /// Latest snapshot time.
+    pub last_nimg: Option<i64>,
+}
+
+impl From<RunSummary> for RunSummaryView {
+    fn from(r: RunSummary) -> Self {
+        RunSummaryView {
+            name: r.name,
+            description: r.description,
+            created_at: r.created_at,
+            snapshots: r.snapshots,
+            bytes: r.bytes,
+            first_nimg: r.first_nimg,
+            last_nimg: r.last_nimg,
+        }
+    }
+}
+
+/// One tensor of a run's manifest.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ManifestEntry)]
+pub struct ManifestEntryView {
+    /// State-dict key.
+    pub name: String,
+    /// safetensors dtype name.
+    pub dtype: String,
+    /// Shape.
+    pub shape: Vec<u64>,
+}
+
+impl From<ManifestEntry> for ManifestEntryView {
+    fn from(e: ManifestEntry) -> Self {
+        ManifestEntryView {
+            name: e.name,
+            dtype: e.dtype,
+            shape: e.shape,
+        }
+    }
+}
+
+/// A stored snapshot.
+#[derive(Serialize, ToSchema)]
+#[schema(as = SnapshotRow)]
+pub struct SnapshotView {
+    /// Row id.
+    pub id: i64,
+    /// Training time in images.
+    pub nimg: i64,
+    /// EMA width.
+    pub sigma_rel: f64,
+    /// EMA exponent.
+    pub gamma: f64,
+    /// BLAKE3 digest of the file (hex).
+    pub digest: String,
+    /// File size.
+    pub byte_size: i64,
+    /// Number of tensors.
+    pub tensor_count: i64,
+    /// JSON object: elements per dtype.
+    #[schema(value_type = Object)]
+    pub dtypes: serde_json::Value,
+    /// JSON object: the file's `__metadata__`.
+    #[schema(value_type = Object)]
+    pub metadata: serde_json::Value,
+    /// RFC 3339 UTC.
+    pub created_at: String,
+}
+
+impl From<SnapshotRow> for SnapshotView {
+    fn from(s: SnapshotRow) -> Self {
+        SnapshotView {
+            id: s.id,
+            nimg: s.nimg,
+            sigma_rel: s.sigma_rel,
+            gamma: s.gamma,
+            digest: s.digest,
+            byte_size: s.byte_size,
+            tensor_count: s.tensor_count,
+            dtypes: s.dtypes,
+            metadata: s.metadata,
+            created_at: s.created_at,
+        }
+    }
+}
+
+/// A run with its manifest and stored reconstructions.
+#[derive(Serialize, ToSchema)]
+pub struct RunDetail {
+    /// The run.
+    pub run: RunView,
+    /// Number of snapshots.
+    pub snapshots: usize,
+    /// Total bytes of the snapshots.
+    pub bytes: u64,
+    /// Latest snapshot time (reconstructions default to it).
+    pub last_nimg: Option<i64>,
+    /// The tensors every snapshot has.
+    pub manifest: Vec<ManifestEntryView>,
+    /// Reconstructions stored for this run, newest first.
+    pub reconstructions: Vec<ReconstructionView>,
+}
+
+/// What an upload did.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Ingested)]
+pub struct IngestedView {
+    /// Training time in images.
+    pub nimg: u64,
+    /// EMA width.
+    pub sigma_rel: f64,
+    /// Digest of the stored file (64 hex digits).
+    pub digest: String,
+    /// File size.
+    pub bytes: u64,
+    /// False when the same snapshot was already stored (idempotent re-upload).
+    pub inserted: bool,
+}
+
+impl From<Ingested> for IngestedView {
+    fn from(i: Ingested) -> Self {
+        IngestedView {
+            nimg: i.nimg,
+            sigma_rel: i.sigma_rel,
+            digest: i.digest.to_hex(),
+            bytes: i.bytes,
+            inserted: i.inserted,
+        }
+    }
+}
+
+/// Element type of reconstructed floating-point tensors, as requests name it.
+#[derive(Clone, Copy, Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[schema(as = OutDtype)]
+pub enum DtypeView {
+    /// 32-bit float.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+impl From<DtypeView> for OutDtype {
+    fn from(d: DtypeView) -> Self {
+        match d {
+            DtypeView::F32 => OutDtype::F32,
+            DtypeView::F16 => OutDtype::F16,
+            DtypeView::BF16 => OutDtype::BF16,
+        }
+    }
+}
+
+/// A reconstruction as the API shows it.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct ReconstructionView {
+    /// Id (the cache key, 64 hex digits).
+    pub id: String,
+    /// `ready` or `running`.
+    pub status: String,
+    /// Where to poll this reconstruction.
+    pub status_url: String,
+    /// Where to download the weights (once ready).
+    pub weights_url: String,
+    /// The run.
+    pub run: String,
+    /// Training time reconstructed at.
+    pub nimg: u64,
+    /// Target width.
+    pub sigma_rel: f64,
+    /// Target exponent.
+    pub gamma: f64,
+    /// Output element type.
+    pub dtype: String,
+    /// File name for the download.
+    pub file_name: String,
+    /// Digest of the safetensors file (when ready).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Its size in bytes (when ready).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub byte_size: Option<u64>,
+    /// True when the store already held it before this request.
+    pub cached: bool,
+    /// The solver's quality report and the weighted snapshots.
+    #[schema(value_type = Object)]
+    pub report: serde_json::Value,
+    /// When it was stored (RFC 3339), when ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+}
+
+/// Several reconstructions, in request order.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct ReconstructionList {
+    /// The reconstructions.
+    pub reconstructions: Vec<ReconstructionView>,
+}
+
+/// `(status URL, weights URL)` of reconstruction `id`.
+pub fn urls(id: &str) -> (String, String) {
+    (
+        format!("/reconstructions/{id}"),
+        format!("/reconstructions/{id}/weights"),
+    )
+}
+
+impl ReconstructionView {
+    /// A stored reconstruction; `cached` says whether it was stored before this request.
+    pub fn ready(row: &ReconstructionRow, cached: bool) -> Self {
+        let (status_url, weights_url) = urls(&row.id);
+        ReconstructionView {
+            id: row.id.clone(),
+            status: "ready".into(),
+            status_url,
+            weights_url,
+            run: row.run.clone(),
+            nimg: row.nimg as u64,
+            sigma_rel: row.sigma_rel,
+            gamma: row.gamma,
+            dtype: row.dtype.clone(),
+            file_name: file_name(&row.run, row.nimg, row.sigma_rel),
+            digest: Some(row.digest.clone()),
+            byte_size: Some(row.byte_size as u64),
+            cached,
+            report: row.report.clone(),
+            created_at: Some(row.created_at.clone()),
+        }
+    }
+
+    /// Target `t` of `plan`, still being computed.
+    pub fn running(plan: &Plan, t: usize) -> Self {
+        let target = &plan.targets[t];
+        let s = &target.solution;
+        let (status_url, weights_url) = urls(&target.id);
+        ReconstructionView {
+            id: target.id.clone(),
+            status: "running".into(),
+            status_url,
+            weights_url,
+            run: plan.run.name.clone(),
+            nimg: s.nimg,
+            sigma_rel: s.sigma_rel,
+            gamma: s.gamma,
+            dtype: plan.dtype.as_str().into(),
+            file_name: file_name(&plan.run.name, s.nimg as i64, s.sigma_rel),
+            digest: None,
+            byte_size: None,
+            cached: false,
+            report: report(plan, target),
+            created_at: None,
+        }
+    }
+}
