@@ -12,14 +12,12 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-mod conv;
+mod cpu;
 pub mod formula;
-mod fused;
-mod kernels;
 pub mod parity;
-mod winograd;
 
-pub use conv::{
+use cpu::fused;
+pub use cpu::{
     conv2d_same, conv2d_same_act, set_winograd, winograd_applies, winograd_enabled, InputAct,
 };
 
