@@ -24,7 +24,7 @@ use rayon::prelude::*;
 use super::kernels;
 use super::primitives::{sgemm, slice_f32, sum_in_order, with_scratch, InputAct, View};
 use super::winograd::Winograd;
-use crate::model::mp_silu;
+use crate::model::ops::mp_silu;
 
 /// Geometry of one convolution: `x` [N, C, H, W], `w` [O, C, k, k], padding k/2.
 #[derive(Clone, Copy, Debug)]

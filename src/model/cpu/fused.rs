@@ -4,9 +4,9 @@
 //! Composed from candle ops, `normalize` is five passes forward and a dozen backward, a clamp
 //! with scalar bounds broadcasts its bounds and builds masks, and every op's gradient starts
 //! as a zero tensor that the contribution is added to. These kernels do one pass forward and
-//! one or two backward; their loops are in [`super::kernels`], compiled per instruction set. On
-//! other devices and dtypes the callers in `model` use the composed versions (which the parity
-//! tests also cover through the GPU check).
+//! one or two backward; their loops are in [`super::kernels`], compiled per instruction set.
+//! On other devices and dtypes the callers in `model::ops` use the composed versions (which
+//! the parity tests also cover through the GPU check).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
