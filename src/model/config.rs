@@ -1,11 +1,13 @@
 //! The network configuration, [`Edm2Config`]: the arguments of EDM2's `Precond`, `UNet` and
 //! `Block` (NVlabs/edm2 `training/networks_edm2.py`) with their names and defaults, so that an
-//! EDM2 configuration reads as it is.
+//! EDM2 configuration reads as it is, and the named presets that hindsight builds networks
+//! from ([`Edm2Config::new`], [`Edm2Config::small`]).
 
 use serde::{Deserialize, Serialize};
 
 /// Network configuration, with EDM2's names and defaults (`Precond` + `UNet` + `Block`
-/// arguments). Stored with every run trained by hindsight.
+/// arguments). Stored with every run trained by hindsight. Build one from a preset
+/// ([`Edm2Config::new`], [`Edm2Config::small`]) or deserialise EDM2's JSON.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Edm2Config {
@@ -66,6 +68,53 @@ pub struct Edm2Config {
     pub clip_act: f64,
 }
 
+impl Edm2Config {
+    /// EDM2's defaults for images of `img_resolution`² pixels with `img_channels` channels and
+    /// `label_dim` classes (0: unconditional): every other field at its serde default, as a
+    /// JSON object naming only these three fields deserialises (`model_channels` 192,
+    /// `channel_mult` [1, 2, 3, 4], 3 blocks per level, attention at 16×16 and 8×8).
+    pub fn new(img_resolution: usize, img_channels: usize, label_dim: usize) -> Self {
+        Self {
+            img_resolution,
+            img_channels,
+            label_dim,
+            use_fp16: false,
+            sigma_data: defaults::sigma_data(),
+            logvar_channels: defaults::logvar_channels(),
+            model_channels: defaults::model_channels(),
+            channel_mult: defaults::channel_mult(),
+            channel_mult_noise: None,
+            channel_mult_emb: None,
+            num_blocks: defaults::num_blocks(),
+            attn_resolutions: defaults::attn_resolutions(),
+            label_balance: defaults::half(),
+            concat_balance: defaults::half(),
+            channels_per_head: defaults::channels_per_head(),
+            dropout: 0.0,
+            res_balance: defaults::balance(),
+            attn_balance: defaults::balance(),
+            clip_act: defaults::clip_act(),
+        }
+    }
+
+    /// A small network that trains on a CPU: `model_channels` 32, `channel_mult` [1, 2], one
+    /// block per level, attention at half the image resolution with 32 channels per head, and
+    /// 16 Fourier features in the log-variance head; everything else as in [`Self::new`].
+    /// `small(16, 3, 10)` is the configuration of the committed reference fixture
+    /// (`tests/fixtures/edm2_unet.json`) and of `hindsight bench train`.
+    pub fn small(img_resolution: usize, img_channels: usize, label_dim: usize) -> Self {
+        Self {
+            model_channels: 32,
+            channel_mult: vec![1, 2],
+            num_blocks: 1,
+            attn_resolutions: vec![img_resolution / 2],
+            channels_per_head: 32,
+            logvar_channels: 16,
+            ..Self::new(img_resolution, img_channels, label_dim)
+        }
+    }
+}
+
 mod defaults {
     pub fn sigma_data() -> f64 {
         0.5
@@ -96,5 +145,47 @@ mod defaults {
     }
     pub fn clip_act() -> f64 {
         256.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Edm2Config;
+
+    /// The configuration that `json` deserialises to.
+    fn parsed(json: serde_json::Value) -> Edm2Config {
+        serde_json::from_value(json).expect("a valid configuration")
+    }
+
+    #[test]
+    fn new_is_the_serde_defaults() {
+        for (r, c, l) in [(16, 3, 10), (32, 1, 0), (64, 4, 1000)] {
+            let json = serde_json::json!({"img_resolution": r, "img_channels": c, "label_dim": l});
+            assert_eq!(Edm2Config::new(r, c, l), parsed(json));
+        }
+    }
+
+    #[test]
+    fn small_is_the_small_json_configuration() {
+        for (r, c, l) in [(16, 3, 10), (32, 1, 0)] {
+            let json = serde_json::json!({
+                "img_resolution": r, "img_channels": c, "label_dim": l,
+                "model_channels": 32, "channel_mult": [1, 2], "num_blocks": 1,
+                "attn_resolutions": [r / 2], "channels_per_head": 32, "logvar_channels": 16
+            });
+            assert_eq!(Edm2Config::small(r, c, l), parsed(json));
+        }
+    }
+
+    #[test]
+    fn small_16_3_10_is_the_reference_fixture_configuration() {
+        let text = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/edm2_unet.json"
+        ));
+        let fixture: serde_json::Value = serde_json::from_str(text).expect("the fixture's JSON");
+        let mut json = fixture["edm2_unet"]["config"].clone();
+        json["sigma_data"] = fixture["edm2_unet"]["sigma_data"].clone();
+        assert_eq!(Edm2Config::small(16, 3, 10), parsed(json));
     }
 }
