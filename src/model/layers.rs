@@ -1,7 +1,6 @@
 //! The layers of EDM2's U-Net (NVlabs/edm2 `training/networks_edm2.py`): the Fourier
 //! features of the noise level ([`MpFourier`]), the weight-normalised convolution and linear
-//! layer ([`MpConv`], EDM2 eq. 47 in the forward pass) and the residual block with optional
-//! self-attention ([`Block`]).
+//! layer ([`MpConv`]) and the residual block with optional self-attention ([`Block`]).
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;

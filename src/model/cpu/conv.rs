@@ -218,10 +218,11 @@ impl Geometry {
     }
 }
 
-/// Whether 3×3 convolutions may use Winograd's F(2×2, 3×3) ([`super::winograd`]): yes unless
-/// the environment variable `HINDSIGHT_CONV` is `direct` (read on first use), which keeps
-/// every convolution on the direct GEMM path — for comparisons, or to reproduce the rounding
-/// of runs made before Winograd was added; [`set_winograd`] overrides it.
+/// Whether 3×3 convolutions may use Winograd's F(2×2, 3×3) where it applies
+/// ([`winograd_applies`]): yes unless the environment variable `HINDSIGHT_CONV` is `direct`
+/// (read on first use), which keeps every convolution on the direct GEMM path — for
+/// comparisons, or to reproduce the rounding of runs made before Winograd was added;
+/// [`set_winograd`] overrides it.
 pub fn winograd_enabled() -> bool {
     match WINOGRAD.load(Ordering::Relaxed) {
         ON => true,
