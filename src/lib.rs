@@ -13,7 +13,7 @@
 //! - [`db`]: the SQLite index (sqlx + migrations): runs, manifests, snapshots, blob states,
 //!   reconstructions.
 //! - [`app`]: the embedded default: index + store under one data directory; verify and gc.
-//! - [`format`]: the safetensors codec (bounded header reader, deterministic writer).
+//! - [`format`](mod@format): the safetensors codec (bounded header reader, deterministic writer).
 //! - [`ingest`]: every door into the store (files, directories, ema-pytorch, trainers,
 //!   uploads), one validation.
 //! - [`materialize`]: weighted sums of snapshots into new weights, one streaming pass.
@@ -24,7 +24,7 @@
 //! - [`train`]: the EDM2 training loop, trainer, checkpoints, datasets.
 //! - [`sample`]: images from weights (EDM's Heun sampler over seeds), PNGs and grids.
 //! - [`plot`]: SVG pictures of target and reconstructed profiles.
-//! - [`bench`]: synthetic workloads and statistics shared by `hindsight bench`, the demo and
+//! - [`bench`](mod@bench): synthetic workloads and statistics shared by `hindsight bench`, the demo and
 //!   the tests.
 //! - [`progress`]: how long work reports progress; [`error`]: the library's error type.
 

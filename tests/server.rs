@@ -342,7 +342,10 @@ async fn listings_health_blobs_and_openapi() {
     let (_, doc) = server.json(get("/openapi.json")).await;
     let schemas = &doc["components"]["schemas"];
     assert_eq!(schemas["Run"]["properties"]["metadata"]["type"], "object");
-    assert_eq!(schemas["SnapshotRow"]["properties"]["dtypes"]["type"], "object");
+    assert_eq!(
+        schemas["SnapshotRow"]["properties"]["dtypes"]["type"],
+        "object"
+    );
 
     let head = |uri: String| Request::head(uri).body(Body::empty()).unwrap();
     let (status, headers, body) = server.send(head(format!("/blobs/{digest}"))).await;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::DataDir;
+use super::data_dir::DataDir;
 use crate::db::BlobState;
 use crate::error::{blocking, Result};
 use crate::progress::Progress;

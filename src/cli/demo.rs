@@ -7,7 +7,7 @@ use hindsight::materialize::OutDtype;
 use hindsight::phema::request::TargetSpec;
 use hindsight::reconstruction::ExportOptions;
 
-use super::output::{bar, print_table};
+use super::common::{bar, print_table};
 
 /// Options of `hindsight demo`.
 #[derive(clap::Args)]

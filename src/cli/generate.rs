@@ -6,7 +6,7 @@ use anyhow::bail;
 use hindsight::model::Edm2Config;
 use hindsight::sample::{generate_to_dir, parse_seeds, GenerateOptions, WeightsSource};
 
-use super::output::bar;
+use super::common::bar;
 
 /// Options of `hindsight generate`.
 #[derive(clap::Args, Debug)]

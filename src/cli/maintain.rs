@@ -6,12 +6,12 @@ use std::time::Duration;
 use anyhow::bail;
 use hindsight::app::DataDir;
 
-use super::output::{bar, human_bytes};
+use super::common::{bar, block_on, human_bytes};
 
 /// Re-hashes every blob; prints each problem and a summary; fails if any was found.
 pub fn verify(data_dir: &Path) -> anyhow::Result<()> {
     let progress = bar("{spinner} verifying {bar:30} {bytes}/{total_bytes} {bytes_per_sec}");
-    let report = super::block_on(async {
+    let report = block_on(async {
         let data = DataDir::open(data_dir).await?;
         Ok(hindsight::app::verify(&data, &progress).await?)
     })?;
@@ -47,7 +47,7 @@ pub struct GcArgs {
 
 /// Removes unreferenced blobs and orphaned staging files.
 pub fn gc(data_dir: &Path, args: GcArgs) -> anyhow::Result<()> {
-    let report = super::block_on(async {
+    let report = block_on(async {
         let data = DataDir::open(data_dir).await?;
         Ok(hindsight::app::gc(&data, Duration::from_secs(args.grace_secs)).await?)
     })?;

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod common;
 mod demo;
 mod generate;
 mod maintain;
-mod output;
 mod reconstruct;
 mod serve;
 mod solve;
@@ -98,14 +98,4 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Verify => maintain::verify(&data_dir),
         Command::Gc(args) => maintain::gc(&data_dir, args),
     }
-}
-
-/// Runs an async command to completion on a fresh multi-threaded runtime.
-fn block_on<T>(fut: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
-    use anyhow::Context;
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?
-        .block_on(fut)
 }

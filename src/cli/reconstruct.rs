@@ -9,7 +9,7 @@ use hindsight::materialize::OutDtype;
 use hindsight::phema::request::TargetSpec;
 use hindsight::reconstruction::{reconstruct_to_dir, ExportOptions, Exported};
 
-use super::output::{bar, print_json, print_table};
+use super::common::{bar, block_on, print_json, print_table};
 use super::solve::TargetArgs;
 
 /// Options of `hindsight reconstruct`.
@@ -94,7 +94,7 @@ pub fn export(
         "reconstructing {msg} {bar:30} {binary_bytes}/{binary_total_bytes} \
          {binary_bytes_per_sec} eta {eta}",
     );
-    let exported = super::block_on(async {
+    let exported = block_on(async {
         let data = DataDir::open(data_dir).await?;
         Ok(reconstruct_to_dir(
             &data,

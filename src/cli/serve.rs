@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use super::common::block_on;
 use anyhow::bail;
 use clap::Subcommand;
 use hindsight::server::{self, ServerConfig};
@@ -69,7 +70,7 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
         server::shutdown_signal().await;
         eprintln!("shutting down: finishing requests in flight");
     };
-    super::block_on(async {
+    block_on(async {
         server::serve_data_dir(data_dir, addr, config, shutdown, |local| {
             eprintln!(
                 "hindsight serving {} on http://{local} ({auth}); API description at \

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use hindsight::phema::request::{SolveRequest, TargetSpec};
 use hindsight::phema::{parse_float_list, parse_sigma_rel_list};
 
-use super::output::{print_json, print_table};
+use super::common::{block_on, print_json, print_table};
 
 /// Options of `hindsight solve`.
 #[derive(clap::Args)]
@@ -84,7 +84,7 @@ pub fn run(data_dir: &Path, args: SolveArgs) -> anyhow::Result<()> {
             if !targets.given() {
                 bail!("--run: give the targets with --sigma-rel and/or --gamma");
             }
-            super::block_on(stored_snapshots(data_dir, &name))?
+            block_on(stored_snapshots(data_dir, &name))?
         }
         None => {
             let mut text = String::new();

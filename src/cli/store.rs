@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use hindsight::app::DataDir;
 use hindsight::ingest::{import_dir, IngestOptions, Source};
 
-use super::output::{bar, human_bytes, print_json};
+use super::common::{bar, block_on, human_bytes, print_json};
 
 /// Input formats of `hindsight import`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -100,7 +100,7 @@ pub fn import_files(
     source: &Source,
     options: IngestOptions,
 ) -> anyhow::Result<()> {
-    super::block_on(async {
+    block_on(async {
         let data = DataDir::open(data_dir).await?;
         let progress = bar(
             "{spinner} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
@@ -138,7 +138,7 @@ pub struct RunsArgs {
 
 /// Lists the runs.
 pub fn runs(data_dir: &Path, args: RunsArgs) -> anyhow::Result<()> {
-    let runs = super::block_on(async { Ok(DataDir::open(data_dir).await?.db.runs().await?) })?;
+    let runs = block_on(async { Ok(DataDir::open(data_dir).await?.db.runs().await?) })?;
     if args.json {
         return print_json(&runs);
     }
@@ -175,7 +175,7 @@ pub struct SnapshotsArgs {
 
 /// Lists a run's snapshots.
 pub fn snapshots(data_dir: &Path, args: SnapshotsArgs) -> anyhow::Result<()> {
-    let rows = super::block_on(async {
+    let rows = block_on(async {
         let data = DataDir::open(data_dir).await?;
         let run = data.existing_run(&args.run).await?;
         Ok(data.db.snapshots(run.id).await?)

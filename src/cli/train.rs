@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use hindsight::model::Edm2Config;
 use hindsight::train::TrainOptions;
 
-use super::output::bar;
+use super::common::bar;
 
 /// Options of `hindsight train`.
 #[derive(clap::Args, Debug)]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sqlx::{FromRow, SqliteConnection};
 
-use super::{finish, now_secs, Db};
+use super::connection::{finish, now_secs, Db};
 use crate::error::Result;
 
 /// State of a blob row, stored as its snake-case name.

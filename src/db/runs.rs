@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use sqlx::FromRow;
 
-use super::{finish, json_text, Db};
+use super::connection::{finish, json_text, Db};
 use crate::error::{Error, Result};
 
 /// A training run.

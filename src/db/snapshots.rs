@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use sqlx::{FromRow, SqliteConnection};
 
-use super::{finish, json_text, Db};
+use super::connection::{finish, json_text, Db};
 use crate::error::{Error, Result};
 
 /// One tensor of a run's manifest.

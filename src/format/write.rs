@@ -89,7 +89,7 @@ pub fn write_safetensors(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::read_header;
+    use crate::format::header::read_header;
 
     #[test]
     fn same_input_same_bytes_and_a_valid_file() {

@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{ingest_ema_pytorch, ingest_file, Hints, IngestOptions, Ingested, RunForIngest};
+use super::ema_pytorch::ingest_ema_pytorch;
+use super::file::{ingest_file, Hints, IngestOptions, Ingested};
+use super::run::RunForIngest;
 use crate::app::DataDir;
 use crate::error::{Error, Result};
 use crate::phema::sigma_rel_to_gamma;

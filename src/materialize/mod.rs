@@ -2,10 +2,15 @@
 //!
 //! For K targets with weights `w[k][i]` over N snapshot files, every output tensor is
 //! `Σ_i w[k][i] · snapshot_i`. The snapshot files share one tensor layout (the run's
-//! manifest), so they are read in lockstep, tensor by tensor, each file front to back through
-//! a [`VerifiedReader`] — every input is hashed on the way and a corrupt one fails the whole
-//! reconstruction before anything is published. Memory is bounded by one tensor per input
-//! being read plus K accumulators for the current tensor, whatever N and the model size.
+//! manifest), so they are read in lockstep, chunk by chunk, each file front to back at
+//! explicit offsets (`read`) — every input is checked on the way (its recorded XXH3-128
+//! checksum, else its BLAKE3 digest) and a corrupt one fails the whole reconstruction before
+//! anything is published. Memory is bounded by a few chunks per worker and target, whatever N
+//! and the model size (see [`materialize_with`]).
+//!
+//! Files: the orchestration and its steps here; `read` (inputs and their checks), `sum`
+//! (per-worker sums over fixed groups of inputs, their in-order merge, encoding), `kernels`
+//! (vector kernels), `dtype` ([`OutDtype`]).
 //!
 //! Floating-point tensors (F16, BF16, F32, F64) are averaged, accumulating in f32, or in f64
 //! when the weights are large (Σ|w| above [`F64_ACCUMULATION_L1`], where cancellation would
@@ -104,7 +109,7 @@ pub fn materialize(
 /// input i; `outputs[k]` receives a complete safetensors file with `metadata[k]` (to which the
 /// accumulation precision and the copied tensors are added).
 ///
-/// The work runs on rayon's pool: for every chunk of [`CHUNK_ELEMENTS`] elements of a tensor,
+/// The work runs on rayon's pool: for every chunk of 64 Ki elements of a tensor,
 /// each worker reads that chunk from its share of the inputs and sums it into its own
 /// accumulators, which are then added together and written out. Memory is a few chunks per
 /// worker and target (about 2.5 MiB per worker plus 256 KiB per target and worker), whatever

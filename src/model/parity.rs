@@ -13,9 +13,10 @@ use anyhow::{anyhow, bail, Context};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 
+use super::config::Edm2Config;
 use super::formula::{self, Kind};
+use super::precond::{edm2_loss, force_normalize, Precond};
 use super::sampler::{edm_sampler, SamplerConfig};
-use super::{edm2_loss, force_normalize, Edm2Config, Precond};
 
 /// The fixture's tensors and its JSON description (the `edm2_unet` section).
 pub struct Fixture {

@@ -4,7 +4,7 @@
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::Precond;
+use super::precond::Precond;
 
 /// Sampler settings, EDM2's defaults.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -10,8 +10,70 @@ use hindsight::bench::median;
 use hindsight::model::{default_device, Edm2Config};
 use hindsight::train::data::{one_hot, Procedural};
 use hindsight::train::{TrainConfig, Trainer};
+use std::path::PathBuf;
 
-use super::{ConvArgs, ParityArgs, TrainArgs};
+/// Options of `hindsight bench train`.
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// Images per batch.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Timed repetitions.
+    #[arg(long, default_value_t = 5)]
+    pub iterations: usize,
+    /// Python with PyTorch: also time scripts/peer_edm2_torch.py (the same network in
+    /// PyTorch, checked against the reference fixture first) with the same batch, thread
+    /// count and device, and print the ratios.
+    #[arg(long)]
+    pub peer_python: Option<String>,
+    /// Rounds of both sides, alternating which goes first (with a peer): the ratios are
+    /// taken per round and their median printed, so load that comes and goes on a shared
+    /// machine hits both sides alike.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+}
+
+/// Options of `hindsight bench conv`.
+#[derive(clap::Args)]
+pub struct ConvArgs {
+    /// Images per batch.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Timed repetitions per layer, algorithm and round.
+    #[arg(long, default_value_t = 15)]
+    pub iterations: usize,
+    /// Rounds, alternating which algorithm goes first; medians over all.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+    /// Time this shape instead, `N,C,O,H` (images, input and output channels, square
+    /// size); repeatable. E.g. EDM2-S layers: `--shape 8,192,192,64 --shape 32,768,768,8`.
+    #[arg(long = "shape", value_parser = parse_conv_shape)]
+    pub shapes: Vec<[usize; 4]>,
+}
+
+/// Options of `hindsight bench parity`.
+#[derive(clap::Args)]
+pub struct ParityArgs {
+    /// The fixture tensors (default: $HINDSIGHT_EDM2_FIXTURE, else
+    /// tests/fixtures/edm2_unet.safetensors).
+    #[arg(long)]
+    pub fixture: Option<PathBuf>,
+    /// Its JSON description (default: $HINDSIGHT_EDM2_FIXTURE_JSON, else
+    /// tests/fixtures/edm2_unet.json).
+    #[arg(long)]
+    pub fixture_json: Option<PathBuf>,
+}
+
+/// `N,C,O,H` for `bench conv --shape`.
+fn parse_conv_shape(s: &str) -> Result<[usize; 4], String> {
+    let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+    let sizes: Vec<usize> = parts
+        .iter()
+        .map(|p| p.parse::<usize>().map_err(|e| format!("{p:?}: {e}")))
+        .collect::<Result<_, _>>()?;
+    <[usize; 4]>::try_from(sizes)
+        .map_err(|v| format!("expected N,C,O,H (four sizes), got {} in {s:?}", v.len()))
+}
 
 /// `hindsight bench conv`: 3×3 convolution shapes (by default each one of the `bench train`
 /// network at `batch` images; else the given `[N, C, O, H]`, square images), timed on the CPU

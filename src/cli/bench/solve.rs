@@ -7,7 +7,22 @@ use hindsight::bench::{edm2_schedule, sigma_sweep, Timing};
 use hindsight::phema::request::{SnapshotSpec, SolveRequest, TargetSpec};
 use hindsight::phema::{self, SolveOptions};
 
-use super::SolveArgs;
+/// Options of `hindsight bench solve`.
+#[derive(clap::Args)]
+pub struct SolveArgs {
+    /// Number of snapshot times (each contributes one snapshot per width).
+    #[arg(long, default_value_t = 256)]
+    pub times: usize,
+    /// Number of target widths, evenly spaced over σ_rel 0.010–0.250.
+    #[arg(long, default_value_t = 31)]
+    pub targets: usize,
+    /// Timed repetitions.
+    #[arg(long, default_value_t = 200)]
+    pub iterations: usize,
+    /// Also time EDM2's algorithm in NumPy with this Python (scripts/peer_phema_solve.py).
+    #[arg(long)]
+    pub peer_python: Option<String>,
+}
 
 /// Times the solver on an EDM2-shaped run, and EDM2's algorithm in NumPy beside it.
 pub fn solve(args: SolveArgs) -> anyhow::Result<()> {

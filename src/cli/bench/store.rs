@@ -8,8 +8,45 @@ use anyhow::{bail, Context};
 use hindsight::app::DataDir;
 use hindsight::bench::median;
 
-use super::{ImportArgs, ReconstructArgs};
-use crate::cli::output::bar;
+use crate::cli::common::bar;
+use std::path::PathBuf;
+
+/// Options of `hindsight bench import`.
+#[derive(clap::Args)]
+pub struct ImportArgs {
+    /// Where to generate the snapshots and the copies (needs about 3x their size free).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Number of snapshots.
+    #[arg(long, default_value_t = 48)]
+    pub snapshots: usize,
+    /// Parameters per snapshot.
+    #[arg(long, default_value_t = 34_000_000)]
+    pub params: u64,
+    /// Timed rounds after the warm-up round (they alternate which side goes first).
+    #[arg(long, default_value_t = 4)]
+    pub rounds: usize,
+}
+
+/// Options of `hindsight bench reconstruct`.
+#[derive(clap::Args)]
+pub struct ReconstructArgs {
+    /// Where to keep the generated snapshots and their data directory (reused when present).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Number of snapshots.
+    #[arg(long, default_value_t = 48)]
+    pub snapshots: usize,
+    /// Parameters per snapshot.
+    #[arg(long, default_value_t = 34_000_000)]
+    pub params: u64,
+    /// Timed rounds (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Python with NumPy for scripts/peer_reconstruct.py.
+    #[arg(long)]
+    pub peer_python: Option<String>,
+}
 
 /// Generates `count` snapshots of `params` parameters into `dir` unless it holds them.
 fn ensure_generated(dir: &Path, count: usize, params: u64) -> anyhow::Result<()> {

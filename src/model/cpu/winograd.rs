@@ -26,7 +26,7 @@
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::conv::{sgemm, sum_in_order, with_scratch, InputAct, View};
+use super::primitives::{sgemm, sum_in_order, with_scratch, InputAct, View};
 
 /// Transform positions per tile (4 × 4).
 const XI: usize = 16;

@@ -1,5 +1,5 @@
-//! Printing for people and machines: the quality-report table, JSON lines, sizes, progress
-//! bars.
+//! What every command shares: the async runtime, and printing for people and machines (the
+//! quality-report table, JSON lines, sizes, progress bars).
 
 use std::io::Write;
 
@@ -72,4 +72,14 @@ pub fn bar(template: &str) -> ProgressBar {
     let bar = ProgressBar::new(0);
     bar.set_style(ProgressStyle::with_template(template).expect("valid template"));
     bar
+}
+
+/// Runs an async command to completion on a fresh multi-threaded runtime.
+pub fn block_on<T>(fut: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(fut)
 }

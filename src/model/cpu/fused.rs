@@ -4,33 +4,18 @@
 //! Composed from candle ops, `normalize` is five passes forward and a dozen backward, a clamp
 //! with scalar bounds broadcasts its bounds and builds masks, and every op's gradient starts
 //! as a zero tensor that the contribution is added to. These kernels do one pass forward and
-//! one or two backward; their loops are in [`super::kernels`], compiled per instruction set. On
-//! other devices and dtypes the callers in `model` use the composed versions (which the parity
-//! tests also cover through the GPU check).
+//! one or two backward; their loops are in [`super::kernels`], compiled per instruction set.
+//! On other devices and dtypes the callers in `model::ops` use the composed versions (which
+//! the parity tests also cover through the GPU check).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::conv::{sgemm, View};
 use super::kernels;
-#[cfg(test)]
-use super::kernels::exp;
+use super::primitives::{sgemm, slice_f32, View};
 
 /// Elements per parallel task of the point-wise kernels.
 const CHUNK: usize = 1 << 15;
-
-/// The elements of a contiguous f32 tensor (the custom ops of `model` take no strided input).
-pub(super) fn slice_f32<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    what: &str,
-) -> Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("{what}: needs a contiguous f32 tensor"),
-    }
-}
 
 /// Splits the flat result of an op that computes two gradients in one sweep, `[∂a, ∂b]`, into
 /// tensors of `a`'s and `b`'s shapes: views of it, no copy.
@@ -1057,45 +1042,5 @@ impl CustomOp2 for AttentionNormGrad {
             },
         )?;
         Ok((CpuStorage::F32(gy), l1.shape().clone()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::exp;
-
-    /// Distance in units in the last place between two positive finite floats.
-    fn ulps(a: f32, b: f32) -> u32 {
-        a.to_bits().abs_diff(b.to_bits())
-    }
-
-    #[test]
-    fn exp_is_within_two_ulp_of_the_reference_on_its_range() {
-        // Every 97th float from −87 to 88 (≈ 22 million inputs), both signs, and the ends.
-        let mut worst = (0u32, 0f32);
-        let mut check = |x: f32| {
-            let want = f64::from(x).exp() as f32;
-            let d = ulps(exp(x), want);
-            if d > worst.0 {
-                worst = (d, x);
-            }
-        };
-        for bits in (0..=88f32.to_bits()).step_by(97) {
-            let x = f32::from_bits(bits);
-            check(x);
-            if x <= 87.0 {
-                check(-x);
-            }
-        }
-        for x in [-87.0, 88.0, 0.0, -0.0, 1.0, -1.0, 0.5, -0.5] {
-            check(x);
-        }
-        eprintln!("worst: {} ulp at x = {}", worst.0, worst.1);
-        assert!(worst.0 <= 2, "{} ulp at x = {}", worst.0, worst.1);
-        // Clamped outside the range: finite, positive, monotone at the ends.
-        assert_eq!(exp(-1000.0), exp(-87.0));
-        assert_eq!(exp(1000.0), exp(88.0));
-        assert!(exp(88.0).is_finite() && exp(-87.0) > 0.0);
-        assert!(exp(f32::NAN).is_nan(), "NaN propagates");
     }
 }
