@@ -65,6 +65,32 @@ pub enum Error {
     /// error, an out-of-memory on the GPU).
     #[error("tensor computation: {0}")]
     Tensor(#[from] candle_core::Error),
+    /// Reconstructed values do not fit the output element type (f16 holds ±65504): nothing was
+    /// stored. Reconstruct as `f32` or `bf16`, or ask for clamping.
+    #[error("{}", describe_out_of_range(dtype, tensors))]
+    OutOfRange {
+        /// The output type (`f16`).
+        dtype: String,
+        /// Every tensor (per target) with values out of range.
+        tensors: Vec<OutOfRange>,
+    },
+    /// A stored snapshot holds a NaN or ±∞ where a reconstruction gives it a weight (it was
+    /// stored without `--check-finite`).
+    #[error(
+        "snapshot {snapshot} (nimg {nimg}): tensor {tensor} holds a non-finite value (element \
+         {element}), so no reconstruction that uses it can be finite; re-import that snapshot \
+         from a good copy, or ask for times or widths that do not use it"
+    )]
+    NonFinite {
+        /// The snapshot's digest.
+        snapshot: String,
+        /// Its training time.
+        nimg: u64,
+        /// The tensor.
+        tensor: String,
+        /// The first non-finite element's index in the tensor.
+        element: u64,
+    },
     /// A stored blob's content no longer matches its digest.
     #[error("blob {expected} is corrupt: its content hashes to {actual}")]
     Corrupt {
@@ -89,6 +115,41 @@ pub enum Error {
         /// What we support.
         supported: u32,
     },
+}
+
+/// Values of one reconstructed tensor that its output type cannot hold.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OutOfRange {
+    /// Which target of the pass (index into its weights).
+    pub target: usize,
+    /// The tensor.
+    pub tensor: String,
+    /// How many elements were out of range.
+    pub elements: u64,
+    /// The largest magnitude among them.
+    pub max_abs: f64,
+}
+
+fn describe_out_of_range(dtype: &str, tensors: &[OutOfRange]) -> String {
+    let shown: Vec<String> = tensors
+        .iter()
+        .take(5)
+        .map(|t| {
+            format!(
+                "tensor {} has {} element(s) beyond {dtype}'s range (largest magnitude {:.4e})",
+                t.tensor, t.elements, t.max_abs
+            )
+        })
+        .collect();
+    let more = match tensors.len() {
+        n if n > 5 => format!(" (and {} more tensors)", n - 5),
+        _ => String::new(),
+    };
+    format!(
+        "dtype: {}{more}; reconstruct as f32 or bf16, or allow clamping to the largest {dtype} \
+         value (--clamp-out-of-range; \"clamp_out_of_range\": true in the API)",
+        shown.join("; ")
+    )
 }
 
 impl Error {

@@ -4,7 +4,7 @@
 use plotters::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::phema::{sample_profiles, Snapshot, TargetSolution};
+use crate::phema::{sample_profiles_realised, Snapshot, Tabulated, TargetSolution};
 
 /// At most this many panels per picture; more targets are thinned evenly.
 pub const MAX_PANELS: usize = 12;
@@ -12,8 +12,13 @@ pub const MAX_PANELS: usize = 12;
 /// Draws target (thick black) and reconstructed (thin orange) profiles of `solutions`, one panel per
 /// target, as an SVG document. The horizontal axis is time as a fraction of the target time,
 /// from where the target profile has almost no mass left; the vertical axis is the profile
-/// density times the target time.
-pub fn profiles_svg(snapshots: &[Snapshot], solutions: &[TargetSolution]) -> Result<String> {
+/// density times the target time. `realised` gives the snapshots' profiles where they are not
+/// the power functions their widths name (empty: none; see [`crate::phema::solve_realised`]).
+pub fn profiles_svg(
+    snapshots: &[Snapshot],
+    realised: &[Option<Tabulated>],
+    solutions: &[TargetSolution],
+) -> Result<String> {
     if solutions.is_empty() {
         return Err(Error::invalid("targets", "nothing to plot"));
     }
@@ -50,7 +55,7 @@ pub fn profiles_svg(snapshots: &[Snapshot], solutions: &[TargetSolution]) -> Res
             .map_err(draw_error)?;
         let panels = body.split_evenly((rows, cols));
         for (panel, sol) in panels.iter().zip(&shown) {
-            draw_panel(panel, snapshots, sol)?;
+            draw_panel(panel, snapshots, realised, sol)?;
         }
         root.present().map_err(draw_error)?;
     }
@@ -60,6 +65,7 @@ pub fn profiles_svg(snapshots: &[Snapshot], solutions: &[TargetSolution]) -> Res
 fn draw_panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
     snapshots: &[Snapshot],
+    realised: &[Option<Tabulated>],
     sol: &TargetSolution,
 ) -> Result<()>
 where
@@ -68,7 +74,7 @@ where
     let t = sol.nimg as f64;
     // The profile's mass sits within a few σ_rel of the end; show from there.
     let start = (1.0 - 8.0 * sol.sigma_rel).max(0.0);
-    let points = sample_profiles(snapshots, sol, start * t, 400)?;
+    let points = sample_profiles_realised(snapshots, realised, sol, start * t, 400)?;
     let xy = |v: f64| v * t;
     let target: Vec<(f64, f64)> = points.iter().map(|p| (p.nimg / t, xy(p.target))).collect();
     let recon: Vec<(f64, f64)> = points
@@ -135,7 +141,7 @@ mod tests {
         for (count, panels) in [(1, 1), (5, 5), (12, 12), (40, 12)] {
             let targets = sigma_sweep(count, 0.03, 0.25);
             let solutions = solve(&snapshots, &targets, &SolveOptions::default()).unwrap();
-            let svg = profiles_svg(&snapshots, &solutions).unwrap();
+            let svg = profiles_svg(&snapshots, &[], &solutions).unwrap();
             assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
             assert_eq!(svg.matches("σ_rel 0.").count(), panels, "{count} targets");
             // Each panel draws one reconstruction (orange) and one target (4 px black).
@@ -146,6 +152,6 @@ mod tests {
                 count > panels
             );
         }
-        assert!(profiles_svg(&snapshots, &[]).is_err());
+        assert!(profiles_svg(&snapshots, &[], &[]).is_err());
     }
 }

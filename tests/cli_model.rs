@@ -132,6 +132,93 @@ fn train_reconstruct_generate() {
     );
 }
 
+/// Writes `count` greyscale `side`×`side` PNGs (a bright square on a dark ground, moving with
+/// the index) into `dir`.
+fn write_grey_pngs(dir: &Path, count: usize, side: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    for k in 0..count {
+        let mut pixels = vec![20u8; side * side];
+        let (x0, y0) = (k % (side / 2), (k / 3) % (side / 2));
+        for y in y0..y0 + side / 2 {
+            for x in x0..x0 + side / 2 {
+                pixels[y * side + x] = 230;
+            }
+        }
+        let file = std::fs::File::create(dir.join(format!("{k:05}.png"))).unwrap();
+        let mut encoder = png::Encoder::new(file, side as u32, side as u32);
+        encoder.set_color(png::ColorType::Grayscale);
+        encoder.set_depth(png::BitDepth::Eight);
+        encoder
+            .write_header()
+            .unwrap()
+            .write_image_data(&pixels)
+            .unwrap();
+    }
+}
+
+#[test]
+fn an_unconditional_greyscale_network_trains_and_generates() {
+    // Fashion-MNIST's shape: one channel, no labels. The default network follows the data.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let images = dir.path().join("grey");
+    write_grey_pngs(&images, 24, 8);
+    hindsight(
+        &data,
+        &[
+            "train",
+            "--run",
+            "grey",
+            "--dataset",
+            images.to_str().unwrap(),
+            "--batch",
+            "8",
+            "--total-kimg",
+            "1",
+            "--snapshot-kimg",
+            "1",
+        ],
+    );
+    let runs: serde_json::Value =
+        serde_json::from_slice(&hindsight(&data, &["snapshots", "grey", "--json"]).stdout).unwrap();
+    assert_eq!(runs.as_array().unwrap().len(), 2);
+    let out = dir.path().join("weights");
+    hindsight(
+        &data,
+        &[
+            "reconstruct",
+            "--run",
+            "grey",
+            "--sigma-rel",
+            "0.08",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    let samples = dir.path().join("samples");
+    hindsight(
+        &data,
+        &[
+            "generate",
+            "--weights",
+            out.join("grey-0000001000-0.080.safetensors")
+                .to_str()
+                .unwrap(),
+            "--seeds",
+            "0-3",
+            "--steps",
+            "4",
+            "--out",
+            samples.to_str().unwrap(),
+        ],
+    );
+    // One byte per pixel: greyscale PNGs, 8×8, and a 2×2 grid.
+    let (w, h, pixels) = png_size(&samples.join("000002.png"));
+    assert_eq!((w, h, pixels.len()), (8, 8, 64));
+    let (w, h, pixels) = png_size(&samples.join("grid.png"));
+    assert_eq!((w, h, pixels.len()), (16, 16, 256));
+}
+
 #[test]
 fn generate_refuses_bad_arguments() {
     let dir = tempfile::tempdir().unwrap();
@@ -214,6 +301,31 @@ fn bench_parity_and_bench_conv_run() {
     assert!(text.contains("grad/* vs float64, ours"), "{text}");
     assert!(text.contains("grad/* vs float64, the fixture's"), "{text}");
     assert!(!text.contains("FAIL"), "{text}");
+    // The unconditional greyscale network too (no class labels in its fixture).
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let out = hindsight(
+        &data,
+        &[
+            "bench",
+            "parity",
+            "--fixture",
+            fixtures
+                .join("edm2_unet_uncond-gray.safetensors")
+                .to_str()
+                .unwrap(),
+            "--fixture-json",
+            fixtures
+                .join("edm2_unet_uncond-gray.json")
+                .to_str()
+                .unwrap(),
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("edm2_unet_uncond-gray"), "{text}");
+    assert!(
+        text.contains("sampler/samples") && !text.contains("FAIL"),
+        "{text}"
+    );
     // Both convolution algorithms, each 3×3 shape of the bench network, and the totals.
     let out = hindsight(
         &data,

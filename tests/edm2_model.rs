@@ -2,11 +2,12 @@
 //! `training/networks_edm2.py`, PyTorch float32): primitives and the full forward pass of
 //! `Precond` (denoised image and log-variance).
 //!
-//! The fixture and its JSON description default to the copies in tests/fixtures (made by
-//! tests/fixtures/make_edm2_fixture.py); `HINDSIGHT_EDM2_FIXTURE` and
-//! `HINDSIGHT_EDM2_FIXTURE_JSON` point the same tests at another fixture, e.g. one for another
-//! configuration. The network is built from the JSON's config with formula weights rebuilt
-//! from the JSON's weight spec.
+//! Every test runs on two fixtures, copied into tests/fixtures by
+//! tests/fixtures/make_edm2_fixture.py: the class-conditional RGB network (`edm2_unet`, which
+//! `HINDSIGHT_EDM2_FIXTURE` and `HINDSIGHT_EDM2_FIXTURE_JSON` replace with any other fixture)
+//! and the unconditional 1-channel 32×32 network (`edm2_unet_uncond-gray`, shaped like a
+//! Fashion-MNIST model). The network is built from the JSON's config with formula weights
+//! rebuilt from the JSON's weight spec.
 
 use std::path::Path;
 
@@ -15,10 +16,23 @@ use hindsight::model::formula::{self, Kind};
 use hindsight::model::parity::{self, fixture_paths, Fixture};
 use hindsight::model::{self, Edm2Config, Resample};
 
-fn load_fixture() -> Fixture {
-    let (tensors, json) =
-        fixture_paths(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"));
-    Fixture::load(&tensors, &json, &Device::Cpu).unwrap()
+/// The fixtures every test runs on: the default one (or the environment's) and the
+/// unconditional greyscale one, with their names.
+fn fixtures() -> Vec<(String, Fixture)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let (tensors, json) = fixture_paths(&dir);
+    let uncond = (
+        dir.join("edm2_unet_uncond-gray.safetensors"),
+        dir.join("edm2_unet_uncond-gray.json"),
+    );
+    [(tensors, json), uncond]
+        .into_iter()
+        .map(|(tensors, json)| {
+            let fixture = Fixture::load(&tensors, &json, &Device::Cpu)
+                .unwrap_or_else(|e| panic!("{}: {e:#}", tensors.display()));
+            (tensors.display().to_string(), fixture)
+        })
+        .collect()
 }
 
 /// Formula values (kind sym, scale 1) named `name`, shaped `shape`, on the CPU.
@@ -49,7 +63,13 @@ fn check(what: &str, got: &Tensor, want: &Tensor, tol: f64) -> f64 {
 
 #[test]
 fn formula_weights_match_the_fixture_bit_for_bit_where_it_ships_them() {
-    let fixture = load_fixture();
+    for (name, fixture) in fixtures() {
+        eprintln!("fixture {name}");
+        formula_weights_match(&fixture);
+    }
+}
+
+fn formula_weights_match(fixture: &Fixture) {
     let weights = fixture.weights().unwrap();
     assert_eq!(
         weights.len(),
@@ -74,7 +94,13 @@ fn formula_weights_match_the_fixture_bit_for_bit_where_it_ships_them() {
 
 #[test]
 fn primitives_match_the_reference() {
-    let fixture = load_fixture();
+    for (name, fixture) in fixtures() {
+        eprintln!("fixture {name}");
+        primitives_match(&fixture);
+    }
+}
+
+fn primitives_match(fixture: &Fixture) {
     let a = fixture.get("prim/a").unwrap();
     let b = fixture.get("prim/b").unwrap();
     let tol = 1e-6;
@@ -125,11 +151,25 @@ fn primitives_match_the_reference() {
 
 #[test]
 fn network_loss_gradients_and_sampler_match_the_reference() {
-    let fixture = load_fixture();
+    let all = fixtures();
+    let configs: Vec<_> = all.iter().map(|(_, f)| f.config().unwrap()).collect();
+    assert!(
+        configs
+            .iter()
+            .any(|c| c.label_dim == 0 && c.img_channels == 1),
+        "an unconditional greyscale network is among the fixtures"
+    );
+    for (name, fixture) in all {
+        eprintln!("fixture {name}");
+        network_matches(&fixture);
+    }
+}
+
+fn network_matches(fixture: &Fixture) {
     // Forward pass (denoised, log-variance), the sampler for the given noise, forced weight
     // normalisation, the EDM2 loss and every parameter's gradient: the same comparisons
     // `hindsight bench parity` runs on other devices.
-    let results = parity::compare_all(&fixture).unwrap();
+    let results = parity::compare_all(fixture).unwrap();
     for c in &results {
         eprintln!(
             "{:<70} {:.2e} (tolerance {:.0e})",

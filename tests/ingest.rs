@@ -165,6 +165,7 @@ async fn metadata_names_the_time_and_width() {
     let hints = Hints {
         nimg: Some(999),
         width: Some(Width::SigmaRel(0.2)),
+        profile: None,
     };
     let r = ingest_file(
         &e.data.db,
@@ -444,7 +445,7 @@ async fn the_trainer_writes_its_emas_as_snapshots() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ema_pytorch_checkpoint_folders_import() {
-    use hindsight::ingest::ingest_ema_pytorch;
+    use hindsight::ingest::{ingest_ema_pytorch, EmaPytorchSettings};
     use safetensors::SafeTensors;
 
     let e = env().await;
@@ -456,7 +457,12 @@ async fn ema_pytorch_checkpoint_folders_import() {
     files.sort();
     assert_eq!(files.len(), 6);
     let run = e.data.db.run_or_create("ema").await.unwrap();
-    let sigma_rels = [0.05, 0.28];
+    let settings = |sigma_rels: &[f64]| EmaPytorchSettings {
+        sigma_rels: sigma_rels.to_vec(),
+        images_per_step: 64,
+        update_every: 100,
+    };
+    let sigma_rels = settings(&[0.05, 0.28]);
     for f in &files {
         let r = ingest_ema_pytorch(
             &e.data.db,
@@ -464,7 +470,6 @@ async fn ema_pytorch_checkpoint_folders_import() {
             &run,
             f,
             &sigma_rels,
-            64,
             IngestOptions::default(),
         )
         .await
@@ -485,6 +490,11 @@ async fn ema_pytorch_checkpoint_folders_import() {
             (192_000, 0.28)
         ]
     );
+    // Each snapshot records the update rule its EMA really followed.
+    assert!(rows.iter().all(|r| r.profile
+        == Some(serde_json::json!(
+            {"kind": "ema_pytorch", "update_every": 100, "images_per_step": 64}
+        ))));
     // Model names without the wrapper's prefix; bookkeeping buffers left out.
     let manifest = e.data.db.manifest(run.id).await.unwrap();
     let names: Vec<&str> = manifest.iter().map(|m| m.name.as_str()).collect();
@@ -516,7 +526,6 @@ async fn ema_pytorch_checkpoint_folders_import() {
         &run,
         &files[0],
         &sigma_rels,
-        64,
         IngestOptions::default(),
     )
     .await
@@ -527,8 +536,7 @@ async fn ema_pytorch_checkpoint_folders_import() {
         &e.data.store,
         &run,
         &files[5],
-        &[0.05],
-        64,
+        &settings(&[0.05]),
         IngestOptions::default(),
     )
     .await
@@ -544,7 +552,6 @@ async fn ema_pytorch_checkpoint_folders_import() {
         &run,
         &junk,
         &sigma_rels,
-        64,
         IngestOptions::default(),
     )
     .await

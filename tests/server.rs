@@ -541,7 +541,7 @@ async fn every_error_status_has_the_json_shape() {
             upload("r", "", b"not a safetensors file".to_vec()),
             S::BAD_REQUEST,
             "invalid_input",
-            "header",
+            "not a safetensors file: it is a text file",
         ),
         (
             upload("r", "?nimg=abc", snapshot(9, 1, 0.05)),
@@ -1052,4 +1052,176 @@ async fn real_http_download_cut_upload_and_graceful_shutdown() {
         .unwrap();
     let (_, snaps) = server.json(get("/runs/r/snapshots")).await;
     assert_eq!(snaps.as_array().unwrap().len(), 7);
+}
+
+/// A snapshot with one F32 tensor `w` of `values` and the given `__metadata__`.
+fn snapshot_of(values: &[f32], meta: &[(&str, &str)]) -> Vec<u8> {
+    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let meta: BTreeMap<String, String> = meta
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let mut out = Vec::new();
+    write_safetensors(
+        &mut out,
+        &[OutTensor {
+            name: "w",
+            dtype: "F32",
+            shape: &[values.len()],
+            data: &data,
+        }],
+        &meta,
+    )
+    .unwrap();
+    out
+}
+
+#[tokio::test]
+async fn numbers_beyond_the_index_are_400s_naming_the_field_and_leave_nothing() {
+    let server = Server::new(ServerConfig::default()).await;
+    let far = "9223372036854775808"; // 2^63
+    let good = snapshot_of(&[1.0], &[("nimg", "1000"), ("sigma_rel", "0.05")]);
+    for (what, request) in [
+        (
+            "metadata",
+            upload(
+                "r",
+                "",
+                snapshot_of(&[1.0], &[("nimg", far), ("sigma_rel", "0.05")]),
+            ),
+        ),
+        (
+            "query",
+            upload("r", &format!("?nimg={far}&sigma_rel=0.05"), good.clone()),
+        ),
+        (
+            "u64::MAX in the query",
+            upload(
+                "r",
+                "?nimg=18446744073709551615&sigma_rel=0.05",
+                good.clone(),
+            ),
+        ),
+        (
+            "σ_rel nearest sqrt(1/12)",
+            upload(
+                "r",
+                "?nimg=1000&sigma_rel=0.28867513459481287",
+                good.clone(),
+            ),
+        ),
+    ] {
+        let (status, body) = server.json(request).await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_input");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("nimg") || message.contains("sigma_rel"),
+            "{what}: {message}"
+        );
+        assert!(!message.contains("CHECK"), "{what}: {message}");
+    }
+    // Blank and padded run names, and files without tensors.
+    for run in ["%20%20%20", "%20r", "r%09"] {
+        let (status, body) = server.json(upload(run, "", good.clone())).await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_input");
+    }
+    let (status, body) = server
+        .json(upload(
+            "r",
+            "",
+            snapshot_of(&[], &[("nimg", "1000"), ("sigma_rel", "0.05")])
+                .into_iter()
+                .collect(),
+        ))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "a zero-element tensor is a tensor: {body}"
+    );
+    let mut no_tensors = Vec::new();
+    write_safetensors(
+        &mut no_tensors,
+        &[],
+        &BTreeMap::from([
+            ("nimg".to_owned(), "2000".to_owned()),
+            ("sigma_rel".to_owned(), "0.05".to_owned()),
+        ]),
+    )
+    .unwrap();
+    let (status, body) = server.json(upload("r2", "", no_tensors)).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_input");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("no tensors"));
+    assert!(server.data.db.run("r2").await.unwrap().is_none());
+    // A reconstruction time beyond the index.
+    let (status, body) = server
+        .json(post_json(
+            "/reconstruct",
+            json!({"run": "r", "sigma_rel": 0.05, "nimg": 9223372036854775808u64}),
+        ))
+        .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_input");
+    assert!(server.data.store.temp_files().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn values_beyond_f16_and_non_finite_snapshots_get_clear_answers() {
+    let server = Server::new(ServerConfig::default()).await;
+    for (nimg, sigma) in [("1000", "0.05"), ("2000", "0.10")] {
+        let bytes = snapshot_of(
+            &[7e4, 1e5, -1e5, 1.0],
+            &[("nimg", nimg), ("sigma_rel", sigma)],
+        );
+        assert_eq!(
+            server.json(upload("r", "", bytes)).await.0,
+            StatusCode::CREATED
+        );
+    }
+    let ask = |clamp: bool| {
+        post_json(
+            "/reconstruct",
+            json!({"run": "r", "sigma_rel": 0.10, "dtype": "f16", "clamp_out_of_range": clamp}),
+        )
+    };
+    let (status, body) = server.json(ask(false)).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_input");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("dtype: tensor w has 3 element(s) beyond f16's range"),
+        "{message}"
+    );
+    let (status, body) = server.json(ask(true)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["report"]["clamped"][0]["tensor"], "w");
+    assert!(body["report"]["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|w| w["code"] == "clamped_out_of_range"));
+    // A NaN stored without check_finite: 422, naming the snapshot and the tensor.
+    let nan = snapshot_of(&[1.0, f32::NAN], &[("nimg", "1000"), ("sigma_rel", "0.05")]);
+    assert_eq!(
+        server.json(upload("n", "", nan)).await.0,
+        StatusCode::CREATED
+    );
+    let (status, body) = server
+        .json(post_json(
+            "/reconstruct",
+            json!({"run": "n", "sigma_rel": 0.05}),
+        ))
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unprocessable",
+    );
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("tensor w holds a non-finite value (element 1)"),
+        "{message}"
+    );
 }

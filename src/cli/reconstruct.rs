@@ -40,6 +40,10 @@ pub struct ReconstructArgs {
     /// Write independent copies instead of hard links to the store's read-only files.
     #[arg(long)]
     copy: bool,
+    /// Clamp values beyond the output type's range (f16: ±65504) to it instead of refusing
+    /// the reconstruction; the report and the file's metadata list the clamped tensors.
+    #[arg(long)]
+    clamp_out_of_range: bool,
     /// Print the process's peak resident memory to stderr at the end (benchmarks).
     #[arg(long, hide = true)]
     report_peak_rss: bool,
@@ -63,6 +67,7 @@ pub fn run(data_dir: &Path, args: ReconstructArgs) -> anyhow::Result<()> {
         verify: !args.no_verify,
         recompute: args.recompute,
         copy: args.copy,
+        clamp: args.clamp_out_of_range,
     };
     let exported = export(data_dir, &args.run, targets, args.dtype, &args.out, options)?;
     if args.report_peak_rss {

@@ -109,7 +109,8 @@ pub fn run(data_dir: &Path, args: SolveArgs) -> anyhow::Result<()> {
             .iter()
             .map(|t| t.solution.clone())
             .collect();
-        let svg = hindsight::plot::profiles_svg(&request.snapshots()?, &solutions)?;
+        let (snapshots, realised) = request.realised()?;
+        let svg = hindsight::plot::profiles_svg(&snapshots, &realised, &solutions)?;
         std::fs::write(&path, svg)
             .with_context(|| format!("--plot: writing {}", path.display()))?;
     }
@@ -129,5 +130,5 @@ async fn stored_snapshots(data_dir: &Path, run: &str) -> anyhow::Result<SolveReq
     if snapshots.is_empty() {
         bail!("run {run:?} has no snapshots yet");
     }
-    Ok(hindsight::reconstruction::solve_request(&snapshots))
+    Ok(hindsight::reconstruction::solve_request(&snapshots)?)
 }

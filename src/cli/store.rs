@@ -40,6 +40,11 @@ pub struct ImportArgs {
     /// ema-pytorch: training images per EMA step (time = step × this).
     #[arg(long, value_name = "N")]
     images_per_step: Option<u64>,
+    /// ema-pytorch: the `update_every` its EMAs used (ema-pytorch's default is 100). Its EMAs
+    /// are the power functions their sigma_rels name only with 1; hindsight computes the
+    /// profile they really have from this, and the quality report tells the truth.
+    #[arg(long, value_name = "K")]
+    update_every: Option<u64>,
 }
 
 impl ImportArgs {
@@ -48,8 +53,14 @@ impl ImportArgs {
     fn source(&self) -> anyhow::Result<Source> {
         match self.format {
             Format::Safetensors => {
-                if self.sigma_rels.is_some() || self.images_per_step.is_some() {
-                    bail!("--sigma-rels and --images-per-step apply to --format ema-pytorch only");
+                if self.sigma_rels.is_some()
+                    || self.images_per_step.is_some()
+                    || self.update_every.is_some()
+                {
+                    bail!(
+                        "--sigma-rels, --images-per-step and --update-every apply to --format \
+                         ema-pytorch only"
+                    );
                 }
                 Ok(Source::Safetensors)
             }
@@ -69,14 +80,17 @@ impl ImportArgs {
                 let images_per_step = self.images_per_step.context(
                     "--format ema-pytorch needs --images-per-step: ema-pytorch counts steps, hindsight counts images",
                 )?;
-                Ok(
-                    Source::ema_pytorch(&widths, images_per_step).map_err(|e| match e {
-                        hindsight::Error::InvalidInput { field, reason } => {
-                            anyhow::anyhow!("--{}: {reason}", field.replace('_', "-"))
-                        }
-                        other => other.into(),
-                    })?,
-                )
+                let update_every = self.update_every.context(
+                    "--format ema-pytorch needs --update-every: the update_every its EMAs were \
+                     made with (ema-pytorch's default is 100; its EMAs are what their sigma_rels \
+                     say only with 1)",
+                )?;
+                Source::ema_pytorch(&widths, images_per_step, update_every).map_err(|e| match e {
+                    hindsight::Error::InvalidInput { field, reason } => {
+                        anyhow::anyhow!("--{}: {reason}", field.replace('_', "-"))
+                    }
+                    other => other.into(),
+                })
             }
         }
     }

@@ -41,12 +41,18 @@ pub struct RunSummary {
     pub last_nimg: Option<i64>,
 }
 
-/// Run names appear in URLs and file names: 1 to 200 characters, no slashes, backslashes or
-/// control characters, and not `.` or `..`.
+/// Run names appear in URLs and file names: 1 to 200 characters, not blank, no leading or
+/// trailing white space, no slashes, backslashes or control characters, and not `.` or `..`.
 pub fn check_run_name(name: &str) -> Result<()> {
     let bad = |reason: &str| Err(Error::invalid("run", format!("{name:?}: {reason}")));
     if name.is_empty() || name.chars().count() > 200 {
         return bad("a run name has 1 to 200 characters");
+    }
+    if name.trim().is_empty() {
+        return bad("a run name may not be blank");
+    }
+    if name.trim() != name {
+        return bad("a run name may not begin or end with white space");
     }
     if name == "." || name == ".." {
         return bad("not a usable run name");

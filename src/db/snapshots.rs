@@ -61,6 +61,10 @@ pub struct SnapshotRow {
     pub metadata: serde_json::Value,
     /// RFC 3339 UTC.
     pub created_at: String,
+    /// JSON object: the EMA's update rule when it is not the power function of `sigma_rel`
+    /// (`phema::RealisedProfile`); `None` for EDM2's rule.
+    #[sqlx(json(nullable))]
+    pub profile: Option<serde_json::Value>,
 }
 
 /// A snapshot about to be recorded.
@@ -82,6 +86,8 @@ pub struct NewSnapshot {
     pub dtypes: serde_json::Value,
     /// JSON object: the file's `__metadata__`.
     pub metadata: serde_json::Value,
+    /// JSON object: the EMA's update rule, when it is not EDM2's.
+    pub profile: Option<serde_json::Value>,
 }
 
 /// What [`Db::record_snapshot`] did.
@@ -147,7 +153,7 @@ impl Db {
     pub async fn snapshots(&self, run_id: i64) -> Result<Vec<SnapshotRow>> {
         Ok(sqlx::query_as::<_, SnapshotRow>(
             "SELECT id, nimg, sigma_rel, gamma, digest, byte_size, tensor_count, dtypes, \
-                    metadata, created_at \
+                    metadata, created_at, profile \
              FROM snapshots WHERE run_id = ? ORDER BY nimg, sigma_rel",
         )
         .bind(run_id)
@@ -201,8 +207,8 @@ async fn record_in(
         }
     }
     // Same (nimg, σ_rel) already stored?
-    let existing: Option<String> = sqlx::query_scalar(
-        "SELECT digest FROM snapshots WHERE run_id = ? AND nimg = ? AND sigma_rel = ?",
+    let existing: Option<(String, Option<String>)> = sqlx::query_as(
+        "SELECT digest, profile FROM snapshots WHERE run_id = ? AND nimg = ? AND sigma_rel = ?",
     )
     .bind(run_id)
     .bind(new.nimg as i64)
@@ -210,8 +216,27 @@ async fn record_in(
     .fetch_optional(&mut *conn)
     .await?;
     let outcome = match existing {
-        Some(d) if d == new.digest => Recorded::AlreadyPresent,
-        Some(d) => {
+        Some((d, profile)) if d == new.digest => {
+            let stored: Option<serde_json::Value> = profile
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()
+                .map_err(|e| Error::Index(format!("a snapshot's profile: {e}")))?;
+            if stored != new.profile {
+                return Err(Error::Conflict(format!(
+                    "the snapshot at nimg {} sigma_rel {} is already stored with another \
+                     update rule ({}); this one says {}",
+                    new.nimg,
+                    new.sigma_rel,
+                    stored.map_or("EDM2's".to_owned(), |p| p.to_string()),
+                    new.profile
+                        .as_ref()
+                        .map_or("EDM2's".to_owned(), |p| p.to_string())
+                )));
+            }
+            Recorded::AlreadyPresent
+        }
+        Some((d, _)) => {
             return Err(Error::Conflict(format!(
                 "a different snapshot is already stored at nimg {} sigma_rel {} (digest {d}, \
                  this file {})",
@@ -221,7 +246,7 @@ async fn record_in(
         None => {
             sqlx::query(
                 "INSERT INTO snapshots (run_id, nimg, sigma_rel, gamma, digest, byte_size, \
-                 tensor_count, dtypes, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 tensor_count, dtypes, metadata, profile) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(run_id)
             .bind(new.nimg as i64)
@@ -232,6 +257,7 @@ async fn record_in(
             .bind(new.manifest.len() as i64)
             .bind(json_text(&new.dtypes))
             .bind(json_text(&new.metadata))
+            .bind(new.profile.as_ref().map(json_text))
             .execute(&mut *conn)
             .await?;
             Recorded::Inserted

@@ -60,6 +60,42 @@ impl Header {
     }
 }
 
+/// What a file whose first 8 bytes are `head` is, when it is a common mistake for a
+/// safetensors file: a Git LFS pointer (the weights were never pulled), a web page (a
+/// download link saved instead of the file), a ZIP or pickle (a PyTorch `.pt`/`.pth`
+/// checkpoint renamed), other well-known formats, or plain text.
+fn sniff(head: &[u8; 8]) -> Option<&'static str> {
+    let lower: Vec<u8> = head.iter().map(u8::to_ascii_lowercase).collect();
+    let kind = if head == b"version " {
+        "a Git LFS pointer, not the weights it points to (run `git lfs pull`, or download the \
+         file itself)"
+    } else if lower.starts_with(b"<!doctyp") || lower.starts_with(b"<html") {
+        "an HTML page (a download that returned a web page instead of the file?)"
+    } else if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
+        "a ZIP archive (a PyTorch checkpoint saved with torch.save, .pt/.pth?); convert it with \
+         safetensors.torch.save_file, or import ema-pytorch folders with --format ema-pytorch"
+    } else if head[0] == 0x80 && (2..=5).contains(&head[1]) {
+        "a Python pickle (an old-style PyTorch .pt/.pth/.pkl checkpoint?); convert it with \
+         safetensors.torch.save_file"
+    } else if head.starts_with(b"\x93NUMPY") {
+        "a NumPy .npy array"
+    } else if head.starts_with(&[0x1f, 0x8b]) {
+        "gzip-compressed (decompress it first)"
+    } else if head.starts_with(b"\x89HDF") {
+        "an HDF5 file (Keras .h5?)"
+    } else if head.starts_with(b"\x89PNG") {
+        "a PNG image"
+    } else if head
+        .iter()
+        .all(|&b| b.is_ascii_graphic() || b.is_ascii_whitespace())
+    {
+        "a text file"
+    } else {
+        return None;
+    };
+    Some(kind)
+}
+
 fn dtype_name(dtype: Dtype) -> String {
     format!("{dtype:?}")
 }
@@ -84,6 +120,12 @@ pub fn read_header(reader: &mut impl Read, file_len: u64, source: &str) -> Resul
         .read_exact(&mut len_bytes)
         .map_err(|e| Error::io(format!("{source}: reading the header length"), e))?;
     let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > MAX_HEADER_BYTES || header_len > file_len - 8 {
+        // An implausible length is usually another kind of file: say which.
+        if let Some(kind) = sniff(&len_bytes) {
+            return Err(bad(format!("not a safetensors file: it is {kind}")));
+        }
+    }
     if header_len > MAX_HEADER_BYTES {
         return Err(bad(format!(
             "header length {header_len} exceeds the limit of {MAX_HEADER_BYTES} bytes"
@@ -237,6 +279,29 @@ mod tests {
             ),
             "invalid safetensors header",
         );
+        // Other kinds of files say what they are, not that their "header length" is absurd.
+        let lfs = b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 12345\n";
+        refused(lfs, "not a safetensors file: it is a Git LFS pointer");
+        refused(lfs, "git lfs pull");
+        refused(
+            b"<!DOCTYPE html><html><body>Sign in</body></html>",
+            "it is an HTML page",
+        );
+        refused(b"<html>\n<head></head></html>", "it is an HTML page");
+        let mut zip = b"PK\x03\x04\x14\x00\x00\x00".to_vec();
+        zip.extend([0u8; 100]);
+        refused(&zip, "it is a ZIP archive (a PyTorch checkpoint");
+        let mut pickle = b"\x80\x02}q\x00(X\x05\x00".to_vec();
+        pickle.extend([0u8; 64]);
+        refused(&pickle, "it is a Python pickle");
+        refused(b"model weights, see the README\n", "it is a text file");
+        let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+        npy.extend([0u8; 64]);
+        refused(&npy, "NumPy");
+        // A plausible-looking length that is longer than the file is still that.
+        let mut short = 64u64.to_le_bytes().to_vec();
+        short.extend_from_slice(b"{}");
+        refused(&short, "runs past the end of the 10-byte file");
         // Data past the end of the file, and trailing bytes.
         refused(&file(GOOD, 30), "past the end of the");
         refused(&file(GOOD, 40), "4 trailing bytes");

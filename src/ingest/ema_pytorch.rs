@@ -5,8 +5,10 @@
 //! Conversion: tensors under `ema_model.` keep their model names (the prefix is dropped); the
 //! wrapper's bookkeeping buffers (`initted`, `step`) are left out. The EMA width comes from the
 //! folder's `sigma_rels` by `index`, the time is `step × images_per_step` (ema-pytorch counts
-//! update calls, not images). The converted bytes are deterministic, so re-importing a folder
-//! is a no-op.
+//! update calls, not images), and the profile is computed from ema-pytorch's update rule with
+//! the folder's `update_every` (its EMAs are not the power functions their `sigma_rels` name
+//! unless `update_every` is 1). The converted bytes are deterministic, so re-importing a
+//! folder is a no-op.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -18,7 +20,7 @@ use super::file::{ingest_file, Hints, IngestOptions, Ingested};
 use crate::db::{Db, Run};
 use crate::error::{blocking, Error, Result};
 use crate::format::{write_safetensors, OutTensor};
-use crate::phema::Width;
+use crate::phema::{RealisedProfile, Width};
 use crate::store::BlobStore;
 
 /// Parses `{index}.{step}.pt`.
@@ -156,17 +158,34 @@ pub fn convert_checkpoint(
     Ok(views.len())
 }
 
-/// Imports one ema-pytorch checkpoint into `run`: `sigma_rels[index]` is the file's width,
-/// `step × images_per_step` its time.
+/// How a `PostHocEMA` folder was written: what its file names and EMAs mean.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EmaPytorchSettings {
+    /// The `sigma_rels` given to `PostHocEMA`, in EMA index order.
+    pub sigma_rels: Vec<f64>,
+    /// Training images per optimizer step (one `update()` call each).
+    pub images_per_step: u64,
+    /// `update_every` of its EMAs (ema-pytorch's default is 100).
+    pub update_every: u64,
+}
+
+/// Imports one ema-pytorch checkpoint into `run`: `sigma_rels[index]` is the file's declared
+/// width, `step × images_per_step` its time, and its profile the one ema-pytorch's update rule
+/// really gives ([`crate::phema::Tabulated::ema_pytorch`]), stored with the snapshot.
 pub async fn ingest_ema_pytorch(
     db: &Db,
     store: &BlobStore,
     run: &Run,
     path: &Path,
-    sigma_rels: &[f64],
-    images_per_step: u64,
+    settings: &EmaPytorchSettings,
     options: IngestOptions,
 ) -> Result<Ingested> {
+    let EmaPytorchSettings {
+        sigma_rels,
+        images_per_step,
+        update_every,
+    } = settings;
+    let (images_per_step, update_every) = (*images_per_step, *update_every);
     let source = path.display().to_string();
     let name = path
         .file_name()
@@ -190,11 +209,19 @@ pub async fn ingest_ema_pytorch(
     let nimg = step
         .checked_mul(images_per_step)
         .ok_or_else(|| Error::invalid(&source, "step × images_per_step overflows"))?;
+    let profile = RealisedProfile::EmaPytorch {
+        update_every,
+        images_per_step,
+    };
     let metadata: BTreeMap<String, String> = [
         ("nimg".to_owned(), nimg.to_string()),
         ("sigma_rel".to_owned(), sigma_rel.to_string()),
         ("source".to_owned(), "ema-pytorch".to_owned()),
         ("step".to_owned(), step.to_string()),
+        (
+            "profile".to_owned(),
+            serde_json::to_string(&profile).expect("profiles serialise"),
+        ),
     ]
     .into();
     let mut staged = store.staging_file("ema-pytorch-", ".safetensors")?;
@@ -215,6 +242,7 @@ pub async fn ingest_ema_pytorch(
     let hints = Hints {
         nimg: Some(nimg),
         width: Some(Width::SigmaRel(sigma_rel)),
+        profile: Some(profile),
     };
     ingest_file(db, store, run, staged.path(), hints, options, |_| {}).await
 }

@@ -21,18 +21,22 @@ use serde::Serialize;
 use crate::db::{Db, ManifestEntry, NewSnapshot, Recorded, Run};
 use crate::error::{blocking, Error, Result};
 use crate::format::{read_header, Header, TensorEntry};
-use crate::phema::Width;
+use crate::phema::{RealisedProfile, Width};
 use crate::store::{BlobStore, Digest};
 
 /// Where a file's training time and EMA width come from, in order of precedence: explicit
 /// values, the safetensors `__metadata__` (`nimg`, and `sigma_rel` or `gamma`), then an EDM2
-/// file name (`<prefix>-<kimg:07d>-<sigma:.3f>.safetensors`).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+/// file name (`<prefix>-<kimg:07d>-<sigma:.3f>.safetensors`). Likewise the EMA's update rule
+/// when it is not EDM2's: explicit, else `__metadata__.profile` (JSON, see
+/// [`RealisedProfile`]), else EDM2's.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Hints {
     /// Training time in images.
     pub nimg: Option<u64>,
     /// EMA width.
     pub width: Option<Width>,
+    /// The EMA's update rule.
+    pub profile: Option<RealisedProfile>,
 }
 
 /// Options for [`ingest_file`].
@@ -88,7 +92,7 @@ pub fn parse_edm2_name(file_name: &str) -> Option<(u64, f64)> {
 
 fn resolve_time_and_width(
     header: &Header,
-    hints: Hints,
+    hints: &Hints,
     file_name: &str,
     source: &str,
 ) -> Result<(u64, Width)> {
@@ -130,13 +134,36 @@ fn resolve_time_and_width(
         },
     };
     match (nimg, width) {
-        (Some(n), Some(w)) => Ok((n, w)),
+        (Some(n), Some(w)) => {
+            crate::phema::check_nimg(n, &format!("{source}: nimg"))?;
+            Ok((n, w))
+        }
         _ => Err(Error::invalid(
             source,
             "cannot tell the snapshot's training time and EMA width: name the file EDM2's way \
              (<prefix>-<kimg:07d>-<sigma:.3f>.safetensors) or put nimg and sigma_rel (or gamma) \
              in its __metadata__",
         )),
+    }
+}
+
+/// The update rule: `explicit`, else the JSON in `__metadata__.profile`, else EDM2's (`None`).
+fn resolve_profile(
+    header: &Header,
+    explicit: Option<RealisedProfile>,
+    source: &str,
+) -> Result<Option<RealisedProfile>> {
+    if explicit.is_some() {
+        return Ok(explicit);
+    }
+    match header.metadata.get("profile") {
+        None => Ok(None),
+        Some(text) => serde_json::from_str(text).map(Some).map_err(|e| {
+            Error::invalid(
+                format!("{source}: __metadata__.profile"),
+                format!("not an update rule ({e})"),
+            )
+        }),
     }
 }
 
@@ -203,6 +230,21 @@ pub async fn ingest_file(
     .await
 }
 
+/// The (nimg, σ_rel) slot the safetensors file at `path` would be stored at, from its
+/// `__metadata__` or EDM2 name; `None` when that cannot be told (its ingest will say why).
+/// Directory imports use it to order files that claim the same slot.
+pub(super) fn slot_of(path: &Path) -> Option<(u64, u64)> {
+    let file = File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    let source = path.display().to_string();
+    let header = read_header(&mut BufReader::new(file), len, &source).ok()?;
+    let file_name = path.file_name()?.to_str()?;
+    let (nimg, width) =
+        resolve_time_and_width(&header, &Hints::default(), file_name, &source).ok()?;
+    let (sigma_rel, _) = width.resolve(&source).ok()?;
+    Some((nimg, sigma_rel.to_bits()))
+}
+
 /// A safetensors file arriving as a byte stream (a file, an HTTP upload).
 pub struct Incoming<R> {
     /// The bytes, from the first.
@@ -262,8 +304,19 @@ pub async fn ingest_reader<R: Read + Send + 'static>(
         })
         .await?
     };
-    let (nimg, width) = resolve_time_and_width(&header, hints, &file_name, &source)?;
+    if header.tensors.is_empty() {
+        return Err(Error::invalid(
+            source,
+            "holds no tensors (only metadata): a snapshot must hold the model's tensors",
+        ));
+    }
+    let (nimg, width) = resolve_time_and_width(&header, &hints, &file_name, &source)?;
     let (sigma_rel, gamma) = width.resolve(&source)?;
+    let profile = resolve_profile(&header, hints.profile, &source)?;
+    if let Some(p) = &profile {
+        // Refused now, not at the first reconstruction.
+        p.realise(nimg, Some(gamma), &source)?;
+    }
     let manifest = manifest_of(&header.tensors);
 
     // Read-only checks before copying anything.
@@ -327,6 +380,7 @@ pub async fn ingest_reader<R: Read + Send + 'static>(
                 manifest,
                 dtypes,
                 metadata: serde_json::to_value(&header.metadata).expect("strings serialise"),
+                profile: profile.map(|p| serde_json::to_value(p).expect("profiles serialise")),
             },
         )
         .await?;

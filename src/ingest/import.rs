@@ -4,10 +4,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::ema_pytorch::ingest_ema_pytorch;
-use super::file::{ingest_file, Hints, IngestOptions, Ingested};
+use super::ema_pytorch::{ingest_ema_pytorch, EmaPytorchSettings};
+use super::file::{ingest_file, slot_of, Hints, IngestOptions, Ingested};
 use super::run::RunForIngest;
 use crate::app::DataDir;
+use crate::db::Run;
 use crate::error::{Error, Result};
 use crate::phema::sigma_rel_to_gamma;
 use crate::progress::Progress;
@@ -19,18 +20,18 @@ pub enum Source {
     /// in their `__metadata__`.
     Safetensors,
     /// ema-pytorch `PostHocEMA` checkpoint folders (`{index}.{step}.pt`).
-    EmaPytorch {
-        /// Width of each EMA index, in order.
-        sigma_rels: Vec<f64>,
-        /// Training images per EMA step (ema-pytorch counts steps, hindsight images).
-        images_per_step: u64,
-    },
+    EmaPytorch(EmaPytorchSettings),
 }
 
 impl Source {
     /// An ema-pytorch source, validated: every width a valid σ_rel, none twice, and a
-    /// positive number of images per step. Errors name `sigma_rels[i]` or `images_per_step`.
-    pub fn ema_pytorch(sigma_rels: &[f64], images_per_step: u64) -> Result<Self> {
+    /// positive number of images per step and of calls per update. Errors name
+    /// `sigma_rels[i]`, `images_per_step` or `update_every`.
+    pub fn ema_pytorch(
+        sigma_rels: &[f64],
+        images_per_step: u64,
+        update_every: u64,
+    ) -> Result<Self> {
         for (i, &v) in sigma_rels.iter().enumerate() {
             sigma_rel_to_gamma(v, &format!("sigma_rels[{i}]"))?;
             if sigma_rels[..i].contains(&v) {
@@ -46,17 +47,21 @@ impl Source {
         if images_per_step == 0 {
             return Err(Error::invalid("images_per_step", "must be positive"));
         }
-        Ok(Source::EmaPytorch {
+        if update_every == 0 {
+            return Err(Error::invalid("update_every", "must be positive"));
+        }
+        Ok(Source::EmaPytorch(EmaPytorchSettings {
             sigma_rels: sigma_rels.to_vec(),
             images_per_step,
-        })
+            update_every,
+        }))
     }
 
     /// The file extension this source reads: `safetensors` or `pt`.
     pub fn extension(&self) -> &'static str {
         match self {
             Source::Safetensors => "safetensors",
-            Source::EmaPytorch { .. } => "pt",
+            Source::EmaPytorch(_) => "pt",
         }
     }
 }
@@ -82,9 +87,16 @@ pub struct ImportReport {
 const IN_FLIGHT: usize = 3;
 
 /// Imports every `.safetensors` (or, for ema-pytorch, `.pt`) file of `dir` into the run
-/// `run_name` (created if new), a few at a time. Each file is validated and stored on its own:
-/// a refused file is listed in the report (and passed to `progress.note`) and does not stop
-/// the others. `progress` counts bytes.
+/// `run_name` (created if new). Each file is validated and stored on its own: a refused file
+/// is listed in the report (and passed to `progress.note`) and does not stop the others.
+/// `progress` counts bytes.
+///
+/// The outcome does not depend on timing: while the run has no manifest, files are ingested
+/// one at a time in name order, so the first file (by name) that is accepted defines a new
+/// run's manifest and every later file is checked against it; then the rest go a few at a
+/// time, except that files claiming a (nimg, σ_rel) slot an earlier file of this import also
+/// claims are ingested last, in name order (the first file of a slot is stored; a later one
+/// is a no-op when identical, a conflict otherwise).
 ///
 /// Errors: `dir` unreadable or without a matching file, an invalid run name, or an index or
 /// store failure.
@@ -104,57 +116,113 @@ pub async fn import_dir(
     progress.set_length(bytes);
     let target = RunForIngest::open(&data.db, run_name).await?;
     let start = Instant::now();
-    let mut report = ImportReport {
-        inserted: 0,
-        present: 0,
-        refused: Vec::new(),
-        bytes,
-        secs: 0.0,
-        run_removed: false,
+    let mut import = Import {
+        data,
+        run: &target.run,
+        source,
+        options,
+        progress: progress.clone(),
+        report: ImportReport {
+            inserted: 0,
+            present: 0,
+            refused: Vec::new(),
+            bytes,
+            secs: 0.0,
+            run_removed: false,
+        },
     };
-    let mut tasks = tokio::task::JoinSet::new();
     let mut queue = files.into_iter();
-    loop {
-        while tasks.len() < IN_FLIGHT {
-            let Some(path) = queue.next() else { break };
-            let (data, run, source, progress) = (
-                data.clone(),
-                target.run.clone(),
-                source.clone(),
-                progress.clone(),
-            );
-            tasks.spawn(async move {
-                let result = ingest_one(&data, &run, &path, &source, options, progress).await;
-                (path, result)
-            });
-        }
-        let Some(joined) = tasks.join_next().await else {
-            break;
-        };
-        let (path, result) = joined.map_err(|e| Error::Task {
-            what: "an import task".into(),
-            reason: e.to_string(),
-        })?;
-        let name = path
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
-        match result {
-            Ok(r) if r.inserted => report.inserted += 1,
-            Ok(_) => report.present += 1,
-            Err(e) => {
-                progress.note(&format!("refused {name}: {}", e.chain_text()));
-                report.refused.push((name, e));
-            }
-        }
+    // Until the run has a manifest: one at a time, in name order.
+    while data.db.manifest(target.run.id).await?.is_empty() {
+        let Some(path) = queue.next() else { break };
+        let result = ingest_one(data, &target.run, &path, source, options, progress.clone()).await;
+        import.record(&path, result);
     }
+    let (now, later) = split_shared_slots(queue.collect(), source);
+    import.concurrently(now).await?;
+    for path in later {
+        let result = ingest_one(data, &target.run, &path, source, options, progress.clone()).await;
+        import.record(&path, result);
+    }
+    let mut report = import.report;
     report.refused.sort_by(|a, b| a.0.cmp(&b.0));
     report.secs = start.elapsed().as_secs_f64();
     if !report.refused.is_empty() {
         report.run_removed = target.abandon(&data.db).await?;
     }
     Ok(report)
+}
+
+/// Files (in name order) whose slot no earlier file of the list claims, and the others.
+/// Only safetensors files are looked into; ema-pytorch file names are their slots.
+fn split_shared_slots(files: Vec<PathBuf>, source: &Source) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    if *source != Source::Safetensors {
+        return (files, Vec::new());
+    }
+    let mut seen = std::collections::HashSet::new();
+    files
+        .into_iter()
+        .partition(|path| slot_of(path).is_none_or(|slot| seen.insert(slot)))
+}
+
+/// An import in progress: where to, and what happened so far.
+struct Import<'a> {
+    data: &'a DataDir,
+    run: &'a Run,
+    source: &'a Source,
+    options: IngestOptions,
+    progress: Arc<dyn Progress>,
+    report: ImportReport,
+}
+
+impl Import<'_> {
+    /// Counts one file's outcome (and notes a refusal).
+    fn record(&mut self, path: &Path, result: Result<Ingested>) {
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        match result {
+            Ok(r) if r.inserted => self.report.inserted += 1,
+            Ok(_) => self.report.present += 1,
+            Err(e) => {
+                self.progress
+                    .note(&format!("refused {name}: {}", e.chain_text()));
+                self.report.refused.push((name, e));
+            }
+        }
+    }
+
+    /// Ingests `files` [`IN_FLIGHT`] at a time.
+    async fn concurrently(&mut self, files: Vec<PathBuf>) -> Result<()> {
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut queue = files.into_iter();
+        loop {
+            while tasks.len() < IN_FLIGHT {
+                let Some(path) = queue.next() else { break };
+                let (data, run, source, progress) = (
+                    self.data.clone(),
+                    self.run.clone(),
+                    self.source.clone(),
+                    self.progress.clone(),
+                );
+                let options = self.options;
+                tasks.spawn(async move {
+                    let result = ingest_one(&data, &run, &path, &source, options, progress).await;
+                    (path, result)
+                });
+            }
+            let Some(joined) = tasks.join_next().await else {
+                return Ok(());
+            };
+            let (path, result) = joined.map_err(|e| Error::Task {
+                what: "an import task".into(),
+                reason: e.to_string(),
+            })?;
+            self.record(&path, result);
+        }
+    }
 }
 
 /// The files of `dir` with extension `ext`, sorted by name.
@@ -176,7 +244,7 @@ fn matching_files(dir: &Path, ext: &str) -> Result<Vec<PathBuf>> {
 
 async fn ingest_one(
     data: &DataDir,
-    run: &crate::db::Run,
+    run: &Run,
     path: &Path,
     source: &Source,
     options: IngestOptions,
@@ -195,21 +263,10 @@ async fn ingest_one(
             )
             .await
         }
-        Source::EmaPytorch {
-            sigma_rels,
-            images_per_step,
-        } => {
+        Source::EmaPytorch(settings) => {
             let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-            let result = ingest_ema_pytorch(
-                &data.db,
-                &data.store,
-                run,
-                path,
-                sigma_rels,
-                *images_per_step,
-                options,
-            )
-            .await;
+            let result =
+                ingest_ema_pytorch(&data.db, &data.store, run, path, settings, options).await;
             progress.inc(size);
             result
         }

@@ -16,7 +16,9 @@ mod import;
 mod run;
 mod trainer;
 
-pub use ema_pytorch::{convert_checkpoint, ingest_ema_pytorch, parse_ema_pytorch_name};
+pub use ema_pytorch::{
+    convert_checkpoint, ingest_ema_pytorch, parse_ema_pytorch_name, EmaPytorchSettings,
+};
 pub use file::{
     ingest_file, ingest_reader, kimg_to_nimg, parse_edm2_name, CutShort, Hints, Incoming,
     IngestOptions, Ingested,

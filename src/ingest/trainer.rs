@@ -120,6 +120,7 @@ impl SnapshotWriter {
             let hints = Hints {
                 nimg: Some(nimg),
                 width: Some(Width::SigmaRel(ema.sigma_rel)),
+                profile: None,
             };
             out.push(
                 ingest_file(

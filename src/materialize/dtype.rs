@@ -39,6 +39,26 @@ impl OutDtype {
         }
     }
 
+    /// The largest finite value of the type.
+    pub fn max_finite(self) -> f32 {
+        match self {
+            OutDtype::F32 => f32::MAX,
+            OutDtype::F16 => 65504.0,
+            OutDtype::BF16 => f32::from_bits(0x7f7f_0000),
+        }
+    }
+
+    /// The smallest magnitude that rounds to ±∞ in this type: halfway between its largest
+    /// finite value and the next power of two (f16: 65520; bf16: just below f32's own limit,
+    /// so only sums near f32's range overflow it).
+    pub(super) fn overflow_threshold(self) -> f32 {
+        match self {
+            OutDtype::F32 => f32::INFINITY,
+            OutDtype::F16 => 65520.0,
+            OutDtype::BF16 => f32::from_bits(0x7f7f_8000),
+        }
+    }
+
     pub(super) fn name(self) -> &'static str {
         match self {
             OutDtype::F32 => "F32",

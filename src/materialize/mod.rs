@@ -36,7 +36,9 @@ pub use dtype::{OutDtype, F64_ACCUMULATION_L1};
 use dtype::element_size;
 use kernels::BATCH_INPUTS;
 use read::{Check, Cursor};
-use sum::{Acc, Worker, ENCODE_PIECE};
+use sum::{Acc, PieceCheck, Worker, ENCODE_PIECE};
+
+pub use crate::error::OutOfRange;
 
 /// One input snapshot: its blob, its validated header, and its training time.
 #[derive(Clone, Debug)]
@@ -65,6 +67,9 @@ pub struct Options<'a> {
     pub verify: bool,
     /// Called after each chunk with the number of input bytes it read (from worker threads).
     pub progress: &'a (dyn Fn(u64) + Sync),
+    /// Values beyond the output type's range (f16's ±65504) are clamped to it and listed in
+    /// [`Stats::clamped`], instead of failing the pass with [`Error::OutOfRange`].
+    pub clamp: bool,
 }
 
 impl Default for Options<'_> {
@@ -72,17 +77,20 @@ impl Default for Options<'_> {
         Self {
             verify: true,
             progress: &|_| {},
+            clamp: false,
         }
     }
 }
 
 /// What a materialization did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Stats {
     /// Accumulated in f64 rather than f32.
     pub f64_accumulation: bool,
     /// Bytes read from the inputs.
     pub bytes_read: u64,
+    /// With [`Options::clamp`]: the tensors whose values were clamped, per target.
+    pub clamped: Vec<OutOfRange>,
 }
 
 /// [`materialize_with`] with the default [`Options`] (verified reads, no progress).
@@ -128,7 +136,9 @@ pub fn materialize_with(
     options: &Options<'_>,
 ) -> Result<Stats> {
     check_arguments(inputs, weights, metadata, outputs.len())?;
-    let layout: &[TensorEntry] = &inputs[0].header.tensors;
+    // One canonical order, by name, whatever order each file keeps its tensors in.
+    let layout = canonical_layout(&inputs[0].header);
+    let offsets = tensor_offsets(inputs, &layout);
     let f64_accumulation = weights
         .iter()
         .any(|w| w.iter().map(|v| v.abs()).sum::<f64>() > F64_ACCUMULATION_L1);
@@ -138,33 +148,92 @@ pub fn materialize_with(
         .max_by_key(|&i| inputs[i].nimg)
         .unwrap_or(inputs.len() - 1);
     write_output_headers(
-        layout,
+        &layout,
         out_dtype,
         f64_accumulation,
         inputs[newest].nimg,
         metadata,
         outputs,
     )?;
-    let mut cursors = open_inputs(store, inputs, options.verify)?;
+    let mut cursors = open_inputs(store, inputs, &layout, options.verify)?;
     let pass = Pass {
-        layout,
+        inputs,
+        layout: &layout,
+        offsets: &offsets,
         weights,
         out_dtype,
         f64_accumulation,
         newest,
         progress: options.progress,
+        clamp: options.clamp,
     };
-    let bytes_read = pass.run(&mut cursors, outputs)?;
+    let (bytes_read, out_of_range) = pass.run(&mut cursors, outputs)?;
     // Reaching the end of every input checks its digest.
     cursors.into_par_iter().try_for_each(Cursor::finish)?;
+    if !out_of_range.is_empty() && !options.clamp {
+        return Err(Error::OutOfRange {
+            dtype: out_dtype.as_str().to_owned(),
+            tensors: out_of_range,
+        });
+    }
     Ok(Stats {
         f64_accumulation,
         bytes_read,
+        clamped: out_of_range,
     })
 }
 
-/// Checks the counts and the weights, and that every input has the first one's tensors in
-/// the same order.
+/// The first input's tensors by name: the order every output lists them in and every pass
+/// reads them in.
+fn canonical_layout(header: &Header) -> Vec<TensorEntry> {
+    let mut layout = header.tensors.clone();
+    layout.sort_by(|a, b| a.name.cmp(&b.name));
+    layout
+}
+
+/// `offsets[i][t]`: where tensor `layout[t]`'s bytes start in input `i`'s file.
+fn tensor_offsets(inputs: &[Input], layout: &[TensorEntry]) -> Vec<Vec<u64>> {
+    inputs
+        .iter()
+        .map(|input| {
+            let by_name: std::collections::HashMap<&str, &TensorEntry> = input
+                .header
+                .tensors
+                .iter()
+                .map(|t| (t.name.as_str(), t))
+                .collect();
+            layout
+                .iter()
+                .map(|t| input.header.data_start() + by_name[t.name.as_str()].offset)
+                .collect()
+        })
+        .collect()
+}
+
+/// Whether reading `header`'s tensors in `layout`'s order visits its data front to back (empty
+/// tensors aside), so that it can be hashed as it is read.
+fn reads_in_file_order(header: &Header, layout: &[TensorEntry]) -> bool {
+    let by_name: std::collections::HashMap<&str, &TensorEntry> = header
+        .tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    let mut next = 0;
+    for t in layout {
+        let entry = by_name[t.name.as_str()];
+        if entry.len == 0 {
+            continue;
+        }
+        if entry.offset != next {
+            return false;
+        }
+        next += entry.len;
+    }
+    next == header.data_len
+}
+
+/// Checks the counts and the weights, and that every input has the first one's tensors (the
+/// same names, dtypes and shapes; their order in the files may differ).
 fn check_arguments(
     inputs: &[Input],
     weights: &[Vec<f64>],
@@ -189,14 +258,13 @@ fn check_arguments(
             ));
         }
     }
-    let layout: &[TensorEntry] = &inputs[0].header.tensors;
+    let layout = canonical_layout(&inputs[0].header);
     for (i, input) in inputs.iter().enumerate().skip(1) {
-        let same = input.header.tensors.len() == layout.len()
-            && input
-                .header
-                .tensors
+        let other = canonical_layout(&input.header);
+        let same = other.len() == layout.len()
+            && other
                 .iter()
-                .zip(layout)
+                .zip(&layout)
                 .all(|(a, b)| a.name == b.name && a.dtype == b.dtype && a.shape == b.shape);
         if !same {
             return Err(Error::invalid(
@@ -263,46 +331,62 @@ fn write_output_headers(
     Ok(())
 }
 
-/// Opens every input for reading front to back, reading its header (the hash covers it).
-fn open_inputs(store: &BlobStore, inputs: &[Input], verify: bool) -> Result<Vec<Cursor>> {
-    let mut cursors = Vec::with_capacity(inputs.len());
-    for input in inputs {
-        let file = store.open_blob(&input.digest)?;
-        let mut cursor = Cursor {
-            file,
-            digest: input.digest,
-            pos: 0,
-            check: verify.then(|| match input.checksum {
+/// Opens every input. With `verify`, an input whose tensors the pass reads in file order is
+/// checked as the pass reads it (its header now, for the hash); any other is checked whole
+/// here, before the pass (in parallel), and read unchecked by it.
+fn open_inputs(
+    store: &BlobStore,
+    inputs: &[Input],
+    layout: &[TensorEntry],
+    verify: bool,
+) -> Result<Vec<Cursor>> {
+    inputs
+        .par_iter()
+        .map(|input| {
+            let file = store.open_blob(&input.digest)?;
+            let check = verify.then(|| match input.checksum {
                 Some(c) => Check::Checksum(Box::default(), c),
                 None => Check::Digest(Box::default()),
-            }),
-        };
-        let mut head = vec![0u8; input.header.data_start() as usize];
-        cursor.read(&mut head)?;
-        cursors.push(cursor);
-    }
-    Ok(cursors)
+            });
+            let mut cursor = Cursor::new(file, input.digest, check);
+            if verify && !reads_in_file_order(&input.header, layout) {
+                return cursor.verify_all();
+            }
+            let mut head = vec![0u8; input.header.data_start() as usize];
+            cursor.read(&mut head)?;
+            Ok(cursor)
+        })
+        .collect()
 }
 
 /// One pass over the inputs' tensor data, writing every output's data section.
 struct Pass<'a> {
+    inputs: &'a [Input],
+    /// Tensors in the order they are read and written.
     layout: &'a [TensorEntry],
+    /// `offsets[i][t]`: where tensor `t` starts in input `i`.
+    offsets: &'a [Vec<u64>],
     weights: &'a [Vec<f64>],
     out_dtype: OutDtype,
     f64_accumulation: bool,
     /// The input copied tensors come from.
     newest: usize,
     progress: &'a (dyn Fn(u64) + Sync),
+    clamp: bool,
 }
 
 impl Pass<'_> {
-    /// Runs the pass; returns the bytes read. Outputs are written by their own thread, one
-    /// chunk behind the arithmetic.
-    fn run(&self, cursors: &mut [Cursor], outputs: &mut [&mut (dyn Write + Send)]) -> Result<u64> {
+    /// Runs the pass; returns the bytes read and the tensors whose sums the output type could
+    /// not hold. Outputs are written by their own thread, one chunk behind the arithmetic.
+    fn run(
+        &self,
+        cursors: &mut [Cursor],
+        outputs: &mut [&mut (dyn Write + Send)],
+    ) -> Result<(u64, Vec<OutOfRange>)> {
         let k_count = self.weights.len();
         let (send, receive) = std::sync::mpsc::sync_channel::<Vec<Vec<u8>>>(2);
         let (recycle_send, recycle) = std::sync::mpsc::channel::<Vec<Vec<u8>>>();
-        std::thread::scope(|scope| -> Result<u64> {
+        std::thread::scope(|scope| {
             let writer = scope.spawn(move || -> Result<()> {
                 for buffers in receive {
                     for (out, b) in outputs.iter_mut().zip(&buffers) {
@@ -320,8 +404,8 @@ impl Pass<'_> {
                 .map_err(|panic| Error::panicked("the reconstruction's output writer", &*panic))?;
             // A send fails only when the writer stopped: the pass then ends early with Ok and
             // the writer's error is the one reported.
-            let bytes_read = result?;
-            written.map(|()| bytes_read)
+            let done = result?;
+            written.map(|()| done)
         })
     }
 
@@ -333,7 +417,7 @@ impl Pass<'_> {
         send: &std::sync::mpsc::SyncSender<Vec<Vec<u8>>>,
         recycle: &std::sync::mpsc::Receiver<Vec<Vec<u8>>>,
         k_count: usize,
-    ) -> Result<u64> {
+    ) -> Result<(u64, Vec<OutOfRange>)> {
         // Inputs form fixed groups of BATCH_INPUTS, whatever the number of threads: a group's
         // partial sums are added to the total in group order, so the output's bits do not
         // depend on the machine (the reconstruction id promises the same bytes for the same
@@ -352,16 +436,21 @@ impl Pass<'_> {
             .collect();
         let mut total = Acc::new(self.f64_accumulation, k_count, chunk);
         let mut bytes_read = 0u64;
-        for t in self.layout {
-            if !t.is_float() {
-                bytes_read += t.len * cursors.len() as u64;
-                if send.send(self.copy_tensor(t, cursors)?).is_err() {
-                    return Ok(bytes_read);
+        let mut out_of_range = Vec::new();
+        for (t, tensor) in self.layout.iter().enumerate() {
+            for (cursor, offsets) in cursors.iter_mut().zip(self.offsets) {
+                cursor.seek(offsets[t]);
+            }
+            if !tensor.is_float() {
+                bytes_read += tensor.len * cursors.len() as u64;
+                if send.send(self.copy_tensor(tensor, cursors)?).is_err() {
+                    return Ok((bytes_read, out_of_range));
                 }
                 continue;
             }
-            let elements = t.shape.iter().product::<u64>() as usize;
-            let in_size = element_size(&t.dtype);
+            let elements = tensor.shape.iter().product::<u64>() as usize;
+            let in_size = element_size(&tensor.dtype);
+            let mut checks = vec![PieceCheck::default(); k_count];
             let mut done = 0;
             while done < elements {
                 let n = (elements - done).min(chunk);
@@ -374,7 +463,7 @@ impl Pass<'_> {
                         .zip(cursors[inputs_from..inputs_to].par_chunks_mut(BATCH_INPUTS))
                         .zip(group_weights[first..first + groups].par_iter())
                         .try_for_each(|((worker, group), w)| {
-                            worker.accumulate(group, w, &t.dtype, n)?;
+                            worker.accumulate(group, w, &tensor.dtype, n)?;
                             (self.progress)((n * in_size * group.len()) as u64);
                             Ok::<_, Error>(())
                         })?;
@@ -383,15 +472,31 @@ impl Pass<'_> {
                 let buffers = recycle
                     .try_recv()
                     .unwrap_or_else(|_| vec![Vec::new(); k_count]);
-                let buffers = self.encode(&total, buffers, n);
+                let (buffers, chunk_checks) = self.encode(&total, buffers, n);
+                for (check, piece) in checks.iter_mut().zip(chunk_checks) {
+                    *check = check.merge(piece);
+                }
+                if checks.iter().any(|c| c.non_finite > 0) {
+                    return Err(self.diagnose_non_finite(cursors, t, done, n));
+                }
                 bytes_read += (n * in_size * cursors.len()) as u64;
                 done += n;
                 if send.send(buffers).is_err() {
-                    return Ok(bytes_read);
+                    return Ok((bytes_read, out_of_range));
+                }
+            }
+            for (target, check) in checks.iter().enumerate() {
+                if check.out_of_range > 0 {
+                    out_of_range.push(OutOfRange {
+                        target,
+                        tensor: tensor.name.clone(),
+                        elements: check.out_of_range,
+                        max_abs: check.max_abs as f64,
+                    });
                 }
             }
         }
-        Ok(bytes_read)
+        Ok((bytes_read, out_of_range))
     }
 
     /// A non-float tensor: read from every input (keeping the hashes whole), the newest
@@ -408,20 +513,70 @@ impl Pass<'_> {
         Ok(vec![kept; self.weights.len()])
     }
 
-    /// Encodes the first `n` sums of every target into `buffers` in the output dtype.
-    fn encode(&self, total: &Acc, mut buffers: Vec<Vec<u8>>, n: usize) -> Vec<Vec<u8>> {
+    /// Encodes the first `n` sums of every target into `buffers` in the output dtype; returns
+    /// them with each target's [`PieceCheck`].
+    fn encode(
+        &self,
+        total: &Acc,
+        mut buffers: Vec<Vec<u8>>,
+        n: usize,
+    ) -> (Vec<Vec<u8>>, Vec<PieceCheck>) {
         let out_size = self.out_dtype.size();
-        buffers.par_iter_mut().enumerate().for_each(|(k, buf)| {
-            buf.resize(n * out_size, 0);
-            buf.par_chunks_mut(ENCODE_PIECE * out_size)
-                .enumerate()
-                .for_each(|(j, out)| {
-                    let start = j * ENCODE_PIECE;
-                    let range = start..start + out.len() / out_size;
-                    total.encode(k, range, self.out_dtype, out);
+        let checks = buffers
+            .par_iter_mut()
+            .enumerate()
+            .map(|(k, buf)| {
+                buf.resize(n * out_size, 0);
+                buf.par_chunks_mut(ENCODE_PIECE * out_size)
+                    .enumerate()
+                    .map(|(j, out)| {
+                        let start = j * ENCODE_PIECE;
+                        let range = start..start + out.len() / out_size;
+                        total.encode(k, range, self.out_dtype, self.clamp, out)
+                    })
+                    .reduce(PieceCheck::default, PieceCheck::merge)
+            })
+            .collect();
+        (buffers, checks)
+    }
+
+    /// The error for a chunk (`n` elements from `done` of tensor `t`) whose sum is not
+    /// finite: the first input with a weight that holds a NaN or ±∞ there, read again to
+    /// name it; or, when every input is finite, the weighted sum itself overflowing.
+    fn diagnose_non_finite(&self, cursors: &[Cursor], t: usize, done: usize, n: usize) -> Error {
+        let tensor = &self.layout[t];
+        let size = element_size(&tensor.dtype);
+        for (i, (cursor, input)) in cursors.iter().zip(self.inputs).enumerate() {
+            if self.weights.iter().all(|w| w[i] == 0.0) {
+                continue;
+            }
+            let mut raw = vec![0u8; n * size];
+            let at = self.offsets[i][t] + (done * size) as u64;
+            if std::os::unix::fs::FileExt::read_exact_at(&cursor.file, &mut raw, at).is_err() {
+                continue;
+            }
+            let position = raw
+                .chunks_exact(size)
+                .position(|e| match tensor.dtype.as_str() {
+                    "F64" => !f64::from_le_bytes(e.try_into().expect("8 bytes")).is_finite(),
+                    "F32" => !f32::from_le_bytes(e.try_into().expect("4 bytes")).is_finite(),
+                    "F16" => u16::from_le_bytes([e[0], e[1]]) & 0x7c00 == 0x7c00,
+                    _ => u16::from_le_bytes([e[0], e[1]]) & 0x7f80 == 0x7f80,
                 });
-        });
-        buffers
+            if let Some(k) = position {
+                return Error::NonFinite {
+                    snapshot: input.digest.to_hex(),
+                    nimg: input.nimg,
+                    tensor: tensor.name.clone(),
+                    element: (done + k) as u64,
+                };
+            }
+        }
+        Error::invalid(
+            format!("tensors.{}", tensor.name),
+            "the weighted sum exceeds the range of f32 (the snapshots' values are finite but \
+             too large)",
+        )
     }
 }
 

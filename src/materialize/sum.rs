@@ -68,25 +68,38 @@ impl Acc {
         }
     }
 
-    /// Encodes target k's sums over `range` (at most [`ENCODE_PIECE`] elements) into `out`.
+    /// Encodes target k's sums over `range` (at most [`ENCODE_PIECE`] elements) into `out`,
+    /// clamping to the output type's largest finite value when `clamp` is set, and returns
+    /// what the range held that the output type cannot (see [`PieceCheck`]).
     pub(super) fn encode(
         &self,
         k: usize,
         range: std::ops::Range<usize>,
         dtype: OutDtype,
+        clamp: bool,
         out: &mut [u8],
-    ) {
+    ) -> PieceCheck {
         let mut narrow = [0f32; ENCODE_PIECE];
+        let narrow = &mut narrow[..range.len()];
         let sum: &[f32] = match self {
             Acc::F32(a) => &a[k][range],
             Acc::F64(a) => {
-                let narrow = &mut narrow[..range.len()];
                 narrow
                     .iter_mut()
                     .zip(&a[k][range])
                     .for_each(|(n, v)| *n = *v as f32);
                 narrow
             }
+        };
+        let check = PieceCheck::of(sum, dtype);
+        // Only a piece with values out of range pays for a clamped copy.
+        let clamped: Vec<f32>;
+        let sum = if clamp && check.out_of_range > 0 {
+            let limit = dtype.max_finite();
+            clamped = sum.iter().map(|v| v.clamp(-limit, limit)).collect();
+            &clamped
+        } else {
+            sum
         };
         match dtype {
             OutDtype::F32 => out.copy_from_slice(bytemuck::cast_slice(sum)),
@@ -102,6 +115,54 @@ impl Acc {
                 halves.convert_from_f32_slice(sum);
                 out.copy_from_slice(bytemuck::cast_slice(halves));
             }
+        }
+        check
+    }
+}
+
+/// What a piece of sums held that its output type cannot: non-finite sums (from a NaN or ±∞
+/// in an input, or a sum beyond f32), and finite sums too large for the type (f16's
+/// ±65504, rounded: |v| ≥ 65520 becomes ±∞).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(super) struct PieceCheck {
+    /// Sums that are NaN or ±∞.
+    pub non_finite: u64,
+    /// Finite sums the output type turns into ±∞.
+    pub out_of_range: u64,
+    /// The largest finite |sum| among those out of range.
+    pub max_abs: f32,
+}
+
+impl PieceCheck {
+    /// Checks `sum` against `dtype`. The common case, every value in range, costs one
+    /// vectorisable pass (the largest magnitude); only a piece that fails it is counted.
+    fn of(sum: &[f32], dtype: OutDtype) -> Self {
+        // `f32::max` ignores NaN, so NaN is looked for separately.
+        let largest = sum.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let nan = sum.iter().fold(false, |any, v| any | v.is_nan());
+        let limit = dtype.overflow_threshold();
+        if !nan && largest < limit {
+            return Self::default();
+        }
+        let mut check = Self::default();
+        for v in sum {
+            let a = v.abs();
+            if !a.is_finite() {
+                check.non_finite += 1;
+            } else if a >= limit {
+                check.out_of_range += 1;
+                check.max_abs = check.max_abs.max(a);
+            }
+        }
+        check
+    }
+
+    /// Both pieces' counts.
+    pub(super) fn merge(self, other: Self) -> Self {
+        Self {
+            non_finite: self.non_finite + other.non_finite,
+            out_of_range: self.out_of_range + other.out_of_range,
+            max_abs: self.max_abs.max(other.max_abs),
         }
     }
 }

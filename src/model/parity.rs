@@ -68,6 +68,16 @@ impl Fixture {
             .ok_or_else(|| anyhow!("the fixture has no tensor {key:?}"))
     }
 
+    /// The class labels stored under `key` for a class-conditional network (`label_dim` > 0),
+    /// `None` for an unconditional one (whose fixtures have no labels).
+    pub fn labels(&self, key: &str) -> anyhow::Result<Option<&Tensor>> {
+        if self.config()?.label_dim == 0 {
+            Ok(None)
+        } else {
+            self.get(key).map(Some)
+        }
+    }
+
     /// All fixture tensors.
     pub fn tensors(&self) -> &HashMap<String, Tensor> {
         &self.tensors
@@ -183,12 +193,9 @@ pub fn compare_all(fixture: &Fixture) -> anyhow::Result<Vec<Comparison>> {
     };
 
     let net = fixture.network()?;
-    let labels = fixture.get("input/class_labels")?;
-    let (denoised, logvar) = net.forward(
-        fixture.get("input/x")?,
-        fixture.get("input/sigma")?,
-        Some(labels),
-    )?;
+    let labels = fixture.labels("input/class_labels")?;
+    let (denoised, logvar) =
+        net.forward(fixture.get("input/x")?, fixture.get("input/sigma")?, labels)?;
     out.push(compare(
         "output/denoised",
         &denoised,
@@ -205,7 +212,7 @@ pub fn compare_all(fixture: &Fixture) -> anyhow::Result<Vec<Comparison>> {
     let samples = edm_sampler(
         &net,
         fixture.get("sampler/noise")?,
-        Some(labels),
+        labels,
         &fixture.sampler()?,
         |_, _| {},
     )?;
@@ -329,12 +336,16 @@ impl LossCase {
         let net = Precond::new(vb, &fixture.config()?)?;
         let input = |key: &str| anyhow::Ok(fixture.get(key)?.to_device(device)?.to_dtype(dtype)?);
         let images = fixture.loss_images()?.to_device(device)?.to_dtype(dtype)?;
+        let labels = match fixture.labels("loss/class_labels")? {
+            Some(l) => Some(l.to_device(device)?.to_dtype(dtype)?),
+            None => None,
+        };
         let loss = edm2_loss(
             &net,
             &images,
             &input("loss/sigma")?,
             &input("loss/noise_unit")?,
-            Some(&input("loss/class_labels")?),
+            labels.as_ref(),
         )?;
         let objective = (loss.sum_all()? / images.dim(0)? as f64)?;
         Ok(Self {

@@ -9,6 +9,8 @@
 //!
 //! - [`profile`]: σ_rel ↔ γ (eqs. 123, 126), inner products (eq. 151), tracking β (eq. 127).
 //! - [`solve()`]: the Gram system of Algorithm 3 for many targets at once, with a quality report.
+//! - [`Tabulated`]: the profiles of EMAs updated by other rules (ema-pytorch's
+//!   `update_every`, constant-β EMAs), exactly, for [`solve_realised`].
 //! - [`PowerEma`]: EMAs of named `f32` tensors, exact for any update interval.
 //! - [`parse_sigma_rel_list`]: EDM2's `0.010,0.015,...,0.250` list syntax.
 //! - [`request`]: the JSON shapes of `hindsight solve` (shared with the HTTP server).
@@ -19,15 +21,17 @@ pub mod profile;
 pub mod request;
 mod sigma_list;
 mod solve;
+mod tabulated;
 mod tracker;
 
 pub use profile::{
-    beta, gamma_to_sigma_rel, inner_product, sigma_rel_to_gamma, Profile, GAMMA_MAX, SIGMA_REL_MAX,
-    SIGMA_REL_MIN,
+    beta, check_nimg, gamma_to_sigma_rel, inner_product, sigma_rel_to_gamma, Profile, GAMMA_MAX,
+    MAX_NIMG, SIGMA_REL_MAX, SIGMA_REL_MIN,
 };
 pub use sigma_list::{parse_float_list, parse_sigma_rel_list};
 pub use solve::{
-    sample_profiles, solve, ProfilePoint, Snapshot, SolveOptions, Target, TargetSolution, Warning,
-    WarningCode, Width, MAX_SNAPSHOTS, MAX_TARGETS,
+    sample_profiles, sample_profiles_realised, solve, solve_realised, ProfilePoint, Snapshot,
+    SolveOptions, Target, TargetSolution, Warning, WarningCode, Width, MAX_SNAPSHOTS, MAX_TARGETS,
 };
+pub use tabulated::{RealisedProfile, Tabulated, MAX_PIECES};
 pub use tracker::{realised_sigma_rel, PowerEma, TrackedEma, DEFAULT_SIGMA_RELS};

@@ -30,6 +30,22 @@ pub const SIGMA_REL_MIN: f64 = 1e-6;
 /// `σ_rel < 0.289`, which lets through values in `[0.28868, 0.289)` whose `γ` is not positive.
 pub const SIGMA_REL_MAX: f64 = 0.288_675_134_594_812_9;
 
+/// The largest training time accepted, `2⁶³ − 1` images: what the index stores (a signed
+/// 64-bit integer), and far beyond any training run.
+pub const MAX_NIMG: u64 = i64::MAX as u64;
+
+/// Rejects a training time above [`MAX_NIMG`]; `field` names it in the error.
+pub fn check_nimg(nimg: u64, field: &str) -> Result<()> {
+    if nimg <= MAX_NIMG {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            field,
+            format!("nimg {nimg} is out of range: at most 2^63 - 1 = {MAX_NIMG} images"),
+        ))
+    }
+}
+
 /// Converts an EMA exponent `γ > 0` to its relative standard deviation (EDM2, eq. 123).
 ///
 /// `field` names the input in the error message.
@@ -53,9 +69,15 @@ pub fn sigma_rel_to_gamma(sigma_rel: f64, field: &str) -> Result<f64> {
 }
 
 /// Rejects anything that is not a finite `σ_rel` inside `(0, sqrt(1/12))` (and at least
-/// [`SIGMA_REL_MIN`]).
+/// [`SIGMA_REL_MIN`]). The upper bound is decided by the exponent itself: a `σ_rel` so close
+/// to `sqrt(1/12)` that its `γ` rounds to zero or below (the `f64` nearest `sqrt(1/12)`, for
+/// one) is refused like any other value outside the range.
 pub fn check_sigma_rel(sigma_rel: f64, field: &str) -> Result<()> {
-    if sigma_rel.is_finite() && sigma_rel > 0.0 && sigma_rel < SIGMA_REL_MAX {
+    if sigma_rel.is_finite()
+        && sigma_rel > 0.0
+        && sigma_rel < SIGMA_REL_MAX
+        && gamma_of_sigma_rel(sigma_rel) > 0.0
+    {
         if sigma_rel < SIGMA_REL_MIN {
             return Err(Error::invalid(
                 field,

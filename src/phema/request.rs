@@ -12,11 +12,16 @@
 use serde::{Deserialize, Serialize};
 
 use super::solve::{
-    sample_profiles, solve, ProfilePoint, Snapshot, SolveOptions, Target, TargetSolution, Width,
+    sample_profiles_realised, solve_realised, ProfilePoint, Snapshot, SolveOptions, Target,
+    TargetSolution, Width,
 };
+use super::tabulated::{RealisedProfile, Tabulated};
 use crate::error::{Error, Result};
 
-/// A snapshot as written in JSON: `nimg` and exactly one of `sigma_rel`, `gamma`.
+/// A snapshot as written in JSON: `nimg` and exactly one of `sigma_rel`, `gamma`; with
+/// `profile`, the rule its EMA was really updated by (`{"kind": "ema_pytorch", …}`,
+/// `"constant_beta"`, `"tabulated"`; see [`RealisedProfile`]), whose exact profile the solve
+/// then uses. A `constant_beta` or `tabulated` snapshot may leave its width out.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotSpec {
@@ -28,6 +33,9 @@ pub struct SnapshotSpec {
     /// Exponent of the snapshot's EMA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gamma: Option<f64>,
+    /// The update rule, when it is not EDM2's power-function rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<RealisedProfile>,
 }
 
 /// A target as written in JSON: exactly one of `sigma_rel`, `gamma`; `nimg` optional.
@@ -55,6 +63,7 @@ impl From<&Snapshot> for SnapshotSpec {
             nimg: s.nimg,
             sigma_rel,
             gamma,
+            profile: None,
         }
     }
 }
@@ -172,21 +181,48 @@ impl SolveRequest {
 
     /// The snapshots as the solver takes them (validating that each gives one width).
     pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
-        self.snapshots
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                Ok(Snapshot {
-                    nimg: s.nimg,
-                    width: width(s.sigma_rel, s.gamma, &format!("snapshots[{i}]"))?,
-                })
-            })
-            .collect()
+        Ok(self.realised()?.0)
+    }
+
+    /// The snapshots and their realised profiles (`None`: the power function of the width),
+    /// as [`solve_realised`] takes them. A snapshot without a width but with a profile that
+    /// needs none is labelled with the profile's own σ_rel.
+    pub fn realised(&self) -> Result<(Vec<Snapshot>, Vec<Option<Tabulated>>)> {
+        let mut snapshots = Vec::with_capacity(self.snapshots.len());
+        let mut tables = Vec::with_capacity(self.snapshots.len());
+        for (i, s) in self.snapshots.iter().enumerate() {
+            let field = format!("snapshots[{i}]");
+            let (width, table) = match (&s.profile, s.sigma_rel, s.gamma) {
+                (Some(profile), None, None) => {
+                    let table = profile.realise(s.nimg, None, &field)?;
+                    // A label only: ordering and duplicates.
+                    let label = table.sigma_rel().clamp(1e-6, 0.288);
+                    (Width::SigmaRel(label), Some(table))
+                }
+                (profile, sigma_rel, gamma) => {
+                    let width = width(sigma_rel, gamma, &field)?;
+                    let table = match profile {
+                        Some(p) => {
+                            let (_, gamma) = width.resolve(&field)?;
+                            Some(p.realise(s.nimg, Some(gamma), &field)?)
+                        }
+                        None => None,
+                    };
+                    (width, table)
+                }
+            };
+            snapshots.push(Snapshot {
+                nimg: s.nimg,
+                width,
+            });
+            tables.push(table);
+        }
+        Ok((snapshots, tables))
     }
 
     /// Validates and solves.
     pub fn solve(&self) -> Result<SolveResponse> {
-        let snapshots = self.snapshots()?;
+        let (snapshots, realised) = self.realised()?;
         let targets = self
             .targets
             .iter()
@@ -210,12 +246,14 @@ impl SolveRequest {
             }
         }
         let options = self.options.unwrap_or_default();
-        let solutions = solve(&snapshots, &targets, &options)?;
+        let solutions = solve_realised(&snapshots, &realised, &targets, &options)?;
         let targets = solutions
             .into_iter()
             .map(|solution| {
                 let profile = match self.profile_points {
-                    Some(p) => Some(sample_profiles(&snapshots, &solution, 0.0, p)?),
+                    Some(p) => Some(sample_profiles_realised(
+                        &snapshots, &realised, &solution, 0.0, p,
+                    )?),
                     None => None,
                 };
                 Ok(TargetOutput { solution, profile })

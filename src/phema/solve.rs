@@ -14,8 +14,10 @@ use serde::{Deserialize, Serialize};
 
 use super::linalg::{condition_number, GramFactor};
 use super::profile::{
-    check_gamma, check_sigma_rel, gamma_of_sigma_rel, inner_product, sigma_rel_of_gamma, Profile,
+    check_gamma, check_nimg, check_sigma_rel, gamma_of_sigma_rel, inner_product,
+    sigma_rel_of_gamma, Profile,
 };
+use super::tabulated::Tabulated;
 use crate::error::{Error, Result};
 
 /// The width of an EMA profile, given either way.
@@ -183,6 +185,32 @@ pub fn solve(
     targets: &[Target],
     options: &SolveOptions,
 ) -> Result<Vec<TargetSolution>> {
+    solve_realised(snapshots, &[], targets, options)
+}
+
+/// [`solve`] for snapshots whose EMAs were not all updated by EDM2's rule: `realised[i]`,
+/// when given, is the profile snapshot `i` really has (see [`Tabulated`]), which the solve and
+/// its quality report then use instead of the power function its width names (the width
+/// remains its label: ordering, duplicates). `realised` is empty (every snapshot a power
+/// profile) or has one entry per snapshot. Inner products with tabulated profiles are exact
+/// (closed form per piece); a target is still a power-function profile.
+pub fn solve_realised(
+    snapshots: &[Snapshot],
+    realised: &[Option<Tabulated>],
+    targets: &[Target],
+    options: &SolveOptions,
+) -> Result<Vec<TargetSolution>> {
+    if !realised.is_empty() && realised.len() != snapshots.len() {
+        return Err(Error::invalid(
+            "profiles",
+            format!(
+                "{} realised profiles for {} snapshots",
+                realised.len(),
+                snapshots.len()
+            ),
+        ));
+    }
+    let table = |i: usize| realised.get(i).and_then(Option::as_ref);
     if snapshots.is_empty() {
         return Err(Error::invalid(
             "snapshots",
@@ -211,6 +239,7 @@ pub fn solve(
     let mut profiles = Vec::with_capacity(snapshots.len());
     for (i, s) in snapshots.iter().enumerate() {
         let (_, gamma) = s.width.resolve(&format!("snapshots[{i}]"))?;
+        check_nimg(s.nimg, &format!("snapshots[{i}].nimg"))?;
         if s.nimg > 0 {
             profiles.push((i, s.nimg, gamma));
         }
@@ -224,7 +253,7 @@ pub fn solve(
     profiles.sort_by(|a, b| (a.1, a.2).partial_cmp(&(b.1, b.2)).expect("finite"));
     for pair in profiles.windows(2) {
         let ((i, t, g), (j, u, h)) = (pair[0], pair[1]);
-        if t == u && (g - h).abs() <= 1e-12 * g {
+        if t == u && (g - h).abs() <= 1e-12 * g && table(i) == table(j) {
             let (first, second) = (i.min(j), i.max(j));
             return Err(Error::invalid(
                 format!("snapshots[{second}]"),
@@ -243,6 +272,7 @@ pub fn solve(
     for (j, t) in targets.iter().enumerate() {
         let (sigma_rel, gamma) = t.width.resolve(&format!("targets[{j}]"))?;
         let nimg = t.nimg.unwrap_or(last_nimg);
+        check_nimg(nimg, &format!("targets[{j}].nimg"))?;
         if nimg > last_nimg {
             return Err(Error::invalid(
                 format!("targets[{j}].nimg"),
@@ -264,14 +294,27 @@ pub fn solve(
     // ones to working precision (closely spaced snapshots make such near-dependencies) is left
     // out: it adds nothing the others cannot express, and keeping it would only produce huge,
     // cancelling weights. The first profile is never left out (its pivot is exactly 1).
-    let all: Vec<Profile> = profiles
+    let all: Vec<Shape<'_>> = profiles
         .iter()
-        .map(|&(_, nimg, gamma)| Profile {
-            nimg: nimg as f64,
-            gamma,
+        .map(|&(i, nimg, gamma)| match table(i) {
+            Some(t) => Shape::Table(t),
+            None => Shape::Power(Profile {
+                nimg: nimg as f64,
+                gamma,
+            }),
         })
         .collect();
-    let (equilibrated, scale) = equilibrated_gram(&all);
+    let (equilibrated, scale) = match all
+        .iter()
+        .map(|s| match s {
+            Shape::Power(p) => Some(*p),
+            Shape::Table(_) => None,
+        })
+        .collect::<Option<Vec<Profile>>>()
+    {
+        Some(powers) => equilibrated_gram(&powers),
+        None => equilibrated_gram_of_shapes(&all),
+    };
     let (factor, skipped) = GramFactor::new(equilibrated, scale);
     let mut dependent: Vec<(usize, u64)> = skipped
         .iter()
@@ -283,7 +326,7 @@ pub fn solve(
     for (k, (p, profile)) in profiles.iter().zip(&all).enumerate() {
         if skipped.binary_search(&k).is_err() {
             kept.push(*p);
-            sorted.push(*profile);
+            sorted.push(profile.clone());
         }
     }
 
@@ -311,7 +354,7 @@ pub fn solve(
             || {
                 let lambda_max = factor.largest_eigenvalue(m);
                 let rhs = DMatrix::from_fn(m, members.len(), |i, c| {
-                    inner_product(sorted[i], target_profiles[c])
+                    sorted[i].dot_power(target_profiles[c])
                 });
                 (lambda_max, factor.solve(m, &rhs))
             },
@@ -320,9 +363,10 @@ pub fn solve(
         for (c, &j) in members.iter().enumerate() {
             let (sigma_rel, gamma, nimg) = resolved[j];
             let target = target_profiles[c];
-            let exact = sorted[..m]
-                .iter()
-                .position(|p| p.nimg == target.nimg && p.gamma == target.gamma);
+            let exact = sorted[..m].iter().position(|s| match s {
+                Shape::Power(p) => p.nimg == target.nimg && p.gamma == target.gamma,
+                Shape::Table(_) => false,
+            });
             let (weights, relative_error) = match exact {
                 // The target is one of the snapshots: the exact solution is that snapshot alone.
                 Some(k) => {
@@ -385,6 +429,69 @@ pub fn solve(
         .into_iter()
         .map(|s| s.expect("every target solved"))
         .collect())
+}
+
+/// A snapshot's profile as the solver sees it: the closed-form power function, or a
+/// tabulated profile.
+#[derive(Clone, Debug)]
+enum Shape<'a> {
+    Power(Profile),
+    Table(&'a Tabulated),
+}
+
+impl Shape<'_> {
+    fn dot(&self, other: &Shape<'_>) -> f64 {
+        match (self, other) {
+            (Shape::Power(a), Shape::Power(b)) => inner_product(*a, *b),
+            (Shape::Power(p), Shape::Table(t)) | (Shape::Table(t), Shape::Power(p)) => {
+                t.dot_power(*p)
+            }
+            (Shape::Table(a), Shape::Table(b)) => a.dot(b),
+        }
+    }
+
+    fn dot_power(&self, q: Profile) -> f64 {
+        match self {
+            Shape::Power(p) => inner_product(*p, q),
+            Shape::Table(t) => t.dot_power(q),
+        }
+    }
+
+    fn norm_squared(&self) -> f64 {
+        match self {
+            Shape::Power(p) => p.norm_squared(),
+            Shape::Table(t) => t.norm_squared(),
+        }
+    }
+
+    fn density(&self, tau: f64) -> f64 {
+        match self {
+            Shape::Power(p) => p.density(tau),
+            Shape::Table(t) => t.density(tau),
+        }
+    }
+}
+
+/// [`equilibrated_gram`] for any mix of power and tabulated profiles: every entry from the
+/// exact inner product, columns in parallel (a pair of tabulated profiles costs their pieces).
+fn equilibrated_gram_of_shapes(sorted: &[Shape<'_>]) -> (DMatrix<f64>, Vec<f64>) {
+    use rayon::prelude::*;
+    let n = sorted.len();
+    let scale: Vec<f64> = sorted
+        .iter()
+        .map(|p| p.norm_squared().sqrt().recip())
+        .collect();
+    let mut s = DMatrix::zeros(n, n);
+    s.as_mut_slice()
+        .par_chunks_exact_mut(n)
+        .enumerate()
+        .for_each(|(a, col)| {
+            col[a] = 1.0;
+            for b in a + 1..n {
+                col[b] = sorted[a].dot(&sorted[b]) * scale[a] * scale[b];
+            }
+        });
+    (s, scale)
 }
 
 /// The lower triangle of the equilibrated Gram matrix `S = D A D` of time-sorted profiles,
@@ -540,6 +647,17 @@ pub fn sample_profiles(
     start_nimg: f64,
     points: usize,
 ) -> Result<Vec<ProfilePoint>> {
+    sample_profiles_realised(snapshots, &[], solution, start_nimg, points)
+}
+
+/// [`sample_profiles`] for snapshots with realised profiles (as in [`solve_realised`]).
+pub fn sample_profiles_realised(
+    snapshots: &[Snapshot],
+    realised: &[Option<Tabulated>],
+    solution: &TargetSolution,
+    start_nimg: f64,
+    points: usize,
+) -> Result<Vec<ProfilePoint>> {
     if snapshots.len() != solution.coefficients.len() {
         return Err(Error::invalid(
             "coefficients",
@@ -554,13 +672,14 @@ pub fn sample_profiles(
     for (i, (s, &w)) in snapshots.iter().zip(&solution.coefficients).enumerate() {
         if w != 0.0 && s.nimg > 0 {
             let (_, gamma) = s.width.resolve(&format!("snapshots[{i}]"))?;
-            used.push((
-                Profile {
+            let shape = match realised.get(i).and_then(Option::as_ref) {
+                Some(t) => Shape::Table(t),
+                None => Shape::Power(Profile {
                     nimg: s.nimg as f64,
                     gamma,
-                },
-                w,
-            ));
+                }),
+            };
+            used.push((shape, w));
         }
     }
     let target = Profile {

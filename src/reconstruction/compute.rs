@@ -10,7 +10,7 @@ use crate::app::DataDir;
 use crate::db::{NewReconstruction, ReconstructionRow};
 use crate::error::{blocking, Error, Result};
 use crate::format::read_header;
-use crate::materialize::{materialize_with, Input, Options, OutDtype};
+use crate::materialize::{materialize_with, Input, Options, OutDtype, OutOfRange};
 use crate::store::{BlobStore, BlobWriter, Digest};
 
 /// Indices of the plan's snapshots that targets `which` give a weight.
@@ -71,14 +71,15 @@ pub async fn materialize_targets(
             .map(|&t| output_metadata(plan, t, &used))
             .collect(),
         dtype: plan.dtype,
+        clamp: plan.clamp,
         verify,
     };
     let store = data.store.clone();
-    let writers = blocking("the materialization pass", move || {
+    let (writers, clamped) = blocking("the materialization pass", move || {
         pass.run(&store, &*progress)
     })
     .await?;
-    let rows = publish(data, plan, &which, writers).await?;
+    let rows = publish(data, plan, &which, writers, &clamped).await?;
     data.db.record_reconstructions(&rows).await?;
     let mut stored = Vec::with_capacity(rows.len());
     for r in &rows {
@@ -134,13 +135,54 @@ struct PassInputs {
     /// Per target, the output's metadata.
     metadata: Vec<BTreeMap<String, String>>,
     dtype: OutDtype,
+    clamp: bool,
     verify: bool,
 }
 
 impl PassInputs {
     /// Reads the snapshots' headers and runs the materialization into one unpublished blob
-    /// per target.
-    fn run(self, store: &BlobStore, progress: &(dyn Fn(u64) + Sync)) -> Result<Vec<BlobWriter>> {
+    /// per target; returns them with the tensors whose values were clamped. When something
+    /// was clamped, the pass runs a second time with each output's metadata naming what (the
+    /// header, metadata included, is written before the data, so the first pass cannot).
+    fn run(
+        mut self,
+        store: &BlobStore,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<(Vec<BlobWriter>, Vec<OutOfRange>)> {
+        let (writers, clamped) = self.pass(store, progress)?;
+        if clamped.is_empty() {
+            return Ok((writers, clamped));
+        }
+        drop(writers);
+        for (k, meta) in self.metadata.iter_mut().enumerate() {
+            let mine: Vec<String> = clamped
+                .iter()
+                .filter(|c| c.target == k)
+                .map(|c| format!("{}:{}:{:e}", c.tensor, c.elements, c.max_abs))
+                .collect();
+            if !mine.is_empty() {
+                meta.insert(
+                    "clamped_out_of_range".to_owned(),
+                    format!(
+                        "values beyond {}'s range clamped to its largest finite value \
+                         (tensor:elements:largest magnitude): {}",
+                        self.dtype.as_str(),
+                        mine.join(",")
+                    ),
+                );
+            }
+        }
+        let (writers, again) = self.pass(store, &|_| {})?;
+        debug_assert_eq!(again, clamped);
+        Ok((writers, clamped))
+    }
+
+    /// One materialization pass.
+    fn pass(
+        &self,
+        store: &BlobStore,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<(Vec<BlobWriter>, Vec<OutOfRange>)> {
         let mut inputs = Vec::with_capacity(self.snapshots.len());
         for ((digest_hex, nimg), checksum) in self.snapshots.iter().zip(&self.checksums) {
             let digest: Digest = digest_hex.parse()?;
@@ -165,7 +207,7 @@ impl PassInputs {
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
-        {
+        let clamped = {
             let mut outs: Vec<&mut (dyn std::io::Write + Send)> = writers
                 .iter_mut()
                 .map(|w| w as &mut (dyn std::io::Write + Send))
@@ -173,6 +215,7 @@ impl PassInputs {
             let options = Options {
                 verify: self.verify,
                 progress,
+                clamp: self.clamp,
             };
             materialize_with(
                 store,
@@ -182,27 +225,31 @@ impl PassInputs {
                 &self.metadata,
                 &mut outs,
                 &options,
-            )?;
-        }
-        writers
+            )?
+            .clamped
+        };
+        let writers = writers
             .into_iter()
             .map(|w| {
                 w.into_inner()
                     .map_err(|e| Error::io("writing a reconstruction", e.into_error()))
             })
-            .collect()
+            .collect::<Result<_>>()?;
+        Ok((writers, clamped))
     }
 }
 
-/// Claims and publishes each target's blob; returns the rows to record.
+/// Claims and publishes each target's blob; returns the rows to record, whose reports list
+/// what was clamped (`clamped` is per pass target, in `which` order).
 async fn publish(
     data: &DataDir,
     plan: &Plan,
     which: &[usize],
     writers: Vec<BlobWriter>,
+    clamped: &[OutOfRange],
 ) -> Result<Vec<NewReconstruction>> {
     let mut rows = Vec::with_capacity(which.len());
-    for (writer, &t) in writers.into_iter().zip(which) {
+    for (k, (writer, &t)) in writers.into_iter().zip(which).enumerate() {
         let digest = writer.digest_so_far();
         let size = writer.len();
         let checksum = writer.checksum_so_far().to_hex();
@@ -220,10 +267,39 @@ async fn publish(
             dtype: plan.dtype.as_str().to_owned(),
             digest: digest.to_hex(),
             byte_size: size,
-            report: report(plan, target),
+            report: with_clamped(
+                report(plan, target),
+                plan.dtype,
+                clamped.iter().filter(|c| c.target == k),
+            ),
         });
     }
     Ok(rows)
+}
+
+/// `report` with the tensors whose values were clamped (`clamped`) listed under `clamped`
+/// and announced in its warnings; unchanged when there are none.
+fn with_clamped<'a>(
+    mut report: serde_json::Value,
+    dtype: OutDtype,
+    clamped: impl Iterator<Item = &'a OutOfRange>,
+) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = clamped
+        .map(|c| serde_json::json!({"tensor": c.tensor, "elements": c.elements, "max_abs": c.max_abs}))
+        .collect();
+    if list.is_empty() {
+        return report;
+    }
+    let message = format!(
+        "{} tensor(s) had values beyond {}'s range, clamped to its largest finite value",
+        list.len(),
+        dtype.as_str()
+    );
+    if let Some(warnings) = report["warnings"].as_array_mut() {
+        warnings.push(serde_json::json!({"code": "clamped_out_of_range", "message": message}));
+    }
+    report["clamped"] = serde_json::Value::Array(list);
+    report
 }
 
 /// The stored reconstruction `id`, if its row exists and its blob is in the store (a row

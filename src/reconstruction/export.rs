@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::compute::{input_bytes, materialize_targets, stored};
-use super::plan::{file_name, plan};
+use super::plan::{file_name, plan, OutputOptions};
 use crate::app::DataDir;
 use crate::db::ReconstructionRow;
 use crate::error::{blocking, Error, Result};
@@ -24,6 +24,8 @@ pub struct ExportOptions {
     pub recompute: bool,
     /// Copy the files out of the store instead of hard-linking them.
     pub copy: bool,
+    /// Clamp values beyond the output type's range (f16's ±65504) instead of refusing them.
+    pub clamp: bool,
 }
 
 impl Default for ExportOptions {
@@ -32,6 +34,7 @@ impl Default for ExportOptions {
             verify: true,
             recompute: false,
             copy: false,
+            clamp: false,
         }
     }
 }
@@ -71,7 +74,11 @@ pub async fn reconstruct_to_dir(
     options: ExportOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<Exported> {
-    let plan = plan(&data.db, run, targets, dtype).await?;
+    let output = OutputOptions {
+        dtype,
+        clamp: options.clamp,
+    };
+    let plan = plan(&data.db, run, targets, output).await?;
     let names: Vec<String> = plan
         .targets
         .iter()

@@ -11,5 +11,6 @@ mod plan;
 pub use compute::{input_bytes, materialize_targets, stored};
 pub use export::{reconstruct_to_dir, ExportOptions, Exported};
 pub use plan::{
-    file_name, plan, report, solve_request, Plan, PlannedTarget, KEY_FORMAT, MAX_TARGETS,
+    file_name, plan, report, solve_request, OutputOptions, Plan, PlannedTarget, KEY_FORMAT,
+    MAX_TARGETS,
 };

@@ -16,7 +16,7 @@ use crate::phema::TargetSolution;
 
 /// First line of the key text; bump it when the solver or the materializer change their
 /// output for the same inputs.
-pub const KEY_FORMAT: &str = "hindsight reconstruction 2";
+pub const KEY_FORMAT: &str = "hindsight reconstruction 3";
 
 /// Most targets one request may ask for.
 pub const MAX_TARGETS: usize = 64;
@@ -31,8 +31,28 @@ pub struct Plan {
     pub snapshots: Vec<SnapshotRow>,
     /// Output element type.
     pub dtype: OutDtype,
+    /// Values beyond the output type's range are clamped (and reported) rather than refused.
+    pub clamp: bool,
     /// One entry per requested target, in request order.
     pub targets: Vec<PlannedTarget>,
+}
+
+/// How a plan's outputs are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutputOptions {
+    /// Element type of the reconstructed floating-point tensors.
+    pub dtype: OutDtype,
+    /// Clamp values beyond the type's range (f16's ±65504) instead of refusing them.
+    pub clamp: bool,
+}
+
+impl From<OutDtype> for OutputOptions {
+    fn from(dtype: OutDtype) -> Self {
+        Self {
+            dtype,
+            clamp: false,
+        }
+    }
 }
 
 /// One target of a [`Plan`].
@@ -49,13 +69,18 @@ pub fn file_name(run: &str, nimg: i64, sigma_rel: f64) -> String {
     format!("{run}-{nimg:010}-{sigma_rel:.3}.safetensors")
 }
 
-/// Solves `targets` over the stored snapshots of `run_name`.
+/// Solves `targets` over the stored snapshots of `run_name`, for outputs of `output` (an
+/// [`OutDtype`], or [`OutputOptions`] to also allow clamping).
+///
+/// Errors: too many targets, an unknown run ([`Error::NotFound`]) or one without snapshots,
+/// and the solver's errors (targets out of range, naming the field).
 pub async fn plan(
     db: &Db,
     run_name: &str,
     targets: Vec<TargetSpec>,
-    dtype: OutDtype,
+    output: impl Into<OutputOptions>,
 ) -> Result<Plan> {
+    let OutputOptions { dtype, clamp } = output.into();
     if targets.len() > MAX_TARGETS {
         return Err(Error::invalid(
             "targets",
@@ -78,14 +103,14 @@ pub async fn plan(
     }
     let request = SolveRequest {
         targets,
-        ..solve_request(&snapshots)
+        ..solve_request(&snapshots)?
     };
     let response = request.solve()?;
     let targets = response
         .targets
         .into_iter()
         .map(|t| PlannedTarget {
-            id: key(&snapshots, &t.solution, dtype),
+            id: key(&snapshots, &t.solution, dtype, clamp),
             solution: t.solution,
         })
         .collect();
@@ -93,35 +118,56 @@ pub async fn plan(
         run,
         snapshots,
         dtype,
+        clamp,
         targets,
     })
 }
 
 /// A solve request over stored snapshots, in the order given (which is the order of the
-/// solution's coefficients), with no targets yet.
-pub fn solve_request(snapshots: &[SnapshotRow]) -> SolveRequest {
-    SolveRequest {
-        snapshots: snapshots
-            .iter()
-            .map(|s| SnapshotSpec {
+/// solution's coefficients), with their update rules, and no targets yet. Fails only on a
+/// stored update rule this version cannot read.
+pub fn solve_request(snapshots: &[SnapshotRow]) -> Result<SolveRequest> {
+    let snapshots = snapshots
+        .iter()
+        .map(|s| {
+            Ok(SnapshotSpec {
                 nimg: s.nimg as u64,
                 sigma_rel: Some(s.sigma_rel),
                 gamma: None,
+                profile: s
+                    .profile
+                    .clone()
+                    .map(serde_json::from_value)
+                    .transpose()
+                    .map_err(|e| {
+                        Error::Index(format!("snapshot {}: its update rule: {e}", s.digest))
+                    })?,
             })
-            .collect(),
+        })
+        .collect::<Result<_>>()?;
+    Ok(SolveRequest {
+        snapshots,
         targets: Vec::new(),
         options: None,
         profile_points: None,
-    }
+    })
 }
 
-fn key(snapshots: &[SnapshotRow], solution: &TargetSolution, dtype: OutDtype) -> String {
+fn key(
+    snapshots: &[SnapshotRow],
+    solution: &TargetSolution,
+    dtype: OutDtype,
+    clamp: bool,
+) -> String {
     let mut text = format!(
         "{KEY_FORMAT}\ndtype {}\ntarget gamma {:016x} nimg {}\n",
         dtype.as_str(),
         solution.gamma.to_bits(),
         solution.nimg
     );
+    if clamp {
+        text.push_str("out_of_range clamp\n");
+    }
     for s in snapshots {
         text.push_str(&format!(
             "snapshot {} nimg {} sigma_rel {:016x}\n",
@@ -129,6 +175,10 @@ fn key(snapshots: &[SnapshotRow], solution: &TargetSolution, dtype: OutDtype) ->
             s.nimg,
             s.sigma_rel.to_bits()
         ));
+        if let Some(profile) = &s.profile {
+            // serde_json writes object keys sorted: the same rule, the same text.
+            text.push_str(&format!("profile {profile}\n"));
+        }
     }
     blake3::hash(text.as_bytes()).to_hex().to_string()
 }

@@ -32,7 +32,8 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// Stable machine-readable code: `invalid_input`, `not_found`, `conflict`,
     /// `unauthorized`, `payload_too_large`, `length_required`, `range_not_satisfiable`,
-    /// `method_not_allowed`, `internal`.
+    /// `method_not_allowed`, `unprocessable` (the stored data a request needs is unusable,
+    /// e.g. a snapshot holding NaN), `internal`.
     pub code: String,
     /// What went wrong, for people.
     pub message: String,
@@ -78,9 +79,15 @@ impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         match e {
             // What the client sent: it can fix it.
-            Error::InvalidInput { .. } | Error::Incomplete { .. } => {
+            Error::InvalidInput { .. } | Error::Incomplete { .. } | Error::OutOfRange { .. } => {
                 ApiError::invalid(e.to_string())
             }
+            // The request is fine, the stored data it needs is not.
+            Error::NonFinite { .. } => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unprocessable",
+                e.to_string(),
+            ),
             Error::NotFound(m) => ApiError::not_found(m),
             Error::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
             other => {

@@ -21,7 +21,7 @@ use crate::db::ReconstructionRow;
 use crate::materialize::OutDtype;
 use crate::phema::request::TargetSpec;
 use crate::phema::{parse_float_list, parse_sigma_rel_list};
-use crate::reconstruction::{self, file_name, Plan};
+use crate::reconstruction::{self, file_name, OutputOptions, Plan};
 
 /// One width or several: a number, a list of numbers, or a string in EDM2's list syntax
 /// (`"0.05,0.10,...,0.25"`).
@@ -60,6 +60,10 @@ pub struct ReconstructRequest {
     /// setting; 0 answers at once).
     #[serde(default)]
     pub wait_secs: Option<f64>,
+    /// Clamp values beyond the output type's range (f16: ±65504) to it instead of refusing
+    /// the request (default false); the report lists the clamped tensors.
+    #[serde(default)]
+    pub clamp_out_of_range: bool,
 }
 
 impl ReconstructRequest {
@@ -143,8 +147,11 @@ pub(super) async fn post_reconstruct(
     let request: ReconstructRequest = parse_json(&body)?;
     let targets = request.targets()?;
     let wait = request.wait(state.config.reconstruct_wait)?;
-    let dtype = request.dtype.map_or(OutDtype::F32, OutDtype::from);
-    let plan = Arc::new(reconstruction::plan(&state.data.db, &request.run, targets, dtype).await?);
+    let output = OutputOptions {
+        dtype: request.dtype.map_or(OutDtype::F32, OutDtype::from),
+        clamp: request.clamp_out_of_range,
+    };
+    let plan = Arc::new(reconstruction::plan(&state.data.db, &request.run, targets, output).await?);
     let (cached, waits) = claim(&state, &plan).await?;
     let running = match tokio::time::timeout(wait, futures_util::future::join_all(waits)).await {
         Ok(results) => {

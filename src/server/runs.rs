@@ -151,7 +151,11 @@ impl UploadParams {
                 ))
             }
         };
-        Ok(Hints { nimg, width })
+        Ok(Hints {
+            nimg,
+            width,
+            profile: None,
+        })
     }
 }
 

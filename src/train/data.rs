@@ -105,18 +105,22 @@ impl Procedural {
 /// sub-folders), all of one square size, and optionally `dataset.json` with
 /// `{"labels": [["path/in/archive.png", class], ...]}`. ZIP members must be stored
 /// uncompressed, as EDM2's `dataset_tool.py` writes them. Everything is decoded once into
-/// memory (8 bits per channel).
+/// memory (8 bits per channel). A set whose every image is greyscale has one channel (as
+/// Fashion-MNIST), any other three (grey images among colour ones are replicated to RGB).
 #[derive(Clone, Debug)]
 pub struct ImageFolder {
     /// Image side in pixels.
     pub resolution: usize,
+    /// Channels: 1 (every image greyscale) or 3.
+    pub channels: usize,
     /// Number of classes (0 without labels).
     pub classes: usize,
     pixels: Vec<u8>,
     labels: Vec<usize>,
 }
 
-fn decode_png(bytes: &[u8], name: &str) -> crate::Result<(usize, usize, Vec<u8>)> {
+/// A decoded PNG: width, height, whether it is greyscale, and its pixels as RGB (HWC).
+fn decode_png(bytes: &[u8], name: &str) -> crate::Result<(usize, usize, bool, Vec<u8>)> {
     let bad = |m: String| crate::Error::invalid(name, m);
     let mut decoder = png::Decoder::new(std::io::Cursor::new(bytes));
     decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
@@ -136,7 +140,7 @@ fn decode_png(bytes: &[u8], name: &str) -> crate::Result<(usize, usize, Vec<u8>)
             _ => rgb.extend(&px[..3]),
         }
     }
-    Ok((w, h, rgb))
+    Ok((w, h, channels <= 2, rgb))
 }
 
 impl ImageFolder {
@@ -231,8 +235,10 @@ impl ImageFolder {
         let mut resolution = 0;
         let mut pixels = Vec::new();
         let mut labels = Vec::with_capacity(files.len());
+        let mut all_grey = true;
         for (name, bytes) in &files {
-            let (w, h, rgb) = decode_png(bytes, &format!("{source}/{name}"))?;
+            let (w, h, grey, rgb) = decode_png(bytes, &format!("{source}/{name}"))?;
+            all_grey &= grey;
             if w != h || (resolution != 0 && w != resolution) {
                 return Err(crate::Error::invalid(
                     format!("{source}/{name}"),
@@ -253,8 +259,16 @@ impl ImageFolder {
             }
         }
         let classes = labels.iter().max().map_or(0, |m| m + 1);
+        let channels = if all_grey {
+            // Keep one of the three equal channels.
+            pixels = pixels.into_iter().step_by(3).collect();
+            1
+        } else {
+            3
+        };
         Ok(Self {
             resolution,
+            channels,
             classes,
             pixels,
             labels,
@@ -263,7 +277,7 @@ impl ImageFolder {
 
     /// Number of images.
     pub fn len(&self) -> usize {
-        self.pixels.len() / (3 * self.resolution * self.resolution)
+        self.pixels.len() / (self.channels * self.resolution * self.resolution)
     }
 
     /// Whether there are none (never, once opened).
@@ -271,14 +285,14 @@ impl ImageFolder {
         self.len() == 0
     }
 
-    /// Image `index` (as CHW f32 in [−1, 1]) and its class.
+    /// Image `index` (as CHW f32 in [−1, 1], `channels` planes) and its class.
     pub fn image(&self, index: usize) -> (Vec<f32>, usize) {
-        let n = self.resolution * self.resolution;
-        let px = &self.pixels[index * 3 * n..(index + 1) * 3 * n];
-        let mut out = vec![0f32; 3 * n];
-        for (i, rgb) in px.chunks_exact(3).enumerate() {
-            for c in 0..3 {
-                out[c * n + i] = rgb[c] as f32 / 127.5 - 1.0;
+        let (n, channels) = (self.resolution * self.resolution, self.channels);
+        let px = &self.pixels[index * channels * n..(index + 1) * channels * n];
+        let mut out = vec![0f32; channels * n];
+        for (i, pixel) in px.chunks_exact(channels).enumerate() {
+            for (c, &v) in pixel.iter().enumerate() {
+                out[c * n + i] = v as f32 / 127.5 - 1.0;
             }
         }
         (out, self.labels.get(index).copied().unwrap_or(0))
@@ -342,7 +356,7 @@ impl Dataset {
         }
     }
 
-    /// Examples `first..first + n` of the stream as a batch: images `[n, 3, R, R]` in
+    /// Examples `first..first + n` of the stream as a batch: images `[n, C, R, R]` in
     /// [−1, 1] and, for class-conditional data, one-hot labels `[n, classes]`.
     pub fn batch(
         &self,
@@ -350,20 +364,28 @@ impl Dataset {
         n: usize,
         device: &Device,
     ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
-        let r = self.resolution();
-        let mut pixels = Vec::with_capacity(n * 3 * r * r);
+        let (c, r) = (self.channels(), self.resolution());
+        let mut pixels = Vec::with_capacity(n * c * r * r);
         let mut classes = Vec::with_capacity(n);
         for i in 0..n as u64 {
             let (img, class) = self.example(first + i);
             pixels.extend(img);
             classes.push(class);
         }
-        let images = Tensor::from_vec(pixels, (n, 3, r, r), device)?;
+        let images = Tensor::from_vec(pixels, (n, c, r, r), device)?;
         let labels = match self.classes() {
             0 => None,
             c => Some(one_hot(&classes, c, device)?),
         };
         Ok((images, labels))
+    }
+
+    /// Channels of every image: 3 for the procedural set, 1 or 3 for image folders.
+    pub fn channels(&self) -> usize {
+        match self {
+            Dataset::Procedural(_) => 3,
+            Dataset::Images(f, _) => f.channels,
+        }
     }
 
     /// Image side.

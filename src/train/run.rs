@@ -24,7 +24,8 @@ use crate::progress::Progress;
 pub struct TrainOptions {
     /// Run to write the snapshots into (created with the configuration as its metadata).
     pub run: String,
-    /// The network; `None`: [`Edm2Config::small`] for the dataset's size and classes.
+    /// The network; `None`: [`Edm2Config::small`] for the dataset's size, channels and
+    /// classes.
     pub network: Option<Edm2Config>,
     /// `procedural` or a folder / ZIP of PNGs (whose size and classes win).
     pub dataset: String,
@@ -113,20 +114,20 @@ impl Session {
         )?;
         if let Dataset::Images(folder, _) = &dataset {
             progress.note(&format!(
-                "dataset {}: {} images of {2}×{2}, {3} classes",
+                "dataset {}: {} images of {2}×{2}, {3} channel(s), {4} classes",
                 options.dataset,
                 folder.len(),
                 folder.resolution,
+                folder.channels,
                 folder.classes
             ));
         }
         options.resolution = dataset.resolution();
         options.classes = dataset.classes();
-        let network = options
-            .network
-            .clone()
-            .unwrap_or_else(|| Edm2Config::small(options.resolution, 3, options.classes));
-        check(&options, &network)?;
+        let network = options.network.clone().unwrap_or_else(|| {
+            Edm2Config::small(options.resolution, dataset.channels(), options.classes)
+        });
+        check(&options, dataset.channels(), &network)?;
         let widths: Vec<Width> = options
             .sigma_rels
             .iter()
@@ -160,6 +161,7 @@ impl Session {
         let metadata = serde_json::json!({
             "trainer": "hindsight train",
             "dataset": {"source": options.dataset, "resolution": options.resolution,
+                        "channels": dataset.channels(),
                         "classes": options.classes, "seed": dataset.seed()},
             "training": config,
             "network": config.network,
@@ -259,7 +261,7 @@ impl Session {
 }
 
 /// Refuses options that cannot train: a network that does not fit the dataset, zero sizes.
-fn check(options: &TrainOptions, network: &Edm2Config) -> Result<()> {
+fn check(options: &TrainOptions, channels: usize, network: &Edm2Config) -> Result<()> {
     if network.label_dim != options.classes {
         return Err(Error::invalid(
             "network",
@@ -269,11 +271,11 @@ fn check(options: &TrainOptions, network: &Edm2Config) -> Result<()> {
             ),
         ));
     }
-    if network.img_resolution != options.resolution || network.img_channels != 3 {
+    if network.img_resolution != options.resolution || network.img_channels != channels {
         return Err(Error::invalid(
             "network",
             format!(
-                "the dataset has 3×{0}×{0} images; the network expects {1}×{2}×{2}",
+                "the dataset has {channels}×{0}×{0} images; the network expects {1}×{2}×{2}",
                 options.resolution, network.img_channels, network.img_resolution
             ),
         ));
