@@ -113,6 +113,19 @@ pub fn export(
         .await?)
     })?;
     progress.finish_and_clear();
+    for (file, report) in exported.files.iter().zip(&exported.reports) {
+        for c in report["clamped"].as_array().into_iter().flatten() {
+            eprintln!(
+                "{}: tensor {} had {} value(s) beyond {}'s range (largest magnitude {}), \
+                 clamped to its largest finite value",
+                file.display(),
+                c["tensor"].as_str().unwrap_or("?"),
+                c["elements"],
+                dtype.as_str(),
+                c["max_abs"]
+            );
+        }
+    }
     eprintln!(
         "wrote {} file(s) to {} ({} computed, {} already in the store; {} hard-linked \
          to the store's read-only copy)",

@@ -52,6 +52,9 @@ pub struct Exported {
     pub reused: usize,
     /// Files that are hard links to the store's read-only blobs (the others are copies).
     pub linked: usize,
+    /// The stored report of each target, in request order (the solver's figures, the
+    /// weighted snapshots, and `clamped` tensors when values were clamped).
+    pub reports: Vec<serde_json::Value>,
 }
 
 /// Solves `targets` over the stored run `run`, materializes what the store does not hold yet
@@ -126,6 +129,7 @@ pub async fn reconstruct_to_dir(
         .into_iter()
         .map(|r| r.ok_or_else(|| Error::Index("a reconstruction was not recorded".into())))
         .collect::<Result<_>>()?;
+    let reports = rows.iter().map(|r| r.report.clone()).collect();
     let (store, dir, copy) = (data.store.clone(), out_dir.to_owned(), options.copy);
     let (files, linked) = blocking("writing reconstructions into a directory", move || {
         export_files(&store, &rows, &names, &dir, copy)
@@ -137,6 +141,7 @@ pub async fn reconstruct_to_dir(
         solutions: plan.targets.into_iter().map(|t| t.solution).collect(),
         files,
         linked,
+        reports,
     })
 }
 
