@@ -21,7 +21,9 @@
 //!   to a directory.
 //! - [`server`]: the HTTP API (axum): `app(state)`, routes, wire types, errors, auth.
 //! - [`model`]: the EDM2 network (magnitude-preserving U-Net, preconditioning) in candle.
-//! - [`train`]: the EDM2 training loop, trainer, checkpoints, datasets.
+//! - [`train`]: the EDM2 training loop, trainer, checkpoints.
+//! - [`datasets`]: training and evaluation images: procedural, PNG folders and ZIPs, IDX.
+//! - [`metrics`]: FID and KID: the Inception network, feature statistics, Fréchet distance.
 //! - [`sample`]: images from weights (EDM's Heun sampler over seeds), PNGs and grids.
 //! - [`plot`]: SVG pictures of target and reconstructed profiles.
 //! - [`bench`](mod@bench): synthetic workloads and statistics shared by `hindsight bench`, the demo and
@@ -33,11 +35,13 @@
 
 pub mod app;
 pub mod bench;
+pub mod datasets;
 pub mod db;
 pub mod error;
 pub mod format;
 pub mod ingest;
 pub mod materialize;
+pub mod metrics;
 pub mod model;
 pub mod phema;
 pub mod plot;

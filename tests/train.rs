@@ -2,8 +2,8 @@
 //! procedural dataset, and a tiny model whose loss falls.
 
 use candle_core::{Device, Tensor};
+use hindsight::datasets::Procedural;
 use hindsight::model::Edm2Config;
-use hindsight::train::data::Procedural;
 use hindsight::train::{learning_rate, TrainConfig, Trainer};
 
 #[test]
@@ -219,7 +219,7 @@ fn png_bytes(w: u32, h: u32, rgb: &[u8]) -> Vec<u8> {
 
 #[test]
 fn png_folders_and_zips_in_edm2_layout() {
-    use hindsight::train::data::ImageFolder;
+    use hindsight::datasets::ImageFolder;
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("ds");
     std::fs::create_dir_all(root.join("00000")).unwrap();

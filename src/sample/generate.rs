@@ -6,12 +6,12 @@ use candle_core::{DType, Device, Tensor};
 
 use super::images::{grid, write_png};
 use crate::app::DataDir;
+use crate::datasets::one_hot;
 use crate::error::{Error, Result};
 use crate::format::read_header;
 use crate::model::sampler::{edm_sampler, seeded_class, seeded_noise, to_rgb8, SamplerConfig};
 use crate::model::{default_device, Edm2Config, Precond};
 use crate::progress::Progress;
-use crate::train::data::one_hot;
 
 /// Where the weights come from.
 #[derive(Clone, Debug)]

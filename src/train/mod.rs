@@ -6,12 +6,12 @@
 //!   EDM2's inverse-square-root learning-rate schedule, forced weight normalisation, non-finite
 //!   gradients zeroed — and its state.
 //! - `checkpoint`: the whole training state in one safetensors file, for `--resume`.
-//! - [`data`]: the procedural dataset and PNG folders / ZIPs.
 //! - `adam`: the Adam update (composed, and fused on the CPU).
+//!
+//! The training data come from [`crate::datasets`].
 
 mod adam;
 pub mod checkpoint;
-pub mod data;
 mod run;
 mod trainer;
 

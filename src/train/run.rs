@@ -10,9 +10,9 @@ use std::time::Instant;
 use candle_core::Device;
 
 use super::checkpoint::{self, flat};
-use super::data::Dataset;
 use super::trainer::{TrainConfig, Trainer};
 use crate::app::DataDir;
+use crate::datasets::Dataset;
 use crate::error::{Error, Result};
 use crate::ingest::SnapshotWriter;
 use crate::model::{default_device, Edm2Config};

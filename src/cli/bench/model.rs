@@ -7,8 +7,8 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
 use hindsight::bench::median;
+use hindsight::datasets::{one_hot, Procedural};
 use hindsight::model::{default_device, Edm2Config};
-use hindsight::train::data::{one_hot, Procedural};
 use hindsight::train::{TrainConfig, Trainer};
 use std::path::PathBuf;
 

@@ -1,5 +1,6 @@
-//! Training data: a built-in procedural dataset that needs no download, and folders or ZIPs
-//! of PNGs in EDM2's dataset layout.
+//! Images for training and evaluation: a built-in procedural dataset that needs no download,
+//! folders or ZIPs of PNGs in EDM2's dataset layout, and IDX files (Fashion-MNIST, see
+//! [`idx`]).
 //!
 //! Image `i` of the procedural set is drawn from an RNG seeded by (seed, i): a soft vertical
 //! background gradient and one filled shape whose kind (disc, square, diamond, ring, cross)
@@ -9,6 +10,10 @@
 
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
+
+pub mod idx;
+
+pub use idx::IdxImages;
 
 /// Shape kinds, one per class modulo their number.
 const KINDS: usize = 5;
@@ -280,6 +285,14 @@ impl ImageFolder {
         self.pixels.len() / (self.channels * self.resolution * self.resolution)
     }
 
+    /// Keeps the first `n` images only.
+    pub fn truncate(&mut self, n: usize) {
+        let n = n.min(self.len());
+        self.pixels
+            .truncate(n * self.channels * self.resolution * self.resolution);
+        self.labels.truncate(n.min(self.labels.len()));
+    }
+
     /// Whether there are none (never, once opened).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -321,11 +334,22 @@ pub enum Dataset {
     Procedural(Procedural),
     /// A folder or ZIP of PNGs, visited in a fresh seeded order every epoch.
     Images(ImageFolder, u64),
+    /// An IDX file (Fashion-MNIST), padded to a power-of-two side, visited like a folder.
+    Idx(IdxImages, u64),
 }
 
+/// Images the procedural set offers to metrics (it is endless; evaluation takes this many).
+pub const PROCEDURAL_EVAL_IMAGES: usize = 10_000;
+
 impl Dataset {
-    /// The dataset `source` names: `procedural` (of `resolution` and `classes`), else a
-    /// folder or ZIP of PNGs (whose own size and classes win). `training_seed` is the run's
+    /// The dataset `source` names:
+    /// - `procedural`, of `resolution` and `classes`;
+    /// - `fashion-mnist` / `fashion-mnist-test`: Debian's Fashion-MNIST training (60 000) or
+    ///   test (10 000) set ([`idx::FASHION_MNIST_DIR`]), 28×28 padded to 32×32, 10 classes;
+    /// - a path to an `*-images-idx3-ubyte[.gz]` file (labels from the file beside it);
+    /// - a folder or ZIP of PNGs.
+    ///
+    /// Image sets bring their own size, channels and classes. `training_seed` is the run's
     /// seed; the stream's comes from [`data_seed`].
     pub fn open(
         source: &str,
@@ -334,17 +358,45 @@ impl Dataset {
         training_seed: u64,
     ) -> crate::Result<Self> {
         let seed = data_seed(training_seed);
-        if source == "procedural" {
-            Ok(Dataset::Procedural(Procedural {
-                resolution,
-                classes,
-                seed,
-            }))
-        } else {
-            Ok(Dataset::Images(
+        let fashion = |file: &str| std::path::Path::new(idx::FASHION_MNIST_DIR).join(file);
+        let idx_file = match source {
+            "procedural" => {
+                return Ok(Dataset::Procedural(Procedural {
+                    resolution,
+                    classes,
+                    seed,
+                }))
+            }
+            "fashion-mnist" => Some(fashion("train-images-idx3-ubyte.gz")),
+            "fashion-mnist-test" => Some(fashion("t10k-images-idx3-ubyte.gz")),
+            path if path.contains("-images-idx3-ubyte") => Some(path.into()),
+            _ => None,
+        };
+        match idx_file {
+            Some(path) => {
+                if !path.is_file() && source.starts_with("fashion-mnist") {
+                    return Err(crate::Error::NotFound(format!(
+                        "Fashion-MNIST is not at {}: install Debian's dataset-fashion-mnist \
+                         (apt-get install dataset-fashion-mnist), or give the path of an \
+                         *-images-idx3-ubyte.gz file",
+                        path.display()
+                    )));
+                }
+                Ok(Dataset::Idx(IdxImages::open(&path)?, seed))
+            }
+            None => Ok(Dataset::Images(
                 ImageFolder::open(std::path::Path::new(source))?,
                 seed,
-            ))
+            )),
+        }
+    }
+
+    /// Keeps the first `n` images of an image set (the procedural set is endless).
+    pub fn truncate(&mut self, n: usize) {
+        match self {
+            Dataset::Procedural(_) => {}
+            Dataset::Images(f, _) => f.truncate(n),
+            Dataset::Idx(x, _) => x.truncate(n),
         }
     }
 
@@ -352,7 +404,7 @@ impl Dataset {
     pub fn seed(&self) -> u64 {
         match self {
             Dataset::Procedural(p) => p.seed,
-            Dataset::Images(_, seed) => *seed,
+            Dataset::Images(_, seed) | Dataset::Idx(_, seed) => *seed,
         }
     }
 
@@ -380,11 +432,12 @@ impl Dataset {
         Ok((images, labels))
     }
 
-    /// Channels of every image: 3 for the procedural set, 1 or 3 for image folders.
+    /// Channels of every image: 3 for the procedural set, 1 for IDX, 1 or 3 for PNG sets.
     pub fn channels(&self) -> usize {
         match self {
             Dataset::Procedural(_) => 3,
             Dataset::Images(f, _) => f.channels,
+            Dataset::Idx(..) => 1,
         }
     }
 
@@ -393,6 +446,7 @@ impl Dataset {
         match self {
             Dataset::Procedural(p) => p.resolution,
             Dataset::Images(f, _) => f.resolution,
+            Dataset::Idx(x, _) => x.resolution,
         }
     }
 
@@ -401,23 +455,59 @@ impl Dataset {
         match self {
             Dataset::Procedural(p) => p.classes,
             Dataset::Images(f, _) => f.classes,
+            Dataset::Idx(x, _) => x.classes,
         }
     }
 
-    /// The `i`-th training example of the endless stream.
+    /// Images for evaluation: the set's size ([`PROCEDURAL_EVAL_IMAGES`] for the endless
+    /// procedural set).
+    pub fn len(&self) -> usize {
+        match self {
+            Dataset::Procedural(_) => PROCEDURAL_EVAL_IMAGES,
+            Dataset::Images(f, _) => f.len(),
+            Dataset::Idx(x, _) => x.len(),
+        }
+    }
+
+    /// Whether there are no images.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Image `index` (in the set's own order, not the training stream's) as 8-bit pixels,
+    /// `[C, R, R]`: what FID sees.
+    pub fn pixels(&self, index: usize) -> Vec<u8> {
+        let to_u8 = |chw: Vec<f32>| -> Vec<u8> {
+            chw.iter()
+                .map(|v| (v * 127.5 + 128.0).clamp(0.0, 255.0) as u8)
+                .collect()
+        };
+        match self {
+            Dataset::Procedural(p) => to_u8(p.image(index as u64).0),
+            Dataset::Images(f, _) => to_u8(f.image(index).0),
+            Dataset::Idx(x, _) => x.pixels(index).0.to_vec(),
+        }
+    }
+
+    /// The `i`-th training example of the endless stream: image sets are visited in a fresh
+    /// seeded order every epoch.
     pub fn example(&self, i: u64) -> (Vec<f32>, usize) {
+        let shuffled = |n: usize, seed: u64| -> usize {
+            use rand::seq::SliceRandom;
+            let epoch = i / n as u64;
+            let mut order: Vec<usize> = (0..n).collect();
+            let mut rng =
+                rand::rngs::StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0xA076_1D64_78BD_642F));
+            order.shuffle(&mut rng);
+            order[(i % n as u64) as usize]
+        };
         match self {
             Dataset::Procedural(p) => p.image(i),
-            Dataset::Images(f, seed) => {
-                use rand::seq::SliceRandom;
-                let n = f.len() as u64;
-                let epoch = i / n;
-                let mut order: Vec<usize> = (0..f.len()).collect();
-                let mut rng = rand::rngs::StdRng::seed_from_u64(
-                    seed ^ epoch.wrapping_mul(0xA076_1D64_78BD_642F),
-                );
-                order.shuffle(&mut rng);
-                f.image(order[(i % n) as usize])
+            Dataset::Images(f, seed) => f.image(shuffled(f.len(), *seed)),
+            Dataset::Idx(x, seed) => {
+                let (pixels, class) = x.pixels(shuffled(x.len(), *seed));
+                let image = pixels.iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
+                (image, class)
             }
         }
     }

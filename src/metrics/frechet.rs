@@ -1,0 +1,126 @@
+//! The Fréchet distance between two Gaussians (Heusel et al., "GANs Trained by a Two
+//! Time-Scale Update Rule Converge to a Local Nash Equilibrium", arXiv 1706.08500, eq. 6):
+//!
+//! ```text
+//! d² = ‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr (Σ₁ Σ₂)^{1/2}
+//! ```
+//!
+//! pytorch-fid (`calculate_frechet_distance`) and EDM2 form the matrix square root with
+//! `scipy.linalg.sqrtm` (a Schur decomposition, ≈ 10 s for 2048-d on 2 cores) and take its
+//! trace. Only the trace is needed, and it is the sum of the square roots of the eigenvalues
+//! of `Σ₁ Σ₂`, which are those of the symmetric positive semi-definite `Lᵀ Σ₂ L` for any
+//! factor `Σ₁ = L Lᵀ`: a Cholesky factor when `Σ₁` is positive definite (more samples than
+//! dimensions), else `U Λ^{1/2}` from its eigendecomposition. Symmetric eigenvalues alone
+//! (faer's blocked tridiagonalisation) are then all that is left — same value, in f64, a
+//! fraction of the time.
+
+use faer::{Mat, Side};
+
+use super::stats::FeatureStats;
+use crate::error::{Error, Result};
+
+/// The Fréchet distance between the Gaussians `(mu1, sigma1)` and `(mu2, sigma2)` (means of
+/// length `d`, covariances `d × d` row-major, symmetric positive semi-definite).
+///
+/// Errors: mismatched sizes, non-finite entries, or an eigensolver that does not converge.
+pub fn frechet_distance(mu1: &[f64], sigma1: &[f64], mu2: &[f64], sigma2: &[f64]) -> Result<f64> {
+    let d = mu1.len();
+    if mu2.len() != d || sigma1.len() != d * d || sigma2.len() != d * d || d == 0 {
+        return Err(Error::invalid(
+            "statistics",
+            format!(
+                "means of {} and {} values, covariances of {} and {}: they must be d and d²",
+                mu1.len(),
+                mu2.len(),
+                sigma1.len(),
+                sigma2.len()
+            ),
+        ));
+    }
+    if [mu1, sigma1, mu2, sigma2]
+        .iter()
+        .any(|v| v.iter().any(|x| !x.is_finite()))
+    {
+        return Err(Error::invalid("statistics", "hold a NaN or an infinity"));
+    }
+    let diff: f64 = mu1.iter().zip(mu2).map(|(a, b)| (a - b) * (a - b)).sum();
+    let a = Mat::from_fn(d, d, |i, j| sigma1[i * d + j]);
+    let b = Mat::from_fn(d, d, |i, j| sigma2[i * d + j]);
+    let trace = |m: &Mat<f64>| (0..d).map(|i| m[(i, i)]).sum::<f64>();
+    let (tr_a, tr_b) = (trace(&a), trace(&b));
+    let factor = match a.llt(Side::Lower) {
+        Ok(llt) => llt.L().to_owned(),
+        // Singular (fewer samples than dimensions): U Λ^{1/2} with negative rounding clipped.
+        Err(_) => {
+            let evd = a.self_adjoint_eigen(Side::Lower).map_err(|e| {
+                Error::invalid("statistics", format!("eigendecomposition failed: {e:?}"))
+            })?;
+            let u = evd.U();
+            let s = evd.S();
+            Mat::from_fn(d, d, |i, j| u[(i, j)] * s[j].max(0.0).sqrt())
+        }
+    };
+    // M = Fᵀ Σ₂ F: symmetric, with the eigenvalues of Σ₁ Σ₂.
+    let m = factor.transpose() * (&b * &factor);
+    let eigenvalues = m
+        .self_adjoint_eigenvalues(Side::Lower)
+        .map_err(|e| Error::invalid("statistics", format!("eigenvalues failed: {e:?}")))?;
+    let tr_sqrt: f64 = eigenvalues.iter().map(|&l| l.max(0.0).sqrt()).sum();
+    Ok(diff + tr_a + tr_b - 2.0 * tr_sqrt)
+}
+
+/// [`frechet_distance`] of two sets' statistics.
+pub fn frechet_distance_of(a: &FeatureStats, b: &FeatureStats) -> Result<f64> {
+    if a.dims() != b.dims() {
+        return Err(Error::invalid(
+            "statistics",
+            format!(
+                "features of {} and {} dimensions cannot be compared",
+                a.dims(),
+                b.dims()
+            ),
+        ));
+    }
+    frechet_distance(a.mean(), &a.covariance(), b.mean(), &b.covariance())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identical_gaussians_are_at_distance_zero_and_shifts_add_their_square() {
+        let d = 5;
+        let mut sigma = vec![0.0; d * d];
+        for i in 0..d {
+            for j in 0..d {
+                sigma[i * d + j] = if i == j { 2.0 } else { 0.3 };
+            }
+        }
+        let mu = vec![0.5; d];
+        assert!(frechet_distance(&mu, &sigma, &mu, &sigma).unwrap().abs() < 1e-12);
+        let shifted: Vec<f64> = mu.iter().map(|m| m + 1.0).collect();
+        let fd = frechet_distance(&mu, &sigma, &shifted, &sigma).unwrap();
+        assert!((fd - d as f64).abs() < 1e-12, "{fd}");
+        // Diagonal covariances: Σ (sqrt a − sqrt b)².
+        let a: Vec<f64> = (0..d * d)
+            .map(|k| if k % (d + 1) == 0 { 4.0 } else { 0.0 })
+            .collect();
+        let b: Vec<f64> = (0..d * d)
+            .map(|k| if k % (d + 1) == 0 { 1.0 } else { 0.0 })
+            .collect();
+        let fd = frechet_distance(&mu, &a, &mu, &b).unwrap();
+        assert!((fd - d as f64).abs() < 1e-12, "{fd}");
+        // A singular Σ₁ takes the eigendecomposition path and gives the same closed form.
+        let mut singular = a.clone();
+        singular[0] = 0.0;
+        let fd = frechet_distance(&mu, &singular, &mu, &b).unwrap();
+        assert!((fd - (d as f64 - 1.0 + 1.0)).abs() < 1e-12, "{fd}");
+    }
+
+    #[test]
+    fn bad_statistics_are_refused() {
+        assert!(frechet_distance(&[0.0], &[1.0], &[0.0, 1.0], &[1.0; 4]).is_err());
+        assert!(frechet_distance(&[f64::NAN], &[1.0], &[0.0], &[1.0]).is_err());
+    }
+}

