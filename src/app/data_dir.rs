@@ -45,3 +45,45 @@ impl DataDir {
         })
     }
 }
+
+impl DataDir {
+    /// Stores `bytes` as a blob and claims it (`pending`): the transaction that records the
+    /// row referring to it marks it valid. Returns its digest (hex). `what` names the content
+    /// in errors.
+    pub async fn put_blob(&self, bytes: Vec<u8>, what: &str) -> Result<String> {
+        use std::io::Write;
+        let store = self.store.clone();
+        let context = format!("storing {what}");
+        let writer = crate::error::blocking(&context.clone(), move || {
+            let mut writer = store.writer()?;
+            writer
+                .write_all(&bytes)
+                .map_err(|e| Error::io(context, e))?;
+            Ok(writer)
+        })
+        .await?;
+        let digest = writer.digest_so_far().to_hex();
+        let checksum = writer.checksum_so_far().to_hex();
+        self.db
+            .claim_blob(&digest, writer.len(), Some(&checksum))
+            .await?;
+        crate::error::blocking(&format!("publishing {what}"), move || writer.finish()).await?;
+        Ok(digest)
+    }
+
+    /// The whole content of blob `digest`, checked against its digest while read.
+    pub async fn read_blob(&self, digest: &str) -> Result<Vec<u8>> {
+        use std::io::Read;
+        let digest: crate::store::Digest = digest.parse()?;
+        let store = self.store.clone();
+        crate::error::blocking("reading a blob", move || {
+            let mut bytes = Vec::new();
+            store
+                .open_verified(&digest)?
+                .read_to_end(&mut bytes)
+                .map_err(|e| Error::io(format!("reading blob {}", digest.to_hex()), e))?;
+            Ok(bytes)
+        })
+        .await
+    }
+}

@@ -1,9 +1,10 @@
 //! The embedded default deployment: an SQLite index and a local blob store under one data
 //! directory, opened together ([`DataDir`]), and the upkeep that needs both ([`verify`],
-//! [`gc`]).
+//! [`gc`]), and reference statistics for the metrics ([`references`]).
 
 mod data_dir;
 mod maintain;
+pub mod references;
 
 pub use data_dir::{DataDir, INDEX_FILE, STORE_DIR};
 pub use maintain::{gc, verify, GcReport, VerifyReport};

@@ -10,10 +10,12 @@ mod common;
 mod demo;
 mod generate;
 mod maintain;
+mod metrics;
 mod reconstruct;
 mod serve;
 mod solve;
 mod store;
+mod sweep;
 mod train;
 
 /// Post-hoc EMA of neural-network weights (EDM2): reconstruct any EMA length after training.
@@ -78,6 +80,27 @@ enum Command {
     Verify,
     /// Delete blobs no snapshot references (and orphaned temporary files).
     Gc(maintain::GcArgs),
+    /// Reference statistics of an image set for FID (mean and covariance of its Inception
+    /// features): written as a pytorch-fid .npz and/or stored under a name for sweeps.
+    ///
+    /// Images are compared as they are stored (Fashion-MNIST: 28×28 padded to 32×32, grey
+    /// replicated to RGB), resized to 299×299 as NVIDIA's Inception export does.
+    RefStats(metrics::RefStatsArgs),
+    /// FID between two image sets or statistics files, and KID where both sides are images.
+    Fid(metrics::FidArgs),
+    /// List stored reference statistics.
+    References(metrics::ReferencesArgs),
+    /// Sweep EMA lengths: reconstruct each σ_rel (and training time), sample, and compute
+    /// FID/KID against reference statistics; prints the table and writes the curve as SVG.
+    ///
+    /// Image i of every point comes from seed i, so points differ by their weights, not by
+    /// their noise. Progress is kept per batch: Ctrl-C, a crash or a kill loses at most one
+    /// batch, and `--resume ID` continues.
+    Sweep(sweep::SweepArgs),
+    /// List sweeps, or show one (`hindsight sweeps ID`), or cancel one (`--cancel`).
+    Sweeps(sweep::SweepsArgs),
+    /// Run a sweep worker on the data directory (beside `hindsight serve`, or alone).
+    Worker(sweep::WorkerArgs),
 }
 
 /// Runs the parsed command.
@@ -97,5 +120,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Snapshots(args) => store::snapshots(&data_dir, args),
         Command::Verify => maintain::verify(&data_dir),
         Command::Gc(args) => maintain::gc(&data_dir, args),
+        Command::RefStats(args) => metrics::ref_stats(&data_dir, args),
+        Command::Fid(args) => metrics::fid(&data_dir, args),
+        Command::References(args) => metrics::list(&data_dir, args),
+        Command::Sweep(args) => sweep::run(&data_dir, args),
+        Command::Sweeps(args) => sweep::sweeps(&data_dir, args),
+        Command::Worker(args) => sweep::worker(&data_dir, args),
     }
 }

@@ -35,6 +35,20 @@ pub struct ServeArgs {
     /// Do not hash snapshots while materializing, nor downloads while sending them.
     #[arg(long)]
     no_verify: bool,
+    /// Run no sweep worker in the server (sweeps then wait for `hindsight worker`).
+    #[arg(long)]
+    no_sweep_worker: bool,
+    /// The sweep worker's lease in seconds: after a crash, a point is resumed this long
+    /// after its last heartbeat.
+    #[arg(long, default_value_t = 60.0)]
+    sweep_lease_secs: f64,
+    /// Most images per seed set a sweep may ask for.
+    #[arg(long, default_value_t = 50_000)]
+    max_sweep_images: usize,
+    /// The Inception weights for sweeps (default: $HINDSIGHT_FID_WEIGHTS, else the usual
+    /// cache paths).
+    #[arg(long)]
+    fid_weights: Option<PathBuf>,
 }
 
 /// Serves until Ctrl-C or SIGTERM.
@@ -58,8 +72,25 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
     } else {
         format!("{} token(s) for writes", token_hashes.len())
     };
+    if !(args.sweep_lease_secs.is_finite() && (1.0..=86_400.0).contains(&args.sweep_lease_secs)) {
+        bail!("--sweep-lease-secs must be between 1 and 86400");
+    }
+    if args.max_sweep_images < 2 {
+        bail!("--max-sweep-images must be at least 2");
+    }
+    let sweep_worker = (!args.no_sweep_worker).then(|| hindsight::sweep::WorkerConfig {
+        lease: std::time::Duration::from_secs_f64(args.sweep_lease_secs),
+        weights: args.fid_weights.clone(),
+        verify_reads: !args.no_verify,
+        ..Default::default()
+    });
     let config = ServerConfig {
         token_hashes,
+        sweep_worker,
+        sweep_limits: hindsight::sweep::SweepLimits {
+            max_images: args.max_sweep_images,
+            ..Default::default()
+        },
         max_upload_bytes: args.max_upload_bytes,
         upload_concurrency: args.upload_concurrency,
         reconstruct_wait: std::time::Duration::from_secs_f64(args.reconstruct_wait_secs),

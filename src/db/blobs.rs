@@ -99,7 +99,8 @@ impl Db {
         Ok(())
     }
 
-    /// GC phase 1: marks `deleted` every blob that no snapshot or reconstruction references
+    /// GC phase 1: marks `deleted` every blob that no row references (the `blob_references`
+    /// view: snapshots, reconstructions, reference statistics, sweep points and batches)
     /// and that is either `valid` or `pending` for longer than `grace` (an ingest that died).
     /// Returns their digests.
     pub async fn gc_mark(&self, grace: Duration) -> Result<Vec<String>> {
@@ -107,8 +108,7 @@ impl Db {
         let mut conn = self.begin_immediate().await?;
         let result = sqlx::query_scalar::<_, String>(
             "UPDATE blobs SET state = ?, changed_at = ? \
-             WHERE NOT EXISTS (SELECT 1 FROM snapshots s WHERE s.digest = blobs.digest) \
-               AND NOT EXISTS (SELECT 1 FROM reconstructions r WHERE r.digest = blobs.digest) \
+             WHERE NOT EXISTS (SELECT 1 FROM blob_references r WHERE r.digest = blobs.digest) \
                AND (state = ? OR (state = ? AND changed_at < ?)) \
              RETURNING digest",
         )

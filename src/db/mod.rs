@@ -11,13 +11,17 @@
 mod blobs;
 mod connection;
 mod reconstructions;
+mod references;
 mod runs;
 mod snapshots;
+mod sweeps;
 
 pub use blobs::{BlobRow, BlobState};
 pub use connection::Db;
 pub use reconstructions::{NewReconstruction, ReconstructionRow};
+pub use references::{NewReference, ReferenceRow};
 pub use runs::{check_run_name, Run, RunSummary};
 pub use snapshots::{
     describe_differences, manifest_differences, ManifestEntry, NewSnapshot, Recorded, SnapshotRow,
 };
+pub use sweeps::{BatchRow, Claim, NewBatch, PointRow, SweepRow, SweepStatus};

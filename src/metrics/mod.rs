@@ -8,11 +8,13 @@
 //!   pytorch-fid ship them.
 //! - `stats`: mean and covariance in f64, one pass over batches; `.npz` / EDM2 `.pkl` files.
 //! - `frechet`: the Fréchet distance, fast; `kid`: KID with its standard error.
+//! - `extract`: the network with its weights' identity, over datasets and generated images.
 //! - `pickle`, `npy`: the bits of Python's and NumPy's formats those files need.
 //!
 //! [`Metric`] names what a sweep or a command computes; FD_DINOv2 (EDM2's second metric) fits
 //! the same shape — a feature network, statistics, a distance — once its weights can be had.
 
+pub mod extract;
 pub mod frechet;
 pub mod inception;
 pub mod kid;
@@ -21,6 +23,7 @@ pub mod pickle;
 pub mod stats;
 pub mod weights;
 
+pub use extract::{statistics, FeatureExtractor};
 pub use frechet::{frechet_distance, frechet_distance_of};
 pub use inception::{Inception, Preprocess, FEATURES, INPUT_SIZE};
 pub use kid::{kid, Kid};

@@ -1,5 +1,5 @@
 //! NumPy's `.npy` format (numpy `lib/format.py`, versions 1–3) for float arrays: what
-//! pytorch-fid's `.npz` statistics hold.
+//! pytorch-fid's `.npz` statistics hold, and the features hindsight keeps for KID.
 //!
 //! Layout: `\x93NUMPY`, version (2 bytes), header length (2 bytes in v1, 4 in v2/3), a Python
 //! dict literal `{'descr': '<f8', 'fortran_order': False, 'shape': (d, d), }` padded with
@@ -11,12 +11,34 @@ use crate::error::{Error, Result};
 
 /// Writes a C-order little-endian f64 array (format version 1.0).
 pub fn write_f64(out: &mut impl Write, shape: &[usize], values: &[f64]) -> std::io::Result<()> {
+    write_header(out, "<f8", shape)?;
+    for v in values {
+        out.write_all(&v.to_le_bytes())?;
+    }
+    Ok(())
+}
+
+/// Writes a C-order little-endian f32 array (format version 1.0): features `[n, d]`.
+pub fn write_f32(out: &mut impl Write, shape: &[usize], values: &[f32]) -> std::io::Result<()> {
+    write_header(out, "<f4", shape)?;
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    out.write_all(&bytes)
+}
+
+/// Writes a C-order `uint8` array (format version 1.0), e.g. images for a peer to read.
+pub fn write_u8(out: &mut impl Write, shape: &[usize], values: &[u8]) -> std::io::Result<()> {
+    write_header(out, "|u1", shape)?;
+    out.write_all(values)
+}
+
+fn write_header(out: &mut impl Write, descr: &str, shape: &[usize]) -> std::io::Result<()> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     let shape_text = match dims.len() {
         1 => format!("({},)", dims[0]),
         _ => format!("({})", dims.join(", ")),
     };
-    let mut header = format!("{{'descr': '<f8', 'fortran_order': False, 'shape': {shape_text}, }}");
+    let mut header =
+        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_text}, }}");
     // Magic (6) + version (2) + length (2) + header + newline, to a multiple of 64.
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
@@ -24,16 +46,42 @@ pub fn write_f64(out: &mut impl Write, shape: &[usize], values: &[f64]) -> std::
     header.push('\n');
     out.write_all(b"\x93NUMPY\x01\x00")?;
     out.write_all(&(header.len() as u16).to_le_bytes())?;
-    out.write_all(header.as_bytes())?;
-    for v in values {
-        out.write_all(&v.to_le_bytes())?;
-    }
-    Ok(())
+    out.write_all(header.as_bytes())
 }
 
 /// Reads a C-order little-endian `<f8` or `<f4` array: its shape and values as f64. `source`
 /// names it in errors.
 pub fn read_f64(bytes: &[u8], source: &str) -> Result<(Vec<usize>, Vec<f64>)> {
+    let (shape, size, data) = parse(bytes, source)?;
+    let values = if size == 8 {
+        data.chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect()
+    } else {
+        data.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")) as f64)
+            .collect()
+    };
+    Ok((shape, values))
+}
+
+/// Reads a C-order little-endian `<f4` or `<f8` array as f32 (features).
+pub fn read_f32(bytes: &[u8], source: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+    let (shape, size, data) = parse(bytes, source)?;
+    let values = if size == 4 {
+        data.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect()
+    } else {
+        data.chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+            .collect()
+    };
+    Ok((shape, values))
+}
+
+/// The shape, element size and data of a float array.
+fn parse<'a>(bytes: &'a [u8], source: &str) -> Result<(Vec<usize>, usize, &'a [u8])> {
     let bad = |reason: &str| Error::invalid(source, format!("not a readable .npy array: {reason}"));
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err(bad("no \\x93NUMPY magic"));
@@ -87,16 +135,7 @@ pub fn read_f64(bytes: &[u8], source: &str) -> Result<(Vec<usize>, Vec<f64>)> {
     if Some(data.len()) != count.checked_mul(size) {
         return Err(bad("the data does not match the shape"));
     }
-    let values = if size == 8 {
-        data.chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect()
-    } else {
-        data.chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")) as f64)
-            .collect()
-    };
-    Ok((shape, values))
+    Ok((shape, size, data))
 }
 
 #[cfg(test)]

@@ -156,9 +156,14 @@ impl FeatureStats {
     /// Reads pytorch-fid's `.npz` (`mu`, `sigma`; any float dtype).
     pub fn read_npz(path: &Path) -> Result<Self> {
         let source = path.display().to_string();
-        let file =
-            std::fs::File::open(path).map_err(|e| Error::io(format!("opening {source}"), e))?;
-        let mut archive = zip::ZipArchive::new(std::io::BufReader::new(file))
+        let bytes = std::fs::read(path).map_err(|e| Error::io(format!("reading {source}"), e))?;
+        Self::parse_npz(&bytes, &source)
+    }
+
+    /// Parses the bytes of a pytorch-fid `.npz`; `source` names them in errors.
+    pub fn parse_npz(bytes: &[u8], source: &str) -> Result<Self> {
+        let source = source.to_owned();
+        let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes))
             .map_err(|e| Error::invalid(&source, format!("not an .npz (ZIP) file: {e}")))?;
         let mut read = |name: &str| -> Result<(Vec<usize>, Vec<f64>)> {
             let mut entry = archive.by_name(&format!("{name}.npy")).map_err(|_| {
@@ -192,7 +197,13 @@ impl FeatureStats {
     pub fn read_edm2_pkl(path: &Path) -> Result<Self> {
         let source = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|e| Error::io(format!("reading {source}"), e))?;
-        let value = pickle::parse(&bytes, &source)?;
+        Self::parse_edm2_pkl(&bytes, &source)
+    }
+
+    /// Parses the bytes of an EDM2 reference `.pkl`; `source` names them in errors.
+    pub fn parse_edm2_pkl(bytes: &[u8], source: &str) -> Result<Self> {
+        let source = source.to_owned();
+        let value = pickle::parse(bytes, &source)?;
         let fid = value.get("fid").ok_or_else(|| {
             Error::invalid(
                 &source,
@@ -227,6 +238,19 @@ impl FeatureStats {
             _ => Err(Error::invalid(
                 path.display().to_string(),
                 "statistics files are .npz (pytorch-fid: mu, sigma) or .pkl (EDM2)",
+            )),
+        }
+    }
+
+    /// Parses statistics by content: a ZIP is a pytorch-fid `.npz`, a pickle (protocol 2+,
+    /// `\x80`) an EDM2 `.pkl`.
+    pub fn parse(bytes: &[u8], source: &str) -> Result<Self> {
+        match bytes.first() {
+            Some(b'P') if bytes.starts_with(b"PK") => Self::parse_npz(bytes, source),
+            Some(0x80) => Self::parse_edm2_pkl(bytes, source),
+            _ => Err(Error::invalid(
+                source,
+                "neither a pytorch-fid .npz (mu, sigma) nor an EDM2 reference .pkl",
             )),
         }
     }

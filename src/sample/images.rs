@@ -22,22 +22,34 @@ pub fn write_png(
             std::io::Error::other(e.to_string()),
         )
     };
+    let bytes = encode_png(pixels, width, height, channels).map_err(png)?;
     {
-        let file = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
-        let mut encoder = png::Encoder::new(file, width as u32, height as u32);
+        use std::io::Write;
+        let mut file = std::fs::File::create(&tmp).map_err(io)?;
+        file.write_all(&bytes).map_err(io)?;
+    }
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Encodes 8-bit HWC pixels (`channels` 1 for grey, 3 for RGB) as PNG bytes.
+pub fn encode_png(
+    pixels: &[u8],
+    width: usize,
+    height: usize,
+    channels: usize,
+) -> std::result::Result<Vec<u8>, png::EncodingError> {
+    let mut out = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut out, width as u32, height as u32);
         encoder.set_color(if channels == 1 {
             png::ColorType::Grayscale
         } else {
             png::ColorType::Rgb
         });
         encoder.set_depth(png::BitDepth::Eight);
-        encoder
-            .write_header()
-            .map_err(png)?
-            .write_image_data(pixels)
-            .map_err(png)?;
+        encoder.write_header()?.write_image_data(pixels)?;
     }
-    std::fs::rename(&tmp, path).map_err(io)
+    Ok(out)
 }
 
 /// Lays out square `side`×`side` HWC images of `channels` channels in a grid, in order, as

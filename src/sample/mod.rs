@@ -11,5 +11,5 @@ mod images;
 mod seeds;
 
 pub use generate::{generate_to_dir, resolve, GenerateOptions, Sampler, WeightsSource};
-pub use images::{grid, write_png};
+pub use images::{encode_png, grid, write_png};
 pub use seeds::parse_seeds;

@@ -10,11 +10,17 @@
 //! - `GET /reconstructions/{id}`, `GET /reconstructions/{id}/weights` (Range, ETag)
 //! - `GET /runs`, `GET /runs/{run}`, `GET /runs/{run}/snapshots`
 //! - `POST /runs/{run}/snapshots` — streaming upload of one safetensors snapshot
+//! - `POST /sweeps`, `GET /sweeps`, `GET /sweeps/{id}`, `DELETE /sweeps/{id}` (cancel),
+//!   `GET /sweeps/{id}/events` (server-sent events), `GET /sweeps/{id}/plot.svg`,
+//!   `GET /sweeps/{id}/points/{idx}/grid.png`
+//! - `GET /references`, `POST /references?name=` (import .npz/.pkl), `GET /references/{key}`,
+//!   `GET /references/{key}/stats.npz`
 //! - `HEAD /blobs/{digest}`, `GET /healthz`, `GET /openapi.json`
 //!
 //! Files: `state` (settings, shared state), `jobs` (single-flight reconstruction jobs),
 //! `views` (wire types), `error` (the error shape, body parsing), `auth` (bearer tokens),
-//! one file per route family (`reconstruct`, `runs`, `blobs`, `meta`), `openapi`.
+//! one file per route family (`reconstruct`, `runs`, `sweeps`, `blobs`, `meta`), `openapi`.
+//! `serve_data_dir` also runs one sweep worker (`crate::sweep::Worker`) beside the server.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -35,12 +41,16 @@ mod openapi;
 mod reconstruct;
 mod runs;
 mod state;
+mod sweeps;
 mod views;
 
 pub use auth::{append_new_token, hash_token, new_token, parse_token_hashes, read_token_file};
 pub use error::{ApiError, ApiResult};
 pub use openapi::ApiDoc;
 pub use state::{AppState, ServerConfig};
+
+/// Largest reference-statistics upload: a 2048-d float64 `.npz` is 33.6 MB.
+const REFERENCE_UPLOAD_LIMIT: usize = 128 << 20;
 
 /// The router with every route, the auth middleware, and JSON 404/405 fallbacks.
 pub fn app(state: AppState) -> Router {
@@ -66,6 +76,30 @@ pub fn app(state: AppState) -> Router {
                 .post(runs::upload_snapshot)
                 .layer(DefaultBodyLimit::disable()),
         )
+        .route(
+            "/sweeps",
+            post(sweeps::post_sweep)
+                .get(sweeps::list_sweeps)
+                .layer(DefaultBodyLimit::max(json_limit)),
+        )
+        .route(
+            "/sweeps/{id}",
+            get(sweeps::get_sweep).delete(sweeps::delete_sweep),
+        )
+        .route("/sweeps/{id}/events", get(sweeps::sweep_events))
+        .route("/sweeps/{id}/plot.svg", get(sweeps::sweep_plot))
+        .route(
+            "/sweeps/{id}/points/{idx}/grid.png",
+            get(sweeps::point_grid),
+        )
+        .route(
+            "/references",
+            get(sweeps::list_references)
+                .post(sweeps::post_reference)
+                .layer(DefaultBodyLimit::max(REFERENCE_UPLOAD_LIMIT)),
+        )
+        .route("/references/{key}", get(sweeps::get_reference))
+        .route("/references/{key}/stats.npz", get(sweeps::reference_npz))
         .route("/blobs/{digest}", head(blobs::head_blob))
         .route("/healthz", get(meta::healthz))
         .route("/openapi.json", get(openapi::openapi_json))
@@ -115,9 +149,68 @@ pub async fn serve_data_dir(
         .local_addr()
         .map_err(|e| Error::io(format!("binding {addr}"), e))?;
     on_listening(local);
-    serve(listener, AppState::new(data, config), shutdown)
-        .await
-        .map_err(|e| Error::io(format!("serving on {local}"), e))
+    let stop = tokio_util::sync::CancellationToken::new();
+    let worker = config.sweep_worker.clone().map(|worker_config| {
+        let worker = std::sync::Arc::new(crate::sweep::Worker::new(
+            data.clone(),
+            worker_config,
+            std::sync::Arc::new(log_worker_event),
+        ));
+        tracing::info!(worker = worker.id(), "sweep worker started");
+        tokio::spawn(worker.run(stop.clone().cancelled_owned()))
+    });
+    let served = serve(listener, AppState::new(data, config), {
+        let stop = stop.clone();
+        async move {
+            shutdown.await;
+            stop.cancel();
+        }
+    })
+    .await;
+    stop.cancel();
+    if let Some(w) = worker {
+        let _ = w.await;
+    }
+    served.map_err(|e| Error::io(format!("serving on {local}"), e))
+}
+
+/// The server's sweep worker reports to the log.
+fn log_worker_event(event: &crate::sweep::WorkerEvent) {
+    use crate::sweep::WorkerEvent as E;
+    match event {
+        E::Claimed { point, .. } => tracing::info!(
+            sweep = point.sweep_id,
+            idx = point.idx,
+            sigma_rel = point.sigma_rel,
+            nimg = point.nimg,
+            images_done = point.images_done,
+            "sweep point claimed"
+        ),
+        E::Batch {
+            sweep,
+            idx,
+            images,
+            seconds,
+        } => {
+            tracing::debug!(sweep, idx, images, seconds, "sweep batch recorded")
+        }
+        E::Finished { sweep, idx, result } => tracing::info!(
+            sweep,
+            idx,
+            fid = result.fid.as_ref().map(|m| m.mean),
+            kid = result.kid.as_ref().map(|m| m.mean),
+            "sweep point recorded"
+        ),
+        E::Failed {
+            sweep,
+            idx,
+            error,
+            retry,
+        } => {
+            tracing::warn!(sweep, idx, retry, error = %error, "sweep point failed")
+        }
+        E::Lost { sweep, idx } => tracing::info!(sweep, idx, "sweep point lease lost"),
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM: the signals that should stop a server gracefully.

@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{blobs, error, meta, reconstruct, runs, views};
+use super::{blobs, error, meta, reconstruct, runs, sweeps, views};
 
 /// The API description served at `GET /openapi.json`.
 #[derive(OpenApi)]
@@ -22,6 +22,17 @@ use super::{blobs, error, meta, reconstruct, runs, views};
         runs::get_run,
         runs::list_snapshots,
         runs::upload_snapshot,
+        sweeps::post_sweep,
+        sweeps::list_sweeps,
+        sweeps::get_sweep,
+        sweeps::delete_sweep,
+        sweeps::sweep_events,
+        sweeps::sweep_plot,
+        sweeps::point_grid,
+        sweeps::list_references,
+        sweeps::get_reference,
+        sweeps::reference_npz,
+        sweeps::post_reference,
         blobs::head_blob,
         meta::healthz,
         openapi_json,
@@ -38,6 +49,16 @@ use super::{blobs, error, meta, reconstruct, runs, views};
         views::ManifestEntryView,
         views::IngestedView,
         views::DtypeView,
+        views::sweeps::SweepRequestBody,
+        views::sweeps::SamplerBody,
+        views::sweeps::Nimgs,
+        views::sweeps::ReferenceKey,
+        views::sweeps::SweepView,
+        views::sweeps::SweepList,
+        views::sweeps::PointView,
+        views::sweeps::BestPoint,
+        views::sweeps::ReferenceView,
+        views::sweeps::ReferenceList,
         error::ErrorBody,
         error::ErrorDetail,
     )),
@@ -46,6 +67,8 @@ use super::{blobs, error, meta, reconstruct, runs, views};
         (name = "reconstructions", description = "Reconstruct and download EMA weights"),
         (name = "runs", description = "Training runs"),
         (name = "snapshots", description = "Stored EMA snapshots and uploads"),
+        (name = "sweeps", description = "FID/KID of reconstructions over EMA lengths: the curve"),
+        (name = "references", description = "Reference statistics of image sets for the metrics"),
         (name = "meta", description = "Health and this document"),
     )
 )]

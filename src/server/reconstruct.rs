@@ -108,7 +108,7 @@ impl ReconstructRequest {
     }
 }
 
-fn widths(w: &Widths, field: &str, gamma: bool) -> ApiResult<Vec<f64>> {
+pub(crate) fn widths(w: &Widths, field: &str, gamma: bool) -> ApiResult<Vec<f64>> {
     match w {
         Widths::One(v) => Ok(vec![*v]),
         Widths::Many(v) => Ok(v.clone()),

@@ -8,6 +8,7 @@ use tokio::sync::Semaphore;
 
 use super::jobs::Jobs;
 use crate::app::DataDir;
+use crate::sweep::{SweepLimits, WorkerConfig};
 
 /// Server settings. Every field has a default suitable for a workstation.
 #[derive(Clone, Debug)]
@@ -25,6 +26,13 @@ pub struct ServerConfig {
     pub reconstruct_wait: Duration,
     /// Hash snapshots while materializing and whole-file downloads while sending them.
     pub verify_reads: bool,
+    /// Caps on sweep requests (images, points, seed sets, batch size).
+    pub sweep_limits: SweepLimits,
+    /// How often a sweep's event stream looks for changes in the index.
+    pub sweep_event_poll: Duration,
+    /// The sweep worker `serve_data_dir` runs beside the server (`None`: none; sweeps wait
+    /// for `hindsight worker` processes).
+    pub sweep_worker: Option<WorkerConfig>,
 }
 
 impl Default for ServerConfig {
@@ -36,6 +44,9 @@ impl Default for ServerConfig {
             upload_concurrency: 4,
             reconstruct_wait: Duration::from_secs(60),
             verify_reads: true,
+            sweep_limits: SweepLimits::default(),
+            sweep_event_poll: Duration::from_millis(500),
+            sweep_worker: Some(WorkerConfig::default()),
         }
     }
 }

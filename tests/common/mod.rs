@@ -32,3 +32,139 @@ pub fn assert_close(got: f64, expect: f64, tol: f64) {
         "got {got:e}, expected {expect:e} (tolerance {tol:e})"
     );
 }
+
+/// The repository's `tests/fixtures/<name>`, or the file `$var` names.
+pub fn fixture(var: &str, default: &str) -> std::path::PathBuf {
+    std::env::var_os(var)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures")
+                .join(default)
+        })
+}
+
+/// pytorch-fid Inception tensors with the formula weights of `metrics_fixtures.json` (the
+/// parity fixture's), by pytorch-fid name.
+pub fn formula_inception_tensors() -> std::collections::HashMap<String, candle_core::Tensor> {
+    use hindsight::model::formula::{self, Kind};
+    let path = fixture("HINDSIGHT_MODEL_FIXTURES_JSON", "metrics_fixtures.json");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let spec = json["fid_inception"]["weight_spec"].as_object().unwrap();
+    let mut tensors = std::collections::HashMap::new();
+    for (key, s) in spec {
+        let shape: Vec<usize> = serde_json::from_value(s["shape"].clone()).unwrap();
+        let kind: Kind = serde_json::from_value(s["kind"].clone()).unwrap();
+        let values = formula::values(
+            key,
+            shape.iter().product(),
+            kind,
+            s["scale"].as_f64().unwrap_or(1.0),
+            s["offset"].as_f64().unwrap_or(0.0),
+        );
+        tensors.insert(
+            key.clone(),
+            candle_core::Tensor::from_vec(values, shape, &candle_core::Device::Cpu).unwrap(),
+        );
+    }
+    tensors
+}
+
+/// Writes the formula Inception weights as a safetensors file (which hindsight reads as
+/// pytorch-fid weights): a stand-in where the real weights are not needed.
+pub fn write_formula_inception(path: &std::path::Path) {
+    candle_core::safetensors::save(&formula_inception_tensors(), path).unwrap();
+}
+
+/// The real Inception weights (NVIDIA's, as `metrics::locate_weights` finds them), or `None`
+/// with the reason printed — unless `HINDSIGHT_REQUIRE_FID_WEIGHTS=1` (set by `.ci/run`, which
+/// fetches them), where their absence fails the test.
+pub fn real_inception_weights() -> Option<std::path::PathBuf> {
+    match hindsight::metrics::locate_weights(None) {
+        Ok(p) => Some(p),
+        Err(e) if std::env::var("HINDSIGHT_REQUIRE_FID_WEIGHTS").as_deref() == Ok("1") => {
+            panic!("HINDSIGHT_REQUIRE_FID_WEIGHTS=1 but {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED (no Inception weights here; CI has them): {e}");
+            None
+        }
+    }
+}
+
+/// Whether Debian's Fashion-MNIST is installed; like [`real_inception_weights`], its absence
+/// skips with a printed reason unless `HINDSIGHT_REQUIRE_FID_WEIGHTS=1`.
+pub fn fashion_mnist_present() -> bool {
+    let dir = std::path::Path::new(hindsight::datasets::idx::FASHION_MNIST_DIR);
+    if dir.join("t10k-images-idx3-ubyte.gz").is_file() {
+        return true;
+    }
+    let reason = format!(
+        "Fashion-MNIST is not in {} (apt-get install dataset-fashion-mnist)",
+        dir.display()
+    );
+    if std::env::var("HINDSIGHT_REQUIRE_FID_WEIGHTS").as_deref() == Ok("1") {
+        panic!("HINDSIGHT_REQUIRE_FID_WEIGHTS=1 but {reason}");
+    }
+    eprintln!("SKIPPED: {reason}");
+    false
+}
+
+/// A minimal HTTP/1.1 exchange over a fresh connection (`Connection: close`): status and body
+/// (chunked bodies decoded). `token` adds a bearer header.
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        request.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() || method == "POST" {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    tcp.write_all(request.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    tcp.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_owned()
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}

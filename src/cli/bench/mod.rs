@@ -5,6 +5,7 @@ use clap::Subcommand;
 
 use super::common::block_on;
 
+mod metrics;
 mod model;
 mod solve;
 mod store;
@@ -30,6 +31,9 @@ pub enum BenchCommand {
     Parity(model::ParityArgs),
     /// Time `solve` on an EDM2-shaped run: snapshots every 8Mi images for two widths.
     Solve(solve::SolveArgs),
+    /// Time the Fréchet distance of 2048-d statistics against pytorch-fid's, and Inception
+    /// features against PyTorch running the same weights file, side by side.
+    Fid(metrics::FidArgs),
 }
 
 /// Runs a benchmark.
@@ -42,5 +46,6 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Conv(args) => on_compute_pool(|| model::conv(args)),
         BenchCommand::Parity(args) => model::parity(args),
         BenchCommand::Solve(args) => solve::solve(args),
+        BenchCommand::Fid(args) => on_compute_pool(|| metrics::fid(args)),
     }
 }

@@ -3,6 +3,8 @@
 //! change without changing the API (and they carry no OpenAPI derives). JSON columns are
 //! JSON objects here, never JSON text inside a string.
 
+pub mod sweeps;
+
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 

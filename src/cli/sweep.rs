@@ -1,0 +1,431 @@
+//! `hindsight sweep`, `hindsight sweeps`, `hindsight worker`: sweeps from the command line.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use hindsight::app::DataDir;
+use hindsight::db::{PointRow, SweepRow};
+use hindsight::metrics::Metric;
+use hindsight::phema::parse_sigma_rel_list;
+use hindsight::sweep::{
+    self, PointResult, SamplerSettings, SweepLimits, SweepRequest, Worker, WorkerConfig,
+    WorkerEvent,
+};
+
+use super::common::{bar, block_on, print_json};
+
+/// Options of `hindsight sweep`.
+#[derive(clap::Args, Debug)]
+pub struct SweepArgs {
+    /// The run.
+    #[arg(long, required_unless_present = "resume")]
+    pub run: Option<String>,
+    /// EMA widths: a list, or EDM2's syntax `0.02,0.03,...,0.25`.
+    #[arg(long, required_unless_present = "resume")]
+    pub sigma_rel: Option<String>,
+    /// Training times to reconstruct at, comma-separated (a 2-D sweep); default: the run's
+    /// last snapshot.
+    #[arg(long)]
+    pub nimg: Option<String>,
+    /// Metrics, comma-separated: fid, kid (default: both when the reference keeps its
+    /// features, else fid).
+    #[arg(long)]
+    pub metric: Option<String>,
+    /// Images per seed set (EDM2 uses 50 000; a CPU affords a few thousand).
+    #[arg(long, default_value_t = 50_000)]
+    pub num_images: usize,
+    /// Seed sets: each metric is reported as mean ± std over them.
+    #[arg(long, default_value_t = 1)]
+    pub seed_sets: usize,
+    /// Reference statistics by name or id (see `hindsight references`).
+    #[arg(long, required_unless_present = "resume")]
+    pub reference: Option<String>,
+    /// Sampler steps.
+    #[arg(long, default_value_t = 32)]
+    pub steps: usize,
+    /// Images per batch: the unit of progress and resumption.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// The Inception weights (default: $HINDSIGHT_FID_WEIGHTS, else the usual cache paths).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Where to write the curve (heat map for 2-D sweeps) as SVG; default sweep-<id>.svg.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Continue sweep ID (after Ctrl-C or a crash) instead of starting one.
+    #[arg(long, conflicts_with_all = ["run", "sigma_rel", "reference"])]
+    pub resume: Option<i64>,
+    /// Only queue the sweep (for `hindsight serve` or `hindsight worker` to do) and print
+    /// its id.
+    #[arg(long)]
+    pub detach: bool,
+    /// Print the finished sweep as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `hindsight sweeps`.
+#[derive(clap::Args, Debug)]
+pub struct SweepsArgs {
+    /// Show this sweep's points (default: list the sweeps).
+    pub id: Option<i64>,
+    /// Only this run's sweeps.
+    #[arg(long)]
+    pub run: Option<String>,
+    /// Cancel sweep ID (finished points stay).
+    #[arg(long, requires = "id")]
+    pub cancel: bool,
+    /// JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `hindsight worker`.
+#[derive(clap::Args, Debug)]
+pub struct WorkerArgs {
+    /// The Inception weights (default: $HINDSIGHT_FID_WEIGHTS, else the usual cache paths).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Lease length in seconds: a point whose worker died goes back to the queue this long
+    /// after its last heartbeat.
+    #[arg(long, default_value_t = 60.0)]
+    pub lease_secs: f64,
+    /// Stop when there is nothing to do instead of waiting for more.
+    #[arg(long)]
+    pub once: bool,
+}
+
+fn parse_list<T: std::str::FromStr>(text: &str, what: &str) -> anyhow::Result<Vec<T>> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<T>()
+                .map_err(|_| anyhow::anyhow!("{what}: {s:?} is not valid"))
+        })
+        .collect()
+}
+
+fn lease(secs: f64) -> anyhow::Result<Duration> {
+    if !(secs.is_finite() && (1.0..=86_400.0).contains(&secs)) {
+        bail!("--lease-secs must be between 1 and 86400");
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Creates (or resumes) a sweep, works it to the end with a progress bar, prints the table
+/// and writes the SVG.
+pub fn run(data_dir: &Path, args: SweepArgs) -> anyhow::Result<()> {
+    hindsight::model::keep_freed_memory();
+    block_on(async move {
+        let data = DataDir::open(data_dir).await?;
+        let sweep = match args.resume {
+            Some(id) => sweep::find(&data, id).await?,
+            None => {
+                let request = SweepRequest {
+                    run: args.run.clone().expect("clap requires it"),
+                    sigma_rels: parse_sigma_rel_list(args.sigma_rel.as_deref().expect("required"))?,
+                    nimgs: args
+                        .nimg
+                        .as_deref()
+                        .map(|n| parse_list::<u64>(n, "--nimg"))
+                        .transpose()?,
+                    metrics: args
+                        .metric
+                        .as_deref()
+                        .map(|m| parse_list::<Metric>(m, "--metric"))
+                        .transpose()?,
+                    num_images: Some(args.num_images),
+                    seed_sets: Some(args.seed_sets),
+                    sampler: SamplerSettings {
+                        steps: args.steps,
+                        ..Default::default()
+                    },
+                    reference: args.reference.clone().expect("required"),
+                    batch: Some(args.batch),
+                    kid_subsets: None,
+                    kid_subset_size: None,
+                };
+                let limits = SweepLimits {
+                    max_images: usize::MAX / 2,
+                    ..Default::default()
+                };
+                sweep::create(&data, request, &limits).await?
+            }
+        };
+        let spec = sweep::spec_of(&sweep)?;
+        for w in &spec.warnings {
+            eprintln!("warning: {w}");
+        }
+        if args.detach {
+            println!("{}", sweep.id);
+            eprintln!(
+                "queued sweep {} ({} points); `hindsight serve` or `hindsight worker` will do it",
+                sweep.id, sweep.points
+            );
+            return Ok(());
+        }
+        eprintln!(
+            "sweep {}: {} point(s) × {} image(s) ({} seed set(s) of {}), reference {:?}",
+            sweep.id,
+            sweep.points,
+            spec.images_per_point(),
+            spec.seed_sets,
+            spec.num_images,
+            spec.reference_name
+        );
+        work(&data, &sweep, args.weights.clone()).await?;
+        let sweep = sweep::find(&data, sweep.id).await?;
+        let points = data.db.sweep_points(sweep.id).await?;
+        if args.json {
+            return print_json(&serde_json::json!({"sweep": sweep, "points": points}));
+        }
+        print_points(&sweep, &points)?;
+        let metric = spec.metrics[0];
+        let out = args
+            .plot
+            .unwrap_or_else(|| PathBuf::from(format!("sweep-{}.svg", sweep.id)));
+        if points.iter().any(|p| p.result.is_some()) {
+            let svg = sweep::plot::sweep_svg(&sweep, &points, metric)?;
+            std::fs::write(&out, svg).with_context(|| format!("writing {}", out.display()))?;
+            eprintln!("wrote the {} curve to {}", metric.as_str(), out.display());
+        }
+        match sweep.status {
+            hindsight::db::SweepStatus::Done => Ok(()),
+            s => bail!("sweep {} ended {}", sweep.id, s.as_str()),
+        }
+    })
+}
+
+/// Works `sweep` in this process until it is finished (points other workers hold are
+/// waited for), with a progress bar over all its images; Ctrl-C puts the point in progress
+/// back in the queue.
+async fn work(data: &DataDir, sweep: &SweepRow, weights: Option<PathBuf>) -> anyhow::Result<()> {
+    let spec = sweep::spec_of(sweep)?;
+    let total = (sweep.points as usize * spec.images_per_point()) as u64;
+    let progress = bar("{bar:30} {pos}/{len} images {per_sec} ETA {eta} {msg}");
+    progress.set_length(total);
+    progress.set_position(sweep.images_done as u64);
+    progress.reset_eta();
+    let observer_bar = progress.clone();
+    let observer: sweep::Observer = Arc::new(move |event: &WorkerEvent| match event {
+        WorkerEvent::Claimed { point, .. } => {
+            observer_bar.set_message(format!("σ_rel {:.3} @ {}", point.sigma_rel, point.nimg))
+        }
+        WorkerEvent::Finished { idx, result, .. } => {
+            let fid = result
+                .fid
+                .as_ref()
+                .map_or(String::new(), |m| format!(" FID {:.3}", m.mean));
+            observer_bar.println(format!("point {idx}:{fid}"));
+        }
+        WorkerEvent::Failed {
+            idx, error, retry, ..
+        } => observer_bar.println(format!(
+            "point {idx} failed{}: {error}",
+            if *retry { " (will retry)" } else { "" }
+        )),
+        _ => {}
+    });
+    let config = WorkerConfig {
+        weights,
+        sweep: Some(sweep.id),
+        ..Default::default()
+    };
+    let worker = Arc::new(Worker::new(data.clone(), config, observer));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let worker_task = tokio::spawn(worker.clone().run(stop.clone().cancelled_owned()));
+    let interrupted = loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break true,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        let now = sweep::find(data, sweep.id).await?;
+        progress.set_position(now.images_done as u64);
+        if now.status.is_terminal() {
+            break false;
+        }
+    };
+    stop.cancel();
+    let _ = worker_task.await;
+    progress.finish_and_clear();
+    if interrupted {
+        bail!(
+            "interrupted; finished batches are kept: `hindsight sweep --resume {}` continues",
+            sweep.id
+        );
+    }
+    Ok(())
+}
+
+fn summary(r: &PointResult, metric: Metric) -> String {
+    match r.value(metric) {
+        None => "-".into(),
+        Some(m) => {
+            let scale = if metric == Metric::Kid { 1e3 } else { 1.0 };
+            match m.std {
+                Some(s) => format!("{:.3} ± {:.3}", m.mean * scale, s * scale),
+                None => match m.std_errors.as_ref().filter(|e| e.len() == 1) {
+                    Some(e) => format!("{:.3} ± {:.3}", m.mean * scale, e[0] * scale),
+                    None => format!("{:.3}", m.mean * scale),
+                },
+            }
+        }
+    }
+}
+
+fn print_points(sweep: &SweepRow, points: &[PointRow]) -> anyhow::Result<()> {
+    println!(
+        "{:>5} {:>9} {:>14} {:>20} {:>20} {:>9}  status",
+        "point", "sigma_rel", "nimg", "FID", "KID×10³", "images/s"
+    );
+    for p in points {
+        let r: Option<PointResult> = p
+            .result
+            .clone()
+            .and_then(|v| serde_json::from_value(v).ok());
+        let (fid, kid, rate) = match &r {
+            Some(r) => (
+                summary(r, Metric::Fid),
+                summary(r, Metric::Kid),
+                format!("{:.1}", r.timings.images_per_s),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        println!(
+            "{:>5} {:>9.4} {:>14} {:>20} {:>20} {:>9}  {}{}",
+            p.idx,
+            p.sigma_rel,
+            p.nimg,
+            fid,
+            kid,
+            rate,
+            p.status.as_str(),
+            p.error
+                .as_deref()
+                .filter(|_| p.status != hindsight::db::SweepStatus::Done)
+                .map_or(String::new(), |e| format!(": {e}"))
+        );
+    }
+    for metric in Metric::ALL {
+        if let Some(best) = sweep::best_point(points, metric) {
+            println!(
+                "best {}: σ_rel {:.4} at nimg {} (point {})",
+                metric.as_str(),
+                best.sigma_rel,
+                best.nimg,
+                best.idx
+            );
+        }
+    }
+    println!(
+        "sweep {} {}: {}/{} points done",
+        sweep.id,
+        sweep.status.as_str(),
+        sweep.points_done,
+        sweep.points
+    );
+    Ok(())
+}
+
+/// Lists sweeps, shows one, or cancels one.
+pub fn sweeps(data_dir: &Path, args: SweepsArgs) -> anyhow::Result<()> {
+    block_on(async move {
+        let data = DataDir::open(data_dir).await?;
+        if let Some(id) = args.id {
+            if args.cancel {
+                data.db.cancel_sweep(id).await?;
+            }
+            let sweep = sweep::find(&data, id).await?;
+            let points = data.db.sweep_points(id).await?;
+            if args.json {
+                return print_json(&serde_json::json!({"sweep": sweep, "points": points}));
+            }
+            return print_points(&sweep, &points);
+        }
+        let run_id = match &args.run {
+            Some(name) => Some(data.existing_run(name).await?.id),
+            None => None,
+        };
+        let rows = data.db.sweeps(run_id).await?;
+        if args.json {
+            for r in &rows {
+                print_json(r)?;
+            }
+            return Ok(());
+        }
+        println!(
+            "{:>4}  {:<20} {:<10} {:>7} {:>12}  created",
+            "id", "run", "status", "points", "images"
+        );
+        for s in rows {
+            let per_point = sweep::spec_of(&s).map_or(0, |sp| sp.images_per_point());
+            println!(
+                "{:>4}  {:<20} {:<10} {:>3}/{:<3} {:>12}  {}",
+                s.id,
+                s.run,
+                s.status.as_str(),
+                s.points_done,
+                s.points,
+                format!("{}/{}", s.images_done, s.points as usize * per_point),
+                s.created_at
+            );
+        }
+        Ok(())
+    })
+}
+
+/// Runs a sweep worker on the data directory until Ctrl-C (or, with --once, until idle).
+pub fn worker(data_dir: &Path, args: WorkerArgs) -> anyhow::Result<()> {
+    hindsight::model::keep_freed_memory();
+    let lease = lease(args.lease_secs)?;
+    block_on(async move {
+        let data = DataDir::open(data_dir).await?;
+        let observer: sweep::Observer = Arc::new(|event: &WorkerEvent| match event {
+            WorkerEvent::Claimed { point, .. } => eprintln!(
+                "sweep {} point {}: σ_rel {:.4} at nimg {} ({} images recorded)",
+                point.sweep_id, point.idx, point.sigma_rel, point.nimg, point.images_done
+            ),
+            WorkerEvent::Finished { sweep, idx, result } => eprintln!(
+                "sweep {sweep} point {idx}: done{}",
+                result
+                    .fid
+                    .as_ref()
+                    .map_or(String::new(), |m| format!(", FID {:.3}", m.mean))
+            ),
+            WorkerEvent::Failed {
+                sweep,
+                idx,
+                error,
+                retry,
+            } => eprintln!(
+                "sweep {sweep} point {idx}: failed{}: {error}",
+                if *retry { " (requeued)" } else { "" }
+            ),
+            WorkerEvent::Lost { sweep, idx } => {
+                eprintln!("sweep {sweep} point {idx}: lease lost (cancelled or taken over)")
+            }
+            WorkerEvent::Batch { .. } => {}
+        });
+        let config = WorkerConfig {
+            weights: args.weights,
+            lease,
+            ..Default::default()
+        };
+        let worker = Arc::new(Worker::new(data, config, observer));
+        eprintln!("worker {} on {}", worker.id(), data_dir.display());
+        if args.once {
+            let n = worker.run_until_idle().await?;
+            eprintln!("nothing left to do after {n} point(s)");
+            return Ok(());
+        }
+        let shutdown = async {
+            hindsight::server::shutdown_signal().await;
+        };
+        worker.run(shutdown).await;
+        eprintln!("stopped; points in progress went back to the queue");
+        Ok(())
+    })
+}

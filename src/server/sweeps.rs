@@ -1,0 +1,437 @@
+//! Sweeps (`/sweeps…`) and reference statistics (`/references…`). The sweep work itself is
+//! done by workers (one inside `hindsight serve`, more from `hindsight worker`) through the
+//! queue in the index; these routes create, read, follow and cancel sweeps.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream::Stream;
+use serde::Deserialize;
+
+use super::error::{body_rejection, parse_json, ApiError, ApiResult, ErrorBody};
+use super::state::AppState;
+use super::views::sweeps::{
+    PointView, ReferenceList, ReferenceView, SweepList, SweepRequestBody, SweepView,
+};
+use crate::app::references::{self, ReferenceOrigin};
+use crate::db::{PointRow, SweepRow};
+use crate::metrics::Metric;
+use crate::sweep;
+
+fn parse_id(text: &str, what: &str) -> ApiResult<i64> {
+    text.parse::<i64>()
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| ApiError::invalid(format!("{what}: {text:?} is not a positive integer id")))
+}
+
+async fn load(state: &AppState, id: i64) -> ApiResult<(SweepRow, Vec<PointRow>)> {
+    let sweep = sweep::find(&state.data, id).await?;
+    let points = state.data.db.sweep_points(id).await?;
+    Ok((sweep, points))
+}
+
+/// Start a sweep: FID/KID of reconstructions over σ_rel (and training times).
+#[utoipa::path(post, path = "/sweeps", tag = "sweeps",
+    request_body = SweepRequestBody,
+    responses(
+        (status = 201, description = "Queued; follow `events_url` or poll `url`", body = SweepView),
+        (status = 400, description = "Invalid request (the message names the field)", body = ErrorBody),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 404, description = "No such run or reference statistics", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn post_sweep(
+    State(state): State<AppState>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> ApiResult<Response> {
+    let body = body.map_err(body_rejection)?;
+    let request: SweepRequestBody = parse_json(&body)?;
+    let created = sweep::create(
+        &state.data,
+        request.into_request()?,
+        &state.config.sweep_limits,
+    )
+    .await?;
+    let (sweep, points) = load(&state, created.id).await?;
+    let view = SweepView::new(&sweep, Some(&points));
+    let mut response = (StatusCode::CREATED, Json(view)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("/sweeps/{}", sweep.id)) {
+        response.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(response)
+}
+
+/// Filter of `GET /sweeps`.
+#[derive(Deserialize, utoipa::IntoParams)]
+pub(super) struct SweepFilter {
+    /// Only this run's sweeps.
+    run: Option<String>,
+}
+
+/// List sweeps, newest first (without their points).
+#[utoipa::path(get, path = "/sweeps", tag = "sweeps",
+    params(SweepFilter),
+    responses(
+        (status = 200, description = "Sweeps", body = SweepList),
+        (status = 404, description = "No such run", body = ErrorBody),
+    ))]
+pub(super) async fn list_sweeps(
+    State(state): State<AppState>,
+    Query(filter): Query<SweepFilter>,
+) -> ApiResult<Json<SweepList>> {
+    let run_id = match &filter.run {
+        Some(name) => Some(state.data.existing_run(name).await?.id),
+        None => None,
+    };
+    let rows = state.data.db.sweeps(run_id).await?;
+    let mut sweeps = Vec::with_capacity(rows.len());
+    for s in &rows {
+        let points = state.data.db.sweep_points(s.id).await?;
+        let mut view = SweepView::new(s, Some(&points));
+        view.points = None;
+        sweeps.push(view);
+    }
+    Ok(Json(SweepList { sweeps }))
+}
+
+/// A sweep: status, points so far (results, timings, image grids) and the best point.
+#[utoipa::path(get, path = "/sweeps/{id}", tag = "sweeps",
+    params(("id" = i64, Path, description = "Sweep id")),
+    responses(
+        (status = 200, description = "The sweep", body = SweepView),
+        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 404, description = "No such sweep", body = ErrorBody),
+    ))]
+pub(super) async fn get_sweep(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SweepView>> {
+    let id = parse_id(&id, "id")?;
+    let (sweep, points) = load(&state, id).await?;
+    Ok(Json(SweepView::new(&sweep, Some(&points))))
+}
+
+/// Cancel a sweep: unfinished points stop (a worker stops at its next batch); finished
+/// points stay. Cancelling a finished sweep changes nothing.
+#[utoipa::path(delete, path = "/sweeps/{id}", tag = "sweeps",
+    params(("id" = i64, Path, description = "Sweep id")),
+    responses(
+        (status = 200, description = "The sweep after cancelling", body = SweepView),
+        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 404, description = "No such sweep", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn delete_sweep(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SweepView>> {
+    let id = parse_id(&id, "id")?;
+    state
+        .data
+        .db
+        .cancel_sweep(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no sweep {id} (see GET /sweeps)")))?;
+    let (sweep, points) = load(&state, id).await?;
+    Ok(Json(SweepView::new(&sweep, Some(&points))))
+}
+
+/// What the event stream last told its client.
+struct Seen {
+    state: AppState,
+    id: i64,
+    points: HashMap<i64, (String, i64)>,
+    started: bool,
+    ended: bool,
+}
+
+fn event(name: &str, value: &impl serde::Serialize) -> Event {
+    Event::default()
+        .event(name)
+        .json_data(value)
+        .unwrap_or_else(|_| Event::default().event(name))
+}
+
+impl Seen {
+    /// The events since the last look (empty: nothing changed).
+    async fn changes(&mut self) -> ApiResult<Vec<Event>> {
+        let (sweep, points) = load(&self.state, self.id).await?;
+        let per_point = sweep::spec_of(&sweep).map_or(0, |s| s.images_per_point());
+        let mut events = Vec::new();
+        if !self.started {
+            self.started = true;
+            events.push(event("sweep", &SweepView::new(&sweep, Some(&points))));
+            for p in &points {
+                self.points
+                    .insert(p.idx, (p.status.as_str().to_owned(), p.images_done));
+            }
+        } else {
+            for p in &points {
+                let now = (p.status.as_str().to_owned(), p.images_done);
+                if self.points.get(&p.idx) == Some(&now) {
+                    continue;
+                }
+                let status_changed = self.points.get(&p.idx).map(|s| &s.0) != Some(&now.0);
+                self.points.insert(p.idx, now);
+                let view = PointView::new(p, per_point);
+                if status_changed && p.status.is_terminal() {
+                    events.push(event("point", &view));
+                } else {
+                    events.push(event(
+                        "progress",
+                        &serde_json::json!({
+                            "idx": p.idx, "sigma_rel": p.sigma_rel, "nimg": p.nimg,
+                            "status": view.status, "images_done": p.images_done,
+                            "images_total": per_point, "sweep_images_done": sweep.images_done,
+                        }),
+                    ));
+                }
+            }
+        }
+        if sweep.status.is_terminal() {
+            self.ended = true;
+            events.push(event("end", &SweepView::new(&sweep, Some(&points))));
+        }
+        Ok(events)
+    }
+}
+
+/// Server-sent events of a sweep: `sweep` (the whole sweep, first), `progress` (a point's
+/// images so far, per batch), `point` (a point finished, failed or was cancelled, with its
+/// result), `end` (the sweep is finished; the stream closes). Works whichever process runs
+/// the workers: the stream follows the index.
+#[utoipa::path(get, path = "/sweeps/{id}/events", tag = "sweeps",
+    params(("id" = i64, Path, description = "Sweep id")),
+    responses(
+        (status = 200, description = "text/event-stream", content_type = "text/event-stream", body = String),
+        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 404, description = "No such sweep", body = ErrorBody),
+    ))]
+pub(super) async fn sweep_events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    let id = parse_id(&id, "id")?;
+    sweep::find(&state.data, id).await?;
+    let poll = state.config.sweep_event_poll;
+    let seen = Seen {
+        state,
+        id,
+        points: HashMap::new(),
+        started: false,
+        ended: false,
+    };
+    let stream = futures_util::stream::unfold(seen, move |mut seen| async move {
+        if seen.ended {
+            return None;
+        }
+        loop {
+            match seen.changes().await {
+                Ok(events) if !events.is_empty() => {
+                    let events: Vec<Result<Event, Infallible>> =
+                        events.into_iter().map(Ok).collect();
+                    return Some((futures_util::stream::iter(events), seen));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    seen.ended = true;
+                    let body = serde_json::json!({"code": e.code, "message": e.message});
+                    return Some((
+                        futures_util::stream::iter(vec![Ok(event("error", &body))]),
+                        seen,
+                    ));
+                }
+            }
+            tokio::time::sleep(poll).await;
+        }
+    });
+    use futures_util::StreamExt;
+    Ok(Sse::new(stream.flatten()).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// Query of the plot.
+#[derive(Deserialize, utoipa::IntoParams)]
+pub(super) struct PlotQuery {
+    /// `fid` (default) or `kid`.
+    metric: Option<String>,
+}
+
+/// The sweep's curve (metric vs σ_rel, ± std over seed sets, best point ringed) — with a
+/// heat map over (σ_rel, nimg) for 2-D sweeps — as SVG.
+#[utoipa::path(get, path = "/sweeps/{id}/plot.svg", tag = "sweeps",
+    params(("id" = i64, Path, description = "Sweep id"), PlotQuery),
+    responses(
+        (status = 200, description = "SVG", content_type = "image/svg+xml", body = String),
+        (status = 400, description = "Malformed id or unknown metric", body = ErrorBody),
+        (status = 404, description = "No such sweep, or no finished point yet", body = ErrorBody),
+    ))]
+pub(super) async fn sweep_plot(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<PlotQuery>,
+) -> ApiResult<Response> {
+    let id = parse_id(&id, "id")?;
+    let metric: Metric = query
+        .metric
+        .as_deref()
+        .unwrap_or("fid")
+        .parse()
+        .map_err(|e: crate::Error| ApiError::invalid(e.to_string()))?;
+    let (sweep, points) = load(&state, id).await?;
+    if !points.iter().any(|p| p.result.is_some()) {
+        return Err(ApiError::not_found(format!(
+            "sweep {id} has no finished point yet"
+        )));
+    }
+    let svg = sweep::plot::sweep_svg(&sweep, &points, metric)
+        .map_err(|e| ApiError::not_found(e.to_string()))?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "image/svg+xml"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        svg,
+    )
+        .into_response())
+}
+
+/// A point's grid of its first sampled images (PNG).
+#[utoipa::path(get, path = "/sweeps/{id}/points/{idx}/grid.png", tag = "sweeps",
+    params(("id" = i64, Path, description = "Sweep id"), ("idx" = i64, Path, description = "Point index")),
+    responses(
+        (status = 200, description = "PNG", content_type = "image/png", body = Vec<u8>),
+        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 404, description = "No such point, or no images yet", body = ErrorBody),
+    ))]
+pub(super) async fn point_grid(
+    State(state): State<AppState>,
+    Path((id, idx)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let id = parse_id(&id, "id")?;
+    let idx: i64 = idx
+        .parse()
+        .ok()
+        .filter(|v| *v >= 0)
+        .ok_or_else(|| ApiError::invalid(format!("idx: {idx:?} is not a point index")))?;
+    let (_, points) = load(&state, id).await?;
+    let point = points
+        .iter()
+        .find(|p| p.idx == idx)
+        .ok_or_else(|| ApiError::not_found(format!("sweep {id} has no point {idx}")))?;
+    let digest = point.grid_digest.as_ref().ok_or_else(|| {
+        ApiError::not_found(format!("point {idx} of sweep {id} has no images yet"))
+    })?;
+    let bytes = state.data.read_blob(digest).await?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "image/png"),
+            (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+/// List stored reference statistics.
+#[utoipa::path(get, path = "/references", tag = "references",
+    responses((status = 200, description = "By name", body = ReferenceList)))]
+pub(super) async fn list_references(
+    State(state): State<AppState>,
+) -> ApiResult<Json<ReferenceList>> {
+    let rows = state.data.db.references().await?;
+    Ok(Json(ReferenceList {
+        references: rows.into_iter().map(ReferenceView::from).collect(),
+    }))
+}
+
+/// Reference statistics by id or name.
+#[utoipa::path(get, path = "/references/{key}", tag = "references",
+    params(("key" = String, Path, description = "Id or name")),
+    responses(
+        (status = 200, description = "The reference statistics", body = ReferenceView),
+        (status = 404, description = "No such reference statistics", body = ErrorBody),
+    ))]
+pub(super) async fn get_reference(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+) -> ApiResult<Json<ReferenceView>> {
+    Ok(Json(references::find(&state.data, &key).await?.into()))
+}
+
+/// The statistics as a pytorch-fid `.npz` (`mu`, `sigma`, float64).
+#[utoipa::path(get, path = "/references/{key}/stats.npz", tag = "references",
+    params(("key" = String, Path, description = "Id or name")),
+    responses(
+        (status = 200, description = "The .npz", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 404, description = "No such reference statistics", body = ErrorBody),
+    ))]
+pub(super) async fn reference_npz(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+) -> ApiResult<Response> {
+    let row = references::find(&state.data, &key).await?;
+    let bytes = state.data.read_blob(&row.stats_digest).await?;
+    let disposition = format!("attachment; filename=\"reference-{}.npz\"", row.id);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::CONTENT_DISPOSITION, disposition),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+/// Query of the import.
+#[derive(Deserialize, utoipa::IntoParams)]
+pub(super) struct ImportQuery {
+    /// The name to store them under (unique).
+    name: Option<String>,
+}
+
+/// Import reference statistics: the body is a pytorch-fid `.npz` (`mu`, `sigma`) or an EDM2
+/// reference `.pkl`. They keep no features, so sweeps against them compute FID only.
+#[utoipa::path(post, path = "/references", tag = "references",
+    params(ImportQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses(
+        (status = 201, description = "Stored", body = ReferenceView),
+        (status = 400, description = "Not statistics, wrong dimension, or a bad name", body = ErrorBody),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 409, description = "The name is taken", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn post_reference(
+    State(state): State<AppState>,
+    Query(query): Query<ImportQuery>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> ApiResult<Response> {
+    let body = body.map_err(body_rejection)?;
+    let name = query
+        .name
+        .ok_or_else(|| ApiError::invalid("name: give ?name=NAME for the statistics"))?;
+    let origin = ReferenceOrigin {
+        source: format!("uploaded as {name:?}"),
+        name,
+        resolution: None,
+        channels: None,
+    };
+    let row = references::import(&state.data, origin, &body).await?;
+    let mut response =
+        (StatusCode::CREATED, Json(ReferenceView::from(row.clone()))).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("/references/{}", row.id)) {
+        response.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(response)
+}

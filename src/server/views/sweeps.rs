@@ -1,0 +1,364 @@
+//! Wire types of sweeps and reference statistics.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::db::{PointRow, ReferenceRow, SweepRow};
+use crate::metrics::Metric;
+use crate::sweep::{best_point, SamplerSettings, SweepRequest, SweepSpec};
+
+use super::super::error::{ApiError, ApiResult};
+use super::super::reconstruct::Widths;
+
+/// One training time or several.
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum Nimgs {
+    /// One value.
+    One(u64),
+    /// Several values.
+    Many(Vec<u64>),
+}
+
+/// Reference statistics by id or name.
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum ReferenceKey {
+    /// The id.
+    Id(i64),
+    /// The name.
+    Name(String),
+}
+
+/// Sampler settings of a sweep (EDM's Heun sampler); every field optional.
+#[derive(Clone, Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = SweepSampler)]
+pub struct SamplerBody {
+    /// Steps (default 32; denoiser evaluations are 2·steps − 1).
+    pub steps: Option<u64>,
+    /// Lowest noise level (default 0.002).
+    pub sigma_min: Option<f64>,
+    /// Highest noise level (default 80).
+    pub sigma_max: Option<f64>,
+    /// Time-step exponent ρ (default 7).
+    pub rho: Option<f64>,
+}
+
+/// The body of `POST /sweeps`.
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = SweepRequest)]
+pub struct SweepRequestBody {
+    /// The run's name.
+    pub run: String,
+    /// EMA widths: a number, a list, or EDM2's list syntax (`"0.02,0.03,...,0.25"`).
+    pub sigma_rels: Widths,
+    /// Training times to reconstruct at (a 2-D sweep); default: the run's last snapshot.
+    #[serde(default)]
+    pub nimgs: Option<Nimgs>,
+    /// `fid`, `kid` (default: FID, and KID when the reference keeps its features).
+    #[serde(default)]
+    pub metrics: Option<Vec<String>>,
+    /// Images per seed set (default 50 000 or the server's cap, if lower).
+    #[serde(default)]
+    pub num_images: Option<u64>,
+    /// Seed sets (default 1): set k samples seeds k·N … (k+1)·N − 1, and each metric is
+    /// reported as mean ± std over the sets.
+    #[serde(default)]
+    pub seed_sets: Option<u64>,
+    /// Sampler settings.
+    #[serde(default)]
+    pub sampler: Option<SamplerBody>,
+    /// Reference statistics, by id or name (see `GET /references`).
+    pub reference: ReferenceKey,
+    /// Images per batch (default 32): the unit of progress and of resumption.
+    #[serde(default)]
+    pub batch: Option<u64>,
+    /// KID: subsets averaged (default 100).
+    #[serde(default)]
+    pub kid_subsets: Option<u64>,
+    /// KID: most features per subset (default 1000).
+    #[serde(default)]
+    pub kid_subset_size: Option<u64>,
+}
+
+fn size(v: Option<u64>) -> Option<usize> {
+    v.map(|v| usize::try_from(v).unwrap_or(usize::MAX))
+}
+
+impl SweepRequestBody {
+    /// The library's request; list syntax and metric names are checked here.
+    pub fn into_request(self) -> ApiResult<SweepRequest> {
+        let sigma_rels = super::super::reconstruct::widths(&self.sigma_rels, "sigma_rels", false)?;
+        let metrics = match self.metrics {
+            None => None,
+            Some(names) => Some(
+                names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| {
+                        n.parse::<Metric>().map_err(|_| {
+                            ApiError::invalid(format!("metrics[{i}]: {n:?} is not one of fid, kid"))
+                        })
+                    })
+                    .collect::<ApiResult<Vec<_>>>()?,
+            ),
+        };
+        let defaults = SamplerSettings::default();
+        let sampler = self.sampler.unwrap_or_default();
+        Ok(SweepRequest {
+            run: self.run,
+            sigma_rels,
+            nimgs: self.nimgs.map(|n| match n {
+                Nimgs::One(v) => vec![v],
+                Nimgs::Many(v) => v,
+            }),
+            metrics,
+            num_images: size(self.num_images),
+            seed_sets: size(self.seed_sets),
+            sampler: SamplerSettings {
+                steps: size(sampler.steps).unwrap_or(defaults.steps),
+                sigma_min: sampler.sigma_min.unwrap_or(defaults.sigma_min),
+                sigma_max: sampler.sigma_max.unwrap_or(defaults.sigma_max),
+                rho: sampler.rho.unwrap_or(defaults.rho),
+            },
+            reference: match self.reference {
+                ReferenceKey::Id(id) => id.to_string(),
+                ReferenceKey::Name(n) => n,
+            },
+            batch: size(self.batch),
+            kid_subsets: size(self.kid_subsets),
+            kid_subset_size: size(self.kid_subset_size),
+        })
+    }
+}
+
+/// One point of a sweep.
+#[derive(Serialize, ToSchema)]
+#[schema(as = SweepPoint)]
+pub struct PointView {
+    /// Position in the sweep (σ_rel fastest, then nimg).
+    pub idx: i64,
+    /// EMA width.
+    pub sigma_rel: f64,
+    /// Training time.
+    pub nimg: i64,
+    /// `queued`, `running`, `done`, `failed` or `cancelled`.
+    pub status: String,
+    /// Images whose features are recorded.
+    pub images_done: i64,
+    /// Images the point samples in all.
+    pub images_total: i64,
+    /// Claims so far (more than one: it was resumed).
+    pub attempts: i64,
+    /// The reconstruction sampled, once known.
+    pub reconstruction_id: Option<String>,
+    /// FID / KID per seed set with mean and std, and timings, once done.
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<serde_json::Value>,
+    /// Why it failed (or why its last attempt did).
+    pub error: Option<String>,
+    /// A PNG grid of its first images, once its first batch is recorded.
+    pub grid_url: Option<String>,
+    /// RFC 3339 UTC.
+    pub started_at: Option<String>,
+    /// RFC 3339 UTC.
+    pub finished_at: Option<String>,
+}
+
+impl PointView {
+    /// The view of `p` in a sweep of `images_total` images per point.
+    pub fn new(p: &PointRow, images_total: usize) -> Self {
+        PointView {
+            idx: p.idx,
+            sigma_rel: p.sigma_rel,
+            nimg: p.nimg,
+            status: p.status.as_str().to_owned(),
+            images_done: p.images_done,
+            images_total: images_total as i64,
+            attempts: p.attempts,
+            reconstruction_id: p.reconstruction_id.clone(),
+            result: p.result.clone(),
+            error: p.error.clone(),
+            grid_url: p
+                .grid_digest
+                .as_ref()
+                .map(|_| format!("/sweeps/{}/points/{}/grid.png", p.sweep_id, p.idx)),
+            started_at: p.started_at.clone(),
+            finished_at: p.finished_at.clone(),
+        }
+    }
+}
+
+/// The best finished point by a metric.
+#[derive(Serialize, ToSchema)]
+pub struct BestPoint {
+    /// `fid` or `kid`.
+    pub metric: String,
+    /// The point's index.
+    pub idx: i64,
+    /// Its σ_rel.
+    pub sigma_rel: f64,
+    /// Its training time.
+    pub nimg: i64,
+    /// The metric's mean over seed sets.
+    pub value: f64,
+    /// Its std over seed sets (with more than one).
+    pub std: Option<f64>,
+}
+
+/// A sweep: status, what it computes, its points so far, and the best of them.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Sweep)]
+pub struct SweepView {
+    /// Id.
+    pub id: i64,
+    /// The run's name.
+    pub run: String,
+    /// `queued`, `running`, `done` (every point recorded), `failed` (some point failed) or
+    /// `cancelled`.
+    pub status: String,
+    /// The validated request: sigma_rels, nimgs, metrics, num_images, seed_sets, sampler,
+    /// reference, batch, and warnings.
+    #[schema(value_type = Object)]
+    pub spec: serde_json::Value,
+    /// Points in all, done, failed.
+    pub points_total: i64,
+    /// Points done.
+    pub points_done: i64,
+    /// Points failed.
+    pub points_failed: i64,
+    /// Images recorded over all points, and in all.
+    pub images_done: i64,
+    /// Images in all.
+    pub images_total: i64,
+    /// The points (only in `GET /sweeps/{id}` and creation responses).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub points: Option<Vec<PointView>>,
+    /// Best point per metric computed so far.
+    pub best: Vec<BestPoint>,
+    /// RFC 3339 UTC.
+    pub created_at: String,
+    /// RFC 3339 UTC.
+    pub finished_at: Option<String>,
+    /// This resource.
+    pub url: String,
+    /// Server-sent events of its progress.
+    pub events_url: String,
+    /// The curve (or heat map) as SVG: `?metric=fid|kid`.
+    pub plot_url: String,
+}
+
+impl SweepView {
+    /// The view of a sweep; `points` included when given.
+    pub fn new(s: &SweepRow, points: Option<&[PointRow]>) -> Self {
+        let spec: Option<SweepSpec> = serde_json::from_value(s.request.clone()).ok();
+        let per_point = spec.as_ref().map_or(0, SweepSpec::images_per_point);
+        let best = match (points, &spec) {
+            (Some(points), Some(spec)) => spec
+                .metrics
+                .iter()
+                .filter_map(|&m| {
+                    let p = best_point(points, m)?;
+                    let r: crate::sweep::PointResult =
+                        serde_json::from_value(p.result.clone()?).ok()?;
+                    let v = r.value(m)?;
+                    Some(BestPoint {
+                        metric: m.as_str().to_owned(),
+                        idx: p.idx,
+                        sigma_rel: p.sigma_rel,
+                        nimg: p.nimg,
+                        value: v.mean,
+                        std: v.std,
+                    })
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        SweepView {
+            id: s.id,
+            run: s.run.clone(),
+            status: s.status.as_str().to_owned(),
+            spec: s.request.clone(),
+            points_total: s.points,
+            points_done: s.points_done,
+            points_failed: s.points_failed,
+            images_done: s.images_done,
+            images_total: s.points * per_point as i64,
+            points: points.map(|ps| ps.iter().map(|p| PointView::new(p, per_point)).collect()),
+            best,
+            created_at: s.created_at.clone(),
+            finished_at: s.finished_at.clone(),
+            url: format!("/sweeps/{}", s.id),
+            events_url: format!("/sweeps/{}/events", s.id),
+            plot_url: format!("/sweeps/{}/plot.svg", s.id),
+        }
+    }
+}
+
+/// A list of sweeps (without their points).
+#[derive(Serialize, ToSchema)]
+pub struct SweepList {
+    /// Newest first.
+    pub sweeps: Vec<SweepView>,
+}
+
+/// Stored reference statistics.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Reference)]
+pub struct ReferenceView {
+    /// Id.
+    pub id: i64,
+    /// Unique name.
+    pub name: String,
+    /// The dataset or imported file.
+    pub source: String,
+    /// The feature network.
+    pub feature_network: String,
+    /// BLAKE3 of the Inception weights file (null: imported, taken on trust).
+    pub weights_digest: Option<String>,
+    /// `nvidia` or `pytorch-fid` (null: imported).
+    pub preprocess: Option<String>,
+    /// Feature dimension.
+    pub dims: i64,
+    /// Images summarised (0: not recorded in an imported file).
+    pub count: i64,
+    /// Whether the features are kept (KID needs them).
+    pub has_features: bool,
+    /// Image side of the set, when known.
+    pub resolution: Option<i64>,
+    /// Image channels of the set, when known.
+    pub channels: Option<i64>,
+    /// RFC 3339 UTC.
+    pub created_at: String,
+    /// The statistics as a pytorch-fid `.npz` (mu, sigma).
+    pub stats_url: String,
+}
+
+impl From<ReferenceRow> for ReferenceView {
+    fn from(r: ReferenceRow) -> Self {
+        ReferenceView {
+            stats_url: format!("/references/{}/stats.npz", r.id),
+            id: r.id,
+            name: r.name,
+            source: r.source,
+            feature_network: r.feature_network,
+            weights_digest: r.weights_digest,
+            preprocess: r.preprocess,
+            dims: r.dims,
+            count: r.count,
+            has_features: r.features_digest.is_some(),
+            resolution: r.resolution,
+            channels: r.channels,
+            created_at: r.created_at,
+        }
+    }
+}
+
+/// A list of reference statistics.
+#[derive(Serialize, ToSchema)]
+pub struct ReferenceList {
+    /// By name.
+    pub references: Vec<ReferenceView>,
+}

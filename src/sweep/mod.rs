@@ -1,0 +1,64 @@
+//! Sweeps: sample quality as a function of EMA length (and, in 2-D, of training time) — the
+//! curve of EDM2's Fig. 5, from one request.
+//!
+//! A sweep is a list of points `(sigma_rel, nimg)`. For each, a worker reconstructs the
+//! weights (cached like every reconstruction), samples `num_images × seed_sets` images with
+//! EDM's Heun sampler — image `i` from seed `i`, so every point sees the same noise and
+//! differences between points are not seed noise — takes their Inception features, and
+//! computes FID (and KID) against stored reference statistics, per seed set with mean ± std.
+//!
+//! - `spec`: the request, its validation (4xx naming the field) and the stored specification.
+//! - `worker`: the durable job loop (leases, per-batch records, resumption).
+//! - `batch`: sampling and features of one batch.
+//! - `results`: a point's result, the best point.
+//! - `plot`: the curve (1-D) or heat map (2-D) as SVG.
+//!
+//! The queue lives in the index (`db::sweeps`); any number of workers — one inside
+//! `hindsight serve`, more from `hindsight worker` — share it.
+
+mod batch;
+pub mod plot;
+mod results;
+mod spec;
+mod worker;
+
+pub use batch::GRID_IMAGES;
+pub use results::{best_point, MetricSummary, PointResult, Timings};
+pub use spec::{run_network, validate, SamplerSettings, SweepLimits, SweepRequest, SweepSpec};
+pub use worker::{new_worker_id, Observer, Worker, WorkerConfig, WorkerEvent, MAX_ATTEMPTS};
+
+use crate::app::DataDir;
+use crate::db::SweepRow;
+use crate::error::{Error, Result};
+
+/// Validates `request` (see [`validate`]) and queues the sweep; returns its row.
+pub async fn create(
+    data: &DataDir,
+    request: SweepRequest,
+    limits: &SweepLimits,
+) -> Result<SweepRow> {
+    let (spec, run, reference) = validate(data, request, limits).await?;
+    let value = serde_json::to_value(&spec).map_err(|e| Error::Index(e.to_string()))?;
+    let id = data
+        .db
+        .insert_sweep(run.id, reference.id, &value, &spec.points())
+        .await?;
+    data.db
+        .sweep(id)
+        .await?
+        .ok_or_else(|| Error::Index(format!("sweep {id} vanished")))
+}
+
+/// The sweep `id`, or [`Error::NotFound`].
+pub async fn find(data: &DataDir, id: i64) -> Result<SweepRow> {
+    data.db
+        .sweep(id)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("no sweep {id} (see GET /sweeps)")))
+}
+
+/// The specification stored with a sweep.
+pub fn spec_of(sweep: &SweepRow) -> Result<SweepSpec> {
+    serde_json::from_value(sweep.request.clone())
+        .map_err(|e| Error::Index(format!("sweep {} has an unreadable spec: {e}", sweep.id)))
+}

@@ -1,0 +1,412 @@
+//! What a sweep computes: the request as a client states it, its validation against the
+//! index (run, reference statistics, training times), and the normalised specification that
+//! is stored with the sweep and that workers follow.
+
+use serde::{Deserialize, Serialize};
+
+use crate::app::{references, DataDir};
+use crate::db::{ReferenceRow, Run};
+use crate::error::{Error, Result};
+use crate::materialize::OutDtype;
+use crate::metrics::{Metric, FEATURES};
+use crate::model::sampler::SamplerConfig;
+use crate::model::Edm2Config;
+use crate::phema::check_nimg;
+use crate::phema::profile::check_sigma_rel;
+use crate::phema::request::TargetSpec;
+use crate::reconstruction;
+
+/// Settings a deployment caps sweeps with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SweepLimits {
+    /// Most images per seed set (EDM2 uses 50 000 for its FIDs).
+    pub max_images: usize,
+    /// Most points (σ_rel × nimg) in one sweep.
+    pub max_points: usize,
+    /// Most seed sets.
+    pub max_seed_sets: usize,
+    /// Most images per batch.
+    pub max_batch: usize,
+}
+
+impl Default for SweepLimits {
+    fn default() -> Self {
+        Self {
+            max_images: 50_000,
+            max_points: 256,
+            max_seed_sets: 16,
+            max_batch: 512,
+        }
+    }
+}
+
+/// EDM's Heun sampler settings (EDM, Karras et al. 2022, eq. 5 and Algorithm 1; EDM2
+/// `generate_images.py` defaults).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplerSettings {
+    /// Steps (denoiser evaluations are `2 · steps − 1`).
+    #[serde(default = "default_steps")]
+    pub steps: usize,
+    /// Lowest noise level.
+    #[serde(default = "default_sigma_min")]
+    pub sigma_min: f64,
+    /// Highest noise level.
+    #[serde(default = "default_sigma_max")]
+    pub sigma_max: f64,
+    /// Time-step exponent ρ.
+    #[serde(default = "default_rho")]
+    pub rho: f64,
+}
+
+fn default_steps() -> usize {
+    32
+}
+fn default_sigma_min() -> f64 {
+    0.002
+}
+fn default_sigma_max() -> f64 {
+    80.0
+}
+fn default_rho() -> f64 {
+    7.0
+}
+
+impl Default for SamplerSettings {
+    fn default() -> Self {
+        Self {
+            steps: default_steps(),
+            sigma_min: default_sigma_min(),
+            sigma_max: default_sigma_max(),
+            rho: default_rho(),
+        }
+    }
+}
+
+impl SamplerSettings {
+    /// The sampler's configuration.
+    pub fn config(&self) -> SamplerConfig {
+        SamplerConfig {
+            num_steps: self.steps,
+            sigma_min: self.sigma_min,
+            sigma_max: self.sigma_max,
+            rho: self.rho,
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        if !(2..=1000).contains(&self.steps) {
+            return Err(Error::invalid(
+                "sampler.steps",
+                format!("{} steps; between 2 and 1000", self.steps),
+            ));
+        }
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if !positive(self.sigma_min)
+            || !positive(self.sigma_max)
+            || self.sigma_min >= self.sigma_max
+        {
+            return Err(Error::invalid(
+                "sampler.sigma_min",
+                format!(
+                    "noise levels {} .. {} must be finite with 0 < sigma_min < sigma_max",
+                    self.sigma_min, self.sigma_max
+                ),
+            ));
+        }
+        if !positive(self.rho) {
+            return Err(Error::invalid(
+                "sampler.rho",
+                format!("{} is not a positive number", self.rho),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A sweep as a client asks for it (`POST /sweeps`, `hindsight sweep`). Lists are parsed
+/// already; `None` takes the default.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SweepRequest {
+    /// The run's name.
+    pub run: String,
+    /// EMA widths, each in `(0, sqrt(1/12))`.
+    pub sigma_rels: Vec<f64>,
+    /// Training times to reconstruct at (a 2-D sweep); default: the run's last snapshot.
+    pub nimgs: Option<Vec<u64>>,
+    /// Metrics; default FID, and KID when the reference keeps its features.
+    pub metrics: Option<Vec<Metric>>,
+    /// Images per seed set; default 50 000 (or the deployment's cap, if lower).
+    pub num_images: Option<usize>,
+    /// Seed sets: set `k` samples seeds `k·N … (k+1)·N − 1`; default 1.
+    pub seed_sets: Option<usize>,
+    /// Sampler settings.
+    pub sampler: SamplerSettings,
+    /// Reference statistics, by id or name.
+    pub reference: String,
+    /// Images per batch (sampling and features); default 32.
+    pub batch: Option<usize>,
+    /// KID: subsets averaged (default 100, as StyleGAN/EDM).
+    pub kid_subsets: Option<usize>,
+    /// KID: most features per subset (default 1000).
+    pub kid_subset_size: Option<usize>,
+}
+
+/// The validated sweep, stored with it (`sweeps.request`) and followed by workers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SweepSpec {
+    /// The run's name.
+    pub run: String,
+    /// EMA widths.
+    pub sigma_rels: Vec<f64>,
+    /// Training times.
+    pub nimgs: Vec<u64>,
+    /// Metrics.
+    pub metrics: Vec<Metric>,
+    /// Images per seed set.
+    pub num_images: usize,
+    /// Seed sets.
+    pub seed_sets: usize,
+    /// Sampler settings.
+    pub sampler: SamplerSettings,
+    /// Reference statistics' id.
+    pub reference_id: i64,
+    /// Their name (as it was when the sweep was made).
+    pub reference_name: String,
+    /// Images per batch.
+    pub batch: usize,
+    /// KID subsets.
+    pub kid_subsets: usize,
+    /// KID subset size.
+    pub kid_subset_size: usize,
+    /// Things the client should know (e.g. reference images of another size).
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+impl SweepSpec {
+    /// Images a point samples: `num_images × seed_sets`.
+    pub fn images_per_point(&self) -> usize {
+        self.num_images * self.seed_sets
+    }
+
+    /// Batches per point.
+    pub fn batches_per_point(&self) -> usize {
+        self.images_per_point().div_ceil(self.batch)
+    }
+
+    /// The images (seeds) of batch `b`.
+    pub fn batch_seeds(&self, b: usize) -> std::ops::Range<u64> {
+        let start = b * self.batch;
+        let end = (start + self.batch).min(self.images_per_point());
+        start as u64..end as u64
+    }
+
+    /// The points, σ_rel fastest: `(sigma_rel, nimg)`.
+    pub fn points(&self) -> Vec<(f64, u64)> {
+        self.nimgs
+            .iter()
+            .flat_map(|&n| self.sigma_rels.iter().map(move |&s| (s, n)))
+            .collect()
+    }
+
+    /// Whether KID is among the metrics.
+    pub fn wants(&self, metric: Metric) -> bool {
+        self.metrics.contains(&metric)
+    }
+}
+
+/// The network configuration a run records (`metadata.network`), which sampling needs.
+pub fn run_network(run: &Run) -> Result<Edm2Config> {
+    serde_json::from_value(run.metadata["network"].clone()).map_err(|_| {
+        Error::invalid(
+            "run",
+            format!(
+                "run {:?} records no network configuration (metadata.network), so its images \
+                 cannot be sampled; runs made by `hindsight train` or the Python client with a \
+                 network configuration have one",
+                run.name
+            ),
+        )
+    })
+}
+
+/// Validates `request` against the index and `limits`; returns the specification and the
+/// rows it names. Errors name the request's field (`sigma_rels`, `nimgs`, `num_images`,
+/// `reference`, …): unknown run or reference ([`Error::NotFound`]), values out of range, a
+/// reference of another feature dimension, KID against a reference without features.
+pub async fn validate(
+    data: &DataDir,
+    request: SweepRequest,
+    limits: &SweepLimits,
+) -> Result<(SweepSpec, Run, ReferenceRow)> {
+    let run = data.db.run(&request.run).await?.ok_or_else(|| {
+        Error::NotFound(format!(
+            "run: {:?} does not exist (see GET /runs or `hindsight runs`)",
+            request.run
+        ))
+    })?;
+    let network = run_network(&run)?;
+    if request.sigma_rels.is_empty() {
+        return Err(Error::invalid("sigma_rels", "give at least one sigma_rel"));
+    }
+    for (i, &s) in request.sigma_rels.iter().enumerate() {
+        check_sigma_rel(s, &format!("sigma_rels[{i}]"))?;
+    }
+    let snapshots = data.db.snapshots(run.id).await?;
+    let last =
+        snapshots.iter().map(|s| s.nimg).max().ok_or_else(|| {
+            Error::invalid("run", format!("run {:?} has no snapshots yet", run.name))
+        })? as u64;
+    let nimgs = match request.nimgs {
+        None => vec![last],
+        Some(list) if list.is_empty() => {
+            return Err(Error::invalid("nimgs", "give at least one training time"))
+        }
+        Some(list) => list,
+    };
+    for (i, &n) in nimgs.iter().enumerate() {
+        check_nimg(n, &format!("nimgs[{i}]"))?;
+        if n == 0 || n > last {
+            return Err(Error::invalid(
+                format!("nimgs[{i}]"),
+                format!(
+                    "nimg {n} is outside the run: its snapshots reach {last} images \
+                     (reconstructions need 0 < nimg <= {last})"
+                ),
+            ));
+        }
+    }
+    let points = request.sigma_rels.len() * nimgs.len();
+    if points > limits.max_points {
+        return Err(Error::invalid(
+            "sigma_rels",
+            format!(
+                "{points} points (sigma_rels × nimgs); at most {}",
+                limits.max_points
+            ),
+        ));
+    }
+    let num_images = request.num_images.unwrap_or(limits.max_images.min(50_000));
+    if num_images < 2 || num_images > limits.max_images {
+        return Err(Error::invalid(
+            "num_images",
+            format!(
+                "{num_images} images; between 2 and {} (the server's cap)",
+                limits.max_images
+            ),
+        ));
+    }
+    let seed_sets = request.seed_sets.unwrap_or(1);
+    if seed_sets == 0 || seed_sets > limits.max_seed_sets {
+        return Err(Error::invalid(
+            "seed_sets",
+            format!("{seed_sets}; between 1 and {}", limits.max_seed_sets),
+        ));
+    }
+    let batch = request.batch.unwrap_or(32);
+    if batch == 0 || batch > limits.max_batch {
+        return Err(Error::invalid(
+            "batch",
+            format!(
+                "{batch} images per batch; between 1 and {}",
+                limits.max_batch
+            ),
+        ));
+    }
+    request.sampler.check()?;
+    let reference = references::find(data, &request.reference)
+        .await
+        .map_err(|e| match e {
+            Error::NotFound(m) => Error::NotFound(format!("reference: {m}")),
+            other => other,
+        })?;
+    if reference.dims as usize != FEATURES {
+        return Err(Error::invalid(
+            "reference",
+            format!(
+                "{:?} holds {}-d statistics; FID and KID here use {FEATURES}-d \
+                 inception-2015-12-05 features",
+                reference.name, reference.dims
+            ),
+        ));
+    }
+    let metrics = match request.metrics {
+        Some(m) if m.is_empty() => return Err(Error::invalid("metrics", "give at least one")),
+        Some(mut m) => {
+            m.dedup();
+            m
+        }
+        None if reference.features_digest.is_some() => vec![Metric::Fid, Metric::Kid],
+        None => vec![Metric::Fid],
+    };
+    if metrics.contains(&Metric::Kid) && reference.features_digest.is_none() {
+        return Err(Error::invalid(
+            "metrics",
+            format!(
+                "KID needs the reference's features, and {:?} has none (imported statistics \
+                 keep only mu and sigma); compute them with `hindsight ref-stats DATASET --name`",
+                reference.name
+            ),
+        ));
+    }
+    let kid_subsets = request.kid_subsets.unwrap_or(100);
+    if kid_subsets == 0 || kid_subsets > 10_000 {
+        return Err(Error::invalid(
+            "kid_subsets",
+            format!("{kid_subsets}; between 1 and 10000"),
+        ));
+    }
+    let kid_subset_size = request.kid_subset_size.unwrap_or(1000);
+    if kid_subset_size < 2 {
+        return Err(Error::invalid("kid_subset_size", "at least 2"));
+    }
+    // Every target must solve (a σ_rel the snapshots cannot reach is refused here, not
+    // after hours of sampling).
+    let targets = nimgs
+        .iter()
+        .flat_map(|&n| {
+            request.sigma_rels.iter().map(move |&s| TargetSpec {
+                sigma_rel: Some(s),
+                gamma: None,
+                nimg: Some(n),
+            })
+        })
+        .collect::<Vec<_>>();
+    for chunk in targets.chunks(reconstruction::MAX_TARGETS) {
+        reconstruction::plan(&data.db, &run.name, chunk.to_vec(), OutDtype::F32).await?;
+    }
+    let mut warnings = Vec::new();
+    if let (Some(r), Some(c)) = (reference.resolution, reference.channels) {
+        if r as usize != network.img_resolution || c as usize != network.img_channels {
+            warnings.push(format!(
+                "the reference images are {r}×{r}×{c} and the run's {}×{}×{}: FID compares \
+                 them after resizing both to 299×299, which is not the same as comparing \
+                 images of one size",
+                network.img_resolution, network.img_resolution, network.img_channels
+            ));
+        }
+    }
+    if num_images < 10_000 {
+        warnings.push(format!(
+            "FID is biased upwards at {num_images} images (EDM2 uses 50 000): compare points \
+             of this sweep with each other, not with published figures; KID is unbiased"
+        ));
+    }
+    let spec = SweepSpec {
+        run: run.name.clone(),
+        sigma_rels: request.sigma_rels,
+        nimgs,
+        metrics,
+        num_images,
+        seed_sets,
+        sampler: request.sampler,
+        reference_id: reference.id,
+        reference_name: reference.name.clone(),
+        batch,
+        kid_subsets,
+        kid_subset_size,
+        warnings,
+    };
+    Ok((spec, run, reference))
+}

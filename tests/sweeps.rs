@@ -1,0 +1,644 @@
+//! Sweeps through the library and the HTTP API: validation (4xx naming the field), the queue
+//! (leases, expiry, lost leases, reconstruction pinning, cancel), and whole sweeps worked by
+//! two workers at once. The feature network here has the formula weights (any machine runs
+//! these); `sweep_e2e.rs` runs a sweep on NVIDIA's real weights and Fashion-MNIST.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use hindsight::app::references::{self, ReferenceOrigin};
+use hindsight::app::DataDir;
+use hindsight::datasets::Dataset;
+use hindsight::db::{NewBatch, SweepStatus};
+use hindsight::metrics::{FeatureExtractor, FeatureStats, FEATURES};
+use hindsight::model::Edm2Config;
+use hindsight::server::{app, hash_token, parse_token_hashes, AppState, ServerConfig};
+use hindsight::sweep::{self, SweepLimits, SweepRequest, Worker, WorkerConfig};
+use hindsight::train::{self, TrainOptions};
+
+mod common;
+
+const TOKEN: &str = "hs_sweep-token";
+
+/// A data directory with a tiny trained run `tiny` (8×8 RGB, snapshots at 1 and 2 kimg) and
+/// reference statistics `proc` of 8 procedural images under the formula weights.
+struct Setup {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    weights: PathBuf,
+}
+
+fn tiny_network() -> Edm2Config {
+    Edm2Config {
+        model_channels: 8,
+        channel_mult: vec![1, 2],
+        num_blocks: 1,
+        attn_resolutions: vec![],
+        logvar_channels: 8,
+        ..Edm2Config::new(8, 3, 0)
+    }
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data");
+    let weights = dir.path().join("formula-inception.safetensors");
+    common::write_formula_inception(&weights);
+    train::run(
+        &path,
+        TrainOptions {
+            run: "tiny".into(),
+            network: Some(tiny_network()),
+            dataset: "procedural".into(),
+            resolution: 8,
+            classes: 0,
+            batch: 16,
+            total_kimg: 2,
+            snapshot_kimg: 1,
+            status_kimg: 1,
+            lr: 0.01,
+            ref_batches: 2000.0,
+            rampup_mimg: 0.0001,
+            sigma_rels: vec![0.05, 0.10],
+            seed: 0,
+            resume: false,
+        },
+        &(),
+    )
+    .unwrap();
+    let extractor = FeatureExtractor::open(Some(&weights)).unwrap();
+    let dataset = Dataset::open("procedural", 8, 0, 0).unwrap();
+    let features = extractor
+        .dataset_features(&dataset, Some(8), 8, &())
+        .unwrap();
+    let stats = hindsight::metrics::statistics(&features, FEATURES).unwrap();
+    runtime().block_on(async {
+        let data = DataDir::open(&path).await.unwrap();
+        let origin = ReferenceOrigin {
+            name: "proc".into(),
+            source: "procedural (8 images)".into(),
+            resolution: Some(8),
+            channels: Some(3),
+        };
+        references::store_computed(&data, origin, &stats, &features, &extractor)
+            .await
+            .unwrap();
+    });
+    Setup {
+        _dir: dir,
+        path,
+        weights,
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn request(sigma_rels: &[f64], num_images: usize) -> SweepRequest {
+    SweepRequest {
+        run: "tiny".into(),
+        sigma_rels: sigma_rels.to_vec(),
+        nimgs: None,
+        metrics: None,
+        num_images: Some(num_images),
+        seed_sets: None,
+        sampler: hindsight::sweep::SamplerSettings {
+            steps: 3,
+            ..Default::default()
+        },
+        reference: "proc".into(),
+        batch: Some(2),
+        kid_subsets: Some(10),
+        kid_subset_size: None,
+    }
+}
+
+fn worker(data: &DataDir, weights: &Path, lease: Duration) -> Arc<Worker> {
+    Arc::new(Worker::new(
+        data.clone(),
+        WorkerConfig {
+            weights: Some(weights.to_owned()),
+            lease,
+            ..Default::default()
+        },
+        Arc::new(|_| {}),
+    ))
+}
+
+async fn send(state: &AppState, request: Request<Body>) -> (StatusCode, Vec<u8>) {
+    let response = app(state.clone()).oneshot(request).await.unwrap();
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, body.to_vec())
+}
+
+async fn send_json(state: &AppState, request: Request<Body>) -> (StatusCode, Value) {
+    let (status, body) = send(state, request).await;
+    let value = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| panic!("not JSON ({status}): {}", String::from_utf8_lossy(&body)));
+    (status, value)
+}
+
+fn post(uri: &str, body: Value, token: bool) -> Request<Body> {
+    let mut r = Request::post(uri).header(header::CONTENT_TYPE, "application/json");
+    if token {
+        r = r.header(header::AUTHORIZATION, format!("Bearer {TOKEN}"));
+    }
+    r.body(Body::from(body.to_string())).unwrap()
+}
+
+fn get(uri: &str) -> Request<Body> {
+    Request::get(uri).body(Body::empty()).unwrap()
+}
+
+fn state(data: &DataDir) -> AppState {
+    let config = ServerConfig {
+        token_hashes: parse_token_hashes(&hash_token(TOKEN), "test").unwrap(),
+        sweep_limits: SweepLimits {
+            max_images: 1000,
+            ..Default::default()
+        },
+        sweep_worker: None,
+        ..Default::default()
+    };
+    AppState::new(data.clone(), config)
+}
+
+#[track_caller]
+fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, names: &str) {
+    assert_eq!(status, expected, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(names), "{names:?} not in {body}");
+}
+
+#[test]
+fn sweep_requests_are_checked_field_by_field() {
+    let s = setup();
+    runtime().block_on(async {
+        let data = DataDir::open(&s.path).await.unwrap();
+        // Imported statistics: no features (so no KID), and 16-d ones (the wrong network).
+        let good = {
+            let mut stats = FeatureStats::new(FEATURES);
+            let rows: Vec<f32> = (0..3 * FEATURES).map(|i| (i % 7) as f32).collect();
+            stats.add(&rows).unwrap();
+            let mut npz = std::io::Cursor::new(Vec::new());
+            stats.write_npz(&mut npz).unwrap();
+            npz.into_inner()
+        };
+        let small = {
+            let mut stats = FeatureStats::new(16);
+            stats.add(&[0.5; 48]).unwrap();
+            let mut npz = std::io::Cursor::new(Vec::new());
+            stats.write_npz(&mut npz).unwrap();
+            npz.into_inner()
+        };
+        let st = state(&data);
+        let upload = |name: &str, bytes: Vec<u8>, token: bool| {
+            let mut r = Request::post(format!("/references?name={name}"));
+            if token {
+                r = r.header(header::AUTHORIZATION, format!("Bearer {TOKEN}"));
+            }
+            r.body(Body::from(bytes)).unwrap()
+        };
+        let (status, body) = send_json(&st, upload("imported", good.clone(), false)).await;
+        assert_error(status, &body, StatusCode::UNAUTHORIZED, "");
+        let (status, body) = send_json(&st, upload("imported", good.clone(), true)).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(body["has_features"], false);
+        let (status, body) = send_json(&st, upload("imported", good, true)).await;
+        assert_error(status, &body, StatusCode::CONFLICT, "imported");
+        let (status, body) = send_json(&st, upload("tiny16", small, true)).await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "16-dimensional");
+        let (status, body) = send_json(&st, upload("junk", b"not statistics".to_vec(), true)).await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "npz");
+        let (status, body) = send_json(&st, get("/references")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["references"].as_array().unwrap().len(), 2, "{body}");
+
+        let base = json!({"run": "tiny", "sigma_rels": [0.05, 0.1], "num_images": 4,
+                          "reference": "proc", "sampler": {"steps": 3}});
+        let with = |key: &str, value: Value| {
+            let mut b = base.clone();
+            b[key] = value;
+            b
+        };
+        let cases: Vec<(Value, StatusCode, &str)> = vec![
+            (with("run", json!("nope")), StatusCode::NOT_FOUND, "run"),
+            (
+                with("reference", json!("nope")),
+                StatusCode::NOT_FOUND,
+                "reference",
+            ),
+            (
+                with("reference", json!(999)),
+                StatusCode::NOT_FOUND,
+                "reference",
+            ),
+            (
+                with("sigma_rels", json!([0.05, 0.3])),
+                StatusCode::BAD_REQUEST,
+                "sigma_rels[1]",
+            ),
+            (
+                with("sigma_rels", json!([0.0])),
+                StatusCode::BAD_REQUEST,
+                "sigma_rels[0]",
+            ),
+            (
+                with("sigma_rels", json!("0.05,0.04,...,0.1")),
+                StatusCode::BAD_REQUEST,
+                "sigma_rels",
+            ),
+            (
+                with("sigma_rels", json!([])),
+                StatusCode::BAD_REQUEST,
+                "sigma_rels",
+            ),
+            (
+                with("nimgs", json!([5000])),
+                StatusCode::BAD_REQUEST,
+                "nimgs[0]",
+            ),
+            (
+                with("nimgs", json!([0])),
+                StatusCode::BAD_REQUEST,
+                "nimgs[0]",
+            ),
+            (with("nimgs", json!(-3)), StatusCode::BAD_REQUEST, "nimgs"),
+            (
+                with("num_images", json!(1)),
+                StatusCode::BAD_REQUEST,
+                "num_images",
+            ),
+            (
+                with("num_images", json!(1001)),
+                StatusCode::BAD_REQUEST,
+                "num_images",
+            ),
+            (
+                with("seed_sets", json!(0)),
+                StatusCode::BAD_REQUEST,
+                "seed_sets",
+            ),
+            (with("batch", json!(0)), StatusCode::BAD_REQUEST, "batch"),
+            (
+                with("metrics", json!(["fid", "is"])),
+                StatusCode::BAD_REQUEST,
+                "metrics[1]",
+            ),
+            (
+                with("metrics", json!([])),
+                StatusCode::BAD_REQUEST,
+                "metrics",
+            ),
+            (
+                with("sampler", json!({"steps": 1})),
+                StatusCode::BAD_REQUEST,
+                "sampler.steps",
+            ),
+            (
+                with("sampler", json!({"stpes": 8})),
+                StatusCode::BAD_REQUEST,
+                "sampler",
+            ),
+            (
+                with("sampler", json!({"sigma_min": -1.0})),
+                StatusCode::BAD_REQUEST,
+                "sigma_min",
+            ),
+            (
+                with("sigma_rel", json!(0.1)),
+                StatusCode::BAD_REQUEST,
+                "sigma_rel",
+            ),
+            (
+                with("kid_subsets", json!(0)),
+                StatusCode::BAD_REQUEST,
+                "kid_subsets",
+            ),
+            (
+                json!({"run": "tiny", "sigma_rels": [0.1], "reference": "tiny16"}),
+                StatusCode::NOT_FOUND,
+                "reference",
+            ),
+            (
+                with("reference", json!("imported"))
+                    .as_object()
+                    .cloned()
+                    .map(|mut o| {
+                        o.insert("metrics".into(), json!(["fid", "kid"]));
+                        Value::Object(o)
+                    })
+                    .unwrap(),
+                StatusCode::BAD_REQUEST,
+                "metrics",
+            ),
+        ];
+        for (body, expected, names) in cases {
+            let (status, answer) = send_json(&st, post("/sweeps", body.clone(), true)).await;
+            assert_error(status, &answer, expected, names);
+        }
+        let (status, body) = send_json(&st, post("/sweeps", base.clone(), false)).await;
+        assert_error(status, &body, StatusCode::UNAUTHORIZED, "");
+        // Nothing was queued by the refused requests.
+        assert!(data.db.sweeps(None).await.unwrap().is_empty());
+
+        // A run without a network configuration cannot be sampled.
+        data.db.create_run("bare", "", &json!({})).await.unwrap();
+        let (status, body) =
+            send_json(&st, post("/sweeps", with("run", json!("bare")), true)).await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "network");
+
+        // FID only against imported statistics: accepted, KID left out by default.
+        let (status, body) = send_json(
+            &st,
+            post("/sweeps", with("reference", json!("imported")), true),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(body["spec"]["metrics"], json!(["fid"]));
+        assert_eq!(body["points"].as_array().unwrap().len(), 2);
+        // EDM2's list syntax and a 2-D sweep.
+        let run = data.db.run("tiny").await.unwrap().unwrap();
+        let mut times: Vec<i64> = data
+            .db
+            .snapshots(run.id)
+            .await
+            .unwrap()
+            .iter()
+            .map(|s| s.nimg)
+            .collect();
+        times.dedup();
+        let two_d = json!({"run": "tiny", "sigma_rels": "0.05,0.10,...,0.20",
+                           "nimgs": times, "num_images": 4, "reference": 1});
+        let (status, body) = send_json(&st, post("/sweeps", two_d, true)).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(body["points_total"], 8, "{body}");
+        assert_eq!(body["spec"]["metrics"], json!(["fid", "kid"]));
+        let id = body["id"].as_i64().unwrap();
+        for uri in ["/sweeps/abc", "/sweeps/0", "/sweeps/-1/events"] {
+            let (status, body) = send_json(&st, get(uri)).await;
+            assert_error(status, &body, StatusCode::BAD_REQUEST, "id");
+        }
+        let (status, body) = send_json(&st, get("/sweeps/999")).await;
+        assert_error(status, &body, StatusCode::NOT_FOUND, "999");
+        let (status, body) = send_json(&st, get(&format!("/sweeps/{id}/plot.svg"))).await;
+        assert_error(status, &body, StatusCode::NOT_FOUND, "no finished point");
+        let (status, body) = send_json(&st, get(&format!("/sweeps/{id}/plot.svg?metric=is"))).await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "metric");
+        let (status, body) = send_json(&st, get(&format!("/sweeps/{id}/points/0/grid.png"))).await;
+        assert_error(status, &body, StatusCode::NOT_FOUND, "no images");
+        let (status, body) = send_json(
+            &st,
+            Request::delete(format!("/sweeps/{id}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_error(status, &body, StatusCode::UNAUTHORIZED, "");
+        let (status, body) = send_json(
+            &st,
+            Request::delete(format!("/sweeps/{id}"))
+                .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["status"], "cancelled");
+        assert!(body["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["status"] == "cancelled"));
+        let (status, body) = send_json(&st, get("/sweeps?run=tiny")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["sweeps"].as_array().unwrap().len(), 2, "{body}");
+        let (status, body) = send_json(&st, get("/sweeps?run=nope")).await;
+        assert_error(status, &body, StatusCode::NOT_FOUND, "nope");
+        // The OpenAPI document describes the new routes.
+        let (_, doc) = send_json(&st, get("/openapi.json")).await;
+        for path in [
+            "/sweeps",
+            "/sweeps/{id}",
+            "/sweeps/{id}/events",
+            "/references",
+        ] {
+            assert!(doc["paths"][path].is_object(), "{path} undocumented");
+        }
+    });
+}
+
+#[test]
+fn the_queue_leases_points_and_refuses_stale_workers() {
+    let s = setup();
+    runtime().block_on(async {
+        let data = DataDir::open(&s.path).await.unwrap();
+        let created = sweep::create(&data, request(&[0.05, 0.1], 4), &SweepLimits::default())
+            .await
+            .unwrap();
+        let db = &data.db;
+        let id = created.id;
+        // Worker A's lease has run out the moment it is taken.
+        let a = db.claim_point("A", 1000, 999, None).await.unwrap().unwrap();
+        assert_eq!((a.point.idx, a.point.attempts), (0, 1));
+        let b = db
+            .claim_point("B", 2000, i64::MAX, Some(id))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (b.point.idx, b.point.attempts),
+            (0, 2),
+            "B takes the expired point"
+        );
+        assert!(!db.pin_reconstruction(id, 0, "A", "r1").await.unwrap());
+        assert!(db.pin_reconstruction(id, 0, "B", "r1").await.unwrap());
+        let batch = |n: i64, digest: &str| NewBatch {
+            batch: n,
+            reconstruction_id: "r1".into(),
+            images: 2,
+            features_digest: digest.into(),
+            seconds: 0.1,
+            sample_seconds: 0.05,
+            features_seconds: 0.05,
+            grid_digest: None,
+        };
+        let blob = data.put_blob(vec![1, 2, 3], "test").await.unwrap();
+        assert!(!db
+            .record_batch(id, 0, "A", &batch(0, &blob), i64::MAX)
+            .await
+            .unwrap());
+        assert!(db
+            .record_batch(id, 0, "B", &batch(0, &blob), i64::MAX)
+            .await
+            .unwrap());
+        assert_eq!(db.sweep_batches(id, 0, "r1").await.unwrap().len(), 1);
+        // The run changed: another reconstruction; the old features go.
+        assert!(db.pin_reconstruction(id, 0, "B", "r2").await.unwrap());
+        assert!(db.sweep_batches(id, 0, "r1").await.unwrap().is_empty());
+        let mut wrong = batch(1, &blob);
+        wrong.reconstruction_id = "r1".into();
+        assert!(
+            !db.record_batch(id, 0, "B", &wrong, i64::MAX).await.unwrap(),
+            "features of another reconstruction are refused"
+        );
+        assert!(!db
+            .finish_point(id, 0, "A", &json!({}), &blob)
+            .await
+            .unwrap());
+        assert!(db
+            .finish_point(id, 0, "B", &json!({"x": 1}), &blob)
+            .await
+            .unwrap());
+        assert!(
+            !db.finish_point(id, 0, "B", &json!({"x": 2}), &blob)
+                .await
+                .unwrap(),
+            "a point is recorded once"
+        );
+        let points = db.sweep_points(id).await.unwrap();
+        assert_eq!(points[0].result, Some(json!({"x": 1})));
+        assert_eq!(points[0].status, SweepStatus::Done);
+        // Cancelling takes the lease from whoever holds point 1.
+        let c = db
+            .claim_point("C", 3000, i64::MAX, None)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.point.idx, 1);
+        let cancelled = db.cancel_sweep(id).await.unwrap().unwrap();
+        assert_eq!(cancelled.status, SweepStatus::Cancelled);
+        assert!(!db.renew_lease(id, 1, "C", i64::MAX).await.unwrap());
+        assert!(db
+            .claim_point("D", 4000, i64::MAX, None)
+            .await
+            .unwrap()
+            .is_none());
+        let points = db.sweep_points(id).await.unwrap();
+        assert_eq!(points[0].status, SweepStatus::Done, "finished points stay");
+        assert_eq!(points[1].status, SweepStatus::Cancelled);
+        // Garbage collection keeps what sweeps and references refer to.
+        let report = hindsight::app::gc(&data, Duration::ZERO).await.unwrap();
+        let _ = report;
+        assert!(data.read_blob(&blob).await.is_ok());
+        for r in db.references().await.unwrap() {
+            assert!(data.read_blob(&r.stats_digest).await.is_ok());
+            assert!(data
+                .read_blob(r.features_digest.as_ref().unwrap())
+                .await
+                .is_ok());
+        }
+    });
+}
+
+#[test]
+fn two_workers_finish_a_sweep_and_a_dead_workers_point_is_resumed() {
+    let s = setup();
+    runtime().block_on(async {
+        let data = DataDir::open(&s.path).await.unwrap();
+        let mut req = request(&[0.05, 0.08, 0.12], 4);
+        req.seed_sets = Some(2);
+        let created = sweep::create(&data, req, &SweepLimits::default())
+            .await
+            .unwrap();
+        let id = created.id;
+        // A worker that claims point 0 and dies: its lease runs out in 1.5 s.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let ghost = data
+            .db
+            .claim_point("ghost", now, now + 1500, Some(id))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ghost.point.idx, 0);
+        let (w1, w2) = (
+            worker(&data, &s.weights, Duration::from_secs(30)),
+            worker(&data, &s.weights, Duration::from_secs(30)),
+        );
+        let (n1, n2) = tokio::join!(w1.run_until_idle(), w2.run_until_idle());
+        let mut worked = n1.unwrap() + n2.unwrap();
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+        worked += w1.run_until_idle().await.unwrap();
+        assert_eq!(
+            worked, 3,
+            "each point once, the dead worker's after its lease ran out"
+        );
+        let sweep = sweep::find(&data, id).await.unwrap();
+        assert_eq!(sweep.status, SweepStatus::Done);
+        let points = data.db.sweep_points(id).await.unwrap();
+        for p in &points {
+            assert_eq!(p.status, SweepStatus::Done, "{p:?}");
+            assert_eq!(p.attempts, if p.idx == 0 { 2 } else { 1 }, "{p:?}");
+            // 2 seed sets × 4 images in batches of 2: four batches, each recorded once.
+            assert_eq!((p.batches_done, p.images_done), (4, 8), "{p:?}");
+            let r: hindsight::sweep::PointResult =
+                serde_json::from_value(p.result.clone().unwrap()).unwrap();
+            let fid = r.fid.unwrap();
+            assert_eq!(fid.values.len(), 2);
+            assert!(
+                fid.values.iter().all(|v| v.is_finite() && *v > 0.0),
+                "{fid:?}"
+            );
+            assert!(fid.std.unwrap().is_finite());
+            let kid = r.kid.unwrap();
+            assert_eq!(kid.std_errors.as_ref().unwrap().len(), 2);
+            assert!(p.grid_digest.is_some() && p.stats_digest.is_some());
+            let stats = data
+                .read_blob(p.stats_digest.as_ref().unwrap())
+                .await
+                .unwrap();
+            assert_eq!(
+                FeatureStats::parse_npz(&stats, "x").unwrap().dims(),
+                FEATURES
+            );
+        }
+        // Same seeds at every point: identical weights would give identical features. Here
+        // the widths differ, so the FIDs do too.
+        let fids: Vec<f64> = points
+            .iter()
+            .map(|p| p.result.as_ref().unwrap()["fid"]["mean"].as_f64().unwrap())
+            .collect();
+        assert!(fids[0] != fids[1] && fids[1] != fids[2], "{fids:?}");
+        // Reconstructions were cached like any other.
+        let run = data.db.run("tiny").await.unwrap().unwrap();
+        assert_eq!(data.db.reconstructions(run.id).await.unwrap().len(), 3);
+        // The API shows it all: the best point, the plot, the grids.
+        let st = state(&data);
+        let (status, body) = send_json(&st, get(&format!("/sweeps/{id}"))).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["status"], "done");
+        assert_eq!(body["images_done"], 24);
+        assert_eq!(body["images_total"], 24);
+        let best = &body["best"][0];
+        assert_eq!(best["metric"], "fid");
+        let min = fids.iter().cloned().fold(f64::MAX, f64::min);
+        assert_eq!(best["value"].as_f64().unwrap(), min);
+        let (status, svg) = send(&st, get(&format!("/sweeps/{id}/plot.svg?metric=kid"))).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(String::from_utf8(svg).unwrap().starts_with("<svg"));
+        let (status, png) = send(&st, get(&format!("/sweeps/{id}/points/2/grid.png"))).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        // The event stream of a finished sweep: the sweep, then its end.
+        let (status, events) = send(&st, get(&format!("/sweeps/{id}/events"))).await;
+        assert_eq!(status, StatusCode::OK);
+        let events = String::from_utf8(events).unwrap();
+        assert!(events.starts_with("event: sweep"), "{events}");
+        assert!(events.contains("event: end"), "{events}");
+    });
+}
