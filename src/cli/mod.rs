@@ -14,6 +14,7 @@ mod reconstruct;
 mod serve;
 mod solve;
 mod store;
+mod track;
 mod train;
 
 /// Post-hoc EMA of neural-network weights (EDM2): reconstruct any EMA length after training.
@@ -78,6 +79,10 @@ enum Command {
     Verify,
     /// Delete blobs no snapshot references (and orphaned temporary files).
     Gc(maintain::GcArgs),
+    /// Track power-function EMAs of values given as JSON on stdin and print every EMA after
+    /// every update (checks other trackers against this one; see src/cli/track.rs).
+    #[command(hide = true)]
+    EmaTrack,
 }
 
 /// Runs the parsed command.
@@ -97,5 +102,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Snapshots(args) => store::snapshots(&data_dir, args),
         Command::Verify => maintain::verify(&data_dir),
         Command::Gc(args) => maintain::gc(&data_dir, args),
+        Command::EmaTrack => track::run(),
     }
 }
