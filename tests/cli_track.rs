@@ -4,30 +4,18 @@
 //! the widths, it refuses updates that do not advance time with one line naming the update,
 //! and it stays out of `--help`.
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use serde_json::{json, Value};
 
+mod common;
+
 fn run(args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hindsight"))
-        .args(args)
-        .env(
-            "HINDSIGHT_DATA_DIR",
-            std::env::temp_dir().join("hindsight-cli-track-test"),
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("binary runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    common::run_with_stdin(
+        args,
+        stdin,
+        &std::env::temp_dir().join("hindsight-cli-track-test"),
+    )
 }
 
 /// The value held at step `k` of element `e` (exactly representable in f32).
