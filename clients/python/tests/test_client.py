@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -317,3 +319,15 @@ def test_server_killed_mid_upload_stores_nothing_and_the_retry_completes(
         next((server.data_dir / "store" / "blobs").rglob(big.digest)).read_bytes()
     )
     assert torch.equal(stored["weight"], ema.averaged(0.05)["weight"])
+
+
+def test_the_client_alone_does_not_import_torch() -> None:
+    code = (
+        "import sys, hindsight_client\n"
+        "assert hindsight_client.Client and hindsight_client.Snapshot\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "False"
