@@ -1,28 +1,18 @@
 //! The `hindsight solve` command-line contract: JSON in on stdin, JSON out on stdout, and on
 //! error a non-zero exit with one line on stderr naming the bad field.
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use serde_json::{json, Value};
 
+mod common;
+
 fn run(args: &[&str], stdin: &str) -> Output {
-    let dir = std::env::temp_dir();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hindsight"))
-        .args(args)
-        .env("HINDSIGHT_DATA_DIR", dir.join("hindsight-cli-test"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("binary runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    common::run_with_stdin(
+        args,
+        stdin,
+        &std::env::temp_dir().join("hindsight-cli-test"),
+    )
 }
 
 fn solve_ok(request: &Value) -> Value {
@@ -202,7 +192,8 @@ fn plot_to_svg() {
 
 #[test]
 fn a_closed_pipe_is_not_an_error() {
-    use std::io::Read;
+    use std::io::{Read, Write};
+    use std::process::{Command, Stdio};
     // Enough output (49 targets × 512 coefficients) to overflow the pipe buffer.
     let snapshots = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),

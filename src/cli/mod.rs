@@ -16,6 +16,7 @@ mod serve;
 mod solve;
 mod store;
 mod sweep;
+mod track;
 mod train;
 
 /// Post-hoc EMA of neural-network weights (EDM2): reconstruct any EMA length after training.
@@ -101,6 +102,10 @@ enum Command {
     Sweeps(sweep::SweepsArgs),
     /// Run a sweep worker on the data directory (beside `hindsight serve`, or alone).
     Worker(sweep::WorkerArgs),
+    /// Track power-function EMAs of values given as JSON on stdin and print every EMA after
+    /// every update (checks other trackers against this one; see src/cli/track.rs).
+    #[command(hide = true)]
+    EmaTrack,
 }
 
 /// Runs the parsed command.
@@ -126,5 +131,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sweep(args) => sweep::run(&data_dir, args),
         Command::Sweeps(args) => sweep::sweeps(&data_dir, args),
         Command::Worker(args) => sweep::worker(&data_dir, args),
+        Command::EmaTrack => track::run(),
     }
 }

@@ -1,0 +1,159 @@
+"""Fixtures: the real ``hindsight`` binary and real ``hindsight serve`` processes.
+
+The binary comes from ``HINDSIGHT_BIN`` (``.ci/run`` sets it), else the repository's
+``target/release/hindsight``; without one the tests fail, they are never skipped. Servers bind
+127.0.0.1 on a free port, keep their data in the test's temporary directory, and are killed
+when the test ends, whatever happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from queue import Empty, Queue
+
+import pytest
+import torch
+
+# The models here are tiny: one thread avoids contention with the servers the tests start.
+torch.set_num_threads(1)
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="session")
+def hindsight_bin() -> Path:
+    given = os.environ.get("HINDSIGHT_BIN")
+    path = Path(given) if given else REPO_ROOT / "target" / "release" / "hindsight"
+    if not path.is_file():
+        pytest.fail(
+            f"no hindsight binary at {path}: run `cargo build --release` or set HINDSIGHT_BIN"
+        )
+    return path.resolve()
+
+
+def run_cli(
+    binary: Path, *args: str, data_dir: Path | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Runs ``hindsight ARGS`` (with ``--data-dir``), capturing its output."""
+    cmd = [str(binary)]
+    if data_dir is not None:
+        cmd += ["--data-dir", str(data_dir)]
+    return subprocess.run(
+        [*cmd, *args], input=stdin, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+class Server:
+    """One ``hindsight serve`` process over ``data_dir``."""
+
+    def __init__(self, binary: Path, data_dir: Path, args: tuple[str, ...]) -> None:
+        self.binary = binary
+        self.data_dir = data_dir
+        self.args = args
+        self.process: subprocess.Popen[str] | None = None
+        self.port = 0
+        self.log: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Server:
+        """Starts serving (on the port it had before, if any) and waits until it listens."""
+        assert self.process is None or self.process.poll() is not None
+        self.process = subprocess.Popen(
+            [
+                str(self.binary),
+                "--data-dir",
+                str(self.data_dir),
+                "serve",
+                "--addr",
+                f"127.0.0.1:{self.port}",
+                *self.args,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        lines: Queue[str] = Queue()
+        stderr = self.process.stderr
+        assert stderr is not None
+
+        def drain() -> None:
+            for line in stderr:
+                self.log.append(line)
+                lines.put(line)
+
+        threading.Thread(target=drain, daemon=True).start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=0.1)
+            except Empty:
+                if self.process.poll() is not None:
+                    break
+                continue
+            found = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
+            if found:
+                self.port = int(found.group(1))
+                return self
+        self.kill()
+        raise RuntimeError("hindsight serve did not start:\n" + "".join(self.log))
+
+    def kill(self) -> None:
+        """SIGKILL: no graceful shutdown, as a crash or an OOM kill would end it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``hindsight ARGS`` on this server's data directory."""
+        return run_cli(self.binary, *args, data_dir=self.data_dir)
+
+    def snapshot_rows(self, run: str) -> list[dict[str, object]]:
+        """``hindsight snapshots RUN --json``, read from the data directory."""
+        out = self.cli("snapshots", run, "--json")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    def stored_blobs(self) -> set[str]:
+        """Names (digests) of the files in the store's blob tree."""
+        return {p.name for p in (self.data_dir / "store" / "blobs").rglob("*") if p.is_file()}
+
+    def temporary_files(self) -> list[Path]:
+        """Files in the store's staging directory."""
+        tmp = self.data_dir / "store" / "tmp"
+        return [p for p in tmp.rglob("*") if p.is_file()] if tmp.exists() else []
+
+
+@pytest.fixture
+def start_server(hindsight_bin: Path, tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """``start_server(*serve_args, data_dir=None)`` starts a server; all are killed at the end."""
+    servers: list[Server] = []
+
+    def start(*args: str, data_dir: Path | None = None) -> Server:
+        server = Server(hindsight_bin, data_dir or tmp_path / f"data{len(servers)}", args)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.kill()
+
+
+@pytest.fixture
+def token_file(hindsight_bin: Path, tmp_path: Path) -> tuple[Path, str]:
+    """A token file with one token (``hindsight token new``); returns (file, token)."""
+    path = tmp_path / "tokens"
+    out = run_cli(hindsight_bin, "token", "new", "--token-file", str(path))
+    assert out.returncode == 0, out.stderr
+    return path, out.stdout.strip()
