@@ -62,7 +62,7 @@ enum Command {
     /// reconstruct EMA lengths 0.050–0.250 into --out, print the quality report, and say how
     /// to serve the result.
     Demo(demo::DemoArgs),
-    /// Train an EDM2 network on the built-in procedural dataset, writing power-function EMA
+    /// Train an EDM2 network (procedural images, Fashion-MNIST, or PNGs), writing power-function EMA
     /// snapshots (σ_rel 0.05 and 0.10 by default) into the store as a run.
     Train(train::TrainArgs),
     /// Generate images with EDM's Heun sampler from weights (a file or a stored

@@ -1,4 +1,4 @@
-//! `hindsight train`: trains an EDM2 network on the procedural dataset or PNG images and
+//! `hindsight train`: trains an EDM2 network on the procedural dataset, IDX or PNG images and
 //! writes power-function EMA snapshots into the store as a run.
 
 use std::path::{Path, PathBuf};
@@ -17,8 +17,10 @@ pub struct TrainArgs {
     /// Network configuration as JSON (EDM2's names); default: a small 16×16 model.
     #[arg(long)]
     pub network: Option<PathBuf>,
-    /// Training images: `procedural` (built in, no download) or a folder / ZIP of PNGs in
-    /// EDM2's dataset layout (`dataset.json` labels optional; size and classes come from it).
+    /// Training images: `procedural` (built in, no download), `fashion-mnist` (Debian's
+    /// dataset-fashion-mnist, 28×28 padded to 32×32, 10 classes), an
+    /// `*-images-idx3-ubyte[.gz]` file, or a folder / ZIP of PNGs in EDM2's dataset layout
+    /// (`dataset.json` labels optional). Image sets bring their size, channels and classes.
     #[arg(long, default_value = "procedural")]
     pub dataset: String,
     /// Image side of the procedural dataset (and of the default network).

@@ -24,7 +24,9 @@ mod worker;
 
 pub use batch::GRID_IMAGES;
 pub use results::{best_point, MetricSummary, PointResult, Timings};
-pub use spec::{run_network, validate, SamplerSettings, SweepLimits, SweepRequest, SweepSpec};
+pub use spec::{
+    run_network, spec_of, validate, SamplerSettings, SweepLimits, SweepRequest, SweepSpec,
+};
 pub use worker::{new_worker_id, Observer, Worker, WorkerConfig, WorkerEvent, MAX_ATTEMPTS};
 
 use crate::app::DataDir;
@@ -55,10 +57,4 @@ pub async fn find(data: &DataDir, id: i64) -> Result<SweepRow> {
         .sweep(id)
         .await?
         .ok_or_else(|| Error::NotFound(format!("no sweep {id} (see GET /sweeps)")))
-}
-
-/// The specification stored with a sweep.
-pub fn spec_of(sweep: &SweepRow) -> Result<SweepSpec> {
-    serde_json::from_value(sweep.request.clone())
-        .map_err(|e| Error::Index(format!("sweep {} has an unreadable spec: {e}", sweep.id)))
 }

@@ -216,6 +216,12 @@ impl SweepSpec {
     }
 }
 
+/// The specification stored with a sweep.
+pub fn spec_of(sweep: &crate::db::SweepRow) -> Result<SweepSpec> {
+    serde_json::from_value(sweep.request.clone())
+        .map_err(|e| Error::Index(format!("sweep {} has an unreadable spec: {e}", sweep.id)))
+}
+
 /// The network configuration a run records (`metadata.network`), which sampling needs.
 pub fn run_network(run: &Run) -> Result<Edm2Config> {
     serde_json::from_value(run.metadata["network"].clone()).map_err(|_| {

@@ -19,7 +19,7 @@ use tokio::sync::{Mutex, OnceCell};
 
 use super::batch::compute_batch;
 use super::results::{set_metrics, MetricSummary, PointResult, Timings};
-use super::spec::{run_network, SweepSpec};
+use super::spec::{run_network, spec_of, SweepSpec};
 use crate::app::{references, DataDir};
 use crate::db::{BatchRow, Claim, NewBatch, PointRow, ReferenceRow, SweepRow};
 use crate::error::{blocking, Error, Result};
@@ -348,7 +348,7 @@ impl Worker {
     }
 
     async fn process(&self, claim: &Claim, lost: &AtomicBool) -> Result<Outcome> {
-        let spec = super::spec_of(&claim.sweep)?;
+        let spec = spec_of(&claim.sweep)?;
         let (sweep, idx) = (claim.point.sweep_id, claim.point.idx);
         (self.observer)(&WorkerEvent::Claimed {
             point: Box::new(claim.point.clone()),
