@@ -99,6 +99,8 @@ impl Preprocess {
 struct Conv {
     weight: Tensor,
     bias: Tensor,
+    /// The bias as values, for the CPU kernel.
+    bias_values: Vec<f32>,
     stride: usize,
     /// Padding of the height and width.
     padding: (usize, usize),
@@ -146,9 +148,11 @@ impl Conv {
         let scale = (gamma / (var + 0.001)?.sqrt()?)?;
         let bias = (beta - (&mean * &scale)?)?;
         let weight = weight.broadcast_mul(&scale.reshape((o, 1, 1, 1))?)?;
+        let bias = bias.to_dtype(DType::F32)?;
         Ok(Self {
             weight: weight.to_dtype(DType::F32)?,
-            bias: bias.to_dtype(DType::F32)?.reshape((1, o, 1, 1))?,
+            bias_values: bias.to_vec1::<f32>()?,
+            bias: bias.reshape((1, o, 1, 1))?,
             stride,
             padding: if same { (kh / 2, kw / 2) } else { (0, 0) },
         })
@@ -156,6 +160,15 @@ impl Conv {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (ph, pw) = self.padding;
+        if x.device().is_cpu() {
+            return Ok(crate::model::conv2d_bias_relu(
+                x,
+                &self.weight,
+                &self.bias_values,
+                self.stride,
+                self.padding,
+            )?);
+        }
         let y = if ph == pw {
             x.conv2d(&self.weight, ph, self.stride, 1, 1)?
         } else {

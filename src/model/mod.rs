@@ -38,7 +38,8 @@ mod unet;
 
 pub use config::Edm2Config;
 pub use cpu::{
-    conv2d_same, conv2d_same_act, set_winograd, winograd_applies, winograd_enabled, InputAct,
+    conv2d_bias_relu, conv2d_same, conv2d_same_act, set_winograd, winograd_applies,
+    winograd_enabled, InputAct,
 };
 pub use layers::{Block, Flavor, Gain, MpConv, MpFourier};
 pub use ops::{
