@@ -1,7 +1,10 @@
-"""The README's training-loop example runs as written against a real server."""
+"""The README's training-loop example runs as written against a real server; its sweep
+example calls the real API."""
 
 from __future__ import annotations
 
+import ast
+import inspect
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -15,10 +18,17 @@ from hindsight_client import Client, HindsightError
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+def examples() -> list[str]:
+    """The README's Python blocks: the training loop, then the sweep."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    assert len(blocks) == 2
+    return blocks
+
+
 def test_readme_training_loop_runs(
     start_server: Callable[..., Server], token_file: tuple[Path, str]
 ) -> None:
-    (example,) = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    example = examples()[0]
     assert len(example.strip().splitlines()) <= 20
     path, token = token_file
     server = start_server("--token-file", str(path))
@@ -53,3 +63,18 @@ def test_readme_training_loop_runs(
     rows = server.snapshot_rows("my-run")
     assert sorted({r["nimg"] for r in rows}) == [100 * 16, 200 * 16, 300 * 16]
     assert len(rows) == 6
+
+
+def test_readme_sweep_example_uses_the_real_api() -> None:
+    # Its calls run for real in tests/test_sweeps.py (at the README's sizes a sweep takes
+    # hours on a CPU); here, every method it calls exists and takes the keywords it passes.
+    calls = {
+        (node.func.attr, frozenset(str(k.arg) for k in node.keywords))
+        for node in ast.walk(ast.parse(examples()[1]))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and hasattr(Client, node.func.attr)
+    }
+    assert {name for name, _ in calls} >= {"start_sweep", "wait_sweep", "sweep", "reconstruct"}
+    for name, keywords in calls:
+        assert keywords <= set(inspect.signature(getattr(Client, name)).parameters), name

@@ -6,7 +6,8 @@ Models", EDM2, arXiv 2312.02696): train while tracking two power-function EMAs o
 (:class:`PowerEMA`, σ_rel 0.05 and 0.10), upload snapshots of them now and then
 (:meth:`Client.upload`), and after training ask the server for an EMA of any other width
 (:meth:`Client.reconstruct`) — a least-squares combination of the snapshots, with a report
-of how good it is.
+of how good it is — and score reconstructions with FID/KID over a sweep of widths
+(:meth:`Client.start_sweep`, :meth:`Client.wait_sweep`).
 
 :class:`PowerEMA` needs PyTorch (``pip install hindsight-client[torch]``); the rest does not.
 Times are training images (``nimg``) everywhere.
@@ -34,6 +35,10 @@ from .errors import (
     PayloadTooLarge,
     ReconstructionTimeout,
     ServerError,
+    SweepCancelled,
+    SweepError,
+    SweepFailed,
+    SweepTimeout,
     TrackerError,
     TransportError,
     Unauthorized,
@@ -41,6 +46,7 @@ from .errors import (
 )
 from .profile import beta, gamma_to_sigma_rel, sigma_rel_to_gamma
 from .snapshot import EDM2_PREFIX, Snapshot, digest_of, save_snapshots
+from .sweeps import BestPoint, MetricSummary, Reference, Sweep, SweepPoint
 
 if TYPE_CHECKING:
     from .tracker import PowerEMA
@@ -50,21 +56,30 @@ __version__ = "0.1.0"
 __all__ = [
     "EDM2_PREFIX",
     "ApiError",
+    "BestPoint",
     "Client",
     "Conflict",
     "DigestMismatch",
     "HindsightError",
     "InvalidInput",
+    "MetricSummary",
     "NotFound",
     "PayloadTooLarge",
     "PowerEMA",
     "Reconstruction",
     "ReconstructionTimeout",
+    "Reference",
     "Report",
     "ReportInput",
     "ReportWarning",
     "ServerError",
     "Snapshot",
+    "Sweep",
+    "SweepCancelled",
+    "SweepError",
+    "SweepFailed",
+    "SweepPoint",
+    "SweepTimeout",
     "TrackerError",
     "TransportError",
     "Unauthorized",

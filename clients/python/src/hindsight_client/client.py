@@ -1,8 +1,13 @@
-"""The HTTP client for ``hindsight serve``: upload snapshots, reconstruct, download weights.
+"""The HTTP client for ``hindsight serve``: upload snapshots, reconstruct, download weights,
+and run FID/KID sweeps over EMA widths.
 
 The API is described in the repository's top-level README ("Serving") and, generated from
 the server's handlers, at ``GET /openapi.json``. Writes (uploads, ``POST /reconstruct``)
 need ``Authorization: Bearer <token>`` when the server has a token file; reads do not.
+
+Sweeps are followed through their server-sent events on a reader thread (so a deadline holds
+however quiet the stream is); a stream that drops is replaced by polling ``GET /sweeps/{id}``
+and reopened, and the caller sees one sequence of events either way.
 
 Uploads run on one background thread fed by a bounded queue, so the training loop only pays
 for serialising the snapshot: ``upload`` returns futures at once (it waits only while
@@ -16,15 +21,16 @@ import atexit
 import logging
 import math
 import os
+import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from queue import Queue
+from queue import Empty, Queue
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, TypeVar
 from urllib.parse import quote
 
@@ -38,10 +44,22 @@ from .errors import (
     DigestMismatch,
     HindsightError,
     ReconstructionTimeout,
+    SweepCancelled,
+    SweepFailed,
+    SweepTimeout,
     TransportError,
     api_error,
 )
 from .snapshot import Snapshot
+from .sweeps import (
+    ProgressCallback,
+    Reference,
+    Sweep,
+    SweepMetric,
+    SweepPoint,
+    SweepWatch,
+    parse_sse,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -56,6 +74,9 @@ UploadStatus = Literal["stored", "already_stored", "skipped"]
 # Statuses worth another try: the server or a proxy in front of it is busy or restarting.
 # 500 is not among them: the server uses it for failures that another try does not fix.
 _RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
+# For requests that are not idempotent (creating a sweep or reference statistics): only the
+# answers that say the request was not acted on. A proxy's 502/504 does not say that.
+_UNSENT_STATUSES = frozenset({408, 429, 503})
 
 
 @dataclass(frozen=True)
@@ -270,6 +291,75 @@ def _run_path(run: str) -> str:
     return f"/runs/{quote(run, safe='')}"
 
 
+def _sweep_id(sweep: Sweep | int) -> int:
+    if isinstance(sweep, Sweep):
+        return sweep.id
+    if isinstance(sweep, bool) or not isinstance(sweep, int) or sweep <= 0:
+        raise ValueError(f"a sweep is a Sweep or its id (a positive int), not {sweep!r}")
+    return sweep
+
+
+def _shutdown(response: httpx.Response) -> None:
+    """Shuts the response's socket down, which wakes a thread blocked reading it (closing the
+    socket alone does not)."""
+    try:
+        stream = response.extensions["network_stream"]
+        sock = stream.get_extra_info("socket")
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+    except (KeyError, AttributeError, OSError):
+        pass
+
+
+_StreamItem = tuple[str, Any] | Exception | None
+
+
+class _EventStream:
+    """The server-sent events of ``path``, read on a daemon thread into a queue: ``(name,
+    data)`` per event, then ``None`` when the server closes the stream, or the exception
+    that ended it (an :class:`ApiError` for an error answer)."""
+
+    def __init__(self, http: httpx.Client, path: str) -> None:
+        self._http = http
+        self._items: Queue[_StreamItem] = Queue()
+        self._response: httpx.Response | None = None
+        self._closed = threading.Event()
+        threading.Thread(
+            target=self._read, args=(path,), name="hindsight-sweep-events", daemon=True
+        ).start()
+
+    def _read(self, path: str) -> None:
+        try:
+            with self._http.stream(
+                "GET", path, headers={"Accept": "text/event-stream"}
+            ) as response:
+                self._response = response
+                if self._closed.is_set():
+                    return
+                if response.status_code >= 400:
+                    response.read()
+                    self._items.put(_error_from(response))
+                    return
+                for item in parse_sse(response.iter_lines()):
+                    if self._closed.is_set():
+                        return
+                    self._items.put(item)
+            self._items.put(None)
+        except Exception as e:
+            self._items.put(e)
+
+    def get(self, timeout: float | None) -> _StreamItem:
+        """The next item; raises :class:`queue.Empty` after ``timeout`` seconds."""
+        return self._items.get(timeout=timeout)
+
+    def close(self) -> None:
+        self._closed.set()
+        response = self._response
+        if response is not None:
+            _shutdown(response)
+        self._http.close()
+
+
 class Client:
     """A client for one ``hindsight serve``.
 
@@ -369,19 +459,30 @@ class Client:
         path: str,
         *,
         body: Callable[[], Iterator[bytes]] | None = None,
+        idempotent: bool = True,
         **kwargs: Any,
     ) -> httpx.Response:
         """One request with retries; the response of any status but the retried ones.
-        ``body`` makes a fresh body iterator for each attempt."""
+        ``body`` makes a fresh body iterator for each attempt. A request that is not
+        ``idempotent`` is retried only when it cannot have reached the server (no
+        connection) or the server says it did not act on it (408, 429, 503)."""
         _check_open(http)
+        statuses = _RETRY_STATUSES if idempotent else _UNSENT_STATUSES
 
         def attempt() -> httpx.Response:
             try:
                 content = body() if body is not None else None
                 response = http.request(method, path, content=content, **kwargs)
-            except httpx.TransportError as e:
+            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
                 raise _RetryableError(e) from e
-            if response.status_code in _RETRY_STATUSES:
+            except httpx.TransportError as e:
+                if idempotent:
+                    raise _RetryableError(e) from e
+                raise TransportError(
+                    f"{method} {path}: {e}; the server may have acted on it, so it is not "
+                    "sent again"
+                ) from e
+            if response.status_code in statuses:
                 raise _RetryableError(_error_from(response))
             return response
 
@@ -668,3 +769,268 @@ class Client:
             weights_url=view["weights_url"],
             _client=self,
         )
+
+    # -- sweeps: FID/KID of reconstructions over EMA widths ----------------------------------
+
+    def start_sweep(
+        self,
+        run: str,
+        sigma_rels: float | Sequence[float] | str,
+        *,
+        reference: str | int,
+        nimgs: int | Sequence[int] | None = None,
+        metrics: Sequence[SweepMetric] | None = None,
+        num_images: int | None = None,
+        seed_sets: int | None = None,
+        steps: int | None = None,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        rho: float | None = None,
+        batch: int | None = None,
+        kid_subsets: int | None = None,
+        kid_subset_size: int | None = None,
+    ) -> Sweep:
+        """Queues a sweep (``POST /sweeps``): for each EMA width in ``sigma_rels`` (and each
+        training time in ``nimgs``), the server reconstructs the EMA of ``run``, samples
+        ``num_images`` images per seed set with EDM's Heun sampler, and scores them against
+        the ``reference`` statistics (a name or id, see :meth:`references`). Returns at once;
+        follow it with :meth:`wait_sweep`.
+
+        Args:
+            sigma_rels: one width, a list, or EDM2's list syntax (``"0.05,0.10,...,0.25"``).
+            nimgs: training times to reconstruct at (a 2-D sweep); default the run's last
+                snapshot.
+            metrics: ``"fid"``, ``"kid"``; default FID, and KID when the reference keeps its
+                features.
+            num_images: images per seed set; default 50 000 (or the server's cap). FID is
+                biased upwards at few images: compare a sweep's points with each other.
+            seed_sets: independent image sets (default 1); metrics are mean ± std over them.
+            steps, sigma_min, sigma_max, rho: the sampler (defaults 32, 0.002, 80, 7).
+            batch: images per batch (default 32): the unit of progress and resumption.
+            kid_subsets, kid_subset_size: KID's random subsets (defaults 100, 1000).
+
+        Raises :class:`~hindsight_client.errors.InvalidInput` (400) or
+        :class:`~hindsight_client.errors.NotFound` (404: no such run or reference) with the
+        server's message naming the field (``sigma_rels[1]``, ``reference``, ...), and
+        :class:`~hindsight_client.errors.Unauthorized` without the right token. Creating a
+        sweep is not idempotent, so it is retried only when the request cannot have reached
+        the server; after a :class:`~hindsight_client.errors.TransportError`, see
+        :meth:`sweeps` for whether it was made.
+        """
+        widths: float | list[float] | str
+        if isinstance(sigma_rels, str):
+            widths = sigma_rels
+        elif isinstance(sigma_rels, (int, float)):
+            widths = float(sigma_rels)
+        else:
+            widths = [float(v) for v in sigma_rels]
+        if isinstance(reference, bool) or not isinstance(reference, (str, int)):
+            raise ValueError(f"reference must be a name or an id, not {reference!r}")
+        request: dict[str, Any] = {"run": run, "sigma_rels": widths, "reference": reference}
+        if nimgs is not None:
+            request["nimgs"] = int(nimgs) if isinstance(nimgs, int) else [int(n) for n in nimgs]
+        if metrics is not None:
+            request["metrics"] = [str(m) for m in metrics]
+        sampler = {"steps": steps, "sigma_min": sigma_min, "sigma_max": sigma_max, "rho": rho}
+        if any(v is not None for v in sampler.values()):
+            request["sampler"] = {k: v for k, v in sampler.items() if v is not None}
+        for key, value in (
+            ("num_images", num_images),
+            ("seed_sets", seed_sets),
+            ("batch", batch),
+            ("kid_subsets", kid_subsets),
+            ("kid_subset_size", kid_subset_size),
+        ):
+            if value is not None:
+                request[key] = int(value)
+        response = self._send(self._http, "POST", "/sweeps", json=request, idempotent=False)
+        return Sweep.from_json(_raise_for_status(response).json())
+
+    def sweep(self, sweep: Sweep | int) -> Sweep:
+        """``GET /sweeps/{id}``: the sweep's current state with every point."""
+        return Sweep.from_json(self._get_json(f"/sweeps/{_sweep_id(sweep)}"))
+
+    def sweeps(self, run: str | None = None) -> list[Sweep]:
+        """``GET /sweeps``: every sweep (of ``run``, if given), newest first, without their
+        points."""
+        params = {"run": run} if run is not None else None
+        response = self._send(self._http, "GET", "/sweeps", params=params)
+        return [Sweep.from_json(s) for s in _raise_for_status(response).json()["sweeps"]]
+
+    def cancel_sweep(self, sweep: Sweep | int) -> Sweep:
+        """``DELETE /sweeps/{id}``: stops the sweep's unfinished points (a worker stops at its
+        next batch; finished points keep their results). Returns the sweep after cancelling;
+        a sweep that has ended already is left as it is. Needs the token."""
+        response = self._send(self._http, "DELETE", f"/sweeps/{_sweep_id(sweep)}")
+        return Sweep.from_json(_raise_for_status(response).json())
+
+    def wait_sweep(
+        self,
+        sweep: Sweep | int,
+        *,
+        timeout: float | None = None,
+        on_progress: ProgressCallback | None = None,
+        poll_interval: float = 2.0,
+    ) -> list[SweepPoint]:
+        """Waits for the sweep to end and returns its points with their results (``fid``,
+        ``fid_std``, ``kid``, ``kid_std``, ``result``), in sweep order.
+
+        Follows ``GET /sweeps/{id}/events``. If the stream drops (a restarting server, a
+        proxy), it polls ``GET /sweeps/{id}`` and reopens the stream; after three drops in a
+        row with nothing learnt it polls every ``poll_interval`` seconds instead.
+
+        ``on_progress(event, data)`` is called on this thread with the server's JSON:
+        ``"sweep"`` once first (the whole sweep, as ``GET /sweeps/{id}``), ``"progress"`` as
+        a point records images (``idx``, ``sigma_rel``, ``nimg``, ``status``,
+        ``images_done``, ``images_total``, ``sweep_images_done``), ``"point"`` when a point
+        ends (the point, with ``result`` or ``error``), and ``"end"`` once last (the whole
+        sweep). Across a dropped stream, changes seen by polling are told the same way; an
+        exception it raises ends the wait.
+
+        Raises:
+            SweepFailed: some point failed; the message names each with its error, and
+                ``.sweep`` holds the final state (the other points' results included).
+            SweepCancelled: the sweep was cancelled (``.sweep`` as above).
+            SweepTimeout: ``timeout`` seconds passed first; the sweep goes on on the server.
+            NotFound: no such sweep.
+            TransportError: the server stayed unreachable through the client's retries
+                while the stream was down.
+        """
+        sid = _sweep_id(sweep)
+        if not poll_interval > 0:
+            raise ValueError("poll_interval must be positive")
+        _check_open(self._http)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        watch = SweepWatch(on_progress)
+
+        def remaining() -> float | None:
+            if deadline is None:
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                last = Sweep.from_json(watch.last) if watch.last is not None else None
+                where = (
+                    f"still {last.status}: {last.points_done} of {last.points_total} points "
+                    f"done, {last.images_done} of {last.images_total} images"
+                    if last is not None
+                    else "not seen"
+                )
+                raise SweepTimeout(f"sweep {sid} {where} after {timeout} s", last)
+            return left
+
+        drops = 0
+        while watch.final is None:
+            if drops < 3:
+                learnt = self._follow_sweep(sid, watch, remaining)
+                if watch.final is not None:
+                    break
+                drops = 0 if learnt else drops + 1
+                if drops == 3:
+                    log.warning(
+                        "the event stream of sweep %s keeps dropping; polling every %.1f s",
+                        sid,
+                        poll_interval,
+                    )
+            remaining()
+            watch.state(self._get_json(f"/sweeps/{sid}"))
+            if watch.final is not None:
+                break
+            left = remaining()
+            time.sleep(poll_interval if left is None else min(poll_interval, left))
+        return self._finished(watch.final)
+
+    def _follow_sweep(
+        self, sid: int, watch: SweepWatch, remaining: Callable[[], float | None]
+    ) -> bool:
+        """Feeds the sweep's event stream to ``watch`` until the sweep ends or the stream
+        drops; returns whether any event but the opening ``sweep`` arrived."""
+        http = httpx.Client(
+            base_url=self.url,
+            headers=self._headers,
+            # The server sends a keep-alive every 15 s.
+            timeout=httpx.Timeout(self._timeout, read=max(self._timeout, 45.0)),
+        )
+        stream = _EventStream(http, f"/sweeps/{sid}/events")
+        learnt = False
+        try:
+            while watch.final is None:
+                try:
+                    item = stream.get(remaining())
+                except Empty:
+                    remaining()  # raises SweepTimeout
+                    continue
+                if item is None:
+                    log.info("the event stream of sweep %s closed early; polling", sid)
+                    return learnt
+                if isinstance(item, ApiError) and item.status not in _RETRY_STATUSES:
+                    raise item
+                if isinstance(item, Exception):
+                    log.warning("the event stream of sweep %s broke (%s); polling", sid, item)
+                    return learnt
+                name, data = item
+                if name == "error":
+                    log.warning("the event stream of sweep %s reported %s; polling", sid, data)
+                    return learnt
+                learnt = learnt or name != "sweep"
+                watch.event(name, data)
+            return True
+        finally:
+            stream.close()
+
+    @staticmethod
+    def _finished(sweep: Sweep | None) -> list[SweepPoint]:
+        assert sweep is not None
+        if sweep.status == "done":
+            return sweep.points
+        if sweep.status == "cancelled":
+            raise SweepCancelled(
+                f"sweep {sweep.id} of run {sweep.run} was cancelled with {sweep.points_done} "
+                f"of {sweep.points_total} points done",
+                sweep,
+            )
+        failed = "; ".join(
+            f"point {p.idx} (sigma_rel {p.sigma_rel:g}, nimg {p.nimg}): "
+            f"{(p.error or 'no reason recorded')[:500]}"
+            for p in sweep.failed_points
+        )
+        raise SweepFailed(
+            f"sweep {sweep.id} of run {sweep.run} failed: {sweep.points_failed} of "
+            f"{sweep.points_total} points failed: {failed}",
+            sweep,
+        )
+
+    def sweep_plot(self, sweep: Sweep | int, metric: SweepMetric = "fid") -> str:
+        """``GET /sweeps/{id}/plot.svg``: the metric against σ_rel (± std over seed sets, the
+        best point ringed; a heat map for 2-D sweeps), as SVG text. ``NotFound`` until a
+        point has finished."""
+        response = self._send(
+            self._http, "GET", f"/sweeps/{_sweep_id(sweep)}/plot.svg", params={"metric": metric}
+        )
+        return _raise_for_status(response).text
+
+    def point_grid(self, sweep: Sweep | int, idx: int) -> bytes:
+        """``GET /sweeps/{id}/points/{idx}/grid.png``: a PNG grid of the point's first
+        images. ``NotFound`` until its first batch is recorded."""
+        path = f"/sweeps/{_sweep_id(sweep)}/points/{int(idx)}/grid.png"
+        return _raise_for_status(self._send(self._http, "GET", path)).content
+
+    def references(self) -> list[Reference]:
+        """``GET /references``: the reference statistics sweeps can score against."""
+        return [Reference.from_json(r) for r in self._get_json("/references")["references"]]
+
+    def import_reference(self, name: str, stats: bytes | str | os.PathLike[str]) -> Reference:
+        """``POST /references?name=``: stores reference statistics under ``name`` (unique):
+        a pytorch-fid ``.npz`` (``mu``, ``sigma``) or an EDM2 reference ``.pkl``, as bytes or
+        a path. They hold no features, so sweeps against them compute FID only. Needs the
+        token; :class:`~hindsight_client.errors.Conflict` if the name is taken."""
+        data = stats if isinstance(stats, bytes) else Path(stats).read_bytes()
+        response = self._send(
+            self._http,
+            "POST",
+            "/references",
+            params={"name": name},
+            body=lambda: iter([data]),
+            headers={"Content-Type": "application/octet-stream"},
+            idempotent=False,
+        )
+        return Reference.from_json(_raise_for_status(response).json())

@@ -7,6 +7,11 @@ has one subclass per status the API documents, so callers can ``except Unauthori
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .sweeps import Sweep
+
 
 class HindsightError(Exception):
     """Base class of every error raised by ``hindsight_client``."""
@@ -42,11 +47,11 @@ class InvalidInput(ApiError):
 
 
 class Unauthorized(ApiError):
-    """HTTP 401: a missing or wrong bearer token on a write (upload, reconstruct)."""
+    """HTTP 401: a missing or wrong bearer token on a write (upload, reconstruct, sweep)."""
 
 
 class NotFound(ApiError):
-    """HTTP 404: no such run or reconstruction."""
+    """HTTP 404: no such run, reconstruction, sweep or reference statistics."""
 
 
 class Conflict(ApiError):
@@ -101,3 +106,32 @@ class DigestMismatch(HindsightError):
 class ReconstructionTimeout(HindsightError):
     """A reconstruction was still being computed when the caller's time ran out. It goes on
     on the server; asking again later returns it."""
+
+
+class SweepError(HindsightError):
+    """A sweep ended without every point done: :class:`SweepFailed` or
+    :class:`SweepCancelled`. ``sweep`` is its final state: the points that did finish keep
+    their results there."""
+
+    def __init__(self, message: str, sweep: Sweep) -> None:
+        super().__init__(message)
+        self.sweep = sweep
+
+
+class SweepFailed(SweepError):
+    """A point of the sweep failed (the message names each failed point and its error;
+    ``sweep.failed_points`` lists them)."""
+
+
+class SweepCancelled(SweepError):
+    """The sweep was cancelled (``DELETE /sweeps/{id}``) before every point was done."""
+
+
+class SweepTimeout(HindsightError):
+    """A sweep was still running when the caller's time ran out. It goes on on the server;
+    waiting again later picks it up. ``sweep`` is the last state seen (``None`` if none
+    was)."""
+
+    def __init__(self, message: str, sweep: Sweep | None) -> None:
+        super().__init__(message)
+        self.sweep = sweep
