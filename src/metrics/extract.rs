@@ -21,7 +21,12 @@ pub struct FeatureExtractor {
 
 impl FeatureExtractor {
     /// Finds (see [`locate`]) and loads the weights, and builds the network on the CPU.
+    ///
+    /// Also keeps freed memory in the process ([`crate::model::keep_freed_memory`]): the
+    /// network allocates large activations per batch, which the allocator would otherwise
+    /// return to the kernel and fault in again every time.
     pub fn open(weights: Option<&Path>) -> Result<Self> {
+        crate::model::keep_freed_memory();
         let path = locate(weights)?;
         let weights = load(&path)?;
         Ok(Self {

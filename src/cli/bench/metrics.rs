@@ -127,6 +127,7 @@ fn frechet(dir: &Path, args: &FidArgs) -> anyhow::Result<()> {
 }
 
 fn inception(dir: &Path, args: &FidArgs) -> anyhow::Result<()> {
+    hindsight::model::keep_freed_memory();
     let path = metrics::locate_weights(args.weights.as_deref())?;
     let weights = metrics::load_weights(&path)?;
     let net = Inception::new(&weights.tensors, weights.preprocess, &Device::Cpu)?;

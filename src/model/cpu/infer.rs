@@ -9,13 +9,14 @@
 //! own data; candle's `conv2d` instead lowers the whole batch, multiplies, transposes the
 //! result and needs two more passes for the bias and the ReLU.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::primitives::{sgemm, with_scratch, View};
+use super::primitives::{sgemm, slice_f32, with_scratch, View};
 
 /// `relu(conv2d(x, w, stride, padding) + bias)` on the CPU: `x` [N, C, H, W], `w` [O, C, kh,
-/// kw], `bias` [O], padding `(ph, pw)` zeros on each side. f32, contiguous.
+/// kw], `bias` [O], padding `(ph, pw)` zeros on each side. f32, contiguous (the tensors are
+/// read in place).
 pub fn conv2d_bias_relu(
     x: &Tensor,
     w: &Tensor,
@@ -23,7 +24,7 @@ pub fn conv2d_bias_relu(
     stride: usize,
     padding: (usize, usize),
 ) -> Result<Tensor> {
-    let (n, c, h, wd) = x.dims4()?;
+    let (_, c, h, wd) = x.dims4()?;
     let (o, wc, kh, kw) = w.dims4()?;
     let (ph, pw) = padding;
     if wc != c || bias.len() != o || stride == 0 || h + 2 * ph < kh || wd + 2 * pw < kw {
@@ -34,31 +35,65 @@ pub fn conv2d_bias_relu(
             bias.len()
         );
     }
-    let ho = (h + 2 * ph - kh) / stride + 1;
-    let wo = (wd + 2 * pw - kw) / stride + 1;
-    let x = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let w = w.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let k = c * kh * kw;
-    let (plane_in, plane_out) = (c * h * wd, o * ho * wo);
-    let mut y = vec![0f32; n * plane_out];
-    let direct = kh == 1 && kw == 1 && stride == 1 && ph == 0 && pw == 0;
-    y.par_chunks_mut(plane_out)
-        .zip(x.par_chunks(plane_in))
-        .for_each(|(yb, xb)| {
-            let weights = View::row_major(&w, o, k);
-            if direct {
-                sgemm(yb, false, weights, View::row_major(xb, c, h * wd));
-            } else {
-                with_scratch(k * ho * wo, |cols| {
-                    lower(cols, xb, (c, h, wd), (kh, kw), stride, padding, (ho, wo));
-                    sgemm(yb, false, weights, View::row_major(cols, k, ho * wo));
-                });
-            }
-            for (row, &b) in yb.chunks_exact_mut(ho * wo).zip(bias) {
-                row.iter_mut().for_each(|v| *v = (*v + b).max(0.0));
-            }
-        });
-    Tensor::from_vec(y, (n, o, ho, wo), &Device::Cpu)
+    x.contiguous()?.apply_op2_no_bwd(
+        &w.contiguous()?,
+        &ConvBiasRelu {
+            bias,
+            stride,
+            padding,
+        },
+    )
+}
+
+/// The op, so that candle hands over its buffers without copies.
+struct ConvBiasRelu<'a> {
+    bias: &'a [f32],
+    stride: usize,
+    padding: (usize, usize),
+}
+
+impl CustomOp2 for ConvBiasRelu<'_> {
+    fn name(&self) -> &'static str {
+        "hindsight-conv2d-bias-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice_f32(xs, xl, "conv2d_bias_relu input")?;
+        let w = slice_f32(ws, wl, "conv2d_bias_relu weight")?;
+        let (n, c, h, wd) = xl.shape().dims4()?;
+        let (o, _, kh, kw) = wl.shape().dims4()?;
+        let (ph, pw) = self.padding;
+        let stride = self.stride;
+        let ho = (h + 2 * ph - kh) / stride + 1;
+        let wo = (wd + 2 * pw - kw) / stride + 1;
+        let k = c * kh * kw;
+        let (plane_in, plane_out) = (c * h * wd, o * ho * wo);
+        let mut y = vec![0f32; n * plane_out];
+        let direct = kh == 1 && kw == 1 && stride == 1 && ph == 0 && pw == 0;
+        y.par_chunks_mut(plane_out)
+            .zip(x.par_chunks(plane_in))
+            .for_each(|(yb, xb)| {
+                let weights = View::row_major(w, o, k);
+                if direct {
+                    sgemm(yb, false, weights, View::row_major(xb, c, h * wd));
+                } else {
+                    with_scratch(k * ho * wo, |cols| {
+                        lower(cols, xb, (c, h, wd), (kh, kw), stride, self.padding, (ho, wo));
+                        sgemm(yb, false, weights, View::row_major(cols, k, ho * wo));
+                    });
+                }
+                for (row, &b) in yb.chunks_exact_mut(ho * wo).zip(self.bias) {
+                    row.iter_mut().for_each(|v| *v = (*v + b).max(0.0));
+                }
+            });
+        Ok((CpuStorage::F32(y), Shape::from((n, o, ho, wo))))
+    }
 }
 
 /// im2col of one image `[C, H, W]` into `cols[C·kh·kw, Ho·Wo]`, zeros where the kernel reads
@@ -113,6 +148,7 @@ fn lower(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     /// Against candle's `conv2d` (padded input for asymmetric padding) + bias + ReLU.
     #[test]
