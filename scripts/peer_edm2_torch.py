@@ -2,7 +2,7 @@
 """Peer timing for `hindsight bench train`: the EDM2 network in PyTorch.
 
 Usage: peer_edm2_torch.py [--fixture F] [--fixture-json J] [--batch 64] [--iterations 5]
-                          [--threads 2] [--device cpu|cuda]
+                          [--threads 2] [--device cpu|cuda] [--sample-steps N]
 
 The network is EDM2's config-G U-Net with the preconditioning and the learned log-variance
 head, written here in plain PyTorch after the facts of NVlabs/edm2 `training/networks_edm2.py`
@@ -17,6 +17,10 @@ Timed, after one warm-up round, as medians:
   backward, non-finite gradients zeroed, Adam(β = (0.9, 0.99), ε = 1e-8) — one step of EDM2's
   training loop.
 Prints one JSON line: {"forward_s": …, "step_s": …, "parity": …, "device": …, "threads": …}.
+
+With --sample-steps N, times EDM's deterministic Heun sampler instead (EDM, Karras et al. 2022,
+Algorithm 1 with S_churn = 0, as EDM2's generate_images.py runs it: σ 0.002…80, ρ 7, 2N − 1
+network evaluations) on `batch` images, and prints {"sample_s": …} with the same fields.
 """
 import argparse
 import json
@@ -238,6 +242,28 @@ def edm2_loss(net, images, labels, p_mean=-0.4, p_std=1.0):
     return (weight / logvar.exp()) * (denoised - images) ** 2 + logvar
 
 
+def edm_sampler(net, noise, labels, num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """EDM's Heun sampler without stochasticity; the state in float32 as hindsight keeps it."""
+    i = torch.arange(num_steps, dtype=torch.float64)
+    t_steps = (sigma_max ** (1 / rho) + i / (num_steps - 1)
+               * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t_steps = torch.cat([t_steps, torch.zeros(1, dtype=torch.float64)]).float().tolist()
+    n = noise.shape[0]
+
+    def denoise(x, sigma):
+        return net(x, torch.full((n,), sigma, device=x.device), labels)[0]
+
+    x = noise * t_steps[0]
+    for k, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        d_cur = (x - denoise(x, t_cur)) / t_cur
+        x_next = x + (t_next - t_cur) * d_cur
+        if k < num_steps - 1:
+            d_prime = (x_next - denoise(x_next, t_next)) / t_next
+            x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
+        x = x_next
+    return x
+
+
 def full_config(cfg, sigma_data):
     out = dict(label_balance=0.5, concat_balance=0.5, res_balance=0.3, attn_balance=0.3,
                clip_act=256.0, channels_per_head=64, logvar_channels=128, sigma_data=sigma_data)
@@ -257,6 +283,7 @@ def main():
     ap.add_argument("--iterations", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sample-steps", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -294,6 +321,26 @@ def main():
     labels = torch.eye(classes)[torch.randint(classes, (n,), generator=gen)].to(dev) if classes else None
     sigma = torch.ones(n, device=dev)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
+
+    if args.sample_steps > 0:
+        noise = torch.randn(n, ch, res, res, generator=gen).to(dev)
+        times = []
+        net.eval()
+        for _ in range(args.iterations + 1):
+            sync()
+            t = time.perf_counter()
+            with torch.no_grad():
+                edm_sampler(net, noise, labels, args.sample_steps).sum().item()
+            sync()
+            times.append(time.perf_counter() - t)
+        print(json.dumps({
+            "sample_s": statistics.median(times[1:]),
+            "parity": parity,
+            "device": str(dev),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        }))
+        return
 
     forward, step = [], []
     for _ in range(args.iterations + 1):

@@ -10,7 +10,8 @@
 //! trace. Only the trace is needed, and it is the sum of the square roots of the eigenvalues
 //! of `Σ₁ Σ₂`, which are those of the symmetric positive semi-definite `Lᵀ Σ₂ L` for any
 //! factor `Σ₁ = L Lᵀ`: a Cholesky factor when `Σ₁` is positive definite (more samples than
-//! dimensions), else `U Λ^{1/2}` from its eigendecomposition. Symmetric eigenvalues alone
+//! dimensions; the two covariances swap roles when only `Σ₂` is), else `U Λ^{1/2}` from its
+//! eigendecomposition. Symmetric eigenvalues alone
 //! (faer's blocked tridiagonalisation) are then all that is left — same value, in f64, a
 //! fraction of the time.
 
@@ -50,11 +51,17 @@ pub fn frechet_distance(mu1: &[f64], sigma1: &[f64], mu2: &[f64], sigma2: &[f64]
     let b = MatRef::from_column_major_slice(sigma2, d, d);
     let trace = |m: MatRef<'_, f64>| (0..d).map(|i| m[(i, i)]).sum::<f64>();
     let (tr_a, tr_b) = (trace(a), trace(b));
-    let m = match a.llt(Side::Lower) {
-        // M = Lᵀ Σ₂ L with L lower triangular: Σ₂ L as a triangular product (n³ instead of
+    // tr (Σ₁Σ₂)^{1/2} = tr (Σ₂Σ₁)^{1/2}: factor whichever covariance is positive definite
+    // (a generated set of fewer images than dimensions is singular, a reference rarely is).
+    let factored = match a.llt(Side::Lower) {
+        Ok(llt) => Ok((llt, b)),
+        Err(_) => b.llt(Side::Lower).map(|llt| (llt, a)),
+    };
+    let m = match factored {
+        // M = Lᵀ Σ L with L lower triangular: Σ L as a triangular product (n³ instead of
         // 2n³ flops), then only M's lower half from the triangular Lᵀ (about n³/3): a third
         // of the work of two full products, and the eigensolver reads just that half.
-        Ok(llt) => {
+        Ok((llt, other)) => {
             let l = llt.L();
             let par = faer::get_global_parallelism();
             let mut bl = Mat::<f64>::zeros(d, d);
@@ -62,7 +69,7 @@ pub fn frechet_distance(mu1: &[f64], sigma1: &[f64], mu2: &[f64], sigma2: &[f64]
                 bl.as_mut(),
                 BlockStructure::Rectangular,
                 Accum::Replace,
-                b,
+                other,
                 BlockStructure::Rectangular,
                 l,
                 BlockStructure::TriangularLower,
@@ -144,11 +151,19 @@ mod tests {
             .collect();
         let fd = frechet_distance(&mu, &a, &mu, &b).unwrap();
         assert!((fd - d as f64).abs() < 1e-12, "{fd}");
-        // A singular Σ₁ takes the eigendecomposition path and gives the same closed form.
+        // A singular Σ₁ swaps roles with the positive definite Σ₂; two singular ones take the
+        // eigendecomposition path. Same closed form every way.
         let mut singular = a.clone();
         singular[0] = 0.0;
         let fd = frechet_distance(&mu, &singular, &mu, &b).unwrap();
         assert!((fd - (d as f64 - 1.0 + 1.0)).abs() < 1e-12, "{fd}");
+        let fd = frechet_distance(&mu, &b, &mu, &singular).unwrap();
+        assert!((fd - (d as f64 - 1.0 + 1.0)).abs() < 1e-12, "{fd}");
+        let mut singular_b = b.clone();
+        singular_b[d * d - 1] = 0.0;
+        let fd = frechet_distance(&mu, &singular, &mu, &singular_b).unwrap();
+        // Σ (sqrt a − sqrt b)² with a₀ = 0, b_last = 0: 1 + (d − 2) + 4.
+        assert!((fd - (1.0 + (d as f64 - 2.0) + 4.0)).abs() < 1e-12, "{fd}");
     }
 
     #[test]

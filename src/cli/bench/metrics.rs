@@ -9,6 +9,8 @@ use candle_core::Device;
 use hindsight::bench::median;
 use hindsight::metrics::{self, FeatureStats, Inception};
 
+use crate::cli::common::block_on;
+
 /// Options of `hindsight bench fid`.
 #[derive(clap::Args)]
 pub struct FidArgs {
@@ -201,7 +203,16 @@ fn inception(dir: &Path, args: &FidArgs) -> anyhow::Result<()> {
 }
 
 fn run_peer(python: &str, args: &[&std::ffi::OsStr]) -> anyhow::Result<serde_json::Value> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/peer_fid.py");
+    run_peer_script(python, "scripts/peer_fid.py", args)
+}
+
+/// Runs `script` (relative to the repository) with `python` and parses its one JSON line.
+fn run_peer_script(
+    python: &str,
+    script: &str,
+    args: &[&std::ffi::OsStr],
+) -> anyhow::Result<serde_json::Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
     let out = std::process::Command::new(python)
         .arg(&script)
         .args(args)
@@ -213,4 +224,206 @@ fn run_peer(python: &str, args: &[&std::ffi::OsStr]) -> anyhow::Result<serde_jso
     }
     let text = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(text.trim()).with_context(|| format!("the peer printed {text:?}"))
+}
+
+/// Options of `hindsight bench sweep-point`.
+#[derive(clap::Args)]
+pub struct SweepPointArgs {
+    /// The Inception weights (default: $HINDSIGHT_FID_WEIGHTS, else the usual places).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Python with numpy, scipy, torch, safetensors and pytorch-fid: also time
+    /// scripts/peer_sweep_point.py on the same snapshots, and print the ratio.
+    #[arg(long)]
+    pub peer_python: Option<String>,
+    /// Images of the point.
+    #[arg(long, default_value_t = 64)]
+    pub num_images: usize,
+    /// Images per batch.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Sampler steps.
+    #[arg(long, default_value_t = 16)]
+    pub steps: usize,
+    /// Where to put the data directory and the peer's inputs (a temporary directory by
+    /// default).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+/// One sweep point end to end — reconstruct, sample, features, FID — through the sweep
+/// worker, against the same pipeline in Python (EDM2's solve, the PyTorch network and
+/// sampler, the TorchScript Inception, pytorch-fid's Fréchet distance).
+pub fn sweep_point(args: SweepPointArgs) -> anyhow::Result<()> {
+    use hindsight::app::DataDir;
+    use hindsight::format::{write_safetensors, OutTensor};
+    use hindsight::model::Edm2Config;
+    use hindsight::sweep::{self, SweepLimits, SweepRequest, Worker, WorkerConfig};
+    use hindsight::train::{TrainConfig, Trainer};
+    if args.num_images < 2 || args.batch == 0 || args.steps < 2 {
+        bail!("--num-images must be at least 2, --batch positive, --steps at least 2");
+    }
+    hindsight::model::keep_freed_memory();
+    let weights = metrics::locate_weights(args.weights.as_deref())?;
+    let temp = tempfile::tempdir()?;
+    let dir = args.dir.clone().unwrap_or_else(|| temp.path().to_owned());
+    let snap_dir = dir.join("snapshots");
+    std::fs::create_dir_all(&snap_dir)?;
+    // The reference fixture's network; snapshots at four times for σ_rel 0.05 and 0.10, each
+    // a differently seeded initialisation (values do not change the work).
+    let network = Edm2Config::small(16, 3, 10);
+    for (k, nimg) in [1u64 << 20, 2 << 20, 3 << 20, 4 << 20]
+        .into_iter()
+        .enumerate()
+    {
+        for (j, sigma_rel) in [0.05, 0.10].into_iter().enumerate() {
+            let mut config = TrainConfig::new(network.clone(), 1);
+            config.seed = (k * 2 + j) as u64;
+            let trainer = Trainer::new(config, &Device::Cpu)?;
+            let state = trainer.state_dict();
+            let data: Vec<(String, Vec<usize>, Vec<u8>)> = state
+                .iter()
+                .map(|(name, t)| -> anyhow::Result<_> {
+                    let v = t.flatten_all()?.to_vec1::<f32>()?;
+                    Ok((
+                        name.clone(),
+                        t.dims().to_vec(),
+                        v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    ))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let tensors: Vec<OutTensor<'_>> = data
+                .iter()
+                .map(|(name, shape, bytes)| OutTensor {
+                    name,
+                    dtype: "F32",
+                    shape,
+                    data: bytes,
+                })
+                .collect();
+            let meta = std::collections::BTreeMap::from([
+                ("nimg".to_owned(), nimg.to_string()),
+                ("sigma_rel".to_owned(), sigma_rel.to_string()),
+            ]);
+            let mut out = Vec::new();
+            write_safetensors(&mut out, &tensors, &meta)?;
+            std::fs::write(snap_dir.join(format!("snap-{k}-{j}.safetensors")), out)?;
+        }
+    }
+    let network_json = dir.join("network.json");
+    std::fs::write(&network_json, serde_json::to_string(&network)?)?;
+    // Reference statistics: any 2048-d ones do for timing.
+    let reference = dir.join("reference.npz");
+    synthetic_stats(7, 1.0, 2048)?.write_npz(std::fs::File::create(&reference)?)?;
+    let (sigma_rel, nimg) = (0.08, 4u64 << 20);
+    let data_dir = dir.join("data");
+    let ours = block_on(async {
+        let data = DataDir::open(&data_dir).await?;
+        data.db
+            .create_run("bench", "", &serde_json::json!({ "network": network }))
+            .await?;
+        hindsight::ingest::import_dir(
+            &data,
+            &snap_dir,
+            "bench",
+            &hindsight::ingest::Source::Safetensors,
+            Default::default(),
+            std::sync::Arc::new(()),
+        )
+        .await?;
+        let bytes = std::fs::read(&reference)?;
+        let origin = hindsight::app::references::ReferenceOrigin {
+            name: "bench".into(),
+            source: "synthetic".into(),
+            resolution: None,
+            channels: None,
+        };
+        hindsight::app::references::import(&data, origin, &bytes).await?;
+        let started = Instant::now();
+        let request = SweepRequest {
+            run: "bench".into(),
+            sigma_rels: vec![sigma_rel],
+            nimgs: Some(vec![nimg]),
+            metrics: Some(vec![metrics::Metric::Fid]),
+            num_images: Some(args.num_images),
+            seed_sets: None,
+            sampler: hindsight::sweep::SamplerSettings {
+                steps: args.steps,
+                ..Default::default()
+            },
+            reference: "bench".into(),
+            batch: Some(args.batch),
+            kid_subsets: None,
+            kid_subset_size: None,
+        };
+        let created = sweep::create(&data, request, &SweepLimits::default()).await?;
+        let worker = Worker::new(
+            data.clone(),
+            WorkerConfig {
+                weights: Some(weights.clone()),
+                ..Default::default()
+            },
+            std::sync::Arc::new(|_| {}),
+        );
+        worker.run_until_idle().await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let point = data.db.sweep_points(created.id).await?.remove(0);
+        let result = point
+            .result
+            .with_context(|| format!("the point did not finish: {:?}", point.error))?;
+        anyhow::Ok((seconds, result))
+    })?;
+    let (seconds, result) = ours;
+    let t = &result["timings"];
+    println!(
+        "one sweep point: {} images, batch {}, {} steps, EDM2 16x16 mc32 network, {} threads",
+        args.num_images,
+        args.batch,
+        args.steps,
+        rayon::current_num_threads()
+    );
+    println!(
+        "  hindsight: {seconds:.2} s (reconstruct {:.2} s, sampling {:.2} s, features {:.2} s, \
+         statistics and FID {:.2} s), FID {:.4}",
+        t["reconstruct_s"].as_f64().unwrap_or(0.0),
+        t["sample_s"].as_f64().unwrap_or(0.0),
+        t["features_s"].as_f64().unwrap_or(0.0),
+        t["metrics_s"].as_f64().unwrap_or(0.0),
+        result["fid"]["mean"].as_f64().unwrap_or(f64::NAN)
+    );
+    let Some(python) = &args.peer_python else {
+        return Ok(());
+    };
+    let peer = run_peer_script(
+        python,
+        "scripts/peer_sweep_point.py",
+        &[
+            snap_dir.as_os_str(),
+            network_json.as_os_str(),
+            sigma_rel.to_string().as_ref(),
+            nimg.to_string().as_ref(),
+            reference.as_os_str(),
+            weights.as_os_str(),
+            args.num_images.to_string().as_ref(),
+            args.batch.to_string().as_ref(),
+            args.steps.to_string().as_ref(),
+            rayon::current_num_threads().to_string().as_ref(),
+        ],
+    )?;
+    let theirs = peer["seconds"]
+        .as_f64()
+        .context("no seconds from the peer")?;
+    println!(
+        "  Python (EDM2 solve + PyTorch {} + TorchScript Inception + pytorch-fid): {theirs:.2} s \
+         (reconstruct {:.2} s, sampling {:.2} s, features {:.2} s, FID {:.2} s), FID {:.4} \
+         -> hindsight {:.2}x faster",
+        peer["torch"].as_str().unwrap_or("?"),
+        peer["reconstruct_s"].as_f64().unwrap_or(0.0),
+        peer["sample_s"].as_f64().unwrap_or(0.0),
+        peer["features_s"].as_f64().unwrap_or(0.0),
+        peer["fid_s"].as_f64().unwrap_or(0.0),
+        peer["fid"].as_f64().unwrap_or(f64::NAN),
+        theirs / seconds
+    );
+    Ok(())
 }

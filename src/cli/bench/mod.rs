@@ -20,6 +20,9 @@ pub enum BenchCommand {
     /// Time the EDM2 network's forward pass and training step (the reference fixture's
     /// configuration).
     Train(model::TrainArgs),
+    /// Time EDM's Heun sampler (images per second) over the `bench train` network, against
+    /// the same sampler and network in PyTorch with --peer-python.
+    Sample(model::SampleArgs),
     /// Time each 3×3 convolution shape of the `bench train` network (forward, and forward with
     /// both gradients) on the CPU with the direct GEMM path and with Winograd's F(2×2, 3×3),
     /// side by side in one run.
@@ -34,6 +37,9 @@ pub enum BenchCommand {
     /// Time the Fréchet distance of 2048-d statistics against pytorch-fid's, and Inception
     /// features against PyTorch running the same weights file, side by side.
     Fid(metrics::FidArgs),
+    /// Time one sweep point end to end (reconstruct, sample, Inception features, FID) through
+    /// the sweep worker, against the same pipeline in Python with --peer-python.
+    SweepPoint(metrics::SweepPointArgs),
 }
 
 /// Runs a benchmark.
@@ -44,8 +50,10 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Reconstruct(args) => block_on(store::reconstruct(args)),
         BenchCommand::Train(args) => on_compute_pool(|| model::train(args)),
         BenchCommand::Conv(args) => on_compute_pool(|| model::conv(args)),
+        BenchCommand::Sample(args) => on_compute_pool(|| model::sample(args)),
         BenchCommand::Parity(args) => model::parity(args),
         BenchCommand::Solve(args) => solve::solve(args),
         BenchCommand::Fid(args) => on_compute_pool(|| metrics::fid(args)),
+        BenchCommand::SweepPoint(args) => metrics::sweep_point(args),
     }
 }

@@ -33,6 +33,27 @@ pub struct TrainArgs {
     pub rounds: usize,
 }
 
+/// Options of `hindsight bench sample`.
+#[derive(clap::Args)]
+pub struct SampleArgs {
+    /// Images per batch.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Sampler steps (2·steps − 1 network evaluations).
+    #[arg(long, default_value_t = 32)]
+    pub steps: usize,
+    /// Timed repetitions per side and round.
+    #[arg(long, default_value_t = 2)]
+    pub iterations: usize,
+    /// Python with PyTorch: also time the same sampler over the same network in PyTorch
+    /// (scripts/peer_edm2_torch.py --sample-steps), same batch, threads and device.
+    #[arg(long)]
+    pub peer_python: Option<String>,
+    /// Rounds of both sides, alternating which goes first.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+}
+
 /// Options of `hindsight bench conv`.
 #[derive(clap::Args)]
 pub struct ConvArgs {
@@ -267,37 +288,18 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     };
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/peer_edm2_torch.py");
-    let device_name = if device.is_cuda() { "cuda" } else { "cpu" };
+    let peer_args = vec![
+        "--batch".to_owned(),
+        batch.to_string(),
+        "--iterations".to_owned(),
+        iterations.to_string(),
+    ];
     let peer = || -> anyhow::Result<(f64, f64, String)> {
-        let output = std::process::Command::new(python)
-            .arg(&script)
-            .args(["--batch", &batch.to_string()])
-            .args(["--iterations", &iterations.to_string()])
-            .args(["--threads", &threads.to_string()])
-            .args(["--device", device_name])
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .with_context(|| format!("running {python} {}", script.display()))?;
-        anyhow::ensure!(
-            output.status.success(),
-            "the PyTorch peer failed ({})",
-            output.status
-        );
-        let line = String::from_utf8_lossy(&output.stdout);
-        let peer: serde_json::Value = serde_json::from_str(line.trim())
-            .with_context(|| format!("the PyTorch peer printed {line:?}"))?;
+        let (v, about) = run_edm2_peer(python, &peer_args)?;
         let get = |k: &str| {
-            peer[k]
-                .as_f64()
-                .with_context(|| format!("no {k:?} in the peer's output {line:?}"))
+            v[k].as_f64()
+                .with_context(|| format!("no {k:?} in the peer's output {v}"))
         };
-        let about = format!(
-            "PyTorch {} ({}, fixture parity {:.1e})",
-            peer["torch"].as_str().unwrap_or("?"),
-            peer["device"].as_str().unwrap_or("?"),
-            get("parity")?
-        );
         Ok((get("forward_s")?, get("step_s")?, about))
     };
     println!(
@@ -334,6 +336,127 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
          training step {:.2}x (below 1: hindsight faster)",
         median(forward_ratios),
         median(step_ratios)
+    );
+    Ok(())
+}
+
+/// Runs scripts/peer_edm2_torch.py with `args` on this binary's thread count and device;
+/// returns its JSON line and a description of the peer.
+fn run_edm2_peer(python: &str, args: &[String]) -> anyhow::Result<(serde_json::Value, String)> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/peer_edm2_torch.py");
+    let device_name = if default_device().is_cuda() {
+        "cuda"
+    } else {
+        "cpu"
+    };
+    let output = std::process::Command::new(python)
+        .arg(&script)
+        .args(args)
+        .args(["--threads", &rayon::current_num_threads().to_string()])
+        .args(["--device", device_name])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {python} {}", script.display()))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "the PyTorch peer failed ({})",
+        output.status
+    );
+    let line = String::from_utf8_lossy(&output.stdout);
+    let peer: serde_json::Value = serde_json::from_str(line.trim())
+        .with_context(|| format!("the PyTorch peer printed {line:?}"))?;
+    let about = format!(
+        "PyTorch {} ({}, fixture parity {:.1e})",
+        peer["torch"].as_str().unwrap_or("?"),
+        peer["device"].as_str().unwrap_or("?"),
+        peer["parity"].as_f64().unwrap_or(f64::NAN)
+    );
+    Ok((peer, about))
+}
+
+/// `hindsight bench sample`: EDM's Heun sampler over the reference fixture's network, images
+/// per second, against the same sampler and network in PyTorch.
+pub fn sample(args: SampleArgs) -> anyhow::Result<()> {
+    use hindsight::model::sampler::{edm_sampler, seeded_noise, SamplerConfig};
+    hindsight::model::keep_freed_memory();
+    anyhow::ensure!(
+        args.iterations > 0 && args.rounds > 0 && args.batch > 0 && args.steps >= 2,
+        "--iterations, --rounds and --batch must be positive and --steps at least 2"
+    );
+    let network = Edm2Config::small(16, 3, 10);
+    let device = default_device();
+    let trainer = Trainer::new(TrainConfig::new(network, args.batch), &device)?;
+    let noise: Vec<f32> = (0..args.batch as u64)
+        .flat_map(|s| seeded_noise(s, &[3, 16, 16]))
+        .collect();
+    let noise = Tensor::from_vec(noise, (args.batch, 3, 16, 16), &device)?;
+    let classes: Vec<usize> = (0..args.batch).map(|i| i % 10).collect();
+    let labels = one_hot(&classes, 10, &device)?;
+    let config = SamplerConfig {
+        num_steps: args.steps,
+        ..Default::default()
+    };
+    let ours = || -> anyhow::Result<f64> {
+        let mut times = Vec::new();
+        for _ in 0..args.iterations + 1 {
+            let t = Instant::now();
+            let x = edm_sampler(trainer.net(), &noise, Some(&labels), &config, |_, _| {})?;
+            x.sum_all()?.to_scalar::<f32>()?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.remove(0);
+        Ok(args.batch as f64 / median(times))
+    };
+    println!(
+        "EDM Heun sampler, {} steps ({} evaluations), EDM2 16x16 mc32 [1,2] network, batch {}, \
+         {} threads, device {device:?}",
+        args.steps,
+        2 * args.steps - 1,
+        args.batch,
+        rayon::current_num_threads()
+    );
+    let Some(python) = &args.peer_python else {
+        println!("  hindsight: {:.1} images/s", ours()?);
+        return Ok(());
+    };
+    let peer_args = vec![
+        "--batch".to_owned(),
+        args.batch.to_string(),
+        "--iterations".to_owned(),
+        args.iterations.to_string(),
+        "--sample-steps".to_owned(),
+        args.steps.to_string(),
+    ];
+    let peer = || -> anyhow::Result<(f64, String)> {
+        let (v, about) = run_edm2_peer(python, &peer_args)?;
+        let s = v["sample_s"]
+            .as_f64()
+            .context("no sample_s in the peer's output")?;
+        Ok((args.batch as f64 / s, about))
+    };
+    let mut ratios = Vec::new();
+    let mut about = String::new();
+    for round in 0..args.rounds {
+        let (o, (p, a)) = if round % 2 == 0 {
+            let o = ours()?;
+            (o, peer()?)
+        } else {
+            let p = peer()?;
+            (ours()?, p)
+        };
+        about = a;
+        println!(
+            "  round {}: hindsight {o:.1} images/s | PyTorch {p:.1} images/s | {:.2}x",
+            round + 1,
+            o / p
+        );
+        ratios.push(o / p);
+    }
+    println!(
+        "  peer: {about}\n  hindsight images/s over PyTorch's, median of {} round(s): {:.2}x \
+         (above 1: hindsight faster)",
+        args.rounds,
+        median(ratios)
     );
     Ok(())
 }

@@ -84,7 +84,15 @@ impl CustomOp2 for ConvBiasRelu<'_> {
                     sgemm(yb, false, weights, View::row_major(xb, c, h * wd));
                 } else {
                     with_scratch(k * ho * wo, |cols| {
-                        lower(cols, xb, (c, h, wd), (kh, kw), stride, self.padding, (ho, wo));
+                        lower(
+                            cols,
+                            xb,
+                            (c, h, wd),
+                            (kh, kw),
+                            stride,
+                            self.padding,
+                            (ho, wo),
+                        );
                         sgemm(yb, false, weights, View::row_major(cols, k, ho * wo));
                     });
                 }
