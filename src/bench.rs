@@ -162,3 +162,14 @@ pub fn peak_rss_kib() -> Option<u64> {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
+
+/// The repository file `relative` (a peer script, a fixture): under the current directory when
+/// it is there (a checkout run from its root, e.g. on a GPU machine), else in the checkout the
+/// binary was built from.
+pub fn repo_file(relative: &str) -> std::path::PathBuf {
+    let here = std::path::Path::new(relative);
+    if here.exists() {
+        return here.to_owned();
+    }
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}

@@ -212,7 +212,7 @@ fn run_peer_script(
     script: &str,
     args: &[&std::ffi::OsStr],
 ) -> anyhow::Result<serde_json::Value> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
+    let script = hindsight::bench::repo_file(script);
     let out = std::process::Command::new(python)
         .arg(&script)
         .args(args)

@@ -343,7 +343,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
 /// Runs scripts/peer_edm2_torch.py with `args` on this binary's thread count and device;
 /// returns its JSON line and a description of the peer.
 fn run_edm2_peer(python: &str, args: &[String]) -> anyhow::Result<(serde_json::Value, String)> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/peer_edm2_torch.py");
+    let script = hindsight::bench::repo_file("scripts/peer_edm2_torch.py");
     let device_name = if default_device().is_cuda() {
         "cuda"
     } else {

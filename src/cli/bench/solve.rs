@@ -69,14 +69,14 @@ pub fn solve(args: SolveArgs) -> anyhow::Result<()> {
         options: None,
         profile_points: None,
     };
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/peer_phema_solve.py");
+    let script = hindsight::bench::repo_file("scripts/peer_phema_solve.py");
     let mut child = std::process::Command::new(&python)
-        .arg(script)
+        .arg(&script)
         .arg(iterations.to_string())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
-        .with_context(|| format!("starting {python} {script}"))?;
+        .with_context(|| format!("starting {python} {}", script.display()))?;
     serde_json::to_writer(child.stdin.take().context("peer stdin")?, &request)?;
     let output = child.wait_with_output()?;
     if !output.status.success() {

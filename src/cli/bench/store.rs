@@ -339,7 +339,7 @@ pub async fn reconstruct(args: ReconstructArgs) -> anyhow::Result<()> {
             }
             if let Some(py) = &peer_python {
                 let script =
-                    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/peer_reconstruct.py");
+                    hindsight::bench::repo_file("scripts/peer_reconstruct.py");
                 let (secs, peak) = time_reporting(
                     Path::new(py),
                     &[
