@@ -153,6 +153,31 @@ async fn metadata_names_the_time_and_width() {
     assert_eq!(rows[0].nimg, 123456);
     assert!((rows[0].gamma - 6.94).abs() < 1e-12);
     assert!(rows[0].metadata.to_string().contains("123456"));
+    // Both widths, as reconstructions write them: accepted when they agree, else refused.
+    let both = e.input.join("both.safetensors");
+    let gamma = hindsight::phema::sigma_rel_to_gamma(0.1, "x")
+        .unwrap()
+        .to_string();
+    write_snapshot(
+        &both,
+        2.0,
+        &[2, 3],
+        &[("nimg", "200000"), ("sigma_rel", "0.1"), ("gamma", &gamma)],
+    );
+    ingest(&e, "r", &both, IngestOptions::default())
+        .await
+        .unwrap();
+    let clash = e.input.join("clash.safetensors");
+    write_snapshot(
+        &clash,
+        3.0,
+        &[2, 3],
+        &[("nimg", "300000"), ("sigma_rel", "0.1"), ("gamma", "16.97")],
+    );
+    let err = ingest(&e, "r", &clash, IngestOptions::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("disagree"), "{err}");
     // Neither name nor metadata: a clear refusal.
     let g = e.input.join("mystery.safetensors");
     write_snapshot(&g, 1.0, &[2, 3], &[]);

@@ -56,7 +56,7 @@ fn setup() -> Setup {
         TrainOptions {
             run: "tiny".into(),
             network: Some(tiny_network()),
-            dataset: "procedural".into(),
+            dataset: Some("procedural".into()),
             resolution: 8,
             classes: 0,
             batch: 16,
@@ -222,6 +222,33 @@ fn sweep_requests_are_checked_field_by_field() {
         assert_error(status, &body, StatusCode::BAD_REQUEST, "16-dimensional");
         let (status, body) = send_json(&st, upload("junk", b"not statistics".to_vec(), true)).await;
         assert_error(status, &body, StatusCode::BAD_REQUEST, "npz");
+        let (status, body) = send_json(&st, upload("12", b"x".to_vec(), true)).await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "digits");
+        // Statistics that are not a covariance: negative variances, and a matrix that is
+        // symmetric with a positive diagonal but not positive semi-definite.
+        let npz = |sigma: Vec<f64>| {
+            let mut cursor = std::io::Cursor::new(Vec::new());
+            FeatureStats::from_parts(vec![0.0; FEATURES], sigma, 0).map(|s| {
+                s.write_npz(&mut cursor).unwrap();
+                cursor.into_inner()
+            })
+        };
+        let d = FEATURES;
+        let mut negative = vec![0.0; d * d];
+        (0..d).for_each(|i| negative[i * d + i] = -1.0);
+        assert!(npz(negative).unwrap_err().to_string().contains("negative"));
+        let mut indefinite = vec![0.0; d * d];
+        (0..d).for_each(|i| indefinite[i * d + i] = 1.0);
+        indefinite[1] = 5.0;
+        indefinite[d] = 5.0;
+        let (status, body) =
+            send_json(&st, upload("indefinite", npz(indefinite).unwrap(), true)).await;
+        assert_error(
+            status,
+            &body,
+            StatusCode::BAD_REQUEST,
+            "positive semi-definite",
+        );
         let (status, body) = send_json(&st, get("/references")).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body["references"].as_array().unwrap().len(), 2, "{body}");
@@ -328,6 +355,42 @@ fn sweep_requests_are_checked_field_by_field() {
                 "kid_subsets",
             ),
             (
+                with("sigma_rels", json!([0.05, 0.05])),
+                StatusCode::BAD_REQUEST,
+                "sigma_rels[1]",
+            ),
+            (
+                with("sigma_rels", json!(["0.1"])),
+                StatusCode::BAD_REQUEST,
+                "sigma_rels[0]",
+            ),
+            (
+                with("sigma_rels", json!({"a": 1})),
+                StatusCode::BAD_REQUEST,
+                "sigma_rels",
+            ),
+            (
+                with("nimgs", json!([1000, -5])),
+                StatusCode::BAD_REQUEST,
+                "nimgs[1]",
+            ),
+            (
+                with("nimgs", json!(1500.5)),
+                StatusCode::BAD_REQUEST,
+                "nimgs",
+            ),
+            (
+                with("sampler", json!({"sigma_max": 1e308, "rho": 1e308})),
+                StatusCode::BAD_REQUEST,
+                "sampler.sigma_max",
+            ),
+            (
+                with("sampler", json!({"rho": 1e308})),
+                StatusCode::BAD_REQUEST,
+                "sampler.rho",
+            ),
+            (json!([]), StatusCode::BAD_REQUEST, "JSON object"),
+            (
                 json!({"run": "tiny", "sigma_rels": [0.1], "reference": "tiny16"}),
                 StatusCode::NOT_FOUND,
                 "reference",
@@ -395,6 +458,10 @@ fn sweep_requests_are_checked_field_by_field() {
         assert_error(status, &body, StatusCode::NOT_FOUND, "999");
         let (status, body) = send_json(&st, get(&format!("/sweeps/{id}/plot.svg"))).await;
         assert_error(status, &body, StatusCode::NOT_FOUND, "no finished point");
+        let fid_only = data.db.sweeps(None).await.unwrap().last().unwrap().id;
+        let (status, body) =
+            send_json(&st, get(&format!("/sweeps/{fid_only}/plot.svg?metric=kid"))).await;
+        assert_error(status, &body, StatusCode::NOT_FOUND, "does not compute kid");
         let (status, body) = send_json(&st, get(&format!("/sweeps/{id}/plot.svg?metric=is"))).await;
         assert_error(status, &body, StatusCode::BAD_REQUEST, "metric");
         let (status, body) = send_json(&st, get(&format!("/sweeps/{id}/points/0/grid.png"))).await;
@@ -640,5 +707,56 @@ fn two_workers_finish_a_sweep_and_a_dead_workers_point_is_resumed() {
         let events = String::from_utf8(events).unwrap();
         assert!(events.starts_with("event: sweep"), "{events}");
         assert!(events.contains("event: end"), "{events}");
+    });
+}
+
+#[test]
+fn an_open_event_stream_does_not_hold_up_shutdown() {
+    let s = setup();
+    runtime().block_on(async {
+        let data = DataDir::open(&s.path).await.unwrap();
+        // Queued and never worked (no worker): the stream would run forever.
+        let created = sweep::create(&data, request(&[0.05], 4), &SweepLimits::default())
+            .await
+            .unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        let config = ServerConfig {
+            sweep_worker: None,
+            ..Default::default()
+        };
+        let path = s.path.clone();
+        let server = tokio::spawn(async move {
+            hindsight::server::serve_data_dir(
+                &path,
+                "127.0.0.1:0".parse().unwrap(),
+                config,
+                async {
+                    let _ = stopped.await;
+                },
+                |addr| {
+                    let _ = addr_tx.send(addr);
+                },
+            )
+            .await
+        });
+        let addr = addr_rx.await.unwrap().to_string();
+        let id = created.id;
+        let events = tokio::task::spawn_blocking(move || {
+            common::http(&addr, "GET", &format!("/sweeps/{id}/events"), None, None)
+        });
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let asked = std::time::Instant::now();
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the server stops promptly")
+            .unwrap()
+            .unwrap();
+        assert!(asked.elapsed() < Duration::from_secs(5));
+        let (status, body) = events.await.unwrap();
+        assert_eq!(status, 200);
+        assert!(body.starts_with("event: sweep"), "{body}");
+        assert!(body.contains("event: shutdown"), "{body}");
     });
 }

@@ -23,12 +23,25 @@ pub struct ReferenceOrigin {
     pub channels: Option<usize>,
 }
 
-/// Checks a reference name: 1–200 characters, not blank, no control characters.
+/// Checks a reference name: 1–200 printable characters, not blank, and not all digits (those
+/// are ids).
 pub fn check_reference_name(name: &str) -> Result<()> {
+    let shown: String = name.chars().take(40).collect();
+    let shown = if shown.len() < name.len() {
+        format!("{shown:?}…")
+    } else {
+        format!("{shown:?}")
+    };
     if name.trim().is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
         return Err(Error::invalid(
             "name",
-            format!("{name:?}: a reference name is 1–200 printable characters, not blank"),
+            format!("{shown}: a reference name is 1–200 printable characters, not blank"),
+        ));
+    }
+    if name.chars().all(|c| c.is_ascii_digit()) {
+        return Err(Error::invalid(
+            "name",
+            format!("{shown}: a reference name may not be all digits (those are ids)"),
         ));
     }
     Ok(())
@@ -100,6 +113,17 @@ pub async fn import(data: &DataDir, origin: ReferenceOrigin, bytes: &[u8]) -> Re
         ));
     }
     taken(data, &origin.name).await?;
+    {
+        let stats = stats.clone();
+        crate::error::blocking("checking the covariance", move || {
+            stats.check_positive_semidefinite()
+        })
+        .await
+        .map_err(|e| match e {
+            Error::InvalidInput { reason, .. } => Error::invalid(&origin.source, reason),
+            other => other,
+        })?;
+    }
     // Stored as written here (float64 .npz), whichever format came in.
     let mut npz = std::io::Cursor::new(Vec::new());
     stats.write_npz(&mut npz)?;
@@ -155,7 +179,10 @@ pub async fn find(data: &DataDir, key: &str) -> Result<ReferenceRow> {
 /// The statistics of a stored reference.
 pub async fn stats(data: &DataDir, row: &ReferenceRow) -> Result<FeatureStats> {
     let bytes = data.read_blob(&row.stats_digest).await?;
-    FeatureStats::parse_npz(&bytes, &format!("reference statistics {:?}", row.name))
+    Ok(
+        FeatureStats::parse_npz(&bytes, &format!("reference statistics {:?}", row.name))?
+            .with_count(row.count.max(0) as u64),
+    )
 }
 
 /// The features of a stored reference (f32 `[count, dims]`), or `None` for imported ones.

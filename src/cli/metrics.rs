@@ -1,6 +1,7 @@
 //! `hindsight ref-stats`, `hindsight fid`, `hindsight references`: reference statistics and
 //! metrics between image sets, in the shape pytorch-fid users know.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::bail;
@@ -76,21 +77,21 @@ fn is_stats_file(s: &str) -> bool {
     s.ends_with(".npz") || s.ends_with(".pkl")
 }
 
-/// Features of a dataset with a progress bar.
+/// Features of a dataset with a progress bar (`limit`: its first images only).
 fn dataset_features(
     extractor: &FeatureExtractor,
+    dataset: &Dataset,
     source: &str,
-    max_images: Option<usize>,
+    limit: Option<usize>,
     batch: usize,
-) -> anyhow::Result<(Dataset, Vec<f32>)> {
-    let dataset = Dataset::open(source, 32, 0, 0)?;
+) -> anyhow::Result<Vec<f32>> {
     let progress = bar("features {bar:30} {pos}/{len} images {per_sec} ETA {eta} {msg}");
     progress.set_message(source.to_owned());
     let features = hindsight::model::on_compute_pool(|| {
-        extractor.dataset_features(&dataset, max_images, batch, &progress)
+        extractor.dataset_features(dataset, limit, batch, &progress)
     })?;
     progress.finish_and_clear();
-    Ok((dataset, features))
+    Ok(features)
 }
 
 /// Computes (or imports) reference statistics; writes them to --out and/or stores them.
@@ -98,11 +99,19 @@ pub fn ref_stats(data_dir: &Path, args: RefStatsArgs) -> anyhow::Result<()> {
     if args.out.is_none() && args.name.is_none() {
         bail!("say where the statistics go: --out FILE.npz and/or --name NAME (stored)");
     }
-    if args.batch == 0 || args.max_images == Some(0) {
-        bail!("--batch and --max-images must be positive");
+    if args.batch == 0 || args.max_images.is_some_and(|m| m < 2) {
+        bail!("--batch must be positive and --max-images at least 2");
     }
     if let Some(name) = &args.name {
         references::check_reference_name(name)?;
+        // Before any work: a taken name is refused now, not after the features.
+        let taken = block_on(async {
+            let data = DataDir::open(data_dir).await?;
+            Ok(data.db.reference_named(name).await?.is_some())
+        })?;
+        if taken {
+            bail!("reference statistics named {name:?} exist already (see `hindsight references`)");
+        }
     }
     if let Some(out) = &args.out {
         let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
@@ -115,8 +124,12 @@ pub fn ref_stats(data_dir: &Path, args: RefStatsArgs) -> anyhow::Result<()> {
         let bytes =
             std::fs::read(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
         let stats = FeatureStats::parse(&bytes, &args.dataset)?;
+        stats
+            .check_positive_semidefinite()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", args.dataset))?;
         if let Some(out) = &args.out {
             write_npz(&stats, out)?;
+            eprintln!("wrote {} ({}-d statistics)", out.display(), stats.dims());
         }
         if let Some(name) = args.name {
             let row = block_on(async {
@@ -136,11 +149,20 @@ pub fn ref_stats(data_dir: &Path, args: RefStatsArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    // The dataset first: a bad path or an empty set is reported before the network loads.
+    let dataset = Dataset::open(&args.dataset, 32, 0, 0)?;
+    let full = dataset.len();
+    let count = args.max_images.map_or(full, |m| m.min(full));
+    if count < 2 {
+        bail!(
+            "{}: {count} image(s); statistics need at least 2",
+            args.dataset
+        );
+    }
     let extractor = FeatureExtractor::open(args.weights.as_deref())?;
     eprintln!("feature network: {}", extractor.identity());
     let started = std::time::Instant::now();
-    let (dataset, features) =
-        dataset_features(&extractor, &args.dataset, args.max_images, args.batch)?;
+    let features = dataset_features(&extractor, &dataset, &args.dataset, Some(count), args.batch)?;
     let stats = statistics(&features, hindsight::metrics::FEATURES)?;
     let n = stats.count();
     eprintln!(
@@ -155,9 +177,10 @@ pub fn ref_stats(data_dir: &Path, args: RefStatsArgs) -> anyhow::Result<()> {
         eprintln!("wrote {}", out.display());
     }
     if let Some(name) = args.name {
-        let source = match args.max_images {
-            Some(m) if m < dataset.len() => format!("{} (first {m} images)", args.dataset),
-            _ => args.dataset.clone(),
+        let source = if count < full {
+            format!("{} (first {count} images)", args.dataset)
+        } else {
+            args.dataset.clone()
         };
         let origin = ReferenceOrigin {
             name,
@@ -192,24 +215,24 @@ fn write_npz(stats: &FeatureStats, out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One side of `hindsight fid`: statistics, and features where it is an image set (or a
-/// stored reference that kept them).
-struct Side {
-    stats: FeatureStats,
-    features: Option<Vec<f32>>,
+/// One side of `hindsight fid`, before any features are computed.
+enum Side {
+    /// Statistics (a file, or stored ones with their features when kept), and the geometry of
+    /// the images behind them when known.
+    Stats(FeatureStats, Option<Vec<f32>>, Option<(usize, usize)>),
+    /// An image set to run the network over, and how many of its images.
+    Images(Dataset, usize),
 }
 
-fn side(
-    data_dir: &Path,
-    source: &str,
-    extractor: &mut Option<FeatureExtractor>,
-    args: &FidArgs,
-) -> anyhow::Result<Side> {
+/// Resolves one side without running the network: a statistics file, stored reference
+/// statistics (by name or id, when no file or dataset of that name exists), or a dataset.
+fn resolve(data_dir: &Path, source: &str, args: &FidArgs) -> anyhow::Result<Side> {
     if is_stats_file(source) {
-        return Ok(Side {
-            stats: FeatureStats::read(Path::new(source))?,
-            features: None,
-        });
+        let stats = FeatureStats::read(Path::new(source))?;
+        stats
+            .check_positive_semidefinite()
+            .map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+        return Ok(Side::Stats(stats, None, None));
     }
     let looks_like_data = Path::new(source).exists() || source.starts_with("fashion-mnist");
     if !looks_like_data && data_dir.join(hindsight::app::INDEX_FILE).exists() {
@@ -219,53 +242,90 @@ fn side(
                 Ok(row) => Ok(Some((
                     references::stats(&data, &row).await?,
                     references::features(&data, &row).await?,
+                    row.resolution.zip(row.channels),
                 ))),
                 Err(hindsight::Error::NotFound(_)) => Ok(None),
                 Err(e) => Err(e.into()),
             }
         })?;
-        if let Some((stats, features)) = stored {
-            return Ok(Side { stats, features });
+        if let Some((stats, features, geometry)) = stored {
+            let geometry = geometry.map(|(r, c)| (r as usize, c as usize));
+            return Ok(Side::Stats(stats, features, geometry));
         }
     }
-    if extractor.is_none() {
-        let e = FeatureExtractor::open(args.weights.as_deref())?;
-        eprintln!("feature network: {}", e.identity());
-        *extractor = Some(e);
+    let dataset = Dataset::open(source, 32, 0, 0)?;
+    let count = args
+        .max_images
+        .map_or(dataset.len(), |m| m.min(dataset.len()));
+    if count < 2 {
+        bail!("{source}: {count} image(s); statistics need at least 2");
     }
-    let e = extractor.as_ref().expect("opened above");
-    let (_, features) = dataset_features(e, source, args.max_images, args.batch)?;
-    Ok(Side {
-        stats: statistics(&features, hindsight::metrics::FEATURES)?,
-        features: Some(features),
-    })
+    Ok(Side::Images(dataset, count))
 }
 
 /// FID (and KID where both sides have features) between two sets.
 pub fn fid(data_dir: &Path, args: FidArgs) -> anyhow::Result<()> {
-    if args.batch == 0 || args.max_images == Some(0) {
-        bail!("--batch and --max-images must be positive");
+    let mut out = std::io::stdout().lock();
+    if args.batch == 0 || args.max_images.is_some_and(|m| m < 2) {
+        bail!("--batch must be positive and --max-images at least 2");
     }
+    if args.kid_subsets == 0 || args.kid_subset_size < 2 {
+        bail!("--kid-subsets must be positive and --kid-subset-size at least 2");
+    }
+    let sides = [
+        resolve(data_dir, &args.a, &args)?,
+        resolve(data_dir, &args.b, &args)?,
+    ];
     let mut extractor = None;
-    let a = side(data_dir, &args.a, &mut extractor, &args)?;
-    let b = side(data_dir, &args.b, &mut extractor, &args)?;
-    if a.stats.dims() != b.stats.dims() {
+    let mut resolved = Vec::new();
+    for (side, source) in sides.into_iter().zip([&args.a, &args.b]) {
+        resolved.push(match side {
+            Side::Stats(stats, features, geometry) => (stats, features, geometry),
+            Side::Images(dataset, count) => {
+                if extractor.is_none() {
+                    let e = FeatureExtractor::open(args.weights.as_deref())?;
+                    eprintln!("feature network: {}", e.identity());
+                    extractor = Some(e);
+                }
+                let e = extractor.as_ref().expect("opened above");
+                let features = dataset_features(e, &dataset, source, Some(count), args.batch)?;
+                let geometry = Some((dataset.resolution(), dataset.channels()));
+                (
+                    statistics(&features, hindsight::metrics::FEATURES)?,
+                    Some(features),
+                    geometry,
+                )
+            }
+        });
+    }
+    let (b, a) = (resolved.pop().expect("two"), resolved.pop().expect("two"));
+    if a.0.dims() != b.0.dims() {
         bail!(
             "{} has {}-d statistics and {} {}-d ones; they come from different networks",
             args.a,
-            a.stats.dims(),
+            a.0.dims(),
             args.b,
-            b.stats.dims()
+            b.0.dims()
         );
     }
+    if let (Some((ra, ca)), Some((rb, cb))) = (a.2, b.2) {
+        if (ra, ca) != (rb, cb) {
+            eprintln!(
+                "warning: {} holds {ra}×{ra} images with {ca} channel(s) and {} {rb}×{rb} with \
+                 {cb}: FID compares them after resizing to 299×299 (and replicating grey), which \
+                 is not the same as comparing images of one kind",
+                args.a, args.b
+            );
+        }
+    }
     let started = std::time::Instant::now();
-    let fid = frechet_distance_of(&a.stats, &b.stats)?;
+    let fid = frechet_distance_of(&a.0, &b.0)?;
     let fid_seconds = started.elapsed().as_secs_f64();
-    let kid = match (&a.features, &b.features) {
+    let kid = match (&a.1, &b.1) {
         (Some(x), Some(y)) => Some(kid(
             x,
             y,
-            a.stats.dims(),
+            a.0.dims(),
             args.kid_subsets,
             args.kid_subset_size,
             0,
@@ -275,25 +335,28 @@ pub fn fid(data_dir: &Path, args: FidArgs) -> anyhow::Result<()> {
     if args.json {
         return print_json(&serde_json::json!({
             "a": args.a, "b": args.b,
-            "count_a": a.stats.count(), "count_b": b.stats.count(),
+            "count_a": a.0.count(), "count_b": b.0.count(),
             "fid": fid, "kid": kid, "fid_seconds": fid_seconds,
         }));
     }
-    println!("FID  {fid:.4}");
+    writeln!(out, "FID  {fid:.4}")?;
     match kid {
-        Some(k) => println!(
+        Some(k) => writeln!(
+            out,
             "KID  {:.6} ± {:.6} ({} subsets of {})",
             k.mean, k.std_error, k.subsets, k.subset_size
-        ),
-        None => {
-            println!("KID  - (needs features on both sides; statistics files have none)")
-        }
+        )?,
+        None => writeln!(
+            out,
+            "KID  - (needs features on both sides; statistics files have none)"
+        )?,
     }
     Ok(())
 }
 
 /// Lists stored reference statistics.
 pub fn list(data_dir: &Path, args: ReferencesArgs) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
     let rows = block_on(async {
         let data = DataDir::open(data_dir).await?;
         Ok(data.db.references().await?)
@@ -304,12 +367,14 @@ pub fn list(data_dir: &Path, args: ReferencesArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    println!(
+    writeln!(
+        out,
         "{:>4}  {:<24} {:>7} {:>5} {:>4}  {:<12} source",
         "id", "name", "images", "dims", "KID", "weights"
-    );
+    )?;
     for r in rows {
-        println!(
+        writeln!(
+            out,
             "{:>4}  {:<24} {:>7} {:>5} {:>4}  {:<12} {}",
             r.id,
             r.name,
@@ -324,7 +389,7 @@ pub fn list(data_dir: &Path, args: ReferencesArgs) -> anyhow::Result<()> {
                 .as_deref()
                 .map_or("imported".to_owned(), |d| d[..12].to_owned()),
             r.source
-        );
+        )?;
     }
     Ok(())
 }

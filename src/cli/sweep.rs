@@ -1,5 +1,6 @@
 //! `hindsight sweep`, `hindsight sweeps`, `hindsight worker`: sweeps from the command line.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +24,7 @@ pub struct SweepArgs {
     #[arg(long, required_unless_present = "resume")]
     pub run: Option<String>,
     /// EMA widths: a list, or EDM2's syntax `0.02,0.03,...,0.25`.
-    #[arg(long, required_unless_present = "resume")]
+    #[arg(long, required_unless_present = "resume", allow_hyphen_values = true)]
     pub sigma_rel: Option<String>,
     /// Training times to reconstruct at, comma-separated (a 2-D sweep); default: the run's
     /// last snapshot.
@@ -148,8 +149,9 @@ pub fn run(data_dir: &Path, args: SweepArgs) -> anyhow::Result<()> {
                     kid_subsets: None,
                     kid_subset_size: None,
                 };
+                // The command line answers to its user alone: a generous cap.
                 let limits = SweepLimits {
-                    max_images: usize::MAX / 2,
+                    max_images: 10_000_000,
                     ..Default::default()
                 };
                 sweep::create(&data, request, &limits).await?
@@ -277,10 +279,12 @@ fn summary(r: &PointResult, metric: Metric) -> String {
 }
 
 fn print_points(sweep: &SweepRow, points: &[PointRow]) -> anyhow::Result<()> {
-    println!(
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
         "{:>5} {:>9} {:>14} {:>20} {:>20} {:>9}  status",
         "point", "sigma_rel", "nimg", "FID", "KID×10³", "images/s"
-    );
+    )?;
     for p in points {
         let r: Option<PointResult> = p
             .result
@@ -294,7 +298,8 @@ fn print_points(sweep: &SweepRow, points: &[PointRow]) -> anyhow::Result<()> {
             ),
             None => ("-".into(), "-".into(), "-".into()),
         };
-        println!(
+        writeln!(
+            out,
             "{:>5} {:>9.4} {:>14} {:>20} {:>20} {:>9}  {}{}",
             p.idx,
             p.sigma_rel,
@@ -307,31 +312,34 @@ fn print_points(sweep: &SweepRow, points: &[PointRow]) -> anyhow::Result<()> {
                 .as_deref()
                 .filter(|_| p.status != hindsight::db::SweepStatus::Done)
                 .map_or(String::new(), |e| format!(": {e}"))
-        );
+        )?;
     }
     for metric in Metric::ALL {
         if let Some(best) = sweep::best_point(points, metric) {
-            println!(
+            writeln!(
+                out,
                 "best {}: σ_rel {:.4} at nimg {} (point {})",
                 metric.as_str(),
                 best.sigma_rel,
                 best.nimg,
                 best.idx
-            );
+            )?;
         }
     }
-    println!(
+    writeln!(
+        out,
         "sweep {} {}: {}/{} points done",
         sweep.id,
         sweep.status.as_str(),
         sweep.points_done,
         sweep.points
-    );
+    )?;
     Ok(())
 }
 
 /// Lists sweeps, shows one, or cancels one.
 pub fn sweeps(data_dir: &Path, args: SweepsArgs) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
     block_on(async move {
         let data = DataDir::open(data_dir).await?;
         if let Some(id) = args.id {
@@ -356,13 +364,15 @@ pub fn sweeps(data_dir: &Path, args: SweepsArgs) -> anyhow::Result<()> {
             }
             return Ok(());
         }
-        println!(
+        writeln!(
+            out,
             "{:>4}  {:<20} {:<10} {:>7} {:>12}  created",
             "id", "run", "status", "points", "images"
-        );
+        )?;
         for s in rows {
             let per_point = sweep::spec_of(&s).map_or(0, |sp| sp.images_per_point());
-            println!(
+            writeln!(
+                out,
                 "{:>4}  {:<20} {:<10} {:>3}/{:<3} {:>12}  {}",
                 s.id,
                 s.run,
@@ -371,7 +381,7 @@ pub fn sweeps(data_dir: &Path, args: SweepsArgs) -> anyhow::Result<()> {
                 s.points,
                 format!("{}/{}", s.images_done, s.points as usize * per_point),
                 s.created_at
-            );
+            )?;
         }
         Ok(())
     })

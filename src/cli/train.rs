@@ -21,8 +21,9 @@ pub struct TrainArgs {
     /// dataset-fashion-mnist, 28×28 padded to 32×32, 10 classes), an
     /// `*-images-idx3-ubyte[.gz]` file, or a folder / ZIP of PNGs in EDM2's dataset layout
     /// (`dataset.json` labels optional). Image sets bring their size, channels and classes.
-    #[arg(long, default_value = "procedural")]
-    pub dataset: String,
+    /// Default: `procedural`; with --resume, the dataset the run was trained on.
+    #[arg(long)]
+    pub dataset: Option<String>,
     /// Image side of the procedural dataset (and of the default network).
     #[arg(long, default_value_t = 16)]
     pub resolution: usize,

@@ -60,9 +60,9 @@ pub struct SweepRow {
     pub run_id: i64,
     /// The reference statistics' id.
     pub reference_id: i64,
-    /// The validated request (`sweep::SweepSpec` as JSON).
-    #[sqlx(json)]
-    pub request: serde_json::Value,
+    /// The validated request (`sweep::SweepSpec` as JSON; column `request`).
+    #[sqlx(json, rename = "request")]
+    pub spec: serde_json::Value,
     /// Status.
     pub status: SweepStatus,
     /// RFC 3339 UTC.

@@ -124,11 +124,22 @@ fn resolve_time_and_width(
         None => match (parse("sigma_rel")?, parse("gamma")?) {
             (Some(s), None) => Some(Width::SigmaRel(s)),
             (None, Some(g)) => Some(Width::Gamma(g)),
-            (Some(_), Some(_)) => {
-                return Err(Error::invalid(
-                    format!("{source}: __metadata__"),
-                    "has both sigma_rel and gamma; give one",
-                ))
+            // Both (as reconstructions and trackers write them): they must name one width.
+            (Some(s), Some(g)) => {
+                let expected = crate::phema::sigma_rel_to_gamma(
+                    s,
+                    &format!("{source}: __metadata__.sigma_rel"),
+                )?;
+                if (expected - g).abs() > 1e-6 * expected.abs().max(1.0) {
+                    return Err(Error::invalid(
+                        format!("{source}: __metadata__"),
+                        format!(
+                            "sigma_rel {s} and gamma {g} disagree (sigma_rel {s} is gamma \
+                             {expected}); give one"
+                        ),
+                    ));
+                }
+                Some(Width::SigmaRel(s))
             }
             (None, None) => from_name.map(|(_, s)| Width::SigmaRel(s)),
         },

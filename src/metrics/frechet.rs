@@ -106,7 +106,20 @@ pub fn frechet_distance(mu1: &[f64], sigma1: &[f64], mu2: &[f64], sigma2: &[f64]
         .self_adjoint_eigenvalues(Side::Lower)
         .map_err(|e| Error::invalid("statistics", format!("eigenvalues failed: {e:?}")))?;
     let tr_sqrt: f64 = eigenvalues.iter().map(|&l| l.max(0.0).sqrt()).sum();
-    Ok(diff + tr_a + tr_b - 2.0 * tr_sqrt)
+    let fd = diff + tr_a + tr_b - 2.0 * tr_sqrt;
+    // Identical sets give ±rounding; a clearly negative value means a "covariance" that is
+    // not positive semi-definite got this far.
+    let scale = (diff + tr_a + tr_b).max(f64::MIN_POSITIVE);
+    if fd < -1e-9 * scale {
+        return Err(Error::invalid(
+            "statistics",
+            format!(
+                "the Fréchet distance comes out negative ({fd:e}): a covariance is not positive \
+                 semi-definite"
+            ),
+        ));
+    }
+    Ok(fd.max(0.0))
 }
 
 /// [`frechet_distance`] of two sets' statistics.

@@ -121,6 +121,20 @@ pub type ApiResult<T> = std::result::Result<T, ApiError>;
 
 /// Parses a JSON body with field paths in the error (`targets[1].nimg: …`).
 pub(super) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    // Every JSON body of this API is an object; say so rather than name an internal type.
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => {}
+        None => {
+            return Err(ApiError::invalid(
+                "request body: empty; expected a JSON object",
+            ))
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "request body: expected a JSON object ({…})",
+            ))
+        }
+    }
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();

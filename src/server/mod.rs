@@ -159,11 +159,13 @@ pub async fn serve_data_dir(
         tracing::info!(worker = worker.id(), "sweep worker started");
         tokio::spawn(worker.run(stop.clone().cancelled_owned()))
     });
-    let served = serve(listener, AppState::new(data, config), {
+    let state = AppState::new(data, config);
+    let served = serve(listener, state.clone(), {
         let stop = stop.clone();
         async move {
             shutdown.await;
             stop.cancel();
+            state.shutdown.cancel();
         }
     })
     .await;

@@ -60,6 +60,9 @@ pub struct AppState {
     pub config: Arc<ServerConfig>,
     pub(super) jobs: Arc<Jobs>,
     pub(super) uploads: Arc<Semaphore>,
+    /// Cancelled when the server begins to shut down: long-lived responses (event streams)
+    /// end, so that the graceful shutdown does not wait on them.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl AppState {
@@ -71,6 +74,7 @@ impl AppState {
             config: Arc::new(config),
             jobs: Arc::default(),
             uploads,
+            shutdown: tokio_util::sync::CancellationToken::new(),
         }
     }
 

@@ -208,7 +208,8 @@ impl Seen {
 
 /// Server-sent events of a sweep: `sweep` (the whole sweep, first), `progress` (a point's
 /// images so far, per batch), `point` (a point finished, failed or was cancelled, with its
-/// result), `end` (the sweep is finished; the stream closes). Works whichever process runs
+/// result), `end` (the sweep is finished; the stream closes), `shutdown` (the server is
+/// stopping; the stream closes, the sweep goes on when it restarts). Works whichever process runs
 /// the workers: the stream follows the index.
 #[utoipa::path(get, path = "/sweeps/{id}/events", tag = "sweeps",
     params(("id" = i64, Path, description = "Sweep id")),
@@ -252,7 +253,20 @@ pub(super) async fn sweep_events(
                     ));
                 }
             }
-            tokio::time::sleep(poll).await;
+            let stopping = seen.state.shutdown.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(poll) => {}
+                _ = stopping.cancelled() => {
+                    seen.ended = true;
+                    let body = serde_json::json!({
+                        "message": "the server is shutting down; reconnect to follow the sweep"
+                    });
+                    return Some((
+                        futures_util::stream::iter(vec![Ok(event("shutdown", &body))]),
+                        seen,
+                    ));
+                }
+            }
         }
     });
     use futures_util::StreamExt;
@@ -288,6 +302,19 @@ pub(super) async fn sweep_plot(
         .parse()
         .map_err(|e: crate::Error| ApiError::invalid(e.to_string()))?;
     let (sweep, points) = load(&state, id).await?;
+    if let Ok(spec) = sweep::spec_of(&sweep) {
+        if !spec.metrics.contains(&metric) {
+            return Err(ApiError::not_found(format!(
+                "sweep {id} does not compute {} (its metrics: {})",
+                metric.as_str(),
+                spec.metrics
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
     if !points.iter().any(|p| p.result.is_some()) {
         return Err(ApiError::not_found(format!(
             "sweep {id} has no finished point yet"

@@ -53,8 +53,9 @@ pub async fn create(
 
 /// The sweep `id`, or [`Error::NotFound`].
 pub async fn find(data: &DataDir, id: i64) -> Result<SweepRow> {
-    data.db
-        .sweep(id)
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("no sweep {id} (see GET /sweeps)")))
+    data.db.sweep(id).await?.ok_or_else(|| {
+        Error::NotFound(format!(
+            "no sweep {id} (see `hindsight sweeps` or GET /sweeps)"
+        ))
+    })
 }

@@ -310,7 +310,7 @@ mod tests {
             run: "r".into(),
             run_id: 1,
             reference_id: 1,
-            request: serde_json::json!({}),
+            spec: serde_json::json!({}),
             status: SweepStatus::Running,
             created_at: String::new(),
             finished_at: None,

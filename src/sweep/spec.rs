@@ -101,23 +101,27 @@ impl SamplerSettings {
                 format!("{} steps; between 2 and 1000", self.steps),
             ));
         }
-        let positive = |v: f64| v.is_finite() && v > 0.0;
-        if !positive(self.sigma_min)
-            || !positive(self.sigma_max)
-            || self.sigma_min >= self.sigma_max
-        {
+        // EDM's defaults are 0.002, 80 and 7; the bounds keep the schedule meaningful.
+        let within = |v: f64, lo: f64, hi: f64| v.is_finite() && v >= lo && v <= hi;
+        if !within(self.sigma_min, 1e-6, 1e4) {
             return Err(Error::invalid(
                 "sampler.sigma_min",
+                format!("{}: between 1e-6 and 1e4", self.sigma_min),
+            ));
+        }
+        if !within(self.sigma_max, 1e-6, 1e4) || self.sigma_max <= self.sigma_min {
+            return Err(Error::invalid(
+                "sampler.sigma_max",
                 format!(
-                    "noise levels {} .. {} must be finite with 0 < sigma_min < sigma_max",
-                    self.sigma_min, self.sigma_max
+                    "{}: between 1e-6 and 1e4, above sigma_min ({})",
+                    self.sigma_max, self.sigma_min
                 ),
             ));
         }
-        if !positive(self.rho) {
+        if !within(self.rho, 0.1, 100.0) {
             return Err(Error::invalid(
                 "sampler.rho",
-                format!("{} is not a positive number", self.rho),
+                format!("{}: between 0.1 and 100", self.rho),
             ));
         }
         Ok(())
@@ -218,7 +222,7 @@ impl SweepSpec {
 
 /// The specification stored with a sweep.
 pub fn spec_of(sweep: &crate::db::SweepRow) -> Result<SweepSpec> {
-    serde_json::from_value(sweep.request.clone())
+    serde_json::from_value(sweep.spec.clone())
         .map_err(|e| Error::Index(format!("sweep {} has an unreadable spec: {e}", sweep.id)))
 }
 
@@ -258,6 +262,12 @@ pub async fn validate(
     }
     for (i, &s) in request.sigma_rels.iter().enumerate() {
         check_sigma_rel(s, &format!("sigma_rels[{i}]"))?;
+        if request.sigma_rels[..i].contains(&s) {
+            return Err(Error::invalid(
+                format!("sigma_rels[{i}]"),
+                format!("{s} is listed twice"),
+            ));
+        }
     }
     let snapshots = data.db.snapshots(run.id).await?;
     let last =
@@ -273,6 +283,12 @@ pub async fn validate(
     };
     for (i, &n) in nimgs.iter().enumerate() {
         check_nimg(n, &format!("nimgs[{i}]"))?;
+        if nimgs[..i].contains(&n) {
+            return Err(Error::invalid(
+                format!("nimgs[{i}]"),
+                format!("{n} is listed twice"),
+            ));
+        }
         if n == 0 || n > last {
             return Err(Error::invalid(
                 format!("nimgs[{i}]"),
@@ -298,7 +314,7 @@ pub async fn validate(
         return Err(Error::invalid(
             "num_images",
             format!(
-                "{num_images} images; between 2 and {} (the server's cap)",
+                "{num_images} images; between 2 and {} (the configured cap)",
                 limits.max_images
             ),
         ));
@@ -383,13 +399,22 @@ pub async fn validate(
         reconstruction::plan(&data.db, &run.name, chunk.to_vec(), OutDtype::F32).await?;
     }
     let mut warnings = Vec::new();
-    if let (Some(r), Some(c)) = (reference.resolution, reference.channels) {
-        if r as usize != network.img_resolution || c as usize != network.img_channels {
+    if let Some(r) = reference.resolution {
+        if r as usize != network.img_resolution {
             warnings.push(format!(
-                "the reference images are {r}×{r}×{c} and the run's {}×{}×{}: FID compares \
-                 them after resizing both to 299×299, which is not the same as comparing \
-                 images of one size",
-                network.img_resolution, network.img_resolution, network.img_channels
+                "the reference images are {r}×{r} and the run's {0}×{0}: FID compares them \
+                 after resizing both to 299×299, which is not the same as comparing images \
+                 of one size",
+                network.img_resolution
+            ));
+        }
+    }
+    if let Some(c) = reference.channels {
+        if c as usize != network.img_channels {
+            warnings.push(format!(
+                "the reference images have {c} channel(s) and the run's {}: grey images are \
+                 replicated to RGB for Inception, so grey is compared with colour",
+                network.img_channels
             ));
         }
     }

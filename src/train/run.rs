@@ -27,8 +27,9 @@ pub struct TrainOptions {
     /// The network; `None`: [`Edm2Config::small`] for the dataset's size, channels and
     /// classes.
     pub network: Option<Edm2Config>,
-    /// `procedural` or a folder / ZIP of PNGs (whose size and classes win).
-    pub dataset: String,
+    /// `procedural`, `fashion-mnist`, an IDX file, or a folder / ZIP of PNGs (whose size and
+    /// classes win); `None`: `procedural`, or with `resume` the dataset the run recorded.
+    pub dataset: Option<String>,
     /// Image side of the procedural dataset.
     pub resolution: usize,
     /// Classes of the procedural dataset (0: unconditional).
@@ -106,16 +107,20 @@ impl Session {
         mut options: TrainOptions,
         progress: &dyn Progress,
     ) -> Result<Self> {
-        let dataset = Dataset::open(
-            &options.dataset,
-            options.resolution,
-            options.classes,
-            options.seed,
-        )?;
+        let runtime = tokio::runtime::Runtime::new()
+            .map_err(|e| Error::io("starting the async runtime", e))?;
+        if options.resume {
+            resume_dataset(&runtime, data_dir, &mut options)?;
+        }
+        let source = options
+            .dataset
+            .clone()
+            .unwrap_or_else(|| "procedural".to_owned());
+        let dataset = Dataset::open(&source, options.resolution, options.classes, options.seed)?;
         if let Dataset::Images(folder, _) = &dataset {
             progress.note(&format!(
                 "dataset {}: {} images of {2}×{2}, {3} channel(s), {4} classes",
-                options.dataset,
+                source,
                 folder.len(),
                 folder.resolution,
                 folder.channels,
@@ -127,6 +132,14 @@ impl Session {
         let network = options.network.clone().unwrap_or_else(|| {
             Edm2Config::small(options.resolution, dataset.channels(), options.classes)
         });
+        if network.label_dim == 0 && options.classes > 0 {
+            // An unconditional network on labelled data: the labels go unused.
+            progress.note(&format!(
+                "training unconditionally (label_dim 0): the dataset's {} class labels are not used",
+                options.classes
+            ));
+            options.classes = 0;
+        }
         check(&options, dataset.channels(), &network)?;
         let widths: Vec<Width> = options
             .sigma_rels
@@ -160,7 +173,7 @@ impl Session {
         let config = &trainer.config;
         let metadata = serde_json::json!({
             "trainer": "hindsight train",
-            "dataset": {"source": options.dataset, "resolution": options.resolution,
+            "dataset": {"source": source, "resolution": options.resolution,
                         "channels": dataset.channels(),
                         "classes": options.classes, "seed": dataset.seed()},
             "training": config,
@@ -171,8 +184,6 @@ impl Session {
             .iter()
             .map(|(_, t)| t.dims().to_vec())
             .collect();
-        let runtime = tokio::runtime::Runtime::new()
-            .map_err(|e| Error::io("starting the async runtime", e))?;
         let writer = runtime.block_on(async {
             let data = DataDir::open(data_dir).await?;
             SnapshotWriter::new(&data, &options.run, &metadata, &ema, &shapes).await
@@ -216,6 +227,7 @@ impl Session {
         progress.set_position(self.trainer.cur_nimg.min(total));
         while self.trainer.cur_nimg < total {
             let (images, labels) = self.dataset.batch(self.index, batch, &self.device)?;
+            let labels = labels.filter(|_| self.options.classes > 0);
             self.index += batch as u64;
             let stats = self.trainer.step(&images, labels.as_ref())?;
             recent.push(stats.loss);
@@ -260,13 +272,58 @@ impl Session {
     }
 }
 
+/// With `--resume`, the dataset (and, unless given, the network) come from the run's record
+/// (`metadata.dataset`, `metadata.network`): the data stream continues where it stopped. A
+/// different `--dataset` is refused.
+fn resume_dataset(
+    runtime: &tokio::runtime::Runtime,
+    data_dir: &Path,
+    options: &mut TrainOptions,
+) -> Result<()> {
+    let run = runtime.block_on(async {
+        let data = DataDir::open(data_dir).await?;
+        data.db.run(&options.run).await
+    })?;
+    let Some(run) = run else {
+        return Ok(()); // No run yet: the missing checkpoint is reported below.
+    };
+    let recorded = &run.metadata["dataset"];
+    let Some(source) = recorded["source"].as_str() else {
+        return Ok(());
+    };
+    match &options.dataset {
+        Some(given) if given != source => {
+            return Err(Error::invalid(
+                "dataset",
+                format!(
+                    "run {:?} was trained on {source:?}; resuming it on {given:?} would change \
+                     its data (leave --dataset out to continue on the same data)",
+                    options.run
+                ),
+            ))
+        }
+        _ => options.dataset = Some(source.to_owned()),
+    }
+    if let Some(r) = recorded["resolution"].as_u64() {
+        options.resolution = r as usize;
+    }
+    if let Some(c) = recorded["classes"].as_u64() {
+        options.classes = c as usize;
+    }
+    if options.network.is_none() {
+        options.network = serde_json::from_value(run.metadata["network"].clone()).ok();
+    }
+    Ok(())
+}
+
 /// Refuses options that cannot train: a network that does not fit the dataset, zero sizes.
 fn check(options: &TrainOptions, channels: usize, network: &Edm2Config) -> Result<()> {
     if network.label_dim != options.classes {
         return Err(Error::invalid(
             "network",
             format!(
-                "the network has label_dim {} but --classes is {}",
+                "the network has label_dim {} but the dataset has {} classes (label_dim 0 \
+                 trains unconditionally on any dataset)",
                 network.label_dim, options.classes
             ),
         ));

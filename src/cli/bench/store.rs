@@ -338,8 +338,7 @@ pub async fn reconstruct(args: ReconstructArgs) -> anyhow::Result<()> {
                 }
             }
             if let Some(py) = &peer_python {
-                let script =
-                    hindsight::bench::repo_file("scripts/peer_reconstruct.py");
+                let script = hindsight::bench::repo_file("scripts/peer_reconstruct.py");
                 let (secs, peak) = time_reporting(
                     Path::new(py),
                     &[

@@ -10,9 +10,10 @@ use crate::sweep::{best_point, SamplerSettings, SweepRequest, SweepSpec};
 use super::super::error::{ApiError, ApiResult};
 use super::super::reconstruct::Widths;
 
-/// One training time or several.
-#[derive(Clone, Debug, Deserialize, ToSchema)]
-#[serde(untagged)]
+/// One training time or several (the schema of `nimgs`; the body is read by hand so that
+/// errors name the element).
+#[derive(Clone, Debug, ToSchema)]
+#[allow(dead_code)]
 pub enum Nimgs {
     /// One value.
     One(u64),
@@ -53,10 +54,12 @@ pub struct SweepRequestBody {
     /// The run's name.
     pub run: String,
     /// EMA widths: a number, a list, or EDM2's list syntax (`"0.02,0.03,...,0.25"`).
-    pub sigma_rels: Widths,
+    #[schema(value_type = Widths)]
+    pub sigma_rels: serde_json::Value,
     /// Training times to reconstruct at (a 2-D sweep); default: the run's last snapshot.
     #[serde(default)]
-    pub nimgs: Option<Nimgs>,
+    #[schema(value_type = Option<Nimgs>)]
+    pub nimgs: Option<serde_json::Value>,
     /// `fid`, `kid` (default: FID, and KID when the reference keeps its features).
     #[serde(default)]
     pub metrics: Option<Vec<String>>,
@@ -83,6 +86,50 @@ pub struct SweepRequestBody {
     pub kid_subset_size: Option<u64>,
 }
 
+/// `sigma_rels` as a number, a list of numbers or EDM2's list syntax, with errors naming the
+/// element.
+fn sigma_rels(v: &serde_json::Value) -> ApiResult<Vec<f64>> {
+    use serde_json::Value;
+    match v {
+        Value::Number(n) => Ok(vec![n.as_f64().unwrap_or(f64::NAN)]),
+        Value::String(text) => {
+            super::super::reconstruct::widths(&Widths::List(text.clone()), "sigma_rels", false)
+        }
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                item.as_f64().ok_or_else(|| {
+                    ApiError::invalid(format!("sigma_rels[{i}]: {item} is not a number"))
+                })
+            })
+            .collect(),
+        other => Err(ApiError::invalid(format!(
+            "sigma_rels: {other} is not a number, a list of numbers, or EDM2's list syntax \
+             (\"0.05,0.10,...,0.25\")"
+        ))),
+    }
+}
+
+/// `nimgs` as a whole number of images or a list of them, with errors naming the element.
+fn nimgs(v: &serde_json::Value) -> ApiResult<Vec<u64>> {
+    let one = |item: &serde_json::Value, field: String| {
+        item.as_u64().ok_or_else(|| {
+            ApiError::invalid(format!(
+                "{field}: {item} is not a whole number of training images"
+            ))
+        })
+    };
+    match v {
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| one(item, format!("nimgs[{i}]")))
+            .collect(),
+        item => Ok(vec![one(item, "nimgs".to_owned())?]),
+    }
+}
+
 fn size(v: Option<u64>) -> Option<usize> {
     v.map(|v| usize::try_from(v).unwrap_or(usize::MAX))
 }
@@ -90,7 +137,7 @@ fn size(v: Option<u64>) -> Option<usize> {
 impl SweepRequestBody {
     /// The library's request; list syntax and metric names are checked here.
     pub fn into_request(self) -> ApiResult<SweepRequest> {
-        let sigma_rels = super::super::reconstruct::widths(&self.sigma_rels, "sigma_rels", false)?;
+        let sigma_rels = sigma_rels(&self.sigma_rels)?;
         let metrics = match self.metrics {
             None => None,
             Some(names) => Some(
@@ -110,10 +157,7 @@ impl SweepRequestBody {
         Ok(SweepRequest {
             run: self.run,
             sigma_rels,
-            nimgs: self.nimgs.map(|n| match n {
-                Nimgs::One(v) => vec![v],
-                Nimgs::Many(v) => v,
-            }),
+            nimgs: self.nimgs.as_ref().map(nimgs).transpose()?,
             metrics,
             num_images: size(self.num_images),
             seed_sets: size(self.seed_sets),
@@ -253,7 +297,7 @@ pub struct SweepView {
 impl SweepView {
     /// The view of a sweep; `points` included when given.
     pub fn new(s: &SweepRow, points: Option<&[PointRow]>) -> Self {
-        let spec: Option<SweepSpec> = serde_json::from_value(s.request.clone()).ok();
+        let spec: Option<SweepSpec> = serde_json::from_value(s.spec.clone()).ok();
         let per_point = spec.as_ref().map_or(0, SweepSpec::images_per_point);
         let best = match (points, &spec) {
             (Some(points), Some(spec)) => spec
@@ -280,7 +324,7 @@ impl SweepView {
             id: s.id,
             run: s.run.clone(),
             status: s.status.as_str().to_owned(),
-            spec: s.request.clone(),
+            spec: s.spec.clone(),
             points_total: s.points,
             points_done: s.points_done,
             points_failed: s.points_failed,
