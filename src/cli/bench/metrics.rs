@@ -45,8 +45,65 @@ pub fn fid(args: FidArgs) -> anyhow::Result<()> {
     let temp = tempfile::tempdir()?;
     let dir = args.dir.clone().unwrap_or_else(|| temp.path().to_owned());
     std::fs::create_dir_all(&dir)?;
+    let parity_ok = parity(&args)?;
     frechet(&dir, &args)?;
-    inception(&dir, &args)
+    inception(&dir, &args)?;
+    if !parity_ok {
+        bail!("Inception features are outside the tolerance (see above)");
+    }
+    Ok(())
+}
+
+/// Features of the committed 32 Fashion-MNIST images (tests/fixtures/inception_real
+/// .safetensors) on this binary's device against the CPU, and — for NVIDIA's weights —
+/// against PyTorch's features of the same images and file. Prints both; false when either
+/// exceeds 1e-4 relative.
+fn parity(args: &FidArgs) -> anyhow::Result<bool> {
+    let fixture = hindsight::bench::repo_file("tests/fixtures/inception_real.safetensors");
+    let path = metrics::locate_weights(args.weights.as_deref())?;
+    let weights = metrics::load_weights(&path)?;
+    let data = candle_core::safetensors::load(&fixture, &Device::Cpu)
+        .with_context(|| format!("reading {}", fixture.display()))?;
+    let images = &data["images_u8"];
+    let (n, c, h, w) = images.dims4()?;
+    let pixels: Vec<f32> = images
+        .flatten_all()?
+        .to_vec1::<u8>()?
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    let features = |device: &Device| -> anyhow::Result<Vec<f32>> {
+        let net = Inception::new(&weights.tensors, weights.preprocess, device)?;
+        Ok(net
+            .features(&pixels, n, c, h, w)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    };
+    let max_rel = |got: &[f32], want: &[f32]| {
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+        got.iter()
+            .zip(want)
+            .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64))
+            / scale
+    };
+    let device = hindsight::model::default_device();
+    let ours = features(&device)?;
+    let mut ok = true;
+    if !device.is_cpu() {
+        let e = max_rel(&ours, &features(&Device::Cpu)?);
+        println!("Inception parity, {device:?} against the CPU ({n} images): {e:.2e} relative");
+        ok &= e <= 1e-4;
+    }
+    if weights.preprocess == metrics::Preprocess::Nvidia {
+        let want = data["features"].flatten_all()?.to_vec1::<f32>()?;
+        let e = max_rel(&ours, &want);
+        println!(
+            "Inception parity, {device:?} against PyTorch's torch.jit.load of the same file \
+             ({n} Fashion-MNIST images): {e:.2e} relative (tolerance 1e-4)"
+        );
+        ok &= e <= 1e-4;
+    }
+    Ok(ok)
 }
 
 /// Two sets of 2048-d statistics with realistic structure: features that mix 256 shared
@@ -132,7 +189,8 @@ fn inception(dir: &Path, args: &FidArgs) -> anyhow::Result<()> {
     hindsight::model::keep_freed_memory();
     let path = metrics::locate_weights(args.weights.as_deref())?;
     let weights = metrics::load_weights(&path)?;
-    let net = Inception::new(&weights.tensors, weights.preprocess, &Device::Cpu)?;
+    let device = hindsight::model::default_device();
+    let net = Inception::new(&weights.tensors, weights.preprocess, &device)?;
     let dataset = hindsight::datasets::Dataset::open("fashion-mnist-test", 32, 0, 0)
         .or_else(|_| hindsight::datasets::Dataset::open("procedural", 32, 0, 0))?;
     let (c, r) = (dataset.channels(), dataset.resolution());
@@ -186,6 +244,7 @@ fn inception(dir: &Path, args: &FidArgs) -> anyhow::Result<()> {
             args.batch.to_string().as_ref(),
             rayon::current_num_threads().to_string().as_ref(),
             args.rounds.to_string().as_ref(),
+            if device.is_cuda() { "cuda" } else { "cpu" }.as_ref(),
         ],
     )?;
     let theirs = median(
@@ -408,6 +467,12 @@ pub fn sweep_point(args: SweepPointArgs) -> anyhow::Result<()> {
             args.batch.to_string().as_ref(),
             args.steps.to_string().as_ref(),
             rayon::current_num_threads().to_string().as_ref(),
+            if hindsight::model::default_device().is_cuda() {
+                "cuda"
+            } else {
+                "cpu"
+            }
+            .as_ref(),
         ],
     )?;
     let theirs = peer["seconds"]
