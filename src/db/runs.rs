@@ -39,6 +39,9 @@ pub struct RunSummary {
     pub first_nimg: Option<i64>,
     /// Latest snapshot time.
     pub last_nimg: Option<i64>,
+    /// When something last happened to the run (RFC 3339 UTC): its creation, its newest
+    /// snapshot, reconstruction or sweep (creation or end), whichever is latest.
+    pub last_activity: String,
 }
 
 /// Run names appear in URLs and file names: 1 to 200 characters, not blank, no leading or
@@ -160,7 +163,12 @@ impl Db {
         Ok(sqlx::query_as::<_, RunSummary>(
             "SELECT r.name, r.description, r.created_at, \
                     COUNT(s.id) AS snapshots, COALESCE(SUM(s.byte_size), 0) AS bytes, \
-                    MIN(s.nimg) AS first_nimg, MAX(s.nimg) AS last_nimg \
+                    MIN(s.nimg) AS first_nimg, MAX(s.nimg) AS last_nimg, \
+                    MAX(r.created_at, COALESCE(MAX(s.created_at), ''), \
+                        COALESCE((SELECT MAX(created_at) FROM reconstructions \
+                                  WHERE run_id = r.id), ''), \
+                        COALESCE((SELECT MAX(MAX(created_at, COALESCE(finished_at, ''))) \
+                                  FROM sweeps WHERE run_id = r.id), '')) AS last_activity \
              FROM runs r LEFT JOIN snapshots s ON s.run_id = r.id \
              GROUP BY r.id ORDER BY r.name",
         )

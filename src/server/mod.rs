@@ -8,7 +8,8 @@
 //! Routes (all documented in `GET /openapi.json`):
 //! - `POST /reconstruct` — solve and materialize (cached, single-flight, 202 when slow)
 //! - `GET /reconstructions/{id}`, `GET /reconstructions/{id}/weights` (Range, ETag)
-//! - `GET /runs`, `GET /runs/{run}`, `GET /runs/{run}/snapshots`
+//! - `GET /runs`, `GET /runs/{run}`, `GET /runs/{run}/snapshots`, `GET /runs/{run}/preview`
+//!   (the solver's quality report for one target), `GET /runs/{run}/profiles.svg`
 //! - `POST /runs/{run}/snapshots` — streaming upload of one safetensors snapshot
 //! - `POST /sweeps`, `GET /sweeps`, `GET /sweeps/{id}`, `DELETE /sweeps/{id}` (cancel),
 //!   `GET /sweeps/{id}/events` (server-sent events), `GET /sweeps/{id}/plot.svg`,
@@ -16,10 +17,11 @@
 //! - `GET /references`, `POST /references?name=` (import .npz/.pkl), `GET /references/{key}`,
 //!   `GET /references/{key}/stats.npz`
 //! - `HEAD /blobs/{digest}`, `GET /healthz`, `GET /openapi.json`
+//! - `GET /` and `GET /ui/…`: the web UI (`web/`, embedded in the binary)
 //!
 //! Files: `state` (settings, shared state), `jobs` (single-flight reconstruction jobs),
 //! `views` (wire types), `error` (the error shape, body parsing), `auth` (bearer tokens),
-//! one file per route family (`reconstruct`, `runs`, `sweeps`, `blobs`, `meta`), `openapi`.
+//! one file per route family (`reconstruct`, `runs`, `sweeps`, `blobs`, `meta`, `ui`), `openapi`.
 //! `serve_data_dir` also runs one sweep worker (`crate::sweep::Worker`) beside the server.
 
 use std::net::SocketAddr;
@@ -42,6 +44,7 @@ mod reconstruct;
 mod runs;
 mod state;
 mod sweeps;
+mod ui;
 mod views;
 
 pub use auth::{append_new_token, hash_token, new_token, parse_token_hashes, read_token_file};
@@ -70,6 +73,8 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/runs", get(runs::list_runs))
         .route("/runs/{run}", get(runs::get_run))
+        .route("/runs/{run}/preview", get(runs::preview))
+        .route("/runs/{run}/profiles.svg", get(runs::profiles))
         .route(
             "/runs/{run}/snapshots",
             get(runs::list_snapshots)
@@ -101,6 +106,8 @@ pub fn app(state: AppState) -> Router {
         .route("/references/{key}", get(sweeps::get_reference))
         .route("/references/{key}/stats.npz", get(sweeps::reference_npz))
         .route("/blobs/{digest}", head(blobs::head_blob))
+        .route("/", get(ui::index))
+        .route("/ui/{*path}", get(ui::file))
         .route("/healthz", get(meta::healthz))
         .route("/openapi.json", get(openapi::openapi_json))
         .fallback(meta::not_found)

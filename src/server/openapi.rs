@@ -22,6 +22,8 @@ use super::{blobs, error, meta, reconstruct, runs, sweeps, views};
         runs::get_run,
         runs::list_snapshots,
         runs::upload_snapshot,
+        runs::preview,
+        runs::profiles,
         sweeps::post_sweep,
         sweeps::list_sweeps,
         sweeps::get_sweep,

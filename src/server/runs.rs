@@ -1,6 +1,6 @@
 //! Runs, their snapshots, and snapshot uploads.
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -254,4 +254,104 @@ pub(super) async fn upload_snapshot(
         StatusCode::OK
     };
     Ok((status, Json(IngestedView::from(ingested))).into_response())
+}
+
+/// The target of a preview: one width (`sigma_rel` or `gamma`) and optionally a time.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct PreviewQuery {
+    /// Target width as a relative standard deviation (give this or `gamma`).
+    pub sigma_rel: Option<String>,
+    /// Target width as a power-function exponent (give this or `sigma_rel`).
+    pub gamma: Option<String>,
+    /// Training time in images (default: the run's last snapshot).
+    pub nimg: Option<String>,
+}
+
+impl PreviewQuery {
+    fn targets(&self) -> ApiResult<Vec<crate::phema::request::TargetSpec>> {
+        use crate::phema::request::TargetSpec;
+        let number = |text: &str, field: &str| -> ApiResult<f64> {
+            text.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite())
+                .ok_or_else(|| ApiError::invalid(format!("{field}: {text:?} is not a number")))
+        };
+        let nimg = match &self.nimg {
+            None => None,
+            Some(t) if t.trim().is_empty() => None,
+            Some(t) => Some(t.trim().parse::<u64>().map_err(|_| {
+                ApiError::invalid(format!("nimg: {t:?} is not a whole number of images"))
+            })?),
+        };
+        let (sigma_rels, gammas) = match (&self.sigma_rel, &self.gamma) {
+            (Some(s), None) => (vec![number(s, "sigma_rel")?], vec![]),
+            (None, Some(g)) => (vec![], vec![number(g, "gamma")?]),
+            _ => {
+                return Err(ApiError::invalid(
+                    "give exactly one of sigma_rel and gamma (one number)",
+                ))
+            }
+        };
+        Ok(TargetSpec::from_lists(&sigma_rels, &gammas, nimg))
+    }
+
+    async fn plan(&self, state: &AppState, run: &str) -> ApiResult<crate::reconstruction::Plan> {
+        Ok(crate::reconstruction::plan(
+            &state.data.db,
+            run,
+            self.targets()?,
+            crate::materialize::OutDtype::F32,
+        )
+        .await?)
+    }
+}
+
+/// The solver's quality report for one target, without reconstructing anything (a
+/// millisecond solve): profile error, noise gain, condition number, the weighted snapshots
+/// and warnings when the width is out of the snapshots' reach. The same report a
+/// reconstruction stores (EDM2 §3, eq. 7's least-squares fit).
+#[utoipa::path(get, path = "/runs/{run}/preview", tag = "runs",
+    params(("run" = String, Path, description = "Run name"), PreviewQuery),
+    responses(
+        (status = 200, description = "The quality report", body = Object),
+        (status = 400, description = "Invalid target, naming the field", body = ErrorBody),
+        (status = 404, description = "No such run", body = ErrorBody),
+    ))]
+pub(super) async fn preview(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(query): Query<PreviewQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let plan = query.plan(&state, &name).await?;
+    Ok(Json(crate::reconstruction::report(&plan, &plan.targets[0])))
+}
+
+/// The target's EMA profile beside the one the snapshots reconstruct (SVG), for the same
+/// query as `/runs/{run}/preview`.
+#[utoipa::path(get, path = "/runs/{run}/profiles.svg", tag = "runs",
+    params(("run" = String, Path, description = "Run name"), PreviewQuery),
+    responses(
+        (status = 200, description = "SVG", content_type = "image/svg+xml", body = String),
+        (status = 400, description = "Invalid target, naming the field", body = ErrorBody),
+        (status = 404, description = "No such run", body = ErrorBody),
+    ))]
+pub(super) async fn profiles(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(query): Query<PreviewQuery>,
+) -> ApiResult<Response> {
+    let plan = query.plan(&state, &name).await?;
+    let (snapshots, realised) =
+        crate::reconstruction::solve_request(&plan.snapshots)?.realised()?;
+    let solutions: Vec<_> = plan.targets.iter().map(|t| t.solution.clone()).collect();
+    let svg = crate::plot::profiles_svg(&snapshots, &realised, &solutions)?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "image/svg+xml"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        svg,
+    )
+        .into_response())
 }

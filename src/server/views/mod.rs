@@ -60,6 +60,9 @@ pub struct RunSummaryView {
     pub first_nimg: Option<i64>,
     /// Latest snapshot time.
     pub last_nimg: Option<i64>,
+    /// When something last happened to the run (RFC 3339 UTC): created, a snapshot, a
+    /// reconstruction, or a sweep created or ended.
+    pub last_activity: String,
 }
 
 impl From<RunSummary> for RunSummaryView {
@@ -72,6 +75,7 @@ impl From<RunSummary> for RunSummaryView {
             bytes: r.bytes,
             first_nimg: r.first_nimg,
             last_nimg: r.last_nimg,
+            last_activity: r.last_activity,
         }
     }
 }

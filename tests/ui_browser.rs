@@ -1,0 +1,545 @@
+//! The web UI in a real browser: Debian's headless Chromium driven through `chromedriver`
+//! (WebDriver, with `fantoccini`) against a real `hindsight serve` on a data directory holding
+//! a small network trained on Fashion-MNIST and a finished sweep (FID and KID over two seed
+//! sets, so with error bars).
+//!
+//! It opens the run page (snapshot timeline, reconstruct panel), the sweep page (every
+//! finished point plotted, the best one marked, a point's image grid opened by clicking it on
+//! the chart), previews a reconstruction's quality report and profile plot, is refused a
+//! reconstruction without the token (clear message in the page), gives the token, reconstructs,
+//! downloads the file through the browser and checks its BLAKE3 digest against the API's, and
+//! looks at the pages at phone size. Screenshots go to `target/tmp/ui-screenshots/` (or
+//! `$HINDSIGHT_UI_SCREENSHOTS`).
+//!
+//! Needs `chromium` and `chromedriver` (Debian: `apt-get install chromium chromium-driver`) and
+//! Fashion-MNIST; without them it is skipped with the reason printed, unless
+//! `HINDSIGHT_REQUIRE_BROWSER=1` (set by `.ci/run`, which installs them), where it fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::actions::{InputSource, MouseActions, PointerAction, MOUSE_BUTTON_LEFT};
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{json, Value};
+
+mod common;
+use common::http;
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+fn hindsight(data: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_hindsight"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "hindsight {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
+/// chromedriver and Chromium, or `None` with the reason printed (a failure under
+/// `HINDSIGHT_REQUIRE_BROWSER=1`).
+fn browser() -> Option<PathBuf> {
+    let driver = which("chromedriver");
+    let reason = match (&driver, Path::new(CHROMIUM).is_file()) {
+        (Some(_), true) => return driver,
+        (None, _) => "chromedriver is not installed (apt-get install chromium-driver)",
+        (_, false) => "Chromium is not at /usr/bin/chromium (apt-get install chromium)",
+    };
+    if std::env::var("HINDSIGHT_REQUIRE_BROWSER").as_deref() == Ok("1") {
+        panic!("HINDSIGHT_REQUIRE_BROWSER=1 but {reason}");
+    }
+    eprintln!("SKIPPED: {reason}");
+    None
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for_port(addr: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A child process killed when dropped.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The first `n` Fashion-MNIST training images as an IDX file (unconditional).
+fn write_slice(path: &Path, n: usize) {
+    use std::io::Read;
+    let gz =
+        Path::new(hindsight::datasets::idx::FASHION_MNIST_DIR).join("train-images-idx3-ubyte.gz");
+    let mut raw = Vec::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(gz).unwrap())
+        .read_to_end(&mut raw)
+        .unwrap();
+    let mut out = raw[..16].to_vec();
+    out[4..8].copy_from_slice(&(n as u32).to_be_bytes());
+    out.extend_from_slice(&raw[16..16 + n * 28 * 28]);
+    std::fs::write(path, out).unwrap();
+}
+
+fn screenshots_dir() -> PathBuf {
+    let dir = std::env::var_os("HINDSIGHT_UI_SCREENSHOTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots"));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn screenshot(client: &Client, name: &str) {
+    let png = client.screenshot().await.unwrap();
+    std::fs::write(screenshots_dir().join(name), png).unwrap();
+}
+
+/// Waits up to 60 s for `css` to match an element whose text satisfies `ok`.
+async fn wait_text(client: &Client, css: &str, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(el) = client.find(Locator::Css(css)).await {
+            if let Ok(text) = el.text().await {
+                if ok(&text) {
+                    return text;
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            let text = js(client, "return document.body.innerText;").await;
+            panic!(
+                "timed out waiting for {css}; the page reads:\n{}",
+                text.as_str().unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn js(client: &Client, script: &str) -> Value {
+    client.execute(script, vec![]).await.unwrap()
+}
+
+/// Waits until `<img css>` has loaded a picture (natural width > 0) and returns its width.
+async fn image_loaded(client: &Client, css: &str) -> u64 {
+    let script = format!(
+        "const i = document.querySelector({css:?}); return i && i.complete ? i.naturalWidth : 0;"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let w = js(client, &script).await.as_u64().unwrap_or(0);
+        if w > 0 {
+            return w;
+        }
+        assert!(Instant::now() < deadline, "{css} never loaded a picture");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn the_web_ui_in_headless_chromium() {
+    let Some(driver) = browser() else { return };
+    if !common::fashion_mnist_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The real Inception weights when present (CI), else weights computed by formula: the
+    // page does not care which network the numbers came from.
+    let weights = common::real_inception_weights().unwrap_or_else(|| {
+        let p = dir.path().join("formula-inception.safetensors");
+        common::write_formula_inception(&p);
+        p
+    });
+    let weights = weights.to_str().unwrap();
+    let data = dir.path().join("data");
+    let slice = dir.path().join("fm-slice-images-idx3-ubyte");
+    write_slice(&slice, 512);
+    let network = dir.path().join("net.json");
+    std::fs::write(
+        &network,
+        json!({"img_resolution": 32, "img_channels": 1, "label_dim": 0, "model_channels": 16,
+               "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [],
+               "logvar_channels": 16})
+        .to_string(),
+    )
+    .unwrap();
+    #[rustfmt::skip]
+    hindsight(&data, &[
+        "train", "--run", "fm", "--dataset", slice.to_str().unwrap(),
+        "--network", network.to_str().unwrap(), "--total-kimg", "2", "--snapshot-kimg", "1",
+        "--batch", "16",
+    ]);
+    #[rustfmt::skip]
+    hindsight(&data, &[
+        "ref-stats", "fashion-mnist-test", "--max-images", "32", "--name", "fm-test",
+        "--weights", weights,
+    ]);
+    #[rustfmt::skip]
+    hindsight(&data, &[
+        "sweep", "--run", "fm", "--sigma-rel", "0.05,0.08,0.11,0.14", "--metric", "fid,kid",
+        "--num-images", "8", "--seed-sets", "2", "--batch", "8", "--steps", "4",
+        "--reference", "fm-test", "--weights", weights,
+        "--plot", dir.path().join("sweep.svg").to_str().unwrap(),
+    ]);
+    let tokens = dir.path().join("tokens");
+    let token = hindsight(
+        &data,
+        &["token", "new", "--token-file", tokens.to_str().unwrap()],
+    );
+    let token = token.trim().to_owned();
+
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _server = Process(
+        Command::new(env!("CARGO_BIN_EXE_hindsight"))
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["serve", "--addr", &addr, "--token-file"])
+            .arg(&tokens)
+            .args(["--fid-weights", weights])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_port(&addr, "hindsight serve");
+    let driver_port = free_port();
+    let _driver = Process(
+        Command::new(driver)
+            .arg(format!("--port={driver_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_port(&format!("127.0.0.1:{driver_port}"), "chromedriver");
+
+    let (_, body) = http(&addr, "GET", "/sweeps?run=fm", None, None);
+    let sweeps: Value = serde_json::from_str(&body).unwrap();
+    let sweep_id = sweeps["sweeps"][0]["id"].as_i64().unwrap();
+    let (_, body) = http(&addr, "GET", &format!("/sweeps/{sweep_id}"), None, None);
+    let sweep: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(sweep["status"], "done", "{sweep}");
+
+    let downloads = dir.path().join("downloads");
+    std::fs::create_dir_all(&downloads).unwrap();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(drive(driver_port, &addr, &token, sweep, &downloads));
+}
+
+async fn drive(driver_port: u16, addr: &str, token: &str, sweep: Value, downloads: &Path) {
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": CHROMIUM,
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1280,800", "--force-device-scale-factor=1"],
+            "prefs": {
+                "download.default_directory": downloads.to_str().unwrap(),
+                "download.prompt_for_download": false,
+                "download.directory_upgrade": true,
+                "safebrowsing.enabled": false,
+            },
+        }),
+    );
+    let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{driver_port}"))
+        .await
+        .expect("chromedriver session");
+    let result = session(&client, addr, token, sweep, downloads).await;
+    let _ = client.close().await;
+    result
+}
+
+async fn session(client: &Client, addr: &str, token: &str, sweep: Value, downloads: &Path) {
+    let base = format!("http://{addr}/");
+    let sweep_id = sweep["id"].as_i64().unwrap();
+
+    // Runs: the run with its figures.
+    client.goto(&base).await.unwrap();
+    let runs = wait_text(client, "#runs tbody", |t| t.contains("fm")).await;
+    assert!(runs.contains('4'), "4 snapshots listed: {runs}");
+    screenshot(client, "runs.png").await;
+
+    // The sweep: every finished point plotted, the best one marked where the API says.
+    client
+        .goto(&format!("{base}#/sweeps/{sweep_id}"))
+        .await
+        .unwrap();
+    wait_text(client, "#points tbody", |t| t.contains("done")).await;
+    let chart: Value = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = js(
+                client,
+                "const b = document.querySelector('#chart-fid');
+                 return b && b.dataset.points ? {points: JSON.parse(b.dataset.points), best: b.dataset.best} : null;",
+            )
+            .await;
+            if !v.is_null() {
+                break v;
+            }
+            assert!(Instant::now() < deadline, "the FID chart was not drawn");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let api_points = sweep["points"].as_array().unwrap();
+    let plotted = chart["points"].as_array().unwrap();
+    assert_eq!(
+        plotted.len(),
+        api_points.len(),
+        "every point plotted: {chart}"
+    );
+    for (p, q) in api_points.iter().zip(plotted) {
+        let mean = p["result"]["fid"]["mean"].as_f64().unwrap();
+        assert_eq!(q["sigma_rel"].as_f64(), p["sigma_rel"].as_f64());
+        assert!((q["value"].as_f64().unwrap() - mean).abs() <= 1e-9 * mean.abs().max(1.0));
+        assert!(
+            p["result"]["fid"]["std"].as_f64().is_some(),
+            "two seed sets give error bars: {p}"
+        );
+    }
+    let best = sweep["best"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["metric"] == "fid")
+        .unwrap();
+    let best_sigma: f64 = chart["best"].as_str().unwrap().parse().unwrap();
+    assert_eq!(best_sigma, best["sigma_rel"].as_f64().unwrap());
+    let best_text = wait_text(client, ".best", |t| t.contains("Best FID")).await;
+    assert!(
+        best_text.contains(&format!("{:.4}", best_sigma)),
+        "{best_text}"
+    );
+    assert!(client.find(Locator::Css("#chart-kid canvas")).await.is_ok());
+
+    // Click the last plotted point on the chart: its image grid opens.
+    let last = plotted.last().unwrap();
+    let over = client
+        .find(Locator::Css("#chart-fid .u-over"))
+        .await
+        .unwrap();
+    let size = js(
+        client,
+        "const r = document.querySelector('#chart-fid .u-over').getBoundingClientRect();
+         return [r.width, r.height];",
+    )
+    .await;
+    // WebDriver offsets are from the element's centre.
+    let dx = last["left"].as_f64().unwrap() - size[0].as_f64().unwrap() / 2.0;
+    let dy = last["top"].as_f64().unwrap() - size[1].as_f64().unwrap() / 2.0;
+    let click = MouseActions::new("mouse".into())
+        .then(PointerAction::MoveToElement {
+            element: over,
+            duration: Some(Duration::from_millis(50)),
+            x: dx.round(),
+            y: dy.round(),
+        })
+        .then(PointerAction::Down {
+            button: MOUSE_BUTTON_LEFT,
+        })
+        .then(PointerAction::Up {
+            button: MOUSE_BUTTON_LEFT,
+        });
+    client.perform_actions(click).await.unwrap();
+    let last_idx = api_points.len() - 1;
+    let heading = wait_text(client, "#samples h2", |t| {
+        t.contains(&format!("{:.4}", last["sigma_rel"].as_f64().unwrap()))
+    })
+    .await;
+    assert!(heading.starts_with("Samples"), "{heading}");
+    let src = js(
+        client,
+        "return document.querySelector('#grid-image').getAttribute('src');",
+    )
+    .await;
+    assert_eq!(
+        src.as_str().unwrap(),
+        format!("/sweeps/{sweep_id}/points/{last_idx}/grid.png")
+    );
+    assert!(image_loaded(client, "#grid-image").await > 0);
+    // The log-scale switch redraws with the same points.
+    client
+        .find(Locator::Css("#log-x"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let after = js(
+        client,
+        "return JSON.parse(document.querySelector('#chart-fid').dataset.points).length;",
+    )
+    .await;
+    assert_eq!(after.as_u64(), Some(plotted.len() as u64));
+    screenshot(client, "sweep.png").await;
+
+    // The run page: timeline drawn, then the solver's preview before committing.
+    client.goto(&format!("{base}#/runs/fm")).await.unwrap();
+    wait_text(client, "h1", |t| t == "fm").await;
+    assert!(client.find(Locator::Css("#timeline canvas")).await.is_ok());
+    let value = client.find(Locator::Css("#rec-value")).await.unwrap();
+    value.clear().await.unwrap();
+    value.send_keys("0.09").await.unwrap();
+    client
+        .find(Locator::Css("#rec-preview"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let report = wait_text(client, "#rec-report", |t| t.contains("profile error")).await;
+    assert!(report.contains("0.0900"), "{report}");
+    assert!(image_loaded(client, "#rec-profile").await > 100);
+    screenshot(client, "preview.png").await;
+
+    let reconstructions = |addr: &str| -> Vec<Value> {
+        let (_, body) = http(addr, "GET", "/runs/fm", None, None);
+        let detail: Value = serde_json::from_str(&body).unwrap();
+        detail["reconstructions"].as_array().unwrap().clone()
+    };
+    let before = reconstructions(addr).len(); // the sweep's
+
+    // Reconstruct without a token: the dialog asks; cancelling leaves a clear refusal.
+    client
+        .find(Locator::Css("#rec-go"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let dialog = wait_text(client, "#token-why", |t| t.contains("token")).await;
+    assert!(dialog.contains("needs a token"), "{dialog}");
+    client
+        .find(Locator::Css("#token-cancel"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let refusal = wait_text(client, "#rec-out .message", |t| !t.is_empty()).await;
+    assert!(
+        refusal.contains("Refused") && refusal.contains("token"),
+        "{refusal}"
+    );
+    screenshot(client, "refused.png").await;
+    assert_eq!(
+        reconstructions(addr).len(),
+        before,
+        "nothing was reconstructed without the token"
+    );
+
+    // Again, giving the token: reconstructed, then downloaded by the browser.
+    client
+        .find(Locator::Css("#rec-go"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_text(client, "#token-why", |t| t.contains("token")).await;
+    client
+        .find(Locator::Css("#token-input"))
+        .await
+        .unwrap()
+        .send_keys(token)
+        .await
+        .unwrap();
+    client
+        .find(Locator::Css("#token-save"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let digest = wait_text(client, "#rec-digest", |t| t.len() == 64).await;
+    let after = reconstructions(addr);
+    assert_eq!(after.len(), before + 1);
+    let stored = after
+        .iter()
+        .find(|r| r["digest"].as_str() == Some(digest.as_str()))
+        .expect("the page shows the digest of the new reconstruction");
+    assert_eq!(stored["sigma_rel"].as_f64(), Some(0.09));
+    let file_name = stored["file_name"].as_str().unwrap().to_owned();
+    client
+        .find(Locator::Css("#rec-download"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let file = downloads.join(&file_name);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !file.is_file() {
+        assert!(
+            Instant::now() < deadline,
+            "the browser did not download {file_name}; {:?}",
+            std::fs::read_dir(downloads).map(|d| d.count())
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let bytes = std::fs::read(&file).unwrap();
+    assert_eq!(
+        blake3::hash(&bytes).to_hex().as_str(),
+        digest,
+        "the downloaded file's BLAKE3 is the digest the API reports"
+    );
+    screenshot(client, "reconstructed.png").await;
+
+    // Phone-sized: the run and sweep pages still fit (no horizontal scrolling of the page).
+    client.set_window_size(390, 844).await.unwrap();
+    for page in ["#/runs/fm".to_owned(), format!("#/sweeps/{sweep_id}")] {
+        client.goto(&format!("{base}{page}")).await.unwrap();
+        wait_text(client, "h1", |t| !t.is_empty() && t != "Loading…").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let overflow = js(
+            client,
+            "return document.documentElement.scrollWidth - document.documentElement.clientWidth;",
+        )
+        .await;
+        if overflow.as_i64().unwrap_or(1) > 0 {
+            let wide = js(
+                client,
+                "return [...document.querySelectorAll('body *')]
+                   .filter((e) => e.getBoundingClientRect().right > document.documentElement.clientWidth + 1)
+                   .slice(0, 8).map((e) => e.tagName + '#' + e.id + '.' + e.className + ' ' +
+                     Math.round(e.getBoundingClientRect().right));",
+            )
+            .await;
+            panic!("{page} scrolls sideways at 390 px by {overflow} px: {wide}");
+        }
+    }
+    screenshot(client, "sweep-phone.png").await;
+}
