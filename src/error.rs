@@ -99,6 +99,15 @@ pub enum Error {
         /// The digest of what is on disk now.
         actual: String,
     },
+    /// A download failed or its content did not match the published checksum (nothing was
+    /// kept).
+    #[error("downloading {url}: {reason}")]
+    Download {
+        /// What was fetched.
+        url: String,
+        /// Why it failed.
+        reason: String,
+    },
     /// A named thing (a run, a reconstruction) does not exist.
     #[error("{0}")]
     NotFound(String),

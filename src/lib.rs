@@ -28,6 +28,8 @@
 //! - [`plot`]: SVG pictures of target and reconstructed profiles.
 //! - [`bench`](mod@bench): synthetic workloads and statistics shared by `hindsight bench`, the demo and
 //!   the tests.
+//! - [`demo`]: what `hindsight demo` trains and sweeps per budget, and what it reuses;
+//!   [`fetch`]: checked, atomic downloads (Fashion-MNIST, the Inception weights).
 //! - [`progress`]: how long work reports progress; [`error`]: the library's error type.
 
 #![deny(unsafe_code)]
@@ -37,7 +39,9 @@ pub mod app;
 pub mod bench;
 pub mod datasets;
 pub mod db;
+pub mod demo;
 pub mod error;
+pub mod fetch;
 pub mod format;
 pub mod ingest;
 pub mod materialize;

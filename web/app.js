@@ -211,6 +211,14 @@ async function runsPage() {
       : h('p', { class: 'muted' }, 'None yet: ', h('code', {}, 'hindsight ref-stats DATASET --name NAME'), '.'));
 }
 
+/** A metric's name for people: FID and KID, or the fallback's when the sweep's reference
+ *  statistics come from the pixel projection (no Inception weights on the server). */
+function metricLabel(spec, m) {
+  const fallback = ((spec && spec.feature_network) || '').includes('fallback');
+  if (!fallback) return m.toUpperCase();
+  return m === 'fid' ? 'FD (pixel projection, not FID)' : 'KID (pixel projection)';
+}
+
 function statusBadge(status) {
   return h('span', { class: `status ${status}` }, status);
 }
@@ -232,7 +240,7 @@ function sweepTable(sweeps, withRun) {
         h('td', {}, sig.length ? `${fmt(sig[0])} … ${fmt(sig[sig.length - 1])}` : '–'),
         h('td', { class: 'num' }, `${s.points_done}/${s.points_total}`),
         h('td', { class: 'num' }, `${s.images_done}/${s.images_total}`),
-        h('td', {}, best ? `${best.metric.toUpperCase()} ${fmt(best.value)} at σ_rel ${fmt(best.sigma_rel)}` : '–'));
+        h('td', {}, best ? `${metricLabel(s.spec, best.metric)} ${fmt(best.value)} at σ_rel ${fmt(best.sigma_rel)}` : '–'));
     }))));
 }
 
@@ -476,7 +484,7 @@ async function sweepPage(id) {
     }
     const v = (sweep.spec.metrics || []).map((m) => {
       const x = pointValue(p, m);
-      return x ? `${m.toUpperCase()} ${fmt(x.mean)}` : '';
+      return x ? `${metricLabel(sweep.spec, m)} ${fmt(x.mean)}` : '';
     }).filter(Boolean).join(', ');
     fill(samples,
       h('h2', {}, `Samples: σ_rel ${fmt(p.sigma_rel, 4)} at ${fmtNimg(p.nimg)}`),
@@ -503,7 +511,7 @@ async function sweepPage(id) {
         },
       }, 'Cancel sweep')),
       sweep.best.map((b) => h('p', { class: 'best' },
-        h('strong', {}, `Best ${b.metric.toUpperCase()}: ${fmt(b.value)}`),
+        h('strong', {}, `Best ${metricLabel(sweep.spec, b.metric)}: ${fmt(b.value)}`),
         b.std !== null && b.std !== undefined ? ` ± ${fmt(b.std)}` : '',
         ` at σ_rel ${fmt(b.sigma_rel, 4)}, ${fmtNimg(b.nimg)}`)));
   };
@@ -513,7 +521,7 @@ async function sweepPage(id) {
     fill(table, h('table', {},
       h('thead', {}, h('tr', {}, h('th', { class: 'num' }, '#'), h('th', { class: 'num' }, 'σ_rel'),
         h('th', {}, 'Training time'), h('th', {}, 'Status'),
-        metrics.map((m) => h('th', { class: 'num' }, m.toUpperCase())),
+        metrics.map((m) => h('th', { class: 'num' }, metricLabel(sweep.spec, m))),
         h('th', { class: 'num' }, 'Images'), h('th', { class: 'num hide-narrow' }, 'Seconds'), h('th', {}, ''))),
       h('tbody', {}, sweep.points.map((p) => h('tr', {},
         h('td', { class: 'num' }, p.idx), h('td', { class: 'num' }, fmt(p.sigma_rel, 4)),
@@ -535,7 +543,7 @@ async function sweepPage(id) {
     const metrics = sweep.spec.metrics || ['fid'];
     for (const metric of metrics) {
       const box = h('div', { class: 'chart', id: `chart-${metric}` });
-      charts.append(h('h2', {}, metric === 'fid' ? 'FID vs EMA length' : 'KID vs EMA length'), box);
+      charts.append(h('h2', {}, `${metricLabel(sweep.spec, metric)} vs EMA length`), box);
       if (nimgsOf(sweep).length > 1) heatMap(box, metric);
       else curve(box, metric);
     }
@@ -574,7 +582,7 @@ async function sweepPage(id) {
       scales: { x: { time: false, distr: logX ? 3 : 1 }, y: { range: (u, lo, hi) => [Math.min(lo, ...lowBars()), Math.max(hi, ...highBars())] } },
       axes: [
         { label: 'σ_rel (EMA length: std of the averaging profile / training time)', values: (u, ticks) => ticks.map((t) => fmt(t, 3)) },
-        { label: metric === 'fid' ? 'FID (lower is better)' : 'KID (lower is better)', size: 70, values: (u, ticks) => ticks.map((t) => fmt(t, 3)) },
+        { label: `${metricLabel(sweep.spec, metric)} (lower is better)`, size: 70, values: (u, ticks) => ticks.map((t) => fmt(t, 3)) },
       ],
       series,
       cursor: { points: { size: 10 } },
@@ -634,7 +642,7 @@ async function sweepPage(id) {
           tip.hidden = false;
           fill(tip,
             h('div', {}, `σ_rel ${fmt(p.sigma_rel, 4)} · ${fmtNimg(p.nimg)}`),
-            h('div', {}, `${metric.toUpperCase()} ${fmt(v.mean)}${v.err ? ` ± ${fmt(v.err)}` : ''}`),
+            h('div', {}, `${metricLabel(sweep.spec, metric)} ${fmt(v.mean)}${v.err ? ` ± ${fmt(v.err)}` : ''}`),
             h('div', {}, `${p.images_done} images · ${fmt(pointSeconds(p), 1)} s`),
             h('div', { class: 'muted' }, 'click for its images'));
           tip.style.left = `${u.cursor.left + u.over.offsetLeft + 14}px`;
@@ -693,7 +701,7 @@ async function sweepPage(id) {
         const t01 = hi > lo ? (v.mean - lo) / (hi - lo) : 0;
         grid.append(h('button', {
           class: `cell${p === best ? ' best' : ''}`, style: `background: ${ramp(t01)}; color: ${t01 > 0.6 ? '#111' : '#fff'}`,
-          title: `σ_rel ${fmt(s, 4)}, ${fmtNimg(t)}: ${metric.toUpperCase()} ${fmt(v.mean)}${v.err ? ` ± ${fmt(v.err)}` : ''}`,
+          title: `σ_rel ${fmt(s, 4)}, ${fmtNimg(t)}: ${metricLabel(sweep.spec, metric)} ${fmt(v.mean)}${v.err ? ` ± ${fmt(v.err)}` : ''}`,
           onclick: () => showSamples(p),
         }, fmt(v.mean, 2)));
       }
@@ -708,8 +716,11 @@ async function sweepPage(id) {
     h('div', { class: 'row' }, h('div', { class: 'grow' }, charts), h('div', { class: 'panel', style: 'flex: 0 1 440px' }, samples)),
     h('h2', {}, 'Points'), table);
   refresh();
-  const firstWithImages = sweep.points.find((p) => p.grid_url);
-  if (firstWithImages) showSamples(firstWithImages);
+  // The best point's images first (else the first point that has some).
+  const bestIdx = (sweep.best || []).map((b) => b.idx);
+  const first = sweep.points.find((p) => p.grid_url && bestIdx.includes(p.idx))
+    || sweep.points.find((p) => p.grid_url);
+  if (first) showSamples(first);
 
   if (sweep.status === 'running' || sweep.status === 'queued') {
     const events = new EventSource(`/sweeps/${id}/events`);

@@ -7,8 +7,8 @@ use crate::db::{NewReference, ReferenceRow};
 use crate::error::{Error, Result};
 use crate::metrics::{npy, FeatureExtractor, FeatureStats, FEATURES};
 
-/// The feature network every metric here uses.
-pub const FEATURE_NETWORK: &str = "inception-2015-12-05 pool3";
+/// The feature network of computed FID statistics and of imported ones (taken on trust).
+pub const FEATURE_NETWORK: &str = crate::metrics::INCEPTION_NETWORK;
 
 /// Where reference statistics came from, beyond their numbers.
 #[derive(Clone, Debug)]
@@ -84,7 +84,7 @@ pub async fn store_computed(
         .record_reference(&NewReference {
             name: origin.name,
             source: origin.source,
-            feature_network: FEATURE_NETWORK.to_owned(),
+            feature_network: extractor.feature_network().to_owned(),
             weights_digest: Some(extractor.digest.clone()),
             preprocess: Some(extractor.preprocess_name().to_owned()),
             dims: d,

@@ -35,6 +35,11 @@ pub struct RefStatsArgs {
     /// Images per Inception batch.
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
+    /// Use the fallback feature network, a fixed random projection of the pixels, instead of
+    /// Inception (for machines without the weights). Sweeps against these statistics report
+    /// Fréchet distance and KID on pixel projections: NOT FID, never comparable with it.
+    #[arg(long, conflicts_with = "weights")]
+    pub pixel_projection: bool,
 }
 
 /// Options of `hindsight fid`.
@@ -159,7 +164,11 @@ pub fn ref_stats(data_dir: &Path, args: RefStatsArgs) -> anyhow::Result<()> {
             args.dataset
         );
     }
-    let extractor = FeatureExtractor::open(args.weights.as_deref())?;
+    let extractor = if args.pixel_projection {
+        FeatureExtractor::pixel_projection()
+    } else {
+        FeatureExtractor::open(args.weights.as_deref())?
+    };
     eprintln!("feature network: {}", extractor.identity());
     let started = std::time::Instant::now();
     let features = dataset_features(&extractor, &dataset, &args.dataset, Some(count), args.batch)?;

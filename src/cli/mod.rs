@@ -57,10 +57,9 @@ enum Command {
     /// Reconstruct EMA weights from a stored run: one safetensors file per target in --out,
     /// named <run>-<nimg>-<sigma_rel:.3f>.safetensors, with the quality report printed.
     Reconstruct(reconstruct::ReconstructArgs),
-    /// The main job on a fresh machine: generate an EDM2-shaped run of synthetic fp16
-    /// snapshots (σ_rel 0.05 and 0.10 every 8Mi images), import it into the data directory,
-    /// reconstruct EMA lengths 0.050–0.250 into --out, print the quality report, and say how
-    /// to serve the result.
+    /// The main job on a fresh machine: train the EDM2 network on Fashion-MNIST (σ_rel 0.05
+    /// and 0.10 snapshots), sweep σ_rel with FID and KID, write a sample grid of the best EMA
+    /// length and serve the web UI with the curve; a second run reuses what exists.
     Demo(demo::DemoArgs),
     /// Train an EDM2 network (procedural images, Fashion-MNIST, or PNGs), writing power-function EMA
     /// snapshots (σ_rel 0.05 and 0.10 by default) into the store as a run.

@@ -137,3 +137,39 @@ pub fn token(command: TokenCommand) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Serves the data directory on `addr` with the defaults of `hindsight serve` (no tokens,
+/// so loopback only; a sweep worker using `weights`) until Ctrl-C or SIGTERM, as the demo's
+/// last stage.
+pub fn serve_ui(
+    data_dir: &Path,
+    addr: SocketAddr,
+    weights: Option<PathBuf>,
+    on_listening: impl FnOnce(SocketAddr),
+) -> anyhow::Result<()> {
+    if !addr.ip().is_loopback() {
+        bail!("the demo serves without tokens, so only on loopback (127.0.0.1); use `hindsight serve --token-file` for {addr}");
+    }
+    let config = ServerConfig {
+        sweep_worker: Some(hindsight::sweep::WorkerConfig {
+            weights,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    block_on(async {
+        server::serve_data_dir(
+            data_dir,
+            addr,
+            config,
+            server::shutdown_signal(),
+            on_listening,
+        )
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("{e} (is another server on {addr}? pass --addr 127.0.0.1:PORT)")
+        })?;
+        eprintln!("stopped");
+        Ok(())
+    })
+}

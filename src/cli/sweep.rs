@@ -280,10 +280,25 @@ fn summary(r: &PointResult, metric: Metric) -> String {
 
 fn print_points(sweep: &SweepRow, points: &[PointRow]) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
+    let spec = sweep::spec_of(sweep).ok();
+    let fallback = spec.as_ref().is_some_and(|s| s.is_fallback());
+    if let Some(s) = spec.as_ref().filter(|_| fallback) {
+        writeln!(
+            out,
+            "metrics on the fallback pixel projection: {}, {}",
+            s.metric_label(Metric::Fid),
+            s.metric_label(Metric::Kid)
+        )?;
+    }
+    let (fid, kid) = if fallback {
+        ("FD-pixels", "KID-pixels×10³")
+    } else {
+        ("FID", "KID×10³")
+    };
     writeln!(
         out,
         "{:>5} {:>9} {:>14} {:>20} {:>20} {:>9}  status",
-        "point", "sigma_rel", "nimg", "FID", "KID×10³", "images/s"
+        "point", "sigma_rel", "nimg", fid, kid, "images/s"
     )?;
     for p in points {
         let r: Option<PointResult> = p
@@ -319,7 +334,10 @@ fn print_points(sweep: &SweepRow, points: &[PointRow]) -> anyhow::Result<()> {
             writeln!(
                 out,
                 "best {}: σ_rel {:.4} at nimg {} (point {})",
-                metric.as_str(),
+                match (&spec, fallback) {
+                    (Some(s), true) => s.metric_label(metric).to_owned(),
+                    _ => metric.as_str().to_owned(),
+                },
                 best.sigma_rel,
                 best.nimg,
                 best.idx

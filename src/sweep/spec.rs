@@ -177,6 +177,10 @@ pub struct SweepSpec {
     pub reference_id: i64,
     /// Their name (as it was when the sweep was made).
     pub reference_name: String,
+    /// Their feature network: [`crate::metrics::INCEPTION_NETWORK`] (FID and KID proper) or
+    /// [`crate::metrics::PIXEL_PROJECTION_NETWORK`] (the fallback: the numbers are not FID).
+    #[serde(default = "inception_network")]
+    pub feature_network: String,
     /// Images per batch.
     pub batch: usize,
     /// KID subsets.
@@ -188,7 +192,28 @@ pub struct SweepSpec {
     pub warnings: Vec<String>,
 }
 
+fn inception_network() -> String {
+    crate::metrics::INCEPTION_NETWORK.to_owned()
+}
+
 impl SweepSpec {
+    /// Whether the metrics are the fallback's (Fréchet distance and KID on pixel
+    /// projections), not FID and KID.
+    pub fn is_fallback(&self) -> bool {
+        self.feature_network == crate::metrics::PIXEL_PROJECTION_NETWORK
+    }
+
+    /// How a metric is named to people: `FID`, `KID`, or for the fallback
+    /// `FD (pixel projection, not FID)`, `KID (pixel projection)`.
+    pub fn metric_label(&self, metric: Metric) -> &'static str {
+        match (self.is_fallback(), metric) {
+            (false, Metric::Fid) => "FID",
+            (false, Metric::Kid) => "KID",
+            (true, Metric::Fid) => "FD (pixel projection, not FID)",
+            (true, Metric::Kid) => "KID (pixel projection, not Inception)",
+        }
+    }
+
     /// Images a point samples: `num_images × seed_sets`.
     pub fn images_per_point(&self) -> usize {
         self.num_images * self.seed_sets
@@ -418,6 +443,14 @@ pub async fn validate(
             ));
         }
     }
+    if reference.feature_network == crate::metrics::PIXEL_PROJECTION_NETWORK {
+        warnings.push(format!(
+            "{:?} holds features of the fallback pixel projection, not Inception: the \
+             numbers rank this sweep's points but are not FID or KID ({})",
+            reference.name,
+            crate::metrics::weights::HOW_TO_GET
+        ));
+    }
     if num_images < 10_000 {
         warnings.push(format!(
             "FID is biased upwards at {num_images} images (EDM2 uses 50 000): compare points \
@@ -434,6 +467,7 @@ pub async fn validate(
         sampler: request.sampler,
         reference_id: reference.id,
         reference_name: reference.name.clone(),
+        feature_network: reference.feature_network.clone(),
         batch,
         kid_subsets,
         kid_subset_size,

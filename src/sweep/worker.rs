@@ -142,6 +142,8 @@ pub struct Worker {
     data: DataDir,
     config: WorkerConfig,
     extractor: OnceCell<Arc<FeatureExtractor>>,
+    /// The fallback feature network, for references computed with it.
+    pixel_projection: OnceCell<Arc<FeatureExtractor>>,
     references: Mutex<HashMap<i64, Arc<LoadedReference>>>,
     observer: Observer,
 }
@@ -179,6 +181,7 @@ impl Worker {
             data,
             config,
             extractor: OnceCell::new(),
+            pixel_projection: OnceCell::new(),
             references: Mutex::new(HashMap::new()),
             observer,
         }
@@ -187,6 +190,24 @@ impl Worker {
     /// The worker's id.
     pub fn id(&self) -> &str {
         &self.config.id
+    }
+
+    /// The feature network `reference` was computed with: the Inception network (loaded once,
+    /// when the first point needs it), or the fallback pixel projection.
+    async fn extractor_for(&self, reference: &LoadedReference) -> Result<Arc<FeatureExtractor>> {
+        if reference.row.feature_network == crate::metrics::PIXEL_PROJECTION_NETWORK {
+            return self
+                .pixel_projection
+                .get_or_try_init(|| async {
+                    blocking("building the pixel projection", || {
+                        Ok(Arc::new(FeatureExtractor::pixel_projection()))
+                    })
+                    .await
+                })
+                .await
+                .cloned();
+        }
+        self.extractor().await
     }
 
     /// Loads the feature network once (the first point needs it).
@@ -354,14 +375,14 @@ impl Worker {
             point: Box::new(claim.point.clone()),
             images_total: spec.images_per_point(),
         });
-        let extractor = self.extractor().await?;
         let reference = self.reference(spec.reference_id).await?;
+        let extractor = self.extractor_for(&reference).await?;
         if let Some(d) = &reference.row.weights_digest {
             if *d != extractor.digest {
                 return Err(Error::invalid(
                     "reference",
                     format!(
-                        "reference statistics {:?} come from Inception weights {} and this \
+                        "reference statistics {:?} come from feature weights {} and this \
                          worker has {} ({}): features of two networks are not comparable",
                         reference.row.name,
                         &d[..12],

@@ -1,0 +1,177 @@
+//! The one-command demo (`hindsight demo`): what it trains, measures and sweeps at each
+//! budget, and how it finds what an earlier run of it already made (so that running it again
+//! reuses the run, the reference statistics and the sweep instead of redoing them).
+//!
+//! The stages themselves are the library's: [`crate::train::run`],
+//! [`crate::app::references::store_computed`], [`crate::sweep`] and the server; the command
+//! line strings them together with progress bars.
+
+use crate::app::DataDir;
+use crate::db::{SweepRow, SweepStatus};
+use crate::error::Result;
+use crate::model::Edm2Config;
+
+/// How much work the demo does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Budget {
+    /// A minute or two: a tiny network, a few points of a few images (CI, smoke tests).
+    Quick,
+    /// About eight minutes on 2 cores: samples look like clothing, a six-point curve.
+    Standard,
+    /// About an hour on 2 cores: five times the training, more points, more images per point.
+    Long,
+}
+
+/// Everything a budget fixes.
+#[derive(Clone, Debug)]
+pub struct DemoSettings {
+    /// The run the demo trains (one per budget, so budgets never mix).
+    pub run: String,
+    /// The network.
+    pub network: Edm2Config,
+    /// Images per training step.
+    pub batch: usize,
+    /// Training length, thousands of images.
+    pub total_kimg: u64,
+    /// Snapshot interval, thousands of images.
+    pub snapshot_kimg: u64,
+    /// Learning-rate warm-up, millions of images.
+    pub rampup_mimg: f64,
+    /// Reference images (the first of Fashion-MNIST's test set).
+    pub reference_images: usize,
+    /// The sweep's EMA widths.
+    pub sigma_rels: Vec<f64>,
+    /// Images per point.
+    pub num_images: usize,
+    /// Sampler steps.
+    pub steps: usize,
+    /// Images per sweep batch.
+    pub sweep_batch: usize,
+}
+
+impl Budget {
+    /// The settings of this budget for images of `resolution`² pixels with `channels`
+    /// channels and `classes` classes (Fashion-MNIST: 32, 1, 10).
+    pub fn settings(self, resolution: usize, channels: usize, classes: usize) -> DemoSettings {
+        let network = |model_channels: usize, channel_mult: Vec<usize>| Edm2Config {
+            model_channels,
+            channel_mult,
+            num_blocks: 1,
+            attn_resolutions: Vec::new(),
+            logvar_channels: 16,
+            ..Edm2Config::new(resolution, channels, classes)
+        };
+        match self {
+            Budget::Quick => DemoSettings {
+                run: "demo-quick".into(),
+                network: network(16, vec![1, 2]),
+                batch: 32,
+                total_kimg: 2,
+                snapshot_kimg: 1,
+                rampup_mimg: 0.001,
+                reference_images: 64,
+                sigma_rels: vec![0.05, 0.10, 0.15],
+                num_images: 16,
+                steps: 4,
+                sweep_batch: 16,
+            },
+            Budget::Standard => DemoSettings {
+                run: "demo".into(),
+                network: network(32, vec![1, 2, 2]),
+                batch: 64,
+                total_kimg: 20,
+                snapshot_kimg: 2,
+                rampup_mimg: 0.002,
+                reference_images: 500,
+                sigma_rels: vec![0.005, 0.01, 0.02, 0.04, 0.08, 0.16],
+                num_images: 128,
+                steps: 16,
+                sweep_batch: 64,
+            },
+            Budget::Long => DemoSettings {
+                run: "demo-long".into(),
+                network: network(32, vec![1, 2, 2]),
+                batch: 64,
+                total_kimg: 100,
+                snapshot_kimg: 5,
+                rampup_mimg: 0.005,
+                reference_images: 2000,
+                sigma_rels: vec![0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.08, 0.12, 0.18],
+                num_images: 500,
+                steps: 24,
+                sweep_batch: 50,
+            },
+        }
+    }
+}
+
+impl DemoSettings {
+    /// The name of the reference statistics this budget uses.
+    pub fn reference_name(&self, dataset: &str) -> String {
+        format!("{dataset}-test-{}", self.reference_images)
+    }
+}
+
+/// What an earlier demo left of the run: nothing, a run cut short (resume it), or a finished
+/// one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    /// No such run.
+    Missing,
+    /// Trained up to this many images, short of the budget.
+    Partial(u64),
+    /// Trained to the budget (or beyond).
+    Done(u64),
+}
+
+/// Where the demo's run stands.
+pub async fn run_state(data: &DataDir, settings: &DemoSettings) -> Result<RunState> {
+    let Some(run) = data.db.run(&settings.run).await? else {
+        return Ok(RunState::Missing);
+    };
+    let last = data
+        .db
+        .snapshots(run.id)
+        .await?
+        .iter()
+        .map(|s| s.nimg as u64)
+        .max()
+        .unwrap_or(0);
+    Ok(if last >= settings.total_kimg * 1000 {
+        RunState::Done(last)
+    } else {
+        RunState::Partial(last)
+    })
+}
+
+/// The newest sweep of the demo's run with exactly these settings and reference that is
+/// finished or can still finish (queued, running): reused instead of starting another.
+pub async fn matching_sweep(
+    data: &DataDir,
+    settings: &DemoSettings,
+    reference_id: i64,
+) -> Result<Option<SweepRow>> {
+    let Some(run) = data.db.run(&settings.run).await? else {
+        return Ok(None);
+    };
+    let mut sweeps = data.db.sweeps(Some(run.id)).await?;
+    sweeps.sort_by_key(|s| std::cmp::Reverse(s.id));
+    for sweep in sweeps {
+        if matches!(sweep.status, SweepStatus::Failed | SweepStatus::Cancelled) {
+            continue;
+        }
+        let Ok(spec) = crate::sweep::spec_of(&sweep) else {
+            continue;
+        };
+        if spec.reference_id == reference_id
+            && spec.sigma_rels == settings.sigma_rels
+            && spec.num_images == settings.num_images
+            && spec.seed_sets == 1
+            && spec.sampler.steps == settings.steps
+            && spec.metrics.len() == 2
+        {
+            return Ok(Some(sweep));
+        }
+    }
+    Ok(None)
+}
