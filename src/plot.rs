@@ -46,6 +46,9 @@ pub fn profiles_svg(
                 shown.len(),
                 solutions.len()
             )
+        } else if cols == 1 {
+            // One 360-pixel panel: a title that fits it.
+            "target black, reconstruction orange".to_owned()
         } else {
             "post-hoc EMA profiles: target thick black, reconstruction orange".to_owned()
         };

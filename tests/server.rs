@@ -418,6 +418,90 @@ async fn every_error_status_has_the_json_shape() {
             "request body",
         ),
         (
+            Request::post("/reconstruct")
+                .body(Body::from(r#"{"run": "r", "sigma_rel": 0.1}xyz"#))
+                .unwrap(),
+            S::BAD_REQUEST,
+            "invalid_input",
+            "after the JSON object",
+        ),
+        (
+            post_json("/reconstruct", json!({"run": "r", "gamma": "1,2,...,1e15"})),
+            S::BAD_REQUEST,
+            "invalid_input",
+            "at most 64",
+        ),
+        (
+            post_json(
+                "/reconstruct",
+                json!({"run": "r", "sigma_rel": "1e-300,2e-300,...,1e300"}),
+            ),
+            S::BAD_REQUEST,
+            "invalid_input",
+            "at most 64",
+        ),
+        (
+            get("/runs/r/preview"),
+            S::BAD_REQUEST,
+            "invalid_input",
+            "sigma_rel",
+        ),
+        (
+            get("/runs/r/preview?sigma_rel=0.1&gamma=7"),
+            S::BAD_REQUEST,
+            "invalid_input",
+            "exactly one of sigma_rel and gamma",
+        ),
+        (
+            get("/runs/r/preview?sigma_rel=abc"),
+            S::BAD_REQUEST,
+            "invalid_input",
+            "sigma_rel: \"abc\" is not a number",
+        ),
+        (
+            get("/runs/r/preview?sigma_rel=0.3"),
+            S::BAD_REQUEST,
+            "invalid_input",
+            "sigma_rel",
+        ),
+        (
+            get("/runs/r/profiles.svg?gamma=-1"),
+            S::BAD_REQUEST,
+            "invalid_input",
+            "gamma",
+        ),
+        (
+            get("/runs/r/preview?sigma_rel=0.1&nimg=-5"),
+            S::BAD_REQUEST,
+            "invalid_input",
+            "nimg",
+        ),
+        (
+            get("/runs/nope/preview?sigma_rel=0.1"),
+            S::NOT_FOUND,
+            "not_found",
+            "nope",
+        ),
+        (get("/ui/../Cargo.toml"), S::NOT_FOUND, "not_found", ""),
+        (
+            get("/runs/r/preview?sigma_rel=0.1&sigma_rel=0.2"),
+            S::BAD_REQUEST,
+            "invalid_input",
+            "duplicate field `sigma_rel`",
+        ),
+        (
+            get("/runs/%FF/preview?sigma_rel=0.1"),
+            S::BAD_REQUEST,
+            "invalid_input",
+            "UTF-8",
+        ),
+        (
+            get("/sweeps?run=a&run=b"),
+            S::BAD_REQUEST,
+            "invalid_input",
+            "duplicate",
+        ),
+        (
             post_json(
                 "/reconstruct",
                 json!({"run": "r", "sigma_rel": 0.1, "colour": 1}),
@@ -677,6 +761,25 @@ async fn auth_on_refuses_writes_without_a_valid_token() {
     let (status, body) = server.json(no_token_upload).await;
     assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
 
+    for malformed in ["Bearer", "Bearer   ", "Basic aGk6aGk=", TOKEN] {
+        let mut request = post_json("/reconstruct", json!({"run": "r", "sigma_rel": 0.07}));
+        request
+            .headers_mut()
+            .insert(header::AUTHORIZATION, malformed.parse().unwrap());
+        let (status, body) = server.json(request).await;
+        assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+    }
+    // The scheme is case-insensitive (RFC 9110 §11.1).
+    for scheme in ["bearer", "BEARER", "BeArEr"] {
+        let mut request = post_json("/reconstruct", json!({"run": "r", "sigma_rel": 0.06}));
+        request.headers_mut().insert(
+            header::AUTHORIZATION,
+            format!("{scheme}  {TOKEN}").parse().unwrap(),
+        );
+        let (status, body) = server.json(request).await;
+        assert_eq!(status, StatusCode::OK, "{scheme}: {body}");
+    }
+
     let mut right = post_json("/reconstruct", json!({"run": "r", "sigma_rel": 0.07}));
     right.headers_mut().insert(
         header::AUTHORIZATION,
@@ -764,8 +867,50 @@ async fn range_etag_and_conditional_requests() {
     let body: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(body["error"]["code"], "range_not_satisfiable");
 
-    // Several ranges, or a malformed one: the whole file (RFC 9110 allows both).
-    for value in ["bytes=0-1,5-9", "lines=1-2"] {
+    // A suffix longer than the file is the whole file (RFC 9110 §14.1.2), as a 206.
+    let (status, headers, body) = server
+        .send(with(header::RANGE, &format!("bytes=-{}", len * 10)))
+        .await;
+    assert_eq!(
+        (status, body.as_slice()),
+        (StatusCode::PARTIAL_CONTENT, &full[..])
+    );
+    assert_eq!(
+        headers[header::CONTENT_RANGE],
+        format!("bytes 0-{}/{len}", len - 1)
+    );
+    // An end past the file is clamped; overlapping or adjacent ranges are coalesced.
+    let (status, _, body) = server
+        .send(with(
+            header::RANGE,
+            &format!("bytes={}-{}", len - 3, len * 2),
+        ))
+        .await;
+    assert_eq!(
+        (status, body.as_slice()),
+        (StatusCode::PARTIAL_CONTENT, &full[len - 3..])
+    );
+    for value in ["bytes=0-49,10-99", "bytes=50-99,0-49", "bytes=0-99,20-30"] {
+        let (status, headers, body) = server.send(with(header::RANGE, value)).await;
+        assert_eq!(
+            (status, body.as_slice()),
+            (StatusCode::PARTIAL_CONTENT, &full[..100]),
+            "{value}"
+        );
+        assert_eq!(headers[header::CONTENT_RANGE], format!("bytes 0-99/{len}"));
+    }
+    // One satisfiable range among unsatisfiable ones is served.
+    let (status, _, body) = server
+        .send(with(header::RANGE, &format!("bytes={len}-,0-9")))
+        .await;
+    assert_eq!(
+        (status, body.as_slice()),
+        (StatusCode::PARTIAL_CONTENT, &full[..10])
+    );
+
+    // Several disjoint ranges, or a malformed or reversed one: the whole file (RFC 9110
+    // allows the first and requires ignoring the others).
+    for value in ["bytes=0-1,5-9", "lines=1-2", "bytes=5-2", "bytes=x-y"] {
         let (status, _, body) = server.send(with(header::RANGE, value)).await;
         assert_eq!((status, body.len()), (StatusCode::OK, len), "{value}");
     }
@@ -1224,4 +1369,88 @@ async fn values_beyond_f16_and_non_finite_snapshots_get_clear_answers() {
         message.contains("tensor w holds a non-finite value (element 1)"),
         "{message}"
     );
+}
+
+#[tokio::test]
+async fn preview_matches_the_reconstruction_report_and_the_ui_is_served() {
+    let server = Server::new(ServerConfig::default()).await;
+    server.upload_all().await;
+    // The preview: the report a reconstruction of the same target stores, nothing computed.
+    let (status, preview) = server.json(get("/runs/r/preview?sigma_rel=0.1")).await;
+    assert_eq!(status, StatusCode::OK, "{preview}");
+    assert_eq!(preview["sigma_rel"], 0.1);
+    let (status, by_gamma) = server
+        .json(get(&format!(
+            "/runs/r/preview?gamma={}",
+            preview["gamma"].as_f64().unwrap()
+        )))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        by_gamma["inputs"], preview["inputs"],
+        "σ_rel or its γ: one target"
+    );
+    let (_, stored) = server.json(get("/runs/r")).await;
+    assert!(stored["reconstructions"].as_array().unwrap().is_empty());
+    let (status, made) = server
+        .json(post_json(
+            "/reconstruct",
+            json!({"run": "r", "sigma_rel": 0.1}),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{made}");
+    for field in [
+        "relative_error",
+        "noise_gain",
+        "condition_number",
+        "coefficient_l1",
+        "inputs",
+        "warnings",
+        "nimg",
+    ] {
+        assert_eq!(made["report"][field], preview[field], "{field}");
+    }
+    let (status, headers, svg) = server
+        .send(get("/runs/r/profiles.svg?sigma_rel=0.1&nimg=8000000"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], "image/svg+xml");
+    assert!(String::from_utf8(svg).unwrap().contains("<svg"));
+
+    // The UI: the page, its files, revalidation, and the headers that keep it to itself.
+    let (status, headers, page) = server.send(get("/")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers[header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    assert!(headers[header::CONTENT_SECURITY_POLICY]
+        .to_str()
+        .unwrap()
+        .contains("default-src 'self'"));
+    assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+    let page = String::from_utf8(page).unwrap();
+    for file in [
+        "/ui/app.js",
+        "/ui/app.css",
+        "/ui/vendor/uplot/uPlot.iife.min.js",
+    ] {
+        assert!(page.contains(file), "{file}");
+        let (status, headers, body) = server.send(get(file)).await;
+        assert_eq!(status, StatusCode::OK, "{file}");
+        assert!(!body.is_empty());
+        let etag = headers[header::ETAG].clone();
+        let (status, _, body) = server
+            .send(
+                Request::get(file)
+                    .header(header::IF_NONE_MATCH, etag)
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::NOT_MODIFIED, "{file}");
+        assert!(body.is_empty());
+    }
+    let (status, _, _) = server.send(get("/ui/vendor/uplot/LICENSE")).await;
+    assert_eq!(status, StatusCode::OK, "the licence ships with the library");
 }

@@ -171,6 +171,17 @@ fn a_same_size_damaged_copy_is_replaced_too() {
         .unwrap()
         .permissions()
         .readonly());
+    // Mode 0444, as the README says: readable by all (hard links are handed out), writable
+    // by none.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(store.path(&d))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o444
+    );
 }
 
 #[test]

@@ -115,7 +115,7 @@ const api = {
     if (response.status === 401 && !asked) {
       const given = await askToken(token
         ? 'The server refused this token (401). Paste a valid one:'
-        : 'This server needs a token for changes. Paste one made with `hindsight token new`:');
+        : 'This server needs a token for changes. Paste one made with “hindsight token new”:');
       if (given) return api.send(method, path, body, true);
       throw new ApiError(401, 'unauthorized',
         'Refused: this server needs a bearer token for changes, and none was given (use the Token button).');
@@ -159,13 +159,23 @@ async function route() {
   for (const f of cleanup) { try { f(); } catch (_) { /* nothing */ } }
   cleanup = [];
   showBanner('');
-  const hash = decodeURIComponent(location.hash.replace(/^#/, '')) || '/';
   fill(main, h('p', { class: 'muted' }, 'Loading…'));
   try {
+    let hash;
+    try {
+      hash = decodeURIComponent(location.hash.replace(/^#/, '')) || '/';
+    } catch (_) {
+      throw new Error(`${location.hash} is not a valid address in this page.`);
+    }
     let m;
     if ((m = hash.match(/^\/runs\/(.+)$/))) await runPage(m[1]);
-    else if ((m = hash.match(/^\/sweeps\/(\d+)$/))) await sweepPage(Number(m[1]));
-    else await runsPage();
+    else if ((m = hash.match(/^\/sweeps\/(\d{1,15})$/))) await sweepPage(Number(m[1]));
+    else if (hash === '/' || hash === '') await runsPage();
+    else {
+      document.title = 'hindsight — not found';
+      fill(main, h('h1', {}, 'Not found'),
+        h('p', {}, `Nothing here is called ${hash}. `, h('a', { href: '#/' }, 'All runs'), '.'));
+    }
   } catch (e) {
     fill(main, h('h1', {}, 'Something went wrong'), message(e.message));
   }
@@ -213,10 +223,21 @@ async function runsPage() {
 
 /** A metric's name for people: FID and KID, or the fallback's when the sweep's reference
  *  statistics come from the pixel projection (no Inception weights on the server). */
-function metricLabel(spec, m) {
+function metricLabel(spec, m, short = false) {
   const fallback = ((spec && spec.feature_network) || '').includes('fallback');
   if (!fallback) return m.toUpperCase();
+  if (short) return m === 'fid' ? 'FD-pixels' : 'KID-pixels';
   return m === 'fid' ? 'FD (pixel projection, not FID)' : 'KID (pixel projection)';
+}
+
+/** Tick labels for training times: one unit (k, M, G) and as many decimals as the step
+ *  between ticks needs, so no two ticks read the same. */
+function nimgTicks(ticks) {
+  const max = Math.max(0, ...ticks.map((t) => Math.abs(t)));
+  const [div, unit] = max >= 1e9 ? [1e9, 'G'] : max >= 1e6 ? [1e6, 'M'] : max >= 1e3 ? [1e3, 'k'] : [1, ''];
+  const step = ticks.length > 1 ? Math.abs(ticks[1] - ticks[0]) / div : 1;
+  const digits = step >= 1 || step === 0 ? 0 : Math.min(6, Math.ceil(-Math.log10(step) - 1e-9));
+  return ticks.map((t) => `${(t / div).toFixed(digits)}${unit}`);
 }
 
 function statusBadge(status) {
@@ -259,7 +280,9 @@ async function runPage(name) {
     h('p', {}, h('a', { href: '#/' }, '← Runs')),
     h('h1', {}, name),
     h('p', { class: 'muted' },
-      `${detail.snapshots} snapshots, ${fmtBytes(detail.bytes)}, up to ${fmtNimg(detail.last_nimg)}`,
+      detail.snapshots
+        ? `${detail.snapshots} snapshots, ${fmtBytes(detail.bytes)}, up to ${fmtNimg(detail.last_nimg)}`
+        : 'No snapshots yet',
       detail.run.description ? ` — ${detail.run.description}` : ''),
     h('h2', {}, 'Snapshots (training time × EMA width)'),
     timeline,
@@ -271,7 +294,8 @@ async function runPage(name) {
     h('h2', {}, 'Sweeps'),
     sweepTable(sweeps.sweeps, false),
     sweepForm(name, detail, refs.references));
-  drawTimeline(timeline, snapshots);
+  if (snapshots.length) drawTimeline(timeline, snapshots);
+  else fill(timeline, h('p', { class: 'muted' }, 'No snapshots yet: train (hindsight train), import (hindsight import) or upload (POST /runs/NAME/snapshots) some.'));
 }
 
 function drawTimeline(el, snapshots) {
@@ -286,7 +310,7 @@ function drawTimeline(el, snapshots) {
     width: el.clientWidth || 800, height: 160,
     scales: { x: { time: false } },
     axes: [
-      { label: 'training time (images, nimg)', values: (u, ticks) => ticks.map((t) => fmtNimg(t).replace(' img', '')) },
+      { label: 'training time (images, nimg)', values: (u, ticks) => nimgTicks(ticks) },
       { label: 'σ_rel', size: 60 },
     ],
     series: [{}].concat(widths.map((w, i) => ({
@@ -334,7 +358,15 @@ function reconstructPanel(run, detail) {
     if (nimg.value) q.set('nimg', nimg.value);
     return q.toString();
   };
+  const valid = () => {
+    if (value.value.trim() === '' || !Number.isFinite(Number(value.value))) {
+      fill(out, message(`Enter the width as a number (${kind.value === 'gamma' ? 'γ, e.g. 6.94' : 'σ_rel, e.g. 0.10'}).`));
+      return false;
+    }
+    return true;
+  };
   const preview = async () => {
+    if (!valid()) return;
     fill(out, h('p', { class: 'muted' }, 'Solving…'));
     try {
       const r = await api.get(`/runs/${enc}/preview?${query()}`);
@@ -346,6 +378,7 @@ function reconstructPanel(run, detail) {
   };
   const reconstruct = async (event) => {
     event.preventDefault();
+    if (!valid()) return;
     const body = { run, dtype: dtype.value, wait_secs: 30 };
     body[kind.value] = Number(value.value);
     if (nimg.value) body.nimg = Number(nimg.value);
@@ -382,7 +415,8 @@ function reportView(r) {
     ['σ_rel', fmt(r.sigma_rel, 4)], ['γ', fmt(r.gamma, 3)], ['training time', fmtNimg(r.nimg)],
     ['profile error', r.relative_error !== undefined ? `${fmt(r.relative_error * 100, 3)} %` : '–'],
     ['noise gain', fmt(r.noise_gain)], ['sum of |weights|', fmt(r.coefficient_l1)],
-    ['condition number', fmt(r.condition_number)], ['snapshots used', r.used_snapshots ?? '–'],
+    ['condition number', fmt(r.condition_number)],
+    ['snapshots weighted', r.inputs ? `${r.inputs.length} of ${r.used_snapshots ?? '–'} up to this time` : (r.used_snapshots ?? '–')],
   ];
   const warnings = r.warnings || [];
   return h('div', { class: 'report', id: 'rec-report' },
@@ -581,8 +615,8 @@ async function sweepPage(id) {
       width: box.clientWidth || 800, height: 340,
       scales: { x: { time: false, distr: logX ? 3 : 1 }, y: { range: (u, lo, hi) => [Math.min(lo, ...lowBars()), Math.max(hi, ...highBars())] } },
       axes: [
-        { label: 'σ_rel (EMA length: std of the averaging profile / training time)', values: (u, ticks) => ticks.map((t) => fmt(t, 3)) },
-        { label: `${metricLabel(sweep.spec, metric)} (lower is better)`, size: 70, values: (u, ticks) => ticks.map((t) => fmt(t, 3)) },
+        { label: 'σ_rel (relative EMA length)', values: (u, ticks) => ticks.map((t) => fmt(t, 3)) },
+        { label: `${metricLabel(sweep.spec, metric, true)} (lower is better)`, size: 70, values: (u, ticks) => ticks.map((t) => fmt(t, 3)) },
       ],
       series,
       cursor: { points: { size: 10 } },

@@ -19,7 +19,7 @@ use super::common::{bar, block_on};
 /// Options of `hindsight demo`.
 #[derive(clap::Args)]
 pub struct DemoArgs {
-    /// How much work: `quick` (a minute or two; what CI runs), `standard` (about 8 minutes on
+    /// How much work: `quick` (about a minute; what CI runs), `standard` (about 9 minutes on
     /// 2 cores), `long` (about an hour on 2 cores: 5× the training, more points and images).
     #[arg(long, value_enum, default_value_t = Budget::Standard)]
     budget: Budget,
@@ -54,6 +54,15 @@ impl Stages {
 
 /// Runs the demo.
 pub fn run(data_dir: &Path, args: DemoArgs) -> anyhow::Result<()> {
+    // Options that would only fail at the end are checked before minutes of work.
+    if let Some(w) = &args.weights {
+        if !w.is_file() {
+            anyhow::bail!("--weights {}: no such file", w.display());
+        }
+    }
+    if !args.no_serve {
+        super::serve::check_ui_addr(args.addr)?;
+    }
     let started = Instant::now();
     let mut stages = Stages(Vec::new());
     let dataset = stages.time("Fashion-MNIST", || dataset(args.offline))?;
@@ -86,11 +95,16 @@ pub fn run(data_dir: &Path, args: DemoArgs) -> anyhow::Result<()> {
             weights.as_deref(),
         )
     })?;
-    let sweep_id = stages.time("sweep (FID and KID vs σ_rel)", || {
+    let sweep_stage = if weights.is_some() {
+        "sweep (FID and KID vs σ_rel)"
+    } else {
+        "sweep (fallback metric vs σ_rel)"
+    };
+    let sweep_id = stages.time(sweep_stage, || {
         sweep(data_dir, &settings, &reference, weights.as_deref())
     })?;
     stages.time("sample grid of the best EMA length", || {
-        samples(data_dir, &settings, sweep_id)
+        samples(data_dir, &settings, sweep_id, weights.is_some())
     })?;
     eprintln!("\n== done in {:.0} s", started.elapsed().as_secs_f64());
     for (name, secs) in &stages.0 {
@@ -106,7 +120,9 @@ pub fn run(data_dir: &Path, args: DemoArgs) -> anyhow::Result<()> {
     let page = format!("#/sweeps/{sweep_id}");
     if args.no_serve {
         eprintln!(
-            "\nsee it in the browser: `hindsight serve` and open http://127.0.0.1:8080/{page}"
+            "\nsee it in the browser: `hindsight --data-dir {} serve` and open \
+             http://127.0.0.1:8080/{page}",
+            data_dir.display()
         );
         return Ok(());
     }
@@ -339,7 +355,12 @@ fn sweep(
 
 /// Writes 64 images of the best FID point to `<data-dir>/demo/<run>-samples/` (kept if
 /// there).
-fn samples(data_dir: &Path, settings: &DemoSettings, sweep_id: i64) -> anyhow::Result<()> {
+fn samples(
+    data_dir: &Path,
+    settings: &DemoSettings,
+    sweep_id: i64,
+    fid: bool,
+) -> anyhow::Result<()> {
     let out = data_dir
         .join("demo")
         .join(format!("{}-samples", settings.run));
@@ -360,7 +381,8 @@ fn samples(data_dir: &Path, settings: &DemoSettings, sweep_id: i64) -> anyhow::R
         eprintln!("reusing {}", out.join("grid.png").display());
         return Ok(());
     }
-    eprintln!("best FID at σ_rel {sigma_rel:.3}: 64 samples");
+    let metric = if fid { "FID" } else { "fallback metric" };
+    eprintln!("best {metric} at σ_rel {sigma_rel:.3}: 64 samples");
     super::generate::run(
         data_dir,
         super::generate::GenerateArgs {

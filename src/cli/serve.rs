@@ -138,6 +138,26 @@ pub fn token(command: TokenCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refuses an address the demo cannot serve the UI on: not loopback (it serves without
+/// tokens), or taken by another process.
+pub fn check_ui_addr(addr: SocketAddr) -> anyhow::Result<()> {
+    if !addr.ip().is_loopback() {
+        bail!(
+            "--addr {addr}: the demo serves without tokens, so only on loopback (127.0.0.1); \
+             use `hindsight serve --token-file` for other addresses"
+        );
+    }
+    if addr.port() != 0 {
+        std::net::TcpListener::bind(addr).map_err(|e| {
+            anyhow::anyhow!(
+                "--addr {addr}: {e} (is another server there? pass --addr 127.0.0.1:PORT, or \
+                 --no-serve)"
+            )
+        })?;
+    }
+    Ok(())
+}
+
 /// Serves the data directory on `addr` with the defaults of `hindsight serve` (no tokens,
 /// so loopback only; a sweep worker using `weights`) until Ctrl-C or SIGTERM, as the demo's
 /// last stage.
@@ -147,9 +167,7 @@ pub fn serve_ui(
     weights: Option<PathBuf>,
     on_listening: impl FnOnce(SocketAddr),
 ) -> anyhow::Result<()> {
-    if !addr.ip().is_loopback() {
-        bail!("the demo serves without tokens, so only on loopback (127.0.0.1); use `hindsight serve --token-file` for {addr}");
-    }
+    check_ui_addr(addr)?;
     let config = ServerConfig {
         sweep_worker: Some(hindsight::sweep::WorkerConfig {
             weights,

@@ -192,7 +192,11 @@ pub fn run(data_dir: &Path, args: SweepArgs) -> anyhow::Result<()> {
         if points.iter().any(|p| p.result.is_some()) {
             let svg = sweep::plot::sweep_svg(&sweep, &points, metric)?;
             std::fs::write(&out, svg).with_context(|| format!("writing {}", out.display()))?;
-            eprintln!("wrote the {} curve to {}", metric.as_str(), out.display());
+            eprintln!(
+                "wrote the {} curve to {}",
+                spec.metric_label(metric),
+                out.display()
+            );
         }
         match sweep.status {
             hindsight::db::SweepStatus::Done => Ok(()),
@@ -239,6 +243,7 @@ async fn work(data: &DataDir, sweep: &SweepRow, weights: Option<PathBuf>) -> any
     let worker = Arc::new(Worker::new(data.clone(), config, observer));
     let stop = tokio_util::sync::CancellationToken::new();
     let worker_task = tokio::spawn(worker.clone().run(stop.clone().cancelled_owned()));
+    let mut told = std::collections::HashSet::new();
     let interrupted = loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break true,
@@ -248,6 +253,20 @@ async fn work(data: &DataDir, sweep: &SweepRow, weights: Option<PathBuf>) -> any
         progress.set_position(now.images_done as u64);
         if now.status.is_terminal() {
             break false;
+        }
+        // Points another worker holds (one killed earlier, say) are waited for: say so.
+        for p in data.db.sweep_points(sweep.id).await? {
+            let (Some(owner), Some(until)) = (&p.lease_owner, p.lease_expires) else {
+                continue;
+            };
+            if p.status.as_str() == "running" && owner != worker.id() && told.insert(p.idx) {
+                let left = (until - sweep::now_ms()).max(0) as f64 / 1000.0;
+                progress.println(format!(
+                    "point {} is held by worker {owner}; if that worker is gone, this one takes \
+                     it over when its lease runs out (in {left:.0} s)",
+                    p.idx
+                ));
+            }
         }
     };
     stop.cancel();

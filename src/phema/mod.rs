@@ -28,7 +28,10 @@ pub use profile::{
     beta, check_nimg, gamma_to_sigma_rel, inner_product, sigma_rel_to_gamma, Profile, GAMMA_MAX,
     MAX_NIMG, SIGMA_REL_MAX, SIGMA_REL_MIN,
 };
-pub use sigma_list::{parse_float_list, parse_sigma_rel_list};
+pub use sigma_list::{
+    parse_float_list, parse_float_list_at_most, parse_sigma_rel_list, parse_sigma_rel_list_at_most,
+    MAX_LIST_VALUES,
+};
 pub use solve::{
     sample_profiles, sample_profiles_realised, solve, solve_realised, ProfilePoint, Snapshot,
     SolveOptions, Target, TargetSolution, Warning, WarningCode, Width, MAX_SNAPSHOTS, MAX_TARGETS,

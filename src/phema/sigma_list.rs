@@ -13,6 +13,11 @@
 use super::profile::check_sigma_rel;
 use crate::error::{Error, Result};
 
+/// Most values a list may expand to ([`parse_float_list`]); callers with a tighter bound (the
+/// reconstruct route's 64 targets) pass theirs to [`parse_float_list_at_most`]. The count is
+/// computed from the syntax before anything is allocated, so `1,2,...,1e15` costs nothing.
+pub const MAX_LIST_VALUES: usize = 10_000;
+
 /// Parses a σ_rel list and validates every value as a relative standard deviation.
 ///
 /// ```
@@ -28,9 +33,38 @@ pub fn parse_sigma_rel_list(text: &str) -> Result<Vec<f64>> {
     Ok(values)
 }
 
-/// Parses the list syntax without range checks (also used for γ lists).
+/// Parses the list syntax without range checks (also used for γ lists), at most
+/// [`MAX_LIST_VALUES`] values.
 pub fn parse_float_list(text: &str) -> Result<Vec<f64>> {
+    parse_float_list_at_most(text, MAX_LIST_VALUES)
+}
+
+/// [`parse_sigma_rel_list`] with a bound on the values the list expands to.
+pub fn parse_sigma_rel_list_at_most(text: &str, max: usize) -> Result<Vec<f64>> {
+    let values = parse_float_list_at_most(text, max)?;
+    for v in &values {
+        check_sigma_rel(*v, "sigma_rel list")?;
+    }
+    Ok(values)
+}
+
+/// [`parse_float_list`] with a bound on the values the list expands to (counted from the
+/// syntax before allocating; duplicates count).
+///
+/// Errors: a malformed list, or one of more than `max` values (naming how many it has).
+pub fn parse_float_list_at_most(text: &str, max: usize) -> Result<Vec<f64>> {
     let field = "list";
+    let expanded = expanded_len(text)?;
+    if expanded > max as f64 {
+        return Err(Error::invalid(
+            field,
+            if expanded.is_finite() && expanded < 1e18 {
+                format!("the list has {expanded} values; at most {max} are allowed")
+            } else {
+                format!("the list has more than 10^18 values; at most {max} are allowed")
+            },
+        ));
+    }
     let tokens: Vec<&str> = text.split(',').map(str::trim).collect();
     let mut raw: Vec<Option<(f64, usize)>> = Vec::with_capacity(tokens.len());
     for tok in &tokens {
@@ -71,6 +105,12 @@ pub fn parse_float_list(text: &str) -> Result<Vec<f64>> {
         let step = b - a;
         let approx = (end - b) / step - 1.0;
         let count = approx.round();
+        if !count.is_finite() || count > max as f64 {
+            return Err(Error::invalid(
+                field,
+                format!("`{a},{b},...,{end}` has too many values; at most {max} are allowed"),
+            ));
+        }
         if count <= 0.0 {
             return Err(Error::invalid(
                 field,
@@ -100,6 +140,38 @@ pub fn parse_float_list(text: &str) -> Result<Vec<f64>> {
     Ok(out)
 }
 
+/// How many values `text` expands to, from its numbers alone (∞ for runs whose step count
+/// overflows); malformed lists count what they can and are refused by the parser.
+fn expanded_len(text: &str) -> Result<f64> {
+    let tokens: Vec<&str> = text.split(',').map(str::trim).collect();
+    let number = |i: usize| tokens.get(i).and_then(|t| t.parse::<f64>().ok());
+    let mut total = 0f64;
+    for (i, tok) in tokens.iter().enumerate() {
+        if *tok != "..." {
+            total += 1.0;
+            continue;
+        }
+        let (Some(a), Some(b), Some(end)) = (
+            i.checked_sub(2).and_then(number),
+            i.checked_sub(1).and_then(number),
+            number(i + 1),
+        ) else {
+            continue;
+        };
+        if a == b {
+            continue; // refused by the parser: the step is zero
+        }
+        // The run is b + step, …, end: `steps` values, the last of them the end, which
+        // is counted as a number of its own.
+        let steps = ((end - b) / (b - a)).round();
+        if steps.is_nan() || steps <= 0.0 {
+            continue;
+        }
+        total += steps - 1.0;
+    }
+    Ok(total)
+}
+
 /// Number of digits after the decimal point as written (0 for exponent notation).
 fn decimals(token: &str) -> usize {
     if token.contains(['e', 'E']) {
@@ -114,6 +186,28 @@ fn decimals(token: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_runs_are_refused_before_allocating() {
+        for text in [
+            "1,2,...,1e15",
+            "1e-300,2e-300,...,1e300",
+            "1,2,...,10000000",
+            "0,1e-320,...,1",
+        ] {
+            let err = parse_float_list(text).unwrap_err().to_string();
+            assert!(err.contains("at most 10000"), "{text}: {err}");
+        }
+        let err = parse_float_list_at_most("0.05,0.10,...,4", 64)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("80 values; at most 64"), "{err}");
+        assert_eq!(
+            parse_float_list_at_most("1,2,...,64", 64).unwrap().len(),
+            64
+        );
+        assert_eq!(parse_float_list("1,2,...,10000").unwrap().len(), 10_000);
+    }
 
     fn check(text: &str, expect: &[f64]) {
         assert_eq!(parse_float_list(text).unwrap(), expect, "{text}");

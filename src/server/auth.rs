@@ -115,10 +115,13 @@ pub async fn require_token(
         .to_str()
         .ok()
         .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
+            // The scheme is case-insensitive (RFC 9110 §11.1): `Bearer`, `bearer`, `BEARER`;
+            // one or more spaces before the token.
+            let (scheme, rest) = v.trim_start().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(rest)
         })
         .map(str::trim)
+        .filter(|t| !t.is_empty())
         .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`"))?;
     let presented = blake3::hash(token.as_bytes());
     // `blake3::Hash` compares in constant time; every stored hash is compared.

@@ -69,11 +69,11 @@ pub(super) async fn send_blob(
         Some(value) if if_range_ok => match http_range_header::parse_range_header(value) {
             // A syntactically invalid Range is ignored (RFC 9110 §14.2).
             Err(_) => None,
-            Ok(parsed) => match parsed.validate(len) {
-                Ok(ranges) if ranges.len() == 1 => Some(ranges[0].clone()),
-                // Several ranges: the whole file, which RFC 9110 allows.
-                Ok(_) => None,
-                Err(_) => {
+            Ok(parsed) => match satisfiable(&parsed, len) {
+                Some(ranges) if ranges.len() == 1 => Some(ranges[0].clone()),
+                // Several disjoint ranges: the whole file, which RFC 9110 allows.
+                Some(_) => None,
+                None => {
                     let mut response: Response = ApiError::new(
                         StatusCode::RANGE_NOT_SATISFIABLE,
                         "range_not_satisfiable",
@@ -117,6 +117,51 @@ pub(super) async fn send_blob(
             )),
     };
     response.map_err(ApiError::internal)
+}
+
+/// The satisfiable ranges of a syntactically valid Range header over a `len`-byte file, sorted
+/// with overlapping and adjacent ones merged (RFC 9110 §14.1.2): a suffix longer than the file
+/// is the whole file, an end past the file is clamped, a range starting past the end is
+/// unsatisfiable and left out. `None` when nothing is satisfiable
+/// (416). A reversed range (`5-2`) makes the header invalid: an empty list (the whole
+/// file).
+fn satisfiable(
+    parsed: &http_range_header::ParsedRanges,
+    len: u64,
+) -> Option<Vec<std::ops::RangeInclusive<u64>>> {
+    use http_range_header::{EndPosition, StartPosition};
+    // `last < first` makes the header invalid, hence ignored (RFC 9110 §14.1.1): the whole
+    // file (an empty list here).
+    if parsed.ranges.iter().any(
+        |r| matches!((r.start, r.end), (StartPosition::Index(a), EndPosition::Index(b)) if a > b),
+    ) {
+        return Some(Vec::new());
+    }
+    let mut ranges: Vec<(u64, u64)> = parsed
+        .ranges
+        .iter()
+        .filter_map(|r| {
+            let (start, end) = match (r.start, r.end) {
+                (StartPosition::FromLast(0), _) => return None,
+                (StartPosition::FromLast(n), _) => (len.saturating_sub(n), len.checked_sub(1)?),
+                (StartPosition::Index(a), EndPosition::LastByte) => (a, len.checked_sub(1)?),
+                (StartPosition::Index(a), EndPosition::Index(b)) => (a, b.min(len.checked_sub(1)?)),
+            };
+            (start <= end && start < len).then_some((start, end))
+        })
+        .collect();
+    if ranges.is_empty() {
+        return None;
+    }
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (start, end) in ranges {
+        match merged.last_mut() {
+            Some(last) if start <= last.1.saturating_add(1) => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    Some(merged.into_iter().map(|(a, b)| a..=b).collect())
 }
 
 impl ApiError {

@@ -135,8 +135,8 @@ pub(super) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResu
             ))
         }
     }
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if path == "." || path == "?" {
@@ -144,7 +144,14 @@ pub(super) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResu
         } else {
             ApiError::invalid(format!("{path}: {inner}"))
         }
-    })
+    })?;
+    // One JSON object and nothing after it but white space (`{…}xyz` is not a request).
+    de.end().map_err(|e| {
+        ApiError::invalid(format!(
+            "request body: unexpected data after the JSON object ({e})"
+        ))
+    })?;
+    Ok(value)
 }
 
 /// Maps a body-reading rejection (too large, cut off) to the JSON error shape.
@@ -158,4 +165,43 @@ pub(super) fn body_rejection(r: axum::extract::rejection::BytesRejection) -> Api
     } else {
         ApiError::invalid(format!("reading the request body: {}", r.body_text()))
     }
+}
+
+/// Gives the JSON error shape to the plain-text 4xx answers axum's extractors make on their
+/// own (a repeated query parameter, a path that is not UTF-8), so every error a client sees
+/// is `{"error": {"code", "message"}}`.
+pub(super) async fn json_rejections(response: Response) -> Response {
+    let status = response.status();
+    let plain = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/plain"));
+    if !status.is_client_error() || !plain {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, 64 << 10).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_owned(),
+        Err(_) => status
+            .canonical_reason()
+            .unwrap_or("bad request")
+            .to_owned(),
+    };
+    let code = match status {
+        StatusCode::BAD_REQUEST => "invalid_input",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "unprocessable",
+        _ => "client_error",
+    };
+    let mut out = ApiError::new(status, code, text).into_response();
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
 }

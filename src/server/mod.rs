@@ -107,11 +107,14 @@ pub fn app(state: AppState) -> Router {
         .route("/references/{key}/stats.npz", get(sweeps::reference_npz))
         .route("/blobs/{digest}", head(blobs::head_blob))
         .route("/", get(ui::index))
+        .route("/ui", get(ui::to_index))
+        .route("/ui/", get(ui::to_index))
         .route("/ui/{*path}", get(ui::file))
         .route("/healthz", get(meta::healthz))
         .route("/openapi.json", get(openapi::openapi_json))
         .fallback(meta::not_found)
         .method_not_allowed_fallback(meta::method_not_allowed)
+        .layer(axum::middleware::map_response(error::json_rejections))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,

@@ -20,7 +20,7 @@ use super::views::{urls, DtypeView, ReconstructionList, ReconstructionView};
 use crate::db::ReconstructionRow;
 use crate::materialize::OutDtype;
 use crate::phema::request::TargetSpec;
-use crate::phema::{parse_float_list, parse_sigma_rel_list};
+use crate::phema::{parse_float_list_at_most, parse_sigma_rel_list_at_most};
 use crate::reconstruction::{self, file_name, OutputOptions, Plan};
 
 /// One width or several: a number, a list of numbers, or a string in EDM2's list syntax
@@ -80,7 +80,7 @@ impl ReconstructRequest {
     fn targets(&self) -> ApiResult<Vec<TargetSpec>> {
         let list = |w: &Option<Widths>, field: &str, gamma: bool| match w {
             None => Ok(Vec::new()),
-            Some(w) => widths(w, field, gamma),
+            Some(w) => widths(w, field, gamma, crate::reconstruction::MAX_TARGETS),
         };
         let sigma_rels = list(&self.sigma_rel, "sigma_rel", false)?;
         let gammas = list(&self.gamma, "gamma", true)?;
@@ -108,15 +108,16 @@ impl ReconstructRequest {
     }
 }
 
-pub(crate) fn widths(w: &Widths, field: &str, gamma: bool) -> ApiResult<Vec<f64>> {
+/// The values of `w`; EDM2's list syntax may expand to at most `max` values.
+pub(crate) fn widths(w: &Widths, field: &str, gamma: bool, max: usize) -> ApiResult<Vec<f64>> {
     match w {
         Widths::One(v) => Ok(vec![*v]),
         Widths::Many(v) => Ok(v.clone()),
         Widths::List(text) => {
             let parsed = if gamma {
-                parse_float_list(text)
+                parse_float_list_at_most(text, max)
             } else {
-                parse_sigma_rel_list(text)
+                parse_sigma_rel_list_at_most(text, max)
             };
             parsed.map_err(|e| ApiError::invalid(format!("{field}: {e}")))
         }

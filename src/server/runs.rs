@@ -260,10 +260,13 @@ pub(super) async fn upload_snapshot(
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct PreviewQuery {
     /// Target width as a relative standard deviation (give this or `gamma`).
+    #[param(value_type = Option<f64>)]
     pub sigma_rel: Option<String>,
     /// Target width as a power-function exponent (give this or `sigma_rel`).
+    #[param(value_type = Option<f64>)]
     pub gamma: Option<String>,
     /// Training time in images (default: the run's last snapshot).
+    #[param(value_type = Option<u64>)]
     pub nimg: Option<String>,
 }
 
@@ -284,7 +287,10 @@ impl PreviewQuery {
                 ApiError::invalid(format!("nimg: {t:?} is not a whole number of images"))
             })?),
         };
-        let (sigma_rels, gammas) = match (&self.sigma_rel, &self.gamma) {
+        // An empty field (an HTML form's blank input) is no field.
+        let given = |v: &Option<String>| v.as_ref().filter(|t| !t.trim().is_empty()).cloned();
+        let (sigma_rel, gamma) = (given(&self.sigma_rel), given(&self.gamma));
+        let (sigma_rels, gammas) = match (&sigma_rel, &gamma) {
             (Some(s), None) => (vec![number(s, "sigma_rel")?], vec![]),
             (None, Some(g)) => (vec![], vec![number(g, "gamma")?]),
             _ => {
@@ -346,12 +352,5 @@ pub(super) async fn profiles(
         crate::reconstruction::solve_request(&plan.snapshots)?.realised()?;
     let solutions: Vec<_> = plan.targets.iter().map(|t| t.solution.clone()).collect();
     let svg = crate::plot::profiles_svg(&snapshots, &realised, &solutions)?;
-    Ok((
-        [
-            (header::CONTENT_TYPE, "image/svg+xml"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        svg,
-    )
-        .into_response())
+    Ok(super::ui::svg_response(svg))
 }

@@ -322,14 +322,7 @@ pub(super) async fn sweep_plot(
     }
     let svg = sweep::plot::sweep_svg(&sweep, &points, metric)
         .map_err(|e| ApiError::not_found(e.to_string()))?;
-    Ok((
-        [
-            (header::CONTENT_TYPE, "image/svg+xml"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        svg,
-    )
-        .into_response())
+    Ok(super::ui::svg_response(svg))
 }
 
 /// A point's grid of its first sampled images (PNG).

@@ -62,10 +62,15 @@ fn etags() -> &'static Vec<String> {
 fn serve(index: usize, headers: &HeaderMap) -> Response {
     let (_, content_type, bytes) = FILES[index];
     let etag = &etags()[index];
+    // If-None-Match compares weakly (RFC 9110 §13.1.2): `W/"x"` matches `"x"`; `*` matches.
     let fresh = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+        .is_some_and(|v| {
+            v.split(',')
+                .map(str::trim)
+                .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag.as_str())
+        });
     let mut response = if fresh {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
@@ -100,4 +105,34 @@ pub(super) async fn file(Path(path): Path<String>, headers: HeaderMap) -> ApiRes
         .position(|(p, _, _)| *p == path)
         .map(|i| serve(i, &headers))
         .ok_or_else(|| ApiError::not_found(format!("no file /ui/{path}")))
+}
+
+/// `/ui` and `/ui/`: the page lives at `/`.
+pub(super) async fn to_index() -> Response {
+    (
+        StatusCode::PERMANENT_REDIRECT,
+        [(header::LOCATION, HeaderValue::from_static("/"))],
+    )
+        .into_response()
+}
+
+/// An SVG picture made here (profiles, sweep curves): no caching, and headers that keep a
+/// browser from running anything in it or guessing another type.
+pub(super) fn svg_response(svg: String) -> Response {
+    let mut response = (StatusCode::OK, svg).into_response();
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("image/svg+xml"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    response
 }

@@ -444,6 +444,10 @@ impl BlobWriter {
             .metadata()
             .map_err(io_err(|| "reading a new blob's permissions".into()))?
             .permissions();
+        // Mode 0444 (what the README promises): the staging file was created 0600.
+        #[cfg(unix)]
+        std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o444);
+        #[cfg(not(unix))]
         permissions.set_readonly(true);
         tmp.as_file()
             .set_permissions(permissions)

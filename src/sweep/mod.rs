@@ -27,7 +27,9 @@ pub use results::{best_point, MetricSummary, PointResult, Timings};
 pub use spec::{
     run_network, spec_of, validate, SamplerSettings, SweepLimits, SweepRequest, SweepSpec,
 };
-pub use worker::{new_worker_id, Observer, Worker, WorkerConfig, WorkerEvent, MAX_ATTEMPTS};
+pub use worker::{
+    new_worker_id, now_ms, Observer, Worker, WorkerConfig, WorkerEvent, MAX_ATTEMPTS,
+};
 
 use crate::app::DataDir;
 use crate::db::SweepRow;

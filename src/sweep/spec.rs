@@ -420,10 +420,36 @@ pub async fn validate(
             })
         })
         .collect::<Vec<_>>();
-    for chunk in targets.chunks(reconstruction::MAX_TARGETS) {
-        reconstruction::plan(&data.db, &run.name, chunk.to_vec(), OutDtype::F32).await?;
-    }
     let mut warnings = Vec::new();
+    // Targets the snapshots reach only roughly are kept but named: their points are not the
+    // EMA the axis says (the solver's profile error and noise gain, EDM2 eq. 7's fit).
+    let mut rough = Vec::new();
+    for chunk in targets.chunks(reconstruction::MAX_TARGETS) {
+        let plan = reconstruction::plan(&data.db, &run.name, chunk.to_vec(), OutDtype::F32).await?;
+        for t in &plan.targets {
+            let sol = &t.solution;
+            if !sol.warnings.is_empty() {
+                rough.push(format!(
+                    "σ_rel {} at nimg {}: profile error {:.1} %, noise gain {:.1}",
+                    sol.sigma_rel,
+                    sol.nimg,
+                    sol.relative_error * 100.0,
+                    sol.noise_gain
+                ));
+            }
+        }
+    }
+    if !rough.is_empty() {
+        warnings.push(format!(
+            "the snapshots reach {} of the {} points only roughly, so those points are not the \
+             EMA length they are plotted at: {} (more frequent snapshots reach further; see \
+             `hindsight solve --run {} --table`)",
+            rough.len(),
+            targets.len(),
+            rough.join("; "),
+            run.name
+        ));
+    }
     if let Some(r) = reference.resolution {
         if r as usize != network.img_resolution {
             warnings.push(format!(
@@ -452,8 +478,13 @@ pub async fn validate(
         ));
     }
     if num_images < 10_000 {
+        let fd = if reference.feature_network == crate::metrics::PIXEL_PROJECTION_NETWORK {
+            "The Fréchet distance"
+        } else {
+            "FID"
+        };
         warnings.push(format!(
-            "FID is biased upwards at {num_images} images (EDM2 uses 50 000): compare points \
+            "{fd} is biased upwards at {num_images} images (EDM2 uses 50 000): compare points \
              of this sweep with each other, not with published figures; KID is unbiased"
         ));
     }

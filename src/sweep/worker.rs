@@ -154,7 +154,8 @@ enum Outcome {
     Lost,
 }
 
-fn now_ms() -> i64 {
+/// Now, in Unix milliseconds (the unit of leases).
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

@@ -92,9 +92,12 @@ fn sigma_rels(v: &serde_json::Value) -> ApiResult<Vec<f64>> {
     use serde_json::Value;
     match v {
         Value::Number(n) => Ok(vec![n.as_f64().unwrap_or(f64::NAN)]),
-        Value::String(text) => {
-            super::super::reconstruct::widths(&Widths::List(text.clone()), "sigma_rels", false)
-        }
+        Value::String(text) => super::super::reconstruct::widths(
+            &Widths::List(text.clone()),
+            "sigma_rels",
+            false,
+            crate::phema::MAX_LIST_VALUES,
+        ),
         Value::Array(items) => items
             .iter()
             .enumerate()
