@@ -44,6 +44,28 @@ fn import_list_verify_gc() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("3 imported, 0 already present"));
     let again = hindsight(&data, &["import", input.to_str().unwrap(), "--run", "demo"]);
     assert!(String::from_utf8_lossy(&again.stdout).contains("0 imported, 3 already present"));
+    // One file rather than a folder: imported alone; a file of another kind: said so.
+    let one = input.join("x-0003145-0.050.safetensors");
+    write(&one, 7.0);
+    let other = dir.path().join("data-single");
+    let single = hindsight(&other, &["import", one.to_str().unwrap(), "--run", "one"]);
+    assert!(
+        String::from_utf8_lossy(&single.stdout).contains("1 imported, 0 already present")
+            && single.status.success(),
+        "{}",
+        String::from_utf8_lossy(&single.stderr)
+    );
+    std::fs::remove_file(&one).unwrap();
+    let text = input.join("notes.txt");
+    std::fs::write(&text, "x").unwrap();
+    let wrong = hindsight(&other, &["import", text.to_str().unwrap(), "--run", "one"]);
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("is not a .safetensors file"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+    std::fs::remove_file(&text).unwrap();
 
     let runs: serde_json::Value =
         serde_json::from_slice(&hindsight(&data, &["runs", "--json"]).stdout).unwrap();

@@ -98,6 +98,8 @@ const IN_FLIGHT: usize = 3;
 /// claims are ingested last, in name order (the first file of a slot is stored; a later one
 /// is a no-op when identical, a conflict otherwise).
 ///
+/// `dir` may also be a single file of the source's extension.
+///
 /// Errors: `dir` unreadable or without a matching file, an invalid run name, or an index or
 /// store failure.
 pub async fn import_dir(
@@ -225,8 +227,17 @@ impl Import<'_> {
     }
 }
 
-/// The files of `dir` with extension `ext`, sorted by name.
+/// The files of `dir` with extension `ext`, sorted by name; `dir` may also be one such file.
 fn matching_files(dir: &Path, ext: &str) -> Result<Vec<PathBuf>> {
+    if dir.is_file() {
+        if dir.extension().is_some_and(|e| e == ext) {
+            return Ok(vec![dir.to_owned()]);
+        }
+        return Err(Error::invalid(
+            dir.display().to_string(),
+            format!("is not a .{ext} file; give a .{ext} file or a folder of them"),
+        ));
+    }
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
