@@ -6,7 +6,6 @@
 //! reason where they are absent, and fails there under `HINDSIGHT_REQUIRE_FID_WEIGHTS=1`
 //! (`.ci/run` installs both and sets it).
 
-use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,37 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 mod common;
-use common::http;
-
-fn hindsight(data: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_hindsight"))
-        .arg("--data-dir")
-        .arg(data)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "hindsight {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// The first `n` Fashion-MNIST training images as an uncompressed IDX file (no labels beside
-/// it, so the network is unconditional).
-fn write_slice(path: &Path, n: usize) {
-    let gz =
-        Path::new(hindsight::datasets::idx::FASHION_MNIST_DIR).join("train-images-idx3-ubyte.gz");
-    let mut raw = Vec::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(gz).unwrap())
-        .read_to_end(&mut raw)
-        .unwrap();
-    let mut out = raw[..16].to_vec();
-    out[4..8].copy_from_slice(&(n as u32).to_be_bytes());
-    out.extend_from_slice(&raw[16..16 + n * 28 * 28]);
-    std::fs::write(path, out).unwrap();
-}
+use common::{hindsight_ok, http, write_fashion_mnist_slice};
 
 struct Server {
     child: Child,
@@ -117,7 +86,7 @@ fn a_fashion_mnist_sweep_survives_sigkill_and_cancels() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let slice = dir.path().join("fm-slice-images-idx3-ubyte");
-    write_slice(&slice, 1024);
+    write_fashion_mnist_slice(&slice, 1024);
     let network = dir.path().join("net.json");
     std::fs::write(
         &network,
@@ -127,7 +96,7 @@ fn a_fashion_mnist_sweep_survives_sigkill_and_cancels() {
         .to_string(),
     )
     .unwrap();
-    hindsight(
+    hindsight_ok(
         &data,
         &[
             "train",
@@ -145,7 +114,7 @@ fn a_fashion_mnist_sweep_survives_sigkill_and_cancels() {
             "16",
         ],
     );
-    hindsight(
+    hindsight_ok(
         &data,
         &[
             "ref-stats",
@@ -159,7 +128,7 @@ fn a_fashion_mnist_sweep_survives_sigkill_and_cancels() {
         ],
     );
     let tokens = dir.path().join("tokens");
-    let token = hindsight(
+    let token = hindsight_ok(
         &data,
         &["token", "new", "--token-file", tokens.to_str().unwrap()],
     );
@@ -316,7 +285,7 @@ fn a_fashion_mnist_sweep_survives_sigkill_and_cancels() {
     // The first sweep is untouched.
     assert_eq!(server.get(&format!("/sweeps/{id}"))["status"], "done");
     // The CLI sees the same.
-    let listing = hindsight(&data, &["sweeps"]);
+    let listing = hindsight_ok(&data, &["sweeps"]);
     assert!(
         listing.contains("cancelled") && listing.contains("done"),
         "{listing}"

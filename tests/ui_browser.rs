@@ -24,24 +24,9 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 
 mod common;
-use common::http;
+use common::{hindsight_ok, http, write_fashion_mnist_slice};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
-
-fn hindsight(data: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_hindsight"))
-        .arg("--data-dir")
-        .arg(data)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "hindsight {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 fn which(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
@@ -93,21 +78,6 @@ impl Drop for Process {
     }
 }
 
-/// The first `n` Fashion-MNIST training images as an IDX file (unconditional).
-fn write_slice(path: &Path, n: usize) {
-    use std::io::Read;
-    let gz =
-        Path::new(hindsight::datasets::idx::FASHION_MNIST_DIR).join("train-images-idx3-ubyte.gz");
-    let mut raw = Vec::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(gz).unwrap())
-        .read_to_end(&mut raw)
-        .unwrap();
-    let mut out = raw[..16].to_vec();
-    out[4..8].copy_from_slice(&(n as u32).to_be_bytes());
-    out.extend_from_slice(&raw[16..16 + n * 28 * 28]);
-    std::fs::write(path, out).unwrap();
-}
-
 fn screenshots_dir() -> PathBuf {
     let dir = std::env::var_os("HINDSIGHT_UI_SCREENSHOTS")
         .map(PathBuf::from)
@@ -147,6 +117,17 @@ async fn js(client: &Client, script: &str) -> Value {
     client.execute(script, vec![]).await.unwrap()
 }
 
+/// Clicks the element `css` matches.
+async fn click(client: &Client, css: &str) {
+    client
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("no {css}: {e}"))
+        .click()
+        .await
+        .unwrap();
+}
+
 /// Waits until `<img css>` has loaded a picture (natural width > 0) and returns its width.
 async fn image_loaded(client: &Client, css: &str) -> u64 {
     let script = format!(
@@ -180,7 +161,7 @@ fn the_web_ui_in_headless_chromium() {
     let weights = weights.to_str().unwrap();
     let data = dir.path().join("data");
     let slice = dir.path().join("fm-slice-images-idx3-ubyte");
-    write_slice(&slice, 512);
+    write_fashion_mnist_slice(&slice, 512);
     let network = dir.path().join("net.json");
     std::fs::write(
         &network,
@@ -191,25 +172,25 @@ fn the_web_ui_in_headless_chromium() {
     )
     .unwrap();
     #[rustfmt::skip]
-    hindsight(&data, &[
+    hindsight_ok(&data, &[
         "train", "--run", "fm", "--dataset", slice.to_str().unwrap(),
         "--network", network.to_str().unwrap(), "--total-kimg", "2", "--snapshot-kimg", "1",
         "--batch", "16",
     ]);
     #[rustfmt::skip]
-    hindsight(&data, &[
+    hindsight_ok(&data, &[
         "ref-stats", "fashion-mnist-test", "--max-images", "32", "--name", "fm-test",
         "--weights", weights,
     ]);
     #[rustfmt::skip]
-    hindsight(&data, &[
+    hindsight_ok(&data, &[
         "sweep", "--run", "fm", "--sigma-rel", "0.05,0.08,0.11,0.14", "--metric", "fid,kid",
         "--num-images", "8", "--seed-sets", "2", "--batch", "8", "--steps", "4",
         "--reference", "fm-test", "--weights", weights,
         "--plot", dir.path().join("sweep.svg").to_str().unwrap(),
     ]);
     let tokens = dir.path().join("tokens");
-    let token = hindsight(
+    let token = hindsight_ok(
         &data,
         &["token", "new", "--token-file", tokens.to_str().unwrap()],
     );
@@ -360,7 +341,7 @@ async fn session(client: &Client, addr: &str, token: &str, sweep: Value, downloa
     // WebDriver offsets are from the element's centre.
     let dx = last["left"].as_f64().unwrap() - size[0].as_f64().unwrap() / 2.0;
     let dy = last["top"].as_f64().unwrap() - size[1].as_f64().unwrap() / 2.0;
-    let click = MouseActions::new("mouse".into())
+    let press = MouseActions::new("mouse".into())
         .then(PointerAction::MoveToElement {
             element: over,
             duration: Some(Duration::from_millis(50)),
@@ -373,7 +354,7 @@ async fn session(client: &Client, addr: &str, token: &str, sweep: Value, downloa
         .then(PointerAction::Up {
             button: MOUSE_BUTTON_LEFT,
         });
-    client.perform_actions(click).await.unwrap();
+    client.perform_actions(press).await.unwrap();
     let last_idx = api_points.len() - 1;
     let heading = wait_text(client, "#samples h2", |t| {
         t.contains(&format!("{:.4}", last["sigma_rel"].as_f64().unwrap()))
@@ -391,13 +372,7 @@ async fn session(client: &Client, addr: &str, token: &str, sweep: Value, downloa
     );
     assert!(image_loaded(client, "#grid-image").await > 0);
     // The log-scale switch redraws with the same points.
-    client
-        .find(Locator::Css("#log-x"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(client, "#log-x").await;
     let after = js(
         client,
         "return JSON.parse(document.querySelector('#chart-fid').dataset.points).length;",
@@ -413,13 +388,7 @@ async fn session(client: &Client, addr: &str, token: &str, sweep: Value, downloa
     let value = client.find(Locator::Css("#rec-value")).await.unwrap();
     value.clear().await.unwrap();
     value.send_keys("0.09").await.unwrap();
-    client
-        .find(Locator::Css("#rec-preview"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(client, "#rec-preview").await;
     let report = wait_text(client, "#rec-report", |t| t.contains("profile error")).await;
     assert!(report.contains("0.0900"), "{report}");
     assert!(image_loaded(client, "#rec-profile").await > 100);
@@ -433,22 +402,10 @@ async fn session(client: &Client, addr: &str, token: &str, sweep: Value, downloa
     let before = reconstructions(addr).len(); // the sweep's
 
     // Reconstruct without a token: the dialog asks; cancelling leaves a clear refusal.
-    client
-        .find(Locator::Css("#rec-go"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(client, "#rec-go").await;
     let dialog = wait_text(client, "#token-why", |t| t.contains("token")).await;
     assert!(dialog.contains("needs a token"), "{dialog}");
-    client
-        .find(Locator::Css("#token-cancel"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(client, "#token-cancel").await;
     let refusal = wait_text(client, "#rec-out .message", |t| !t.is_empty()).await;
     assert!(
         refusal.contains("Refused") && refusal.contains("token"),
@@ -462,13 +419,7 @@ async fn session(client: &Client, addr: &str, token: &str, sweep: Value, downloa
     );
 
     // Again, giving the token: reconstructed, then downloaded by the browser.
-    client
-        .find(Locator::Css("#rec-go"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(client, "#rec-go").await;
     wait_text(client, "#token-why", |t| t.contains("token")).await;
     client
         .find(Locator::Css("#token-input"))
@@ -477,13 +428,7 @@ async fn session(client: &Client, addr: &str, token: &str, sweep: Value, downloa
         .send_keys(token)
         .await
         .unwrap();
-    client
-        .find(Locator::Css("#token-save"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(client, "#token-save").await;
     let digest = wait_text(client, "#rec-digest", |t| t.len() == 64).await;
     let after = reconstructions(addr);
     assert_eq!(after.len(), before + 1);
@@ -493,13 +438,7 @@ async fn session(client: &Client, addr: &str, token: &str, sweep: Value, downloa
         .expect("the page shows the digest of the new reconstruction");
     assert_eq!(stored["sigma_rel"].as_f64(), Some(0.09));
     let file_name = stored["file_name"].as_str().unwrap().to_owned();
-    client
-        .find(Locator::Css("#rec-download"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(client, "#rec-download").await;
     let file = downloads.join(&file_name);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !file.is_file() {

@@ -192,3 +192,36 @@ fn dechunk(mut s: &str) -> String {
     }
     out
 }
+
+/// Runs `hindsight --data-dir data ARGS`, fails the test (with its stderr) unless it
+/// succeeds, and returns its standard output.
+pub fn hindsight_ok(data: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_hindsight"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "hindsight {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Writes the first `n` Fashion-MNIST training images (Debian's copy) as an uncompressed IDX
+/// file at `path`, with no labels beside it (so a network trained on it is unconditional).
+pub fn write_fashion_mnist_slice(path: &Path, n: usize) {
+    use std::io::Read;
+    let gz =
+        Path::new(hindsight::datasets::idx::FASHION_MNIST_DIR).join("train-images-idx3-ubyte.gz");
+    let mut raw = Vec::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(gz).unwrap())
+        .read_to_end(&mut raw)
+        .unwrap();
+    let mut out = raw[..16].to_vec();
+    out[4..8].copy_from_slice(&(n as u32).to_be_bytes());
+    out.extend_from_slice(&raw[16..16 + n * 28 * 28]);
+    std::fs::write(path, out).unwrap();
+}
