@@ -114,6 +114,19 @@ pub enum Error {
     /// A blob that should be in the store is not.
     #[error("blob {0} is missing from the store")]
     MissingBlob(String),
+    /// The index (`index.sqlite`) is missing, empty or damaged beside a store that holds
+    /// data: nothing was opened or changed.
+    #[error(
+        "the index {path} is damaged: {reason}. Nothing was changed. Restore it from a backup \
+         (with its -wal file), or rebuild it from the snapshots in the store with `hindsight \
+         rebuild-index` (it moves the damaged file aside first)"
+    )]
+    IndexDamaged {
+        /// The index file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The store on disk has a layout this version does not know.
     #[error("{path}: unsupported store format ({found}); this hindsight reads format {supported}")]
     StoreFormat {

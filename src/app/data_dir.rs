@@ -23,11 +23,45 @@ pub struct DataDir {
 }
 
 impl DataDir {
-    /// Opens (creating if needed) the data directory at `path`.
+    /// Opens (creating if needed) the data directory at `path`, then recovers what crashed
+    /// writers left ([`super::recover`]: staging files, abandoned claims, empty runs).
+    ///
+    /// Errors: [`Error::IndexDamaged`] when the index is missing or empty beside a store that
+    /// holds blobs (it was deleted or truncated: starting on an empty index would hide every
+    /// snapshot, and `gc` would then delete them), or when SQLite finds it damaged. Nothing
+    /// is changed then; the message says how to restore or rebuild it.
     pub async fn open(path: &Path) -> Result<Self> {
+        let data = Self::open_without_recovery(path).await?;
+        super::recover(&data, super::CLAIM_GRACE).await?;
+        Ok(data)
+    }
+
+    /// [`DataDir::open`] without the start-up recovery (for tools that inspect a data
+    /// directory as it is).
+    pub async fn open_without_recovery(path: &Path) -> Result<Self> {
         std::fs::create_dir_all(path)
             .map_err(|e| Error::io(format!("creating data directory {}", path.display()), e))?;
-        let db = Db::open(&path.join(INDEX_FILE)).await?;
+        let index = path.join(INDEX_FILE);
+        let blobs = store_blob_count(&path.join(STORE_DIR), 1);
+        if blobs > 0 && index_is_empty(&index) {
+            return Err(Error::IndexDamaged {
+                path: index.display().to_string(),
+                reason: "it is missing or empty, but the store beside it holds blobs".into(),
+            });
+        }
+        let db = Db::open(&index)
+            .await
+            .map_err(|e| damaged_index(&index, e))?;
+        if let Some(problem) = db
+            .quick_check()
+            .await
+            .map_err(|e| damaged_index(&index, e))?
+        {
+            return Err(Error::IndexDamaged {
+                path: index.display().to_string(),
+                reason: format!("SQLite's integrity check fails: {problem}"),
+            });
+        }
         let store = BlobStore::open(path.join(STORE_DIR))?;
         Ok(Self {
             path: path.to_owned(),
@@ -43,6 +77,54 @@ impl DataDir {
                 "run {name:?} does not exist (see `hindsight runs`)"
             ))
         })
+    }
+}
+
+/// Whether the index file at `path` is missing or empty. (SQLite writes the first page of a
+/// new index, which records WAL mode, into the main file when it creates it: an index in
+/// use is never 0 bytes, whatever its write-ahead log holds.)
+fn index_is_empty(path: &Path) -> bool {
+    std::fs::metadata(path).map_or(0, |m| m.len()) == 0
+}
+
+/// Blob files under `store/blobs`, counting no further than `limit`.
+fn store_blob_count(store: &Path, limit: usize) -> usize {
+    let mut n = 0;
+    let Ok(level1) = std::fs::read_dir(store.join("blobs")) else {
+        return 0;
+    };
+    for a in level1.flatten() {
+        for b in std::fs::read_dir(a.path()).into_iter().flatten().flatten() {
+            n += std::fs::read_dir(b.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .count();
+            if n >= limit {
+                return n;
+            }
+        }
+    }
+    n
+}
+
+/// An error opening the index, as [`Error::IndexDamaged`] when SQLite says the file is not a
+/// database or is malformed.
+fn damaged_index(path: &Path, e: Error) -> Error {
+    let text = e.chain_text();
+    let damaged = [
+        "file is not a database",
+        "malformed",
+        "disk image",
+        "corrupt",
+    ];
+    if damaged.iter().any(|d| text.contains(d)) {
+        Error::IndexDamaged {
+            path: path.display().to_string(),
+            reason: text,
+        }
+    } else {
+        e
     }
 }
 

@@ -7,4 +7,6 @@ mod maintain;
 pub mod references;
 
 pub use data_dir::{DataDir, INDEX_FILE, STORE_DIR};
-pub use maintain::{gc, verify, GcReport, VerifyReport};
+pub use maintain::{
+    delete_snapshot, gc, recover, verify, GcReport, RecoveryReport, VerifyReport, CLAIM_GRACE,
+};

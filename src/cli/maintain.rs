@@ -25,6 +25,14 @@ pub fn verify(data_dir: &Path) -> anyhow::Result<()> {
         human_bytes(report.bytes),
         report.problems.len()
     );
+    if report.pending_claims > 0 {
+        println!(
+            "{} pending claim(s): ingests in progress, or abandoned by ingests that died \
+             (not data; recovered when the data directory is next opened after {} minutes)",
+            report.pending_claims,
+            hindsight::app::CLAIM_GRACE.as_secs() / 60
+        );
+    }
     if report.checksums_filled > 0 {
         println!(
             "recorded the read checksum of {} blob(s) stored without one",
@@ -52,8 +60,9 @@ pub fn gc(data_dir: &Path, args: GcArgs) -> anyhow::Result<()> {
         Ok(hindsight::app::gc(&data, Duration::from_secs(args.grace_secs)).await?)
     })?;
     println!(
-        "gc: {} blob(s) unreferenced, {} removed, {} orphaned temporary file(s) removed",
-        report.unreferenced, report.removed, report.temp_files
+        "gc: {} blob(s) unreferenced, {} removed, {} orphaned temporary file(s) removed, {} \
+         blob file(s) without an index row removed",
+        report.unreferenced, report.removed, report.temp_files, report.unindexed
     );
     Ok(())
 }

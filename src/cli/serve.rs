@@ -29,6 +29,20 @@ pub struct ServeArgs {
     /// Uploads processed at once.
     #[arg(long, default_value_t = 4)]
     upload_concurrency: usize,
+    /// Uploads one client (IP address) may have in progress at once; more get 429.
+    #[arg(long, default_value_t = 2)]
+    max_uploads_per_client: usize,
+    /// An upload that sends nothing for this many seconds is dropped (408).
+    #[arg(long, default_value_t = 15.0)]
+    upload_idle_secs: f64,
+    /// Seconds a client has to send a request's headers (and an idle keep-alive connection
+    /// stays open).
+    #[arg(long, default_value_t = 10.0)]
+    header_read_timeout_secs: f64,
+    /// On Ctrl-C or SIGTERM, seconds requests in flight get to finish before their
+    /// connections are closed.
+    #[arg(long, default_value_t = 10.0)]
+    shutdown_grace_secs: f64,
     /// How long POST /reconstruct waits before answering 202 with a status URL.
     #[arg(long, default_value_t = 60.0)]
     reconstruct_wait_secs: f64,
@@ -67,6 +81,18 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
     if !(args.reconstruct_wait_secs.is_finite() && args.reconstruct_wait_secs >= 0.0) {
         bail!("--reconstruct-wait-secs must be a non-negative number");
     }
+    for (flag, value) in [
+        ("--upload-idle-secs", args.upload_idle_secs),
+        ("--header-read-timeout-secs", args.header_read_timeout_secs),
+        ("--shutdown-grace-secs", args.shutdown_grace_secs),
+    ] {
+        if !(value.is_finite() && (0.1..=86_400.0).contains(&value)) {
+            bail!("{flag} must be between 0.1 and 86400 seconds");
+        }
+    }
+    if args.max_uploads_per_client == 0 || args.upload_concurrency == 0 {
+        bail!("--max-uploads-per-client and --upload-concurrency must be at least 1");
+    }
     let auth = if token_hashes.is_empty() {
         "no authentication".to_owned()
     } else {
@@ -95,6 +121,10 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
         upload_concurrency: args.upload_concurrency,
         reconstruct_wait: std::time::Duration::from_secs_f64(args.reconstruct_wait_secs),
         verify_reads: !args.no_verify,
+        max_uploads_per_client: args.max_uploads_per_client,
+        upload_idle_timeout: std::time::Duration::from_secs_f64(args.upload_idle_secs),
+        header_read_timeout: std::time::Duration::from_secs_f64(args.header_read_timeout_secs),
+        shutdown_grace: std::time::Duration::from_secs_f64(args.shutdown_grace_secs),
         ..Default::default()
     };
     let shutdown = async {

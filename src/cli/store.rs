@@ -185,10 +185,37 @@ pub struct SnapshotsArgs {
     /// JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Delete the snapshot with this id (the first column of the listing) instead; its file
+    /// leaves the store when nothing else refers to it.
+    #[arg(long, value_name = "ID")]
+    delete: Option<i64>,
 }
 
 /// Lists a run's snapshots.
 pub fn snapshots(data_dir: &Path, args: SnapshotsArgs) -> anyhow::Result<()> {
+    if let Some(id) = args.delete {
+        let deleted = block_on(async {
+            let data = DataDir::open(data_dir).await?;
+            Ok(hindsight::app::delete_snapshot(&data, &args.run, id).await?)
+        })?;
+        if args.json {
+            return print_json(&deleted);
+        }
+        let s = &deleted.snapshot;
+        println!(
+            "deleted snapshot {id} of run {:?} (nimg {}, sigma_rel {}, {}){}",
+            args.run,
+            s.nimg,
+            s.sigma_rel,
+            &s.digest[..16],
+            if deleted.blob_removed {
+                "; its file was removed from the store"
+            } else {
+                "; its file stays (other rows refer to it)"
+            }
+        );
+        return Ok(());
+    }
     let rows = block_on(async {
         let data = DataDir::open(data_dir).await?;
         let run = data.existing_run(&args.run).await?;
@@ -200,13 +227,14 @@ pub fn snapshots(data_dir: &Path, args: SnapshotsArgs) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{:>14} {:>9} {:>8} {:>11} {:>8}  digest",
-        "nimg", "sigma_rel", "gamma", "size", "tensors"
+        "{:>6} {:>14} {:>9} {:>8} {:>11} {:>8}  digest",
+        "id", "nimg", "sigma_rel", "gamma", "size", "tensors"
     )?;
     for s in rows {
         writeln!(
             out,
-            "{:>14} {:>9.4} {:>8.3} {:>11} {:>8}  {}",
+            "{:>6} {:>14} {:>9.4} {:>8.3} {:>11} {:>8}  {}",
+            s.id,
             s.nimg,
             s.sigma_rel,
             s.gamma,

@@ -40,12 +40,14 @@ pub struct BlobRow {
 
 /// Marks a claimed blob `valid` inside the transaction that records the row referencing it.
 pub(super) async fn mark_valid(conn: &mut SqliteConnection, digest: &str) -> Result<()> {
-    sqlx::query("UPDATE blobs SET state = ?, changed_at = ? WHERE digest = ?")
-        .bind(BlobState::Valid)
-        .bind(now_secs())
-        .bind(digest)
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "UPDATE blobs SET state = ?, changed_at = ?, claims = max(claims - 1, 0) WHERE digest = ?",
+    )
+    .bind(BlobState::Valid)
+    .bind(now_secs())
+    .bind(digest)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -57,11 +59,12 @@ impl Db {
     pub async fn claim_blob(&self, digest: &str, size: u64, checksum: Option<&str>) -> Result<()> {
         let mut conn = self.begin_immediate().await?;
         let result = sqlx::query(
-            "INSERT INTO blobs (digest, size, state, changed_at, checksum) \
-             VALUES (?, ?, ?, ?, ?) \
+            "INSERT INTO blobs (digest, size, state, changed_at, checksum, claims) \
+             VALUES (?, ?, ?, ?, ?, 1) \
              ON CONFLICT (digest) DO UPDATE SET state = excluded.state, \
                changed_at = excluded.changed_at, \
-               checksum = coalesce(excluded.checksum, blobs.checksum)",
+               checksum = coalesce(excluded.checksum, blobs.checksum), \
+               claims = blobs.claims + 1",
         )
         .bind(digest)
         .bind(size as i64)
@@ -71,6 +74,121 @@ impl Db {
         .execute(&mut *conn)
         .await;
         finish(&mut conn, result.map(|_| ()).map_err(Into::into)).await
+    }
+
+    /// Gives back a claim taken by [`claim_blob`](Self::claim_blob) whose ingest did not
+    /// record a row (refused, lost a race, failed): when no other claim and no row holds the
+    /// blob, its row is marked `deleted` and `delete_file` removes the file in the same write
+    /// transaction (as GC does), so a refused ingest leaves nothing behind. A blob that rows
+    /// still reference goes back to `valid`. Returns whether the blob was removed.
+    pub async fn release_claim(
+        &self,
+        digest: &str,
+        delete_file: impl FnOnce() -> Result<()>,
+    ) -> Result<bool> {
+        let mut conn = self.begin_immediate().await?;
+        let result = async {
+            let row: Option<(BlobState, i64, bool)> = sqlx::query_as(
+                "SELECT state, claims, \
+                   EXISTS (SELECT 1 FROM blob_references r WHERE r.digest = blobs.digest) \
+                 FROM blobs WHERE digest = ?",
+            )
+            .bind(digest)
+            .fetch_optional(&mut *conn)
+            .await?;
+            let Some((state, claims, referenced)) = row else {
+                return Ok(false);
+            };
+            let claims = (claims - 1).max(0);
+            if referenced {
+                sqlx::query("UPDATE blobs SET claims = ?, state = ? WHERE digest = ?")
+                    .bind(claims)
+                    .bind(BlobState::Valid)
+                    .bind(digest)
+                    .execute(&mut *conn)
+                    .await?;
+                return Ok(false);
+            }
+            if claims > 0 || state != BlobState::Pending {
+                sqlx::query("UPDATE blobs SET claims = ? WHERE digest = ?")
+                    .bind(claims)
+                    .bind(digest)
+                    .execute(&mut *conn)
+                    .await?;
+                return Ok(false);
+            }
+            delete_file()?;
+            sqlx::query("DELETE FROM blobs WHERE digest = ?")
+                .bind(digest)
+                .execute(&mut *conn)
+                .await?;
+            Ok(true)
+        }
+        .await;
+        finish(&mut conn, result).await
+    }
+
+    /// Start-up recovery of claims whose ingest died (`pending` rows unchanged for longer
+    /// than `grace`): a claim on a blob some row references becomes `valid` again; the
+    /// others are marked `deleted` for the sweep that follows (their files, if published,
+    /// are removed). Returns how many rows were restored and marked.
+    pub async fn recover_claims(&self, grace: Duration) -> Result<(u64, u64)> {
+        let cutoff = now_secs() - grace.as_secs() as i64;
+        let mut conn = self.begin_immediate().await?;
+        let result = async {
+            let restored = sqlx::query(
+                "UPDATE blobs SET state = ?, claims = 0 \
+                 WHERE state = ? AND changed_at <= ? \
+                   AND EXISTS (SELECT 1 FROM blob_references r WHERE r.digest = blobs.digest)",
+            )
+            .bind(BlobState::Valid)
+            .bind(BlobState::Pending)
+            .bind(cutoff)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            let marked = sqlx::query(
+                "UPDATE blobs SET state = ?, claims = 0, changed_at = ? \
+                 WHERE state = ? AND changed_at <= ?",
+            )
+            .bind(BlobState::Deleted)
+            .bind(now_secs())
+            .bind(BlobState::Pending)
+            .bind(cutoff)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            Ok((restored, marked))
+        }
+        .await;
+        finish(&mut conn, result).await
+    }
+
+    /// Every blob row with whether a row of the index refers to it (for `verify`).
+    pub async fn blobs_with_references(&self) -> Result<Vec<(BlobRow, bool, i64)>> {
+        let rows: Vec<(String, i64, BlobState, Option<String>, bool, i64)> = sqlx::query_as(
+            "SELECT digest, size, state, checksum, \
+               EXISTS (SELECT 1 FROM blob_references r WHERE r.digest = blobs.digest), \
+               changed_at \
+             FROM blobs ORDER BY digest",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(digest, size, state, checksum, referenced, changed_at)| {
+                (
+                    BlobRow {
+                        digest,
+                        size,
+                        state,
+                        checksum,
+                    },
+                    referenced,
+                    changed_at,
+                )
+            })
+            .collect())
     }
 
     /// The recorded checksums (XXH3-128 hex) of `digests`, in order; `None` where a blob has

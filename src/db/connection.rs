@@ -35,6 +35,15 @@ impl Db {
         Ok(Self { pool })
     }
 
+    /// SQLite's `quick_check` of the whole file: `None` when it finds nothing wrong, else its
+    /// first findings (a few milliseconds per megabyte of index).
+    pub async fn quick_check(&self) -> Result<Option<String>> {
+        let lines: Vec<String> = sqlx::query_scalar("PRAGMA quick_check(5)")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok((lines.len() != 1 || lines[0] != "ok").then(|| lines.join("; ")))
+    }
+
     /// The connection pool (for later modules' queries).
     pub fn pool(&self) -> &SqlitePool {
         &self.pool

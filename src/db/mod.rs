@@ -22,6 +22,7 @@ pub use reconstructions::{NewReconstruction, ReconstructionRow};
 pub use references::{NewReference, ReferenceRow};
 pub use runs::{check_run_name, Run, RunSummary};
 pub use snapshots::{
-    describe_differences, manifest_differences, ManifestEntry, NewSnapshot, Recorded, SnapshotRow,
+    describe_differences, manifest_differences, same_width, DeletedSnapshot, ManifestEntry,
+    NewSnapshot, Recorded, SnapshotRow, SLOT_TOLERANCE,
 };
 pub use sweeps::{BatchRow, Claim, NewBatch, PointRow, SweepRow, SweepStatus};

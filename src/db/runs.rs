@@ -158,6 +158,28 @@ impl Db {
         finish(&mut conn, result).await
     }
 
+    /// Removes runs that an ingest created (no description, metadata `{}`) and that have
+    /// stayed empty for longer than `grace`: no snapshot, manifest, reconstruction or sweep.
+    /// Start-up recovery, for ingests killed before their first snapshot. Returns how many.
+    pub async fn remove_abandoned_runs(&self, grace: std::time::Duration) -> Result<u64> {
+        let cutoff = format!("-{} seconds", grace.as_secs());
+        let mut conn = self.begin_immediate().await?;
+        let result = sqlx::query(
+            "DELETE FROM runs WHERE description = '' AND metadata = '{}' \
+               AND created_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?) \
+               AND NOT EXISTS (SELECT 1 FROM snapshots WHERE run_id = runs.id) \
+               AND NOT EXISTS (SELECT 1 FROM run_tensors WHERE run_id = runs.id) \
+               AND NOT EXISTS (SELECT 1 FROM reconstructions WHERE run_id = runs.id) \
+               AND NOT EXISTS (SELECT 1 FROM sweeps WHERE run_id = runs.id)",
+        )
+        .bind(cutoff)
+        .execute(&mut *conn)
+        .await
+        .map(|r| r.rows_affected())
+        .map_err(Error::from);
+        finish(&mut conn, result).await
+    }
+
     /// Every run with its totals, by name.
     pub async fn runs(&self) -> Result<Vec<RunSummary>> {
         Ok(sqlx::query_as::<_, RunSummary>(

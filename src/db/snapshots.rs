@@ -90,6 +90,27 @@ pub struct NewSnapshot {
     pub profile: Option<serde_json::Value>,
 }
 
+/// Two EMA widths closer than this (relative to the larger σ_rel) are the same slot: one
+/// snapshot, never two rows. Equivalent spellings land far inside it (σ_rel given as
+/// `gamma` converts back with an error of about 1e-16); distinct EMAs a trainer keeps are
+/// percents apart, and two widths within a millionth of each other could not be told apart
+/// by the solver anyway (their Gram matrix rows agree to ~1e-12).
+pub const SLOT_TOLERANCE: f64 = 1e-6;
+
+/// Whether two σ_rel values name the same slot ([`SLOT_TOLERANCE`]).
+pub fn same_width(a: f64, b: f64) -> bool {
+    (a - b).abs() <= SLOT_TOLERANCE * a.abs().max(b.abs())
+}
+
+/// What [`Db::delete_snapshot`] removed.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DeletedSnapshot {
+    /// The row that was removed.
+    pub snapshot: SnapshotRow,
+    /// Whether its file was removed from the store too (no other row referred to it).
+    pub blob_removed: bool,
+}
+
 /// What [`Db::record_snapshot`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Recorded {
@@ -161,6 +182,81 @@ impl Db {
         .await?)
     }
 
+    /// The snapshot of run `run_id` with row id `id`, if any.
+    pub async fn snapshot(&self, run_id: i64, id: i64) -> Result<Option<SnapshotRow>> {
+        Ok(sqlx::query_as::<_, SnapshotRow>(
+            "SELECT id, nimg, sigma_rel, gamma, digest, byte_size, tensor_count, dtypes, \
+                    metadata, created_at, profile \
+             FROM snapshots WHERE run_id = ? AND id = ?",
+        )
+        .bind(run_id)
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?)
+    }
+
+    /// Deletes snapshot `id` of run `run_id`, in one write transaction: the row goes, and
+    /// when no other row (snapshot, reconstruction, sweep) refers to its blob, the blob's row
+    /// is marked `deleted` and `delete_file` removes the file before the commit, as GC does
+    /// (a crash in between leaves a `deleted` row whose file the next `gc` removes). The
+    /// run's stored reconstructions stay: each is keyed by the snapshots it was computed
+    /// from, so a request after the delete computes anew. When the run has no snapshot left,
+    /// its manifest is cleared (the next snapshot sets it again). `None` when there is no
+    /// such snapshot.
+    pub async fn delete_snapshot(
+        &self,
+        run_id: i64,
+        id: i64,
+        delete_file: impl FnOnce(&str) -> Result<()>,
+    ) -> Result<Option<DeletedSnapshot>> {
+        let mut conn = self.begin_immediate().await?;
+        let result = async {
+            let Some(row) = sqlx::query_as::<_, SnapshotRow>(
+                "DELETE FROM snapshots WHERE run_id = ? AND id = ? \
+                 RETURNING id, nimg, sigma_rel, gamma, digest, byte_size, tensor_count, dtypes, \
+                           metadata, created_at, profile",
+            )
+            .bind(run_id)
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?
+            else {
+                return Ok(None);
+            };
+            let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM snapshots WHERE run_id = ?")
+                .bind(run_id)
+                .fetch_one(&mut *conn)
+                .await?;
+            if left == 0 {
+                sqlx::query("DELETE FROM run_tensors WHERE run_id = ?")
+                    .bind(run_id)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            let unreferenced: bool = sqlx::query_scalar(
+                "SELECT NOT EXISTS (SELECT 1 FROM blob_references WHERE digest = ?) \
+                   AND EXISTS (SELECT 1 FROM blobs WHERE digest = ? AND claims = 0)",
+            )
+            .bind(&row.digest)
+            .bind(&row.digest)
+            .fetch_one(&mut *conn)
+            .await?;
+            if unreferenced {
+                delete_file(&row.digest)?;
+                sqlx::query("DELETE FROM blobs WHERE digest = ?")
+                    .bind(&row.digest)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            Ok(Some(DeletedSnapshot {
+                snapshot: row,
+                blob_removed: unreferenced,
+            }))
+        }
+        .await;
+        finish(&mut conn, result).await
+    }
+
     /// Records a snapshot whose file is in the store under a claimed digest, in one
     /// transaction: checks (or, for a run's first snapshot, sets) the manifest, detects
     /// re-imports and conflicts, inserts the row, and marks the blob valid.
@@ -206,17 +302,19 @@ async fn record_in(
             ));
         }
     }
-    // Same (nimg, σ_rel) already stored?
-    let existing: Option<(String, Option<String>)> = sqlx::query_as(
-        "SELECT digest, profile FROM snapshots WHERE run_id = ? AND nimg = ? AND sigma_rel = ?",
+    // Same (nimg, σ_rel) already stored? Widths compare within SLOT_TOLERANCE.
+    let at_time: Vec<(String, Option<String>, f64)> = sqlx::query_as(
+        "SELECT digest, profile, sigma_rel FROM snapshots WHERE run_id = ? AND nimg = ?",
     )
     .bind(run_id)
     .bind(new.nimg as i64)
-    .bind(new.sigma_rel)
-    .fetch_optional(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
+    let existing = at_time
+        .into_iter()
+        .find(|(_, _, s)| same_width(*s, new.sigma_rel));
     let outcome = match existing {
-        Some((d, profile)) if d == new.digest => {
+        Some((d, profile, _)) if d == new.digest => {
             let stored: Option<serde_json::Value> = profile
                 .as_deref()
                 .map(serde_json::from_str)
@@ -236,11 +334,11 @@ async fn record_in(
             }
             Recorded::AlreadyPresent
         }
-        Some((d, _)) => {
+        Some((d, _, stored)) => {
             return Err(Error::Conflict(format!(
-                "a different snapshot is already stored at nimg {} sigma_rel {} (digest {d}, \
-                 this file {})",
-                new.nimg, new.sigma_rel, new.digest
+                "a different snapshot is already stored at nimg {} sigma_rel {stored} (digest \
+                 {d}, this file {}); delete it first to replace it",
+                new.nimg, new.digest
             )));
         }
         None => {

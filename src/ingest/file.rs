@@ -10,7 +10,12 @@
 //!    drops the temporary file;
 //! 3. `claim_blob` (row `pending`), then publication (rename, or dedupe against the same
 //!    content already present), then `record_snapshot` (row inserted, blob `valid`) in one
-//!    transaction that re-checks the manifest and conflicts.
+//!    transaction that re-checks the manifest and conflicts. If that transaction refuses
+//!    the snapshot (a concurrent ingest took the slot, the manifest changed) or fails, the
+//!    claim is released and the blob removed unless something else holds it.
+//!
+//! Two widths are one slot when they agree to [`crate::db::SLOT_TOLERANCE`] (relative): the same
+//! σ_rel given as `gamma`, or off by a rounding, is the same snapshot, never a second row.
 
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
@@ -18,7 +23,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::db::{Db, ManifestEntry, NewSnapshot, Recorded, Run};
+use super::run::RunForIngest;
+use crate::db::{same_width, Db, ManifestEntry, NewSnapshot, Recorded, Run};
 use crate::error::{blocking, Error, Result};
 use crate::format::{read_header, Header, TensorEntry};
 use crate::phema::{RealisedProfile, Width};
@@ -227,7 +233,7 @@ pub async fn ingest_file(
     ingest_reader(
         db,
         store,
-        run,
+        &RunForIngest::existing(run.clone()),
         Incoming {
             reader,
             len,
@@ -290,7 +296,7 @@ impl<R: Read> Read for Recording<'_, R> {
 pub async fn ingest_reader<R: Read + Send + 'static>(
     db: &Db,
     store: &BlobStore,
-    run: &Run,
+    target: &RunForIngest,
     incoming: Incoming<R>,
     hints: Hints,
     options: IngestOptions,
@@ -330,8 +336,12 @@ pub async fn ingest_reader<R: Read + Send + 'static>(
     }
     let manifest = manifest_of(&header.tensors);
 
-    // Read-only checks before copying anything.
-    let expected = db.manifest(run.id).await?;
+    // Read-only checks before copying anything (a run that does not exist yet has no
+    // manifest).
+    let expected = match target.get() {
+        Some(run) => db.manifest(run.id).await?,
+        None => Vec::new(),
+    };
     if !expected.is_empty() {
         let diff = crate::db::manifest_differences(&expected, &manifest);
         if !diff.is_empty() {
@@ -339,7 +349,7 @@ pub async fn ingest_reader<R: Read + Send + 'static>(
                 source,
                 format!(
                     "tensors differ from run {:?}'s manifest: {}",
-                    run.name,
+                    target.name(),
                     crate::db::describe_differences(&diff)
                 ),
             ));
@@ -364,20 +374,29 @@ pub async fn ingest_reader<R: Read + Send + 'static>(
 
     // Existing snapshot at the same time and width: same content is a no-op, other content a
     // conflict. Checked before publishing so that a conflict leaves nothing behind.
-    for s in db.snapshots(run.id).await? {
-        if s.nimg as u64 == nimg && s.sigma_rel == sigma_rel && s.digest != digest.to_hex() {
-            return Err(Error::Conflict(format!(
-                "{source}: run {:?} already has a different snapshot at nimg {nimg} \
-                 sigma_rel {sigma_rel} (digest {})",
-                run.name, s.digest
-            )));
+    if let Some(run) = target.get() {
+        for s in db.snapshots(run.id).await? {
+            if s.nimg as u64 == nimg
+                && same_width(s.sigma_rel, sigma_rel)
+                && s.digest != digest.to_hex()
+            {
+                return Err(Error::Conflict(format!(
+                    "{source}: run {:?} already has a different snapshot at nimg {nimg} \
+                     sigma_rel {} (digest {}); delete it first to replace it",
+                    run.name, s.sigma_rel, s.digest
+                )));
+            }
         }
     }
 
+    let run = target.run(db).await?;
     db.claim_blob(&digest.to_hex(), bytes, Some(&checksum))
         .await?;
-    let (published, _) = blocking("publishing a snapshot", move || writer.finish()).await?;
-    debug_assert_eq!(published, digest);
+    let published = blocking("publishing a snapshot", move || writer.finish()).await;
+    if let Err(e) = published {
+        release_claim(db, store, &digest).await;
+        return Err(e);
+    }
     let dtypes = dtype_summary(&header.tensors);
     let recorded = db
         .record_snapshot(
@@ -394,7 +413,14 @@ pub async fn ingest_reader<R: Read + Send + 'static>(
                 profile: profile.map(|p| serde_json::to_value(p).expect("profiles serialise")),
             },
         )
-        .await?;
+        .await;
+    let recorded = match recorded {
+        Ok(r) => r,
+        Err(e) => {
+            release_claim(db, store, &digest).await;
+            return Err(e);
+        }
+    };
     Ok(Ingested {
         nimg,
         sigma_rel,
@@ -402,6 +428,20 @@ pub async fn ingest_reader<R: Read + Send + 'static>(
         bytes,
         inserted: recorded == Recorded::Inserted,
     })
+}
+
+/// Gives back the claim of an ingest that stored nothing, removing the blob when nothing else
+/// holds it. A failure here is logged, not returned: the ingest's own error is what the caller
+/// needs, and start-up recovery retries abandoned claims.
+async fn release_claim(db: &Db, store: &BlobStore, digest: &Digest) {
+    let file_store = store.clone();
+    let d = *digest;
+    if let Err(e) = db
+        .release_claim(&digest.to_hex(), move || file_store.remove(&d).map(|_| ()))
+        .await
+    {
+        tracing::warn!(digest = %digest, error = %e.chain_text(), "releasing a refused ingest's claim");
+    }
 }
 
 /// The error a stream's reader returns (wrapped in an `std::io::Error`) when the bytes stop

@@ -117,10 +117,11 @@ pub async fn import_dir(
         .sum();
     progress.set_length(bytes);
     let target = RunForIngest::open(&data.db, run_name).await?;
+    let run = target.get().expect("open creates the run").clone();
     let start = Instant::now();
     let mut import = Import {
         data,
-        run: &target.run,
+        run: &run,
         source,
         options,
         progress: progress.clone(),
@@ -135,15 +136,15 @@ pub async fn import_dir(
     };
     let mut queue = files.into_iter();
     // Until the run has a manifest: one at a time, in name order.
-    while data.db.manifest(target.run.id).await?.is_empty() {
+    while data.db.manifest(run.id).await?.is_empty() {
         let Some(path) = queue.next() else { break };
-        let result = ingest_one(data, &target.run, &path, source, options, progress.clone()).await;
+        let result = ingest_one(data, &run, &path, source, options, progress.clone()).await;
         import.record(&path, result);
     }
     let (now, later) = split_shared_slots(queue.collect(), source);
     import.concurrently(now).await?;
     for path in later {
-        let result = ingest_one(data, &target.run, &path, source, options, progress.clone()).await;
+        let result = ingest_one(data, &run, &path, source, options, progress.clone()).await;
         import.record(&path, result);
     }
     let mut report = import.report;

@@ -302,11 +302,48 @@ fn with_clamped<'a>(
     report
 }
 
-/// The stored reconstruction `id`, if its row exists and its blob is in the store (a row
-/// whose blob was lost counts as missing, so it is computed again).
-pub async fn stored(data: &DataDir, id: &str) -> Result<Option<ReconstructionRow>> {
+/// The stored reconstruction `id`, if its row exists and its blob file is present, without
+/// reading the blob: for listings, and for downloads, which check what they send as they
+/// send it.
+pub async fn listed(data: &DataDir, id: &str) -> Result<Option<ReconstructionRow>> {
     match data.db.reconstruction(id).await? {
         Some(row) if data.store.contains(&row.digest.parse()?) => Ok(Some(row)),
         _ => Ok(None),
+    }
+}
+
+/// The stored reconstruction `id`, if its row exists and its blob is in the store, intact.
+/// The blob is checked ([`crate::store::BlobStore::check_intact`]: a full read against the
+/// recorded checksum the first time, then remembered while the file is unchanged) before it
+/// is handed out as a cached result; a row whose blob was lost or damaged counts as missing,
+/// so it is computed again (and the recomputed file replaces the damaged one). The damage is
+/// logged; `hindsight verify` reports it until then.
+pub async fn stored(data: &DataDir, id: &str) -> Result<Option<ReconstructionRow>> {
+    let Some(row) = listed(data, id).await? else {
+        return Ok(None);
+    };
+    let digest: crate::store::Digest = row.digest.parse()?;
+    let checksum = data
+        .db
+        .blob_checksums(std::slice::from_ref(&row.digest))
+        .await?
+        .pop()
+        .flatten()
+        .and_then(|c| c.parse::<crate::store::Checksum>().ok());
+    let store = data.store.clone();
+    let status = blocking("checking a stored reconstruction", move || {
+        store.check_intact(&digest, checksum.as_ref())
+    })
+    .await?;
+    match status {
+        crate::store::BlobStatus::Intact => Ok(Some(row)),
+        crate::store::BlobStatus::Missing => {
+            tracing::warn!(reconstruction = id, digest = %digest, "a stored reconstruction's blob is missing; computing it again");
+            Ok(None)
+        }
+        crate::store::BlobStatus::Corrupt { actual } => {
+            tracing::error!(reconstruction = id, digest = %digest, actual = %actual, "a stored reconstruction's blob is damaged; computing it again");
+            Ok(None)
+        }
     }
 }

@@ -8,7 +8,7 @@ mod compute;
 mod export;
 mod plan;
 
-pub use compute::{input_bytes, materialize_targets, stored};
+pub use compute::{input_bytes, listed, materialize_targets, stored};
 pub use export::{reconstruct_to_dir, ExportOptions, Exported};
 pub use plan::{
     file_name, plan, report, solve_request, OutputOptions, Plan, PlannedTarget, KEY_FORMAT,

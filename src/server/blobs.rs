@@ -1,9 +1,14 @@
-//! Sending blobs (strong ETag = content digest, one `Range`, `If-None-Match`, `If-Range`;
-//! whole-file downloads hashed as they stream) and `HEAD /blobs/{digest}`.
+//! Sending blobs (strong ETag = content digest, one `Range`, `If-None-Match`, `If-Range`)
+//! and `HEAD /blobs/{digest}`.
+//!
+//! No byte of a damaged blob is sent as good. A whole-file download is hashed as it streams
+//! and its last chunk is held back until the digest is confirmed: on a mismatch the
+//! connection is cut before the last byte, so the client sees a short body (curl exits 18),
+//! never a complete wrong one. A range, and `HEAD`, first check the whole blob
+//! ([`crate::store::BlobStore::check_intact`]: once per blob while its file is unchanged).
+//! Damage is logged and makes the blob unavailable (500) until it is replaced.
 
-use std::sync::Arc;
-
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
@@ -12,7 +17,7 @@ use futures_util::StreamExt;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::state::AppState;
 use crate::db::BlobState;
-use crate::store::Digest;
+use crate::store::{BlobStatus, BlobStore, Digest};
 
 fn etag_of(digest: &str) -> String {
     format!("\"{digest}\"")
@@ -49,6 +54,10 @@ pub(super) async fn send_blob(
         }
     }
     let path = state.data.store.path(&digest);
+    if state.config.verify_reads && headers.contains_key(header::RANGE) {
+        // A part cannot be checked against the digest: the whole blob is, first.
+        check_intact(state, &digest).await?;
+    }
     let mut file = tokio::fs::File::open(&path).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             ApiError::internal(format!("blob {digest_hex} is missing from the store"))
@@ -113,7 +122,10 @@ pub(super) async fn send_blob(
             .body(file_body(
                 file,
                 len,
-                state.config.verify_reads.then_some(digest),
+                state
+                    .config
+                    .verify_reads
+                    .then(|| (digest, state.data.store.clone())),
             )),
     };
     response.map_err(ApiError::internal)
@@ -196,6 +208,12 @@ pub(super) async fn head_blob(
     if !present {
         return Err(ApiError::not_found(format!("no blob {digest}")));
     }
+    // A damaged copy is as good as none: the client uploads it again, which replaces it.
+    if state.config.verify_reads && check_intact(&state, &digest).await.is_err() {
+        return Err(ApiError::not_found(format!(
+            "no intact blob {digest} (the stored copy is damaged; uploading it again repairs it)"
+        )));
+    }
     let size = state.data.store.size(&digest)?;
     Response::builder()
         .status(StatusCode::OK)
@@ -205,36 +223,95 @@ pub(super) async fn head_blob(
         .map_err(ApiError::internal)
 }
 
-/// Makes a streamed body from a file region, hashing a whole-file read when `verify` names
-/// the expected digest: a mismatch ends the stream with an error, so the client sees a
-/// truncated response rather than wrong bytes.
-fn file_body(file: tokio::fs::File, len: u64, verify: Option<Digest>) -> Body {
-    use tokio::io::AsyncReadExt;
-    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), 256 << 10);
-    match verify {
-        None => Body::from_stream(stream),
-        Some(expected) => {
-            let hasher = Arc::new(std::sync::Mutex::new(blake3::Hasher::new()));
-            let h = hasher.clone();
-            let checked = stream.map(move |chunk| {
-                if let Ok(c) = &chunk {
-                    h.lock().expect("hasher").update(c);
-                }
-                chunk
-            });
-            let tail = futures_util::stream::once(async move {
-                let actual = Digest::from(hasher.lock().expect("hasher").finalize());
-                if actual == expected {
-                    None
-                } else {
-                    tracing::error!(
-                        "blob {expected} is corrupt (hashes to {actual}); download aborted"
-                    );
-                    Some(Err(std::io::Error::other("stored blob is corrupt")))
-                }
-            })
-            .filter_map(futures_util::future::ready);
-            Body::from_stream(checked.chain(tail))
-        }
+/// Checks the whole blob before a part of it is sent: 500 (logged) when it is damaged or
+/// missing.
+async fn check_intact(state: &AppState, digest: &Digest) -> ApiResult<()> {
+    let checksum = state
+        .data
+        .db
+        .blob_checksums(&[digest.to_hex()])
+        .await?
+        .pop()
+        .flatten()
+        .and_then(|c| c.parse::<crate::store::Checksum>().ok());
+    let (store, d) = (state.data.store.clone(), *digest);
+    let status = crate::error::blocking("checking a blob", move || {
+        store.check_intact(&d, checksum.as_ref())
+    })
+    .await?;
+    match status {
+        BlobStatus::Intact => Ok(()),
+        BlobStatus::Missing => Err(ApiError::internal(format!(
+            "blob {digest} is missing from the store"
+        ))),
+        BlobStatus::Corrupt { actual } => Err(ApiError::internal(format!(
+            "blob {digest} is damaged (its content hashes to {actual}); nothing was sent; \
+             `hindsight verify` lists it"
+        ))),
     }
+}
+
+/// A whole-file body that is hashed as it streams, holding each chunk back until the next
+/// one is read, so that the last chunk goes out only once the digest is confirmed.
+struct Checked {
+    chunks: tokio_util::io::ReaderStream<tokio::io::Take<tokio::fs::File>>,
+    held: Option<Bytes>,
+    hasher: blake3::Hasher,
+    expected: Digest,
+    store: BlobStore,
+    done: bool,
+}
+
+/// Makes a streamed body from a file region. With `verify` (the expected digest), a
+/// whole-file read is checked as in [`Checked`]: on a mismatch the stream ends with an
+/// error before the last chunk, so the client sees a truncated response, not wrong bytes,
+/// and the store forgets that the blob was ever found intact.
+fn file_body(file: tokio::fs::File, len: u64, verify: Option<(Digest, BlobStore)>) -> Body {
+    use tokio::io::AsyncReadExt;
+    let chunks = tokio_util::io::ReaderStream::with_capacity(file.take(len), 256 << 10);
+    let Some((expected, store)) = verify else {
+        return Body::from_stream(chunks);
+    };
+    let state = Checked {
+        chunks,
+        held: None,
+        hasher: blake3::Hasher::new(),
+        expected,
+        store,
+        done: false,
+    };
+    Body::from_stream(futures_util::stream::unfold(state, |mut s| async move {
+        if s.done {
+            return None;
+        }
+        loop {
+            match s.chunks.next().await {
+                Some(Ok(chunk)) => {
+                    s.hasher.update(&chunk);
+                    if let Some(previous) = s.held.replace(chunk) {
+                        return Some((Ok(previous), s));
+                    }
+                }
+                Some(Err(e)) => {
+                    s.done = true;
+                    return Some((Err(e), s));
+                }
+                None => {
+                    s.done = true;
+                    let actual = Digest::from(s.hasher.finalize());
+                    if actual == s.expected {
+                        return s.held.take().map(|last| (Ok(last), s));
+                    }
+                    s.store.forget_verified(&s.expected);
+                    tracing::error!(
+                        digest = %s.expected,
+                        actual = %actual,
+                        "a stored blob is damaged; its download was cut off before the last \
+                         byte (`hindsight verify` lists it)"
+                    );
+                    return Some((Err(std::io::Error::other("stored blob is damaged")), s));
+                }
+            }
+        }
+    }))
 }

@@ -18,6 +18,8 @@ pub struct ApiError {
     pub code: &'static str,
     /// What went wrong, for people.
     pub message: String,
+    /// Seconds for a `Retry-After` header (429, 503).
+    pub retry_after: Option<u32>,
 }
 
 /// The JSON body of every error response.
@@ -33,7 +35,9 @@ pub struct ErrorDetail {
     /// Stable machine-readable code: `invalid_input`, `not_found`, `conflict`,
     /// `unauthorized`, `payload_too_large`, `length_required`, `range_not_satisfiable`,
     /// `method_not_allowed`, `unprocessable` (the stored data a request needs is unusable,
-    /// e.g. a snapshot holding NaN), `internal`.
+    /// e.g. a snapshot holding NaN), `request_timeout` (an upload stalled),
+    /// `too_many_requests` (a client's upload limit), `busy` (no upload slot in time),
+    /// `insufficient_storage` (the server's disk is full), `internal`.
     pub code: String,
     /// What went wrong, for people.
     pub message: String,
@@ -46,7 +50,14 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// The same error with a `Retry-After` header.
+    pub fn retry_after(mut self, seconds: u32) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
 
     /// 400 `invalid_input`.
@@ -89,6 +100,15 @@ impl From<Error> for ApiError {
                 e.to_string(),
             ),
             Error::NotFound(m) => ApiError::not_found(m),
+            Error::Io { ref source, .. } if is_no_space(source) => {
+                tracing::error!(error = %e.chain_text(), "out of disk space");
+                ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "insufficient_storage",
+                    "no space left on the server's disk: nothing was stored; free space (e.g. \
+                     `hindsight gc`) and try again",
+                )
+            }
             Error::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
             other => {
                 tracing::error!(error = %other.chain_text(), "internal error");
@@ -107,6 +127,11 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()
@@ -114,6 +139,19 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// Whether an I/O error means the disk (or a file-size limit) is full: ENOSPC, EDQUOT or
+/// EFBIG.
+pub fn is_no_space(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull
+            | std::io::ErrorKind::QuotaExceeded
+            | std::io::ErrorKind::FileTooLarge
+    ) || e
+        .raw_os_error()
+        .is_some_and(|c| c == libc::ENOSPC || c == libc::EFBIG || c == libc::EDQUOT)
 }
 
 /// Result of a handler.

@@ -11,6 +11,7 @@
 //! - `GET /runs`, `GET /runs/{run}`, `GET /runs/{run}/snapshots`, `GET /runs/{run}/preview`
 //!   (the solver's quality report for one target), `GET /runs/{run}/profiles.svg`
 //! - `POST /runs/{run}/snapshots` — streaming upload of one safetensors snapshot
+//! - `DELETE /runs/{run}/snapshots/{id}` — delete a snapshot (its blob too when unshared)
 //! - `POST /sweeps`, `GET /sweeps`, `GET /sweeps/{id}`, `DELETE /sweeps/{id}` (cancel),
 //!   `GET /sweeps/{id}/events` (server-sent events), `GET /sweeps/{id}/plot.svg`,
 //!   `GET /sweeps/{id}/points/{idx}/grid.png`
@@ -82,6 +83,10 @@ pub fn app(state: AppState) -> Router {
                 .layer(DefaultBodyLimit::disable()),
         )
         .route(
+            "/runs/{run}/snapshots/{id}",
+            axum::routing::delete(runs::delete_snapshot),
+        )
+        .route(
             "/sweeps",
             post(sweeps::post_sweep)
                 .get(sweeps::list_sweeps)
@@ -124,19 +129,88 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// Serves `app(state)` on `listener` until `shutdown` resolves, then stops accepting and
-/// lets requests in flight (uploads included) finish.
+/// lets requests in flight (uploads included) finish for at most
+/// [`ServerConfig::shutdown_grace`], after which their connections are closed: shutdown
+/// takes bounded time whatever the clients do.
+///
+/// HTTP/1.1 and HTTP/2 (hyper). A client gets [`ServerConfig::header_read_timeout`] to send
+/// its request headers (an idle keep-alive connection is closed after as long); each request
+/// carries the peer's address (`axum::extract::ConnectInfo<SocketAddr>`) for per-client
+/// limits.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use tower::ServiceExt;
+
+    let header_timeout = state.config.header_read_timeout;
+    let grace = state.config.shutdown_grace;
+    let router = app(state);
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors, a connection reset before accept: keep serving.
+                    tracing::warn!(error = %e, "accepting a connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let service =
+            hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                let mut request = request.map(axum::body::Body::new);
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                router.clone().oneshot(request)
+            });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        connections.spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    let open = graceful.count();
+    if tokio::time::timeout(grace, graceful.shutdown())
         .await
+        .is_err()
+    {
+        tracing::warn!(
+            open,
+            grace_secs = grace.as_secs_f64(),
+            "requests still in flight at the end of the shutdown grace period; closing their \
+             connections"
+        );
+    }
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
+    Ok(())
 }
 
-/// `hindsight serve`: opens the data directory, removes staging files abandoned more than a
-/// day ago (leftovers of killed writers), binds `addr`, tells `on_listening` the bound
+/// `hindsight serve`: opens the data directory (which recovers what killed writers left:
+/// staging files, abandoned claims, empty runs), binds `addr`, tells `on_listening` the bound
 /// address, and serves until `shutdown` resolves.
 pub async fn serve_data_dir(
     data_dir: &Path,
@@ -146,12 +220,6 @@ pub async fn serve_data_dir(
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<()> {
     let data = DataDir::open(data_dir).await?;
-    let removed = data
-        .store
-        .clean_temp(std::time::Duration::from_secs(86_400))?;
-    if removed > 0 {
-        tracing::info!(removed, "removed abandoned temporary files");
-    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Error::io(format!("binding {addr}"), e))?;

@@ -124,8 +124,16 @@ pub(crate) fn widths(w: &Widths, field: &str, gamma: bool, max: usize) -> ApiRes
     }
 }
 
+/// A stored reconstruction whose blob was checked intact: what a request may be answered
+/// with as already computed.
 async fn stored(state: &AppState, id: &str) -> ApiResult<Option<ReconstructionRow>> {
     Ok(reconstruction::stored(&state.data, id).await?)
+}
+
+/// A stored reconstruction whose blob file is present (not read): for status and downloads
+/// (which check every byte they send).
+async fn listed(state: &AppState, id: &str) -> ApiResult<Option<ReconstructionRow>> {
+    Ok(reconstruction::listed(&state.data, id).await?)
 }
 
 /// Reconstruct weights for one or more EMA lengths.
@@ -291,7 +299,7 @@ pub(super) async fn get_reconstruction(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     check_id(&id)?;
-    if let Some(row) = stored(&state, &id).await? {
+    if let Some(row) = listed(&state, &id).await? {
         return Ok(Json(ReconstructionView::ready(&row, true)).into_response());
     }
     if state.jobs.in_flight.lock().await.contains_key(&id) {
@@ -330,7 +338,7 @@ pub(super) async fn get_weights(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     check_id(&id)?;
-    let Some(row) = stored(&state, &id).await? else {
+    let Some(row) = listed(&state, &id).await? else {
         let running = state.jobs.in_flight.lock().await.contains_key(&id);
         return Err(ApiError::not_found(if running {
             format!("reconstruction {id} is still being computed; poll /reconstructions/{id}")

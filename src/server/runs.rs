@@ -4,14 +4,14 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::TryStreamExt;
 use serde::Deserialize;
 use utoipa::IntoParams;
 
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::state::AppState;
 use super::views::{
-    IngestedView, ManifestEntryView, ReconstructionView, RunDetail, RunSummaryView, SnapshotView,
+    DeletedSnapshotView, IngestedView, ManifestEntryView, ReconstructionView, RunDetail,
+    RunSummaryView, SnapshotView,
 };
 use crate::db::Run;
 use crate::ingest::{ingest_reader, CutShort, Hints, Incoming, IngestOptions, RunForIngest};
@@ -213,23 +213,46 @@ pub(super) async fn upload_snapshot(
     let hints = params.hints(request.headers())?;
     let len = upload_length(request.headers(), state.config.max_upload_bytes)?;
     crate::db::check_run_name(&name)?;
-    let _permit = state
-        .uploads
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(ApiError::internal)?;
-    let target = RunForIngest::open(&state.data.db, &name).await?;
-    // A body that breaks off is the client's doing: ingest reports it as `Incomplete`.
-    let stream = request
-        .into_body()
-        .into_data_stream()
-        .map_err(CutShort::io_error);
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    let _client = ClientUpload::enter(&state, peer)?;
+    let _permit = match tokio::time::timeout(
+        state.config.upload_queue_wait,
+        state.uploads.clone().acquire_owned(),
+    )
+    .await
+    {
+        Ok(permit) => permit.map_err(ApiError::internal)?,
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                format!(
+                    "every upload slot stayed busy for {} s; try again later",
+                    state.config.upload_queue_wait.as_secs()
+                ),
+            )
+            .retry_after(5))
+        }
+    };
+    // A new run is created only when its first snapshot is recorded: an upload cut off or
+    // refused before then leaves no empty run.
+    let target = RunForIngest::lazy(&state.data.db, &name).await?;
+    // A body that breaks off is the client's doing: ingest reports it as `Incomplete`. One
+    // that stops arriving is dropped after the idle timeout (408).
+    let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream = idle_limited(
+        request.into_body().into_data_stream(),
+        state.config.upload_idle_timeout,
+        stalled.clone(),
+    );
     let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
     let ingested = ingest_reader(
         &state.data.db,
         &state.data.store,
-        &target.run,
+        &target,
         Incoming {
             reader,
             len,
@@ -247,6 +270,17 @@ pub(super) async fn upload_snapshot(
         // A run this upload created stays only if the upload stored something.
         let _ = target.abandon(&state.data.db).await;
     }
+    if ingested.is_err() && stalled.load(std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(peer = ?peer, run = %name, "upload stalled; dropped");
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the upload sent nothing for {} s and was dropped; nothing was stored",
+                state.config.upload_idle_timeout.as_secs()
+            ),
+        ));
+    }
     let ingested = ingested?;
     let status = if ingested.inserted {
         StatusCode::CREATED
@@ -254,6 +288,112 @@ pub(super) async fn upload_snapshot(
         StatusCode::OK
     };
     Ok((status, Json(IngestedView::from(ingested))).into_response())
+}
+
+/// An upload counted against its client's limit
+/// ([`super::ServerConfig::max_uploads_per_client`]) until dropped.
+struct ClientUpload {
+    state: AppState,
+    peer: Option<std::net::IpAddr>,
+}
+
+impl ClientUpload {
+    /// Counts one more upload for `peer`, or 429 when it has as many as it may.
+    fn enter(state: &AppState, peer: Option<std::net::IpAddr>) -> ApiResult<Self> {
+        if let Some(ip) = peer {
+            let mut counts = state.uploads_by_client.lock().expect("upload counts");
+            let n = counts.entry(ip).or_default();
+            if *n >= state.config.max_uploads_per_client.max(1) {
+                return Err(ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_requests",
+                    format!(
+                        "{ip} already has {n} upload(s) in progress, this server's limit per \
+                         client; send the next when one finishes"
+                    ),
+                )
+                .retry_after(2));
+            }
+            *n += 1;
+        }
+        Ok(Self {
+            state: state.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for ClientUpload {
+    fn drop(&mut self) {
+        if let Some(ip) = self.peer {
+            let mut counts = self.state.uploads_by_client.lock().expect("upload counts");
+            if let Some(n) = counts.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+/// The body's chunks, as `std::io` results for ingest: a transport error is [`CutShort`],
+/// and no chunk within `idle` ends the stream with one too (setting `stalled`).
+fn idle_limited(
+    body: axum::body::BodyDataStream,
+    idle: std::time::Duration,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> impl futures_util::Stream<Item = std::io::Result<axum::body::Bytes>> + Send + Unpin {
+    use futures_util::StreamExt;
+    Box::pin(futures_util::stream::unfold(Some(body), move |body| {
+        let stalled = stalled.clone();
+        async move {
+            let mut body = body?;
+            match tokio::time::timeout(idle, body.next()).await {
+                Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(body))),
+                Ok(Some(Err(e))) => Some((Err(CutShort::io_error(e)), None)),
+                Ok(None) => None,
+                Err(_) => {
+                    stalled.store(true, std::sync::atomic::Ordering::Relaxed);
+                    Some((
+                        Err(CutShort::io_error(format!(
+                            "no data for {} s",
+                            idle.as_secs_f64()
+                        ))),
+                        None,
+                    ))
+                }
+            }
+        }
+    }))
+}
+
+/// Delete one snapshot (by the `id` its listing gives). The row goes, and its file leaves
+/// the store in the same transaction when nothing else refers to it. The run's stored
+/// reconstructions stay (each is keyed by the snapshots it was computed from, so a request
+/// after the delete computes anew). The way out of a run with a bad snapshot.
+#[utoipa::path(delete, path = "/runs/{run}/snapshots/{id}", tag = "snapshots",
+    params(("run" = String, Path, description = "Run name"),
+           ("id" = i64, Path, description = "Snapshot id, from GET /runs/{run}/snapshots")),
+    responses(
+        (status = 200, description = "Deleted", body = DeletedSnapshotView),
+        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 404, description = "No such run or snapshot", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn delete_snapshot(
+    State(state): State<AppState>,
+    Path((name, id)): Path<(String, String)>,
+) -> ApiResult<Json<DeletedSnapshotView>> {
+    let id: i64 = id.parse().map_err(|_| {
+        ApiError::invalid(format!("id: {id:?} is not a snapshot id (a whole number)"))
+    })?;
+    let deleted = crate::app::delete_snapshot(&state.data, &name, id).await?;
+    Ok(Json(DeletedSnapshotView {
+        deleted: SnapshotView::from(deleted.snapshot),
+        blob_removed: deleted.blob_removed,
+    }))
 }
 
 /// The target of a preview: one width (`sigma_rel` or `gamma`) and optionally a time.

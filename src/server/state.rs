@@ -33,6 +33,21 @@ pub struct ServerConfig {
     /// The sweep worker `serve_data_dir` runs beside the server (`None`: none; sweeps wait
     /// for `hindsight worker` processes).
     pub sweep_worker: Option<WorkerConfig>,
+    /// How long a client may take to send a request's headers (and how long an idle
+    /// keep-alive connection stays open).
+    pub header_read_timeout: Duration,
+    /// An upload that sends no byte for this long is dropped (408) and its staging file
+    /// removed.
+    pub upload_idle_timeout: Duration,
+    /// How long an upload waits for a free slot before it is answered 503 with
+    /// `Retry-After`.
+    pub upload_queue_wait: Duration,
+    /// Uploads one client (IP address) may have in progress at once; more get 429. Keeps a
+    /// few stalled or greedy clients from holding every slot.
+    pub max_uploads_per_client: usize,
+    /// After a shutdown signal, how long requests in flight may take to finish before
+    /// their connections are closed.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServerConfig {
@@ -47,6 +62,11 @@ impl Default for ServerConfig {
             sweep_limits: SweepLimits::default(),
             sweep_event_poll: Duration::from_millis(500),
             sweep_worker: Some(WorkerConfig::default()),
+            header_read_timeout: Duration::from_secs(10),
+            upload_idle_timeout: Duration::from_secs(15),
+            upload_queue_wait: Duration::from_secs(30),
+            max_uploads_per_client: 2,
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
@@ -60,6 +80,9 @@ pub struct AppState {
     pub config: Arc<ServerConfig>,
     pub(super) jobs: Arc<Jobs>,
     pub(super) uploads: Arc<Semaphore>,
+    /// Uploads in progress per client address.
+    pub(super) uploads_by_client:
+        Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
     /// Cancelled when the server begins to shut down: long-lived responses (event streams)
     /// end, so that the graceful shutdown does not wait on them.
     pub shutdown: tokio_util::sync::CancellationToken,
@@ -74,6 +97,7 @@ impl AppState {
             config: Arc::new(config),
             jobs: Arc::default(),
             uploads,
+            uploads_by_client: Arc::default(),
             shutdown: tokio_util::sync::CancellationToken::new(),
         }
     }

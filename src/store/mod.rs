@@ -20,6 +20,13 @@
 //!   [`VerifiedReader`] hashes while reading and fails at the end of a blob whose content no
 //!   longer matches, so whole-blob reads check integrity for the cost of one BLAKE3 pass
 //!   (several GB/s per core), cheap enough to leave on.
+//! - Partial reads (HTTP ranges) and reuse without reading (a cached reconstruction, a hard
+//!   link) go through [`BlobStore::check_intact`]: a full read that checks the content, then
+//!   remembered against the file's identity and change time (`st_ino`, `st_size`, `st_ctime`;
+//!   any write to the file changes its ctime, which nobody can set back) for at most
+//!   [`REVERIFY_AFTER`].
+//! - Every staging file is locked (`flock`) by its writer while it is open, so recovery tells
+//!   a live writer's file from a crashed one's without guessing from ages.
 //!
 //! Which blobs are still wanted is the index's business (`db`); the store only removes what
 //! it is told to.
@@ -27,10 +34,12 @@
 mod digest;
 mod writeback;
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 pub use digest::{Checksum, ChecksumHasher, Digest};
 
@@ -47,12 +56,56 @@ fn version_line() -> String {
     format!("hindsight-blobs {FORMAT_VERSION}\n")
 }
 
+/// How long a successful [`BlobStore::check_intact`] is trusted while the file is unchanged;
+/// after that, the next check reads the blob again (damage below the file system, which
+/// leaves the ctime alone, is found within this time even without a full download).
+pub const REVERIFY_AFTER: Duration = Duration::from_secs(6 * 3600);
+
 /// A content-addressed store rooted at a directory.
 #[derive(Clone, Debug)]
 pub struct BlobStore {
     root: PathBuf,
+    /// Blobs whose content was checked, with the file's identity when it was.
+    verified: Arc<Mutex<HashMap<Digest, (FileStamp, Instant)>>>,
 }
 
+/// What identifies a file's content without reading it: any write changes the ctime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    ctime_ns: i128,
+}
+
+impl FileStamp {
+    fn of(meta: &fs::Metadata) -> Self {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            Self {
+                dev: meta.dev(),
+                ino: meta.ino(),
+                size: meta.len(),
+                ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos() as i128);
+            Self {
+                dev: 0,
+                ino: 0,
+                size: meta.len(),
+                ctime_ns: modified,
+            }
+        }
+    }
+}
 /// What [`BlobStore::verify`] found for one blob.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BlobStatus {
@@ -111,7 +164,10 @@ impl BlobStore {
             }
             Err(e) => return Err(Error::io(format!("reading {}", version.display()), e)),
         }
-        Ok(Self { root })
+        Ok(Self {
+            root,
+            verified: Arc::default(),
+        })
     }
 
     /// The store's root directory.
@@ -164,14 +220,19 @@ impl BlobStore {
     /// file staged here can be moved or hard-linked in without a copy), named
     /// `<prefix>…<suffix>`. It is deleted when dropped; one left behind by a crash is an
     /// orphan that [`BlobStore::clean_temp`] removes. Nobody else builds paths under `tmp/`.
+    /// The file is locked (`flock`, exclusive) for as long as it is open, which tells
+    /// [`BlobStore::clean_temp`] that its writer is alive.
     pub fn staging_file(&self, prefix: &str, suffix: &str) -> Result<tempfile::NamedTempFile> {
-        tempfile::Builder::new()
+        let dir = self.root.join(TMP);
+        let file = tempfile::Builder::new()
             .prefix(prefix)
             .suffix(suffix)
-            .tempfile_in(self.root.join(TMP))
-            .map_err(io_err(|| {
-                format!("creating a file in {}", self.root.join(TMP).display())
-            }))
+            .tempfile_in(&dir)
+            .map_err(io_err(|| format!("creating a file in {}", dir.display())))?;
+        file.as_file()
+            .try_lock()
+            .map_err(|e| Error::io(format!("locking {}", file.path().display()), e.into()))?;
+        Ok(file)
     }
 
     /// Stores everything `reader` yields; returns the digest and the size.
@@ -212,6 +273,80 @@ impl BlobStore {
     /// `None` unless the blob is intact).
     pub fn verify_with_checksum(&self, digest: &Digest) -> Result<(BlobStatus, Option<Checksum>)> {
         self.rehash(digest, Some(ChecksumHasher::new()))
+    }
+
+    /// Whether the blob's content is what it should be, for handing it out without reading
+    /// it (a cached result, a hard link, a byte range): a full read the first time, checked
+    /// against `checksum` (XXH3-128, fast) when the index recorded one, else against the
+    /// BLAKE3 digest; then trusted while the file keeps its identity and ctime, for at most
+    /// [`REVERIFY_AFTER`]. A damaged or missing blob is forgotten, so it is read again next
+    /// time. Blocking (a full read): call it off the async workers.
+    pub fn check_intact(&self, digest: &Digest, checksum: Option<&Checksum>) -> Result<BlobStatus> {
+        let path = self.path(digest);
+        let stamp = match fs::metadata(&path) {
+            Ok(m) => FileStamp::of(&m),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.forget_verified(digest);
+                return Ok(BlobStatus::Missing);
+            }
+            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+        };
+        if let Some((known, at)) = self.verified.lock().expect("verified").get(digest) {
+            if *known == stamp && at.elapsed() < REVERIFY_AFTER {
+                return Ok(BlobStatus::Intact);
+            }
+        }
+        let status = match checksum {
+            Some(expected) => {
+                let file = self.open_blob(digest)?;
+                let mut hasher = ChecksumHasher::new();
+                let mut reader = BufReader::with_capacity(1 << 20, file);
+                loop {
+                    let buf = reader
+                        .fill_buf()
+                        .map_err(io_err(|| format!("reading {}", path.display())))?;
+                    if buf.is_empty() {
+                        break;
+                    }
+                    hasher.update(buf);
+                    let n = buf.len();
+                    reader.consume(n);
+                }
+                if hasher.finish() == *expected {
+                    BlobStatus::Intact
+                } else {
+                    // Name what it hashes to now (the slower hash, once, for the report).
+                    self.verify(digest)?
+                }
+            }
+            None => self.verify(digest)?,
+        };
+        if status == BlobStatus::Intact {
+            self.verified
+                .lock()
+                .expect("verified")
+                .insert(*digest, (stamp, Instant::now()));
+        } else {
+            self.forget_verified(digest);
+        }
+        Ok(status)
+    }
+
+    /// Records that the blob's file, as it is now, holds the right content (its writer hashed
+    /// every byte it published).
+    fn remember_intact(&self, digest: &Digest) {
+        if let Ok(meta) = fs::metadata(self.path(digest)) {
+            self.verified
+                .lock()
+                .expect("verified")
+                .insert(*digest, (FileStamp::of(&meta), Instant::now()));
+        }
+    }
+
+    /// Drops what [`check_intact`](Self::check_intact) remembered about a blob (after a read
+    /// found it damaged).
+    pub fn forget_verified(&self, digest: &Digest) {
+        self.verified.lock().expect("verified").remove(digest);
     }
 
     /// Reads a blob whole, hashing it and, when given one, feeding `checksum` too.
@@ -273,6 +408,7 @@ impl BlobStore {
     /// Removes a blob; returns whether it was there.
     pub fn remove(&self, digest: &Digest) -> Result<bool> {
         let path = self.path(digest);
+        self.forget_verified(digest);
         match fs::remove_file(&path) {
             Ok(()) => {
                 if let Some(parent) = path.parent() {
@@ -285,29 +421,79 @@ impl BlobStore {
         }
     }
 
-    /// Removes temporary files older than `age` (orphans of crashed writers; a live writer
-    /// touches its file as it writes). Returns how many were removed.
+    /// Removes staging files left by writers that are gone: files no live writer holds
+    /// locked (see [`staging_file`](Self::staging_file)) and last modified at least `age`
+    /// ago (`age` covers the instant between a file's creation and its lock, and writers of
+    /// older versions that did not lock). Returns how many were removed.
     pub fn clean_temp(&self, age: Duration) -> Result<usize> {
         let now = SystemTime::now();
         let mut removed = 0;
         for path in read_dir_sorted(&self.root.join(TMP))? {
-            let modified = fs::metadata(&path)
-                .and_then(|m| m.modified())
+            let meta = match fs::metadata(&path) {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+            };
+            let modified = meta
+                .modified()
                 .map_err(io_err(|| format!("reading {}", path.display())))?;
-            if now.duration_since(modified).unwrap_or_default() >= age {
-                match fs::remove_file(&path) {
-                    Ok(()) => removed += 1,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(Error::io(format!("removing {}", path.display()), e)),
-                }
+            if now.duration_since(modified).unwrap_or_default() < age || !meta.is_file() {
+                continue;
+            }
+            if held_by_a_writer(&path)? {
+                continue;
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(format!("removing {}", path.display()), e)),
             }
         }
         Ok(removed)
     }
 
+    /// Files under `blobs/` that are named like blobs but that `known` does not list, last
+    /// modified at least `age` ago: blobs published by a writer that died before the index
+    /// recorded them (or whose index row is gone). For `gc`, which removes them.
+    pub fn unindexed(
+        &self,
+        known: &std::collections::HashSet<String>,
+        age: Duration,
+    ) -> Result<Vec<Digest>> {
+        let now = SystemTime::now();
+        let mut out = Vec::new();
+        for digest in self.list()? {
+            if known.contains(&digest.to_hex()) {
+                continue;
+            }
+            let old_enough = fs::metadata(self.path(&digest))
+                .and_then(|m| m.modified())
+                .map(|t| now.duration_since(t).unwrap_or_default() >= age)
+                .unwrap_or(false);
+            if old_enough {
+                out.push(digest);
+            }
+        }
+        Ok(out)
+    }
+
     /// Temporary files present now (writes in progress or orphans).
     pub fn temp_files(&self) -> Result<Vec<PathBuf>> {
         read_dir_sorted(&self.root.join(TMP))
+    }
+}
+
+/// Whether a live writer holds the staging file at `path` locked.
+fn held_by_a_writer(path: &Path) -> Result<bool> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
+    };
+    match file.try_lock() {
+        Ok(()) => Ok(false),
+        Err(fs::TryLockError::WouldBlock) => Ok(true),
+        Err(fs::TryLockError::Error(e)) => Err(Error::io(format!("locking {}", path.display()), e)),
     }
 }
 
@@ -435,6 +621,7 @@ impl BlobWriter {
             // size or other content is damaged, and the rename below replaces it atomically
             // with the good copy.
             drop(tmp);
+            self.store.remember_intact(&digest);
             return Ok((digest, len));
         }
         // Published blobs are read-only: a hard link handed out by `hindsight reconstruct`
@@ -470,6 +657,7 @@ impl BlobWriter {
                 }
             }
         }
+        self.store.remember_intact(&digest);
         Ok((digest, len))
     }
 }

@@ -192,6 +192,16 @@ impl From<Ingested> for IngestedView {
     }
 }
 
+/// What `DELETE /runs/{run}/snapshots/{id}` did.
+#[derive(Serialize, ToSchema)]
+#[schema(as = DeletedSnapshot)]
+pub struct DeletedSnapshotView {
+    /// The snapshot that was deleted.
+    pub deleted: SnapshotView,
+    /// Whether its file left the store (false when other rows still refer to it).
+    pub blob_removed: bool,
+}
+
 /// Element type of reconstructed floating-point tensors, as requests name it.
 #[derive(Clone, Copy, Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]

@@ -1,0 +1,889 @@
+//! Reliability and security (issue 18), against a real `hindsight serve` process on loopback
+//! and the real binary: damaged blobs are never handed out as good, stalled clients cannot
+//! hold the server, boundary values and refused uploads leave nothing, one slot holds one
+//! snapshot (and snapshots can be deleted), crash leftovers are recovered at start-up, a
+//! damaged index stops the server before it can hide data, shutdown takes bounded time, and a
+//! full disk gives a clear error with nothing partial.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use hindsight::format::{write_safetensors, OutTensor};
+
+mod common;
+use common::hindsight_ok;
+
+/// A safetensors snapshot: one f32 tensor `w` of `n` values drawn from `seed`, with
+/// `__metadata__`.
+fn snapshot(n: usize, seed: u64, meta: &[(&str, &str)]) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let data: Vec<u8> = (0..n)
+        .flat_map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32).to_le_bytes()
+        })
+        .collect();
+    let meta: BTreeMap<String, String> = meta
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let mut out = Vec::new();
+    write_safetensors(
+        &mut out,
+        &[OutTensor {
+            name: "w",
+            dtype: "F32",
+            shape: &[n],
+            data: &data,
+        }],
+        &meta,
+    )
+    .unwrap();
+    out
+}
+
+/// A directory of EDM2-named snapshots: σ_rel 0.05 and 0.10 at `times` × 1000 kimg steps.
+fn snapshot_dir(dir: &Path, times: u64, n: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut seed = 1;
+    for t in 1..=times {
+        for s in [0.05, 0.10] {
+            let name = format!("s-{:07}-{s:.3}.safetensors", t * 1000);
+            std::fs::write(dir.join(name), snapshot(n, seed, &[])).unwrap();
+            seed += 1;
+        }
+    }
+}
+
+/// A `hindsight serve` process on a free loopback port.
+struct Server {
+    child: Child,
+    addr: String,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(data: &Path, args: &[&str]) -> Self {
+        Self::start_with(data, args, |_| {})
+    }
+
+    /// Starts the server with `setup` applied to its command (resource limits).
+    fn start_with(data: &Path, args: &[&str], setup: impl FnOnce(&mut Command)) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let log = data.with_extension(format!("serve-{port}.log"));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_hindsight"));
+        command
+            .arg("--data-dir")
+            .arg(data)
+            .args(["serve", "--addr", &addr, "--no-sweep-worker"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        setup(&mut command);
+        let mut child = command.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(&addr).is_err() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "the server exited ({status}): {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "the server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Server { child, addr, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+        exchange(&self.addr, None, method, path, headers, body)
+    }
+
+    fn json(&self, method: &str, path: &str, body: &str) -> (u16, Value) {
+        let r = self.request(
+            method,
+            path,
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        );
+        (
+            r.status,
+            serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 exchange on a fresh connection.
+struct Reply {
+    status: u16,
+    body: Vec<u8>,
+    /// Whether the body has all the bytes `Content-Length` announced.
+    complete: bool,
+}
+
+fn exchange(
+    addr: &str,
+    from: Option<&str>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
+    let mut tcp = connect(addr, from);
+    tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    tcp.write_all(head.as_bytes()).unwrap();
+    tcp.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    let _ = tcp.read_to_end(&mut raw);
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head");
+    let headers = String::from_utf8_lossy(&raw[..split]).to_string();
+    let body = raw[split + 4..].to_vec();
+    let status = headers
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let announced = headers.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse::<usize>().ok())
+            .flatten()
+    });
+    Reply {
+        status,
+        complete: announced.is_none_or(|n| n == body.len()),
+        body,
+    }
+}
+
+/// A connection to `addr`, from the loopback address `from` when given (another client).
+fn connect(addr: &str, from: Option<&str>) -> TcpStream {
+    let Some(from) = from else {
+        return TcpStream::connect(addr).unwrap();
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let stream = rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        socket.connect(addr.parse().unwrap()).await.unwrap()
+    });
+    let stream = stream.into_std().unwrap();
+    stream.set_nonblocking(false).unwrap();
+    stream
+}
+
+fn blob_path(data: &Path, digest: &str) -> PathBuf {
+    data.join("store/blobs")
+        .join(&digest[0..2])
+        .join(&digest[2..4])
+        .join(digest)
+}
+
+/// Flips one bit of a stored blob in place (as a disk error or a stray write would).
+fn damage(path: &Path, at: usize) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at] ^= 0x10;
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all(&bytes).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn staging_files(data: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(data.join("store/tmp"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+fn blob_files(data: &Path) -> usize {
+    let mut n = 0;
+    for a in std::fs::read_dir(data.join("store/blobs"))
+        .unwrap()
+        .flatten()
+    {
+        for b in std::fs::read_dir(a.path()).unwrap().flatten() {
+            n += std::fs::read_dir(b.path()).unwrap().count();
+        }
+    }
+    n
+}
+
+fn hindsight(data: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_hindsight"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn damaged_reconstructions_are_never_served_cached_or_linked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    snapshot_dir(&dir.path().join("snaps"), 5, 200_000);
+    hindsight_ok(
+        &data,
+        &[
+            "import",
+            dir.path().join("snaps").to_str().unwrap(),
+            "--run",
+            "r",
+        ],
+    );
+    let server = Server::start(&data, &[]);
+    let (status, made) = server.json("POST", "/reconstruct", r#"{"run": "r", "sigma_rel": 0.07}"#);
+    assert_eq!(status, 200, "{made}");
+    let (id, digest) = (
+        made["id"].as_str().unwrap().to_owned(),
+        made["digest"].as_str().unwrap().to_owned(),
+    );
+    let weights = format!("/reconstructions/{id}/weights");
+    let good = server.request("GET", &weights, &[], b"");
+    assert!(good.status == 200 && good.complete);
+    assert_eq!(blake3::hash(&good.body).to_hex().as_str(), digest);
+    // A range before any damage works (and marks the blob checked).
+    let r = server.request("GET", &weights, &[("Range", "bytes=100-199")], b"");
+    assert_eq!((r.status, &r.body[..]), (206, &good.body[100..200]));
+
+    // One flipped bit in the middle of the stored file.
+    let path = blob_path(&data, &digest);
+    let at = good.body.len() / 2;
+    damage(&path, at);
+
+    // The whole download is cut off before its last byte: never a complete, wrong body.
+    let full = server.request("GET", &weights, &[], b"");
+    assert_eq!(full.status, 200);
+    assert!(!full.complete, "a damaged blob was sent whole");
+    assert!(full.body.len() < good.body.len());
+    // A range over the damaged byte (and any other) is refused, not sent.
+    let range = format!("bytes={}-{}", at - 10, at + 10);
+    let r = server.request("GET", &weights, &[("Range", &range)], b"");
+    assert_eq!(r.status, 500, "{}", String::from_utf8_lossy(&r.body));
+    let r = server.request("GET", &weights, &[("Range", "bytes=0-9")], b"");
+    assert_eq!(r.status, 500);
+    // HEAD does not claim the blob is there (so a client uploads it again).
+    let r = server.request("HEAD", &format!("/blobs/{digest}"), &[], b"");
+    assert_eq!(r.status, 404);
+    // `verify` lists it.
+    let out = hindsight(&data, &["verify"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("corrupt: {digest}")));
+    // Asking again recomputes instead of answering "cached" with the damaged file; the good
+    // copy replaces it.
+    let (status, again) = server.json("POST", "/reconstruct", r#"{"run": "r", "sigma_rel": 0.07}"#);
+    assert_eq!(status, 200);
+    assert_eq!(again["cached"], false, "{again}");
+    assert_eq!(again["digest"].as_str().unwrap(), digest);
+    assert_eq!(std::fs::read(&path).unwrap(), good.body);
+    let full = server.request("GET", &weights, &[], b"");
+    assert!(full.complete && full.body == good.body);
+    assert!(
+        server.log().contains("damaged"),
+        "the damage was not logged"
+    );
+    hindsight_ok(&data, &["verify"]);
+
+    // The CLI recomputes rather than hard-linking a damaged blob.
+    damage(&path, 7);
+    let out_dir = dir.path().join("out");
+    let printed = hindsight_ok(
+        &data,
+        &[
+            "reconstruct",
+            "--run",
+            "r",
+            "--sigma-rel",
+            "0.07",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+    );
+    let file = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert_eq!(std::fs::read(file).unwrap(), good.body, "{printed}");
+}
+
+#[test]
+fn stalled_clients_are_dropped_and_never_hold_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(
+        &data,
+        &[
+            "--upload-idle-secs",
+            "1.5",
+            "--header-read-timeout-secs",
+            "1.5",
+            "--shutdown-grace-secs",
+            "1",
+        ],
+    );
+    let big = snapshot(100_000, 1, &[("nimg", "1000"), ("sigma_rel", "0.05")]);
+    // Four clients send headers and 1 KiB of a valid upload, then nothing.
+    let started = Instant::now();
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(&server.addr).unwrap();
+        let head = format!(
+            "POST /runs/stall/snapshots HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            big.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(&big[..1024]).unwrap();
+        stalled.push(s);
+    }
+    // And one sends half a request line.
+    let mut half = TcpStream::connect(&server.addr).unwrap();
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHo").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // A normal upload from another client goes through at once, and reads stay fast.
+    let good = snapshot(1000, 2, &[("nimg", "1000"), ("sigma_rel", "0.05")]);
+    let t = Instant::now();
+    let r = exchange(
+        &server.addr,
+        Some("127.0.0.2"),
+        "POST",
+        "/runs/ok/snapshots",
+        &[],
+        &good,
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    let t = Instant::now();
+    assert_eq!(server.request("GET", "/healthz", &[], b"").status, 200);
+    assert_eq!(server.request("GET", "/runs", &[], b"").status, 200);
+    assert!(t.elapsed() < Duration::from_millis(500));
+    // Per-client limit: two of the four stalled uploads were refused at once (429), the two
+    // others are dropped when idle (408) and their staging files removed.
+    let mut statuses = Vec::new();
+    for s in &mut stalled {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap_or(0);
+        let line = String::from_utf8_lossy(&buf[..n]).to_string();
+        statuses.push(line.split_whitespace().nth(1).unwrap_or("none").to_owned());
+    }
+    statuses.sort();
+    assert_eq!(statuses, ["408", "408", "429", "429"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    half.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let t = Instant::now();
+    let n = half.read(&mut buf).unwrap_or(0);
+    assert!(n == 0 || String::from_utf8_lossy(&buf[..n]).contains("408"));
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(
+        staging_files(&data).is_empty(),
+        "{:?}",
+        staging_files(&data)
+    );
+    // The stalled uploads' run was never created.
+    assert_eq!(server.request("GET", "/runs/stall", &[], b"").status, 404);
+}
+
+#[test]
+fn shutdown_is_bounded_with_a_client_stalled_mid_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = Server::start(
+        &data,
+        &["--upload-idle-secs", "600", "--shutdown-grace-secs", "1"],
+    );
+    let big = snapshot(100_000, 1, &[("nimg", "1000"), ("sigma_rel", "0.05")]);
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    let head = format!(
+        "POST /runs/r/snapshots HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        big.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(&big[..4096]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    // SAFETY: signalling our own child process.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(server.child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "SIGTERM did not stop the server"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}: {}", server.log());
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(server.log().contains("shutdown grace"), "{}", server.log());
+    // Nothing of the cut upload survives a restart.
+    hindsight_ok(&data, &["runs"]);
+    assert!(staging_files(&data).is_empty());
+    assert_eq!(blob_files(&data), 0);
+}
+
+#[test]
+fn one_slot_holds_one_snapshot_and_snapshots_can_be_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let tokens = dir.path().join("tokens");
+    let token = hindsight_ok(
+        dir.path(),
+        &["token", "new", "--token-file", tokens.to_str().unwrap()],
+    );
+    let token = token.trim();
+    let bearer = format!("Bearer {token}");
+    let auth = [("Authorization", bearer.as_str())];
+    let server = Server::start(&data, &["--token-file", tokens.to_str().unwrap()]);
+    let first = snapshot(1000, 1, &[]);
+    let other = snapshot(1000, 2, &[]);
+    let r = server.request(
+        "POST",
+        "/runs/r/snapshots?nimg=2000000&sigma_rel=0.05",
+        &auth,
+        &first,
+    );
+    assert_eq!(r.status, 201);
+    // γ for σ_rel 0.05 (EDM2 eq. 3's inverse), and σ_rel one ulp above 0.05.
+    let gamma = hindsight::phema::Width::SigmaRel(0.05)
+        .resolve("t")
+        .unwrap()
+        .1;
+    let up = 0.05f64.next_up();
+    for query in [format!("gamma={gamma}"), format!("sigma_rel={up}")] {
+        let path = format!("/runs/r/snapshots?nimg=2000000&{query}");
+        let r = server.request("POST", &path, &auth, &other);
+        assert_eq!(
+            r.status,
+            409,
+            "{query}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["error"]["code"], "conflict");
+        // The same content in the same slot is the same snapshot: a no-op.
+        let r = server.request("POST", &path, &auth, &first);
+        assert_eq!(
+            r.status,
+            200,
+            "{query}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    let (_, snaps) = server.json("GET", "/runs/r/snapshots", "");
+    assert_eq!(snaps.as_array().unwrap().len(), 1, "{snaps}");
+    assert_eq!(blob_files(&data), 1, "a refused upload left a file");
+    // Another slot, then reconstruct to make the run usable.
+    let r = server.request(
+        "POST",
+        "/runs/r/snapshots?nimg=2000000&sigma_rel=0.10",
+        &auth,
+        &other,
+    );
+    assert_eq!(r.status, 201);
+    // Delete: a token is needed; unknown ids are 404 by name; then the row and its file go.
+    let (_, snaps) = server.json("GET", "/runs/r/snapshots", "");
+    let id = snaps[0]["id"].as_i64().unwrap();
+    let digest = snaps[0]["digest"].as_str().unwrap().to_owned();
+    let r = server.request("DELETE", &format!("/runs/r/snapshots/{id}"), &[], b"");
+    assert_eq!(r.status, 401);
+    let r = server.request("DELETE", "/runs/r/snapshots/999999", &auth, b"");
+    assert_eq!(r.status, 404);
+    let r = server.request("DELETE", "/runs/r/snapshots/x", &auth, b"");
+    assert_eq!(r.status, 400);
+    let r = server.request("DELETE", &format!("/runs/r/snapshots/{id}"), &auth, b"");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let deleted: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(deleted["blob_removed"], true);
+    assert!(!blob_path(&data, &digest).exists());
+    // The slot is free again, for the other content.
+    let r = server.request(
+        "POST",
+        "/runs/r/snapshots?nimg=2000000&sigma_rel=0.05",
+        &auth,
+        &other,
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    // The CLI deletes too; a blob another snapshot shares stays.
+    let listing = hindsight_ok(&data, &["snapshots", "r", "--json"]);
+    let rows: Value = serde_json::from_str(&listing).unwrap();
+    let shared_id = rows[0]["id"].as_i64().unwrap().to_string();
+    let printed = hindsight_ok(&data, &["snapshots", "r", "--delete", &shared_id]);
+    assert!(printed.contains("other rows refer to it"), "{printed}");
+    let out = hindsight(&data, &["snapshots", "r", "--delete", "424242"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no snapshot 424242"));
+    hindsight_ok(&data, &["verify"]);
+}
+
+#[test]
+fn boundary_values_and_refused_uploads_leave_no_file_and_gc_finds_strays() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &[]);
+    let good = snapshot(1000, 1, &[]);
+    let far = "9223372036854775808";
+    let cases: Vec<(String, Vec<(&str, String)>, Vec<u8>)> = vec![
+        (format!("?nimg={far}&sigma_rel=0.05"), vec![], good.clone()),
+        (
+            "?nimg=18446744073709551615&sigma_rel=0.05".into(),
+            vec![],
+            good.clone(),
+        ),
+        (
+            "?nimg=1000&sigma_rel=0.28867513459481287".into(),
+            vec![],
+            good.clone(),
+        ),
+        (
+            String::new(),
+            vec![
+                ("X-Hindsight-Nimg", far.to_owned()),
+                ("X-Hindsight-Sigma-Rel", "0.05".into()),
+            ],
+            good.clone(),
+        ),
+        (
+            String::new(),
+            vec![
+                ("X-Hindsight-Nimg", "1000".into()),
+                ("X-Hindsight-Sigma-Rel", "0.28867513459481287".into()),
+            ],
+            good.clone(),
+        ),
+        (
+            String::new(),
+            vec![],
+            snapshot(1000, 1, &[("nimg", far), ("sigma_rel", "0.05")]),
+        ),
+        (
+            String::new(),
+            vec![],
+            snapshot(
+                1000,
+                1,
+                &[("nimg", "1000"), ("sigma_rel", "0.28867513459481287")],
+            ),
+        ),
+        (
+            String::new(),
+            vec![],
+            snapshot(1000, 1, &[("nimg", "18446744073709551615"), ("gamma", "7")]),
+        ),
+    ];
+    for (query, headers, body) in &cases {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let r = server.request("POST", &format!("/runs/r/snapshots{query}"), &headers, body);
+        let text = String::from_utf8_lossy(&r.body);
+        assert_eq!(r.status, 400, "{query} {headers:?}: {text}");
+        assert!(
+            text.contains("nimg") || text.contains("sigma_rel"),
+            "{text}"
+        );
+        assert!(!text.contains("CHECK"), "{text}");
+    }
+    assert_eq!(blob_files(&data), 0, "a refused upload left a blob file");
+    assert!(staging_files(&data).is_empty());
+    assert_eq!(server.request("GET", "/runs/r", &[], b"").status, 404);
+    drop(server);
+    // A blob file without an index row (a writer killed between publishing and recording,
+    // by an older version) is found and removed by gc.
+    let stray = snapshot(10, 9, &[]);
+    let digest = blake3::hash(&stray).to_hex().to_string();
+    let path = blob_path(&data, &digest);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, &stray).unwrap();
+    let printed = hindsight_ok(&data, &["gc", "--grace-secs", "0"]);
+    assert!(
+        printed.contains("1 blob file(s) without an index row removed"),
+        "{printed}"
+    );
+    assert!(!path.exists());
+}
+
+#[test]
+fn crash_leftovers_are_recovered_and_verify_tells_claims_from_data() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data_path = dir.path().join("data");
+    snapshot_dir(&dir.path().join("snaps"), 2, 1000);
+    hindsight_ok(
+        &data_path,
+        &[
+            "import",
+            dir.path().join("snaps").to_str().unwrap(),
+            "--run",
+            "r",
+        ],
+    );
+    rt.block_on(async {
+        let data = hindsight::app::DataDir::open(&data_path).await.unwrap();
+        // (a) An ingest that claimed a blob and died before publishing it, and one that died
+        // after publishing but before recording it.
+        let lost = blake3::hash(b"never published").to_hex().to_string();
+        data.db.claim_blob(&lost, 15, None).await.unwrap();
+        let published = data
+            .put_blob(b"published, never recorded".to_vec(), "test")
+            .await
+            .unwrap();
+        // A claim on a blob a snapshot already uses (a re-import of the same file, killed).
+        let snaps = data
+            .db
+            .snapshots(data.db.run("r").await.unwrap().unwrap().id)
+            .await
+            .unwrap();
+        data.db
+            .claim_blob(&snaps[0].digest, snaps[0].byte_size as u64, None)
+            .await
+            .unwrap();
+        // (b) An import killed before its first snapshot: an empty run.
+        data.db
+            .run_or_create_with("killed", &serde_json::json!({}))
+            .await
+            .unwrap();
+        // (c) A staging file of a dead writer, and one of a live writer (locked).
+        let orphan = data.store.root().join("tmp/blob-orphan");
+        std::fs::write(&orphan, b"partial").unwrap();
+        let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(&orphan)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let live = data.store.staging_file("blob-", "").unwrap();
+        live.as_file().set_modified(old).unwrap();
+
+        // verify: the claims are not problems, nothing is missing.
+        let report = hindsight::app::verify(&data, &()).await.unwrap();
+        assert!(report.ok(), "{:?}", report.problems);
+        assert_eq!(report.pending_claims, 2, "{report:?}");
+
+        // Recovery past the grace period (zero here) cleans all of it, keeps the live file.
+        let recovered = hindsight::app::recover(&data, Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(recovered.temp_files, 1, "{recovered:?}");
+        assert_eq!(recovered.claims_restored, 1, "{recovered:?}");
+        assert_eq!(recovered.claims_removed, 2, "{recovered:?}");
+        assert_eq!(recovered.empty_runs, 1, "{recovered:?}");
+        assert!(!orphan.exists() && live.path().exists());
+        assert!(!data.store.contains(&published.parse().unwrap()));
+        assert!(data.db.blob_state(&lost).await.unwrap().is_none());
+        assert_eq!(
+            data.db.blob_state(&snaps[0].digest).await.unwrap(),
+            Some(hindsight::db::BlobState::Valid)
+        );
+        assert!(data.db.run("killed").await.unwrap().is_none());
+        assert!(data.db.run("r").await.unwrap().is_some());
+        let report = hindsight::app::verify(&data, &()).await.unwrap();
+        assert!(report.ok() && report.pending_claims == 0, "{report:?}");
+        // Within the grace period nothing is touched (an ingest may be in progress).
+        data.db.claim_blob(&lost, 15, None).await.unwrap();
+        let recovered = hindsight::app::recover(&data, hindsight::app::CLAIM_GRACE)
+            .await
+            .unwrap();
+        assert_eq!(recovered.claims_removed, 0);
+        drop(live);
+    });
+    // (d) A refused ingest gives back its claim and removes what it published, unless
+    // something else holds the blob.
+    rt.block_on(async {
+        let data = hindsight::app::DataDir::open(&data_path).await.unwrap();
+        let d = data.put_blob(b"refused".to_vec(), "test").await.unwrap();
+        let store = data.store.clone();
+        let digest: hindsight::store::Digest = d.parse().unwrap();
+        assert!(data
+            .db
+            .release_claim(&d, move || store.remove(&digest).map(|_| ()))
+            .await
+            .unwrap());
+        assert!(!data.store.contains(&digest));
+        assert!(data.db.blob_state(&d).await.unwrap().is_none());
+        // Two claims (two ingests of the same content): the first release keeps the blob.
+        let d = data.put_blob(b"shared".to_vec(), "test").await.unwrap();
+        data.db.claim_blob(&d, 6, None).await.unwrap();
+        let digest: hindsight::store::Digest = d.parse().unwrap();
+        let store = data.store.clone();
+        assert!(!data
+            .db
+            .release_claim(&d, move || store.remove(&digest).map(|_| ()))
+            .await
+            .unwrap());
+        assert!(data.store.contains(&digest));
+    });
+}
+
+#[test]
+fn a_damaged_index_stops_every_command_before_it_hides_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    snapshot_dir(&dir.path().join("snaps"), 2, 1000);
+    hindsight_ok(
+        &data,
+        &[
+            "import",
+            dir.path().join("snaps").to_str().unwrap(),
+            "--run",
+            "r",
+        ],
+    );
+    let index = data.join("index.sqlite");
+    let blobs = blob_files(&data);
+    for (what, damage_it) in [
+        (
+            "truncated to 0 bytes",
+            Box::new(|p: &Path| {
+                std::fs::write(p, b"").unwrap();
+                let _ = std::fs::remove_file(p.with_extension("sqlite-wal"));
+            }) as Box<dyn Fn(&Path)>,
+        ),
+        (
+            "overwritten with garbage",
+            Box::new(|p: &Path| {
+                std::fs::write(p, vec![0x5a; 8192]).unwrap();
+                let _ = std::fs::remove_file(p.with_extension("sqlite-wal"));
+            }),
+        ),
+    ] {
+        let wal = index.with_extension("sqlite-wal");
+        let saved = (std::fs::read(&index).unwrap(), std::fs::read(&wal).ok());
+        damage_it(&index);
+        for args in [
+            vec!["serve", "--addr", "127.0.0.1:0"],
+            vec!["verify"],
+            vec!["runs"],
+            vec!["gc"],
+        ] {
+            let out = hindsight(&data, &args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{what}: {args:?} succeeded");
+            assert!(
+                err.contains("index") && err.contains("rebuild-index"),
+                "{what}: {args:?}: {err}"
+            );
+        }
+        // Nothing was removed.
+        assert_eq!(blob_files(&data), blobs, "{what}");
+        std::fs::write(&index, saved.0).unwrap();
+        if let Some(w) = saved.1 {
+            std::fs::write(&wal, w).unwrap();
+        }
+    }
+    hindsight_ok(&data, &["verify"]);
+}
+
+#[test]
+fn a_full_disk_gives_a_clear_error_and_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    snapshot_dir(&dir.path().join("snaps"), 3, 300_000);
+    hindsight_ok(
+        &data,
+        &[
+            "import",
+            dir.path().join("snaps").to_str().unwrap(),
+            "--run",
+            "r",
+        ],
+    );
+    let before = hindsight_ok(&data, &["snapshots", "r", "--json"]);
+    // Files of the server may grow to 512 KiB (RLIMIT_FSIZE; a tmpfs needs mount rights):
+    // a 1.2 MB snapshot or reconstruction does not fit, the index does.
+    let server = Server::start_with(&data, &[], |command| {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        #[allow(unsafe_code)]
+        unsafe {
+            command.pre_exec(|| {
+                let limit = libc::rlimit {
+                    rlim_cur: 512 << 10,
+                    rlim_max: 512 << 10,
+                };
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let big = snapshot(300_000, 99, &[]);
+    let r = server.request(
+        "POST",
+        "/runs/r/snapshots?nimg=9000000&sigma_rel=0.05",
+        &[],
+        &big,
+    );
+    let body: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(r.status, 507, "{body}");
+    assert_eq!(body["error"]["code"], "insufficient_storage");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("no space"));
+    let (status, body) = server.json("POST", "/reconstruct", r#"{"run": "r", "sigma_rel": 0.07}"#);
+    assert_eq!(status, 507, "{body}");
+    // Reads go on; nothing partial is visible; the earlier snapshots are intact.
+    assert_eq!(server.request("GET", "/runs/r", &[], b"").status, 200);
+    let (_, run) = server.json("GET", "/runs/r", "");
+    assert!(run["reconstructions"].as_array().unwrap().is_empty());
+    assert!(
+        staging_files(&data).is_empty(),
+        "{:?}",
+        staging_files(&data)
+    );
+    drop(server);
+    assert_eq!(hindsight_ok(&data, &["snapshots", "r", "--json"]), before);
+    hindsight_ok(&data, &["verify"]);
+}
