@@ -887,3 +887,45 @@ fn a_full_disk_gives_a_clear_error_and_keeps_serving() {
     assert_eq!(hindsight_ok(&data, &["snapshots", "r", "--json"]), before);
     hindsight_ok(&data, &["verify"]);
 }
+
+/// The crash loop of `hindsight bench chaos`, shortened for CI (the benchmark runs 60 kills):
+/// SIGKILL during imports, uploads and reconstructions (server and CLI); after each, recovery,
+/// `verify`, every blob file hashed, every acknowledged snapshot present, imports resumed.
+#[test]
+fn crash_loop_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hindsight"))
+        .args([
+            "bench",
+            "chaos",
+            "--iterations",
+            "12",
+            "--seed",
+            "7",
+            "--json",
+            "--dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(report["failures"].as_array().unwrap().len(), 0, "{report}");
+    let kills: u64 = report["kills"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(kills, 12);
+    assert!(
+        report["acknowledged_checked"].as_u64().unwrap() > 12 * 24,
+        "{report}"
+    );
+    assert!(report["blob_files_checked"].as_u64().unwrap() > 0);
+}

@@ -188,7 +188,8 @@ impl RecoveryReport {
 
 /// Start-up recovery, run when a data directory is opened (by `serve` and every command):
 /// removes what crashed writers left. Staging files no live writer holds (they are locked
-/// while written; a minute's grace covers the moment before the lock), claims unchanged
+/// while written; a second's grace covers the microseconds between a file's creation and
+/// its lock), claims unchanged
 /// for longer than `claim_grace` (restored when a row refers to the blob, else removed with
 /// the blob's file), and runs that an ingest created and that stayed empty for longer than
 /// `claim_grace` (no snapshot, reconstruction or sweep, no description or metadata). Each
@@ -196,7 +197,7 @@ impl RecoveryReport {
 pub async fn recover(data: &DataDir, claim_grace: Duration) -> Result<RecoveryReport> {
     let store = data.store.clone();
     let temp_files = blocking("removing abandoned staging files", move || {
-        store.clean_temp(Duration::from_secs(60))
+        store.clean_temp(Duration::from_secs(1))
     })
     .await?;
     let (claims_restored, marked) = data.db.recover_claims(claim_grace).await?;

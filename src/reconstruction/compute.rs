@@ -323,6 +323,9 @@ pub async fn stored(data: &DataDir, id: &str) -> Result<Option<ReconstructionRow
         return Ok(None);
     };
     let digest: crate::store::Digest = row.digest.parse()?;
+    if data.store.known_intact(&digest) {
+        return Ok(Some(row));
+    }
     let checksum = data
         .db
         .blob_checksums(std::slice::from_ref(&row.digest))

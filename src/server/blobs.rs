@@ -226,6 +226,9 @@ pub(super) async fn head_blob(
 /// Checks the whole blob before a part of it is sent: 500 (logged) when it is damaged or
 /// missing.
 async fn check_intact(state: &AppState, digest: &Digest) -> ApiResult<()> {
+    if state.data.store.known_intact(digest) {
+        return Ok(());
+    }
     let checksum = state
         .data
         .db

@@ -332,6 +332,21 @@ impl BlobStore {
         Ok(status)
     }
 
+    /// Whether [`check_intact`](Self::check_intact) would answer `Intact` without reading:
+    /// the blob was found intact, the file is unchanged since, and that was less than
+    /// [`REVERIFY_AFTER`] ago. One `stat`.
+    pub fn known_intact(&self, digest: &Digest) -> bool {
+        let Ok(meta) = fs::metadata(self.path(digest)) else {
+            return false;
+        };
+        let stamp = FileStamp::of(&meta);
+        self.verified
+            .lock()
+            .expect("verified")
+            .get(digest)
+            .is_some_and(|(known, at)| *known == stamp && at.elapsed() < REVERIFY_AFTER)
+    }
+
     /// Records that the blob's file, as it is now, holds the right content (its writer hashed
     /// every byte it published).
     fn remember_intact(&self, digest: &Digest) {

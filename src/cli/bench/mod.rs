@@ -5,6 +5,8 @@ use clap::Subcommand;
 
 use super::common::block_on;
 
+mod chaos;
+mod load;
 mod metrics;
 mod model;
 mod solve;
@@ -12,6 +14,14 @@ mod store;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// The crash loop: SIGKILL at random moments of imports, uploads and reconstructions;
+    /// after each, recovery, `verify`, every blob hashed and every acknowledged snapshot
+    /// checked. Exits 1 on any failure.
+    Chaos(chaos::ChaosArgs),
+    /// Many concurrent clients (downloads with and without Range, identical and distinct
+    /// reconstructions, uploads) against `hindsight serve`, then the same downloads from
+    /// tower-http's ServeDir: requests, errors, p50/p99 and the server's peak RSS.
+    Load(load::LoadArgs),
     /// Time `hindsight import` of generated fp16 snapshots against `cp` of the same files.
     Import(store::ImportArgs),
     /// Time `reconstruct` of one and of eight σ_rel from generated fp16 snapshots against `cat`
@@ -46,6 +56,8 @@ pub enum BenchCommand {
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     use hindsight::model::on_compute_pool;
     match command {
+        BenchCommand::Chaos(args) => chaos::chaos(args),
+        BenchCommand::Load(args) => load::load(args),
         BenchCommand::Import(args) => block_on(store::import(args)),
         BenchCommand::Reconstruct(args) => block_on(store::reconstruct(args)),
         BenchCommand::Train(args) => on_compute_pool(|| model::train(args)),
