@@ -247,6 +247,23 @@ fn blob_files(data: &Path) -> usize {
     n
 }
 
+/// `hindsight reconstruct` of run `r` at σ_rel 0.07 into `out`; its output.
+fn reconstruct_007(data: &Path, out: &Path) -> String {
+    let out = out.to_str().unwrap();
+    hindsight_ok(
+        data,
+        &[
+            "reconstruct",
+            "--run",
+            "r",
+            "--sigma-rel",
+            "0.07",
+            "--out",
+            out,
+        ],
+    )
+}
+
 fn hindsight(data: &Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_hindsight"))
         .arg("--data-dir")
@@ -326,18 +343,7 @@ fn damaged_reconstructions_are_never_served_cached_or_linked() {
     // The CLI recomputes rather than hard-linking a damaged blob.
     damage(&path, 7);
     let out_dir = dir.path().join("out");
-    let printed = hindsight_ok(
-        &data,
-        &[
-            "reconstruct",
-            "--run",
-            "r",
-            "--sigma-rel",
-            "0.07",
-            "--out",
-            out_dir.to_str().unwrap(),
-        ],
-    );
+    let printed = reconstruct_007(&data, &out_dir);
     let file = std::fs::read_dir(&out_dir)
         .unwrap()
         .next()
@@ -566,6 +572,9 @@ fn one_slot_holds_one_snapshot_and_snapshots_can_be_deleted() {
     hindsight_ok(&data, &["verify"]);
 }
 
+/// An upload: query string, headers, body.
+type UploadCase = (String, Vec<(&'static str, String)>, Vec<u8>);
+
 #[test]
 fn boundary_values_and_refused_uploads_leave_no_file_and_gc_finds_strays() {
     let dir = tempfile::tempdir().unwrap();
@@ -573,7 +582,7 @@ fn boundary_values_and_refused_uploads_leave_no_file_and_gc_finds_strays() {
     let server = Server::start(&data, &[]);
     let good = snapshot(1000, 1, &[]);
     let far = "9223372036854775808";
-    let cases: Vec<(String, Vec<(&str, String)>, Vec<u8>)> = vec![
+    let cases: Vec<UploadCase> = vec![
         (format!("?nimg={far}&sigma_rel=0.05"), vec![], good.clone()),
         (
             "?nimg=18446744073709551615&sigma_rel=0.05".into(),
@@ -710,7 +719,7 @@ fn crash_leftovers_are_recovered_and_verify_tells_claims_from_data() {
         assert_eq!(report.pending_claims, 2, "{report:?}");
 
         // Recovery past the grace period (zero here) cleans all of it, keeps the live file.
-        let recovered = hindsight::app::recover(&data, Duration::ZERO)
+        let recovered = hindsight::app::recover(&data.db, &data.store, Duration::ZERO)
             .await
             .unwrap();
         assert_eq!(recovered.temp_files, 1, "{recovered:?}");
@@ -730,7 +739,7 @@ fn crash_leftovers_are_recovered_and_verify_tells_claims_from_data() {
         assert!(report.ok() && report.pending_claims == 0, "{report:?}");
         // Within the grace period nothing is touched (an ingest may be in progress).
         data.db.claim_blob(&lost, 15, None).await.unwrap();
-        let recovered = hindsight::app::recover(&data, hindsight::app::CLAIM_GRACE)
+        let recovered = hindsight::app::recover(&data.db, &data.store, hindsight::app::CLAIM_GRACE)
             .await
             .unwrap();
         assert_eq!(recovered.claims_removed, 0);
@@ -821,6 +830,37 @@ fn a_damaged_index_stops_every_command_before_it_hides_data() {
         }
     }
     hindsight_ok(&data, &["verify"]);
+    // A healthy index is not rebuilt; a lost one is, from the snapshots in the store, under
+    // the run name a reconstruction recorded.
+    let before = hindsight_ok(&data, &["snapshots", "r", "--json"]);
+    let digests = |listing: &str| {
+        let mut d: Vec<String> = serde_json::from_str::<Value>(listing)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["digest"].as_str().unwrap().to_owned())
+            .collect();
+        d.sort();
+        d
+    };
+    reconstruct_007(&data, &dir.path().join("out"));
+    let out = hindsight(&data, &["rebuild-index"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to rebuild"));
+    std::fs::write(&index, b"").unwrap();
+    let printed = hindsight_ok(&data, &["rebuild-index"]);
+    assert!(printed.contains("run \"r\": 4 snapshot(s)"), "{printed}");
+    assert!(printed.contains("1 other blob(s)"), "{printed}");
+    assert_eq!(
+        digests(&hindsight_ok(&data, &["snapshots", "r", "--json"])),
+        digests(&before)
+    );
+    hindsight_ok(&data, &["verify"]);
+    assert!(std::fs::read_dir(&data).unwrap().flatten().any(|e| e
+        .file_name()
+        .to_string_lossy()
+        .starts_with("index.sqlite.damaged-")));
 }
 
 #[test]

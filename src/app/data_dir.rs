@@ -24,7 +24,7 @@ pub struct DataDir {
 
 impl DataDir {
     /// Opens (creating if needed) the data directory at `path`, then recovers what crashed
-    /// writers left ([`super::recover`]: staging files, abandoned claims, empty runs).
+    /// writers left ([`super::recovery::recover`]: staging files, abandoned claims, empty runs).
     ///
     /// Errors: [`Error::IndexDamaged`] when the index is missing or empty beside a store that
     /// holds blobs (it was deleted or truncated: starting on an empty index would hide every
@@ -32,7 +32,7 @@ impl DataDir {
     /// is changed then; the message says how to restore or rebuild it.
     pub async fn open(path: &Path) -> Result<Self> {
         let data = Self::open_without_recovery(path).await?;
-        super::recover(&data, super::CLAIM_GRACE).await?;
+        super::recovery::recover(&data.db, &data.store, super::recovery::CLAIM_GRACE).await?;
         Ok(data)
     }
 

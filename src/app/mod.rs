@@ -4,9 +4,9 @@
 
 mod data_dir;
 mod maintain;
+mod recovery;
 pub mod references;
 
 pub use data_dir::{DataDir, INDEX_FILE, STORE_DIR};
-pub use maintain::{
-    delete_snapshot, gc, recover, verify, GcReport, RecoveryReport, VerifyReport, CLAIM_GRACE,
-};
+pub use maintain::{delete_snapshot, gc, verify, GcReport, VerifyReport};
+pub use recovery::{recover, RecoveryReport, CLAIM_GRACE};

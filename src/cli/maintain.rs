@@ -66,3 +66,33 @@ pub fn gc(data_dir: &Path, args: GcArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Options of `hindsight rebuild-index`.
+#[derive(clap::Args)]
+pub struct RebuildIndexArgs {
+    /// Rebuild even though the index is healthy (it is moved aside first, not deleted).
+    #[arg(long)]
+    force: bool,
+}
+
+/// Rebuilds a lost or damaged index from the snapshots in the store.
+pub fn rebuild_index(data_dir: &Path, args: RebuildIndexArgs) -> anyhow::Result<()> {
+    let report =
+        block_on(async { Ok(hindsight::ingest::rebuild_index(data_dir, args.force).await?) })?;
+    if let Some(aside) = &report.moved_aside {
+        println!("the old index is kept as {}", aside.display());
+    }
+    for (run, n) in &report.runs {
+        println!("run {run:?}: {n} snapshot(s)");
+    }
+    for r in &report.refused {
+        println!("refused: {r}");
+    }
+    println!(
+        "{} other blob(s) (reconstructions, reference statistics, sweep data) are not indexed: \
+         `gc` will remove them; reconstructions are recomputed on request, reference \
+         statistics and sweeps must be made again",
+        report.other_blobs
+    );
+    Ok(())
+}

@@ -80,6 +80,11 @@ enum Command {
     Verify,
     /// Delete blobs no snapshot references (and orphaned temporary files).
     Gc(maintain::GcArgs),
+    /// Rebuild a lost or damaged index (index.sqlite) from the snapshots in the store: the
+    /// old index is moved aside, each snapshot is validated and recorded again, in runs
+    /// grouped by tensor manifest (named after the run its reconstructions name, else
+    /// recovered-N).
+    RebuildIndex(maintain::RebuildIndexArgs),
     /// Reference statistics of an image set for FID (mean and covariance of its Inception
     /// features): written as a pytorch-fid .npz and/or stored under a name for sweeps.
     ///
@@ -124,6 +129,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Snapshots(args) => store::snapshots(&data_dir, args),
         Command::Verify => maintain::verify(&data_dir),
         Command::Gc(args) => maintain::gc(&data_dir, args),
+        Command::RebuildIndex(args) => maintain::rebuild_index(&data_dir, args),
         Command::RefStats(args) => metrics::ref_stats(&data_dir, args),
         Command::Fid(args) => metrics::fid(&data_dir, args),
         Command::References(args) => metrics::list(&data_dir, args),

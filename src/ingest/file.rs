@@ -398,6 +398,7 @@ pub async fn ingest_reader<R: Read + Send + 'static>(
         return Err(e);
     }
     let dtypes = dtype_summary(&header.tensors);
+    let journal_profile = profile.map(|p| serde_json::to_value(p).expect("profiles serialise"));
     let recorded = db
         .record_snapshot(
             run.id,
@@ -410,7 +411,7 @@ pub async fn ingest_reader<R: Read + Send + 'static>(
                 manifest,
                 dtypes,
                 metadata: serde_json::to_value(&header.metadata).expect("strings serialise"),
-                profile: profile.map(|p| serde_json::to_value(p).expect("profiles serialise")),
+                profile: journal_profile.clone(),
             },
         )
         .await;
@@ -421,6 +422,17 @@ pub async fn ingest_reader<R: Read + Send + 'static>(
             return Err(e);
         }
     };
+    if recorded == Recorded::Inserted {
+        journal_snapshot(
+            store,
+            &run.name,
+            &digest,
+            nimg,
+            sigma_rel,
+            gamma,
+            &journal_profile,
+        );
+    }
     Ok(Ingested {
         nimg,
         sigma_rel,
@@ -428,6 +440,26 @@ pub async fn ingest_reader<R: Read + Send + 'static>(
         bytes,
         inserted: recorded == Recorded::Inserted,
     })
+}
+
+/// Records a new snapshot in the store's journal (what `rebuild-index` replays). A failure
+/// is logged: the index, already committed, is the authority.
+fn journal_snapshot(
+    store: &BlobStore,
+    run: &str,
+    digest: &Digest,
+    nimg: u64,
+    sigma_rel: f64,
+    gamma: f64,
+    profile: &Option<serde_json::Value>,
+) {
+    let line = serde_json::json!({
+        "op": "snapshot", "run": run, "digest": digest.to_hex(), "nimg": nimg,
+        "sigma_rel": sigma_rel, "gamma": gamma, "profile": profile,
+    });
+    if let Err(e) = store.append_journal(&line.to_string()) {
+        tracing::warn!(error = %e.chain_text(), "appending a snapshot to the store's journal");
+    }
 }
 
 /// Gives back the claim of an ingest that stored nothing, removing the blob when nothing else

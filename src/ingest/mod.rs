@@ -13,6 +13,7 @@
 mod ema_pytorch;
 mod file;
 mod import;
+mod rebuild;
 mod run;
 mod trainer;
 
@@ -24,5 +25,6 @@ pub use file::{
     IngestOptions, Ingested,
 };
 pub use import::{import_dir, ImportReport, Source};
+pub use rebuild::{rebuild_index, RebuildReport};
 pub use run::RunForIngest;
 pub use trainer::SnapshotWriter;

@@ -6,6 +6,7 @@
 //! VERSION                      "hindsight-blobs 1": the on-disk format
 //! blobs/ab/cd/abcd…(64 hex)    one file per blob, fanned out by the digest's first two bytes
 //! tmp/                         writes in progress, on the same file system as blobs/
+//! journal.jsonl                append-only records the index can be rebuilt from
 //! ```
 //!
 //! Invariants:
@@ -51,6 +52,7 @@ pub const FORMAT_VERSION: u32 = 1;
 const VERSION_FILE: &str = "VERSION";
 const BLOBS: &str = "blobs";
 const TMP: &str = "tmp";
+const JOURNAL: &str = "journal.jsonl";
 
 fn version_line() -> String {
     format!("hindsight-blobs {FORMAT_VERSION}\n")
@@ -490,6 +492,39 @@ impl BlobStore {
             }
         }
         Ok(out)
+    }
+
+    /// Appends one line (a JSON record, no newline inside) to the store's journal and makes it
+    /// durable: one `write` of the whole line on a file opened for appending (so lines of
+    /// concurrent writers do not interleave), then `fdatasync`. The journal is what
+    /// `rebuild-index` replays when the index is lost; the index stays the authority.
+    pub fn append_journal(&self, line: &str) -> Result<()> {
+        let path = self.root.join(JOURNAL);
+        let mut record = line.replace('\n', " ");
+        record.push('\n');
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err(|| format!("opening {}", path.display())))?;
+        file.write_all(record.as_bytes())
+            .and_then(|()| file.sync_data())
+            .map_err(io_err(|| format!("appending to {}", path.display())))
+    }
+
+    /// The journal's complete lines, oldest first (a line cut short by a crash is left out).
+    pub fn journal(&self) -> Result<Vec<String>> {
+        let path = self.root.join(JOURNAL);
+        let text = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+        };
+        let complete = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        Ok(String::from_utf8_lossy(&text[..complete])
+            .lines()
+            .map(str::to_owned)
+            .collect())
     }
 
     /// Temporary files present now (writes in progress or orphans).

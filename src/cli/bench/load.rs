@@ -67,7 +67,7 @@ type Samples = Arc<Mutex<BTreeMap<&'static str, (Vec<f64>, usize)>>>;
 
 /// The load test.
 pub fn load(args: LoadArgs) -> anyhow::Result<()> {
-    if args.clients == 0 || !(args.seconds > 0.0) {
+    if args.clients == 0 || !args.seconds.is_finite() || args.seconds <= 0.0 {
         bail!("--clients and --seconds must be positive");
     }
     let temp = tempfile::tempdir()?;

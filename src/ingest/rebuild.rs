@@ -1,0 +1,299 @@
+//! `hindsight rebuild-index`: a new index from the snapshots in the store, when the old one is
+//! lost or damaged (see [`crate::Error::IndexDamaged`]).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::file::{ingest_file, Hints, IngestOptions};
+use crate::app::{DataDir, INDEX_FILE, STORE_DIR};
+use crate::db::Db;
+use crate::error::{blocking, Error, Result};
+use crate::format::read_header;
+use crate::store::BlobStore;
+
+/// What [`rebuild_index`] did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct RebuildReport {
+    /// Where the old index (and its -wal, -shm files) went, if there was one.
+    pub moved_aside: Option<PathBuf>,
+    /// Runs recreated, with their snapshot counts.
+    pub runs: BTreeMap<String, usize>,
+    /// Blobs that were not snapshots (reconstructions, reference statistics, sweep
+    /// features and grids), left unindexed: `gc` removes them; reconstructions are
+    /// recomputed on demand, reference statistics must be made again.
+    pub other_blobs: usize,
+    /// Blobs that looked like snapshots but were refused, one line each.
+    pub refused: Vec<String>,
+}
+
+/// Rebuilds the index of the data directory at `path` from the blobs in its store.
+///
+/// The current index (if any) is first moved aside to `index.sqlite.damaged-<unix time>`
+/// (with its `-wal` and `-shm` files), never deleted. The store's journal
+/// (`store/journal.jsonl`, one line per snapshot recorded or deleted) is replayed first:
+/// every journaled snapshot whose blob is present goes back into its run with its time,
+/// width and update rule. Then every other blob that is a safetensors file
+/// whose `__metadata__` gives a training time and a width (`nimg`, and `sigma_rel` or
+/// `gamma`) and that is not a reconstruction becomes a snapshot again, through the same
+/// validation as `import`. Snapshots go into runs by their tensor manifest (names, dtypes,
+/// shapes): a manifest that a stored reconstruction's `run` metadata names gets that run's
+/// name, the others `recovered-1`, `recovered-2`, … in order of their first digest. Run
+/// metadata, reconstructions, reference statistics and sweeps are not recoverable from the
+/// blobs and are counted in `other_blobs`.
+///
+/// Errors: the index is healthy (nothing to rebuild: `force` rebuilds anyway), or I/O.
+pub async fn rebuild_index(path: &Path, force: bool) -> Result<RebuildReport> {
+    if !force {
+        match DataDir::open_without_recovery(path).await {
+            Ok(_) => {
+                return Err(Error::invalid(
+                    "index",
+                    format!(
+                        "{} opens and passes SQLite's integrity check: nothing to rebuild \
+                         (--force rebuilds it anyway, moving it aside first)",
+                        path.join(INDEX_FILE).display()
+                    ),
+                ))
+            }
+            Err(Error::IndexDamaged { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let index = path.join(INDEX_FILE);
+    let mut report = RebuildReport::default();
+    if index.exists() {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let aside = path.join(format!("{INDEX_FILE}.damaged-{stamp}"));
+        for suffix in ["", "-wal", "-shm"] {
+            let from = path.join(format!("{INDEX_FILE}{suffix}"));
+            if from.exists() {
+                let to = PathBuf::from(format!("{}{suffix}", aside.display()));
+                std::fs::rename(&from, &to)
+                    .map_err(|e| Error::io(format!("moving {} aside", from.display()), e))?;
+            }
+        }
+        report.moved_aside = Some(aside);
+    }
+    // A fresh index first, so that the data directory opens beside its store.
+    Db::open(&index).await?;
+    let data = DataDir::open_without_recovery(path).await?;
+    let store = BlobStore::open(path.join(STORE_DIR))?;
+    let found = {
+        let store = store.clone();
+        blocking("reading the store's headers", move || classify(&store)).await?
+    };
+    // The journal: snapshots by (run, digest, nimg, σ_rel), minus the deleted ones.
+    let mut journaled: Vec<JournalRecord> = Vec::new();
+    for line in store.journal()? {
+        let Ok(record) = serde_json::from_str::<JournalRecord>(&line) else {
+            continue;
+        };
+        match record.op.as_str() {
+            "snapshot" => journaled.push(record),
+            "delete" => journaled.retain(|r| {
+                !(r.run == record.run
+                    && r.digest == record.digest
+                    && r.nimg == record.nimg
+                    && crate::db::same_width(r.sigma_rel, record.sigma_rel))
+            }),
+            _ => {}
+        }
+    }
+    let mut covered = std::collections::HashSet::new();
+    for record in &journaled {
+        let Ok(digest) = record.digest.parse::<crate::store::Digest>() else {
+            continue;
+        };
+        if !store.contains(&digest) {
+            report.refused.push(format!(
+                "journal: snapshot {} of run {:?} is not in the store",
+                record.digest, record.run
+            ));
+            continue;
+        }
+        let run = match data.db.run(&record.run).await? {
+            Some(run) => run,
+            None => {
+                data.db
+                    .create_run(
+                        &record.run,
+                        "recovered by hindsight rebuild-index",
+                        &serde_json::json!({}),
+                    )
+                    .await?
+            }
+        };
+        let profile = match &record.profile {
+            Some(p) if !p.is_null() => serde_json::from_value(p.clone()).ok(),
+            _ => None,
+        };
+        let hints = Hints {
+            nimg: Some(record.nimg),
+            width: Some(crate::phema::Width::SigmaRel(record.sigma_rel)),
+            profile,
+        };
+        match ingest_file(
+            &data.db,
+            &data.store,
+            &run,
+            &store.path(&digest),
+            hints,
+            IngestOptions::default(),
+            |_| {},
+        )
+        .await
+        {
+            Ok(_) => {
+                covered.insert(record.digest.clone());
+                *report.runs.entry(record.run.clone()).or_default() += 1;
+            }
+            Err(e) => report.refused.push(e.chain_text()),
+        }
+    }
+    // Names for manifests, from reconstructions that say which run they came from.
+    let mut names: BTreeMap<String, String> = BTreeMap::new();
+    for (manifest, run) in &found.reconstruction_runs {
+        names.entry(manifest.clone()).or_insert_with(|| run.clone());
+    }
+    let mut numbered = 0;
+    for (shapes, files) in found.snapshots.values() {
+        let files: Vec<&PathBuf> = files
+            .iter()
+            .filter(|f| {
+                let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                !covered.contains(name)
+            })
+            .collect();
+        if files.is_empty() {
+            continue;
+        }
+        let name = match names.get(shapes) {
+            Some(n) if !report.runs.contains_key(n) => n.clone(),
+            _ => {
+                numbered += 1;
+                format!("recovered-{numbered}")
+            }
+        };
+        let run = data
+            .db
+            .create_run(
+                &name,
+                "recovered by hindsight rebuild-index",
+                &serde_json::json!({}),
+            )
+            .await?;
+        let mut n = 0;
+        for file in files {
+            match ingest_file(
+                &data.db,
+                &data.store,
+                &run,
+                file.as_path(),
+                Hints::default(),
+                IngestOptions::default(),
+                |_| {},
+            )
+            .await
+            {
+                Ok(_) => n += 1,
+                Err(e) => report.refused.push(e.chain_text()),
+            }
+        }
+        report.runs.insert(name, n);
+    }
+    report.other_blobs = found
+        .others
+        .iter()
+        .filter(|d| !covered.contains(*d))
+        .count();
+    tracing::warn!(
+        runs = report.runs.len(),
+        snapshots = report.runs.values().sum::<usize>(),
+        other_blobs = report.other_blobs,
+        "rebuilt the index of {}",
+        path.display()
+    );
+    Ok(report)
+}
+
+/// One line of the store's journal.
+#[derive(serde::Deserialize)]
+struct JournalRecord {
+    op: String,
+    run: String,
+    digest: String,
+    nimg: u64,
+    sigma_rel: f64,
+    #[serde(default)]
+    profile: Option<serde_json::Value>,
+}
+
+/// The store's blobs, sorted into snapshots (by manifest) and the rest.
+#[derive(Default)]
+struct Found {
+    /// By full manifest (names, dtypes, shapes): the manifest's names and shapes, and the files.
+    snapshots: BTreeMap<String, (String, Vec<PathBuf>)>,
+    reconstruction_runs: Vec<(String, String)>,
+    /// Digests of the blobs that are neither (or, without metadata, snapshots the journal
+    /// may know).
+    others: Vec<String>,
+}
+
+fn classify(store: &BlobStore) -> Result<Found> {
+    let mut found = Found::default();
+    for digest in store.list()? {
+        let path = store.path(&digest);
+        let header = std::fs::File::open(&path)
+            .and_then(|f| Ok((f.metadata()?.len(), f)))
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))
+            .and_then(|(len, f)| {
+                read_header(&mut std::io::BufReader::new(f), len, &digest.to_hex())
+            });
+        let Ok(header) = header else {
+            found.others.push(digest.to_hex());
+            continue;
+        };
+        // Names and shapes: a reconstruction may be f32 where its snapshots are f16.
+        let shapes: Vec<String> = {
+            let mut t: Vec<String> = header
+                .tensors
+                .iter()
+                .map(|t| format!("{}{:?}", t.name, t.shape))
+                .collect();
+            t.sort();
+            t
+        };
+        let shapes = shapes.join(";");
+        let meta = &header.metadata;
+        if meta.contains_key("hindsight_reconstruction") {
+            if let Some(run) = meta.get("run") {
+                found.reconstruction_runs.push((shapes, run.clone()));
+            }
+            found.others.push(digest.to_hex());
+        } else if meta.contains_key("nimg")
+            && (meta.contains_key("sigma_rel") || meta.contains_key("gamma"))
+            && !header.tensors.is_empty()
+        {
+            let mut full: Vec<String> = header
+                .tensors
+                .iter()
+                .map(|t| format!("{}:{}{:?}", t.name, t.dtype, t.shape))
+                .collect();
+            full.sort();
+            found
+                .snapshots
+                .entry(full.join(";"))
+                .or_insert_with(|| (shapes, Vec::new()))
+                .1
+                .push(path);
+        } else {
+            found.others.push(digest.to_hex());
+        }
+    }
+    Ok(found)
+}
