@@ -92,11 +92,12 @@ pub enum Error {
         element: u64,
     },
     /// A stored blob's content no longer matches its digest.
-    #[error("blob {expected} is corrupt: its content hashes to {actual}")]
+    #[error("blob {expected} is corrupt: {actual}")]
     Corrupt {
         /// The digest the blob is stored under.
         expected: String,
-        /// The digest of what is on disk now.
+        /// What was found instead, as a phrase: `its content hashes to <digest>`, `its
+        /// checksum is … where … was recorded`, `it is shorter than its header says`.
         actual: String,
     },
     /// A download failed or its content did not match the published checksum (nothing was
@@ -176,11 +177,17 @@ fn describe_out_of_range(dtype: &str, tensors: &[OutOfRange]) -> String {
 
 impl Error {
     /// Builds an [`Error::Io`] from an I/O error and a description of what was being done.
+    /// When the disk is full (or a file-size limit or quota is reached) the context says so
+    /// in words, whatever the platform's message.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Error::Io {
-            context: context.into(),
-            source,
+        let mut context = context.into();
+        if is_no_space(&source) {
+            context.push_str(
+                " (no space left: the disk is full or a file-size limit or quota was reached; \
+                 nothing partial was kept)",
+            );
         }
+        Error::Io { context, source }
     }
 
     /// Builds an [`Error::InvalidInput`].
@@ -209,6 +216,18 @@ impl Error {
     pub fn chain_text(&self) -> String {
         chain_text(self)
     }
+}
+
+/// Whether an I/O error means the disk (or a file-size limit, or a quota) is full: ENOSPC,
+/// EFBIG or EDQUOT.
+pub fn is_no_space(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(
+        e.kind(),
+        K::StorageFull | K::QuotaExceeded | K::FileTooLarge
+    ) || e
+        .raw_os_error()
+        .is_some_and(|c| c == libc::ENOSPC || c == libc::EFBIG || c == libc::EDQUOT)
 }
 
 /// One line from an error and its sources, `outer: inner: …`, leaving out a source whose text

@@ -453,7 +453,7 @@ fn serve_refuses_open_addresses_without_tokens_and_stops_on_sigterm() {
         .unwrap()
         .to_owned();
     let mut tcp = std::net::TcpStream::connect(&addr).unwrap();
-    tcp.write_all(b"POST /reconstruct HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+    tcp.write_all(b"POST /reconstruct HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
         .unwrap();
     let mut response = String::new();
     tcp.read_to_string(&mut response).unwrap();

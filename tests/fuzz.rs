@@ -232,6 +232,45 @@ fn list_syntax_never_panics_and_never_allocates_past_its_cap() {
     }
 }
 
+#[test]
+fn statistics_file_parsers_never_panic_and_stay_within_their_caps() {
+    // .npy (inside pytorch-fid's .npz) and pickle (EDM2's .pkl), as POST /references reads
+    // them: random bytes, and mutations of a valid .npy and of pickle-looking prefixes.
+    let mut npy = Vec::new();
+    hindsight::metrics::npy::write_f64(&mut npy, &[3, 3], &[0.5; 9]).unwrap();
+    let pickle_start = prop::sample::select(vec![
+        b"\x80\x04\x95".to_vec(),
+        b"\x80\x02}q\x00(X\x02\x00\x00\x00mu".to_vec(),
+        b"\x80\x04]\x94(K\x01K\x02e.".to_vec(),
+        b"\x80\x04\x95\xff\xff\xff\xff\xff\xff\xff\x7f".to_vec(),
+        b"(((((((((((((((((((((((((((((((((((((((((((((((((".to_vec(),
+    ]);
+    let strategy = prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..256),
+        mutated(npy),
+        (pickle_start, prop::collection::vec(any::<u8>(), 0..64)).prop_map(|(mut a, b)| {
+            a.extend(b);
+            a
+        }),
+    ];
+    runner()
+        .run(&strategy, |bytes| {
+            let (_, largest) = largest_allocation(|| {
+                let _ = hindsight::metrics::npy::read_f64(&bytes, "fuzz");
+                let _ = hindsight::metrics::npy::read_f32(&bytes, "fuzz");
+                let _ = hindsight::metrics::pickle::parse(&bytes, "fuzz");
+            });
+            // Nothing bigger than the input itself, give or take fixed buffers.
+            prop_assert!(
+                largest <= 8 * bytes.len() + 64 * 1024,
+                "allocated {largest} bytes for {} input bytes",
+                bytes.len()
+            );
+            Ok(())
+        })
+        .unwrap();
+}
+
 /// A random JSON value, nested a few levels, biased towards the API's field names.
 fn json_value() -> impl Strategy<Value = serde_json::Value> {
     use serde_json::Value;

@@ -155,7 +155,10 @@ fn exchange(
 ) -> Reply {
     let mut tcp = connect(addr, from);
     tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut head = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        head.push_str(&format!("Host: {addr}\r\n"));
+    }
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -375,7 +378,7 @@ fn stalled_clients_are_dropped_and_never_hold_the_server() {
     for _ in 0..4 {
         let mut s = TcpStream::connect(&server.addr).unwrap();
         let head = format!(
-            "POST /runs/stall/snapshots HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            "POST /runs/stall/snapshots HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n",
             big.len()
         );
         s.write_all(head.as_bytes()).unwrap();
@@ -434,6 +437,96 @@ fn stalled_clients_are_dropped_and_never_hold_the_server() {
     );
     // The stalled uploads' run was never created.
     assert_eq!(server.request("GET", "/runs/stall", &[], b"").status, 404);
+
+    // A client that trickles its upload (a byte every 200 ms: never idle) is dropped by the
+    // minimum rate; one that stops sending a JSON body is dropped by the body deadline.
+    let t = Instant::now();
+    let mut trickle = TcpStream::connect(&server.addr).unwrap();
+    let head = format!(
+        "POST /runs/slow/snapshots HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n",
+        big.len()
+    );
+    trickle.write_all(head.as_bytes()).unwrap();
+    trickle.write_all(&big[..256]).unwrap();
+    let mut json = TcpStream::connect(&server.addr).unwrap();
+    json.write_all(
+        b"POST /reconstruct HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{\"run\"",
+    )
+    .unwrap();
+    let mut answer = String::new();
+    for byte in &big[256..] {
+        if trickle.write_all(std::slice::from_ref(byte)).is_err() {
+            break;
+        }
+        trickle
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        if let Ok(n) = trickle.read(&mut buf) {
+            answer = String::from_utf8_lossy(&buf[..n]).to_string();
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the trickle was never dropped"
+        );
+    }
+    assert!(answer.contains(" 408 "), "{answer:?}");
+    json.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = json.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains(" 408 "));
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    assert!(staging_files(&data).is_empty());
+}
+
+#[test]
+fn pages_of_other_sites_cannot_write_and_other_host_names_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &["--allowed-host", "box.lan"]);
+    let port = server.addr.rsplit_once(':').unwrap().1.to_owned();
+    let good = snapshot(1000, 1, &[("nimg", "1000"), ("sigma_rel", "0.05")]);
+    let evil_host = format!("evil.example:{port}");
+    let origin_evil = ("Origin", "http://evil.example");
+    // DNS rebinding: a page of evil.example resolving to 127.0.0.1 names its own host.
+    for (method, path) in [("GET", "/runs"), ("POST", "/runs/r/snapshots")] {
+        let r = server.request(method, path, &[("Host", &evil_host), origin_evil], &good);
+        assert_eq!(
+            r.status,
+            403,
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(String::from_utf8_lossy(&r.body).contains("DNS rebinding"));
+    }
+    // A cross-origin form or fetch to the right host: writes refused, nothing stored.
+    for content_type in ["text/plain", "application/x-www-form-urlencoded"] {
+        let r = server.request(
+            "POST",
+            "/runs/r/snapshots",
+            &[origin_evil, ("Content-Type", content_type)],
+            &good,
+        );
+        assert_eq!(r.status, 403);
+    }
+    let r = server.request("DELETE", "/runs/r/snapshots/1", &[origin_evil], b"");
+    assert_eq!(r.status, 403);
+    assert_eq!(blob_files(&data), 0);
+    // The same origin (the web UI), clients without Origin (curl, Python), loopback names
+    // and allowed names work.
+    let own = format!("http://{}", server.addr);
+    let r = server.request("POST", "/runs/r/snapshots", &[("Origin", &own)], &good);
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    for host in [
+        format!("localhost:{port}"),
+        format!("box.lan:{port}"),
+        "[::1]".into(),
+    ] {
+        let r = server.request("GET", "/runs", &[("Host", &host)], b"");
+        assert_eq!(r.status, 200, "{host}");
+    }
 }
 
 #[test]
@@ -447,7 +540,7 @@ fn shutdown_is_bounded_with_a_client_stalled_mid_upload() {
     let big = snapshot(100_000, 1, &[("nimg", "1000"), ("sigma_rel", "0.05")]);
     let mut s = TcpStream::connect(&server.addr).unwrap();
     let head = format!(
-        "POST /runs/r/snapshots HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        "POST /runs/r/snapshots HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n",
         big.len()
     );
     s.write_all(head.as_bytes()).unwrap();
@@ -851,7 +944,10 @@ fn a_damaged_index_stops_every_command_before_it_hides_data() {
     std::fs::write(&index, b"").unwrap();
     let printed = hindsight_ok(&data, &["rebuild-index"]);
     assert!(printed.contains("run \"r\": 4 snapshot(s)"), "{printed}");
-    assert!(printed.contains("1 other blob(s)"), "{printed}");
+    assert!(
+        printed.contains("1 other blob(s) are not indexed"),
+        "{printed}"
+    );
     assert_eq!(
         digests(&hindsight_ok(&data, &["snapshots", "r", "--json"])),
         digests(&before)
@@ -880,24 +976,7 @@ fn a_full_disk_gives_a_clear_error_and_keeps_serving() {
     let before = hindsight_ok(&data, &["snapshots", "r", "--json"]);
     // Files of the server may grow to 512 KiB (RLIMIT_FSIZE; a tmpfs needs mount rights):
     // a 1.2 MB snapshot or reconstruction does not fit, the index does.
-    let server = Server::start_with(&data, &[], |command| {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        #[allow(unsafe_code)]
-        unsafe {
-            command.pre_exec(|| {
-                let limit = libc::rlimit {
-                    rlim_cur: 512 << 10,
-                    rlim_max: 512 << 10,
-                };
-                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-                if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    });
+    let server = Server::start_with(&data, &[], |command| limit_file_size(command, 512 << 10));
     let big = snapshot(300_000, 99, &[]);
     let r = server.request(
         "POST",
@@ -924,8 +1003,47 @@ fn a_full_disk_gives_a_clear_error_and_keeps_serving() {
         staging_files(&data)
     );
     drop(server);
+    // The CLI's import says so in words too, and leaves nothing.
+    let file = dir.path().join("big-0009000-0.050.safetensors");
+    std::fs::write(&file, &big).unwrap();
+    let mut import = Command::new(env!("CARGO_BIN_EXE_hindsight"));
+    import
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("import")
+        .arg(&file)
+        .args(["--run", "new"]);
+    limit_file_size(&mut import, 512 << 10);
+    let out = import.output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(text.contains("no space left"), "{text}");
+    assert!(staging_files(&data).is_empty());
     assert_eq!(hindsight_ok(&data, &["snapshots", "r", "--json"]), before);
+    assert!(!hindsight(&data, &["snapshots", "new"]).status.success());
     hindsight_ok(&data, &["verify"]);
+}
+
+/// Limits the size of every file the command writes to `bytes` (RLIMIT_FSIZE), with SIGXFSZ
+/// ignored so that writes fail with EFBIG: a full disk without mounting one.
+fn limit_file_size(command: &mut Command, bytes: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    #[allow(unsafe_code)]
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// The crash loop of `hindsight bench chaos`, shortened for CI (the benchmark runs 60 kills):

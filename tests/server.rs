@@ -1065,7 +1065,8 @@ async fn an_upload_cut_off_midway_leaves_nothing() {
 #[tokio::test]
 async fn uploads_take_time_and_width_from_query_headers_or_metadata() {
     let server = Server::new(ServerConfig::default()).await;
-    // Metadata says (4e6, 0.05); the query overrides it.
+    // Metadata says (4e6, 0.05): a query that agrees is fine, one that disagrees is refused
+    // by name (the same file cannot be two snapshots).
     let (status, body) = server
         .json(upload(
             "q",
@@ -1073,12 +1074,37 @@ async fn uploads_take_time_and_width_from_query_headers_or_metadata() {
             snapshot(1, 4_000_000, 0.05),
         ))
         .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    assert_eq!(
-        (body["nimg"].as_u64(), body["sigma_rel"].as_f64()),
-        (Some(123456), Some(0.08))
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_input");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("nimg"),
+        "{body}"
     );
-    let mut request = upload("q", "", snapshot(2, 4_000_000, 0.05));
+    let (status, body) = server
+        .json(upload(
+            "q",
+            "?nimg=4000000&sigma_rel=0.08",
+            snapshot(1, 4_000_000, 0.05),
+        ))
+        .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_input");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("sigma_rel"),
+        "{body}"
+    );
+    let (status, body) = server
+        .json(upload(
+            "q",
+            "?nimg=4000000&sigma_rel=0.05&check_finite=true",
+            snapshot(1, 4_000_000, 0.05),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    // A file without metadata takes both from the headers; the query and a header that
+    // disagree are refused.
+    let mut request = upload("q2", "", snapshot_of(&[2.0], &[]));
     request
         .headers_mut()
         .insert("x-hindsight-nimg", "777".parse().unwrap());
@@ -1088,11 +1114,17 @@ async fn uploads_take_time_and_width_from_query_headers_or_metadata() {
     let (status, body) = server.json(request).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     assert_eq!(body["nimg"], 777);
+    let mut request = upload("q2", "?nimg=778&gamma=16.97", snapshot_of(&[3.0], &[]));
+    request
+        .headers_mut()
+        .insert("x-hindsight-nimg", "779".parse().unwrap());
+    let (status, body) = server.json(request).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_input");
     // The same bytes again: 200, nothing new.
     let (status, body) = server
         .json(upload(
             "q",
-            "?nimg=123456&sigma_rel=0.08",
+            "?nimg=4000000&sigma_rel=0.05",
             snapshot(1, 4_000_000, 0.05),
         ))
         .await;
@@ -1133,7 +1165,7 @@ async fn real_http_download_cut_upload_and_graceful_shutdown() {
     // Download.
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let request = format!(
-        "GET {} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET {} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
         body["weights_url"].as_str().unwrap()
     );
     tcp.write_all(request.as_bytes()).await.unwrap();
@@ -1153,7 +1185,7 @@ async fn real_http_download_cut_upload_and_graceful_shutdown() {
     let blobs_before = server.data.store.list().unwrap().len();
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head = format!(
-        "POST /runs/r/snapshots HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        "POST /runs/r/snapshots HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n",
         bytes.len()
     );
     tcp.write_all(head.as_bytes()).await.unwrap();

@@ -88,11 +88,22 @@ pub fn rebuild_index(data_dir: &Path, args: RebuildIndexArgs) -> anyhow::Result<
     for r in &report.refused {
         println!("refused: {r}");
     }
+    if report.unreadable_journal_lines > 0 {
+        println!(
+            "warning: {} line(s) of store/journal.jsonl could not be read: the snapshots they \
+             recorded may be missing above (or sit in a recovered-N run)",
+            report.unreadable_journal_lines
+        );
+    }
     println!(
-        "{} other blob(s) (reconstructions, reference statistics, sweep data) are not indexed: \
-         `gc` will remove them; reconstructions are recomputed on request, reference \
-         statistics and sweeps must be made again",
+        "{} other blob(s) are not indexed: reconstructions, reference statistics, sweep data, \
+         and any snapshot neither the journal nor its own __metadata__ describes. They stay in \
+         the store, but `hindsight gc` deletes blobs the index does not know: copy out what you \
+         need first (their files are data/store/blobs/<ab>/<cd>/<digest>).",
         report.other_blobs
     );
+    for d in &report.other_digests {
+        println!("  not indexed: {d}");
+    }
     Ok(())
 }

@@ -43,6 +43,18 @@ pub struct ServeArgs {
     /// connections are closed.
     #[arg(long, default_value_t = 10.0)]
     shutdown_grace_secs: f64,
+    /// An upload must average at least this many bytes per second after its first
+    /// --upload-idle-secs (0: no minimum); slower ones are dropped (408).
+    #[arg(long, default_value_t = 8192)]
+    upload_min_bytes_per_sec: u64,
+    /// Most connections open at once (more wait to be accepted).
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
+    /// A name the `Host` header may carry besides localhost, 127.0.0.1 and [::1] when
+    /// serving a loopback address (requests naming other hosts are refused, against DNS
+    /// rebinding). Repeatable.
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    allowed_hosts: Vec<String>,
     /// How long POST /reconstruct waits before answering 202 with a status URL.
     #[arg(long, default_value_t = 60.0)]
     reconstruct_wait_secs: f64,
@@ -125,6 +137,10 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
         upload_idle_timeout: std::time::Duration::from_secs_f64(args.upload_idle_secs),
         header_read_timeout: std::time::Duration::from_secs_f64(args.header_read_timeout_secs),
         shutdown_grace: std::time::Duration::from_secs_f64(args.shutdown_grace_secs),
+        upload_min_bytes_per_sec: args.upload_min_bytes_per_sec,
+        max_connections: args.max_connections.max(1),
+        loopback_hosts_only: addr.ip().is_loopback(),
+        allowed_hosts: args.allowed_hosts.clone(),
         ..Default::default()
     };
     let shutdown = async {

@@ -45,7 +45,8 @@ pub struct RunSummary {
 }
 
 /// Run names appear in URLs and file names: 1 to 200 characters, not blank, no leading or
-/// trailing white space, no slashes, backslashes or control characters, and not `.` or `..`.
+/// trailing white space, no slashes, backslashes, control or invisible characters (zero-width
+/// spaces and the like) and no white space but plain spaces, and not `.` or `..`.
 pub fn check_run_name(name: &str) -> Result<()> {
     let bad = |reason: &str| Err(Error::invalid("run", format!("{name:?}: {reason}")));
     if name.is_empty() || name.chars().count() > 200 {
@@ -66,7 +67,26 @@ pub fn check_run_name(name: &str) -> Result<()> {
     {
         return bad("a run name may not contain slashes, backslashes or control characters");
     }
+    if name
+        .chars()
+        .any(|c| invisible(c) || (c.is_whitespace() && c != ' '))
+    {
+        return bad(
+            "a run name may not contain invisible characters (zero-width spaces, direction \
+             marks, byte-order marks) or white space other than plain spaces: two runs that \
+             look the same must be the same run",
+        );
+    }
     Ok(())
+}
+
+/// Characters that render as nothing (Unicode format characters and the usual fillers).
+fn invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+        | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'
+        | '\u{FFA0}' | '\u{E0000}'..='\u{E007F}')
 }
 
 const SELECT_RUN: &str = "SELECT id, name, description, metadata, created_at FROM runs";

@@ -30,9 +30,10 @@ use crate::format::{read_header, Header, TensorEntry};
 use crate::phema::{RealisedProfile, Width};
 use crate::store::{BlobStore, Digest};
 
-/// Where a file's training time and EMA width come from, in order of precedence: explicit
-/// values, the safetensors `__metadata__` (`nimg`, and `sigma_rel` or `gamma`), then an EDM2
-/// file name (`<prefix>-<kimg:07d>-<sigma:.3f>.safetensors`). Likewise the EMA's update rule
+/// Where a file's training time and EMA width come from: explicit values, the safetensors
+/// `__metadata__` (`nimg`, and `sigma_rel` or `gamma`), then an EDM2 file name
+/// (`<prefix>-<kimg:07d>-<sigma:.3f>.safetensors`). An explicit value and the metadata that
+/// disagree are refused (the same file cannot be two snapshots). Likewise the EMA's update rule
 /// when it is not EDM2's: explicit, else `__metadata__.profile` (JSON, see
 /// [`RealisedProfile`]), else EDM2's.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -116,6 +117,15 @@ fn resolve_time_and_width(
     };
     let from_name = parse_edm2_name(file_name);
     let nimg = match (hints.nimg, meta.get("nimg")) {
+        (Some(n), Some(v)) if v.trim().parse::<u64>().ok() != Some(n) => {
+            return Err(Error::invalid(
+                "nimg",
+                format!(
+                    "{n} was given, but the file's __metadata__ says nimg {v}: give the time \
+                     only one way, or the same"
+                ),
+            ))
+        }
         (Some(n), _) => Some(n),
         (None, Some(v)) => Some(v.trim().parse::<u64>().map_err(|_| {
             Error::invalid(
@@ -125,6 +135,26 @@ fn resolve_time_and_width(
         })?),
         (None, None) => from_name.map(|(n, _)| n),
     };
+    if let Some(given) = hints.width {
+        let said = match (parse("sigma_rel")?, parse("gamma")?) {
+            (Some(s), _) => Some(Width::SigmaRel(s)),
+            (None, Some(g)) => Some(Width::Gamma(g)),
+            (None, None) => None,
+        };
+        if let Some(said) = said {
+            let field = format!("{source}: __metadata__");
+            let (a, b) = (given.resolve("width")?.0, said.resolve(&field)?.0);
+            if !crate::db::same_width(a, b) {
+                return Err(Error::invalid(
+                    "sigma_rel",
+                    format!(
+                        "sigma_rel {a} was given, but the file's __metadata__ says sigma_rel \
+                         {b}: give the width only one way, or the same"
+                    ),
+                ));
+            }
+        }
+    }
     let width = match hints.width {
         Some(w) => Some(w),
         None => match (parse("sigma_rel")?, parse("gamma")?) {

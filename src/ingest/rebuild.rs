@@ -26,6 +26,11 @@ pub struct RebuildReport {
     pub other_blobs: usize,
     /// Blobs that looked like snapshots but were refused, one line each.
     pub refused: Vec<String>,
+    /// Journal lines that could not be read (damaged): the snapshots they recorded may be
+    /// missing from the rebuilt index, or in a `recovered-N` run.
+    pub unreadable_journal_lines: usize,
+    /// Digests of the blobs counted in `other_blobs`.
+    pub other_digests: Vec<String>,
 }
 
 /// Rebuilds the index of the data directory at `path` from the blobs in its store.
@@ -91,6 +96,7 @@ pub async fn rebuild_index(path: &Path, force: bool) -> Result<RebuildReport> {
     let mut journaled: Vec<JournalRecord> = Vec::new();
     for line in store.journal()? {
         let Ok(record) = serde_json::from_str::<JournalRecord>(&line) else {
+            report.unreadable_journal_lines += 1;
             continue;
         };
         match record.op.as_str() {
@@ -206,11 +212,13 @@ pub async fn rebuild_index(path: &Path, force: bool) -> Result<RebuildReport> {
         }
         report.runs.insert(name, n);
     }
-    report.other_blobs = found
+    report.other_digests = found
         .others
         .iter()
         .filter(|d| !covered.contains(*d))
-        .count();
+        .cloned()
+        .collect();
+    report.other_blobs = report.other_digests.len();
     tracing::warn!(
         runs = report.runs.len(),
         snapshots = report.runs.values().sum::<usize>(),

@@ -81,7 +81,7 @@ impl Cursor {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 Error::Corrupt {
                     expected: self.digest.to_hex(),
-                    actual: "(the blob is shorter than its header says)".into(),
+                    actual: "it is shorter than its header says".into(),
                 }
             } else {
                 Error::io(format!("reading blob {}", self.digest), e)
@@ -122,7 +122,9 @@ impl Cursor {
                     return Err(Error::Corrupt {
                         expected: self.digest.to_hex(),
                         actual: format!(
-                            "(content changed: checksum {actual}, recorded {expected})"
+                            "its content changed (checksum {actual} where {expected} was \
+                             recorded); `hindsight verify` lists it, and storing the same \
+                             snapshot again repairs it"
                         ),
                     });
                 }
@@ -132,7 +134,7 @@ impl Cursor {
                 if actual != self.digest {
                     return Err(Error::Corrupt {
                         expected: self.digest.to_hex(),
-                        actual: actual.to_hex(),
+                        actual: format!("its content hashes to {actual}"),
                     });
                 }
             }

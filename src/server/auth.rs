@@ -134,3 +134,108 @@ pub async fn require_token(
     }
     Ok(next.run(request).await)
 }
+
+/// Middleware against cross-site requests to a server with no tokens (or a browser holding
+/// one): refuses (403 `forbidden`) a request whose `Host` is not this server's when
+/// [`super::ServerConfig::loopback_hosts_only`] is on (DNS rebinding), and any request that
+/// changes state (not GET, HEAD or OPTIONS) sent by a web page of another origin (its
+/// `Origin` names another host than `Host`). Clients that are not browsers send no `Origin`
+/// and are unaffected; the web UI is same-origin.
+pub async fn same_origin(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> std::result::Result<Response, ApiError> {
+    let forbidden = |m: String| ApiError::new(StatusCode::FORBIDDEN, "forbidden", m);
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| request.uri().authority().map(|a| a.to_string()));
+    if state.config.loopback_hosts_only {
+        if let Some(host) = &host {
+            if !host_allowed(host, &state.config.allowed_hosts) {
+                return Err(forbidden(format!(
+                    "Host {host:?} is not this server's: a server on a loopback address \
+                     answers only localhost, 127.0.0.1 and [::1] (protection against DNS \
+                     rebinding); start it with --allowed-host {} to add that name",
+                    host_name(host)
+                )));
+            }
+        }
+    }
+    if !matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    ) {
+        if let Some(origin) = request.headers().get(header::ORIGIN) {
+            let origin = origin.to_str().unwrap_or("");
+            let authority = origin.split_once("://").map_or("", |(_, a)| a);
+            let same = host
+                .as_deref()
+                .is_some_and(|h| h.eq_ignore_ascii_case(authority));
+            if !same {
+                return Err(forbidden(format!(
+                    "a web page of another origin ({origin}) may not change this server's \
+                     data"
+                )));
+            }
+        }
+    }
+    Ok(next.run(request).await)
+}
+
+/// The name part of a `Host` value (without the port; IPv6 in brackets).
+fn host_name(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host
+            .split_once(']')
+            .map_or(host, |(a, _)| &host[..a.len() + 1]);
+    }
+    host.rsplit_once(':').map_or(host, |(name, _)| name)
+}
+
+/// Whether `Host` names this loopback server: `localhost`, `127.x.x.x`, `[::1]`, or one of
+/// `extra`, with any port.
+fn host_allowed(host: &str, extra: &[String]) -> bool {
+    let name = host_name(host).to_ascii_lowercase();
+    let name = name.trim_end_matches('.');
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name == "[::1]"
+        || name
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
+        || extra.iter().any(|e| e.eq_ignore_ascii_case(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_allowed;
+
+    #[test]
+    fn loopback_hosts_and_only_those() {
+        for ok in [
+            "localhost",
+            "localhost:8080",
+            "127.0.0.1:1",
+            "127.9.9.9",
+            "[::1]:80",
+            "LOCALHOST.",
+        ] {
+            assert!(host_allowed(ok, &[]), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:8080",
+            "127.0.0.1.evil.example",
+            "10.0.0.1",
+            "[::2]:80",
+            "",
+        ] {
+            assert!(!host_allowed(bad, &[]), "{bad}");
+        }
+        assert!(host_allowed("box.lan:8080", &["box.lan".to_owned()]));
+    }
+}

@@ -100,22 +100,29 @@ impl From<Error> for ApiError {
                 e.to_string(),
             ),
             Error::NotFound(m) => ApiError::not_found(m),
-            Error::Io { ref source, .. } if is_no_space(source) => {
-                tracing::error!(error = %e.chain_text(), "out of disk space");
-                ApiError::new(
-                    StatusCode::INSUFFICIENT_STORAGE,
-                    "insufficient_storage",
-                    "no space left on the server's disk: nothing was stored; free space (e.g. \
-                     `hindsight gc`) and try again",
-                )
-            }
             Error::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            Error::Io { ref source, .. } if crate::error::is_no_space(source) => no_space(&e),
+            Error::Database(sqlx::Error::Database(ref d)) if d.code().as_deref() == Some("13") => {
+                // SQLITE_FULL: the index could not grow.
+                no_space(&e)
+            }
             other => {
                 tracing::error!(error = %other.chain_text(), "internal error");
                 ApiError::internal_logged()
             }
         }
     }
+}
+
+/// 507 for a full disk (logged).
+fn no_space(e: &Error) -> ApiError {
+    tracing::error!(error = %e.chain_text(), "out of disk space");
+    ApiError::new(
+        StatusCode::INSUFFICIENT_STORAGE,
+        "insufficient_storage",
+        "no space left on the server's disk: nothing was stored; free space (e.g. `hindsight \
+         gc`) and try again",
+    )
 }
 
 impl IntoResponse for ApiError {
@@ -139,19 +146,6 @@ impl IntoResponse for ApiError {
         }
         response
     }
-}
-
-/// Whether an I/O error means the disk (or a file-size limit) is full: ENOSPC, EDQUOT or
-/// EFBIG.
-pub fn is_no_space(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::StorageFull
-            | std::io::ErrorKind::QuotaExceeded
-            | std::io::ErrorKind::FileTooLarge
-    ) || e
-        .raw_os_error()
-        .is_some_and(|c| c == libc::ENOSPC || c == libc::EFBIG || c == libc::EDQUOT)
 }
 
 /// Result of a handler.

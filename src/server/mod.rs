@@ -39,6 +39,7 @@ mod auth;
 mod blobs;
 mod error;
 mod jobs;
+mod limits;
 mod meta;
 mod openapi;
 mod reconstruct;
@@ -62,7 +63,12 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route(
             "/reconstruct",
-            post(reconstruct::post_reconstruct).layer(DefaultBodyLimit::max(json_limit)),
+            post(reconstruct::post_reconstruct)
+                .route_layer(axum::middleware::from_fn_with_state(
+                    (state.clone(), json_limit),
+                    limits::body_deadline,
+                ))
+                .layer(DefaultBodyLimit::max(json_limit)),
         )
         .route(
             "/reconstructions/{id}",
@@ -89,6 +95,10 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/sweeps",
             post(sweeps::post_sweep)
+                .route_layer(axum::middleware::from_fn_with_state(
+                    (state.clone(), json_limit),
+                    limits::body_deadline,
+                ))
                 .get(sweeps::list_sweeps)
                 .layer(DefaultBodyLimit::max(json_limit)),
         )
@@ -106,6 +116,10 @@ pub fn app(state: AppState) -> Router {
             "/references",
             get(sweeps::list_references)
                 .post(sweeps::post_reference)
+                .route_layer(axum::middleware::from_fn_with_state(
+                    (state.clone(), REFERENCE_UPLOAD_LIMIT),
+                    limits::body_deadline,
+                ))
                 .layer(DefaultBodyLimit::max(REFERENCE_UPLOAD_LIMIT)),
         )
         .route("/references/{key}", get(sweeps::get_reference))
@@ -123,6 +137,10 @@ pub fn app(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::same_origin,
         ))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
@@ -146,6 +164,7 @@ pub async fn serve(
     use tower::ServiceExt;
 
     let header_timeout = state.config.header_read_timeout;
+    let max_connections = state.config.max_connections;
     let grace = state.config.shutdown_grace;
     let router = app(state);
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -156,8 +175,14 @@ pub async fn serve(
     builder.http2().timer(TokioTimer::new());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
+    // At most `max_connections` open: beyond that, connections wait in the listen queue.
+    let open = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        let slot = tokio::select! {
+            permit = open.clone().acquire_owned() => permit.expect("never closed"),
+            () = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -188,6 +213,7 @@ pub async fn serve(
             if let Err(e) = connection.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
+            drop(slot);
         });
         while connections.try_join_next().is_some() {}
     }

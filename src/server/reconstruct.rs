@@ -146,6 +146,7 @@ async fn listed(state: &AppState, id: &str) -> ApiResult<Option<ReconstructionRo
         (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "No such run", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 507, description = "The server's disk is full; nothing was stored", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 pub(super) async fn post_reconstruct(

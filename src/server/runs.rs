@@ -129,18 +129,30 @@ impl UploadParams {
 
     /// Time and width from the query, else from the `X-Hindsight-*` headers.
     fn hints(&self, headers: &HeaderMap) -> ApiResult<Hints> {
-        let nimg = match self.nimg {
-            Some(n) => Some(n),
-            None => header_number::<u64>(headers, "x-hindsight-nimg")?,
-        };
-        let sigma_rel = match self.sigma_rel {
-            Some(s) => Some(s),
-            None => header_number::<f64>(headers, "x-hindsight-sigma-rel")?,
-        };
-        let gamma = match self.gamma {
-            Some(g) => Some(g),
-            None => header_number::<f64>(headers, "x-hindsight-gamma")?,
-        };
+        /// The query's value, else the header's; both given must agree.
+        fn one<T: std::str::FromStr + PartialEq + std::fmt::Display + Copy>(
+            query: Option<T>,
+            headers: &HeaderMap,
+            name: &str,
+            field: &str,
+        ) -> ApiResult<Option<T>> {
+            let header = header_number::<T>(headers, name)?;
+            match (query, header) {
+                (Some(q), Some(h)) if q != h => Err(ApiError::invalid(format!(
+                    "{field}: the query says {q}, header {name} says {h}; give it once"
+                ))),
+                (Some(q), _) => Ok(Some(q)),
+                (None, h) => Ok(h),
+            }
+        }
+        let nimg = one(self.nimg, headers, "x-hindsight-nimg", "nimg")?;
+        let sigma_rel = one(
+            self.sigma_rel,
+            headers,
+            "x-hindsight-sigma-rel",
+            "sigma_rel",
+        )?;
+        let gamma = one(self.gamma, headers, "x-hindsight-gamma", "gamma")?;
         let width = match (sigma_rel, gamma) {
             (Some(s), None) => Some(Width::SigmaRel(s)),
             (None, Some(g)) => Some(Width::Gamma(g)),
@@ -201,6 +213,10 @@ fn upload_length(headers: &HeaderMap, limit: u64) -> ApiResult<u64> {
         (status = 409, description = "A different snapshot is stored at this time and width", body = ErrorBody),
         (status = 411, description = "No Content-Length", body = ErrorBody),
         (status = 413, description = "Larger than the server's upload limit", body = ErrorBody),
+        (status = 408, description = "The upload stalled (nothing sent for the idle timeout); nothing was stored", body = ErrorBody),
+        (status = 429, description = "This client has as many uploads in progress as it may (Retry-After)", body = ErrorBody),
+        (status = 503, description = "No upload slot became free in time (Retry-After)", body = ErrorBody),
+        (status = 507, description = "The server's disk is full; nothing was stored", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 pub(super) async fn upload_snapshot(
@@ -246,6 +262,7 @@ pub(super) async fn upload_snapshot(
     let stream = idle_limited(
         request.into_body().into_data_stream(),
         state.config.upload_idle_timeout,
+        state.config.upload_min_bytes_per_sec,
         stalled.clone(),
     );
     let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
@@ -276,8 +293,10 @@ pub(super) async fn upload_snapshot(
             StatusCode::REQUEST_TIMEOUT,
             "request_timeout",
             format!(
-                "the upload sent nothing for {} s and was dropped; nothing was stored",
-                state.config.upload_idle_timeout.as_secs()
+                "the upload stalled (nothing for {} s, or under {} bytes/s on average) and was \
+                 dropped; nothing was stored",
+                state.config.upload_idle_timeout.as_secs(),
+                state.config.upload_min_bytes_per_sec
             ),
         ));
     }
@@ -337,35 +356,53 @@ impl Drop for ClientUpload {
     }
 }
 
-/// The body's chunks, as `std::io` results for ingest: a transport error is [`CutShort`],
-/// and no chunk within `idle` ends the stream with one too (setting `stalled`).
+/// The body's chunks, as `std::io` results for ingest: a transport error is [`CutShort`];
+/// no chunk within `idle`, or less than `min_rate` bytes per second on average once the
+/// first `idle` has passed, ends the stream with one too (setting `stalled`).
 fn idle_limited(
     body: axum::body::BodyDataStream,
     idle: std::time::Duration,
+    min_rate: u64,
     stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> impl futures_util::Stream<Item = std::io::Result<axum::body::Bytes>> + Send + Unpin {
     use futures_util::StreamExt;
-    Box::pin(futures_util::stream::unfold(Some(body), move |body| {
-        let stalled = stalled.clone();
-        async move {
-            let mut body = body?;
-            match tokio::time::timeout(idle, body.next()).await {
-                Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(body))),
-                Ok(Some(Err(e))) => Some((Err(CutShort::io_error(e)), None)),
-                Ok(None) => None,
-                Err(_) => {
-                    stalled.store(true, std::sync::atomic::Ordering::Relaxed);
-                    Some((
-                        Err(CutShort::io_error(format!(
-                            "no data for {} s",
-                            idle.as_secs_f64()
-                        ))),
-                        None,
-                    ))
+    let start = tokio::time::Instant::now();
+    let stall = move |stalled: &std::sync::atomic::AtomicBool, why: String| {
+        stalled.store(true, std::sync::atomic::Ordering::Relaxed);
+        Some((Err(CutShort::io_error(why)), None))
+    };
+    Box::pin(futures_util::stream::unfold(
+        Some((body, 0u64)),
+        move |state| {
+            let stalled = stalled.clone();
+            async move {
+                let (mut body, received) = state?;
+                match tokio::time::timeout(idle, body.next()).await {
+                    Ok(Some(Ok(chunk))) => {
+                        let received = received + chunk.len() as u64;
+                        let elapsed = start.elapsed();
+                        if min_rate > 0 && elapsed > idle {
+                            let owed = min_rate as f64 * (elapsed - idle).as_secs_f64();
+                            if (received as f64) < owed {
+                                return stall(
+                                    &stalled,
+                                    format!(
+                                        "{received} bytes in {:.0} s is below the minimum rate \
+                                         of {min_rate} bytes/s",
+                                        elapsed.as_secs_f64()
+                                    ),
+                                );
+                            }
+                        }
+                        Some((Ok(chunk), Some((body, received))))
+                    }
+                    Ok(Some(Err(e))) => Some((Err(CutShort::io_error(e)), None)),
+                    Ok(None) => None,
+                    Err(_) => stall(&stalled, format!("no data for {} s", idle.as_secs_f64())),
                 }
             }
-        }
-    }))
+        },
+    ))
 }
 
 /// Delete one snapshot (by the `id` its listing gives). The row goes, and its file leaves

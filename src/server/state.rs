@@ -48,6 +48,19 @@ pub struct ServerConfig {
     /// After a shutdown signal, how long requests in flight may take to finish before
     /// their connections are closed.
     pub shutdown_grace: Duration,
+    /// An upload must average at least this many bytes per second once its first
+    /// `upload_idle_timeout` has passed (0: no minimum): a client that trickles a byte at a
+    /// time cannot hold a slot for ever.
+    pub upload_min_bytes_per_sec: u64,
+    /// Most connections open at once; the server stops accepting until one closes.
+    pub max_connections: usize,
+    /// Answer only requests whose `Host` is a loopback name (`localhost`, `127.x.x.x`,
+    /// `[::1]`, any port) or one of `allowed_hosts`: a server on loopback is then out of
+    /// reach of DNS rebinding (a web page whose name resolves to 127.0.0.1). `serve` turns it
+    /// on when it binds a loopback address.
+    pub loopback_hosts_only: bool,
+    /// More names `Host` may carry when `loopback_hosts_only` is on.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +80,10 @@ impl Default for ServerConfig {
             upload_queue_wait: Duration::from_secs(30),
             max_uploads_per_client: 2,
             shutdown_grace: Duration::from_secs(10),
+            upload_min_bytes_per_sec: 8 << 10,
+            max_connections: 4096,
+            loopback_hosts_only: true,
+            allowed_hosts: Vec::new(),
         }
     }
 }

@@ -761,7 +761,7 @@ impl<R: Read> Read for VerifiedReader<R> {
                     io::ErrorKind::InvalidData,
                     Error::Corrupt {
                         expected: self.expected.to_hex(),
-                        actual: actual.to_hex(),
+                        actual: format!("its content hashes to {actual}"),
                     },
                 ));
             }
