@@ -734,9 +734,62 @@ fn boundary_values_and_refused_uploads_leave_no_file_and_gc_finds_strays() {
         );
         assert!(!text.contains("CHECK"), "{text}");
     }
+    assert_eq!(server.request("GET", "/runs/r", &[], b"").status, 404);
+    // A name EDM2's way that disagrees with the metadata; duplicate headers; run names
+    // with invisible characters or not in NFC.
+    let meta = snapshot(1000, 1, &[("nimg", "1000000"), ("sigma_rel", "0.05")]);
+    let r = server.request(
+        "POST",
+        "/runs/r/snapshots?filename=x-0000007-0.100.safetensors",
+        &[],
+        &meta,
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("filename"));
+    let r = server.request(
+        "POST",
+        "/runs/r/snapshots?filename=x-0001000-0.050.safetensors",
+        &[],
+        &meta,
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let r = server.request(
+        "POST",
+        "/runs/r/snapshots",
+        &[
+            ("X-Hindsight-Nimg", "2000"),
+            ("X-Hindsight-Nimg", "3000"),
+            ("X-Hindsight-Sigma-Rel", "0.05"),
+        ],
+        &good,
+    );
+    assert_eq!(r.status, 400);
+    for name in ["r%E2%80%8B", "%EF%BB%BFr", "r%E2%A0%80", "cafe%CC%81"] {
+        let r = server.request(
+            "POST",
+            &format!("/runs/{name}/snapshots?nimg=5&sigma_rel=0.05"),
+            &[],
+            &good,
+        );
+        assert_eq!(
+            r.status,
+            400,
+            "{name}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    let r = server.request("GET", "/runs/r/snapshots", &[], b"");
+    let listed: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    let r = server.request(
+        "DELETE",
+        &format!("/runs/r/snapshots/{}", listed[0]["id"]),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200);
     assert_eq!(blob_files(&data), 0, "a refused upload left a blob file");
     assert!(staging_files(&data).is_empty());
-    assert_eq!(server.request("GET", "/runs/r", &[], b"").status, 404);
     drop(server);
     // A blob file without an index row (a writer killed between publishing and recording,
     // by an older version) is found and removed by gc.
@@ -957,6 +1010,39 @@ fn a_damaged_index_stops_every_command_before_it_hides_data() {
         .file_name()
         .to_string_lossy()
         .starts_with("index.sqlite.damaged-")));
+    // A journal line that names a run this version refuses does not stop the rebuild; the
+    // rest is recovered and the line reported.
+    let journal = data.join("store/journal.jsonl");
+    let mut text = std::fs::read_to_string(&journal).unwrap();
+    let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let mut bad = first.clone();
+    bad["run"] = Value::from("in\u{200b}visible");
+    text.push_str(&format!("{bad}\n{{not json\n"));
+    std::fs::write(&journal, text).unwrap();
+    std::fs::write(&index, b"").unwrap();
+    let printed = hindsight_ok(&data, &["rebuild-index"]);
+    assert!(printed.contains("run \"r\": 4 snapshot(s)"), "{printed}");
+    assert!(printed.contains("refused: run"), "{printed}");
+    assert!(
+        printed.contains("1 line(s) of store/journal.jsonl could not be read"),
+        "{printed}"
+    );
+    // A rebuild that did not finish keeps every command out, and one beside a running
+    // server is refused.
+    std::fs::write(data.join("index.sqlite.rebuilding"), b"").unwrap();
+    let out = hindsight(&data, &["runs"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("did not finish"));
+    std::fs::remove_file(data.join("index.sqlite.rebuilding")).unwrap();
+    let server = Server::start(&data, &[]);
+    let out = hindsight(&data, &["rebuild-index", "--force"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("has"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(server);
+    hindsight_ok(&data, &["verify"]);
 }
 
 #[test]

@@ -11,6 +11,13 @@ pub const INDEX_FILE: &str = "index.sqlite";
 /// Directory of the blob store inside the data directory.
 pub const STORE_DIR: &str = "store";
 
+/// Marker of an index rebuild in progress (or one that failed): while it exists, the data
+/// directory does not open.
+pub const REBUILD_MARKER: &str = "index.sqlite.rebuilding";
+/// The lock file: every process that opens the data directory holds a shared lock on it;
+/// `rebuild-index` needs it exclusively.
+pub const LOCK_FILE: &str = "lock";
+
 /// The index and the store of one data directory.
 #[derive(Clone, Debug)]
 pub struct DataDir {
@@ -20,6 +27,42 @@ pub struct DataDir {
     pub db: Db,
     /// The blob store.
     pub store: BlobStore,
+    /// The shared lock on [`LOCK_FILE`], held while any clone lives.
+    _lock: std::sync::Arc<std::fs::File>,
+}
+
+/// Takes the data directory's lock, shared (every user) or exclusive (`rebuild-index`).
+pub fn lock_data_dir(path: &Path, exclusive: bool) -> Result<std::fs::File> {
+    let lock_path = path.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::io(format!("opening {}", lock_path.display()), e))?;
+    let taken = if exclusive {
+        file.try_lock()
+    } else {
+        file.try_lock_shared()
+    };
+    match taken {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Conflict(if exclusive {
+            format!(
+                "another hindsight process (a server, a worker, a command) has {} open; stop \
+                 it first",
+                path.display()
+            )
+        } else {
+            format!(
+                "{} is being rebuilt by `hindsight rebuild-index`; wait for it to finish",
+                path.display()
+            )
+        })),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(Error::io(format!("locking {}", lock_path.display()), e))
+        }
+    }
 }
 
 impl DataDir {
@@ -41,7 +84,19 @@ impl DataDir {
     pub async fn open_without_recovery(path: &Path) -> Result<Self> {
         std::fs::create_dir_all(path)
             .map_err(|e| Error::io(format!("creating data directory {}", path.display()), e))?;
+        let lock = lock_data_dir(path, false)?;
+        Self::open_locked(path, lock).await
+    }
+
+    /// Opens the data directory with `lock` already held (shared or exclusive).
+    pub async fn open_locked(path: &Path, lock: std::fs::File) -> Result<Self> {
         let index = path.join(INDEX_FILE);
+        if path.join(REBUILD_MARKER).exists() {
+            return Err(Error::IndexDamaged {
+                path: index.display().to_string(),
+                reason: "a rebuild of it did not finish".into(),
+            });
+        }
         let blobs = store_blob_count(&path.join(STORE_DIR), 1);
         if blobs > 0 && index_is_empty(&index) {
             return Err(Error::IndexDamaged {
@@ -67,6 +122,7 @@ impl DataDir {
             path: path.to_owned(),
             db,
             store,
+            _lock: std::sync::Arc::new(lock),
         })
     }
 
@@ -129,6 +185,18 @@ fn damaged_index(path: &Path, e: Error) -> Error {
 }
 
 impl DataDir {
+    /// A data directory from parts already opened, with its lock held (for
+    /// `rebuild-index`, which builds a new index while the rebuild marker keeps everyone
+    /// else out).
+    pub(crate) fn assemble(path: &Path, db: Db, store: BlobStore, lock: std::fs::File) -> Self {
+        Self {
+            path: path.to_owned(),
+            db,
+            store,
+            _lock: std::sync::Arc::new(lock),
+        }
+    }
+
     /// Stores `bytes` as a blob and claims it (`pending`): the transaction that records the
     /// row referring to it marks it valid. Returns its digest (hex). `what` names the content
     /// in errors.

@@ -7,6 +7,6 @@ mod maintain;
 mod recovery;
 pub mod references;
 
-pub use data_dir::{DataDir, INDEX_FILE, STORE_DIR};
+pub use data_dir::{lock_data_dir, DataDir, INDEX_FILE, LOCK_FILE, REBUILD_MARKER, STORE_DIR};
 pub use maintain::{delete_snapshot, gc, verify, GcReport, VerifyReport};
 pub use recovery::{recover, RecoveryReport, CLAIM_GRACE};

@@ -58,6 +58,12 @@ pub fn check_run_name(name: &str) -> Result<()> {
     if name.trim() != name {
         return bad("a run name may not begin or end with white space");
     }
+    if !unicode_normalization::is_nfc(name) {
+        return bad(
+            "a run name must be in Unicode NFC (composed characters, as most keyboards type \
+             them), so that two names that look the same are the same run",
+        );
+    }
     if name == "." || name == ".." {
         return bad("not a usable run name");
     }
@@ -86,7 +92,10 @@ fn invisible(c: char) -> bool {
         '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
         | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
         | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'
-        | '\u{FFA0}' | '\u{E0000}'..='\u{E007F}')
+        | '\u{FFA0}' | '\u{E0000}'..='\u{E007F}'
+        | '\u{E0100}'..='\u{E01EF}' | '\u{2800}' | '\u{FFF9}'..='\u{FFFB}'
+        | '\u{1D173}'..='\u{1D17A}' | '\u{1BCA0}'..='\u{1BCA3}' | '\u{FDD0}'..='\u{FDEF}'
+        | '\u{E000}'..='\u{F8FF}' | '\u{F0000}'..='\u{10FFFF}')
 }
 
 const SELECT_RUN: &str = "SELECT id, name, description, metadata, created_at FROM runs";

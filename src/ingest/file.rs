@@ -146,7 +146,11 @@ fn resolve_time_and_width(
             let (a, b) = (given.resolve("width")?.0, said.resolve(&field)?.0);
             if !crate::db::same_width(a, b) {
                 return Err(Error::invalid(
-                    "sigma_rel",
+                    if matches!(given, Width::Gamma(_)) {
+                        "gamma"
+                    } else {
+                        "sigma_rel"
+                    },
                     format!(
                         "sigma_rel {a} was given, but the file's __metadata__ says sigma_rel \
                          {b}: give the width only one way, or the same"
@@ -183,6 +187,22 @@ fn resolve_time_and_width(
     match (nimg, width) {
         (Some(n), Some(w)) => {
             crate::phema::check_nimg(n, &format!("{source}: nimg"))?;
+            // An EDM2 file name that says otherwise (to its own precision: whole kimg,
+            // σ_rel to 3 decimals) means the file is not what its name claims.
+            if let Some((name_nimg, name_sigma)) = from_name {
+                let sigma = w.resolve(&format!("{source}: sigma_rel"))?.0;
+                let kimg_off = (n as f64 / 1000.0 - name_nimg as f64 / 1000.0).abs() >= 1.0;
+                if kimg_off || (sigma - name_sigma).abs() > 0.0005 + 1e-12 {
+                    return Err(Error::invalid(
+                        "filename",
+                        format!(
+                            "{file_name:?} says nimg {name_nimg} and sigma_rel {name_sigma}, \
+                             but the snapshot is at nimg {n} and sigma_rel {sigma}: rename the \
+                             file or give the time and width only one way"
+                        ),
+                    ));
+                }
+            }
             Ok((n, w))
         }
         _ => Err(Error::invalid(

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::file::{ingest_file, Hints, IngestOptions};
-use crate::app::{DataDir, INDEX_FILE, STORE_DIR};
+use crate::app::{DataDir, INDEX_FILE, REBUILD_MARKER, STORE_DIR};
 use crate::db::Db;
+use crate::db::Run;
 use crate::error::{blocking, Error, Result};
 use crate::format::read_header;
 use crate::store::BlobStore;
@@ -50,8 +51,14 @@ pub struct RebuildReport {
 ///
 /// Errors: the index is healthy (nothing to rebuild: `force` rebuilds anyway), or I/O.
 pub async fn rebuild_index(path: &Path, force: bool) -> Result<RebuildReport> {
+    // Nobody else may have the directory open (a server would keep writing into the index
+    // that is moved aside).
+    let lock = crate::app::lock_data_dir(path, true)?;
     if !force {
-        match DataDir::open_without_recovery(path).await {
+        let probe = lock
+            .try_clone()
+            .map_err(|e| Error::io("locking the data directory", e))?;
+        match DataDir::open_locked(path, probe).await {
             Ok(_) => {
                 return Err(Error::invalid(
                     "index",
@@ -66,9 +73,15 @@ pub async fn rebuild_index(path: &Path, force: bool) -> Result<RebuildReport> {
             Err(e) => return Err(e),
         }
     }
+    // Until the rebuild ends, the marker keeps every command out: a rebuild that fails half
+    // way must not leave an index that looks healthy (gc would delete what it lacks).
+    let marker = path.join(REBUILD_MARKER);
+    std::fs::write(&marker, b"hindsight rebuild-index in progress\n")
+        .and_then(|()| std::fs::File::open(path)?.sync_all())
+        .map_err(|e| Error::io(format!("writing {}", marker.display()), e))?;
     let index = path.join(INDEX_FILE);
     let mut report = RebuildReport::default();
-    if index.exists() {
+    if index.exists() || index.with_extension("sqlite-wal").exists() {
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -84,10 +97,50 @@ pub async fn rebuild_index(path: &Path, force: bool) -> Result<RebuildReport> {
         }
         report.moved_aside = Some(aside);
     }
-    // A fresh index first, so that the data directory opens beside its store.
-    Db::open(&index).await?;
-    let data = DataDir::open_without_recovery(path).await?;
+    let db = Db::open(&index).await?;
     let store = BlobStore::open(path.join(STORE_DIR))?;
+    let data = DataDir::assemble(path, db, store.clone(), lock);
+    rebuild_into(&data, &store, &mut report).await?;
+    std::fs::remove_file(&marker)
+        .and_then(|()| std::fs::File::open(path)?.sync_all())
+        .map_err(|e| Error::io(format!("removing {}", marker.display()), e))?;
+    tracing::warn!(
+        runs = report.runs.len(),
+        snapshots = report.runs.values().sum::<usize>(),
+        other_blobs = report.other_blobs,
+        "rebuilt the index of {}",
+        path.display()
+    );
+    Ok(report)
+}
+
+/// The run named `name` in the new index, created if missing; `None` (with the reason in
+/// `report.refused`) when the name is not usable any more.
+async fn run_for(data: &DataDir, name: &str, report: &mut RebuildReport) -> Result<Option<Run>> {
+    if let Some(run) = data.db.run(name).await? {
+        return Ok(Some(run));
+    }
+    match data
+        .db
+        .create_run(
+            name,
+            "recovered by hindsight rebuild-index",
+            &serde_json::json!({}),
+        )
+        .await
+    {
+        Ok(run) => Ok(Some(run)),
+        Err(e @ (Error::InvalidInput { .. } | Error::Conflict(_))) => {
+            report
+                .refused
+                .push(format!("run {name:?}: {}", e.chain_text()));
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn rebuild_into(data: &DataDir, store: &BlobStore, report: &mut RebuildReport) -> Result<()> {
     let found = {
         let store = store.clone();
         blocking("reading the store's headers", move || classify(&store)).await?
@@ -122,17 +175,8 @@ pub async fn rebuild_index(path: &Path, force: bool) -> Result<RebuildReport> {
             ));
             continue;
         }
-        let run = match data.db.run(&record.run).await? {
-            Some(run) => run,
-            None => {
-                data.db
-                    .create_run(
-                        &record.run,
-                        "recovered by hindsight rebuild-index",
-                        &serde_json::json!({}),
-                    )
-                    .await?
-            }
+        let Some(run) = run_for(data, &record.run, report).await? else {
+            continue;
         };
         let profile = match &record.profile {
             Some(p) if !p.is_null() => serde_json::from_value(p.clone()).ok(),
@@ -154,9 +198,10 @@ pub async fn rebuild_index(path: &Path, force: bool) -> Result<RebuildReport> {
         )
         .await
         {
-            Ok(_) => {
+            Ok(done) => {
                 covered.insert(record.digest.clone());
-                *report.runs.entry(record.run.clone()).or_default() += 1;
+                // A snapshot journaled twice (a re-import, an earlier rebuild) counts once.
+                *report.runs.entry(record.run.clone()).or_default() += usize::from(done.inserted);
             }
             Err(e) => report.refused.push(e.chain_text()),
         }
@@ -185,14 +230,9 @@ pub async fn rebuild_index(path: &Path, force: bool) -> Result<RebuildReport> {
                 format!("recovered-{numbered}")
             }
         };
-        let run = data
-            .db
-            .create_run(
-                &name,
-                "recovered by hindsight rebuild-index",
-                &serde_json::json!({}),
-            )
-            .await?;
+        let Some(run) = run_for(data, &name, report).await? else {
+            continue;
+        };
         let mut n = 0;
         for file in files {
             match ingest_file(
@@ -206,27 +246,36 @@ pub async fn rebuild_index(path: &Path, force: bool) -> Result<RebuildReport> {
             )
             .await
             {
-                Ok(_) => n += 1,
+                Ok(done) => n += usize::from(done.inserted),
                 Err(e) => report.refused.push(e.chain_text()),
             }
         }
         report.runs.insert(name, n);
     }
-    report.other_digests = found
-        .others
-        .iter()
-        .filter(|d| !covered.contains(*d))
-        .cloned()
+    // Runs that got nothing (every snapshot refused) are not kept.
+    for run in data.db.runs().await? {
+        if run.snapshots == 0 {
+            if let Some(r) = data.db.run(&run.name).await? {
+                data.db.delete_run_if_empty(r.id).await?;
+            }
+            report.runs.remove(&run.name);
+        }
+    }
+    // What the new index does not know, which `gc` would delete: every blob no snapshot uses.
+    let mut known = std::collections::HashSet::new();
+    for run in data.db.runs().await? {
+        if let Some(r) = data.db.run(&run.name).await? {
+            known.extend(data.db.snapshots(r.id).await?.into_iter().map(|s| s.digest));
+        }
+    }
+    report.other_digests = store
+        .list()?
+        .into_iter()
+        .map(|d| d.to_hex())
+        .filter(|d| !known.contains(d))
         .collect();
     report.other_blobs = report.other_digests.len();
-    tracing::warn!(
-        runs = report.runs.len(),
-        snapshots = report.runs.values().sum::<usize>(),
-        other_blobs = report.other_blobs,
-        "rebuilt the index of {}",
-        path.display()
-    );
-    Ok(report)
+    Ok(())
 }
 
 /// One line of the store's journal.

@@ -147,12 +147,23 @@ pub async fn same_origin(
     next: Next,
 ) -> std::result::Result<Response, ApiError> {
     let forbidden = |m: String| ApiError::new(StatusCode::FORBIDDEN, "forbidden", m);
+    if request.headers().get_all(header::HOST).iter().count() > 1
+        || request.headers().get_all(header::ORIGIN).iter().count() > 1
+    {
+        return Err(ApiError::invalid("Host and Origin may each be given once"));
+    }
+    // An absolute-form target's authority wins over Host (RFC 9112 §3.2.2).
     let host = request
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| request.uri().authority().map(|a| a.to_string()));
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            request
+                .headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        });
     if state.config.loopback_hosts_only {
         if let Some(host) = &host {
             if !host_allowed(host, &state.config.allowed_hosts) {
@@ -193,12 +204,18 @@ fn host_name(host: &str) -> &str {
             .split_once(']')
             .map_or(host, |(a, _)| &host[..a.len() + 1]);
     }
-    host.rsplit_once(':').map_or(host, |(name, _)| name)
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
 }
 
 /// Whether `Host` names this loopback server: `localhost`, `127.x.x.x`, `[::1]`, or one of
 /// `extra`, with any port.
 fn host_allowed(host: &str, extra: &[String]) -> bool {
+    if host.contains(['@', ',', ' ', '/']) {
+        return false;
+    }
     let name = host_name(host).to_ascii_lowercase();
     let name = name.trim_end_matches('.');
     name == "localhost"
@@ -232,6 +249,8 @@ mod tests {
             "127.0.0.1.evil.example",
             "10.0.0.1",
             "[::2]:80",
+            "localhost:80, evil.example",
+            "localhost:x",
             "",
         ] {
             assert!(!host_allowed(bad, &[]), "{bad}");

@@ -105,6 +105,11 @@ pub struct UploadParams {
 }
 
 fn header_number<T: std::str::FromStr>(headers: &HeaderMap, name: &str) -> ApiResult<Option<T>> {
+    if headers.get_all(name).iter().count() > 1 {
+        return Err(ApiError::invalid(format!(
+            "header {name}: given more than once; give it once"
+        )));
+    }
     match headers.get(name) {
         None => Ok(None),
         Some(v) => v
