@@ -115,10 +115,11 @@ fn parse<'a>(bytes: &'a [u8], source: &str) -> Result<(Vec<usize>, usize, &'a [u
         return Err(bad("Fortran-order arrays are not read"));
     }
     let shape_text = field("shape").ok_or_else(|| bad("no shape"))?;
-    let close = shape_text
-        .find(')')
-        .ok_or_else(|| bad("unterminated shape"))?;
-    let shape: Vec<usize> = shape_text[1..close]
+    let inner = shape_text
+        .strip_prefix('(')
+        .ok_or_else(|| bad("the shape is not a tuple"))?;
+    let close = inner.find(')').ok_or_else(|| bad("unterminated shape"))?;
+    let shape: Vec<usize> = inner[..close]
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
@@ -141,6 +142,18 @@ fn parse<'a>(bytes: &'a [u8], source: &str) -> Result<(Vec<usize>, usize, &'a [u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by `tests/fuzz.rs`: a shape that does not start with `(` (here `)(3, 3)`)
+    /// sliced the header out of order and panicked.
+    #[test]
+    fn a_shape_that_is_not_a_tuple_is_an_error() {
+        let header = "{'descr': '<f8', 'fortran_order': False, 'shape': )(3, 3), }";
+        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(header.as_bytes());
+        let err = read_f64(&bytes, "x").unwrap_err().to_string();
+        assert!(err.contains("not a tuple"), "{err}");
+    }
 
     #[test]
     fn round_trip_and_header_alignment() {
