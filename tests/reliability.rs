@@ -267,6 +267,12 @@ fn reconstruct_007(data: &Path, out: &Path) -> String {
     )
 }
 
+/// `hindsight import` of `dir/snaps` into run `r`.
+fn import_snaps(data: &Path, dir: &Path) {
+    let snaps = dir.join("snaps");
+    hindsight_ok(data, &["import", snaps.to_str().unwrap(), "--run", "r"]);
+}
+
 fn hindsight(data: &Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_hindsight"))
         .arg("--data-dir")
@@ -281,15 +287,7 @@ fn damaged_reconstructions_are_never_served_cached_or_linked() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     snapshot_dir(&dir.path().join("snaps"), 5, 200_000);
-    hindsight_ok(
-        &data,
-        &[
-            "import",
-            dir.path().join("snaps").to_str().unwrap(),
-            "--run",
-            "r",
-        ],
-    );
+    import_snaps(&data, dir.path());
     let server = Server::start(&data, &[]);
     let (status, made) = server.json("POST", "/reconstruct", r#"{"run": "r", "sigma_rel": 0.07}"#);
     assert_eq!(status, 200, "{made}");
@@ -924,15 +922,7 @@ fn a_damaged_index_stops_every_command_before_it_hides_data() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     snapshot_dir(&dir.path().join("snaps"), 2, 1000);
-    hindsight_ok(
-        &data,
-        &[
-            "import",
-            dir.path().join("snaps").to_str().unwrap(),
-            "--run",
-            "r",
-        ],
-    );
+    import_snaps(&data, dir.path());
     let index = data.join("index.sqlite");
     let blobs = blob_files(&data);
     for (what, damage_it) in [
@@ -1050,15 +1040,7 @@ fn a_full_disk_gives_a_clear_error_and_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     snapshot_dir(&dir.path().join("snaps"), 3, 300_000);
-    hindsight_ok(
-        &data,
-        &[
-            "import",
-            dir.path().join("snaps").to_str().unwrap(),
-            "--run",
-            "r",
-        ],
-    );
+    import_snaps(&data, dir.path());
     let before = hindsight_ok(&data, &["snapshots", "r", "--json"]);
     // Files of the server may grow to 512 KiB (RLIMIT_FSIZE; a tmpfs needs mount rights):
     // a 1.2 MB snapshot or reconstruction does not fit, the index does.

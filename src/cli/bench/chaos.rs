@@ -212,28 +212,28 @@ fn sigkill(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Starts `hindsight serve` on a free port; returns it and its address.
-fn start_server(exe: &Path, data: &Path) -> anyhow::Result<(Child, String)> {
+/// The chaos loop's servers answer `POST /reconstruct` at once (202) so that kills land
+/// mid-computation.
+const NO_WAIT: &[&str] = &["--reconstruct-wait-secs", "0"];
+
+/// Starts `hindsight serve` (no sweep worker, then `extra`) on a free
+/// port; returns it and its address. Shared with `bench load`.
+pub(super) fn start_server(
+    exe: &Path,
+    data: &Path,
+    extra: &[&str],
+) -> anyhow::Result<(Child, String)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let mut child = command(
-        exe,
-        data,
-        &[
-            "serve",
-            "--addr",
-            &addr,
-            "--no-sweep-worker",
-            "--reconstruct-wait-secs",
-            "0",
-        ],
-    )
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()?;
+    let mut args = vec!["serve", "--addr", addr.as_str(), "--no-sweep-worker"];
+    args.extend_from_slice(extra);
+    let mut child = command(exe, data, &args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(&addr).is_err() {
         if let Some(status) = child.try_wait()? {
@@ -293,7 +293,7 @@ fn kill_uploads(
     rng: &mut impl Rng,
     acknowledged: &mut Vec<(String, String)>,
 ) -> anyhow::Result<()> {
-    let (mut server, addr) = start_server(exe, data)?;
+    let (mut server, addr) = start_server(exe, data, NO_WAIT)?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(snaps)?
         .map(|e| e.map(|e| e.path()))
         .collect::<std::io::Result<_>>()?;
@@ -340,7 +340,7 @@ fn kill_uploads(
 }
 
 fn kill_server_reconstruct(exe: &Path, data: &Path, rng: &mut impl Rng) -> anyhow::Result<()> {
-    let (mut server, addr) = start_server(exe, data)?;
+    let (mut server, addr) = start_server(exe, data, NO_WAIT)?;
     let sigma: f64 = rng.random_range(0.03..0.2);
     let body = format!(r#"{{"run": "base", "sigma_rel": {sigma:.4}, "wait_secs": 0}}"#);
     let response = agent()

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -85,7 +85,17 @@ pub fn load(args: LoadArgs) -> anyhow::Result<()> {
         bail!("importing the snapshots failed");
     }
     let upload = std::fs::read(first_file(&snaps)?)?;
-    let (mut server, addr) = start_server(&exe, &data)?;
+    // Every client is 127.0.0.1: the per-client limit would refuse the uploads.
+    let (mut server, addr) = super::chaos::start_server(
+        &exe,
+        &data,
+        &[
+            "--max-uploads-per-client",
+            "1000",
+            "--upload-concurrency",
+            "8",
+        ],
+    )?;
     let result = (|| -> anyhow::Result<LoadReport> {
         let agent = agent();
         let made = post_json(
@@ -334,40 +344,6 @@ fn post_json(agent: &ureq::Agent, url: &str, body: &str) -> anyhow::Result<serde
         bail!("{url}: {} {text}", r.status());
     }
     Ok(serde_json::from_str(&text)?)
-}
-
-fn start_server(exe: &Path, data: &Path) -> anyhow::Result<(Child, String)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut child = Command::new(exe)
-        .arg("--data-dir")
-        .arg(data)
-        .args([
-            "serve",
-            "--addr",
-            &addr,
-            "--no-sweep-worker",
-            // Every client is 127.0.0.1: the per-client limit would refuse the uploads.
-            "--max-uploads-per-client",
-            "1000",
-            "--upload-concurrency",
-            "8",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        if child.try_wait()?.is_some() || Instant::now() > deadline {
-            let _ = child.kill();
-            bail!("the server did not start");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok((child, addr))
 }
 
 /// Peak resident memory of process `pid` (VmHWM), MiB.
