@@ -33,6 +33,10 @@ pub enum Error {
     /// at the same time and width).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A configured bound on stored or queued work is reached (unfinished sweeps); the
+    /// message names the bound. Trying again after work finishes can succeed.
+    #[error("{0}")]
+    LimitReached(String),
     /// The index could not be read or written.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),

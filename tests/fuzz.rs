@@ -448,6 +448,7 @@ fn every_json_body_and_query_gets_an_answer_never_a_500() {
     TestRunner::new(config)
         .run(&strategy, |(route, body)| {
             let request = Request::post(route)
+                .header("host", "localhost")
                 .header("content-type", "application/json")
                 .body(Body::from(body.clone()))
                 .unwrap();
@@ -487,7 +488,12 @@ fn every_json_body_and_query_gets_an_answer_never_a_500() {
         );
         let status = rt.block_on(async {
             app.clone()
-                .oneshot(Request::get(&uri).body(Body::empty()).unwrap())
+                .oneshot(
+                    Request::get(&uri)
+                        .header("host", "localhost")
+                        .body(Body::empty())
+                        .unwrap(),
+                )
                 .await
                 .unwrap()
                 .status()

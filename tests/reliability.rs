@@ -1155,3 +1155,204 @@ fn crash_loop_short() {
     );
     assert!(report["blob_files_checked"].as_u64().unwrap() > 0);
 }
+
+/// Peak resident memory (VmHWM) of process `pid`, MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kib / 1024.0
+}
+
+/// 2048-d statistics (mean 0, identity covariance) written to `path` as a pytorch-fid
+/// `.npz` (33.5 MB); returns its bytes.
+fn inception_sized_npz(path: &Path) -> Vec<u8> {
+    let d = 2048;
+    let mut sigma = vec![0.0; d * d];
+    for i in 0..d {
+        sigma[i * d + i] = 1.0;
+    }
+    hindsight::metrics::FeatureStats::from_parts(vec![0.0; d], sigma, 0)
+        .unwrap()
+        .write_npz(std::fs::File::create(path).unwrap())
+        .unwrap();
+    std::fs::read(path).unwrap()
+}
+
+/// Milliseconds of one `GET /healthz` on a fresh connection (`None`: no 200).
+fn healthz_ms(server: &Server) -> Option<f64> {
+    let t = Instant::now();
+    let r = server.request("GET", "/healthz", &[], b"");
+    (r.status == 200).then(|| t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// Reliability 2, item 5 of the probe: silent sockets are closed after the idle time and
+/// cannot fill the connection cap, from another address or from the same one; a request
+/// without a usable Host is refused.
+#[test]
+fn silent_connections_cannot_lock_clients_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(
+        &data,
+        &[
+            "--max-connections",
+            "64",
+            "--max-connections-per-client",
+            "32",
+            "--idle-timeout-secs",
+            "1.5",
+        ],
+    );
+    // 200 silent connections from 127.0.0.2 and 100 from 127.0.0.1 (the probe's own
+    // address): far past both caps.
+    let mut silent: Vec<TcpStream> = (0..200)
+        .map(|_| connect(&server.addr, Some("127.0.0.2")))
+        .chain((0..100).map(|_| connect(&server.addr, None)))
+        .collect();
+    for _ in 0..5 {
+        let ms = healthz_ms(&server).expect("healthz answers while sockets sit silent");
+        assert!(ms < 2000.0, "healthz took {ms} ms");
+    }
+    // A client at 127.0.0.2 still gets in: its own idle connections make room.
+    let r = exchange(&server.addr, Some("127.0.0.2"), "GET", "/runs", &[], b"");
+    assert_eq!(r.status, 200);
+    // After the idle time, every silent socket has been closed by the server.
+    std::thread::sleep(Duration::from_millis(2500));
+    for tcp in silent.iter_mut() {
+        tcp.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        match tcp.read(&mut byte) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("a silent connection is still open: {other:?}"),
+        }
+    }
+    // A keep-alive connection idle between requests is closed the same way.
+    let mut keep = connect(&server.addr, None);
+    write!(
+        keep,
+        "GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n",
+        server.addr
+    )
+    .unwrap();
+    keep.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut first = [0u8; 256];
+    let n = keep.read(&mut first).unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    let t = Instant::now();
+    let mut rest = Vec::new();
+    let _ = keep.read_to_end(&mut rest);
+    assert!(
+        t.elapsed() > Duration::from_millis(1000) && t.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        t.elapsed()
+    );
+    // No Host, an empty one or one that is not ASCII: refused, naming Host.
+    for head in [
+        "GET /runs HTTP/1.1\r\nConnection: close\r\n\r\n"
+            .as_bytes()
+            .to_vec(),
+        b"GET /runs HTTP/1.1\r\nHost: \r\nConnection: close\r\n\r\n".to_vec(),
+        b"GET /runs HTTP/1.1\r\nHost: b\xc3\xa4d.example\r\nConnection: close\r\n\r\n".to_vec(),
+    ] {
+        let mut tcp = connect(&server.addr, None);
+        tcp.write_all(&head).unwrap();
+        let mut raw = Vec::new();
+        let _ = tcp.read_to_end(&mut raw);
+        let text = String::from_utf8_lossy(&raw);
+        assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+        assert!(text.contains("Host"), "{text}");
+    }
+    let mut server = server;
+    assert!(server.child.try_wait().unwrap().is_none());
+}
+
+/// Reliability 2, item 4 of the probe: clients that ask for a large statistics file and
+/// never read hold a bounded amount of memory (the file streams from disk), and the server
+/// keeps answering meanwhile.
+#[test]
+fn slow_readers_of_large_files_hold_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = Server::start(&data, &[]);
+    let path = dir.path().join("big.npz");
+    let npz = inception_sized_npz(&path);
+    let r = server.request("POST", "/references?name=big", &[], &npz);
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let before = peak_rss_mib(server.child.id());
+    let mut readers = Vec::new();
+    for _ in 0..60 {
+        let mut tcp = connect(&server.addr, None);
+        write!(
+            tcp,
+            "GET /references/big/stats.npz HTTP/1.1\r\nHost: {}\r\n\r\n",
+            server.addr
+        )
+        .unwrap();
+        readers.push(tcp);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let ms = healthz_ms(&server).expect("healthz");
+    let peak = peak_rss_mib(server.child.id());
+    // Held whole, 60 copies would be 2 GB; streamed, each holds a chunk or two.
+    assert!(
+        peak - before < 300.0,
+        "peak RSS grew from {before:.0} to {peak:.0} MiB with 60 slow readers"
+    );
+    assert!(ms < 2000.0, "healthz took {ms} ms");
+    // The file is still served whole, and checked: its bytes are the stored ones.
+    let r = server.request("GET", "/references/big/stats.npz", &[], b"");
+    assert_eq!(r.status, 200);
+    assert!(r.complete);
+    assert_eq!(
+        blake3::hash(&r.body),
+        blake3::hash(&std::fs::read(&path).unwrap())
+    );
+    drop(readers);
+    assert!(server.child.try_wait().unwrap().is_none());
+}
+
+/// Reference names follow the run-name rules: invisible and direction characters, padding
+/// and slashes are refused, naming the field; nothing is stored.
+#[test]
+fn reference_names_follow_the_run_name_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &[]);
+    let npz = inception_sized_npz(&dir.path().join("s.npz"));
+    for name in [
+        "a%E2%80%8Bb",
+        "a%E2%80%AEb",
+        "%20padded",
+        "a%2Fb",
+        "123",
+        "ok%0Anewline",
+    ] {
+        let r = server.request("POST", &format!("/references?name={name}"), &[], &npz);
+        assert_eq!(
+            r.status,
+            400,
+            "{name}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("name"),
+            "{v}"
+        );
+    }
+    let r = server.request("GET", "/references", &[], b"");
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["references"].as_array().unwrap().len(), 0, "{v}");
+    let r = server.request("POST", "/references?name=caf%C3%A9%20ref", &[], &npz);
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+}

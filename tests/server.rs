@@ -100,7 +100,15 @@ impl Server {
         app(self.state.clone())
     }
 
-    async fn send(&self, request: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    async fn send(
+        &self,
+        mut request: Request<Body>,
+    ) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+        // As every HTTP/1.1 client does (the server refuses a request with no Host).
+        request
+            .headers_mut()
+            .entry(axum::http::header::HOST)
+            .or_insert(axum::http::HeaderValue::from_static("localhost"));
         let response = self.app().oneshot(request).await.unwrap();
         let status = response.status();
         let headers = response.headers().clone();
@@ -140,6 +148,7 @@ fn get(uri: &str) -> Request<Body> {
 
 fn post_json(uri: &str, body: Value) -> Request<Body> {
     Request::post(uri)
+        .header(header::HOST, "localhost")
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from(body.to_string()))
         .unwrap()

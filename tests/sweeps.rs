@@ -136,7 +136,12 @@ fn worker(data: &DataDir, weights: &Path, lease: Duration) -> Arc<Worker> {
     ))
 }
 
-async fn send(state: &AppState, request: Request<Body>) -> (StatusCode, Vec<u8>) {
+async fn send(state: &AppState, mut request: Request<Body>) -> (StatusCode, Vec<u8>) {
+    // As every HTTP/1.1 client does (the server refuses a request with no Host).
+    request
+        .headers_mut()
+        .entry(axum::http::header::HOST)
+        .or_insert(axum::http::HeaderValue::from_static("localhost"));
     let response = app(state.clone()).oneshot(request).await.unwrap();
     let status = response.status();
     let body = response.into_body().collect().await.unwrap().to_bytes();
@@ -758,5 +763,76 @@ fn an_open_event_stream_does_not_hold_up_shutdown() {
         assert_eq!(status, 200);
         assert!(body.starts_with("event: sweep"), "{body}");
         assert!(body.contains("event: shutdown"), "{body}");
+    });
+}
+
+/// Reliability 2: unfinished sweeps are bounded per run and in all (429 naming the bound,
+/// nothing stored), cancelling one makes room, and `GET /sweeps` answers a page at a time
+/// (`limit`, `before`, `next_before`), every sweep exactly once.
+#[test]
+fn unfinished_sweeps_are_bounded_and_listings_paginate() {
+    let s = setup();
+    runtime().block_on(async {
+        let data = DataDir::open(&s.path).await.unwrap();
+        let config = ServerConfig {
+            token_hashes: parse_token_hashes(&hash_token(TOKEN), "test").unwrap(),
+            sweep_limits: SweepLimits {
+                max_images: 1000,
+                max_unfinished_per_run: 5,
+                max_unfinished: 6,
+                ..Default::default()
+            },
+            sweep_worker: None,
+            ..Default::default()
+        };
+        let st = AppState::new(data.clone(), config);
+        let body = json!({"run": "tiny", "reference": "proc", "sigma_rels": [0.05],
+                          "num_images": 4, "batch": 2, "sampler": {"steps": 3}});
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            let (status, v) = send_json(&st, post("/sweeps", body.clone(), true)).await;
+            assert_eq!(status, StatusCode::CREATED, "{v}");
+            ids.push(v["id"].as_i64().unwrap());
+        }
+        let (status, v) = send_json(&st, post("/sweeps", body.clone(), true)).await;
+        assert_error(status, &v, StatusCode::TOO_MANY_REQUESTS, "per run (5)");
+        assert_eq!(v["error"]["code"], "limit_reached");
+        let (_, list) = send_json(&st, get("/sweeps")).await;
+        assert_eq!(
+            list["sweeps"].as_array().unwrap().len(),
+            5,
+            "nothing stored"
+        );
+        // Cancelling one makes room again.
+        let cancel = Request::delete(format!("/sweeps/{}", ids[0]))
+            .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(send(&st, cancel).await.0, StatusCode::OK);
+        let (status, v) = send_json(&st, post("/sweeps", body.clone(), true)).await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        ids.push(v["id"].as_i64().unwrap());
+        // Pages of 2, newest first, each sweep once.
+        let mut seen = Vec::new();
+        let mut uri = "/sweeps?limit=2".to_owned();
+        loop {
+            let (status, page) = send_json(&st, get(&uri)).await;
+            assert_eq!(status, StatusCode::OK, "{page}");
+            let sweeps = page["sweeps"].as_array().unwrap();
+            assert!(sweeps.len() <= 2);
+            seen.extend(sweeps.iter().map(|s| s["id"].as_i64().unwrap()));
+            match page["next_before"].as_i64() {
+                Some(before) => uri = format!("/sweeps?limit=2&run=tiny&before={before}"),
+                None => break,
+            }
+        }
+        let mut expected = ids.clone();
+        expected.sort_unstable_by(|a, b| b.cmp(a));
+        assert_eq!(seen, expected);
+        for bad in ["limit=0", "limit=501", "limit=x", "before=-1", "before=x"] {
+            let (status, v) = send_json(&st, get(&format!("/sweeps?{bad}"))).await;
+            let field = bad.split('=').next().unwrap();
+            assert_error(status, &v, StatusCode::BAD_REQUEST, field);
+        }
     });
 }

@@ -23,25 +23,15 @@ pub struct ReferenceOrigin {
     pub channels: Option<usize>,
 }
 
-/// Checks a reference name: 1–200 printable characters, not blank, and not all digits (those
-/// are ids).
+/// Checks a reference name: the rules of run names ([`crate::db::check_name`]: 1–200
+/// characters, no invisible or control characters, slashes, or surrounding white space, NFC),
+/// and not all digits (those are ids).
 pub fn check_reference_name(name: &str) -> Result<()> {
-    let shown: String = name.chars().take(40).collect();
-    let shown = if shown.len() < name.len() {
-        format!("{shown:?}…")
-    } else {
-        format!("{shown:?}")
-    };
-    if name.trim().is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
-        return Err(Error::invalid(
-            "name",
-            format!("{shown}: a reference name is 1–200 printable characters, not blank"),
-        ));
-    }
+    crate::db::check_name("name", "a reference name", name)?;
     if name.chars().all(|c| c.is_ascii_digit()) {
         return Err(Error::invalid(
             "name",
-            format!("{shown}: a reference name may not be all digits (those are ids)"),
+            format!("{name:?}: a reference name may not be all digits (those are ids)"),
         ));
     }
     Ok(())

@@ -35,8 +35,7 @@ pub struct ServeArgs {
     /// An upload that sends nothing for this many seconds is dropped (408).
     #[arg(long, default_value_t = 15.0)]
     upload_idle_secs: f64,
-    /// Seconds a client has to send a request's headers (and an idle keep-alive connection
-    /// stays open).
+    /// Seconds a client has to send a request's headers once it has begun.
     #[arg(long, default_value_t = 10.0)]
     header_read_timeout_secs: f64,
     /// On Ctrl-C or SIGTERM, seconds requests in flight get to finish before their
@@ -47,9 +46,18 @@ pub struct ServeArgs {
     /// --upload-idle-secs (0: no minimum); slower ones are dropped (408).
     #[arg(long, default_value_t = 8192)]
     upload_min_bytes_per_sec: u64,
-    /// Most connections open at once (more wait to be accepted).
+    /// Most connections open at once. At the cap the connection idle the longest is closed
+    /// to make room; with none idle, new ones wait to be accepted.
     #[arg(long, default_value_t = 4096)]
     max_connections: usize,
+    /// Most connections one client (IP address) may have open. At the cap its connection
+    /// idle the longest is closed; with none idle, a new one is answered 429.
+    #[arg(long, default_value_t = 256)]
+    max_connections_per_client: usize,
+    /// Seconds a connection with no request in flight may send nothing before it is closed
+    /// (a silent socket, or a keep-alive connection between requests).
+    #[arg(long, default_value_t = 10.0)]
+    idle_timeout_secs: f64,
     /// A name the `Host` header may carry besides localhost, 127.0.0.1 and [::1] when
     /// serving a loopback address (requests naming other hosts are refused, against DNS
     /// rebinding). Repeatable.
@@ -71,6 +79,12 @@ pub struct ServeArgs {
     /// Most images per seed set a sweep may ask for.
     #[arg(long, default_value_t = 50_000)]
     max_sweep_images: usize,
+    /// Most unfinished (queued or running) sweeps of one run; more are refused (429).
+    #[arg(long, default_value_t = 32)]
+    max_unfinished_sweeps_per_run: usize,
+    /// Most unfinished sweeps in all; more are refused (429).
+    #[arg(long, default_value_t = 256)]
+    max_unfinished_sweeps: usize,
     /// The Inception weights for sweeps (default: $HINDSIGHT_FID_WEIGHTS, else the usual
     /// cache paths).
     #[arg(long)]
@@ -97,6 +111,7 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
         ("--upload-idle-secs", args.upload_idle_secs),
         ("--header-read-timeout-secs", args.header_read_timeout_secs),
         ("--shutdown-grace-secs", args.shutdown_grace_secs),
+        ("--idle-timeout-secs", args.idle_timeout_secs),
     ] {
         if !(value.is_finite() && (0.1..=86_400.0).contains(&value)) {
             bail!("{flag} must be between 0.1 and 86400 seconds");
@@ -127,6 +142,8 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
         sweep_worker,
         sweep_limits: hindsight::sweep::SweepLimits {
             max_images: args.max_sweep_images,
+            max_unfinished_per_run: args.max_unfinished_sweeps_per_run.max(1),
+            max_unfinished: args.max_unfinished_sweeps.max(1),
             ..Default::default()
         },
         max_upload_bytes: args.max_upload_bytes,
@@ -139,6 +156,8 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
         shutdown_grace: std::time::Duration::from_secs_f64(args.shutdown_grace_secs),
         upload_min_bytes_per_sec: args.upload_min_bytes_per_sec,
         max_connections: args.max_connections.max(1),
+        max_connections_per_client: args.max_connections_per_client.max(1),
+        idle_timeout: std::time::Duration::from_secs_f64(args.idle_timeout_secs),
         loopback_hosts_only: addr.ip().is_loopback(),
         allowed_hosts: args.allowed_hosts.clone(),
         ..Default::default()

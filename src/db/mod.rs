@@ -20,7 +20,7 @@ pub use blobs::{BlobRow, BlobState};
 pub use connection::Db;
 pub use reconstructions::{NewReconstruction, ReconstructionRow};
 pub use references::{NewReference, ReferenceRow};
-pub use runs::{check_run_name, Run, RunSummary};
+pub use runs::{check_name, check_run_name, Run, RunSummary};
 pub use snapshots::{
     describe_differences, manifest_differences, same_width, DeletedSnapshot, ManifestEntry,
     NewSnapshot, Recorded, SnapshotRow, SLOT_TOLERANCE,

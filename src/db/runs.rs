@@ -48,40 +48,54 @@ pub struct RunSummary {
 /// trailing white space, no slashes, backslashes, control or invisible characters (zero-width
 /// spaces and the like) and no white space but plain spaces, and not `.` or `..`.
 pub fn check_run_name(name: &str) -> Result<()> {
-    let bad = |reason: &str| Err(Error::invalid("run", format!("{name:?}: {reason}")));
+    check_name("run", "a run name", name)
+}
+
+/// The rules of [`check_run_name`] for any user-chosen name (runs, reference statistics):
+/// errors name `field` and call the name `what` ("a run name").
+pub fn check_name(field: &str, what: &str, name: &str) -> Result<()> {
+    let shown: String = name.chars().take(60).collect();
+    let shown = if shown.len() < name.len() {
+        format!("{shown:?}…")
+    } else {
+        format!("{shown:?}")
+    };
+    let bad = |reason: String| Err(Error::invalid(field, format!("{shown}: {reason}")));
     if name.is_empty() || name.chars().count() > 200 {
-        return bad("a run name has 1 to 200 characters");
+        return bad(format!("{what} has 1 to 200 characters"));
     }
     if name.trim().is_empty() {
-        return bad("a run name may not be blank");
+        return bad(format!("{what} may not be blank"));
     }
     if name.trim() != name {
-        return bad("a run name may not begin or end with white space");
+        return bad(format!("{what} may not begin or end with white space"));
     }
     if !unicode_normalization::is_nfc(name) {
-        return bad(
-            "a run name must be in Unicode NFC (composed characters, as most keyboards type \
-             them), so that two names that look the same are the same run",
-        );
+        return bad(format!(
+            "{what} must be in Unicode NFC (composed characters, as most keyboards type \
+             them), so that two names that look the same are the same"
+        ));
     }
     if name == "." || name == ".." {
-        return bad("not a usable run name");
+        return bad(format!("not usable as {what}"));
     }
     if name
         .chars()
         .any(|c| c == '/' || c == '\\' || c.is_control())
     {
-        return bad("a run name may not contain slashes, backslashes or control characters");
+        return bad(format!(
+            "{what} may not contain slashes, backslashes or control characters"
+        ));
     }
     if name
         .chars()
         .any(|c| invisible(c) || (c.is_whitespace() && c != ' '))
     {
-        return bad(
-            "a run name may not contain invisible characters (zero-width spaces, direction \
-             marks, byte-order marks) or white space other than plain spaces: two runs that \
-             look the same must be the same run",
-        );
+        return bad(format!(
+            "{what} may not contain invisible characters (zero-width spaces, direction \
+             marks, byte-order marks) or white space other than plain spaces: two names that \
+             look the same must name the same thing"
+        ));
     }
     Ok(())
 }

@@ -224,15 +224,40 @@ async fn settle(conn: &mut SqliteConnection, sweep: i64) -> Result<()> {
 
 impl Db {
     /// Records a new sweep over `points` (σ_rel, nimg), all queued. Returns its id.
+    ///
+    /// `max_unfinished` = (per run, in all): with that many sweeps queued or running, the
+    /// new one is refused ([`Error::LimitReached`]), checked in the same transaction as the
+    /// insert.
     pub async fn insert_sweep(
         &self,
         run_id: i64,
         reference_id: i64,
         request: &serde_json::Value,
         points: &[(f64, u64)],
+        max_unfinished: (usize, usize),
     ) -> Result<i64> {
         let mut conn = self.begin_immediate().await?;
         let result = async {
+            let (of_run, in_all): (i64, i64) = sqlx::query_as(
+                "SELECT COALESCE(SUM(run_id = ?), 0), COUNT(*) FROM sweeps \
+                 WHERE status IN ('queued', 'running')",
+            )
+            .bind(run_id)
+            .fetch_one(&mut *conn)
+            .await?;
+            let (per_run, total) = max_unfinished;
+            if of_run as usize >= per_run {
+                return Err(Error::LimitReached(format!(
+                    "the run has {of_run} unfinished sweeps, the most this server keeps \
+                     queued per run ({per_run}); wait for one to finish or cancel one"
+                )));
+            }
+            if in_all as usize >= total {
+                return Err(Error::LimitReached(format!(
+                    "the server has {in_all} unfinished sweeps, the most it keeps queued \
+                     ({total}); wait for one to finish or cancel one"
+                )));
+            }
             let id: i64 = sqlx::query_scalar(
                 "INSERT INTO sweeps (run_id, reference_id, request, status) \
                  VALUES (?, ?, ?, 'queued') RETURNING id",
@@ -277,6 +302,42 @@ impl Db {
         ))
         .bind(run_id)
         .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// One page of sweeps, newest first: at most `limit`, with ids below `before` when
+    /// given (the last id of the previous page), of one run when `run_id` is given.
+    pub async fn sweeps_page(
+        &self,
+        run_id: Option<i64>,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<SweepRow>> {
+        Ok(sqlx::query_as::<_, SweepRow>(&format!(
+            "{SWEEP_SELECT} WHERE (?1 IS NULL OR s.run_id = ?1) AND (?2 IS NULL OR s.id < ?2) \
+             ORDER BY s.id DESC LIMIT ?3"
+        ))
+        .bind(run_id)
+        .bind(before)
+        .bind(limit as i64)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// A cheap summary of a sweep's state that changes whenever anything an observer sees
+    /// changes (its status, a point's status or reconstruction, a batch recorded): what the
+    /// server's event-stream watcher polls. `None` when there is no such sweep.
+    pub async fn sweep_fingerprint(&self, id: i64) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT s.status || '|' || \
+               (SELECT count(*) || ':' || coalesce(sum(b.images), 0) FROM sweep_batches b \
+                WHERE b.sweep_id = s.id) || '|' || \
+               coalesce((SELECT group_concat(p.status || coalesce(p.reconstruction_id, '') \
+                 || coalesce(p.attempts, 0), ',') FROM sweep_points p WHERE p.sweep_id = s.id), '') \
+             FROM sweeps s WHERE s.id = ?",
+        )
+        .bind(id)
+        .fetch_optional(self.pool())
         .await?)
     }
 

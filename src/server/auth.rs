@@ -152,29 +152,35 @@ pub async fn same_origin(
     {
         return Err(ApiError::invalid("Host and Origin may each be given once"));
     }
-    // An absolute-form target's authority wins over Host (RFC 9112 §3.2.2).
-    let host = request
-        .uri()
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| {
-            request
-                .headers()
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        });
-    if state.config.loopback_hosts_only {
-        if let Some(host) = &host {
-            if !host_allowed(host, &state.config.allowed_hosts) {
-                return Err(forbidden(format!(
-                    "Host {host:?} is not this server's: a server on a loopback address \
-                     answers only localhost, 127.0.0.1 and [::1] (protection against DNS \
-                     rebinding); start it with --allowed-host {} to add that name",
-                    host_name(host)
-                )));
+    // An absolute-form target's authority wins over Host (RFC 9112 §3.2.2). A request that
+    // names no host, or one that is not visible ASCII, is refused like a foreign one: it
+    // could otherwise slip past the loopback check below.
+    let host = match request.uri().authority() {
+        Some(a) => a.to_string(),
+        None => match request.headers().get(header::HOST) {
+            None => {
+                return Err(ApiError::invalid(
+                    "Host: the request names no host (HTTP/1.1 requires a Host header, RFC \
+                     9112 §3.2)",
+                ))
             }
-        }
+            Some(v) => match v.to_str() {
+                Ok(h) if !h.is_empty() => h.to_owned(),
+                _ => {
+                    return Err(ApiError::invalid(
+                        "Host: not a host name (empty, or not visible ASCII)",
+                    ))
+                }
+            },
+        },
+    };
+    if state.config.loopback_hosts_only && !host_allowed(&host, &state.config.allowed_hosts) {
+        return Err(forbidden(format!(
+            "Host {host:?} is not this server's: a server on a loopback address answers only \
+             localhost, 127.0.0.1 and [::1] (protection against DNS rebinding); start it with \
+             --allowed-host {} to add that name",
+            host_name(&host)
+        )));
     }
     if !matches!(
         *request.method(),
@@ -183,9 +189,7 @@ pub async fn same_origin(
         if let Some(origin) = request.headers().get(header::ORIGIN) {
             let origin = origin.to_str().unwrap_or("");
             let authority = origin.split_once("://").map_or("", |(_, a)| a);
-            let same = host
-                .as_deref()
-                .is_some_and(|h| h.eq_ignore_ascii_case(authority));
+            let same = host.eq_ignore_ascii_case(authority);
             if !same {
                 return Err(forbidden(format!(
                     "a web page of another origin ({origin}) may not change this server's \

@@ -31,11 +31,15 @@ fn none_match(value: &str, etag: &str) -> bool {
         .any(|t| t == "*" || t == etag || t.strip_prefix("W/") == Some(etag))
 }
 
-/// Streams the blob `digest_hex` as the response to a GET with `headers`.
+/// Streams the blob `digest_hex` as the response to a GET with `headers`: from disk in
+/// 256 KiB chunks, so a connection holds at most one chunk (plus the socket's buffers)
+/// however large the blob and however slowly the client reads. `file_name` goes into
+/// `Content-Disposition` (`attachment`) when given; `content_type` is the media type.
 pub(super) async fn send_blob(
     state: &AppState,
     digest_hex: &str,
-    file_name: &str,
+    file_name: Option<&str>,
+    content_type: &'static str,
     headers: &HeaderMap,
 ) -> ApiResult<Response> {
     let digest: Digest = digest_hex.parse().map_err(ApiError::internal)?;
@@ -96,13 +100,15 @@ pub(super) async fn send_blob(
         },
         _ => None,
     };
-    let disposition = format!("attachment; filename=\"{}\"", file_name.replace('"', "_"));
-    let builder = Response::builder()
+    let mut builder = Response::builder()
         .header(header::ETAG, etag_value)
         .header(header::ACCEPT_RANGES, "bytes")
-        .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header(header::CACHE_CONTROL, "public, max-age=31536000, immutable")
-        .header(header::CONTENT_DISPOSITION, disposition);
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CACHE_CONTROL, "public, max-age=31536000, immutable");
+    if let Some(name) = file_name {
+        let disposition = format!("attachment; filename=\"{}\"", name.replace('"', "_"));
+        builder = builder.header(header::CONTENT_DISPOSITION, disposition);
+    }
     let response = match range {
         Some(r) => {
             use tokio::io::AsyncSeekExt;

@@ -101,6 +101,9 @@ impl From<Error> for ApiError {
             ),
             Error::NotFound(m) => ApiError::not_found(m),
             Error::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            Error::LimitReached(m) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "limit_reached", m)
+            }
             Error::Io { ref source, .. } if crate::error::is_no_space(source) => no_space(&e),
             Error::Database(sqlx::Error::Database(ref d)) if d.code().as_deref() == Some("13") => {
                 // SQLITE_FULL: the index could not grow.

@@ -37,6 +37,7 @@ use crate::error::{Error, Result};
 
 mod auth;
 mod blobs;
+mod connections;
 mod error;
 mod jobs;
 mod limits;
@@ -48,6 +49,7 @@ mod state;
 mod sweeps;
 mod ui;
 mod views;
+mod watch;
 
 pub use auth::{append_new_token, hash_token, new_token, parse_token_hashes, read_token_file};
 pub use error::{ApiError, ApiResult};
@@ -152,9 +154,13 @@ pub fn app(state: AppState) -> Router {
 /// takes bounded time whatever the clients do.
 ///
 /// HTTP/1.1 and HTTP/2 (hyper). A client gets [`ServerConfig::header_read_timeout`] to send
-/// its request headers (an idle keep-alive connection is closed after as long); each request
-/// carries the peer's address (`axum::extract::ConnectInfo<SocketAddr>`) for per-client
-/// limits.
+/// its request headers once it has begun; a connection idle for
+/// [`ServerConfig::idle_timeout`] (no request in flight, no byte received: a socket that never
+/// sends anything, or a keep-alive connection between requests) is closed; and the caps on
+/// open connections ([`ServerConfig::max_connections`] in all,
+/// [`ServerConfig::max_connections_per_client`] per address) close idle connections to make
+/// room rather than lock new clients out (`connections`). Each request carries the peer's
+/// address (`axum::extract::ConnectInfo<SocketAddr>`) for per-client limits.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
@@ -164,7 +170,11 @@ pub async fn serve(
     use tower::ServiceExt;
 
     let header_timeout = state.config.header_read_timeout;
-    let max_connections = state.config.max_connections;
+    let idle_timeout = state.config.idle_timeout;
+    let registry = connections::Connections::new(
+        state.config.max_connections,
+        state.config.max_connections_per_client,
+    );
     let grace = state.config.shutdown_grace;
     let router = app(state);
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -173,16 +183,14 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
     builder.http2().timer(TokioTimer::new());
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let stopping = tokio_util::sync::CancellationToken::new();
     let mut connections = tokio::task::JoinSet::new();
-    // At most `max_connections` open: beyond that, connections wait in the listen queue.
-    let open = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let slot = tokio::select! {
-            permit = open.clone().acquire_owned() => permit.expect("never closed"),
+        tokio::select! {
+            () = registry.room() => {}
             () = &mut shutdown => break,
-        };
+        }
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -195,34 +203,70 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        let admitted = match registry.admit(peer.ip()) {
+            Ok(a) => a,
+            Err(connections::Refusal::ClientBusy) => {
+                tracing::debug!(%peer, "connection refused: the client's connections are all busy");
+                // One short answer if the socket takes it at once, then close.
+                let body = "{\"error\":{\"code\":\"too_many_connections\",\"message\":\"this \
+                            address has as many connections open as it may, all busy; try \
+                            again\"}}";
+                let answer = format!(
+                    "HTTP/1.1 429 Too Many Requests\r\nConnection: close\r\nContent-Type: \
+                     application/json\r\nRetry-After: 1\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.try_write(answer.as_bytes());
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
+        let activity = admitted.activity.clone();
         let service =
             hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                let guard = activity.begin();
                 let mut request = request.map(axum::body::Body::new);
                 request
                     .extensions_mut()
                     .insert(axum::extract::ConnectInfo(peer));
-                router.clone().oneshot(request)
+                let response = router.clone().oneshot(request);
+                async move {
+                    let response = response.await?;
+                    Ok::<_, std::convert::Infallible>(response.map(|body| {
+                        axum::body::Body::new(connections::GuardedBody::new(body, guard))
+                    }))
+                }
             });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let io = TokioIo::new(connections::Tracked::new(stream, admitted.activity.clone()));
+        let connection = builder.serve_connection(io, service).into_owned();
+        let stopping = stopping.clone();
         connections.spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-            drop(slot);
+            let mut connection = std::pin::pin!(connection);
+            let why = tokio::select! {
+                done = connection.as_mut() => {
+                    if let Err(e) = done {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
+                () = connections::idle_expired(&admitted.activity, idle_timeout) => "idle",
+                () = admitted.close.cancelled() => "making room",
+                () = stopping.cancelled() => "shutting down",
+            };
+            tracing::debug!(%peer, why, "closing a connection");
+            // Finishes a request in flight (shutdown); an idle connection closes at once.
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+            drop(admitted);
         });
         while connections.try_join_next().is_some() {}
     }
     drop(listener);
-    let open = graceful.count();
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let open = registry.open();
+    stopping.cancel();
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!(
             open,
             grace_secs = grace.as_secs_f64(),

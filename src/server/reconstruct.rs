@@ -348,5 +348,12 @@ pub(super) async fn get_weights(
         }));
     };
     let name = file_name(&row.run, row.nimg, row.sigma_rel);
-    super::blobs::send_blob(&state, &row.digest, &name, &headers).await
+    super::blobs::send_blob(
+        &state,
+        &row.digest,
+        Some(&name),
+        "application/octet-stream",
+        &headers,
+    )
+    .await
 }

@@ -28,13 +28,13 @@ pub struct ServerConfig {
     pub verify_reads: bool,
     /// Caps on sweep requests (images, points, seed sets, batch size).
     pub sweep_limits: SweepLimits,
-    /// How often a sweep's event stream looks for changes in the index.
+    /// How often the server looks for changes in the sweeps that event streams follow (one
+    /// query per followed sweep, however many clients follow it).
     pub sweep_event_poll: Duration,
     /// The sweep worker `serve_data_dir` runs beside the server (`None`: none; sweeps wait
     /// for `hindsight worker` processes).
     pub sweep_worker: Option<WorkerConfig>,
-    /// How long a client may take to send a request's headers (and how long an idle
-    /// keep-alive connection stays open).
+    /// How long a client may take to send a request's headers once it has begun.
     pub header_read_timeout: Duration,
     /// An upload that sends no byte for this long is dropped (408) and its staging file
     /// removed.
@@ -52,8 +52,16 @@ pub struct ServerConfig {
     /// `upload_idle_timeout` has passed (0: no minimum): a client that trickles a byte at a
     /// time cannot hold a slot for ever.
     pub upload_min_bytes_per_sec: u64,
-    /// Most connections open at once; the server stops accepting until one closes.
+    /// Most connections open at once. At the cap, the connection idle the longest is closed
+    /// to make room; with none idle the server stops accepting until one closes.
     pub max_connections: usize,
+    /// Most connections one client (IP address) may have open. At the cap, its connection
+    /// idle the longest is closed to make room; with none idle a new one is answered 429
+    /// and closed.
+    pub max_connections_per_client: usize,
+    /// A connection with no request in flight that receives nothing for this long is closed:
+    /// a socket that never sends a byte, or a keep-alive connection between requests.
+    pub idle_timeout: Duration,
     /// Answer only requests whose `Host` is a loopback name (`localhost`, `127.x.x.x`,
     /// `[::1]`, any port) or one of `allowed_hosts`: a server on loopback is then out of
     /// reach of DNS rebinding (a web page whose name resolves to 127.0.0.1). `serve` turns it
@@ -82,6 +90,8 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             upload_min_bytes_per_sec: 8 << 10,
             max_connections: 4096,
+            max_connections_per_client: 256,
+            idle_timeout: Duration::from_secs(10),
             loopback_hosts_only: true,
             allowed_hosts: Vec::new(),
         }
@@ -100,6 +110,8 @@ pub struct AppState {
     /// Uploads in progress per client address.
     pub(super) uploads_by_client:
         Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    /// Wakes sweep event streams when their sweep changes (one poller for all).
+    pub(super) sweep_watcher: Arc<super::watch::SweepWatcher>,
     /// Cancelled when the server begins to shut down: long-lived responses (event streams)
     /// end, so that the graceful shutdown does not wait on them.
     pub shutdown: tokio_util::sync::CancellationToken,
@@ -115,6 +127,7 @@ impl AppState {
             jobs: Arc::default(),
             uploads,
             uploads_by_client: Arc::default(),
+            sweep_watcher: Arc::default(),
             shutdown: tokio_util::sync::CancellationToken::new(),
         }
     }

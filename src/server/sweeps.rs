@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -70,14 +70,23 @@ pub(super) async fn post_sweep(
     Ok(response)
 }
 
-/// Filter of `GET /sweeps`.
+/// Filter and page of `GET /sweeps`.
 #[derive(Deserialize, utoipa::IntoParams)]
 pub(super) struct SweepFilter {
     /// Only this run's sweeps.
     run: Option<String>,
+    /// Sweeps per page, 1 to 500 (default 100).
+    limit: Option<String>,
+    /// Only sweeps with ids below this one: the `next_before` of the previous page.
+    before: Option<String>,
 }
 
-/// List sweeps, newest first (without their points).
+/// Most sweeps in one page of `GET /sweeps`, and the default.
+const SWEEP_PAGE_MAX: usize = 500;
+const SWEEP_PAGE_DEFAULT: usize = 100;
+
+/// List sweeps, newest first (without their points), a page at a time: follow
+/// `next_before` for the next page.
 #[utoipa::path(get, path = "/sweeps", tag = "sweeps",
     params(SweepFilter),
     responses(
@@ -92,7 +101,29 @@ pub(super) async fn list_sweeps(
         Some(name) => Some(state.data.existing_run(name).await?.id),
         None => None,
     };
-    let rows = state.data.db.sweeps(run_id).await?;
+    let limit = match &filter.limit {
+        None => SWEEP_PAGE_DEFAULT,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=SWEEP_PAGE_MAX).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "limit: {text:?} is not a page size from 1 to {SWEEP_PAGE_MAX}"
+                ))
+            })?,
+    };
+    let before = filter
+        .before
+        .as_deref()
+        .map(|text| parse_id(text, "before"))
+        .transpose()?;
+    // One more than the page: whether there is a next one.
+    let mut rows = state.data.db.sweeps_page(run_id, before, limit + 1).await?;
+    let next_before = (rows.len() > limit).then(|| {
+        rows.truncate(limit);
+        rows.last().map(|s| s.id)
+    });
     let mut sweeps = Vec::with_capacity(rows.len());
     for s in &rows {
         let points = state.data.db.sweep_points(s.id).await?;
@@ -100,7 +131,10 @@ pub(super) async fn list_sweeps(
         view.points = None;
         sweeps.push(view);
     }
-    Ok(Json(SweepList { sweeps }))
+    Ok(Json(SweepList {
+        sweeps,
+        next_before: next_before.flatten(),
+    }))
 }
 
 /// A sweep: status, points so far (results, timings, image grids) and the best point.
@@ -225,6 +259,10 @@ pub(super) async fn sweep_events(
     let id = parse_id(&id, "id")?;
     sweep::find(&state.data, id).await?;
     let poll = state.config.sweep_event_poll;
+    // Woken by the server's one watcher when the sweep changes (no polling per client).
+    let changed = state
+        .sweep_watcher
+        .follow(id, &state.data, poll, &state.shutdown);
     let seen = Seen {
         state,
         id,
@@ -232,43 +270,49 @@ pub(super) async fn sweep_events(
         started: false,
         ended: false,
     };
-    let stream = futures_util::stream::unfold(seen, move |mut seen| async move {
-        if seen.ended {
-            return None;
-        }
-        loop {
-            match seen.changes().await {
-                Ok(events) if !events.is_empty() => {
-                    let events: Vec<Result<Event, Infallible>> =
-                        events.into_iter().map(Ok).collect();
-                    return Some((futures_util::stream::iter(events), seen));
+    let stream =
+        futures_util::stream::unfold((seen, changed), |(mut seen, mut changed)| async move {
+            if seen.ended {
+                return None;
+            }
+            loop {
+                match seen.changes().await {
+                    Ok(events) if !events.is_empty() => {
+                        let events: Vec<Result<Event, Infallible>> =
+                            events.into_iter().map(Ok).collect();
+                        return Some((futures_util::stream::iter(events), (seen, changed)));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        seen.ended = true;
+                        let body = serde_json::json!({"code": e.code, "message": e.message});
+                        return Some((
+                            futures_util::stream::iter(vec![Ok(event("error", &body))]),
+                            (seen, changed),
+                        ));
+                    }
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    seen.ended = true;
-                    let body = serde_json::json!({"code": e.code, "message": e.message});
-                    return Some((
-                        futures_util::stream::iter(vec![Ok(event("error", &body))]),
-                        seen,
-                    ));
+                let stopping = seen.state.shutdown.clone();
+                tokio::select! {
+                    woke = changed.changed() => {
+                        if woke.is_err() {
+                            // The watcher is gone: the server is stopping.
+                            stopping.cancelled().await;
+                        }
+                    }
+                    _ = stopping.cancelled() => {
+                        seen.ended = true;
+                        let body = serde_json::json!({
+                            "message": "the server is shutting down; reconnect to follow the sweep"
+                        });
+                        return Some((
+                            futures_util::stream::iter(vec![Ok(event("shutdown", &body))]),
+                            (seen, changed),
+                        ));
+                    }
                 }
             }
-            let stopping = seen.state.shutdown.clone();
-            tokio::select! {
-                _ = tokio::time::sleep(poll) => {}
-                _ = stopping.cancelled() => {
-                    seen.ended = true;
-                    let body = serde_json::json!({
-                        "message": "the server is shutting down; reconnect to follow the sweep"
-                    });
-                    return Some((
-                        futures_util::stream::iter(vec![Ok(event("shutdown", &body))]),
-                        seen,
-                    ));
-                }
-            }
-        }
-    });
+        });
     use futures_util::StreamExt;
     Ok(Sse::new(stream.flatten()).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
@@ -336,6 +380,7 @@ pub(super) async fn sweep_plot(
 pub(super) async fn point_grid(
     State(state): State<AppState>,
     Path((id, idx)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> ApiResult<Response> {
     let id = parse_id(&id, "id")?;
     let idx: i64 = idx
@@ -351,15 +396,7 @@ pub(super) async fn point_grid(
     let digest = point.grid_digest.as_ref().ok_or_else(|| {
         ApiError::not_found(format!("point {idx} of sweep {id} has no images yet"))
     })?;
-    let bytes = state.data.read_blob(digest).await?;
-    Ok((
-        [
-            (header::CONTENT_TYPE, "image/png"),
-            (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
-        ],
-        bytes,
-    )
-        .into_response())
+    super::blobs::send_blob(&state, digest, None, "image/png", &headers).await
 }
 
 /// List stored reference statistics.
@@ -398,18 +435,18 @@ pub(super) async fn get_reference(
 pub(super) async fn reference_npz(
     State(state): State<AppState>,
     Path(key): Path<String>,
+    headers: HeaderMap,
 ) -> ApiResult<Response> {
     let row = references::find(&state.data, &key).await?;
-    let bytes = state.data.read_blob(&row.stats_digest).await?;
-    let disposition = format!("attachment; filename=\"reference-{}.npz\"", row.id);
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
-            (header::CONTENT_DISPOSITION, disposition),
-        ],
-        bytes,
+    let name = format!("reference-{}.npz", row.id);
+    super::blobs::send_blob(
+        &state,
+        &row.stats_digest,
+        Some(&name),
+        "application/octet-stream",
+        &headers,
     )
-        .into_response())
+    .await
 }
 
 /// Query of the import.

@@ -45,7 +45,13 @@ pub async fn create(
     let value = serde_json::to_value(&spec).map_err(|e| Error::Index(e.to_string()))?;
     let id = data
         .db
-        .insert_sweep(run.id, reference.id, &value, &spec.points())
+        .insert_sweep(
+            run.id,
+            reference.id,
+            &value,
+            &spec.points(),
+            (limits.max_unfinished_per_run, limits.max_unfinished),
+        )
         .await?;
     data.db
         .sweep(id)

@@ -27,6 +27,11 @@ pub struct SweepLimits {
     pub max_seed_sets: usize,
     /// Most images per batch.
     pub max_batch: usize,
+    /// Most unfinished (queued or running) sweeps of one run; more are refused until some
+    /// finish or are cancelled.
+    pub max_unfinished_per_run: usize,
+    /// Most unfinished sweeps in all.
+    pub max_unfinished: usize,
 }
 
 impl Default for SweepLimits {
@@ -36,6 +41,8 @@ impl Default for SweepLimits {
             max_points: 256,
             max_seed_sets: 16,
             max_batch: 512,
+            max_unfinished_per_run: 32,
+            max_unfinished: 256,
         }
     }
 }

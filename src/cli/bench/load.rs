@@ -28,6 +28,14 @@ pub struct LoadArgs {
     /// are twice as many bytes).
     #[arg(long, default_value_t = 250_000)]
     pub params: u64,
+    /// Connections from another client address (127.0.0.2) that request the downloaded
+    /// file and never read, held for the whole hindsight phase.
+    #[arg(long, default_value_t = 100)]
+    pub slow_readers: usize,
+    /// Silent connections (never a byte sent) from 127.0.0.2, reopened as the server closes
+    /// them, for the whole hindsight phase.
+    #[arg(long, default_value_t = 2000)]
+    pub idle_connections: usize,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -61,6 +69,12 @@ pub struct LoadReport {
     pub server_peak_rss_mib: f64,
     /// Size of the downloaded file, bytes.
     pub file_bytes: u64,
+    /// Slow readers held during the hindsight phase.
+    pub slow_readers: usize,
+    /// Silent connections kept during the hindsight phase, and how many times the server
+    /// closed one (which was then reopened).
+    pub idle_connections: usize,
+    pub idle_closed_by_server: usize,
 }
 
 type Samples = Arc<Mutex<BTreeMap<&'static str, (Vec<f64>, usize)>>>;
@@ -116,6 +130,8 @@ pub fn load(args: LoadArgs) -> anyhow::Result<()> {
             file_bytes,
             ..Default::default()
         };
+        let attackers =
+            Attackers::start(&addr, &weights, args.slow_readers, args.idle_connections)?;
         let samples = run_clients(args.clients, args.seconds, |i, rng, agent| match i % 10 {
             0..=3 => ("download", get(agent, &weights, None, 200)),
             4..=6 => {
@@ -147,6 +163,9 @@ pub fn load(args: LoadArgs) -> anyhow::Result<()> {
             }
         });
         report.hindsight = summarise(samples);
+        report.slow_readers = args.slow_readers;
+        report.idle_connections = args.idle_connections;
+        report.idle_closed_by_server = attackers.stop();
         report.server_peak_rss_mib = peak_rss_mib(server.id()).unwrap_or(0.0);
         // The peer: the same file from tower-http's ServeDir.
         let blob = data
@@ -181,6 +200,11 @@ pub fn load(args: LoadArgs) -> anyhow::Result<()> {
         "load: {} clients × {:.0} s per server on loopback; file {} bytes; hindsight serve peak \
          RSS {:.0} MiB",
         report.clients, report.seconds, report.file_bytes, report.server_peak_rss_mib
+    );
+    println!(
+        "meanwhile, from 127.0.0.2: {} slow readers of the file, {} silent connections ({} \
+         closed by the server and reopened)",
+        report.slow_readers, report.idle_connections, report.idle_closed_by_server
     );
     println!(
         "{:<24} {:>9} {:>7} {:>9} {:>9}   {:>9} {:>9} {:>9}",
@@ -347,7 +371,7 @@ fn post_json(agent: &ureq::Agent, url: &str, body: &str) -> anyhow::Result<serde
 }
 
 /// Peak resident memory of process `pid` (VmHWM), MiB.
-fn peak_rss_mib(pid: u32) -> Option<f64> {
+pub(super) fn peak_rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib: f64 = status
         .lines()
@@ -387,4 +411,81 @@ fn start_serve_dir(dir: PathBuf) -> anyhow::Result<Peer> {
         });
     });
     Ok(Peer { addr, stop })
+}
+
+/// Hostile clients from 127.0.0.2 during the hindsight phase: slow readers (a GET of the
+/// file, never read) and silent connections, reopened whenever the server closes one.
+struct Attackers {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<anyhow::Result<usize>>,
+}
+
+impl Attackers {
+    fn start(addr: &str, url: &str, slow: usize, idle: usize) -> anyhow::Result<Self> {
+        use std::io::Write;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let path = url
+            .split_once("//")
+            .and_then(|(_, rest)| rest.find('/').map(|i| rest[i..].to_owned()))
+            .context("a URL with a path")?;
+        let target: std::net::SocketAddr = addr.parse()?;
+        let (flag, host) = (stop.clone(), addr.to_owned());
+        let thread = std::thread::spawn(move || -> anyhow::Result<usize> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let connect = || -> anyhow::Result<std::net::TcpStream> {
+                let tcp = rt.block_on(async {
+                    let socket = tokio::net::TcpSocket::new_v4()?;
+                    socket.bind("127.0.0.2:0".parse().expect("an address"))?;
+                    socket.connect(target).await
+                })?;
+                let tcp = tcp.into_std()?;
+                tcp.set_nonblocking(true)?;
+                Ok(tcp)
+            };
+            let mut readers = Vec::with_capacity(slow);
+            for _ in 0..slow {
+                let mut tcp = connect()?;
+                tcp.set_nonblocking(false)?;
+                write!(tcp, "GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n")?;
+                readers.push(tcp);
+            }
+            let mut silent: Vec<std::net::TcpStream> = (0..idle)
+                .map(|_| connect())
+                .collect::<anyhow::Result<_>>()?;
+            let mut closed = 0;
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                for tcp in silent.iter_mut() {
+                    let mut byte = [0u8; 1];
+                    let open = matches!(std::io::Read::read(tcp, &mut byte),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+                    if !open {
+                        closed += 1;
+                        if let Ok(fresh) = connect() {
+                            *tcp = fresh;
+                        }
+                    }
+                }
+            }
+            drop(readers);
+            Ok(closed)
+        });
+        Ok(Self { stop, thread })
+    }
+
+    /// Stops them; how many silent connections the server closed.
+    fn stop(self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        match self.thread.join() {
+            Ok(Ok(closed)) => closed,
+            Ok(Err(e)) => {
+                eprintln!("bench load: the hostile clients failed: {e:#}");
+                0
+            }
+            Err(_) => 0,
+        }
+    }
 }

@@ -5,6 +5,7 @@ use clap::Subcommand;
 
 use super::common::block_on;
 
+mod attack;
 mod chaos;
 mod load;
 mod metrics;
@@ -18,6 +19,11 @@ pub enum BenchCommand {
     /// after each, recovery, `verify`, every blob hashed and every acknowledged snapshot
     /// checked. Exits 1 on any failure.
     Chaos(chaos::ChaosArgs),
+    /// Replays the attacks that once exhausted the server (nested and memo-heavy pickles, an
+    /// .npz zip bomb, slow readers, silent connections) against `hindsight serve`: answers,
+    /// peak RSS and healthz latency per attack. Exits 1 when one is not refused cleanly,
+    /// the RSS passes 600 MiB or healthz 100 ms.
+    Attack(attack::AttackArgs),
     /// Many concurrent clients (downloads with and without Range, identical and distinct
     /// reconstructions, uploads) against `hindsight serve`, then the same downloads from
     /// tower-http's ServeDir: requests, errors, p50/p99 and the server's peak RSS.
@@ -57,6 +63,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     use hindsight::model::on_compute_pool;
     match command {
         BenchCommand::Chaos(args) => chaos::chaos(args),
+        BenchCommand::Attack(args) => attack::attack(args),
         BenchCommand::Load(args) => load::load(args),
         BenchCommand::Import(args) => block_on(store::import(args)),
         BenchCommand::Reconstruct(args) => block_on(store::reconstruct(args)),

@@ -349,6 +349,10 @@ impl SweepView {
 pub struct SweepList {
     /// Newest first.
     pub sweeps: Vec<SweepView>,
+    /// When there are more: the `before` of the next page (`GET /sweeps?before=…`); absent
+    /// on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_before: Option<i64>,
 }
 
 /// Stored reference statistics.

@@ -852,10 +852,18 @@ class Client:
 
     def sweeps(self, run: str | None = None) -> list[Sweep]:
         """``GET /sweeps``: every sweep (of ``run``, if given), newest first, without their
-        points."""
-        params = {"run": run} if run is not None else None
-        response = self._send(self._http, "GET", "/sweeps", params=params)
-        return [Sweep.from_json(s) for s in _raise_for_status(response).json()["sweeps"]]
+        points. The server answers a page at a time; this follows ``next_before`` to the end."""
+        sweeps: list[Sweep] = []
+        params: dict[str, str] = {"limit": "500"}
+        if run is not None:
+            params["run"] = run
+        while True:
+            response = self._send(self._http, "GET", "/sweeps", params=params)
+            page = _raise_for_status(response).json()
+            sweeps.extend(Sweep.from_json(s) for s in page["sweeps"])
+            if page.get("next_before") is None:
+                return sweeps
+            params["before"] = str(page["next_before"])
 
     def cancel_sweep(self, sweep: Sweep | int) -> Sweep:
         """``DELETE /sweeps/{id}``: stops the sweep's unfinished points (a worker stops at its
