@@ -6,7 +6,9 @@
 //! 2. pickles whose memo references would multiply one large value;
 //! 3. an `.npz` whose `mu.npy` inflates to 1 GiB;
 //! 4. clients that request a 33.5 MB statistics file and never read;
-//! 5. thousands of connections that never send a byte.
+//! 5. thousands of connections that never send a byte;
+//! 6. 500 idle event streams on a sweep (they once cost a core of polling): the server's CPU
+//!    time over 10 s with them open.
 //!
 //! For each: the answers, whether the server is still up, its peak resident memory during
 //! the phase (VmHWM, reset between phases through `/proc/PID/clear_refs`) and the latency of
@@ -34,13 +36,16 @@ pub struct AttackArgs {
     /// Clients that request the statistics file and never read.
     #[arg(long, default_value_t = 100)]
     pub slow_readers: usize,
+    /// Idle event streams in the last phase.
+    #[arg(long, default_value_t = 500)]
+    pub event_streams: usize,
     /// Largest peak RSS of the server allowed in any phase, MiB.
     #[arg(long, default_value_t = 600.0)]
     pub max_rss_mib: f64,
     /// Slowest `GET /healthz` allowed during any phase, milliseconds.
     #[arg(long, default_value_t = 100.0)]
     pub max_healthz_ms: f64,
-    /// Only these phases (1–5, comma-separated); default all.
+    /// Only these phases (1–6, comma-separated); default all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<usize>,
     /// Print the phases as JSON.
@@ -78,6 +83,54 @@ pub fn attack(args: AttackArgs) -> anyhow::Result<()> {
     let token = hindsight::server::append_new_token(&token_file)?;
     let exe = std::env::current_exe()?;
     let token_arg = token_file.to_str().context("a non-UTF-8 path")?.to_owned();
+    // A tiny trained run and pixel-projection reference statistics: a sweep to follow.
+    let network = temp.path().join("network.json");
+    std::fs::write(
+        &network,
+        r#"{"img_resolution": 8, "img_channels": 3, "label_dim": 0, "model_channels": 8,
+            "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [],
+            "logvar_channels": 8}"#,
+    )?;
+    let network = network.to_str().context("a non-UTF-8 path")?.to_owned();
+    for args in [
+        &[
+            "train",
+            "--run",
+            "es",
+            "--resolution",
+            "8",
+            "--batch",
+            "8",
+            "--total-kimg",
+            "1",
+            "--snapshot-kimg",
+            "1",
+            "--network",
+            &network,
+        ][..],
+        &[
+            "ref-stats",
+            "procedural",
+            "--pixel-projection",
+            "--name",
+            "ref",
+            "--max-images",
+            "16",
+        ],
+    ] {
+        let out = std::process::Command::new(&exe)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "hindsight {}: {}",
+                args[0],
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
     let (mut server, addr) = super::chaos::start_server(
         &exe,
         &data,
@@ -116,6 +169,10 @@ pub fn attack(args: AttackArgs) -> anyhow::Result<()> {
             (
                 "5 silent connections",
                 Box::new(|| silent_connections(&addr, args.idle_connections)),
+            ),
+            (
+                "6 idle event streams on a queued sweep",
+                Box::new(|| event_streams(&client, pid, args.event_streams)),
             ),
         ];
         for (number, (name, run)) in phases.into_iter().enumerate() {
@@ -187,7 +244,7 @@ pub fn attack(args: AttackArgs) -> anyhow::Result<()> {
         }
     }
     let wanted = if args.only.is_empty() {
-        5
+        6
     } else {
         args.only.len()
     };
@@ -208,11 +265,20 @@ struct Client {
 
 impl Client {
     fn post(&self, path: &str, body: &[u8]) -> anyhow::Result<(u16, String)> {
+        self.request(path, "application/octet-stream", body)
+    }
+
+    fn request(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> anyhow::Result<(u16, String)> {
         let mut tcp = TcpStream::connect(&self.addr)?;
         tcp.set_read_timeout(Some(Duration::from_secs(120)))?;
         let head = format!(
             "POST {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: \
-             application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+             {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             self.addr,
             self.token,
             body.len()
@@ -232,6 +298,10 @@ impl Client {
             .split_once("\r\n\r\n")
             .map_or(String::new(), |(_, b)| b.to_owned());
         Ok((status, body))
+    }
+
+    fn post_json(&self, path: &str, body: &[u8]) -> anyhow::Result<(u16, String)> {
+        self.request(path, "application/json", body)
     }
 
     /// Posts each body as reference statistics; refused when every answer is a 4xx.
@@ -471,5 +541,73 @@ fn silent_connections(addr: &str, count: usize) -> anyhow::Result<(String, bool)
             t.elapsed().as_secs_f64()
         ),
         open == 0,
+    ))
+}
+
+/// CPU seconds (user + system) the process `pid` has used.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').context("a /proc stat line")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    // SAFETY: sysconf has no preconditions.
+    #[allow(unsafe_code)]
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / hz.max(1.0))
+}
+
+/// `streams` clients follow a queued sweep's events (nothing changes: no worker runs) for
+/// 10 s; passes when the server spends under 5 % of a core on them.
+fn event_streams(client: &Client, pid: u32, streams: usize) -> anyhow::Result<(String, bool)> {
+    let body = br#"{"run": "es", "reference": "ref", "sigma_rels": [0.05], "num_images": 4,
+        "batch": 2, "sampler": {"steps": 3}}"#;
+    let (status, text) = client.post_json("/sweeps", body)?;
+    if status != 201 {
+        bail!("creating a sweep to follow: {status} {text}");
+    }
+    let id = serde_json::from_str::<serde_json::Value>(&text)?["id"]
+        .as_i64()
+        .context("a sweep id")?;
+    let mut held = Vec::with_capacity(streams);
+    // From 127.0.0.10, .11, …: 200 per address, under the per-client cap of busy connections.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let target: std::net::SocketAddr = client.addr.parse()?;
+    for i in 0..streams {
+        let from: std::net::SocketAddr = format!("127.0.0.{}:0", 10 + i / 200).parse()?;
+        let tcp = rt.block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(from)?;
+            socket.connect(target).await
+        })?;
+        let mut tcp = tcp.into_std()?;
+        tcp.set_nonblocking(false)?;
+        write!(
+            tcp,
+            "GET /sweeps/{id}/events HTTP/1.1\r\nHost: {}\r\n\r\n",
+            client.addr
+        )?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        // The first event (the whole sweep) arrives at once.
+        let mut first = [0u8; 512];
+        let n = tcp.read(&mut first)?;
+        if !String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200") {
+            bail!("an event stream was refused");
+        }
+        held.push(tcp);
+    }
+    let before = cpu_seconds(pid)?;
+    std::thread::sleep(Duration::from_secs(10));
+    let used = cpu_seconds(pid)? - before;
+    Ok((
+        format!(
+            "{streams} streams open for 10 s: the server used {:.2} CPU s ({:.1} % of a core), \
+             the phase's ~500 healthz requests included",
+            used,
+            used * 10.0
+        ),
+        used < 0.5,
     ))
 }
