@@ -289,10 +289,12 @@ fn to_rgb(
                 .collect(),
             alpha,
         ),
-        other => return Err(Skip::Unsupported(format!(
-            "{format} with {:?} pixels (floating point) has no 8-bit reading that matches PIL's",
-            other.color()
-        ))),
+        other => {
+            return Err(Skip::Unsupported(format!(
+                "{format} with {:?} pixels (floating point): no 8-bit reading matches PIL's",
+                other.color()
+            )))
+        }
     })
 }
 
