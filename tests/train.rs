@@ -275,5 +275,5 @@ fn png_folders_and_zips_in_edm2_layout() {
     assert!(ImageFolder::open(&empty)
         .unwrap_err()
         .to_string()
-        .contains("no PNG"));
+        .contains("no images found"));
 }

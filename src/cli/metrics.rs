@@ -8,6 +8,7 @@ use anyhow::bail;
 use hindsight::app::references::{self, ReferenceOrigin};
 use hindsight::app::DataDir;
 use hindsight::datasets::Dataset;
+use hindsight::metrics::kid::KidMethod;
 use hindsight::metrics::{frechet_distance_of, kid, statistics, FeatureExtractor, FeatureStats};
 
 use super::common::{bar, block_on, print_json};
@@ -16,8 +17,8 @@ use super::common::{bar, block_on, print_json};
 #[derive(clap::Args, Debug)]
 pub struct RefStatsArgs {
     /// The image set: `fashion-mnist`, `fashion-mnist-test`, an `*-images-idx3-ubyte[.gz]`
-    /// file, a folder or ZIP of PNGs (EDM2's dataset layout) — or a pytorch-fid `.npz` / EDM2
-    /// `.pkl` to import as they are.
+    /// file, a folder or ZIP of images (PNG, JPEG, WebP, BMP, TIFF, GIF, …; EDM2's dataset
+    /// layout) — or a pytorch-fid `.npz` / EDM2 `.pkl` to import as they are.
     pub dataset: String,
     /// Write pytorch-fid-compatible statistics here (`.npz` with `mu`, `sigma`, float64).
     #[arg(long)]
@@ -62,7 +63,9 @@ pub struct FidArgs {
     /// KID: random subsets averaged.
     #[arg(long, default_value_t = 100)]
     pub kid_subsets: usize,
-    /// KID: features per subset (at most; fewer when a side has fewer).
+    /// KID: features per subset (at most). When a side has no more than this, subsets would
+    /// all be that whole side: KID is then one estimate on the whole sets, with a jackknife
+    /// standard error (and a warning saying so).
     #[arg(long, default_value_t = 1000)]
     pub kid_subset_size: usize,
     /// Print one line of JSON instead of text.
@@ -76,6 +79,28 @@ pub struct ReferencesArgs {
     /// Print JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Says on stderr what was read from an image folder: `SOURCE: 64 images (32 PNG, 32 JPEG)`,
+/// as a warning naming the files skipped when there are any, and a note per conversion
+/// (alpha dropped, 16-bit grey clipped, CMYK). Returns the warning, if any.
+fn report_folder(dataset: &Dataset, source: &str) -> Option<String> {
+    let folder = dataset.folder()?;
+    let report = folder.report();
+    for note in report.notes() {
+        eprintln!("note: {source}: {note}");
+    }
+    match report.skipped_summary() {
+        Some(skipped) => {
+            let warning = format!("{source}: {}; {skipped}", folder.summary());
+            eprintln!("warning: {warning}");
+            Some(warning)
+        }
+        None => {
+            eprintln!("{source}: {}", folder.summary());
+            None
+        }
+    }
 }
 
 fn is_stats_file(s: &str) -> bool {
@@ -156,6 +181,7 @@ pub fn ref_stats(data_dir: &Path, args: RefStatsArgs) -> anyhow::Result<()> {
     }
     // The dataset first: a bad path or an empty set is reported before the network loads.
     let dataset = Dataset::open(&args.dataset, 32, 0, 0)?;
+    report_folder(&dataset, &args.dataset);
     let full = dataset.len();
     let count = args.max_images.map_or(full, |m| m.min(full));
     if count < 2 {
@@ -229,8 +255,9 @@ enum Side {
     /// Statistics (a file, or stored ones with their features when kept), and the geometry of
     /// the images behind them when known.
     Stats(FeatureStats, Option<Vec<f32>>, Option<(usize, usize)>),
-    /// An image set to run the network over, and how many of its images.
-    Images(Dataset, usize),
+    /// An image set to run the network over, how many of its images, and the warning about
+    /// files skipped in it.
+    Images(Dataset, usize, Option<String>),
 }
 
 /// Resolves one side without running the network: a statistics file, stored reference
@@ -263,13 +290,14 @@ fn resolve(data_dir: &Path, source: &str, args: &FidArgs) -> anyhow::Result<Side
         }
     }
     let dataset = Dataset::open(source, 32, 0, 0)?;
+    let warning = report_folder(&dataset, source);
     let count = args
         .max_images
         .map_or(dataset.len(), |m| m.min(dataset.len()));
     if count < 2 {
         bail!("{source}: {count} image(s); statistics need at least 2");
     }
-    Ok(Side::Images(dataset, count))
+    Ok(Side::Images(dataset, count, warning))
 }
 
 /// FID (and KID where both sides have features) between two sets.
@@ -287,10 +315,17 @@ pub fn fid(data_dir: &Path, args: FidArgs) -> anyhow::Result<()> {
     ];
     let mut extractor = None;
     let mut resolved = Vec::new();
+    let mut warnings = Vec::new();
+    let mut read = Vec::new();
     for (side, source) in sides.into_iter().zip([&args.a, &args.b]) {
+        read.push(match &side {
+            Side::Images(dataset, ..) => dataset.folder().map(|f| f.report_json()),
+            Side::Stats(..) => None,
+        });
         resolved.push(match side {
             Side::Stats(stats, features, geometry) => (stats, features, geometry),
-            Side::Images(dataset, count) => {
+            Side::Images(dataset, count, warning) => {
+                warnings.extend(warning);
                 if extractor.is_none() {
                     let e = FeatureExtractor::open(args.weights.as_deref())?;
                     eprintln!("feature network: {}", e.identity());
@@ -330,6 +365,7 @@ pub fn fid(data_dir: &Path, args: FidArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let fid = frechet_distance_of(&a.0, &b.0)?;
     let fid_seconds = started.elapsed().as_secs_f64();
+    // KID where both sides have features; a set too small for it leaves FID standing.
     let kid = match (&a.1, &b.1) {
         (Some(x), Some(y)) => Some(kid(
             x,
@@ -338,23 +374,42 @@ pub fn fid(data_dir: &Path, args: FidArgs) -> anyhow::Result<()> {
             args.kid_subsets,
             args.kid_subset_size,
             0,
-        )?),
+        )),
         _ => None,
     };
+    if let Some(Ok(k)) = &kid {
+        if let Some(w) = k.warning() {
+            eprintln!("warning: {w}");
+            warnings.push(w);
+        }
+    }
     if args.json {
+        let (kid_value, kid_error) = match &kid {
+            Some(Ok(k)) => (serde_json::json!(k), None),
+            Some(Err(e)) => (serde_json::Value::Null, Some(e.to_string())),
+            None => (serde_json::Value::Null, None),
+        };
         return print_json(&serde_json::json!({
             "a": args.a, "b": args.b,
             "count_a": a.0.count(), "count_b": b.0.count(),
-            "fid": fid, "kid": kid, "fid_seconds": fid_seconds,
+            "read_a": read[0], "read_b": read[1],
+            "fid": fid, "kid": kid_value, "kid_error": kid_error, "fid_seconds": fid_seconds,
+            "warnings": warnings,
         }));
     }
     writeln!(out, "FID  {fid:.4}")?;
     match kid {
-        Some(k) => writeln!(
+        Some(Ok(k)) if k.method == KidMethod::Jackknife => writeln!(
+            out,
+            "KID  {:.6} ± {:.6} (whole sets of {} and {} features, jackknife standard error)",
+            k.mean, k.std_error, k.sizes[0], k.sizes[1]
+        )?,
+        Some(Ok(k)) => writeln!(
             out,
             "KID  {:.6} ± {:.6} ({} subsets of {})",
             k.mean, k.std_error, k.subsets, k.subset_size
         )?,
+        Some(Err(e)) => writeln!(out, "KID  - ({e})")?,
         None => writeln!(
             out,
             "KID  - (needs features on both sides; statistics files have none)"

@@ -1,6 +1,7 @@
 //! Images for training and evaluation: a built-in procedural dataset that needs no download,
-//! folders or ZIPs of PNGs in EDM2's dataset layout, and IDX files (Fashion-MNIST, see
-//! [`idx`]).
+//! folders or ZIPs of images in EDM2's dataset layout ([`folder`]; PNG, JPEG, WebP and the other
+//! formats PIL reads, decoded to the pixels PIL gives: [`decode`]), and IDX files
+//! (Fashion-MNIST, see [`idx`]).
 //!
 //! Image `i` of the procedural set is drawn from an RNG seeded by (seed, i): a soft vertical
 //! background gradient and one filled shape whose kind (disc, square, diamond, ring, cross)
@@ -11,8 +12,12 @@
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 
+pub mod decode;
+pub mod folder;
 pub mod idx;
 
+pub use decode::{ImageFormat, Skip};
+pub use folder::{FolderReport, ImageFolder, SkippedFile};
 pub use idx::IdxImages;
 
 /// Shape kinds, one per class modulo their number.
@@ -106,212 +111,6 @@ impl Procedural {
     }
 }
 
-/// Images from a folder or a ZIP archive in EDM2's dataset layout: PNG files (any
-/// sub-folders), all of one square size, and optionally `dataset.json` with
-/// `{"labels": [["path/in/archive.png", class], ...]}`. ZIP members must be stored
-/// uncompressed, as EDM2's `dataset_tool.py` writes them. Everything is decoded once into
-/// memory (8 bits per channel). A set whose every image is greyscale has one channel (as
-/// Fashion-MNIST), any other three (grey images among colour ones are replicated to RGB).
-#[derive(Clone, Debug)]
-pub struct ImageFolder {
-    /// Image side in pixels.
-    pub resolution: usize,
-    /// Channels: 1 (every image greyscale) or 3.
-    pub channels: usize,
-    /// Number of classes (0 without labels).
-    pub classes: usize,
-    pixels: Vec<u8>,
-    labels: Vec<usize>,
-}
-
-/// A decoded PNG: width, height, whether it is greyscale, and its pixels as RGB (HWC).
-fn decode_png(bytes: &[u8], name: &str) -> crate::Result<(usize, usize, bool, Vec<u8>)> {
-    let bad = |m: String| crate::Error::invalid(name, m);
-    let mut decoder = png::Decoder::new(std::io::Cursor::new(bytes));
-    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
-    let mut reader = decoder
-        .read_info()
-        .map_err(|e| bad(format!("not a PNG: {e}")))?;
-    let mut buf = vec![0; reader.output_buffer_size().unwrap_or(0)];
-    let info = reader
-        .next_frame(&mut buf)
-        .map_err(|e| bad(format!("cannot decode: {e}")))?;
-    let (w, h) = (info.width as usize, info.height as usize);
-    let channels = info.color_type.samples();
-    let mut rgb = Vec::with_capacity(w * h * 3);
-    for px in buf[..w * h * channels].chunks_exact(channels) {
-        match channels {
-            1 | 2 => rgb.extend([px[0]; 3]),
-            _ => rgb.extend(&px[..3]),
-        }
-    }
-    Ok((w, h, channels <= 2, rgb))
-}
-
-impl ImageFolder {
-    /// Loads every PNG under `path` (a directory or a `.zip`).
-    pub fn open(path: &std::path::Path) -> crate::Result<Self> {
-        let source = path.display().to_string();
-        let mut files: Vec<(String, Vec<u8>)> = Vec::new();
-        let mut labels_json: Option<Vec<u8>> = None;
-        if path.is_dir() {
-            let mut stack = vec![path.to_path_buf()];
-            while let Some(dir) = stack.pop() {
-                let entries = std::fs::read_dir(&dir)
-                    .map_err(|e| crate::Error::io(format!("reading {}", dir.display()), e))?;
-                for entry in entries {
-                    let p = entry
-                        .map_err(|e| crate::Error::io(format!("reading {}", dir.display()), e))?
-                        .path();
-                    let rel = p
-                        .strip_prefix(path)
-                        .unwrap_or(&p)
-                        .to_string_lossy()
-                        .replace('\\', "/");
-                    if p.is_dir() {
-                        stack.push(p);
-                    } else if rel.to_lowercase().ends_with(".png") || rel == "dataset.json" {
-                        let bytes = std::fs::read(&p)
-                            .map_err(|e| crate::Error::io(format!("reading {}", p.display()), e))?;
-                        if rel == "dataset.json" {
-                            labels_json = Some(bytes);
-                        } else {
-                            files.push((rel, bytes));
-                        }
-                    }
-                }
-            }
-        } else {
-            let file = std::fs::File::open(path)
-                .map_err(|e| crate::Error::io(format!("opening {source}"), e))?;
-            let mut archive = zip::ZipArchive::new(std::io::BufReader::new(file))
-                .map_err(|e| crate::Error::invalid(&source, format!("not a ZIP archive: {e}")))?;
-            for i in 0..archive.len() {
-                let mut entry = archive
-                    .by_index(i)
-                    .map_err(|e| crate::Error::invalid(&source, format!("entry {i}: {e}")))?;
-                let name = entry
-                    .name()
-                    .map_err(|e| crate::Error::invalid(&source, format!("entry {i}: {e}")))?
-                    .into_owned();
-                if !(name.to_lowercase().ends_with(".png") || name == "dataset.json") {
-                    continue;
-                }
-                let mut bytes = Vec::new();
-                std::io::Read::read_to_end(&mut entry, &mut bytes).map_err(|e| {
-                    crate::Error::invalid(
-                        &source,
-                        format!("{name}: {e} (members must be stored uncompressed)"),
-                    )
-                })?;
-                if name == "dataset.json" {
-                    labels_json = Some(bytes);
-                } else {
-                    files.push((name, bytes));
-                }
-            }
-        }
-        files.sort_by(|a, b| a.0.cmp(&b.0));
-        if files.is_empty() {
-            return Err(crate::Error::invalid(&source, "no PNG images found"));
-        }
-        let label_map: Option<std::collections::HashMap<String, usize>> = match labels_json {
-            None => None,
-            Some(bytes) => {
-                let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-                    crate::Error::invalid(format!("{source}/dataset.json"), e.to_string())
-                })?;
-                match v.get("labels") {
-                    Some(serde_json::Value::Array(items)) => Some(
-                        items
-                            .iter()
-                            .filter_map(|it| {
-                                Some((
-                                    it.get(0)?.as_str()?.to_owned(),
-                                    it.get(1)?.as_u64()? as usize,
-                                ))
-                            })
-                            .collect(),
-                    ),
-                    _ => None,
-                }
-            }
-        };
-        let mut resolution = 0;
-        let mut pixels = Vec::new();
-        let mut labels = Vec::with_capacity(files.len());
-        let mut all_grey = true;
-        for (name, bytes) in &files {
-            let (w, h, grey, rgb) = decode_png(bytes, &format!("{source}/{name}"))?;
-            all_grey &= grey;
-            if w != h || (resolution != 0 && w != resolution) {
-                return Err(crate::Error::invalid(
-                    format!("{source}/{name}"),
-                    format!(
-                        "is {w}×{h}; every image must be square and of one size ({resolution})"
-                    ),
-                ));
-            }
-            resolution = w;
-            pixels.extend(rgb);
-            if let Some(map) = &label_map {
-                labels.push(*map.get(name).ok_or_else(|| {
-                    crate::Error::invalid(
-                        format!("{source}/dataset.json"),
-                        format!("no label for {name}"),
-                    )
-                })?);
-            }
-        }
-        let classes = labels.iter().max().map_or(0, |m| m + 1);
-        let channels = if all_grey {
-            // Keep one of the three equal channels.
-            pixels = pixels.into_iter().step_by(3).collect();
-            1
-        } else {
-            3
-        };
-        Ok(Self {
-            resolution,
-            channels,
-            classes,
-            pixels,
-            labels,
-        })
-    }
-
-    /// Number of images.
-    pub fn len(&self) -> usize {
-        self.pixels.len() / (self.channels * self.resolution * self.resolution)
-    }
-
-    /// Keeps the first `n` images only.
-    pub fn truncate(&mut self, n: usize) {
-        let n = n.min(self.len());
-        self.pixels
-            .truncate(n * self.channels * self.resolution * self.resolution);
-        self.labels.truncate(n.min(self.labels.len()));
-    }
-
-    /// Whether there are none (never, once opened).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Image `index` (as CHW f32 in [−1, 1], `channels` planes) and its class.
-    pub fn image(&self, index: usize) -> (Vec<f32>, usize) {
-        let (n, channels) = (self.resolution * self.resolution, self.channels);
-        let px = &self.pixels[index * channels * n..(index + 1) * channels * n];
-        let mut out = vec![0f32; channels * n];
-        for (i, pixel) in px.chunks_exact(channels).enumerate() {
-            for (c, &v) in pixel.iter().enumerate() {
-                out[c * n + i] = v as f32 / 127.5 - 1.0;
-            }
-        }
-        (out, self.labels.get(index).copied().unwrap_or(0))
-    }
-}
-
 /// The seed of the data stream (image order, procedural images) of a training run with
 /// `training_seed`: derived from it so that data and initialisation draw different numbers.
 pub fn data_seed(training_seed: u64) -> u64 {
@@ -332,7 +131,7 @@ pub fn one_hot(classes: &[usize], n: usize, device: &Device) -> candle_core::Res
 pub enum Dataset {
     /// The built-in procedural images.
     Procedural(Procedural),
-    /// A folder or ZIP of PNGs, visited in a fresh seeded order every epoch.
+    /// A folder or ZIP of images, visited in a fresh seeded order every epoch.
     Images(ImageFolder, u64),
     /// An IDX file (Fashion-MNIST), padded to a power-of-two side, visited like a folder.
     Idx(IdxImages, u64),
@@ -348,7 +147,7 @@ impl Dataset {
     ///   test (10 000) set (Debian's [`idx::FASHION_MNIST_DIR`], else a download in
     ///   [`idx::fashion_mnist_cache_dir`]), 28×28 padded to 32×32, 10 classes;
     /// - a path to an `*-images-idx3-ubyte[.gz]` file (labels from the file beside it);
-    /// - a folder or ZIP of PNGs.
+    /// - a folder or ZIP of images ([`ImageFolder`]).
     ///
     /// Image sets bring their own size, channels and classes. `training_seed` is the run's
     /// seed; the stream's comes from [`data_seed`].
@@ -439,7 +238,7 @@ impl Dataset {
         Ok((images, labels))
     }
 
-    /// Channels of every image: 3 for the procedural set, 1 for IDX, 1 or 3 for PNG sets.
+    /// Channels of every image: 3 for the procedural set, 1 for IDX, 1 or 3 for image folders.
     pub fn channels(&self) -> usize {
         match self {
             Dataset::Procedural(_) => 3,
@@ -476,6 +275,14 @@ impl Dataset {
         }
     }
 
+    /// The image folder behind the set, if it is one (its report says what was read).
+    pub fn folder(&self) -> Option<&ImageFolder> {
+        match self {
+            Dataset::Images(f, _) => Some(f),
+            _ => None,
+        }
+    }
+
     /// Whether there are no images.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -491,7 +298,7 @@ impl Dataset {
         };
         match self {
             Dataset::Procedural(p) => to_u8(p.image(index as u64).0),
-            Dataset::Images(f, _) => to_u8(f.image(index).0),
+            Dataset::Images(f, _) => f.pixels(index),
             Dataset::Idx(x, _) => x.pixels(index).0.to_vec(),
         }
     }

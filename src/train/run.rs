@@ -119,13 +119,16 @@ impl Session {
         let dataset = Dataset::open(&source, options.resolution, options.classes, options.seed)?;
         if let Dataset::Images(folder, _) = &dataset {
             progress.note(&format!(
-                "dataset {}: {} images of {2}×{2}, {3} channel(s), {4} classes",
+                "dataset {}: {} of {2}×{2}, {3} channel(s), {4} classes",
                 source,
-                folder.len(),
+                folder.summary(),
                 folder.resolution,
                 folder.channels,
                 folder.classes
             ));
+            if let Some(skipped) = folder.report().skipped_summary() {
+                progress.note(&format!("warning: dataset {source}: {skipped}"));
+            }
         }
         options.resolution = dataset.resolution();
         options.classes = dataset.classes();
