@@ -93,6 +93,17 @@ pub async fn store_computed(
 pub async fn import(data: &DataDir, origin: ReferenceOrigin, bytes: &[u8]) -> Result<ReferenceRow> {
     check_reference_name(&origin.name)?;
     let stats = FeatureStats::parse(bytes, &origin.source)?;
+    import_stats(data, origin, stats).await
+}
+
+/// [`import`] of statistics already parsed (the server parses uploads on the blocking pool,
+/// with [`FeatureStats::parse_at_most`] `FEATURES`).
+pub async fn import_stats(
+    data: &DataDir,
+    origin: ReferenceOrigin,
+    stats: FeatureStats,
+) -> Result<ReferenceRow> {
+    check_reference_name(&origin.name)?;
     if stats.dims() != FEATURES {
         return Err(Error::invalid(
             "statistics",

