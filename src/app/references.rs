@@ -28,10 +28,10 @@ pub struct ReferenceOrigin {
 /// and not all digits (those are ids).
 pub fn check_reference_name(name: &str) -> Result<()> {
     crate::db::check_name("name", "a reference name", name)?;
-    if name.chars().all(|c| c.is_ascii_digit()) {
+    if name.chars().all(|c| c.is_ascii_digit()) || name.parse::<i64>().is_ok() {
         return Err(Error::invalid(
             "name",
-            format!("{name:?}: a reference name may not be all digits (those are ids)"),
+            format!("{name:?}: a reference name may not be a number (those are ids)"),
         ));
     }
     Ok(())
@@ -161,9 +161,11 @@ async fn taken(data: &DataDir, name: &str) -> Result<()> {
 ///
 /// Errors: [`Error::NotFound`] saying how to list them.
 pub async fn find(data: &DataDir, key: &str) -> Result<ReferenceRow> {
-    let row = match key.trim().parse::<i64>() {
-        Ok(id) => data.db.reference(id).await?,
-        Err(_) => None,
+    // Only the canonical spelling of a positive id is an id (`3`, not `+3`, `03` or `3 `):
+    // a name can never be mistaken for another reference's id.
+    let row = match key.parse::<i64>() {
+        Ok(id) if id > 0 && id.to_string() == key => data.db.reference(id).await?,
+        _ => None,
     };
     let row = match row {
         Some(r) => Some(r),

@@ -58,6 +58,15 @@ pub struct ServeArgs {
     /// (a silent socket, or a keep-alive connection between requests).
     #[arg(long, default_value_t = 10.0)]
     idle_timeout_secs: f64,
+    /// Seconds a response may wait for its client to read more before the connection is
+    /// dropped (a client that stopped reading). At least 20 (event streams send a keep-alive
+    /// every 15 s).
+    #[arg(long, default_value_t = 60.0)]
+    send_timeout_secs: f64,
+    /// Requests one client (IP address) may have in flight at once, on all its connections;
+    /// more get 429.
+    #[arg(long, default_value_t = 256)]
+    max_requests_per_client: usize,
     /// A name the `Host` header may carry besides localhost, 127.0.0.1 and [::1] when
     /// serving a loopback address (requests naming other hosts are refused, against DNS
     /// rebinding). Repeatable.
@@ -112,10 +121,16 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
         ("--header-read-timeout-secs", args.header_read_timeout_secs),
         ("--shutdown-grace-secs", args.shutdown_grace_secs),
         ("--idle-timeout-secs", args.idle_timeout_secs),
+        ("--send-timeout-secs", args.send_timeout_secs),
     ] {
         if !(value.is_finite() && (0.1..=86_400.0).contains(&value)) {
             bail!("{flag} must be between 0.1 and 86400 seconds");
         }
+    }
+    if args.send_timeout_secs < 20.0 {
+        bail!(
+            "--send-timeout-secs must be at least 20 (event streams send a keep-alive every 15 s)"
+        );
     }
     if args.max_uploads_per_client == 0 || args.upload_concurrency == 0 {
         bail!("--max-uploads-per-client and --upload-concurrency must be at least 1");
@@ -158,6 +173,8 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
         max_connections: args.max_connections.max(1),
         max_connections_per_client: args.max_connections_per_client.max(1),
         idle_timeout: std::time::Duration::from_secs_f64(args.idle_timeout_secs),
+        send_timeout: std::time::Duration::from_secs_f64(args.send_timeout_secs),
+        max_requests_per_client: args.max_requests_per_client.max(1),
         loopback_hosts_only: addr.ip().is_loopback(),
         allowed_hosts: args.allowed_hosts.clone(),
         ..Default::default()

@@ -155,6 +155,14 @@ pub async fn same_origin(
     // An absolute-form target's authority wins over Host (RFC 9112 §3.2.2). A request that
     // names no host, or one that is not visible ASCII, is refused like a foreign one: it
     // could otherwise slip past the loopback check below.
+    // HTTP/1.1 requires the Host header even with an absolute-form target (RFC 9112 §3.2);
+    // HTTP/2 names the host in `:authority`, which hyper puts in the URI.
+    let http1 = request.version() < axum::http::Version::HTTP_2;
+    if http1 && !request.headers().contains_key(header::HOST) {
+        return Err(ApiError::invalid(
+            "Host: the request names no host (HTTP/1.1 requires a Host header, RFC 9112 §3.2)",
+        ));
+    }
     let host = match request.uri().authority() {
         Some(a) => a.to_string(),
         None => match request.headers().get(header::HOST) {
@@ -203,27 +211,54 @@ pub async fn same_origin(
 
 /// The name part of a `Host` value (without the port; IPv6 in brackets).
 fn host_name(host: &str) -> &str {
-    if host.starts_with('[') {
-        return host
-            .split_once(']')
-            .map_or(host, |(a, _)| &host[..a.len() + 1]);
-    }
-    match host.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-        _ => host,
-    }
+    split_host(host).map_or(host, |(name, _)| name)
 }
 
-/// Whether `Host` names this loopback server: `localhost`, `127.x.x.x`, `[::1]`, or one of
-/// `extra`, with any port.
+/// A `Host` value as (name, port): `name`, `name:port`, `[v6]` or `[v6]:port`, the port all
+/// digits; `None` for anything else (text after `]`, an empty name, unbracketed IPv6).
+fn split_host(host: &str) -> Option<(&str, Option<&str>)> {
+    let (name, port) = if host.starts_with('[') {
+        let end = host.find(']')?;
+        let (name, rest) = host.split_at(end + 1);
+        match rest {
+            "" => (name, None),
+            _ => (name, Some(rest.strip_prefix(':')?)),
+        }
+    } else {
+        match host.split_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (host, None),
+        }
+    };
+    let port_ok = port.is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    (!name.is_empty() && port_ok).then_some((name, port))
+}
+
+/// Whether `label` is a DNS label: 1–63 letters, digits and hyphens, not starting or
+/// ending with a hyphen.
+fn dns_label(label: &str) -> bool {
+    (1..=63).contains(&label.len())
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !label.starts_with('-')
+        && !label.ends_with('-')
+}
+
+/// Whether `Host` names this loopback server: `localhost` or a name under it (RFC 6761:
+/// such names resolve to loopback), `127.x.x.x`, `[::1]`, or one of `extra`, with any port
+/// (one trailing dot allowed, as DNS spells absolute names).
 fn host_allowed(host: &str, extra: &[String]) -> bool {
-    if host.contains(['@', ',', ' ', '/']) {
+    let Some((name, _)) = split_host(host) else {
         return false;
-    }
-    let name = host_name(host).to_ascii_lowercase();
-    let name = name.trim_end_matches('.');
-    name == "localhost"
-        || name.ends_with(".localhost")
+    };
+    let name = name.to_ascii_lowercase();
+    let name = name.strip_suffix('.').unwrap_or(&name);
+    let under_localhost = name == "localhost"
+        || name
+            .strip_suffix(".localhost")
+            .is_some_and(|sub| sub.split('.').all(dns_label));
+    under_localhost
         || name == "[::1]"
         || name
             .parse::<std::net::Ipv4Addr>()
@@ -244,6 +279,7 @@ mod tests {
             "127.9.9.9",
             "[::1]:80",
             "LOCALHOST.",
+            "app.localhost:8080",
         ] {
             assert!(host_allowed(ok, &[]), "{ok}");
         }
@@ -256,6 +292,16 @@ mod tests {
             "localhost:80, evil.example",
             "localhost:x",
             "",
+            "localhost..",
+            ".localhost",
+            "..localhost",
+            "-.localhost",
+            "%65vil.localhost",
+            "[::1]x",
+            "[::1]]",
+            "[::1]:",
+            "::1",
+            "localhost:",
         ] {
             assert!(!host_allowed(bad, &[]), "{bad}");
         }

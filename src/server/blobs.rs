@@ -31,9 +31,14 @@ fn none_match(value: &str, etag: &str) -> bool {
         .any(|t| t == "*" || t == etag || t.strip_prefix("W/") == Some(etag))
 }
 
+/// Bytes read from disk at a time for a response: a response holds about three chunks
+/// (the one being read, the one held back until hashed, the one hyper is writing), however
+/// large the file and however slowly the client reads.
+const CHUNK_BYTES: usize = 64 << 10;
+
 /// Streams the blob `digest_hex` as the response to a GET with `headers`: from disk in
-/// 256 KiB chunks, so a connection holds at most one chunk (plus the socket's buffers)
-/// however large the blob and however slowly the client reads. `file_name` goes into
+/// [`CHUNK_BYTES`] chunks, so a response holds a few chunks (plus the kernel's socket
+/// buffers) however large the blob and however slowly the client reads. `file_name` goes into
 /// `Content-Disposition` (`attachment`) when given; `content_type` is the media type.
 pub(super) async fn send_blob(
     state: &AppState,
@@ -277,7 +282,7 @@ struct Checked {
 /// and the store forgets that the blob was ever found intact.
 fn file_body(file: tokio::fs::File, len: u64, verify: Option<(Digest, BlobStore)>) -> Body {
     use tokio::io::AsyncReadExt;
-    let chunks = tokio_util::io::ReaderStream::with_capacity(file.take(len), 256 << 10);
+    let chunks = tokio_util::io::ReaderStream::with_capacity(file.take(len), CHUNK_BYTES);
     let Some((expected, store)) = verify else {
         return Body::from_stream(chunks);
     };

@@ -38,15 +38,48 @@ pub(super) struct Activity {
     epoch: Instant,
     in_flight: AtomicUsize,
     last_ms: AtomicU64,
+    /// Response bodies not yet sent or dropped, and when one was last asked for data.
+    responses: AtomicUsize,
+    body_polled_ms: AtomicU64,
+    /// The client's requests in flight on all its connections (shared by its connections).
+    client: Arc<AtomicUsize>,
 }
 
 impl Activity {
-    fn new(epoch: Instant) -> Self {
+    fn new(epoch: Instant, client: Arc<AtomicUsize>) -> Self {
         Self {
             epoch,
             in_flight: AtomicUsize::new(0),
             last_ms: AtomicU64::new(now_ms(epoch)),
+            responses: AtomicUsize::new(0),
+            body_polled_ms: AtomicU64::new(now_ms(epoch)),
+            client,
         }
+    }
+
+    /// How long a response has waited for the client to take more of it: the time since
+    /// any response body on this connection was last asked for data, while one is unsent.
+    /// hyper stops asking when the client stops reading (HTTP/1's socket buffer is full,
+    /// HTTP/2's flow-control window is closed); an event stream is asked at least at every
+    /// keep-alive (15 s).
+    fn stalled_for(&self) -> Option<Duration> {
+        if self.responses.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let last = self.body_polled_ms.load(Ordering::Relaxed);
+        Some(Duration::from_millis(
+            now_ms(self.epoch).saturating_sub(last),
+        ))
+    }
+
+    /// Whether no request is in flight on this connection.
+    pub(super) fn is_idle(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+    }
+
+    /// Requests in flight from this connection's client, on all its connections.
+    pub(super) fn client_requests(&self) -> usize {
+        self.client.load(Ordering::Acquire)
     }
 
     fn touch(&self) {
@@ -68,6 +101,7 @@ impl Activity {
     /// body, or with the request if it is abandoned).
     pub(super) fn begin(self: &Arc<Self>) -> RequestGuard {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.client.fetch_add(1, Ordering::AcqRel);
         self.touch();
         RequestGuard(self.clone())
     }
@@ -79,6 +113,7 @@ pub(super) struct RequestGuard(Arc<Activity>);
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         self.0.touch();
+        self.0.client.fetch_sub(1, Ordering::AcqRel);
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -89,16 +124,23 @@ struct Entry {
     close: CancellationToken,
 }
 
+/// Per client address: open connections, and requests in flight on all of them.
+#[derive(Default)]
+struct ClientCounts {
+    connections: usize,
+    requests: Arc<AtomicUsize>,
+}
+
 #[derive(Default)]
 struct Table {
     next_id: u64,
     open: HashMap<u64, Entry>,
-    per_client: HashMap<IpAddr, usize>,
+    per_client: HashMap<IpAddr, ClientCounts>,
 }
 
 impl Table {
     /// Asks the connection idle the longest (of `peer` only, when given) to close; whether
-    /// there was one. A connection already asked is not counted twice.
+    /// there was one. One already asked is not asked again.
     fn evict_idlest(&mut self, peer: Option<IpAddr>) -> bool {
         let idlest = self
             .open
@@ -115,19 +157,27 @@ impl Table {
         }
     }
 
-    /// Connections counted toward the caps: those not already asked to close.
-    fn live(&self, peer: Option<IpAddr>) -> usize {
-        self.open
-            .values()
-            .filter(|e| peer.is_none_or(|p| e.peer == p) && !e.close.is_cancelled())
-            .count()
+    /// Open connections (of `peer` only, when given): `(all, not yet asked to close)`.
+    fn count(&self, peer: Option<IpAddr>) -> (usize, usize) {
+        let mut all = 0;
+        let mut live = 0;
+        for e in self.open.values() {
+            if peer.is_none_or(|p| e.peer == p) {
+                all += 1;
+                live += usize::from(!e.close.is_cancelled());
+            }
+        }
+        (all, live)
     }
 }
 
 /// Why a connection was not admitted.
+#[derive(Debug)]
 pub(super) enum Refusal {
     /// Its address has `max_connections_per_client` busy connections open.
     ClientBusy,
+    /// The server has `max_connections` busy connections open.
+    ServerFull,
 }
 
 /// The registry of open connections (one per server).
@@ -153,9 +203,9 @@ impl Drop for Admitted {
     fn drop(&mut self) {
         let mut table = self.registry.table.lock().expect("connection table");
         if let Some(entry) = table.open.remove(&self.id) {
-            if let Some(n) = table.per_client.get_mut(&entry.peer) {
-                *n -= 1;
-                if *n == 0 {
+            if let Some(counts) = table.per_client.get_mut(&entry.peer) {
+                counts.connections -= 1;
+                if counts.connections == 0 {
                     table.per_client.remove(&entry.peer);
                 }
             }
@@ -166,6 +216,7 @@ impl Drop for Admitted {
 }
 
 impl Connections {
+    /// A registry for at most `max_total` connections, `max_per_client` per address.
     pub(super) fn new(max_total: usize, max_per_client: usize) -> Arc<Self> {
         Arc::new(Self {
             epoch: Instant::now(),
@@ -176,33 +227,36 @@ impl Connections {
         })
     }
 
-    /// Waits until the server may accept one more connection in all: at the cap, the
-    /// idlest connection is asked to close, or (none idle) this waits for one to close.
-    pub(super) async fn room(&self) {
-        loop {
-            let closed = self.closed.notified();
-            {
-                let mut table = self.table.lock().expect("connection table");
-                if table.live(None) < self.max_total || table.evict_idlest(None) {
-                    return;
-                }
-            }
-            // Nothing idle: wait for a close, and look again now and then (a busy
-            // connection may have become idle without closing).
-            let _ = tokio::time::timeout(Duration::from_millis(100), closed).await;
-        }
+    /// Waits until a connection closes, or 100 ms (a busy connection may have become idle
+    /// without closing): then [`Connections::admit`] is worth trying again.
+    pub(super) async fn changed(&self) {
+        let _ = tokio::time::timeout(Duration::from_millis(100), self.closed.notified()).await;
     }
 
-    /// Registers a connection from `peer`: at the per-client cap, the idlest connection of
-    /// that address is asked to close; with none idle the connection is refused.
+    /// Registers a connection from `peer`, just accepted. At the per-client cap, the
+    /// connection of that address idle the longest is asked to close (none idle: refused,
+    /// [`Refusal::ClientBusy`]); at the total cap, the idlest of all (none idle:
+    /// [`Refusal::ServerFull`], try again after [`Connections::changed`]). The new connection
+    /// itself is never the one closed. Connections asked to close count until they have
+    /// closed, against a hard ceiling of twice each cap: however fast they are replaced,
+    /// the sockets open stay bounded.
     pub(super) fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Admitted, Refusal> {
         let mut table = self.table.lock().expect("connection table");
-        if table.live(Some(peer)) >= self.max_per_client && !table.evict_idlest(Some(peer)) {
+        let (all, live) = table.count(Some(peer));
+        if all >= 2 * self.max_per_client
+            || (live >= self.max_per_client && !table.evict_idlest(Some(peer)))
+        {
             return Err(Refusal::ClientBusy);
+        }
+        let (all, live) = table.count(None);
+        if all >= 2 * self.max_total || (live >= self.max_total && !table.evict_idlest(None)) {
+            return Err(Refusal::ServerFull);
         }
         let id = table.next_id;
         table.next_id += 1;
-        let activity = Arc::new(Activity::new(self.epoch));
+        let client = table.per_client.entry(peer).or_default();
+        client.connections += 1;
+        let activity = Arc::new(Activity::new(self.epoch, client.requests.clone()));
         let close = CancellationToken::new();
         table.open.insert(
             id,
@@ -212,7 +266,6 @@ impl Connections {
                 close: close.clone(),
             },
         );
-        *table.per_client.entry(peer).or_default() += 1;
         Ok(Admitted {
             activity,
             close,
@@ -235,6 +288,18 @@ pub(super) async fn idle_expired(activity: &Activity, timeout: Duration) {
             Some(idle) if idle >= timeout => return,
             Some(idle) => tokio::time::sleep(timeout - idle).await,
             // Busy: look again after a while (cheap; one timer per connection).
+            None => tokio::time::sleep(timeout.max(Duration::from_millis(100))).await,
+        }
+    }
+}
+
+/// Resolves when a response on `activity`'s connection has waited `timeout` for the client
+/// to read more of it (see [`Activity::stalled_for`]).
+pub(super) async fn response_stalled(activity: &Activity, timeout: Duration) {
+    loop {
+        match activity.stalled_for() {
+            Some(stalled) if stalled >= timeout => return,
+            Some(stalled) => tokio::time::sleep(timeout - stalled).await,
             None => tokio::time::sleep(timeout.max(Duration::from_millis(100))).await,
         }
     }
@@ -301,15 +366,23 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
 /// dropped.
 pub(super) struct GuardedBody {
     inner: axum::body::Body,
-    _guard: RequestGuard,
+    guard: RequestGuard,
 }
 
 impl GuardedBody {
     pub(super) fn new(inner: axum::body::Body, guard: RequestGuard) -> Self {
-        Self {
-            inner,
-            _guard: guard,
-        }
+        let activity = &guard.0;
+        activity.responses.fetch_add(1, Ordering::AcqRel);
+        activity
+            .body_polled_ms
+            .store(now_ms(activity.epoch), Ordering::Relaxed);
+        Self { inner, guard }
+    }
+}
+
+impl Drop for GuardedBody {
+    fn drop(&mut self) {
+        self.guard.0.responses.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -321,6 +394,10 @@ impl hyper::body::Body for GuardedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let activity = &self.guard.0;
+        activity
+            .body_polled_ms
+            .store(now_ms(activity.epoch), Ordering::Relaxed);
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 
@@ -342,25 +419,43 @@ mod tests {
         let registry = Connections::new(3, 2);
         let a: IpAddr = "127.0.0.2".parse().unwrap();
         let b: IpAddr = "127.0.0.3".parse().unwrap();
-        let first = registry.admit(a).ok().unwrap();
+        let first = registry.admit(a).unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let second = registry.admit(a).ok().unwrap();
+        let second = registry.admit(a).unwrap();
         // Per client: a third from `a` makes the older idle one close.
-        let third = registry.admit(a).ok().unwrap();
+        let third = registry.admit(a).unwrap();
         assert!(first.close.is_cancelled());
         assert!(!second.close.is_cancelled());
         // With both of `a`'s live connections busy, a fourth is refused.
-        let _busy2 = second.activity.begin();
-        let _busy3 = third.activity.begin();
+        let busy2 = second.activity.begin();
+        let busy3 = third.activity.begin();
         assert!(matches!(registry.admit(a), Err(Refusal::ClientBusy)));
-        // In all (3): `first` still holds its slot until it closes, but it was asked to
-        // close, so it does not count; `b` gets in.
-        let other = registry.admit(b).ok().unwrap();
+        // Requests are counted per client, across its connections.
+        assert_eq!(second.activity.client_requests(), 2);
+        // In all (3): `first`, asked to close, does not count against the cap; `b` gets in.
+        let other = registry.admit(b).unwrap();
         drop(first);
         assert_eq!(registry.open(), 3);
-        // At the total cap with `other` idle: room() asks it to close.
-        registry.room().await;
+        // At the total cap, a newcomer makes the idlest other connection close (`other`)...
+        let newcomer = registry.admit(b).unwrap();
         assert!(other.close.is_cancelled());
+        assert!(!newcomer.close.is_cancelled());
+        // ...and with every live connection busy, the next one waits: the newcomer just
+        // accepted is not closed for it.
+        let busy_new = newcomer.activity.begin();
+        assert!(matches!(registry.admit(b), Err(Refusal::ServerFull)));
+        assert!(!newcomer.close.is_cancelled());
+        // However fast idle connections are replaced, open sockets stay under twice the cap.
+        drop((busy2, busy3, busy_new));
+        let c: IpAddr = "127.0.0.4".parse().unwrap();
+        let mut kept = Vec::new();
+        for _ in 0..20 {
+            if let Ok(admitted) = registry.admit(c) {
+                kept.push(admitted);
+            }
+            assert!(registry.open() <= 6, "{}", registry.open());
+        }
+        drop(other);
     }
 
     #[tokio::test]

@@ -102,7 +102,7 @@ impl From<Error> for ApiError {
             Error::NotFound(m) => ApiError::not_found(m),
             Error::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
             Error::LimitReached(m) => {
-                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "limit_reached", m)
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "limit_reached", m).retry_after(30)
             }
             Error::Io { ref source, .. } if crate::error::is_no_space(source) => no_space(&e),
             Error::Database(sqlx::Error::Database(ref d)) if d.code().as_deref() == Some("13") => {

@@ -148,6 +148,31 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Concurrent HTTP/2 streams per connection.
+const HTTP2_MAX_STREAMS: u32 = 16;
+
+/// How long an idle connection asked to close may take to say goodbye before it is dropped.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The answer to a request past [`ServerConfig::max_requests_per_client`].
+fn too_many_requests(limit: usize) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut response = ApiError::new(
+        axum::http::StatusCode::TOO_MANY_REQUESTS,
+        "too_many_requests",
+        format!(
+            "this address has more than {limit} requests in flight (the per-client limit); \
+             wait for some to finish"
+        ),
+    )
+    .into_response();
+    response.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        axum::http::HeaderValue::from_static("1"),
+    );
+    response
+}
+
 /// Serves `app(state)` on `listener` until `shutdown` resolves, then stops accepting and
 /// lets requests in flight (uploads included) finish for at most
 /// [`ServerConfig::shutdown_grace`], after which their connections are closed: shutdown
@@ -159,7 +184,10 @@ pub fn app(state: AppState) -> Router {
 /// sends anything, or a keep-alive connection between requests) is closed; and the caps on
 /// open connections ([`ServerConfig::max_connections`] in all,
 /// [`ServerConfig::max_connections_per_client`] per address) close idle connections to make
-/// room rather than lock new clients out (`connections`). Each request carries the peer's
+/// room rather than lock new clients out (`connections`); a response the client has not
+/// read from for [`ServerConfig::send_timeout`] has its connection dropped; a client may have
+/// [`ServerConfig::max_requests_per_client`] requests in flight (more get 429), at most
+/// 16 per HTTP/2 connection. Each request carries the peer's
 /// address (`axum::extract::ConnectInfo<SocketAddr>`) for per-client limits.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -175,6 +203,8 @@ pub async fn serve(
         state.config.max_connections,
         state.config.max_connections_per_client,
     );
+    let send_timeout = state.config.send_timeout;
+    let max_requests_per_client = state.config.max_requests_per_client;
     let grace = state.config.shutdown_grace;
     let router = app(state);
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -182,15 +212,16 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
-    builder.http2().timer(TokioTimer::new());
+    // Each HTTP/2 stream is a request in flight (counted per client below); a few per
+    // connection are enough for any real client.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(HTTP2_MAX_STREAMS);
     let stopping = tokio_util::sync::CancellationToken::new();
     let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = registry.room() => {}
-            () = &mut shutdown => break,
-        }
+    'accept: loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -203,21 +234,29 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let admitted = match registry.admit(peer.ip()) {
-            Ok(a) => a,
-            Err(connections::Refusal::ClientBusy) => {
-                tracing::debug!(%peer, "connection refused: the client's connections are all busy");
-                // One short answer if the socket takes it at once, then close.
-                let body = "{\"error\":{\"code\":\"too_many_connections\",\"message\":\"this \
-                            address has as many connections open as it may, all busy; try \
-                            again\"}}";
-                let answer = format!(
-                    "HTTP/1.1 429 Too Many Requests\r\nConnection: close\r\nContent-Type: \
-                     application/json\r\nRetry-After: 1\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.try_write(answer.as_bytes());
-                continue;
+        let admitted = loop {
+            match registry.admit(peer.ip()) {
+                Ok(a) => break a,
+                // Every connection is busy: this one waits (in our hands, as it would in
+                // the listen queue) for one to close or become idle.
+                Err(connections::Refusal::ServerFull) => tokio::select! {
+                    () = registry.changed() => {}
+                    () = &mut shutdown => break 'accept,
+                },
+                Err(connections::Refusal::ClientBusy) => {
+                    tracing::debug!(%peer, "connection refused: the client's connections are all busy");
+                    // One short answer if the socket takes it at once, then close.
+                    let body = "{\"error\":{\"code\":\"too_many_connections\",\"message\":\"this \
+                                address has as many connections open as it may, all busy; \
+                                try again\"}}";
+                    let answer = format!(
+                        "HTTP/1.1 429 Too Many Requests\r\nConnection: close\r\nContent-Type: \
+                         application/json\r\nRetry-After: 1\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.try_write(answer.as_bytes());
+                    continue 'accept;
+                }
             }
         };
         let _ = stream.set_nodelay(true);
@@ -226,13 +265,18 @@ pub async fn serve(
         let service =
             hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                 let guard = activity.begin();
+                let busy = activity.client_requests() > max_requests_per_client;
                 let mut request = request.map(axum::body::Body::new);
                 request
                     .extensions_mut()
                     .insert(axum::extract::ConnectInfo(peer));
                 let response = router.clone().oneshot(request);
                 async move {
-                    let response = response.await?;
+                    let response = if busy {
+                        too_many_requests(max_requests_per_client)
+                    } else {
+                        response.await?
+                    };
                     Ok::<_, std::convert::Infallible>(response.map(|body| {
                         axum::body::Body::new(connections::GuardedBody::new(body, guard))
                     }))
@@ -252,12 +296,26 @@ pub async fn serve(
                 }
                 () = connections::idle_expired(&admitted.activity, idle_timeout) => "idle",
                 () = admitted.close.cancelled() => "making room",
+                () = connections::response_stalled(&admitted.activity, send_timeout) => {
+                    tracing::info!(%peer, "dropping a connection whose client stopped reading");
+                    return;
+                }
                 () = stopping.cancelled() => "shutting down",
             };
             tracing::debug!(%peer, why, "closing a connection");
-            // Finishes a request in flight (shutdown); an idle connection closes at once.
+            if why == "shutting down" && admitted.activity.is_idle() {
+                // Nothing in flight: nothing to finish.
+                return;
+            }
+            // A request in flight finishes (shutdown; bounded by the grace period); an idle
+            // connection says goodbye (HTTP/2's GOAWAY) and is dropped after at most
+            // CLOSE_WAIT, whether or not the client answers.
             connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
+            if why == "shutting down" {
+                let _ = connection.await;
+            } else {
+                let _ = tokio::time::timeout(CLOSE_WAIT, connection).await;
+            }
             drop(admitted);
         });
         while connections.try_join_next().is_some() {}

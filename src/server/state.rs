@@ -62,6 +62,13 @@ pub struct ServerConfig {
     /// A connection with no request in flight that receives nothing for this long is closed:
     /// a socket that never sends a byte, or a keep-alive connection between requests.
     pub idle_timeout: Duration,
+    /// A response the client takes nothing of for this long (it stopped reading) has its
+    /// connection dropped. Event streams send a keep-alive every 15 s, so this must be
+    /// longer.
+    pub send_timeout: Duration,
+    /// Requests one client (IP address) may have in flight on all its connections; more
+    /// are answered 429 at once.
+    pub max_requests_per_client: usize,
     /// Answer only requests whose `Host` is a loopback name (`localhost`, `127.x.x.x`,
     /// `[::1]`, any port) or one of `allowed_hosts`: a server on loopback is then out of
     /// reach of DNS rebinding (a web page whose name resolves to 127.0.0.1). `serve` turns it
@@ -92,6 +99,8 @@ impl Default for ServerConfig {
             max_connections: 4096,
             max_connections_per_client: 256,
             idle_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(60),
+            max_requests_per_client: 256,
             loopback_hosts_only: true,
             allowed_hosts: Vec::new(),
         }

@@ -108,6 +108,8 @@ pub fn load(args: LoadArgs) -> anyhow::Result<()> {
             "1000",
             "--upload-concurrency",
             "8",
+            "--max-requests-per-client",
+            "1000",
         ],
     )?;
     let result = (|| -> anyhow::Result<LoadReport> {

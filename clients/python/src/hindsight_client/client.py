@@ -253,6 +253,17 @@ class Reconstruction:
         return safetensors.numpy.load(self.read_bytes())
 
 
+def _is_limit_reached(response: httpx.Response) -> bool:
+    """Whether a 429 says a configured bound is reached (``limit_reached``: e.g. too many
+    unfinished sweeps), which waiting a few seconds does not change: not retried."""
+    if response.status_code != 429:
+        return False
+    try:
+        return response.json()["error"]["code"] == "limit_reached"
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
 class _RetryableError(Exception):
     """One attempt failed in a way another attempt may not (carries the failure)."""
 
@@ -482,7 +493,7 @@ class Client:
                     f"{method} {path}: {e}; the server may have acted on it, so it is not "
                     "sent again"
                 ) from e
-            if response.status_code in statuses:
+            if response.status_code in statuses and not _is_limit_reached(response):
                 raise _RetryableError(_error_from(response))
             return response
 
