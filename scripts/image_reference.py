@@ -19,7 +19,7 @@ Writes, under tests/fixtures/:
   NVIDIA's Inception on those pixels exactly as scripts/inception_reference.py runs it.
 - image_formats/: one small file per format and pixel mode that PIL and the image crate both
   read (PNG grey/LA/RGB/RGBA/palette/16-bit, JPEG of odd size, greyscale, progressive, CMYK,
-  restart markers, WebP lossy/lossless/alpha/animated, APNG, BMP, TIFF, GIF still and animated, PPM/PGM, TGA,
+  restart markers, arithmetic coding (written by cjpeg when it is installed), WebP lossy/lossless/alpha/animated, APNG, BMP, TIFF, GIF still and animated, PPM/PGM, TGA,
   ICO, QOI).
 - image_formats.safetensors: per file, PIL's Image.open(f).convert('RGB') as uint8 [H, W, 3]
   (animations: the first frame), keyed by file name; PIL's mode of each in the metadata.
@@ -30,7 +30,9 @@ numpy, Pillow, safetensors, and torch for the features.
 import gzip
 import json
 import os
+import shutil
 import struct
+import subprocess
 import sys
 import zlib
 
@@ -153,6 +155,19 @@ def formats_folder(fm):
     save("restart.jpg", Image.fromarray(photo(40, 40, 5)), quality=85, restart_marker_blocks=1)
     save("grey.jpg", Image.fromarray(grey), quality=90)
     save("cmyk.jpg", Image.fromarray(rgb).convert("CMYK"), quality=90)
+    # Arithmetic coding: PIL cannot write it; libjpeg-turbo's cjpeg (Debian's
+    # libjpeg-turbo-progs) can.
+    if shutil.which("cjpeg"):
+        Image.fromarray(rgb).save(os.path.join(out, "arithmetic.ppm"))
+        with open(os.path.join(out, "arithmetic.jpg"), "wb") as f:
+            subprocess.run(
+                ["cjpeg", "-arithmetic", "-quality", "90", os.path.join(out, "arithmetic.ppm")],
+                stdout=f,
+                check=True,
+            )
+        os.remove(os.path.join(out, "arithmetic.ppm"))
+    else:
+        print("cjpeg not found (apt-get install libjpeg-turbo-progs): no arithmetic.jpg")
     save("lossy.webp", Image.fromarray(photo(45, 70, 6)), quality=80)
     save("lossless.webp", Image.fromarray(rgb), lossless=True)
     save("alpha.webp", Image.fromarray(rgba, "RGBA"), quality=80)

@@ -298,7 +298,7 @@ fn kid_of_six_against_six_images_has_a_real_standard_error() {
         "{json}"
     );
     assert!(
-        stderr.contains("warning: KID: the sets are no larger than a subset"),
+        stderr.contains("warning: KID: the smaller set (6 features) is no larger than the subset"),
         "{stderr}"
     );
 }

@@ -6,7 +6,7 @@
 //! three channels. The two agree on greyscale and RGB files; for the modes EDM2 cannot feed
 //! its detector (alpha, palettes, 16 bits, CMYK) this module does what `convert('RGB')` does:
 //!
-//! - **JPEG** is decoded by libjpeg-turbo's decoder (the `mozjpeg` crate, built from its C
+//! - **JPEG** (arithmetic-coded ones too) is decoded by libjpeg-turbo's decoder (the `mozjpeg` crate, built from its C
 //!   sources; Pillow's wheels bundle libjpeg-turbo): the default integer IDCT and fancy
 //!   upsampling give the very pixels PIL gives. Pure-Rust decoders do not: on 133 JPEGs
 //!   (4:2:0, 4:2:2, 4:4:4, greyscale, progressive, restart markers, odd sizes, quality
@@ -36,7 +36,7 @@ use std::io::Cursor;
 
 /// Side of the largest image read, in pixels (per side); larger ones are skipped as
 /// unsupported before their pixels are allocated.
-pub const MAX_IMAGE_SIDE: usize = 16_384;
+pub const MAX_IMAGE_SIDE: usize = 8_192;
 
 /// The image formats read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -63,11 +63,13 @@ impl Kid {
     pub fn warning(&self) -> Option<String> {
         (self.method == KidMethod::Jackknife).then(|| {
             format!(
-                "KID: the sets are no larger than a subset ({} and {} features are used, \
-                 subsets hold up to the smaller set's size), so random subsets would all be \
-                 the same and their spread would claim an exact value; KID is one unbiased \
-                 estimate on those features, ± its jackknife standard error",
-                self.sizes[0], self.sizes[1]
+                "KID: the smaller set ({} features) is no larger than the subset size, so \
+                 every random subset would be that whole set and their spread would claim an \
+                 exact value; KID is instead one unbiased estimate on {} and {} features, ± \
+                 its jackknife standard error",
+                self.sizes[0].min(self.sizes[1]),
+                self.sizes[0],
+                self.sizes[1]
             )
         })
     }
