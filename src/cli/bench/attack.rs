@@ -75,7 +75,10 @@ pub struct PhaseReport {
     pub seconds: f64,
 }
 
-/// Replays the five attacks; see the module docs.
+/// One attack: its outcome in words, and whether it was refused cleanly.
+type Phase<'a> = dyn Fn() -> anyhow::Result<(String, bool)> + 'a;
+
+/// Replays the attacks; see the module docs.
 pub fn attack(args: AttackArgs) -> anyhow::Result<()> {
     let temp = tempfile::tempdir()?;
     let data = temp.path().join("data");
@@ -149,7 +152,7 @@ pub fn attack(args: AttackArgs) -> anyhow::Result<()> {
             bail!("importing the 2048-d statistics: {status} {body}");
         }
         let mut reports = Vec::new();
-        let phases: Vec<(&str, Box<dyn Fn() -> anyhow::Result<(String, bool)>>)> = vec![
+        let phases: Vec<(&str, Box<Phase>)> = vec![
             (
                 "1 nested pickles (50k TUPLE1, 100k MARK/LIST, 100k REDUCE, 1M BINPERSID)",
                 Box::new(|| client.post_each("deep", &nested_pickles())),
@@ -458,7 +461,7 @@ fn zip_bomb() -> anyhow::Result<Vec<u8>> {
     zip.start_file("mu.npy", options)?;
     let n: u64 = 1 << 27;
     let mut header = format!("{{'descr': '<f8', 'fortran_order': False, 'shape': ({n},), }}");
-    while (10 + header.len() + 1) % 64 != 0 {
+    while !(10 + header.len() + 1).is_multiple_of(64) {
         header.push(' ');
     }
     header.push('\n');
@@ -472,7 +475,7 @@ fn zip_bomb() -> anyhow::Result<Vec<u8>> {
     zip.start_file("sigma.npy", options)?;
     zip.write_all(b"\x93NUMPY\x01\x00")?;
     let mut header = "{'descr': '<f8', 'fortran_order': False, 'shape': (1, 1), }".to_owned();
-    while (10 + header.len() + 1) % 64 != 0 {
+    while !(10 + header.len() + 1).is_multiple_of(64) {
         header.push(' ');
     }
     header.push('\n');
