@@ -194,3 +194,95 @@ fn hindsight_fid_reads_a_npy_of_a_dict() {
         "{stderr}"
     );
 }
+
+/// `POST /references` with the uploads of issue "Reliability 2": each used to abort the
+/// server (a stack overflow on a tokio worker) or take gigabytes; each is now a 400 naming the
+/// limit, answered from the blocking pool. A `.npy` of a dict is parsed (and refused only for
+/// its dimension: imports must be 2048-d), and more than 2048 dimensions are refused before
+/// `sigma` is read.
+#[test]
+fn uploads_that_used_to_abort_the_server_are_refused() {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let repeat = |head: &[u8], run: &[u8], n: usize, tail: &[u8]| -> Vec<u8> {
+        let mut b = head.to_vec();
+        for _ in 0..n {
+            b.extend_from_slice(run);
+        }
+        b.extend_from_slice(tail);
+        b
+    };
+    let mut marks = repeat(b"\x80\x02", b"(", 100_000, b"");
+    marks.extend(std::iter::repeat_n(b'l', 100_000));
+    marks.push(b'.');
+    // mu of 4096 values and an empty sigma.npy: refused on mu alone, as float64 while it
+    // inflates (more bytes than 2048 float64 take), as float32 by its dimension.
+    let wide = |f32: bool| {
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let options = zip::write::SimpleFileOptions::default();
+        zip.start_file("mu.npy", options).unwrap();
+        if f32 {
+            npy::write_f32(&mut zip, &[4096], &[0.0; 4096]).unwrap();
+        } else {
+            npy::write_f64(&mut zip, &[4096], &[0.0; 4096]).unwrap();
+        }
+        zip.start_file("sigma.npy", options).unwrap();
+        zip.finish().unwrap().into_inner()
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "50 000 TUPLE1",
+            repeat(b"\x80\x02)", b"\x85", 50_000, b"."),
+            "(the pickle depth limit)",
+        ),
+        ("100 000 MARK/LIST", marks, "(the pickle depth limit)"),
+        (
+            "1 000 000 BINPERSID",
+            repeat(b"\x80\x02N", b"Q", 1_000_000, b"."),
+            "(the pickle depth limit)",
+        ),
+        (
+            "a .npy of a 4-d dict",
+            std::fs::read(fixture("ref_dict.npy")).unwrap(),
+            "4-dimensional statistics",
+        ),
+        (
+            "a 4096-d float64 .npz",
+            wide(false),
+            "more than a 2048-value float64 mu needs (the .npz entry size limit)",
+        ),
+        (
+            "a 4096-d float32 .npz",
+            wide(true),
+            "4096-dimensional statistics, more than the 2048 read here",
+        ),
+    ];
+    rt.block_on(async {
+        let data = hindsight::app::DataDir::open(dir.path()).await.unwrap();
+        let config = hindsight::server::ServerConfig {
+            sweep_worker: None,
+            ..Default::default()
+        };
+        let app = hindsight::server::app(hindsight::server::AppState::new(data, config));
+        for (name, bytes, needle) in cases {
+            let request = Request::post("/references?name=x")
+                .body(Body::from(bytes))
+                .unwrap();
+            let response = app.clone().oneshot(request).await.unwrap();
+            let status = response.status();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            let body = String::from_utf8_lossy(&body);
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{name}: {body}");
+            assert!(body.contains(needle), "{name}: {body}");
+        }
+    });
+}

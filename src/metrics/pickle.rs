@@ -37,6 +37,10 @@ pub const MAX_PICKLE_BYTES: usize = 256 << 20;
 
 /// Deepest nesting of containers and objects (and of open `MARK`s): the pickle depth limit.
 /// A `torch.save` state dict nests about 5 levels, a TorchScript module tree about 20.
+///
+/// Depth is tracked as the graph is built: a container's rises when a part is added to it,
+/// but containers that already hold it (through memo references) are not revisited, and
+/// cycles have no depth. The limit stops deep construction; walks still bound themselves.
 pub const MAX_DEPTH: usize = 1000;
 
 /// Most values a pickle may make or reference: every object made and every memo reference

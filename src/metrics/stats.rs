@@ -1,8 +1,13 @@
 //! Reference statistics: the mean and the unbiased covariance of a set's features, in f64,
 //! accumulated in one pass over batches (Chan, Golub & LeVeque's pairwise update, so a batch
 //! at a time is exact and order does not matter beyond rounding), and read from and written
-//! to the files the peers use: pytorch-fid's `.npz` (`mu`, `sigma`) and EDM2's reference
-//! `.pkl` (a pickled `{'fid': {'mu', 'sigma'}, …}` of NumPy arrays).
+//! to the files the peers use: pytorch-fid's `.npz` (`mu`, `sigma`), EDM2's reference `.pkl`
+//! (a pickled `{'fid': {'mu', 'sigma'}, …}` of NumPy arrays) and `numpy.save` of a
+//! `{'mu', 'sigma'}` dict (a `.npy` of a pickled object array).
+//!
+//! Files are told apart by content ([`FeatureStats::parse`]), read under budgets
+//! ([`MAX_FILE_BYTES`], [`MAX_DIMS`], [`MAX_NPZ_ENTRIES`], the `.npz` entry caps and
+//! `pickle`'s limits), and refused with what they are and what is accepted ([`ACCEPTED`]).
 
 use std::io::{Read, Write};
 use std::path::Path;
