@@ -31,7 +31,7 @@ pub fn check_reference_name(name: &str) -> Result<()> {
     if name.chars().all(|c| c.is_ascii_digit()) || name.parse::<i64>().is_ok() {
         return Err(Error::invalid(
             "name",
-            format!("{name:?}: a reference name may not be a number (those are ids)"),
+            format!("{name:?}: a reference name may not be a number or all digits (those are ids)"),
         ));
     }
     Ok(())
