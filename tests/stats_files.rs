@@ -275,6 +275,7 @@ fn uploads_that_used_to_abort_the_server_are_refused() {
         let app = hindsight::server::app(hindsight::server::AppState::new(data, config));
         for (name, bytes, needle) in cases {
             let request = Request::post("/references?name=x")
+                .header("host", "localhost")
                 .body(Body::from(bytes))
                 .unwrap();
             let response = app.clone().oneshot(request).await.unwrap();
