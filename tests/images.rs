@@ -309,7 +309,7 @@ fn kid_of_six_against_six_images_has_a_real_standard_error() {
 /// note in `src/datasets/decode.rs`. A measurement, run on request:
 /// `cargo test --release --test images -- --ignored jpeg_decoder`.
 #[test]
-#[ignore = "a measurement with the real weights; run with --ignored"]
+#[ignore = "a measurement with the real weights; .ci/run runs it with --ignored"]
 fn jpeg_decoder_choice_moves_fid() {
     let Some(weights) = real_inception_weights() else {
         return;
