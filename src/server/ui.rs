@@ -9,7 +9,9 @@ use axum::response::{IntoResponse, Response};
 
 use super::error::{ApiError, ApiResult};
 
-/// `(path under /ui/, content type, bytes)` of every embedded file.
+/// `(path under /ui/, content type, bytes)` of every embedded file. The script is a tree of
+/// ES modules (no build step): `app.js` imports `js/main.js`, which imports the rest; each
+/// module is listed here, served as `text/javascript` like any script.
 const FILES: &[(&str, &str, &[u8])] = &[
     (
         "index.html",
@@ -20,6 +22,51 @@ const FILES: &[(&str, &str, &[u8])] = &[
         "app.js",
         "text/javascript; charset=utf-8",
         include_bytes!("../../web/app.js"),
+    ),
+    (
+        "js/main.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../web/js/main.js"),
+    ),
+    (
+        "js/api.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../web/js/api.js"),
+    ),
+    (
+        "js/wire.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../web/js/wire.js"),
+    ),
+    (
+        "js/dom.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../web/js/dom.js"),
+    ),
+    (
+        "js/format.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../web/js/format.js"),
+    ),
+    (
+        "js/chart.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../web/js/chart.js"),
+    ),
+    (
+        "js/pages/runs.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../web/js/pages/runs.js"),
+    ),
+    (
+        "js/pages/run.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../web/js/pages/run.js"),
+    ),
+    (
+        "js/pages/sweep.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../web/js/pages/sweep.js"),
     ),
     (
         "app.css",
@@ -135,4 +182,78 @@ pub(super) fn svg_response(svg: String) -> Response {
         HeaderValue::from_static("nosniff"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FILES;
+
+    /// The module paths `source` imports (`import … from './x.js'`, `import './x.js'`, and
+    /// the last line of an import over several lines, `} from './x.js'`).
+    fn imports(source: &str) -> Vec<&str> {
+        source
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("import ") || l.starts_with("} from "))
+            .filter_map(|l| l.split(['\'', '"']).nth(1))
+            .collect()
+    }
+
+    /// `target` relative to the directory of `from` (both paths under `/ui/`).
+    fn resolve(from: &str, target: &str) -> String {
+        let mut parts: Vec<&str> = from.split('/').collect();
+        parts.pop();
+        for part in target.split('/') {
+            match part {
+                "." => {}
+                ".." => {
+                    parts.pop();
+                }
+                p => parts.push(p),
+            }
+        }
+        parts.join("/")
+    }
+
+    #[test]
+    fn every_module_the_script_imports_is_embedded() {
+        let embedded: Vec<&str> = FILES.iter().map(|(p, _, _)| *p).collect();
+        for (path, _, bytes) in FILES.iter().filter(|(p, _, _)| p.ends_with(".js")) {
+            let Ok(source) = std::str::from_utf8(bytes) else {
+                continue; // the minified vendor script
+            };
+            for target in imports(source) {
+                let resolved = resolve(path, target);
+                assert!(
+                    embedded.contains(&resolved.as_str()),
+                    "{path} imports {target} ({resolved}), which src/server/ui.rs does not embed"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_file_of_web_js_is_embedded() {
+        fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else {
+                    out.push(path);
+                }
+            }
+        }
+        let web = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("web");
+        let mut found = Vec::new();
+        walk(&web.join("js"), &mut found);
+        assert!(!found.is_empty());
+        for path in found {
+            let rel = path.strip_prefix(&web).unwrap().to_str().unwrap().to_owned();
+            assert!(
+                FILES.iter().any(|(p, _, _)| *p == rel),
+                "web/{rel} is not embedded in src/server/ui.rs"
+            );
+        }
+    }
 }

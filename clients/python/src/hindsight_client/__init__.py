@@ -17,14 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .client import (
-    Client,
-    Reconstruction,
-    Report,
-    ReportInput,
-    ReportWarning,
-    UploadResult,
-)
+from .client import Client
 from .errors import (
     ApiError,
     Conflict,
@@ -46,7 +39,19 @@ from .errors import (
 )
 from .profile import beta, gamma_to_sigma_rel, sigma_rel_to_gamma
 from .snapshot import EDM2_PREFIX, Snapshot, digest_of, save_snapshots
-from .sweeps import BestPoint, MetricSummary, Reference, Sweep, SweepPoint
+from .uploads import UploadResult
+from .wire import (
+    BestPoint,
+    MetricInfo,
+    MetricSummary,
+    Reconstruction,
+    Reference,
+    Report,
+    ReportInput,
+    ReportWarning,
+    Sweep,
+    SweepPoint,
+)
 
 if TYPE_CHECKING:
     from .tracker import PowerEMA
@@ -62,6 +67,7 @@ __all__ = [
     "DigestMismatch",
     "HindsightError",
     "InvalidInput",
+    "MetricInfo",
     "MetricSummary",
     "NotFound",
     "PayloadTooLarge",

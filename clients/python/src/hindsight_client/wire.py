@@ -1,0 +1,769 @@
+"""The server's JSON as dataclasses: every class here mirrors one component schema of the
+server's ``GET /openapi.json`` and names it in ``__schema__``; nothing outside this module
+reads a field of the server's answers.
+
+How a class mirrors its schema (``tests/test_contract.py`` checks it against a running
+server):
+
+- each field is the schema's property of the same name, unless its ``metadata`` says
+  otherwise: :func:`wire_name` for a field named differently, :data:`LOCAL` for a field the
+  client adds (``raw``, values derived from others);
+- a field whose property is optional or nullable in the schema is ``Optional``, unless
+  :func:`present` says why the client always has it (e.g. a ready reconstruction's digest);
+- every property the schema requires has a field, unless ``__omits__`` names it with the
+  reason, or the class sets ``__partial__`` (it reads a few fields of a payload another
+  class mirrors in full, or that the client hands on as a dict).
+
+Values keep the server's units (KID raw, not ×10³); :class:`MetricInfo` says how to show them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol
+
+import numpy as np
+import safetensors.numpy
+
+if TYPE_CHECKING:
+    import torch
+
+SweepMetric = Literal["fid", "kid"]
+
+#: Statuses a sweep or a point does not leave.
+TERMINAL = frozenset({"done", "failed", "cancelled"})
+
+
+#: ``field(metadata=LOCAL)``: a field the client adds, not a property of the class's schema.
+LOCAL: dict[str, Any] = {"wire": None}
+
+
+def wire_name(name: str) -> dict[str, Any]:
+    """``field(metadata=wire_name(name))``: the field mirrors the schema's property ``name``."""
+    return {"wire": name}
+
+
+def present(why: str) -> dict[str, Any]:
+    """``field(metadata=present(why))``: the client always has this field although the
+    schema's property is optional, because ``why``."""
+    return {"present": why}
+
+
+def _opt_float(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def _opt_int(v: Any) -> int | None:
+    return None if v is None else int(v)
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ErrorDetail:
+    """The ``error`` of an error answer, ``{"error": {"code", "message"}}``."""
+
+    __schema__ = "ErrorDetail"
+
+    code: str
+    message: str
+
+    @classmethod
+    def from_body(cls, body: Any) -> ErrorDetail | None:
+        """The error an answer's JSON body (an ``ErrorBody``) carries; ``None`` when it is
+        not one."""
+        try:
+            e = body["error"]
+            return cls(code=str(e["code"]), message=str(e["message"]))
+        except (KeyError, TypeError):
+            return None
+
+
+# -- snapshots ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SnapshotKey:
+    """What the client compares of a stored snapshot (``GET /runs/{run}/snapshots``, whose
+    rows :meth:`~hindsight_client.Client.snapshots` returns as dicts)."""
+
+    __schema__ = "SnapshotRow"
+    __partial__ = True
+
+    digest: str
+    nimg: int
+    sigma_rel: float
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> SnapshotKey:
+        return cls(
+            digest=str(row["digest"]), nimg=int(row["nimg"]), sigma_rel=float(row["sigma_rel"])
+        )
+
+
+@dataclass(frozen=True)
+class Ingested:
+    """What an upload did: the stored file's digest, and whether it was new."""
+
+    __schema__ = "Ingested"
+    __partial__ = True
+
+    digest: str
+    inserted: bool
+
+    @classmethod
+    def from_json(cls, view: dict[str, Any]) -> Ingested:
+        return cls(digest=str(view["digest"]), inserted=bool(view["inserted"]))
+
+
+# -- reconstructions -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReconstructionState:
+    """A reconstruction while the client waits for it: ``status`` ``ready`` or ``running``
+    (poll ``status_url``)."""
+
+    __schema__ = "ReconstructionView"
+    __partial__ = True
+
+    id: str
+    status: str
+    status_url: str
+    cached: bool
+
+    @classmethod
+    def from_json(cls, view: dict[str, Any]) -> ReconstructionState:
+        return cls(
+            id=str(view["id"]),
+            status=str(view["status"]),
+            status_url=str(view["status_url"]),
+            cached=bool(view["cached"]),
+        )
+
+
+@dataclass(frozen=True)
+class ReportInput:
+    """One stored snapshot a reconstruction used, with its coefficient."""
+
+    __schema__ = "ReportInput"
+
+    digest: str
+    nimg: int
+    sigma_rel: float
+    weight: float
+
+
+@dataclass(frozen=True)
+class ReportWarning:
+    """A reason to look twice: ``large_profile_error``, ``large_noise_gain``,
+    ``ill_conditioned``, ``dependent_snapshots`` or ``clamped_out_of_range``."""
+
+    __schema__ = "QualityWarning"
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Report:
+    """The solver's quality report for one reconstruction (top-level README, "Usage").
+
+    Attributes:
+        relative_error: L2 distance of the reconstructed profile from the requested one,
+            relative to the requested one's norm (0.01 is 1%).
+        coefficient_l1: Σ|w_k| (1 for a plain average; larger when weights cancel).
+        noise_gain: sqrt(Σ w_k²): amplification of independent per-snapshot noise.
+        condition_number: 2-norm condition number of the used snapshots' Gram matrix.
+        inputs: every snapshot with a non-zero weight; the weights sum to 1.
+        clamped: the tensors whose values were clamped to the output type's range
+            (``tensor``, ``elements``, ``max_abs``); empty unless ``clamp_out_of_range``.
+        raw: the report as the server sent it.
+    """
+
+    __schema__ = "QualityReport"
+
+    sigma_rel: float
+    gamma: float
+    nimg: int
+    used_snapshots: int
+    relative_error: float
+    coefficient_l1: float
+    noise_gain: float
+    condition_number: float
+    dependent_snapshots: list[str]
+    warnings: list[ReportWarning]
+    inputs: list[ReportInput]
+    clamped: list[dict[str, Any]] = field(
+        metadata=present("an empty list when the server sends none")
+    )
+    raw: dict[str, Any] = field(metadata=LOCAL, repr=False)
+
+    @classmethod
+    def from_json(cls, r: dict[str, Any]) -> Report:
+        return cls(
+            sigma_rel=float(r["sigma_rel"]),
+            gamma=float(r["gamma"]),
+            nimg=int(r["nimg"]),
+            used_snapshots=int(r["used_snapshots"]),
+            relative_error=float(r["relative_error"]),
+            coefficient_l1=float(r["coefficient_l1"]),
+            noise_gain=float(r["noise_gain"]),
+            condition_number=float(r["condition_number"]),
+            dependent_snapshots=list(r.get("dependent_snapshots", [])),
+            warnings=[ReportWarning(w["code"], w["message"]) for w in r.get("warnings", [])],
+            inputs=[
+                ReportInput(i["digest"], int(i["nimg"]), float(i["sigma_rel"]), float(i["weight"]))
+                for i in r.get("inputs", [])
+            ],
+            clamped=list(r.get("clamped") or []),
+            raw=r,
+        )
+
+
+class _Fetcher(Protocol):
+    """What a :class:`Reconstruction` downloads its weights with (the client)."""
+
+    def _fetch(
+        self, path: str, digest: str, restart: Callable[[], Callable[[bytes], object]]
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """A reconstructed EMA stored on the server: its identity, its quality report, and the
+    means to fetch its weights. Every download is checked against :attr:`digest` (BLAKE3).
+
+    Attributes:
+        id: the reconstruction's id (its cache key, 64 hex digits).
+        nimg: training time (images) it is reconstructed at.
+        dtype: element type of its float tensors (``f32``, ``f16``, ``bf16``).
+        digest: BLAKE3 of the safetensors file.
+        byte_size: the file's size.
+        file_name: the server's name for it, ``<run>-<nimg:010>-<sigma_rel:.3f>.safetensors``.
+        cached: whether the server had it before this request.
+    """
+
+    __schema__ = "ReconstructionView"
+    __omits__ = {  # noqa: RUF012 (read by the contract test only)
+        "status": "a Reconstruction is made once the server says `ready`",
+        "status_url": "polled by Client.reconstruct until ready",
+    }
+
+    id: str
+    run: str
+    nimg: int
+    sigma_rel: float
+    gamma: float
+    dtype: str
+    digest: str = field(metadata=present("a Reconstruction is made once ready"))
+    byte_size: int = field(metadata=present("a Reconstruction is made once ready"))
+    file_name: str
+    cached: bool
+    report: Report
+    weights_url: str = field(repr=False)
+    _client: _Fetcher = field(metadata=LOCAL, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, view: dict[str, Any], cached: bool, client: _Fetcher) -> Reconstruction:
+        """A ready reconstruction; ``cached`` as the first answer said (a polled status says
+        "cached" too)."""
+        return cls(
+            id=view["id"],
+            run=view["run"],
+            nimg=int(view["nimg"]),
+            sigma_rel=float(view["sigma_rel"]),
+            gamma=float(view["gamma"]),
+            dtype=view["dtype"],
+            digest=view["digest"],
+            byte_size=int(view["byte_size"]),
+            file_name=view["file_name"],
+            cached=cached,
+            report=Report.from_json(view["report"]),
+            weights_url=view["weights_url"],
+            _client=client,
+        )
+
+    @property
+    def warnings(self) -> list[ReportWarning]:
+        """The report's warnings."""
+        return self.report.warnings
+
+    def read_bytes(self) -> bytes:
+        """The safetensors file, in memory, checked against :attr:`digest`."""
+        chunks: list[bytes] = []
+
+        def restart() -> Callable[[bytes], object]:
+            chunks.clear()
+            return chunks.append
+
+        self._client._fetch(self.weights_url, self.digest, restart)
+        return b"".join(chunks)
+
+    def download(self, path: str | os.PathLike[str] = ".") -> Path:
+        """Writes the weights to ``path`` (a file, or a directory to put :attr:`file_name`
+        in) and returns the file's path. The bytes go to a temporary file beside it that is
+        renamed only once their digest checks out; on :class:`DigestMismatch` nothing is
+        left behind."""
+        target = Path(path)
+        if target.is_dir():
+            target = target / self.file_name
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+        handle: list[BinaryIO] = []
+
+        def restart() -> Callable[[bytes], object]:
+            for f in handle:
+                f.close()
+            handle[:] = [open(tmp, "wb")]  # noqa: SIM115 (closed in `finally` below)
+            return handle[0].write
+
+        try:
+            self._client._fetch(self.weights_url, self.digest, restart)
+            handle[0].flush()
+            os.fsync(handle[0].fileno())
+            handle[0].close()
+            os.replace(tmp, target)
+        finally:
+            for f in handle:
+                f.close()
+            tmp.unlink(missing_ok=True)
+        return target
+
+    def state_dict(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """The weights as a state dict (needs PyTorch): ``module.load_state_dict(r.state_dict())``
+        loads them, converting to the module's dtypes."""
+        import safetensors.torch
+
+        tensors = safetensors.torch.load(self.read_bytes())
+        return {name: t.to(device) for name, t in tensors.items()}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The weights as NumPy arrays (not for ``bf16``, which NumPy lacks)."""
+        return safetensors.numpy.load(self.read_bytes())
+
+
+# -- sweeps ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """How the server names and shows one metric of a sweep (decided there, for every
+    client alike).
+
+    Attributes:
+        metric: ``fid`` or ``kid``.
+        label: its name for people: ``FID``, ``KID``, or the fallback feature network's
+            ``FD (pixel projection, not FID)``, ``KID (pixel projection, not Inception)``.
+        short_label: for narrow places: ``FID``, ``KID``, ``FD-pixels``, ``KID-pixels``.
+        scale: shown value = raw value × scale (1 for FID, 1000 for KID); values in the API
+            stay raw.
+        axis_label: the label of a plot's value axis, e.g. ``KID ×10³``.
+        lower_is_better: whether a lower value is better.
+        fallback: whether the sweep's features come from the pixel projection (no Inception
+            weights on the server): then the numbers are not FID and KID proper.
+    """
+
+    __schema__ = "MetricInfo"
+
+    metric: str
+    label: str
+    short_label: str
+    scale: float
+    axis_label: str
+    lower_is_better: bool
+    fallback: bool
+
+    @classmethod
+    def from_json(cls, m: dict[str, Any]) -> MetricInfo:
+        return cls(
+            metric=str(m["metric"]),
+            label=str(m["label"]),
+            short_label=str(m["short_label"]),
+            scale=float(m["scale"]),
+            axis_label=str(m["axis_label"]),
+            lower_is_better=bool(m["lower_is_better"]),
+            fallback=bool(m["fallback"]),
+        )
+
+    def shown(self, value: float) -> float:
+        """A raw value as people read it (KID ×10³)."""
+        return value * self.scale
+
+
+@dataclass(frozen=True)
+class MetricSummary:
+    """One metric of a point over its seed sets (raw units).
+
+    Attributes:
+        mean: the mean over seed sets.
+        std: sample standard deviation over seed sets (``None`` with one set).
+        values: one value per seed set.
+        std_errors: KID only: each set's standard error over its random subsets.
+        value: the point's value, the number to plot and rank (the mean).
+        error_bar: half the height of the error bar to draw (``None``: none), as the server
+            decides it.
+    """
+
+    __schema__ = "MetricResult"
+
+    mean: float
+    std: float | None
+    values: list[float]
+    std_errors: list[float] | None
+    value: float
+    error_bar: float | None
+
+    @classmethod
+    def from_json(cls, m: dict[str, Any]) -> MetricSummary:
+        errors = m.get("std_errors")
+        return cls(
+            mean=float(m["mean"]),
+            std=_opt_float(m.get("std")),
+            values=[float(v) for v in m.get("values", [])],
+            std_errors=None if errors is None else [float(v) for v in errors],
+            value=float(m["value"] if "value" in m else m["mean"]),  # LEGACY: value is new
+            error_bar=_opt_float(m.get("error_bar")),
+        )
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One point of a sweep: the reconstruction at (``sigma_rel``, ``nimg``) and its scores.
+
+    Attributes:
+        idx: position in the sweep (σ_rel fastest, then nimg).
+        status: ``queued``, ``running``, ``done``, ``failed`` or ``cancelled``.
+        images_done, images_total: images whose features are recorded, of
+            ``num_images × seed_sets``.
+        attempts: claims by workers (more than one: the point was resumed).
+        fid, kid: the metric's value (mean over seed sets), once the point is done
+            (``None`` before, or when the sweep does not compute it).
+        fid_std, kid_std: standard deviation over seed sets (``None`` with one set; KID's
+            per-set standard errors over subsets are in :meth:`metric`).
+        result: the server's record of the finished point: ``fid``/``kid`` summaries,
+            ``num_images``, ``seed_sets``, ``reconstruction``, ``timings`` (seconds).
+        error: why the point failed (or why its last attempt did).
+        grid_url: path of a PNG grid of its first images, once its first batch is recorded
+            (:meth:`~hindsight_client.Client.point_grid`).
+        reconstruction_id: the reconstruction sampled, once known.
+    """
+
+    __schema__ = "SweepPoint"
+
+    idx: int
+    sigma_rel: float
+    nimg: int
+    status: str
+    images_done: int
+    images_total: int
+    attempts: int
+    fid: float | None = field(metadata=LOCAL)
+    fid_std: float | None = field(metadata=LOCAL)
+    kid: float | None = field(metadata=LOCAL)
+    kid_std: float | None = field(metadata=LOCAL)
+    result: dict[str, Any] | None = field(repr=False)
+    error: str | None
+    grid_url: str | None
+    reconstruction_id: str | None = field(repr=False)
+    raw: dict[str, Any] = field(metadata=LOCAL, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, p: dict[str, Any]) -> SweepPoint:
+        result = p.get("result")
+        result = result if isinstance(result, dict) else None
+
+        def summary(name: str) -> tuple[float | None, float | None]:
+            m = (result or {}).get(name)
+            if not isinstance(m, dict):
+                return None, None
+            return _opt_float(m.get("value", m.get("mean"))), _opt_float(m.get("std"))  # LEGACY
+
+        fid, fid_std = summary("fid")
+        kid, kid_std = summary("kid")
+        return cls(
+            idx=int(p["idx"]),
+            sigma_rel=float(p["sigma_rel"]),
+            nimg=int(p["nimg"]),
+            status=str(p["status"]),
+            images_done=int(p.get("images_done", 0)),
+            images_total=int(p.get("images_total", 0)),
+            attempts=int(p.get("attempts", 0)),
+            fid=fid,
+            fid_std=fid_std,
+            kid=kid,
+            kid_std=kid_std,
+            result=result,
+            error=p.get("error"),
+            grid_url=p.get("grid_url"),
+            reconstruction_id=p.get("reconstruction_id"),
+            raw=p,
+        )
+
+    @property
+    def done(self) -> bool:
+        """Whether the point is recorded with its result."""
+        return self.status == "done"
+
+    def value(self, metric: SweepMetric = "fid") -> float | None:
+        """The metric's value, its mean over seed sets (``None`` until done, or when not
+        computed)."""
+        if metric not in ("fid", "kid"):
+            raise ValueError(f"metric {metric!r} is not one of 'fid', 'kid'")
+        return self.fid if metric == "fid" else self.kid
+
+    def metric(self, metric: SweepMetric = "fid") -> MetricSummary | None:
+        """The metric's per-seed-set values, spread, (KID) standard errors and error bar."""
+        if metric not in ("fid", "kid"):
+            raise ValueError(f"metric {metric!r} is not one of 'fid', 'kid'")
+        m = (self.result or {}).get(metric)
+        return MetricSummary.from_json(m) if isinstance(m, dict) else None
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds spent: ``reconstruct_s``, ``batches_s`` (of which ``sample_s``,
+        ``features_s``), ``metrics_s``, and ``images_per_s``; empty until done."""
+        t = (self.result or {}).get("timings")
+        return {k: float(v) for k, v in t.items()} if isinstance(t, dict) else {}
+
+
+@dataclass(frozen=True)
+class BestPoint:
+    """The server's best finished point by one metric (raw units; ``error_bar`` is half
+    the height of the bar to draw, ``None``: none)."""
+
+    __schema__ = "BestPoint"
+
+    metric: str
+    idx: int
+    sigma_rel: float
+    nimg: int
+    value: float
+    std: float | None
+    error_bar: float | None
+
+    @classmethod
+    def from_json(cls, b: dict[str, Any]) -> BestPoint:
+        return cls(
+            metric=str(b["metric"]),
+            idx=int(b["idx"]),
+            sigma_rel=float(b["sigma_rel"]),
+            nimg=int(b["nimg"]),
+            value=float(b["value"]),
+            std=_opt_float(b.get("std")),
+            error_bar=_opt_float(b.get("error_bar")),
+        )
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A sweep: what it computes, how far it is, and its points.
+
+    Attributes:
+        id: the sweep's id.
+        run: the run it samples.
+        status: ``queued``, ``running``, ``done`` (every point recorded), ``failed`` (some
+            point failed) or ``cancelled``.
+        spec: the validated request: ``sigma_rels``, ``nimgs``, ``metrics``, ``num_images``,
+            ``seed_sets``, ``sampler``, ``reference_id``, ``reference_name``, ``batch``,
+            ``kid_subsets``, ``kid_subset_size``, ``warnings``.
+        points: every point (empty in :meth:`~hindsight_client.Client.sweeps`' listing).
+        best_points: the server's best point per metric computed so far.
+        metrics: what it computes, in order, with how the server names and shows each.
+        url, events_url, plot_url: the sweep's resource, its server-sent events, and its
+            curve as SVG.
+    """
+
+    __schema__ = "Sweep"
+
+    id: int
+    run: str
+    status: str
+    spec: dict[str, Any] = field(repr=False)
+    points: list[SweepPoint] = field(
+        metadata=present("an empty list when the server leaves them out")
+    )
+    best_points: dict[str, BestPoint] = field(metadata=wire_name("best"))
+    points_total: int
+    points_done: int
+    points_failed: int
+    images_done: int
+    images_total: int
+    created_at: str
+    finished_at: str | None
+    url: str
+    events_url: str
+    plot_url: str
+    metrics: list[MetricInfo]
+    raw: dict[str, Any] = field(metadata=LOCAL, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, s: dict[str, Any]) -> Sweep:
+        best = {str(b["metric"]): BestPoint.from_json(b) for b in s.get("best", [])}
+        sid = int(s["id"])
+        return cls(
+            id=sid,
+            run=str(s["run"]),
+            status=str(s["status"]),
+            spec=dict(s.get("spec", {})),
+            points=[SweepPoint.from_json(p) for p in s.get("points") or []],
+            best_points=best,
+            points_total=int(s.get("points_total", 0)),
+            points_done=int(s.get("points_done", 0)),
+            points_failed=int(s.get("points_failed", 0)),
+            images_done=int(s.get("images_done", 0)),
+            images_total=int(s.get("images_total", 0)),
+            created_at=str(s.get("created_at", "")),
+            finished_at=s.get("finished_at"),
+            url=str(s.get("url", f"/sweeps/{sid}")),
+            events_url=str(s.get("events_url", f"/sweeps/{sid}/events")),
+            plot_url=str(s.get("plot_url", f"/sweeps/{sid}/plot.svg")),
+            metrics=[MetricInfo.from_json(m) for m in s.get("metrics") or []],
+            raw=s,
+        )
+
+    @property
+    def finished(self) -> bool:
+        """Whether the sweep has ended (``done``, ``failed`` or ``cancelled``)."""
+        return self.status in TERMINAL
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the server wants the caller to know about the request (e.g. FID's bias at
+        few images)."""
+        return [str(w) for w in self.spec.get("warnings", [])]
+
+    @property
+    def failed_points(self) -> list[SweepPoint]:
+        """The points that failed."""
+        return [p for p in self.points if p.status == "failed"]
+
+    def metric_info(self, metric: SweepMetric = "fid") -> MetricInfo | None:
+        """How the server names and shows ``metric`` (``None``: the sweep does not compute
+        it)."""
+        return next((m for m in self.metrics if m.metric == metric), None)
+
+    def best(self, metric: SweepMetric = "fid") -> SweepPoint | None:
+        """The finished point with the best value of ``metric`` (the lowest for FID and
+        KID), as the server reports it; ``None`` while none is finished."""
+        if metric not in ("fid", "kid"):
+            raise ValueError(f"metric {metric!r} is not one of 'fid', 'kid'")
+        reported = self.best_points.get(metric)
+        if reported is None:
+            return None
+        return next((p for p in self.points if p.idx == reported.idx), None)
+
+
+@dataclass(frozen=True)
+class SweepProgress:
+    """The data of a ``progress`` event: a point's images so far (``sweep_images_done``:
+    the sweep's, over all points)."""
+
+    __schema__ = "SweepProgress"
+
+    idx: int
+    sigma_rel: float
+    nimg: int
+    status: str
+    images_done: int
+    images_total: int
+    sweep_images_done: int
+
+    @classmethod
+    def from_json(cls, e: dict[str, Any]) -> SweepProgress:
+        return cls(
+            idx=int(e["idx"]),
+            sigma_rel=float(e["sigma_rel"]),
+            nimg=int(e["nimg"]),
+            status=str(e["status"]),
+            images_done=int(e["images_done"]),
+            images_total=int(e["images_total"]),
+            sweep_images_done=int(e["sweep_images_done"]),
+        )
+
+
+@dataclass(frozen=True)
+class SweepPage:
+    """One page of ``GET /sweeps``: sweeps without their points, newest first;
+    ``next_before`` is the ``before`` of the next page (``None`` on the last)."""
+
+    __schema__ = "SweepList"
+
+    sweeps: list[Sweep]
+    next_before: int | None
+
+    @classmethod
+    def from_json(cls, page: dict[str, Any]) -> SweepPage:
+        return cls(
+            sweeps=[Sweep.from_json(s) for s in page["sweeps"]],
+            next_before=_opt_int(page.get("next_before")),
+        )
+
+
+# -- reference statistics --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Reference statistics stored on the server (``GET /references``).
+
+    Attributes:
+        id, name: how sweeps name them (``reference=``).
+        source: the dataset or imported file.
+        dims: feature dimension (2048 for the Inception features sweeps use).
+        count: images summarised (0: not recorded in an imported file).
+        has_features: whether the features are kept (KID needs them; imported statistics
+            keep only mean and covariance, so sweeps against them compute FID only).
+        weights_digest: BLAKE3 of the Inception weights that made them (``None``: imported).
+        stats_url: the statistics as a pytorch-fid ``.npz``.
+    """
+
+    __schema__ = "Reference"
+
+    id: int
+    name: str
+    source: str
+    feature_network: str
+    weights_digest: str | None
+    preprocess: str | None
+    dims: int
+    count: int
+    has_features: bool
+    resolution: int | None
+    channels: int | None
+    created_at: str
+    stats_url: str
+
+    @classmethod
+    def from_json(cls, r: dict[str, Any]) -> Reference:
+        return cls(
+            id=int(r["id"]),
+            name=str(r["name"]),
+            source=str(r.get("source", "")),
+            feature_network=str(r.get("feature_network", "")),
+            weights_digest=r.get("weights_digest"),
+            preprocess=r.get("preprocess"),
+            dims=int(r.get("dims", 0)),
+            count=int(r.get("count", 0)),
+            has_features=bool(r.get("has_features", False)),
+            resolution=_opt_int(r.get("resolution")),
+            channels=_opt_int(r.get("channels")),
+            created_at=str(r.get("created_at", "")),
+            stats_url=str(r.get("stats_url", "")),
+        )
+
+
+@dataclass(frozen=True)
+class ReferenceList:
+    """``GET /references``: every stored set of reference statistics, by name."""
+
+    __schema__ = "ReferenceList"
+
+    references: list[Reference]
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> ReferenceList:
+        return cls(references=[Reference.from_json(r) for r in body["references"]])

@@ -1,0 +1,275 @@
+// The server's JSON, read in one place. Every decoder below turns one payload of the API into
+// the plain object the rest of the UI uses (camelCase names, nothing left to look up), and is
+// preceded by a `// schema: NAME` line naming the component schema of /openapi.json it reads.
+// A decoder reads only the top-level fields of its argument and hands nested objects to the
+// decoder of their own schema, so that the contract test
+// (clients/python/tests/test_contract.py) can check every field read here against the schema
+// the marker names. No other module reads a field of the server's JSON.
+//
+// Values stay in the server's units (KID raw, not ×10³): a metric's `scale` says how to show
+// them (see `shown`).
+
+// ---------------------------------------------------------------------------------------
+// Errors
+
+/** `{code, message}` of an error answer, or null when the body is not one. */
+// schema: ErrorBody
+export function errorBody(b) {
+  return b && b.error ? errorDetail(b.error) : null;
+}
+
+// schema: ErrorDetail
+export function errorDetail(e) {
+  return { code: e.code, message: e.message };
+}
+
+// ---------------------------------------------------------------------------------------
+// Runs, snapshots, reconstructions
+
+// schema: RunSummary
+export function runSummary(r) {
+  return {
+    name: r.name,
+    snapshots: r.snapshots,
+    bytes: r.bytes,
+    firstNimg: r.first_nimg ?? null,
+    lastNimg: r.last_nimg ?? null,
+    lastActivity: r.last_activity || r.created_at,
+  };
+}
+
+/** `GET /runs`: a list of RunSummary. */
+export function runList(list) {
+  return list.map(runSummary);
+}
+
+// schema: RunDetail
+export function runDetail(d) {
+  return {
+    run: run(d.run),
+    snapshots: d.snapshots,
+    bytes: d.bytes,
+    lastNimg: d.last_nimg ?? null,
+    reconstructions: d.reconstructions.map(reconstruction),
+  };
+}
+
+// schema: Run
+export function run(r) {
+  return { description: r.description, metadata: r.metadata };
+}
+
+// schema: SnapshotRow
+export function snapshotRow(s) {
+  return { nimg: s.nimg, sigmaRel: s.sigma_rel };
+}
+
+/** `GET /runs/{run}/snapshots`: a list of SnapshotRow. */
+export function snapshotList(list) {
+  return list.map(snapshotRow);
+}
+
+/** A reconstruction; `ready` false while the server still computes it (poll `statusUrl`). */
+// schema: ReconstructionView
+export function reconstruction(r) {
+  return {
+    ready: r.status !== 'running',
+    statusUrl: r.status_url,
+    sigmaRel: r.sigma_rel,
+    gamma: r.gamma,
+    nimg: r.nimg,
+    dtype: r.dtype,
+    byteSize: r.byte_size ?? null,
+    digest: r.digest ?? null,
+    weightsUrl: r.weights_url,
+    fileName: r.file_name,
+    report: qualityReport(r.report),
+  };
+}
+
+/** The solver's quality report (`GET /runs/{run}/preview`, and each reconstruction's). */
+// schema: QualityReport
+export function qualityReport(r) {
+  return {
+    sigmaRel: r.sigma_rel,
+    gamma: r.gamma,
+    nimg: r.nimg,
+    relativeError: r.relative_error,
+    noiseGain: r.noise_gain,
+    coefficientL1: r.coefficient_l1,
+    conditionNumber: r.condition_number,
+    inputCount: r.inputs ? r.inputs.length : null,
+    usedSnapshots: r.used_snapshots,
+    warnings: (r.warnings || []).map(qualityWarning),
+  };
+}
+
+// schema: QualityWarning
+export function qualityWarning(w) {
+  return { code: w.code, message: w.message };
+}
+
+// ---------------------------------------------------------------------------------------
+// Reference statistics
+
+// schema: ReferenceList
+export function referenceList(l) {
+  return l.references.map(reference);
+}
+
+// schema: Reference
+export function reference(r) {
+  return { name: r.name, source: r.source, count: r.count, hasFeatures: r.has_features };
+}
+
+// ---------------------------------------------------------------------------------------
+// Sweeps
+
+// schema: SweepList
+export function sweepList(l) {
+  return l.sweeps.map(sweep);
+}
+
+/** A sweep. `metrics` lists what it computes, in order, each with how to show it. */
+// schema: Sweep
+export function sweep(s) {
+  return {
+    id: s.id,
+    run: s.run,
+    status: s.status,
+    running: s.status === 'running' || s.status === 'queued',
+    spec: sweepSpec(s.spec),
+    metrics: s.metrics ? s.metrics.map(metricInfo) : legacyMetrics(s.spec), // LEGACY until the server sends them
+    pointsTotal: s.points_total,
+    pointsDone: s.points_done,
+    imagesDone: s.images_done,
+    imagesTotal: s.images_total,
+    best: s.best.map(bestPoint),
+    points: (s.points || []).map(sweepPoint),
+  };
+}
+
+// schema: SweepSpec
+export function sweepSpec(s) {
+  return {
+    sigmaRels: s.sigma_rels,
+    numImages: s.num_images,
+    seedSets: s.seed_sets,
+    steps: samplerSettings(s.sampler).steps,
+    referenceName: s.reference_name,
+    warnings: s.warnings || [],
+  };
+}
+
+// LEGACY until the server sends Sweep.metrics.
+// schema: SweepSpec
+function legacyMetrics(s) {
+  const fallback = (s.feature_network || '').includes('fallback');
+  return (s.metrics || ['fid']).map((m) => ({
+    metric: m,
+    label: !fallback ? m.toUpperCase() : m === 'fid' ? 'FD (pixel projection, not FID)' : 'KID (pixel projection)',
+    shortLabel: !fallback ? m.toUpperCase() : m === 'fid' ? 'FD-pixels' : 'KID-pixels',
+    scale: 1,
+    axisLabel: !fallback ? m.toUpperCase() : m === 'fid' ? 'FD-pixels' : 'KID-pixels',
+    lowerIsBetter: true,
+    fallback,
+  }));
+}
+
+// schema: SamplerSettings
+export function samplerSettings(s) {
+  return { steps: s.steps };
+}
+
+/** How the server names and shows a metric: `label` ("FID", or the fallback's "FD (pixel
+ *  projection, not FID)"), `shortLabel`, `scale` (shown value = raw value × scale),
+ *  `axisLabel` (e.g. "KID ×10³"), `lowerIsBetter`, `fallback`. */
+// schema: MetricInfo
+export function metricInfo(m) {
+  return {
+    metric: m.metric,
+    label: m.label,
+    shortLabel: m.short_label,
+    scale: m.scale,
+    axisLabel: m.axis_label,
+    lowerIsBetter: m.lower_is_better,
+    fallback: m.fallback,
+  };
+}
+
+// schema: BestPoint
+export function bestPoint(b) {
+  return {
+    metric: b.metric,
+    idx: b.idx,
+    sigmaRel: b.sigma_rel,
+    nimg: b.nimg,
+    value: b.value,
+    errorBar: b.error_bar ?? null,
+  };
+}
+
+/** A point of a sweep; `result` once it is done. */
+// schema: SweepPoint
+export function sweepPoint(p) {
+  return {
+    idx: p.idx,
+    sigmaRel: p.sigma_rel,
+    nimg: p.nimg,
+    status: p.status,
+    error: p.error ?? null,
+    imagesDone: p.images_done,
+    imagesTotal: p.images_total,
+    gridUrl: p.grid_url ?? null,
+    result: p.result ? pointResult(p.result) : null,
+  };
+}
+
+/** A finished point's scores by metric name, and the seconds it took. */
+// schema: PointResult
+export function pointResult(r) {
+  return {
+    metrics: {
+      fid: r.fid ? metricResult(r.fid) : null,
+      kid: r.kid ? metricResult(r.kid) : null,
+    },
+    seconds: r.timings ? timings(r.timings) : null,
+  };
+}
+
+/** One metric of a point: `value` (what to plot and rank) and `errorBar` (the half-height
+ *  of the bar to draw, null for none), raw units. */
+// schema: MetricResult
+export function metricResult(m) {
+  // LEGACY until the server sends value and error_bar.
+  if (m.value === undefined) {
+    let err = m.std;
+    if ((err === null || err === undefined) && m.std_errors && m.std_errors.length === 1) err = m.std_errors[0];
+    return { value: m.mean, errorBar: err || null };
+  }
+  return { value: m.value, errorBar: m.error_bar ?? null };
+}
+
+/** Seconds a point took in all. */
+// schema: Timings
+export function timings(t) {
+  return t.reconstruct_s + t.batches_s + t.metrics_s;
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers over the decoded objects (no server field below this line)
+
+/** A raw value as people read it (KID ×10³): the metric's scale applied. */
+export function shown(info, v) {
+  return v === null || v === undefined ? v : v * info.scale;
+}
+
+/** The point's score by `metric` ({value, errorBar}), or null. */
+export function pointMetric(p, metric) {
+  return (p.result && p.result.metrics[metric]) || null;
+}
+
+/** How `sweep` shows `metric` (its MetricInfo). */
+export function metricOf(sweep, metric) {
+  return sweep.metrics.find((m) => m.metric === metric);
+}
