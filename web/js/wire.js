@@ -205,7 +205,7 @@ export function bestPoint(b) {
     sigmaRel: b.sigma_rel,
     nimg: b.nimg,
     value: b.value,
-    errorBar: b.error_bar ?? null,
+    errorBar: b.error_bar !== undefined ? b.error_bar : b.std ?? null, // LEGACY: std until error_bar
   };
 }
 
