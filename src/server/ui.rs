@@ -249,7 +249,12 @@ mod tests {
         walk(&web.join("js"), &mut found);
         assert!(!found.is_empty());
         for path in found {
-            let rel = path.strip_prefix(&web).unwrap().to_str().unwrap().to_owned();
+            let rel = path
+                .strip_prefix(&web)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_owned();
             assert!(
                 FILES.iter().any(|(p, _, _)| *p == rel),
                 "web/{rel} is not embedded in src/server/ui.rs"
