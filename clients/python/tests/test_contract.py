@@ -264,6 +264,32 @@ def test_no_other_module_of_the_ui_reads_server_fields() -> None:
     assert leaks == []
 
 
+def sweep_events(spec: Spec) -> dict[str, str | None]:
+    """The events of ``SweepEvent`` (a ``oneOf`` of ``{event: "NAME", data}``): each name
+    with the schema its ``data`` refers to."""
+    events: dict[str, str | None] = {}
+    for branch in resolve(spec, {"$ref": "#/components/schemas/SweepEvent"}).get("oneOf", []):
+        props, _ = object_shape(spec, branch)
+        data = props.get("data", {})
+        refs = [data, *data.get("allOf", []), *data.get("oneOf", [])]
+        ref = next((r["$ref"].rsplit("/", 1)[1] for r in refs if "$ref" in r), None)
+        for name in resolve(spec, props["event"]).get("enum", []):
+            events[name] = ref
+    return events
+
+
+def test_the_sweep_events_the_clients_read_are_the_servers(openapi: Spec) -> None:
+    events = sweep_events(openapi)
+    assert {"sweep", "progress", "point", "end", "error", "shutdown"} <= events.keys()
+    for name, cls in wire.SWEEP_EVENTS.items():
+        assert events[name] == cls.__schema__, name
+    listened = re.findall(
+        r"events\.addEventListener\('(\w+)'", (WIRE_JS / "pages" / "sweep.js").read_text()
+    )
+    assert listened
+    assert set(listened) <= events.keys()
+
+
 def test_the_error_codes_the_client_compares_are_the_servers(openapi: Spec) -> None:
     codes = resolve(openapi, {"$ref": "#/components/schemas/ErrorCode"}).get("enum", [])
     assert LIMIT_REACHED in codes

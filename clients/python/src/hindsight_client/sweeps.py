@@ -18,7 +18,7 @@ from typing import Any
 
 from .errors import ApiError
 from .transport import RETRY_STATUSES, Transport, parse_sse
-from .wire import TERMINAL, Sweep, SweepMetric, SweepPoint, SweepProgress
+from .wire import SWEEP_EVENTS, TERMINAL, Sweep, SweepMetric, SweepPoint, SweepProgress
 
 __all__ = ["TERMINAL", "ProgressCallback", "SweepMetric", "SweepWatch", "follow", "parse_sse"]
 
@@ -92,11 +92,7 @@ class SweepWatch:
             return
         if name in ("progress", "point") and isinstance(data, dict) and "idx" in data:
             if self._points is not None:
-                p = (
-                    SweepProgress.from_json(data)
-                    if name == "progress"
-                    else SweepPoint.from_json(data)
-                )
+                p = SWEEP_EVENTS[name].from_json(data)
                 self._points[p.idx] = (p.status, p.images_done)
             self._tell(name, data)
             return

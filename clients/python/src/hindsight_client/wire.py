@@ -703,6 +703,17 @@ class SweepPage:
         )
 
 
+#: The events of ``GET /sweeps/{id}/events`` (``SweepEvent``) whose ``data`` the client reads,
+#: with the class that reads it. ``error`` and ``shutdown`` end the stream; the client then
+#: polls.
+SWEEP_EVENTS: dict[str, Any] = {
+    "sweep": Sweep,
+    "progress": SweepProgress,
+    "point": SweepPoint,
+    "end": Sweep,
+}
+
+
 # -- reference statistics --------------------------------------------------------------------
 
 
