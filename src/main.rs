@@ -33,6 +33,9 @@ fn main() {
         // One line, naming the field where the library knows it, each message once.
         let chain: &(dyn std::error::Error + 'static) = err.as_ref();
         eprintln!("error: {}", hindsight::error::chain_text(chain));
+        if let Some(hint) = err.chain().find_map(|e| cli::hint(e.downcast_ref()?)) {
+            eprintln!("hint: {hint}");
+        }
         std::process::exit(1);
     }
 }

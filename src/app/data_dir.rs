@@ -126,13 +126,12 @@ impl DataDir {
         })
     }
 
-    /// The run named `name`, or [`Error::NotFound`] saying how to list the runs.
+    /// The run named `name`, or [`Error::NotFound`].
     pub async fn existing_run(&self, name: &str) -> Result<crate::db::Run> {
-        self.db.run(name).await?.ok_or_else(|| {
-            Error::NotFound(format!(
-                "run {name:?} does not exist (see `hindsight runs`)"
-            ))
-        })
+        self.db
+            .run(name)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("run {name:?} does not exist")))
     }
 }
 

@@ -180,10 +180,7 @@ pub async fn delete_snapshot(
         })
         .await?;
     let deleted = deleted.ok_or_else(|| {
-        crate::Error::NotFound(format!(
-            "run {:?} has no snapshot {id} (see `hindsight snapshots {}`)",
-            run.name, run.name
-        ))
+        crate::Error::NotFound(format!("run {:?} has no snapshot {id}", run.name))
     })?;
     let line = serde_json::json!({
         "op": "delete", "run": run.name, "digest": deleted.snapshot.digest,

@@ -151,7 +151,7 @@ pub async fn import_stats(
 async fn taken(data: &DataDir, name: &str) -> Result<()> {
     if data.db.reference_named(name).await?.is_some() {
         return Err(Error::Conflict(format!(
-            "reference statistics named {name:?} exist already (see `hindsight references`)"
+            "reference statistics named {name:?} exist already"
         )));
     }
     Ok(())
@@ -159,7 +159,7 @@ async fn taken(data: &DataDir, name: &str) -> Result<()> {
 
 /// The reference `key` names: its numeric id or its name.
 ///
-/// Errors: [`Error::NotFound`] saying how to list them.
+/// Errors: [`Error::NotFound`] naming `key`.
 pub async fn find(data: &DataDir, key: &str) -> Result<ReferenceRow> {
     // Only the canonical spelling of a positive id is an id (`3`, not `+3`, `03` or `3 `):
     // a name can never be mistaken for another reference's id.
@@ -171,12 +171,7 @@ pub async fn find(data: &DataDir, key: &str) -> Result<ReferenceRow> {
         Some(r) => Some(r),
         None => data.db.reference_named(key).await?,
     };
-    row.ok_or_else(|| {
-        Error::NotFound(format!(
-            "no reference statistics {key:?} (see `hindsight references`; make them with \
-             `hindsight ref-stats DATASET --name NAME`)"
-        ))
-    })
+    row.ok_or_else(|| Error::NotFound(format!("no reference statistics {key:?}")))
 }
 
 /// The statistics of a stored reference.

@@ -139,3 +139,31 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::EmaTrack => track::run(),
     }
 }
+
+/// What to do next about a library error, in this command line's terms (the library's and
+/// the API's messages say only what is wrong; hints about commands are added here).
+pub fn hint(error: &hindsight::Error) -> Option<&'static str> {
+    use hindsight::Error;
+    match error {
+        Error::NotFound(m) if m.starts_with("no reference statistics") => Some(
+            "`hindsight references` lists them; `hindsight ref-stats DATASET --name NAME` \
+             makes them",
+        ),
+        Error::Conflict(m) if m.starts_with("reference statistics") => {
+            Some("`hindsight references` lists the names taken")
+        }
+        Error::NotFound(m) if m.contains("has no snapshot") => {
+            Some("`hindsight snapshots RUN` lists a run's snapshots")
+        }
+        Error::NotFound(m) if m.starts_with("run") && m.ends_with("does not exist") => {
+            Some("`hindsight runs` lists the runs")
+        }
+        Error::NotFound(m) if m.starts_with("no sweep") => Some("`hindsight sweeps` lists them"),
+        Error::InvalidInput { field, reason }
+            if field == "metrics" && reason.starts_with("KID needs") =>
+        {
+            Some("`hindsight ref-stats DATASET --name NAME` computes statistics that keep features")
+        }
+        _ => None,
+    }
+}

@@ -114,15 +114,15 @@ pub fn export(
     })?;
     progress.finish_and_clear();
     for (file, report) in exported.files.iter().zip(&exported.reports) {
-        for c in report["clamped"].as_array().into_iter().flatten() {
+        for c in &report.clamped {
             eprintln!(
                 "{}: tensor {} had {} value(s) beyond {}'s range (largest magnitude {}), \
                  clamped to its largest finite value",
                 file.display(),
-                c["tensor"].as_str().unwrap_or("?"),
-                c["elements"],
+                c.tensor,
+                c.elements,
                 dtype.as_str(),
-                c["max_abs"]
+                serde_json::json!(c.max_abs)
             );
         }
     }

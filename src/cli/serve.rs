@@ -7,6 +7,25 @@ use super::common::block_on;
 use anyhow::bail;
 use clap::Subcommand;
 use hindsight::server::{self, ServerConfig};
+use hindsight::sweep::{SweepLimits, WorkerConfig};
+
+/// The flag of `hindsight serve` that sets a [`ServerConfig`] field (as
+/// [`ServerConfig::validate`] names it).
+fn flag_of(field: &str) -> String {
+    match field {
+        "upload_idle_timeout" => "--upload-idle-secs".into(),
+        "header_read_timeout" => "--header-read-timeout-secs".into(),
+        "shutdown_grace" => "--shutdown-grace-secs".into(),
+        "idle_timeout" => "--idle-timeout-secs".into(),
+        "send_timeout" => "--send-timeout-secs".into(),
+        "reconstruct_wait" => "--reconstruct-wait-secs".into(),
+        "sweep_worker.lease" => "--sweep-lease-secs".into(),
+        "sweep_limits.max_images" => "--max-sweep-images".into(),
+        "sweep_limits.max_unfinished_per_run" => "--max-unfinished-sweeps-per-run".into(),
+        "sweep_limits.max_unfinished" => "--max-unfinished-sweeps".into(),
+        other => format!("--{}", other.replace('_', "-")),
+    }
+}
 
 /// Options of `hindsight serve`.
 #[derive(clap::Args)]
@@ -24,48 +43,48 @@ pub struct ServeArgs {
     #[arg(long)]
     insecure_no_auth: bool,
     /// Largest snapshot upload, in bytes.
-    #[arg(long, default_value_t = 64 << 30)]
+    #[arg(long, default_value_t = ServerConfig::default().max_upload_bytes)]
     max_upload_bytes: u64,
     /// Uploads processed at once.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = ServerConfig::default().upload_concurrency)]
     upload_concurrency: usize,
     /// Uploads one client (IP address) may have in progress at once; more get 429.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = ServerConfig::default().max_uploads_per_client)]
     max_uploads_per_client: usize,
     /// An upload that sends nothing for this many seconds is dropped (408).
-    #[arg(long, default_value_t = 15.0)]
+    #[arg(long, default_value_t = ServerConfig::default().upload_idle_timeout.as_secs_f64())]
     upload_idle_secs: f64,
     /// Seconds a client has to send a request's headers once it has begun.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = ServerConfig::default().header_read_timeout.as_secs_f64())]
     header_read_timeout_secs: f64,
     /// On Ctrl-C or SIGTERM, seconds requests in flight get to finish before their
     /// connections are closed.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = ServerConfig::default().shutdown_grace.as_secs_f64())]
     shutdown_grace_secs: f64,
     /// An upload must average at least this many bytes per second after its first
     /// --upload-idle-secs (0: no minimum); slower ones are dropped (408).
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, default_value_t = ServerConfig::default().upload_min_bytes_per_sec)]
     upload_min_bytes_per_sec: u64,
     /// Most connections open at once. At the cap the connection idle the longest is closed
     /// to make room; with none idle, new ones wait to be accepted.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = ServerConfig::default().max_connections)]
     max_connections: usize,
     /// Most connections one client (IP address) may have open. At the cap its connection
     /// idle the longest is closed; with none idle, a new one is answered 429.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = ServerConfig::default().max_connections_per_client)]
     max_connections_per_client: usize,
     /// Seconds a connection with no request in flight may send nothing before it is closed
     /// (a silent socket, or a keep-alive connection between requests).
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = ServerConfig::default().idle_timeout.as_secs_f64())]
     idle_timeout_secs: f64,
     /// Seconds a response may wait for its client to read more before the connection is
     /// dropped (a client that stopped reading). At least 20 (event streams send a keep-alive
     /// every 15 s).
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(long, default_value_t = ServerConfig::default().send_timeout.as_secs_f64())]
     send_timeout_secs: f64,
     /// Requests one client (IP address) may have in flight at once, on all its connections;
     /// more get 429.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = ServerConfig::default().max_requests_per_client)]
     max_requests_per_client: usize,
     /// A name the `Host` header may carry besides localhost, 127.0.0.1 and [::1] when
     /// serving a loopback address (requests naming other hosts are refused, against DNS
@@ -73,7 +92,7 @@ pub struct ServeArgs {
     #[arg(long = "allowed-host", value_name = "NAME")]
     allowed_hosts: Vec<String>,
     /// How long POST /reconstruct waits before answering 202 with a status URL.
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(long, default_value_t = ServerConfig::default().reconstruct_wait.as_secs_f64())]
     reconstruct_wait_secs: f64,
     /// Do not hash snapshots while materializing, nor downloads while sending them.
     #[arg(long)]
@@ -83,16 +102,16 @@ pub struct ServeArgs {
     no_sweep_worker: bool,
     /// The sweep worker's lease in seconds: after a crash, a point is resumed this long
     /// after its last heartbeat.
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(long, default_value_t = WorkerConfig::default().lease.as_secs_f64())]
     sweep_lease_secs: f64,
     /// Most images per seed set a sweep may ask for.
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = SweepLimits::default().max_images)]
     max_sweep_images: usize,
     /// Most unfinished (queued or running) sweeps of one run; more are refused (429).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = SweepLimits::default().max_unfinished_per_run)]
     max_unfinished_sweeps_per_run: usize,
     /// Most unfinished sweeps in all; more are refused (429).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = SweepLimits::default().max_unfinished)]
     max_unfinished_sweeps: usize,
     /// The Inception weights for sweeps (default: $HINDSIGHT_FID_WEIGHTS, else the usual
     /// cache paths).
@@ -113,72 +132,57 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
              `hindsight token new`), bind 127.0.0.1, or pass --insecure-no-auth"
         );
     }
-    if !(args.reconstruct_wait_secs.is_finite() && args.reconstruct_wait_secs >= 0.0) {
-        bail!("--reconstruct-wait-secs must be a non-negative number");
-    }
-    for (flag, value) in [
-        ("--upload-idle-secs", args.upload_idle_secs),
-        ("--header-read-timeout-secs", args.header_read_timeout_secs),
-        ("--shutdown-grace-secs", args.shutdown_grace_secs),
-        ("--idle-timeout-secs", args.idle_timeout_secs),
-        ("--send-timeout-secs", args.send_timeout_secs),
-    ] {
-        if !(value.is_finite() && (0.1..=86_400.0).contains(&value)) {
-            bail!("{flag} must be between 0.1 and 86400 seconds");
-        }
-    }
-    if args.send_timeout_secs < 20.0 {
-        bail!(
-            "--send-timeout-secs must be at least 20 (event streams send a keep-alive every 15 s)"
-        );
-    }
-    if args.max_uploads_per_client == 0 || args.upload_concurrency == 0 {
-        bail!("--max-uploads-per-client and --upload-concurrency must be at least 1");
-    }
     let auth = if token_hashes.is_empty() {
         "no authentication".to_owned()
     } else {
         format!("{} token(s) for writes", token_hashes.len())
     };
-    if !(args.sweep_lease_secs.is_finite() && (1.0..=86_400.0).contains(&args.sweep_lease_secs)) {
-        bail!("--sweep-lease-secs must be between 1 and 86400");
-    }
-    if args.max_sweep_images < 2 {
-        bail!("--max-sweep-images must be at least 2");
-    }
-    let sweep_worker = (!args.no_sweep_worker).then(|| hindsight::sweep::WorkerConfig {
-        lease: std::time::Duration::from_secs_f64(args.sweep_lease_secs),
-        weights: args.fid_weights.clone(),
-        verify_reads: !args.no_verify,
-        ..Default::default()
-    });
+    let secs = |flag: &str, value: f64| {
+        std::time::Duration::try_from_secs_f64(value)
+            .map_err(|_| anyhow::anyhow!("{flag}: {value} is not a number of seconds ≥ 0"))
+    };
+    let defaults = ServerConfig::default();
+    let sweep_worker = if args.no_sweep_worker {
+        None
+    } else {
+        Some(WorkerConfig {
+            lease: secs("--sweep-lease-secs", args.sweep_lease_secs)?,
+            weights: args.fid_weights.clone(),
+            verify_reads: !args.no_verify,
+            ..Default::default()
+        })
+    };
     let config = ServerConfig {
         token_hashes,
         sweep_worker,
-        sweep_limits: hindsight::sweep::SweepLimits {
+        sweep_limits: SweepLimits {
             max_images: args.max_sweep_images,
-            max_unfinished_per_run: args.max_unfinished_sweeps_per_run.max(1),
-            max_unfinished: args.max_unfinished_sweeps.max(1),
-            ..Default::default()
+            max_unfinished_per_run: args.max_unfinished_sweeps_per_run,
+            max_unfinished: args.max_unfinished_sweeps,
+            ..defaults.sweep_limits
         },
         max_upload_bytes: args.max_upload_bytes,
         upload_concurrency: args.upload_concurrency,
-        reconstruct_wait: std::time::Duration::from_secs_f64(args.reconstruct_wait_secs),
+        reconstruct_wait: secs("--reconstruct-wait-secs", args.reconstruct_wait_secs)?,
         verify_reads: !args.no_verify,
         max_uploads_per_client: args.max_uploads_per_client,
-        upload_idle_timeout: std::time::Duration::from_secs_f64(args.upload_idle_secs),
-        header_read_timeout: std::time::Duration::from_secs_f64(args.header_read_timeout_secs),
-        shutdown_grace: std::time::Duration::from_secs_f64(args.shutdown_grace_secs),
+        upload_idle_timeout: secs("--upload-idle-secs", args.upload_idle_secs)?,
+        header_read_timeout: secs("--header-read-timeout-secs", args.header_read_timeout_secs)?,
+        shutdown_grace: secs("--shutdown-grace-secs", args.shutdown_grace_secs)?,
         upload_min_bytes_per_sec: args.upload_min_bytes_per_sec,
-        max_connections: args.max_connections.max(1),
-        max_connections_per_client: args.max_connections_per_client.max(1),
-        idle_timeout: std::time::Duration::from_secs_f64(args.idle_timeout_secs),
-        send_timeout: std::time::Duration::from_secs_f64(args.send_timeout_secs),
-        max_requests_per_client: args.max_requests_per_client.max(1),
+        max_connections: args.max_connections,
+        max_connections_per_client: args.max_connections_per_client,
+        idle_timeout: secs("--idle-timeout-secs", args.idle_timeout_secs)?,
+        send_timeout: secs("--send-timeout-secs", args.send_timeout_secs)?,
+        max_requests_per_client: args.max_requests_per_client,
         loopback_hosts_only: addr.ip().is_loopback(),
         allowed_hosts: args.allowed_hosts.clone(),
-        ..Default::default()
+        ..defaults
     };
+    // The library checks the settings; the command line names its flags.
+    if let Err(hindsight::Error::InvalidInput { field, reason }) = config.validate() {
+        bail!("{}: {reason}", flag_of(&field));
+    }
     let shutdown = async {
         server::shutdown_signal().await;
         eprintln!("shutting down: finishing requests in flight");

@@ -11,8 +11,8 @@ use hindsight::db::{PointRow, SweepRow};
 use hindsight::metrics::Metric;
 use hindsight::phema::parse_sigma_rel_list;
 use hindsight::sweep::{
-    self, PointResult, SamplerSettings, SweepLimits, SweepRequest, Worker, WorkerConfig,
-    WorkerEvent,
+    self, MetricInfo, PointResult, SamplerSettings, SweepLimits, SweepRequest, Worker,
+    WorkerConfig, WorkerEvent,
 };
 
 use super::common::{bar, block_on, print_json};
@@ -194,7 +194,7 @@ pub fn run(data_dir: &Path, args: SweepArgs) -> anyhow::Result<()> {
             std::fs::write(&out, svg).with_context(|| format!("writing {}", out.display()))?;
             eprintln!(
                 "wrote the {} curve to {}",
-                spec.metric_label(metric),
+                spec.metric_info(metric).label,
                 out.display()
             );
         }
@@ -281,43 +281,29 @@ async fn work(data: &DataDir, sweep: &SweepRow, weights: Option<PathBuf>) -> any
     Ok(())
 }
 
-fn summary(r: &PointResult, metric: Metric) -> String {
-    match r.value(metric) {
-        None => "-".into(),
-        Some(m) => {
-            let scale = if metric == Metric::Kid { 1e3 } else { 1.0 };
-            match m.std {
-                Some(s) => format!("{:.3} ± {:.3}", m.mean * scale, s * scale),
-                None => match m.std_errors.as_ref().filter(|e| e.len() == 1) {
-                    Some(e) => format!("{:.3} ± {:.3}", m.mean * scale, e[0] * scale),
-                    None => format!("{:.3}", m.mean * scale),
-                },
-            }
-        }
-    }
+fn summary(r: &PointResult, info: &MetricInfo) -> String {
+    r.value(info.metric)
+        .map_or_else(|| "-".into(), |m| info.format_summary(m))
 }
 
 fn print_points(sweep: &SweepRow, points: &[PointRow]) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     let spec = sweep::spec_of(sweep).ok();
     let fallback = spec.as_ref().is_some_and(|s| s.is_fallback());
-    if let Some(s) = spec.as_ref().filter(|_| fallback) {
+    // Names and scales as the server sends them with the sweep (`Sweep.metrics`).
+    let fid_info = MetricInfo::new(Metric::Fid, fallback);
+    let kid_info = MetricInfo::new(Metric::Kid, fallback);
+    if fallback {
         writeln!(
             out,
             "metrics on the fallback pixel projection: {}, {}",
-            s.metric_label(Metric::Fid),
-            s.metric_label(Metric::Kid)
+            fid_info.label, kid_info.label
         )?;
     }
-    let (fid, kid) = if fallback {
-        ("FD-pixels", "KID-pixels×10³")
-    } else {
-        ("FID", "KID×10³")
-    };
     writeln!(
         out,
         "{:>5} {:>9} {:>14} {:>20} {:>20} {:>9}  status",
-        "point", "sigma_rel", "nimg", fid, kid, "images/s"
+        "point", "sigma_rel", "nimg", fid_info.axis_label, kid_info.axis_label, "images/s"
     )?;
     for p in points {
         let r: Option<PointResult> = p
@@ -326,8 +312,8 @@ fn print_points(sweep: &SweepRow, points: &[PointRow]) -> anyhow::Result<()> {
             .and_then(|v| serde_json::from_value(v).ok());
         let (fid, kid, rate) = match &r {
             Some(r) => (
-                summary(r, Metric::Fid),
-                summary(r, Metric::Kid),
+                summary(r, &fid_info),
+                summary(r, &kid_info),
                 format!("{:.1}", r.timings.images_per_s),
             ),
             None => ("-".into(), "-".into(), "-".into()),
@@ -353,9 +339,10 @@ fn print_points(sweep: &SweepRow, points: &[PointRow]) -> anyhow::Result<()> {
             writeln!(
                 out,
                 "best {}: σ_rel {:.4} at nimg {} (point {})",
-                match (&spec, fallback) {
-                    (Some(s), true) => s.metric_label(metric).to_owned(),
-                    _ => metric.as_str().to_owned(),
+                if fallback {
+                    MetricInfo::new(metric, true).label
+                } else {
+                    metric.as_str().to_owned()
                 },
                 best.sigma_rel,
                 best.nimg,

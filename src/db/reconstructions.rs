@@ -6,6 +6,7 @@ use sqlx::FromRow;
 
 use super::connection::{finish, json_text, Db};
 use crate::error::Result;
+use crate::reconstruction::report::QualityReport;
 
 /// A stored reconstruction.
 #[derive(Clone, Debug, PartialEq, FromRow, Serialize, Deserialize)]
@@ -26,9 +27,9 @@ pub struct ReconstructionRow {
     pub digest: String,
     /// Its size.
     pub byte_size: i64,
-    /// JSON object: the quality report and the weighted snapshots.
+    /// The quality report and the weighted snapshots (a JSON column).
     #[sqlx(json)]
-    pub report: serde_json::Value,
+    pub report: QualityReport,
     /// RFC 3339 UTC.
     pub created_at: String,
 }
@@ -52,8 +53,8 @@ pub struct NewReconstruction {
     pub digest: String,
     /// Blob size.
     pub byte_size: u64,
-    /// JSON report.
-    pub report: serde_json::Value,
+    /// The quality report.
+    pub report: QualityReport,
 }
 
 const SELECT: &str = "SELECT r.id, runs.name AS run, r.nimg, r.sigma_rel, r.gamma, r.dtype, \
@@ -113,7 +114,9 @@ impl Db {
                 .bind(&r.dtype)
                 .bind(&r.digest)
                 .bind(r.byte_size as i64)
-                .bind(json_text(&r.report))
+                .bind(json_text(&serde_json::to_value(&r.report).map_err(
+                    |e| crate::Error::Index(format!("a quality report does not serialize: {e}")),
+                )?))
                 .execute(&mut *conn)
                 .await?;
                 super::blobs::mark_valid(&mut conn, &r.digest).await

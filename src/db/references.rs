@@ -81,7 +81,7 @@ impl Db {
                     .await?;
             if taken.is_some() {
                 return Err(Error::Conflict(format!(
-                    "reference statistics named {:?} exist already (see `hindsight references`)",
+                    "reference statistics named {:?} exist already",
                     new.name
                 )));
             }

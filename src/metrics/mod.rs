@@ -35,7 +35,9 @@ pub use weights::{
 };
 
 /// A metric of generated images against reference images.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Metric {
     /// Fréchet Inception distance: needs the generated set's statistics and the reference's.

@@ -101,7 +101,7 @@ impl Default for SolveOptions {
 }
 
 /// Why a target's report deserves a second look.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WarningCode {
     /// The snapshots cannot represent the target profile well.
@@ -112,10 +112,14 @@ pub enum WarningCode {
     IllConditioned,
     /// Some snapshots were left out as linearly dependent on earlier ones.
     DependentSnapshots,
+    /// Reconstructed values beyond the output type's range were clamped to its largest finite
+    /// value (asked for with `clamp_out_of_range`; set by the materializer, not the solver).
+    ClampedOutOfRange,
 }
 
 /// A warning attached to one target's result.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = QualityWarning)]
 pub struct Warning {
     /// Machine-readable kind.
     pub code: WarningCode,

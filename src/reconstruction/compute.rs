@@ -6,11 +6,13 @@ use std::io::{BufReader, BufWriter};
 use std::sync::Arc;
 
 use super::plan::{report, Plan};
+use super::report::{ClampedTensor, QualityReport};
 use crate::app::DataDir;
 use crate::db::{NewReconstruction, ReconstructionRow};
 use crate::error::{blocking, Error, Result};
 use crate::format::read_header;
 use crate::materialize::{materialize_with, Input, Options, OutDtype, OutOfRange};
+use crate::phema::{Warning, WarningCode};
 use crate::store::{BlobStore, BlobWriter, Digest};
 
 /// Indices of the plan's snapshots that targets `which` give a weight.
@@ -280,25 +282,27 @@ async fn publish(
 /// `report` with the tensors whose values were clamped (`clamped`) listed under `clamped`
 /// and announced in its warnings; unchanged when there are none.
 fn with_clamped<'a>(
-    mut report: serde_json::Value,
+    mut report: QualityReport,
     dtype: OutDtype,
     clamped: impl Iterator<Item = &'a OutOfRange>,
-) -> serde_json::Value {
-    let list: Vec<serde_json::Value> = clamped
-        .map(|c| serde_json::json!({"tensor": c.tensor, "elements": c.elements, "max_abs": c.max_abs}))
+) -> QualityReport {
+    report.clamped = clamped
+        .map(|c| ClampedTensor {
+            tensor: c.tensor.clone(),
+            elements: c.elements,
+            max_abs: c.max_abs,
+        })
         .collect();
-    if list.is_empty() {
-        return report;
+    if !report.clamped.is_empty() {
+        report.warnings.push(Warning {
+            code: WarningCode::ClampedOutOfRange,
+            message: format!(
+                "{} tensor(s) had values beyond {}'s range, clamped to its largest finite value",
+                report.clamped.len(),
+                dtype.as_str()
+            ),
+        });
     }
-    let message = format!(
-        "{} tensor(s) had values beyond {}'s range, clamped to its largest finite value",
-        list.len(),
-        dtype.as_str()
-    );
-    if let Some(warnings) = report["warnings"].as_array_mut() {
-        warnings.push(serde_json::json!({"code": "clamped_out_of_range", "message": message}));
-    }
-    report["clamped"] = serde_json::Value::Array(list);
     report
 }
 

@@ -54,7 +54,7 @@ pub struct Exported {
     pub linked: usize,
     /// The stored report of each target, in request order (the solver's figures, the
     /// weighted snapshots, and `clamped` tensors when values were clamped).
-    pub reports: Vec<serde_json::Value>,
+    pub reports: Vec<super::report::QualityReport>,
 }
 
 /// Solves `targets` over the stored run `run`, materializes what the store does not hold yet

@@ -7,6 +7,7 @@
 mod compute;
 mod export;
 mod plan;
+pub(crate) mod report;
 
 pub use compute::{input_bytes, listed, materialize_targets, stored};
 pub use export::{reconstruct_to_dir, ExportOptions, Exported};
@@ -14,3 +15,4 @@ pub use plan::{
     file_name, plan, report, solve_request, OutputOptions, Plan, PlannedTarget, KEY_FORMAT,
     MAX_TARGETS,
 };
+pub use report::{ClampedTensor, QualityReport, ReportInput};

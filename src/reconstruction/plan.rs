@@ -6,13 +6,13 @@
 //! dtype. A snapshot added to the run later changes the solve and therefore the key; a target
 //! asked for as `sigma_rel` or as the equivalent `gamma` shares one entry.
 
-use serde_json::json;
-
 use crate::db::{Db, Run, SnapshotRow};
 use crate::error::{Error, Result};
 use crate::materialize::OutDtype;
 use crate::phema::request::{SnapshotSpec, SolveRequest, TargetSpec};
 use crate::phema::TargetSolution;
+
+use super::report::{QualityReport, ReportInput};
 
 /// First line of the key text; bump it when the solver or the materializer change their
 /// output for the same inputs.
@@ -184,31 +184,36 @@ fn key(
 }
 
 /// The report stored with a reconstruction: the solver's figures and the snapshots it weighs.
-pub fn report(plan: &Plan, target: &PlannedTarget) -> serde_json::Value {
+pub fn report(plan: &Plan, target: &PlannedTarget) -> QualityReport {
     let s = &target.solution;
-    let inputs: Vec<_> = plan
+    let inputs = plan
         .snapshots
         .iter()
         .zip(&s.coefficients)
         .filter(|(_, &w)| w != 0.0)
-        .map(|(snap, &w)| {
-            json!({"digest": snap.digest, "nimg": snap.nimg, "sigma_rel": snap.sigma_rel, "weight": w})
+        .map(|(snap, &w)| ReportInput {
+            digest: snap.digest.clone(),
+            nimg: snap.nimg as u64,
+            sigma_rel: snap.sigma_rel,
+            weight: w,
         })
         .collect();
-    json!({
-        "sigma_rel": s.sigma_rel,
-        "gamma": s.gamma,
-        "nimg": s.nimg,
-        "used_snapshots": s.used_snapshots,
-        "relative_error": s.relative_error,
-        "coefficient_l1": s.coefficient_l1,
-        "noise_gain": s.noise_gain,
-        "condition_number": s.condition_number,
-        "dependent_snapshots": s.dependent_snapshots
+    QualityReport {
+        sigma_rel: s.sigma_rel,
+        gamma: s.gamma,
+        nimg: s.nimg,
+        used_snapshots: s.used_snapshots as u64,
+        relative_error: s.relative_error,
+        coefficient_l1: s.coefficient_l1,
+        noise_gain: s.noise_gain,
+        condition_number: s.condition_number,
+        dependent_snapshots: s
+            .dependent_snapshots
             .iter()
-            .map(|&i| &plan.snapshots[i].digest)
-            .collect::<Vec<_>>(),
-        "warnings": s.warnings,
-        "inputs": inputs,
-    })
+            .map(|&i| plan.snapshots[i].digest.clone())
+            .collect(),
+        warnings: s.warnings.clone(),
+        inputs,
+        clamped: Vec::new(),
+    }
 }

@@ -3,11 +3,11 @@
 //! are configured, every request that is not GET or HEAD needs one.
 
 use axum::extract::{Request, State};
-use axum::http::{header, Method, StatusCode};
+use axum::http::{header, Method};
 use axum::middleware::Next;
 use axum::response::Response;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 use super::state::AppState;
 use crate::error::{Error, Result};
 
@@ -104,7 +104,7 @@ pub async fn require_token(
     if hashes.is_empty() || matches!(*request.method(), Method::GET | Method::HEAD) {
         return Ok(next.run(request).await);
     }
-    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+    let unauthorized = |m: &str| ApiError::new(ErrorCode::Unauthorized, m);
     let Some(value) = request.headers().get(header::AUTHORIZATION) else {
         return Err(unauthorized(
             "this server needs a bearer token for requests that change state \
@@ -146,7 +146,7 @@ pub async fn same_origin(
     request: Request,
     next: Next,
 ) -> std::result::Result<Response, ApiError> {
-    let forbidden = |m: String| ApiError::new(StatusCode::FORBIDDEN, "forbidden", m);
+    let forbidden = |m: String| ApiError::new(ErrorCode::Forbidden, m);
     if request.headers().get_all(header::HOST).iter().count() > 1
         || request.headers().get_all(header::ORIGIN).iter().count() > 1
     {

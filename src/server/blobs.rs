@@ -14,7 +14,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use futures_util::StreamExt;
 
-use super::error::{ApiError, ApiResult, ErrorBody};
+use super::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use super::state::AppState;
 use crate::db::BlobState;
 use crate::store::{BlobStatus, BlobStore, Digest};
@@ -93,8 +93,7 @@ pub(super) async fn send_blob(
                 Some(_) => None,
                 None => {
                     let mut response: Response = ApiError::new(
-                        StatusCode::RANGE_NOT_SATISFIABLE,
-                        "range_not_satisfiable",
+                        ErrorCode::RangeNotSatisfiable,
                         format!("{value} is outside the {len}-byte file"),
                     )
                     .into_response_with_range(len);

@@ -9,13 +9,141 @@ use utoipa::ToSchema;
 
 use crate::error::Error;
 
+/// Every machine-readable error code of the API, each with its HTTP status: the one list
+/// the server, the OpenAPI document (`ErrorCode`) and the clients share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// 400: a request field, parameter or header is malformed; the message names it.
+    InvalidInput,
+    /// 401: a bearer token is needed (or the one given is not accepted).
+    Unauthorized,
+    /// 403: the request's `Host` or `Origin` is not one this server answers.
+    Forbidden,
+    /// 404: no such run, snapshot, reconstruction, sweep, reference statistics or route.
+    NotFound,
+    /// 405: the route does not take this method.
+    MethodNotAllowed,
+    /// 408: an upload or request body stalled and was dropped; nothing was stored.
+    RequestTimeout,
+    /// 409: the request conflicts with what is stored (an existing name, another snapshot at
+    /// the same time and width).
+    Conflict,
+    /// 411: an upload without `Content-Length`.
+    LengthRequired,
+    /// 413: the body is larger than this route accepts.
+    PayloadTooLarge,
+    /// 415: a body of a media type the route does not take.
+    UnsupportedMediaType,
+    /// 416: a `Range` outside the file.
+    RangeNotSatisfiable,
+    /// 422: the stored data the request needs is unusable (e.g. a snapshot holding NaN).
+    Unprocessable,
+    /// 429: a per-client limit (uploads or requests in flight); `Retry-After` may say when.
+    TooManyRequests,
+    /// 429: a per-client connection limit, answered before the connection is closed.
+    TooManyConnections,
+    /// 429: a bound on stored or queued work (unfinished sweeps); `Retry-After` says when to
+    /// try again.
+    LimitReached,
+    /// 4xx: another client error of the HTTP layer; the status says which.
+    ClientError,
+    /// 500: the server failed; its log has the details.
+    Internal,
+    /// 503: no upload slot came free in time; try again later.
+    Busy,
+    /// 507: the server's disk is full; nothing was stored.
+    InsufficientStorage,
+}
+
+impl ErrorCode {
+    /// The HTTP status that goes with the code.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::InvalidInput => StatusCode::BAD_REQUEST,
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ErrorCode::Conflict => StatusCode::CONFLICT,
+            ErrorCode::LengthRequired => StatusCode::LENGTH_REQUIRED,
+            ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorCode::RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
+            ErrorCode::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::TooManyRequests
+            | ErrorCode::TooManyConnections
+            | ErrorCode::LimitReached => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::ClientError => StatusCode::BAD_REQUEST,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
+        }
+    }
+
+    /// The code as the wire writes it (`invalid_input`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidInput => "invalid_input",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::LengthRequired => "length_required",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::RangeNotSatisfiable => "range_not_satisfiable",
+            ErrorCode::Unprocessable => "unprocessable",
+            ErrorCode::TooManyRequests => "too_many_requests",
+            ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::LimitReached => "limit_reached",
+            ErrorCode::ClientError => "client_error",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Busy => "busy",
+            ErrorCode::InsufficientStorage => "insufficient_storage",
+        }
+    }
+
+    /// Every code, for tests and documentation.
+    pub const ALL: [ErrorCode; 19] = [
+        ErrorCode::InvalidInput,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::RequestTimeout,
+        ErrorCode::Conflict,
+        ErrorCode::LengthRequired,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::RangeNotSatisfiable,
+        ErrorCode::Unprocessable,
+        ErrorCode::TooManyRequests,
+        ErrorCode::TooManyConnections,
+        ErrorCode::LimitReached,
+        ErrorCode::ClientError,
+        ErrorCode::Internal,
+        ErrorCode::Busy,
+        ErrorCode::InsufficientStorage,
+    ];
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An error as clients see it.
 #[derive(Clone, Debug)]
 pub struct ApiError {
-    /// HTTP status.
+    /// HTTP status: the code's, except for [`ErrorCode::ClientError`].
     pub status: StatusCode,
-    /// Stable machine-readable code, e.g. `invalid_input`.
-    pub code: &'static str,
+    /// Stable machine-readable code.
+    pub code: ErrorCode,
     /// What went wrong, for people.
     pub message: String,
     /// Seconds for a `Retry-After` header (429, 503).
@@ -30,24 +158,19 @@ pub struct ErrorBody {
 }
 
 /// Code and message of an error.
-#[derive(Serialize, ToSchema)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct ErrorDetail {
-    /// Stable machine-readable code: `invalid_input`, `not_found`, `conflict`,
-    /// `unauthorized`, `payload_too_large`, `length_required`, `range_not_satisfiable`,
-    /// `method_not_allowed`, `unprocessable` (the stored data a request needs is unusable,
-    /// e.g. a snapshot holding NaN), `request_timeout` (an upload stalled),
-    /// `too_many_requests` (a client's upload limit), `busy` (no upload slot in time),
-    /// `insufficient_storage` (the server's disk is full), `internal`.
-    pub code: String,
+    /// Stable machine-readable code (its HTTP status is fixed by it).
+    pub code: ErrorCode,
     /// What went wrong, for people.
     pub message: String,
 }
 
 impl ApiError {
-    /// An error with this status, code and message.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    /// An error with this code (and the code's status) and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
-            status,
+            status: code.status(),
             code,
             message: message.into(),
             retry_after: None,
@@ -62,12 +185,12 @@ impl ApiError {
 
     /// 400 `invalid_input`.
     pub fn invalid(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_input", message)
+        Self::new(ErrorCode::InvalidInput, message)
     }
 
     /// 404 `not_found`.
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+        Self::new(ErrorCode::NotFound, message)
     }
 
     /// 500 `internal`, after logging what happened.
@@ -79,8 +202,7 @@ impl ApiError {
     /// 500 `internal` for an error already logged.
     fn internal_logged() -> Self {
         Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
+            ErrorCode::Internal,
             "internal error; the server log has the details",
         )
     }
@@ -94,16 +216,10 @@ impl From<Error> for ApiError {
                 ApiError::invalid(e.to_string())
             }
             // The request is fine, the stored data it needs is not.
-            Error::NonFinite { .. } => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "unprocessable",
-                e.to_string(),
-            ),
+            Error::NonFinite { .. } => ApiError::new(ErrorCode::Unprocessable, e.to_string()),
             Error::NotFound(m) => ApiError::not_found(m),
-            Error::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
-            Error::LimitReached(m) => {
-                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "limit_reached", m).retry_after(30)
-            }
+            Error::Conflict(m) => ApiError::new(ErrorCode::Conflict, m),
+            Error::LimitReached(m) => ApiError::new(ErrorCode::LimitReached, m).retry_after(30),
             Error::Io { ref source, .. } if crate::error::is_no_space(source) => no_space(&e),
             Error::Database(sqlx::Error::Database(ref d)) if d.code().as_deref() == Some("13") => {
                 // SQLITE_FULL: the index could not grow.
@@ -121,8 +237,7 @@ impl From<Error> for ApiError {
 fn no_space(e: &Error) -> ApiError {
     tracing::error!(error = %e.chain_text(), "out of disk space");
     ApiError::new(
-        StatusCode::INSUFFICIENT_STORAGE,
-        "insufficient_storage",
+        ErrorCode::InsufficientStorage,
         "no space left on the server's disk: nothing was stored; free space (e.g. `hindsight \
          gc`) and try again",
     )
@@ -132,7 +247,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
             error: ErrorDetail {
-                code: self.code.to_owned(),
+                code: self.code,
                 message: self.message,
             },
         };
@@ -193,8 +308,7 @@ pub(super) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResu
 pub(super) fn body_rejection(r: axum::extract::rejection::BytesRejection) -> ApiError {
     if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            ErrorCode::PayloadTooLarge,
             "the request body is larger than this server accepts",
         )
     } else {
@@ -223,16 +337,13 @@ pub(super) async fn json_rejections(response: Response) -> Response {
             .unwrap_or("bad request")
             .to_owned(),
     };
-    let code = match status {
-        StatusCode::BAD_REQUEST => "invalid_input",
-        StatusCode::NOT_FOUND => "not_found",
-        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
-        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-        StatusCode::UNPROCESSABLE_ENTITY => "unprocessable",
-        _ => "client_error",
-    };
-    let mut out = ApiError::new(status, code, text).into_response();
+    let code = ErrorCode::ALL
+        .into_iter()
+        .find(|c| c.status() == status && *c != ErrorCode::ClientError)
+        .unwrap_or(ErrorCode::ClientError);
+    let mut error = ApiError::new(code, text);
+    error.status = status;
+    let mut out = error.into_response();
     for (name, value) in parts.headers.iter() {
         if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
             out.headers_mut().insert(name.clone(), value.clone());

@@ -4,11 +4,10 @@
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::Response;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 use super::state::AppState;
 
 /// Middleware: reads the whole request body within a deadline of the upload idle timeout
@@ -48,8 +47,7 @@ pub async fn body_deadline(
         }
         Err(_) => {
             return Err(ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
+                ErrorCode::RequestTimeout,
                 format!(
                     "the request body did not arrive within {} s",
                     deadline.as_secs()
@@ -64,8 +62,7 @@ pub async fn body_deadline(
 
 fn too_large(limit: usize) -> ApiError {
     ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "payload_too_large",
+        ErrorCode::PayloadTooLarge,
         format!("request body: larger than this route's limit of {limit} bytes"),
     )
 }

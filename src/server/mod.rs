@@ -5,31 +5,20 @@
 //! ([`ApiError`]), and its `views` alone define what goes over the wire. CPU-heavy work
 //! (materialization, hashing uploads) runs on the blocking pool, never on the async workers.
 //!
-//! Routes (all documented in `GET /openapi.json`):
-//! - `POST /reconstruct` — solve and materialize (cached, single-flight, 202 when slow)
-//! - `GET /reconstructions/{id}`, `GET /reconstructions/{id}/weights` (Range, ETag)
-//! - `GET /runs`, `GET /runs/{run}`, `GET /runs/{run}/snapshots`, `GET /runs/{run}/preview`
-//!   (the solver's quality report for one target), `GET /runs/{run}/profiles.svg`
-//! - `POST /runs/{run}/snapshots` — streaming upload of one safetensors snapshot
-//! - `DELETE /runs/{run}/snapshots/{id}` — delete a snapshot (its blob too when unshared)
-//! - `POST /sweeps`, `GET /sweeps`, `GET /sweeps/{id}`, `DELETE /sweeps/{id}` (cancel),
-//!   `GET /sweeps/{id}/events` (server-sent events), `GET /sweeps/{id}/plot.svg`,
-//!   `GET /sweeps/{id}/points/{idx}/grid.png`
-//! - `GET /references`, `POST /references?name=` (import .npz/.pkl), `GET /references/{key}`,
-//!   `GET /references/{key}/stats.npz`
-//! - `HEAD /blobs/{digest}`, `GET /healthz`, `GET /openapi.json`
-//! - `GET /` and `GET /ui/…`: the web UI (`web/`, embedded in the binary)
+//! The routes are listed once, in `openapi::routes`, which registers each handler with its
+//! `#[utoipa::path]` annotation: the same list makes the router and `GET /openapi.json`, so
+//! no route goes undocumented. Read the document (or `openapi.rs`) for the list.
 //!
 //! Files: `state` (settings, shared state), `jobs` (single-flight reconstruction jobs),
-//! `views` (wire types), `error` (the error shape, body parsing), `auth` (bearer tokens),
-//! one file per route family (`reconstruct`, `runs`, `sweeps`, `blobs`, `meta`, `ui`), `openapi`.
+//! `views` (wire types), `error` (the error codes and shape, body parsing), `auth` (bearer
+//! tokens), one file per route family (`reconstruct`, `runs`, `sweeps`, `blobs`, `meta`, `ui`),
+//! `openapi` (the route list and the document), `connections` (connection limits), `watch`
+//! (one poller for the sweeps event streams follow), `limits` (body deadlines).
 //! `serve_data_dir` also runs one sweep worker (`crate::sweep::Worker`) beside the server.
 
 use std::net::SocketAddr;
 use std::path::Path;
 
-use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, head, post};
 use axum::Router;
 
 use crate::app::DataDir;
@@ -52,87 +41,15 @@ mod views;
 mod watch;
 
 pub use auth::{append_new_token, hash_token, new_token, parse_token_hashes, read_token_file};
-pub use error::{ApiError, ApiResult};
-pub use openapi::ApiDoc;
+pub use error::{ApiError, ApiResult, ErrorCode};
 pub use state::{AppState, ServerConfig};
 
-/// Largest reference-statistics upload: a 2048-d float64 `.npz` is 33.6 MB.
-const REFERENCE_UPLOAD_LIMIT: usize = 128 << 20;
-
-/// The router with every route, the auth middleware, and JSON 404/405 fallbacks.
+/// The router with every route (each documented in `GET /openapi.json`, see `openapi`), the
+/// auth middleware, and JSON 404/405 fallbacks.
 pub fn app(state: AppState) -> Router {
-    let json_limit = state.config.max_json_bytes;
-    Router::new()
-        .route(
-            "/reconstruct",
-            post(reconstruct::post_reconstruct)
-                .route_layer(axum::middleware::from_fn_with_state(
-                    (state.clone(), json_limit),
-                    limits::body_deadline,
-                ))
-                .layer(DefaultBodyLimit::max(json_limit)),
-        )
-        .route(
-            "/reconstructions/{id}",
-            get(reconstruct::get_reconstruction),
-        )
-        .route(
-            "/reconstructions/{id}/weights",
-            get(reconstruct::get_weights),
-        )
-        .route("/runs", get(runs::list_runs))
-        .route("/runs/{run}", get(runs::get_run))
-        .route("/runs/{run}/preview", get(runs::preview))
-        .route("/runs/{run}/profiles.svg", get(runs::profiles))
-        .route(
-            "/runs/{run}/snapshots",
-            get(runs::list_snapshots)
-                .post(runs::upload_snapshot)
-                .layer(DefaultBodyLimit::disable()),
-        )
-        .route(
-            "/runs/{run}/snapshots/{id}",
-            axum::routing::delete(runs::delete_snapshot),
-        )
-        .route(
-            "/sweeps",
-            post(sweeps::post_sweep)
-                .route_layer(axum::middleware::from_fn_with_state(
-                    (state.clone(), json_limit),
-                    limits::body_deadline,
-                ))
-                .get(sweeps::list_sweeps)
-                .layer(DefaultBodyLimit::max(json_limit)),
-        )
-        .route(
-            "/sweeps/{id}",
-            get(sweeps::get_sweep).delete(sweeps::delete_sweep),
-        )
-        .route("/sweeps/{id}/events", get(sweeps::sweep_events))
-        .route("/sweeps/{id}/plot.svg", get(sweeps::sweep_plot))
-        .route(
-            "/sweeps/{id}/points/{idx}/grid.png",
-            get(sweeps::point_grid),
-        )
-        .route(
-            "/references",
-            get(sweeps::list_references)
-                .post(sweeps::post_reference)
-                .route_layer(axum::middleware::from_fn_with_state(
-                    (state.clone(), REFERENCE_UPLOAD_LIMIT),
-                    limits::body_deadline,
-                ))
-                .layer(DefaultBodyLimit::max(REFERENCE_UPLOAD_LIMIT)),
-        )
-        .route("/references/{key}", get(sweeps::get_reference))
-        .route("/references/{key}/stats.npz", get(sweeps::reference_npz))
-        .route("/blobs/{digest}", head(blobs::head_blob))
-        .route("/", get(ui::index))
-        .route("/ui", get(ui::to_index))
-        .route("/ui/", get(ui::to_index))
-        .route("/ui/{*path}", get(ui::file))
-        .route("/healthz", get(meta::healthz))
-        .route("/openapi.json", get(openapi::openapi_json))
+    let (router, doc) = openapi::routes(&state).split_for_parts();
+    router
+        .layer(axum::Extension(std::sync::Arc::new(doc)))
         .fallback(meta::not_found)
         .method_not_allowed_fallback(meta::method_not_allowed)
         .layer(axum::middleware::map_response(error::json_rejections))
@@ -158,8 +75,7 @@ const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 fn too_many_requests(limit: usize) -> axum::response::Response {
     use axum::response::IntoResponse;
     let mut response = ApiError::new(
-        axum::http::StatusCode::TOO_MANY_REQUESTS,
-        "too_many_requests",
+        error::ErrorCode::TooManyRequests,
         format!(
             "this address has more than {limit} requests in flight (the per-client limit); \
              wait for some to finish"
@@ -197,6 +113,12 @@ pub async fn serve(
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use tower::ServiceExt;
 
+    state.config.validate().map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("server settings: {e}"),
+        )
+    })?;
     let header_timeout = state.config.header_read_timeout;
     let idle_timeout = state.config.idle_timeout;
     let registry = connections::Connections::new(
@@ -246,9 +168,15 @@ pub async fn serve(
                 Err(connections::Refusal::ClientBusy) => {
                     tracing::debug!(%peer, "connection refused: the client's connections are all busy");
                     // One short answer if the socket takes it at once, then close.
-                    let body = "{\"error\":{\"code\":\"too_many_connections\",\"message\":\"this \
-                                address has as many connections open as it may, all busy; \
-                                try again\"}}";
+                    let body = serde_json::to_string(&error::ErrorBody {
+                        error: error::ErrorDetail {
+                            code: error::ErrorCode::TooManyConnections,
+                            message: "this address has as many connections open as it may, all \
+                                      busy; try again"
+                                .into(),
+                        },
+                    })
+                    .unwrap_or_default();
                     let answer = format!(
                         "HTTP/1.1 429 Too Many Requests\r\nConnection: close\r\nContent-Type: \
                          application/json\r\nRetry-After: 1\r\nContent-Length: {}\r\n\r\n{body}",
@@ -347,6 +275,7 @@ pub async fn serve_data_dir(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<()> {
+    config.validate()?;
     let data = DataDir::open(data_dir).await?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await

@@ -16,7 +16,9 @@ use utoipa::ToSchema;
 use super::error::{body_rejection, parse_json, ApiError, ApiResult, ErrorBody};
 use super::jobs::Job;
 use super::state::AppState;
-use super::views::{urls, DtypeView, ReconstructionList, ReconstructionView};
+use super::views::{
+    urls, DtypeView, ReconstructionList, ReconstructionPending, ReconstructionView,
+};
 use crate::db::ReconstructionRow;
 use crate::materialize::OutDtype;
 use crate::phema::request::TargetSpec;
@@ -290,7 +292,7 @@ fn check_id(id: &str) -> ApiResult<()> {
     params(("id" = String, Path, description = "Reconstruction id")),
     responses(
         (status = 200, description = "Ready", body = ReconstructionView),
-        (status = 202, description = "Still computing", body = Object),
+        (status = 202, description = "Still computing", body = ReconstructionPending),
         (status = 400, description = "Malformed id", body = ErrorBody),
         (status = 404, description = "Unknown id", body = ErrorBody),
         (status = 500, description = "The computation failed", body = ErrorBody),
@@ -307,9 +309,12 @@ pub(super) async fn get_reconstruction(
         let (status_url, weights_url) = urls(&id);
         return Ok((
             StatusCode::ACCEPTED,
-            Json(serde_json::json!({
-                "id": id, "status": "running", "status_url": status_url, "weights_url": weights_url
-            })),
+            Json(ReconstructionPending {
+                id,
+                status: "running".into(),
+                status_url,
+                weights_url,
+            }),
         )
             .into_response());
     }

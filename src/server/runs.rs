@@ -7,7 +7,7 @@ use axum::Json;
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use super::error::{ApiError, ApiResult, ErrorBody};
+use super::error::{ApiError, ApiResult, ErrorBody, ErrorCode};
 use super::state::AppState;
 use super::views::{
     DeletedSnapshotView, IngestedView, ManifestEntryView, ReconstructionView, RunDetail,
@@ -16,6 +16,7 @@ use super::views::{
 use crate::db::Run;
 use crate::ingest::{ingest_reader, CutShort, Hints, Incoming, IngestOptions, RunForIngest};
 use crate::phema::Width;
+use crate::reconstruction::QualityReport;
 
 /// Every run with its totals.
 #[utoipa::path(get, path = "/runs", tag = "runs",
@@ -181,8 +182,7 @@ fn upload_length(headers: &HeaderMap, limit: u64) -> ApiResult<u64> {
     let len: u64 = match headers.get(header::CONTENT_LENGTH) {
         None => {
             return Err(ApiError::new(
-                StatusCode::LENGTH_REQUIRED,
-                "length_required",
+                ErrorCode::LengthRequired,
                 "uploads need a Content-Length header",
             ))
         }
@@ -194,8 +194,7 @@ fn upload_length(headers: &HeaderMap, limit: u64) -> ApiResult<u64> {
     };
     if len > limit {
         return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            ErrorCode::PayloadTooLarge,
             format!("{len} bytes is more than this server's upload limit of {limit} bytes"),
         ));
     }
@@ -248,8 +247,7 @@ pub(super) async fn upload_snapshot(
         Ok(permit) => permit.map_err(ApiError::internal)?,
         Err(_) => {
             return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "busy",
+                ErrorCode::Busy,
                 format!(
                     "every upload slot stayed busy for {} s; try again later",
                     state.config.upload_queue_wait.as_secs()
@@ -295,8 +293,7 @@ pub(super) async fn upload_snapshot(
     if ingested.is_err() && stalled.load(std::sync::atomic::Ordering::Relaxed) {
         tracing::warn!(peer = ?peer, run = %name, "upload stalled; dropped");
         return Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
+            ErrorCode::RequestTimeout,
             format!(
                 "the upload stalled (nothing for {} s, or under {} bytes/s on average) and was \
                  dropped; nothing was stored",
@@ -329,8 +326,7 @@ impl ClientUpload {
             let n = counts.entry(ip).or_default();
             if *n >= state.config.max_uploads_per_client.max(1) {
                 return Err(ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too_many_requests",
+                    ErrorCode::TooManyRequests,
                     format!(
                         "{ip} already has {n} upload(s) in progress, this server's limit per \
                          client; send the next when one finishes"
@@ -502,7 +498,7 @@ impl PreviewQuery {
 #[utoipa::path(get, path = "/runs/{run}/preview", tag = "runs",
     params(("run" = String, Path, description = "Run name"), PreviewQuery),
     responses(
-        (status = 200, description = "The quality report", body = Object),
+        (status = 200, description = "The quality report", body = QualityReport),
         (status = 400, description = "Invalid target, naming the field", body = ErrorBody),
         (status = 404, description = "No such run", body = ErrorBody),
     ))]
@@ -510,7 +506,7 @@ pub(super) async fn preview(
     State(state): State<AppState>,
     Path(name): Path<String>,
     Query(query): Query<PreviewQuery>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<QualityReport>> {
     let plan = query.plan(&state, &name).await?;
     Ok(Json(crate::reconstruction::report(&plan, &plan.targets[0])))
 }

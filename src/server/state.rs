@@ -8,9 +8,13 @@ use tokio::sync::Semaphore;
 
 use super::jobs::Jobs;
 use crate::app::DataDir;
+use crate::error::{Error, Result};
 use crate::sweep::{SweepLimits, WorkerConfig};
 
-/// Server settings. Every field has a default suitable for a workstation.
+/// Server settings. Every field has a default suitable for a workstation: [`Default`] is the
+/// one source of the defaults (`hindsight serve`'s flags show and use the same values), and
+/// [`ServerConfig::validate`] the one place that checks them (the server refuses to start on
+/// a config it rejects; nothing is clamped silently).
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     /// BLAKE3 hashes of the accepted bearer tokens; empty means no authentication.
@@ -104,6 +108,116 @@ impl Default for ServerConfig {
             loopback_hosts_only: true,
             allowed_hosts: Vec::new(),
         }
+    }
+}
+
+/// Shortest and longest time a timeout setting may be.
+const TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(86_400);
+
+impl ServerConfig {
+    /// Checks every setting; the error names the field (`send_timeout: …`) and what it must
+    /// be. `serve` and `serve_data_dir` call it before they bind anything.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for the first setting out of range: a count that must be at
+    /// least 1 is 0, a timeout is outside 0.1 s … 1 day, `send_timeout` is shorter than the
+    /// event streams' keep-alive (15 s) allows (20 s), the sweep caps are below what one sweep
+    /// needs, or a sweep worker's lease is outside 1 s … 1 day.
+    pub fn validate(&self) -> Result<()> {
+        let at_least_one = [
+            ("max_json_bytes", self.max_json_bytes as u64),
+            ("max_upload_bytes", self.max_upload_bytes),
+            ("upload_concurrency", self.upload_concurrency as u64),
+            ("max_uploads_per_client", self.max_uploads_per_client as u64),
+            ("max_connections", self.max_connections as u64),
+            (
+                "max_connections_per_client",
+                self.max_connections_per_client as u64,
+            ),
+            (
+                "max_requests_per_client",
+                self.max_requests_per_client as u64,
+            ),
+            (
+                "sweep_limits.max_points",
+                self.sweep_limits.max_points as u64,
+            ),
+            (
+                "sweep_limits.max_seed_sets",
+                self.sweep_limits.max_seed_sets as u64,
+            ),
+            ("sweep_limits.max_batch", self.sweep_limits.max_batch as u64),
+            (
+                "sweep_limits.max_unfinished_per_run",
+                self.sweep_limits.max_unfinished_per_run as u64,
+            ),
+            (
+                "sweep_limits.max_unfinished",
+                self.sweep_limits.max_unfinished as u64,
+            ),
+        ];
+        for (field, value) in at_least_one {
+            if value == 0 {
+                return Err(Error::invalid(field, "must be at least 1"));
+            }
+        }
+        if self.sweep_limits.max_images < 2 {
+            return Err(Error::invalid(
+                "sweep_limits.max_images",
+                format!(
+                    "{}; must be at least 2 (KID and FID need two images)",
+                    self.sweep_limits.max_images
+                ),
+            ));
+        }
+        let timeouts = [
+            ("header_read_timeout", self.header_read_timeout),
+            ("upload_idle_timeout", self.upload_idle_timeout),
+            ("upload_queue_wait", self.upload_queue_wait),
+            ("shutdown_grace", self.shutdown_grace),
+            ("idle_timeout", self.idle_timeout),
+            ("send_timeout", self.send_timeout),
+            ("sweep_event_poll", self.sweep_event_poll),
+        ];
+        for (field, value) in timeouts {
+            if !TIMEOUT_RANGE.contains(&value) {
+                return Err(Error::invalid(
+                    field,
+                    format!(
+                        "{} s; must be between 0.1 s and 86400 s",
+                        value.as_secs_f64()
+                    ),
+                ));
+            }
+        }
+        if self.send_timeout < Duration::from_secs(20) {
+            return Err(Error::invalid(
+                "send_timeout",
+                format!(
+                    "{} s; must be at least 20 s (event streams send a keep-alive every 15 s)",
+                    self.send_timeout.as_secs_f64()
+                ),
+            ));
+        }
+        if self.reconstruct_wait > Duration::from_secs(86_400) {
+            return Err(Error::invalid(
+                "reconstruct_wait",
+                "must be at most 86400 s",
+            ));
+        }
+        if let Some(worker) = &self.sweep_worker {
+            if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&worker.lease) {
+                return Err(Error::invalid(
+                    "sweep_worker.lease",
+                    format!(
+                        "{} s; must be between 1 s and 86400 s",
+                        worker.lease.as_secs_f64()
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -18,7 +18,8 @@ use serde::Deserialize;
 use super::error::{body_rejection, parse_json, ApiError, ApiResult, ErrorBody};
 use super::state::AppState;
 use super::views::sweeps::{
-    PointView, ReferenceList, ReferenceView, SweepList, SweepRequestBody, SweepView,
+    PointView, ReferenceList, ReferenceView, ShutdownNotice, SweepEvent, SweepList, SweepProgress,
+    SweepRequestBody, SweepView,
 };
 use crate::app::references::{self, ReferenceOrigin};
 use crate::db::{PointRow, SweepRow};
@@ -62,7 +63,7 @@ pub(super) async fn post_sweep(
     )
     .await?;
     let (sweep, points) = load(&state, created.id).await?;
-    let view = SweepView::new(&sweep, Some(&points));
+    let view = SweepView::new(&sweep, Some(&points))?;
     let mut response = (StatusCode::CREATED, Json(view)).into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("/sweeps/{}", sweep.id)) {
         response.headers_mut().insert(header::LOCATION, v);
@@ -127,7 +128,7 @@ pub(super) async fn list_sweeps(
     let mut sweeps = Vec::with_capacity(rows.len());
     for s in &rows {
         let points = state.data.db.sweep_points(s.id).await?;
-        let mut view = SweepView::new(s, Some(&points));
+        let mut view = SweepView::new(s, Some(&points))?;
         view.points = None;
         sweeps.push(view);
     }
@@ -151,7 +152,7 @@ pub(super) async fn get_sweep(
 ) -> ApiResult<Json<SweepView>> {
     let id = parse_id(&id, "id")?;
     let (sweep, points) = load(&state, id).await?;
-    Ok(Json(SweepView::new(&sweep, Some(&points))))
+    Ok(Json(SweepView::new(&sweep, Some(&points))?))
 }
 
 /// Cancel a sweep: unfinished points stop (a worker stops at its next batch); finished
@@ -177,7 +178,7 @@ pub(super) async fn delete_sweep(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no sweep {id} (see GET /sweeps)")))?;
     let (sweep, points) = load(&state, id).await?;
-    Ok(Json(SweepView::new(&sweep, Some(&points))))
+    Ok(Json(SweepView::new(&sweep, Some(&points))?))
 }
 
 /// What the event stream last told its client.
@@ -189,11 +190,13 @@ struct Seen {
     ended: bool,
 }
 
-fn event(name: &str, value: &impl serde::Serialize) -> Event {
-    Event::default()
-        .event(name)
-        .json_data(value)
-        .unwrap_or_else(|_| Event::default().event(name))
+/// The SSE frame of `e`: `event:` its name, `data:` its payload as JSON.
+fn event(e: &SweepEvent) -> Event {
+    let frame = Event::default().event(e.name());
+    match e.data_json() {
+        Ok(data) => frame.data(data),
+        Err(_) => frame,
+    }
 }
 
 impl Seen {
@@ -204,7 +207,10 @@ impl Seen {
         let mut events = Vec::new();
         if !self.started {
             self.started = true;
-            events.push(event("sweep", &SweepView::new(&sweep, Some(&points))));
+            events.push(event(&SweepEvent::Sweep(SweepView::new(
+                &sweep,
+                Some(&points),
+            )?)));
             for p in &points {
                 self.points
                     .insert(p.idx, (p.status.as_str().to_owned(), p.images_done));
@@ -219,22 +225,26 @@ impl Seen {
                 self.points.insert(p.idx, now);
                 let view = PointView::new(p, per_point);
                 if status_changed && p.status.is_terminal() {
-                    events.push(event("point", &view));
+                    events.push(event(&SweepEvent::Point(view)));
                 } else {
-                    events.push(event(
-                        "progress",
-                        &serde_json::json!({
-                            "idx": p.idx, "sigma_rel": p.sigma_rel, "nimg": p.nimg,
-                            "status": view.status, "images_done": p.images_done,
-                            "images_total": per_point, "sweep_images_done": sweep.images_done,
-                        }),
-                    ));
+                    events.push(event(&SweepEvent::Progress(SweepProgress {
+                        idx: p.idx,
+                        sigma_rel: p.sigma_rel,
+                        nimg: p.nimg,
+                        status: view.status,
+                        images_done: p.images_done,
+                        images_total: per_point as i64,
+                        sweep_images_done: sweep.images_done,
+                    })));
                 }
             }
         }
         if sweep.status.is_terminal() {
             self.ended = true;
-            events.push(event("end", &SweepView::new(&sweep, Some(&points))));
+            events.push(event(&SweepEvent::End(SweepView::new(
+                &sweep,
+                Some(&points),
+            )?)));
         }
         Ok(events)
     }
@@ -248,7 +258,7 @@ impl Seen {
 #[utoipa::path(get, path = "/sweeps/{id}/events", tag = "sweeps",
     params(("id" = i64, Path, description = "Sweep id")),
     responses(
-        (status = 200, description = "text/event-stream", content_type = "text/event-stream", body = String),
+        (status = 200, description = "Server-sent events; each frame's `event:` and `data:` are one SweepEvent's `event` and `data`", content_type = "text/event-stream", body = SweepEvent),
         (status = 400, description = "Malformed id", body = ErrorBody),
         (status = 404, description = "No such sweep", body = ErrorBody),
     ))]
@@ -285,9 +295,12 @@ pub(super) async fn sweep_events(
                     Ok(_) => {}
                     Err(e) => {
                         seen.ended = true;
-                        let body = serde_json::json!({"code": e.code, "message": e.message});
+                        let body = SweepEvent::Error(super::error::ErrorDetail {
+                            code: e.code,
+                            message: e.message,
+                        });
                         return Some((
-                            futures_util::stream::iter(vec![Ok(event("error", &body))]),
+                            futures_util::stream::iter(vec![Ok(event(&body))]),
                             (seen, changed),
                         ));
                     }
@@ -302,11 +315,12 @@ pub(super) async fn sweep_events(
                     }
                     _ = stopping.cancelled() => {
                         seen.ended = true;
-                        let body = serde_json::json!({
-                            "message": "the server is shutting down; reconnect to follow the sweep"
+                        let body = SweepEvent::Shutdown(ShutdownNotice {
+                            message: "the server is shutting down; reconnect to follow the sweep"
+                                .into(),
                         });
                         return Some((
-                            futures_util::stream::iter(vec![Ok(event("shutdown", &body))]),
+                            futures_util::stream::iter(vec![Ok(event(&body))]),
                             (seen, changed),
                         ));
                     }

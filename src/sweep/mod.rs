@@ -11,18 +11,22 @@
 //! - `worker`: the durable job loop (leases, per-batch records, resumption).
 //! - `batch`: sampling and features of one batch.
 //! - `results`: a point's result, the best point.
+//! - `labels`: how each metric is named, scaled and compared, and a point's error bar —
+//!   decided once for the UI, the command line, the plot and the Python client.
 //! - `plot`: the curve (1-D) or heat map (2-D) as SVG.
 //!
 //! The queue lives in the index (`db::sweeps`); any number of workers — one inside
 //! `hindsight serve`, more from `hindsight worker` — share it.
 
 mod batch;
+mod labels;
 pub mod plot;
 mod results;
 mod spec;
 mod worker;
 
 pub use batch::GRID_IMAGES;
+pub use labels::{error_bar, MetricInfo};
 pub use results::{best_point, MetricSummary, PointResult, Timings};
 pub use spec::{
     run_network, spec_of, validate, SamplerSettings, SweepLimits, SweepRequest, SweepSpec,
@@ -61,9 +65,8 @@ pub async fn create(
 
 /// The sweep `id`, or [`Error::NotFound`].
 pub async fn find(data: &DataDir, id: i64) -> Result<SweepRow> {
-    data.db.sweep(id).await?.ok_or_else(|| {
-        Error::NotFound(format!(
-            "no sweep {id} (see `hindsight sweeps` or GET /sweeps)"
-        ))
-    })
+    data.db
+        .sweep(id)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("no sweep {id}")))
 }

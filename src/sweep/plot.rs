@@ -9,16 +9,13 @@ use crate::db::{PointRow, SweepRow};
 use crate::error::{Error, Result};
 use crate::metrics::Metric;
 
-/// A finished point's value of one metric: mean and the half-height of its error bar.
-fn value(p: &PointRow, metric: Metric) -> Option<(f64, f64)> {
+/// A finished point's value of one metric as displayed (× the metric's display scale): mean
+/// and the half-height of its error bar ([`super::error_bar`]).
+fn value(p: &PointRow, metric: Metric, scale: f64) -> Option<(f64, f64)> {
     let r: PointResult = serde_json::from_value(p.result.clone()?).ok()?;
     let m = r.value(metric)?;
-    let bar = m.std.or_else(|| {
-        m.std_errors
-            .as_ref()
-            .and_then(|e| (e.len() == 1).then(|| e[0]))
-    });
-    Some((m.mean, bar.unwrap_or(0.0)))
+    let bar = super::error_bar(m).unwrap_or(0.0);
+    Some((m.mean * scale, bar * scale))
 }
 
 fn draw_error<E: std::error::Error + Send + Sync + 'static>(err: DrawingAreaErrorKind<E>) -> Error {
@@ -39,9 +36,14 @@ const PALETTE: [RGBColor; 6] = [
 /// 2-D sweep (several training times) gets a heat map beside the curves. Errors when no point
 /// has a value yet.
 pub fn sweep_svg(sweep: &SweepRow, points: &[PointRow], metric: Metric) -> Result<String> {
+    // Names and scale as every other display shows them (KID ×10³).
+    let info = super::spec_of(sweep).map_or_else(
+        |_| super::MetricInfo::new(metric, false),
+        |spec| spec.metric_info(metric),
+    );
     let values: Vec<(&PointRow, f64, f64)> = points
         .iter()
-        .filter_map(|p| value(p, metric).map(|(v, e)| (p, v, e)))
+        .filter_map(|p| value(p, metric, info.scale).map(|(v, e)| (p, v, e)))
         .filter(|(_, v, _)| v.is_finite())
         .collect();
     if values.is_empty() {
@@ -59,9 +61,7 @@ pub fn sweep_svg(sweep: &SweepRow, points: &[PointRow], metric: Metric) -> Resul
     {
         let root = SVGBackend::with_string(&mut svg, (w, h)).into_drawing_area();
         root.fill(&WHITE).map_err(draw_error)?;
-        let name = super::spec_of(sweep)
-            .map(|spec| spec.metric_label(metric).to_owned())
-            .unwrap_or_else(|_| metric.as_str().to_uppercase());
+        let name = info.axis_label.clone();
         let title = format!(
             "{name} vs EMA length — run {}, sweep {} ({} of {} points)",
             sweep.run,

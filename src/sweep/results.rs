@@ -37,8 +37,8 @@ impl MetricSummary {
     }
 }
 
-/// Seconds spent on a point.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// Seconds spent on a point (sent to clients as `PointResult.timings`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Timings {
     /// Solving and materializing the weights (0 when they were stored already).
     pub reconstruct_s: f64,
@@ -46,9 +46,11 @@ pub struct Timings {
     pub batches_s: f64,
     /// Of which sampling.
     #[serde(default)]
+    #[schema(required)]
     pub sample_s: f64,
     /// Of which Inception features.
     #[serde(default)]
+    #[schema(required)]
     pub features_s: f64,
     /// Statistics, FID and KID.
     pub metrics_s: f64,

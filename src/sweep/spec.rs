@@ -49,20 +49,24 @@ impl Default for SweepLimits {
 
 /// EDM's Heun sampler settings (EDM, Karras et al. 2022, eq. 5 and Algorithm 1; EDM2
 /// `generate_images.py` defaults).
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SamplerSettings {
     /// Steps (denoiser evaluations are `2 · steps − 1`).
     #[serde(default = "default_steps")]
+    #[schema(required)]
     pub steps: usize,
     /// Lowest noise level.
     #[serde(default = "default_sigma_min")]
+    #[schema(required)]
     pub sigma_min: f64,
     /// Highest noise level.
     #[serde(default = "default_sigma_max")]
+    #[schema(required)]
     pub sigma_max: f64,
     /// Time-step exponent ρ.
     #[serde(default = "default_rho")]
+    #[schema(required)]
     pub rho: f64,
 }
 
@@ -163,8 +167,9 @@ pub struct SweepRequest {
     pub kid_subset_size: Option<usize>,
 }
 
-/// The validated sweep, stored with it (`sweeps.request`) and followed by workers.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// The validated sweep, stored with it (`sweeps.request`), followed by workers and sent to
+/// clients as `Sweep.spec`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SweepSpec {
     /// The run's name.
     pub run: String,
@@ -187,6 +192,7 @@ pub struct SweepSpec {
     /// Their feature network: [`crate::metrics::INCEPTION_NETWORK`] (FID and KID proper) or
     /// [`crate::metrics::PIXEL_PROJECTION_NETWORK`] (the fallback: the numbers are not FID).
     #[serde(default = "inception_network")]
+    #[schema(required)]
     pub feature_network: String,
     /// Images per batch.
     pub batch: usize,
@@ -196,6 +202,7 @@ pub struct SweepSpec {
     pub kid_subset_size: usize,
     /// Things the client should know (e.g. reference images of another size).
     #[serde(default)]
+    #[schema(required)]
     pub warnings: Vec<String>,
 }
 
@@ -210,15 +217,15 @@ impl SweepSpec {
         self.feature_network == crate::metrics::PIXEL_PROJECTION_NETWORK
     }
 
-    /// How a metric is named to people: `FID`, `KID`, or for the fallback
-    /// `FD (pixel projection, not FID)`, `KID (pixel projection)`.
-    pub fn metric_label(&self, metric: Metric) -> &'static str {
-        match (self.is_fallback(), metric) {
-            (false, Metric::Fid) => "FID",
-            (false, Metric::Kid) => "KID",
-            (true, Metric::Fid) => "FD (pixel projection, not FID)",
-            (true, Metric::Kid) => "KID (pixel projection, not Inception)",
-        }
+    /// How `metric` is named, scaled and compared for this sweep (the fallback's names when
+    /// its features are the pixel projection's).
+    pub fn metric_info(&self, metric: Metric) -> super::labels::MetricInfo {
+        super::labels::MetricInfo::new(metric, self.is_fallback())
+    }
+
+    /// The presentation of every metric of the sweep, in its order.
+    pub fn metric_infos(&self) -> Vec<super::labels::MetricInfo> {
+        self.metrics.iter().map(|&m| self.metric_info(m)).collect()
     }
 
     /// Images a point samples: `num_images × seed_sets`.
@@ -282,12 +289,11 @@ pub async fn validate(
     request: SweepRequest,
     limits: &SweepLimits,
 ) -> Result<(SweepSpec, Run, ReferenceRow)> {
-    let run = data.db.run(&request.run).await?.ok_or_else(|| {
-        Error::NotFound(format!(
-            "run: {:?} does not exist (see GET /runs or `hindsight runs`)",
-            request.run
-        ))
-    })?;
+    let run = data
+        .db
+        .run(&request.run)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("run: {:?} does not exist", request.run)))?;
     let network = run_network(&run)?;
     if request.sigma_rels.is_empty() {
         return Err(Error::invalid("sigma_rels", "give at least one sigma_rel"));
@@ -387,8 +393,19 @@ pub async fn validate(
     }
     let metrics = match request.metrics {
         Some(m) if m.is_empty() => return Err(Error::invalid("metrics", "give at least one")),
-        Some(mut m) => {
-            m.dedup();
+        Some(m) => {
+            // A repeated metric would be computed and listed twice: refuse it, naming both.
+            for (i, metric) in m.iter().enumerate() {
+                if let Some(first) = m[..i].iter().position(|x| x == metric) {
+                    return Err(Error::invalid(
+                        format!("metrics[{i}]"),
+                        format!(
+                            "{:?} is already metrics[{first}]; name each metric once",
+                            metric.as_str()
+                        ),
+                    ));
+                }
+            }
             m
         }
         None if reference.features_digest.is_some() => vec![Metric::Fid, Metric::Kid],
@@ -399,7 +416,8 @@ pub async fn validate(
             "metrics",
             format!(
                 "KID needs the reference's features, and {:?} has none (imported statistics \
-                 keep only mu and sigma); compute them with `hindsight ref-stats DATASET --name`",
+                 keep only mu and sigma): ask for fid alone, or use reference statistics \
+                 computed from images",
                 reference.name
             ),
         ));

@@ -1,7 +1,11 @@
 //! The API's wire types: what clients send and receive, with their OpenAPI schemas. Index
-//! rows and library types are converted here, so the storage layout and the library can
-//! change without changing the API (and they carry no OpenAPI derives). JSON columns are
-//! JSON objects here, never JSON text inside a string.
+//! rows are converted here, so the storage layout can change without changing the API. A
+//! library type that *is* a payload — the quality report
+//! ([`crate::reconstruction::QualityReport`]), a metric's presentation
+//! ([`crate::sweep::MetricInfo`]), a sweep's specification — derives its schema where it is
+//! defined, so that there is one Rust type per payload. JSON columns are JSON objects here,
+//! never JSON text inside a string; the only free-form objects on the wire are metadata a
+//! user supplied (a run's, a snapshot's `__metadata__`).
 
 pub mod sweeps;
 
@@ -11,7 +15,7 @@ use utoipa::ToSchema;
 use crate::db::{ManifestEntry, ReconstructionRow, Run, RunSummary, SnapshotRow};
 use crate::ingest::Ingested;
 use crate::materialize::OutDtype;
-use crate::reconstruction::{file_name, report, Plan};
+use crate::reconstruction::{file_name, report, Plan, QualityReport};
 
 /// A training run.
 #[derive(Serialize, ToSchema)]
@@ -23,7 +27,8 @@ pub struct RunView {
     pub name: String,
     /// Free text.
     pub description: String,
-    /// JSON object: training and network configuration, anything the trainer records.
+    /// Training and network configuration, anything the trainer records (free-form,
+    /// user-supplied).
     #[schema(value_type = Object)]
     pub metadata: serde_json::Value,
     /// RFC 3339 UTC.
@@ -120,10 +125,10 @@ pub struct SnapshotView {
     pub byte_size: i64,
     /// Number of tensors.
     pub tensor_count: i64,
-    /// JSON object: elements per dtype.
-    #[schema(value_type = Object)]
+    /// Elements per safetensors dtype, e.g. `{"F32": 1024}`.
+    #[schema(value_type = std::collections::BTreeMap<String, u64>)]
     pub dtypes: serde_json::Value,
-    /// JSON object: the file's `__metadata__`.
+    /// The file's `__metadata__` as the trainer wrote it (free-form, user-supplied).
     #[schema(value_type = Object)]
     pub metadata: serde_json::Value,
     /// RFC 3339 UTC.
@@ -257,8 +262,7 @@ pub struct ReconstructionView {
     /// True when the store already held it before this request.
     pub cached: bool,
     /// The solver's quality report and the weighted snapshots.
-    #[schema(value_type = Object)]
-    pub report: serde_json::Value,
+    pub report: QualityReport,
     /// When it was stored (RFC 3339), when ready.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub created_at: Option<String>,
@@ -325,4 +329,24 @@ impl ReconstructionView {
             created_at: None,
         }
     }
+}
+
+/// A reconstruction still being computed (`GET /reconstructions/{id}` answers 202).
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct ReconstructionPending {
+    /// Its id (64 hex digits).
+    pub id: String,
+    /// Always `running`.
+    pub status: String,
+    /// Where to ask again.
+    pub status_url: String,
+    /// Where the weights will be.
+    pub weights_url: String,
+}
+
+/// `GET /healthz`: the server and its index answer.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: String,
 }

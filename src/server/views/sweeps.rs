@@ -5,9 +5,12 @@ use utoipa::ToSchema;
 
 use crate::db::{PointRow, ReferenceRow, SweepRow};
 use crate::metrics::Metric;
-use crate::sweep::{best_point, SamplerSettings, SweepRequest, SweepSpec};
+use crate::sweep::{
+    best_point, error_bar, MetricInfo, MetricSummary, PointResult, SamplerSettings, SweepRequest,
+    SweepSpec, Timings,
+};
 
-use super::super::error::{ApiError, ApiResult};
+use super::super::error::{ApiError, ApiResult, ErrorDetail};
 use super::super::reconstruct::Widths;
 
 /// One training time or several (the schema of `nimgs`; the body is read by hand so that
@@ -182,7 +185,7 @@ impl SweepRequestBody {
 }
 
 /// One point of a sweep.
-#[derive(Serialize, ToSchema)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 #[schema(as = SweepPoint)]
 pub struct PointView {
     /// Position in the sweep (σ_rel fastest, then nimg).
@@ -201,9 +204,9 @@ pub struct PointView {
     pub attempts: i64,
     /// The reconstruction sampled, once known.
     pub reconstruction_id: Option<String>,
-    /// FID / KID per seed set with mean and std, and timings, once done.
-    #[schema(value_type = Option<Object>)]
-    pub result: Option<serde_json::Value>,
+    /// FID / KID per seed set with mean, std and the error bar to draw, and timings, once
+    /// done.
+    pub result: Option<PointResultView>,
     /// Why it failed (or why its last attempt did).
     pub error: Option<String>,
     /// A PNG grid of its first images, once its first batch is recorded.
@@ -226,7 +229,7 @@ impl PointView {
             images_total: images_total as i64,
             attempts: p.attempts,
             reconstruction_id: p.reconstruction_id.clone(),
-            result: p.result.clone(),
+            result: p.result.as_ref().and_then(|r| PointResultView::of(p, r)),
             error: p.error.clone(),
             grid_url: p
                 .grid_digest
@@ -239,10 +242,10 @@ impl PointView {
 }
 
 /// The best finished point by a metric.
-#[derive(Serialize, ToSchema)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct BestPoint {
-    /// `fid` or `kid`.
-    pub metric: String,
+    /// The metric.
+    pub metric: Metric,
     /// The point's index.
     pub idx: i64,
     /// Its σ_rel.
@@ -253,10 +256,12 @@ pub struct BestPoint {
     pub value: f64,
     /// Its std over seed sets (with more than one).
     pub std: Option<f64>,
+    /// Half-height of its error bar ([`crate::sweep::error_bar`]; null: none).
+    pub error_bar: Option<f64>,
 }
 
 /// A sweep: status, what it computes, its points so far, and the best of them.
-#[derive(Serialize, ToSchema)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 #[schema(as = Sweep)]
 pub struct SweepView {
     /// Id.
@@ -268,8 +273,10 @@ pub struct SweepView {
     pub status: String,
     /// The validated request: sigma_rels, nimgs, metrics, num_images, seed_sets, sampler,
     /// reference, batch, and warnings.
-    #[schema(value_type = Object)]
-    pub spec: serde_json::Value,
+    pub spec: SweepSpec,
+    /// How each of its metrics is named, scaled (KID ×10³) and compared, in `spec.metrics`
+    /// order: what every display of the sweep shows.
+    pub metrics: Vec<MetricInfo>,
     /// Points in all, done, failed.
     pub points_total: i64,
     /// Points done.
@@ -298,12 +305,13 @@ pub struct SweepView {
 }
 
 impl SweepView {
-    /// The view of a sweep; `points` included when given.
-    pub fn new(s: &SweepRow, points: Option<&[PointRow]>) -> Self {
-        let spec: Option<SweepSpec> = serde_json::from_value(s.spec.clone()).ok();
-        let per_point = spec.as_ref().map_or(0, SweepSpec::images_per_point);
-        let best = match (points, &spec) {
-            (Some(points), Some(spec)) => spec
+    /// The view of a sweep; `points` included when given. Errors when its stored
+    /// specification is unreadable.
+    pub fn new(s: &SweepRow, points: Option<&[PointRow]>) -> ApiResult<Self> {
+        let spec = crate::sweep::spec_of(s)?;
+        let per_point = spec.images_per_point();
+        let best = match points {
+            Some(points) => spec
                 .metrics
                 .iter()
                 .filter_map(|&m| {
@@ -312,22 +320,24 @@ impl SweepView {
                         serde_json::from_value(p.result.clone()?).ok()?;
                     let v = r.value(m)?;
                     Some(BestPoint {
-                        metric: m.as_str().to_owned(),
+                        metric: m,
                         idx: p.idx,
                         sigma_rel: p.sigma_rel,
                         nimg: p.nimg,
                         value: v.mean,
                         std: v.std,
+                        error_bar: error_bar(v),
                     })
                 })
                 .collect(),
-            _ => Vec::new(),
+            None => Vec::new(),
         };
-        SweepView {
+        Ok(SweepView {
             id: s.id,
             run: s.run.clone(),
             status: s.status.as_str().to_owned(),
-            spec: s.spec.clone(),
+            metrics: spec.metric_infos(),
+            spec,
             points_total: s.points,
             points_done: s.points_done,
             points_failed: s.points_failed,
@@ -340,6 +350,153 @@ impl SweepView {
             url: format!("/sweeps/{}", s.id),
             events_url: format!("/sweeps/{}/events", s.id),
             plot_url: format!("/sweeps/{}/plot.svg", s.id),
+        })
+    }
+}
+
+/// One metric of a finished point, over its seed sets.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct MetricResult {
+    /// The number to plot and rank by: the mean over seed sets.
+    pub value: f64,
+    /// Mean over seed sets (the same as `value`).
+    pub mean: f64,
+    /// Sample standard deviation over seed sets (null with one set).
+    pub std: Option<f64>,
+    /// One value per seed set.
+    pub values: Vec<f64>,
+    /// KID only: each set's standard error over its subsets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub std_errors: Option<Vec<f64>>,
+    /// Half-height of the error bar to draw, in the metric's units (unscaled): the std over
+    /// seed sets, else KID's standard error with one set, else null.
+    pub error_bar: Option<f64>,
+}
+
+impl From<&MetricSummary> for MetricResult {
+    fn from(m: &MetricSummary) -> Self {
+        MetricResult {
+            value: m.mean,
+            mean: m.mean,
+            std: m.std,
+            values: m.values.clone(),
+            std_errors: m.std_errors.clone(),
+            error_bar: error_bar(m),
+        }
+    }
+}
+
+/// What a finished point measured.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[schema(as = PointResult)]
+pub struct PointResultView {
+    /// FID, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fid: Option<MetricResult>,
+    /// KID, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kid: Option<MetricResult>,
+    /// Images per seed set.
+    pub num_images: u64,
+    /// Seed sets.
+    pub seed_sets: u64,
+    /// KID: subsets averaged and features per subset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kid_subsets: Option<[u64; 2]>,
+    /// The reconstruction sampled (its id).
+    pub reconstruction: String,
+    /// Where the time went.
+    pub timings: Timings,
+}
+
+impl PointResultView {
+    /// The stored result of point `p`, or `None` (logged) when it cannot be read.
+    fn of(p: &PointRow, stored: &serde_json::Value) -> Option<Self> {
+        match serde_json::from_value::<PointResult>(stored.clone()) {
+            Ok(r) => Some(PointResultView {
+                fid: r.fid.as_ref().map(MetricResult::from),
+                kid: r.kid.as_ref().map(MetricResult::from),
+                num_images: r.num_images as u64,
+                seed_sets: r.seed_sets as u64,
+                kid_subsets: r.kid_subsets.map(|(n, m)| [n as u64, m as u64]),
+                reconstruction: r.reconstruction,
+                timings: r.timings,
+            }),
+            Err(e) => {
+                tracing::error!(sweep = p.sweep_id, point = p.idx, error = %e,
+                    "a point's stored result is unreadable");
+                None
+            }
+        }
+    }
+}
+
+/// A point's progress, sent per batch on the event stream (`progress`).
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct SweepProgress {
+    /// The point's index.
+    pub idx: i64,
+    /// Its σ_rel.
+    pub sigma_rel: f64,
+    /// Its training time.
+    pub nimg: i64,
+    /// Its status (see `SweepPoint.status`).
+    pub status: String,
+    /// Images of the point recorded so far.
+    pub images_done: i64,
+    /// Images the point samples in all.
+    pub images_total: i64,
+    /// Images recorded over the whole sweep.
+    pub sweep_images_done: i64,
+}
+
+/// The server is stopping; the stream closes, the sweep goes on when it restarts.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct ShutdownNotice {
+    /// What to do.
+    pub message: String,
+}
+
+/// One event of `GET /sweeps/{id}/events`: the SSE `event:` field is `event`, its `data:`
+/// line is `data` as JSON.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[serde(tag = "event", content = "data", rename_all = "snake_case")]
+pub enum SweepEvent {
+    /// The whole sweep with its points, first.
+    Sweep(SweepView),
+    /// A point's images so far (per batch).
+    Progress(SweepProgress),
+    /// A point finished, failed or was cancelled, with its result.
+    Point(PointView),
+    /// The sweep is finished (done, failed or cancelled); the stream closes.
+    End(SweepView),
+    /// The sweep could not be read (e.g. it was deleted); the stream closes.
+    Error(ErrorDetail),
+    /// The server is stopping; the stream closes.
+    Shutdown(ShutdownNotice),
+}
+
+impl SweepEvent {
+    /// The event's name (`sweep`, `progress`, …), its SSE `event:` field.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SweepEvent::Sweep(_) => "sweep",
+            SweepEvent::Progress(_) => "progress",
+            SweepEvent::Point(_) => "point",
+            SweepEvent::End(_) => "end",
+            SweepEvent::Error(_) => "error",
+            SweepEvent::Shutdown(_) => "shutdown",
+        }
+    }
+
+    /// The event's `data` as JSON (what the SSE `data:` line carries).
+    pub fn data_json(&self) -> serde_json::Result<String> {
+        match self {
+            SweepEvent::Sweep(v) | SweepEvent::End(v) => serde_json::to_string(v),
+            SweepEvent::Progress(v) => serde_json::to_string(v),
+            SweepEvent::Point(v) => serde_json::to_string(v),
+            SweepEvent::Error(v) => serde_json::to_string(v),
+            SweepEvent::Shutdown(v) => serde_json::to_string(v),
         }
     }
 }
