@@ -69,12 +69,18 @@ export function snapshotList(list) {
   return list.map(snapshotRow);
 }
 
-/** A reconstruction; `ready` false while the server still computes it (poll `statusUrl`). */
+/** Whether a reconstruction answer (202: ReconstructionPending from its status URL, or the
+ *  ReconstructionView of `POST /reconstruct`, which has the same fields) is still running,
+ *  and where to ask again. */
+// schema: ReconstructionPending
+export function reconstructionPending(r) {
+  return { running: r.status === 'running', statusUrl: r.status_url };
+}
+
+/** A ready reconstruction. */
 // schema: ReconstructionView
 export function reconstruction(r) {
   return {
-    ready: r.status !== 'running',
-    statusUrl: r.status_url,
     sigmaRel: r.sigma_rel,
     gamma: r.gamma,
     nimg: r.nimg,
@@ -139,7 +145,7 @@ export function sweep(s) {
     status: s.status,
     running: s.status === 'running' || s.status === 'queued',
     spec: sweepSpec(s.spec),
-    metrics: s.metrics ? s.metrics.map(metricInfo) : legacyMetrics(s.spec), // LEGACY until the server sends them
+    metrics: s.metrics.map(metricInfo),
     pointsTotal: s.points_total,
     pointsDone: s.points_done,
     imagesDone: s.images_done,
@@ -159,21 +165,6 @@ export function sweepSpec(s) {
     referenceName: s.reference_name,
     warnings: s.warnings || [],
   };
-}
-
-// LEGACY until the server sends Sweep.metrics.
-// schema: SweepSpec
-function legacyMetrics(s) {
-  const fallback = (s.feature_network || '').includes('fallback');
-  return (s.metrics || ['fid']).map((m) => ({
-    metric: m,
-    label: !fallback ? m.toUpperCase() : m === 'fid' ? 'FD (pixel projection, not FID)' : 'KID (pixel projection)',
-    shortLabel: !fallback ? m.toUpperCase() : m === 'fid' ? 'FD-pixels' : 'KID-pixels',
-    scale: 1,
-    axisLabel: !fallback ? m.toUpperCase() : m === 'fid' ? 'FD-pixels' : 'KID-pixels',
-    lowerIsBetter: true,
-    fallback,
-  }));
 }
 
 // schema: SamplerSettings
@@ -205,7 +196,7 @@ export function bestPoint(b) {
     sigmaRel: b.sigma_rel,
     nimg: b.nimg,
     value: b.value,
-    errorBar: b.error_bar !== undefined ? b.error_bar : b.std ?? null, // LEGACY: std until error_bar
+    errorBar: b.error_bar ?? null,
   };
 }
 
@@ -241,12 +232,6 @@ export function pointResult(r) {
  *  of the bar to draw, null for none), raw units. */
 // schema: MetricResult
 export function metricResult(m) {
-  // LEGACY until the server sends value and error_bar.
-  if (m.value === undefined) {
-    let err = m.std;
-    if ((err === null || err === undefined) && m.std_errors && m.std_errors.length === 1) err = m.std_errors[0];
-    return { value: m.mean, errorBar: err || null };
-  }
   return { value: m.value, errorBar: m.error_bar ?? null };
 }
 

@@ -97,11 +97,12 @@ function reconstructPanel(run, detail) {
     if (nimg.value) body.nimg = Number(nimg.value);
     fill(out, h('p', { class: 'muted' }, 'Reconstructing…'));
     try {
-      let r = wire.reconstruction(await api.send('POST', '/reconstruct', body));
-      while (!r.ready) {
+      let answer = await api.send('POST', '/reconstruct', body);
+      for (let p = wire.reconstructionPending(answer); p.running; p = wire.reconstructionPending(answer)) {
         await new Promise((res) => setTimeout(res, 1000));
-        r = wire.reconstruction(await api.get(r.statusUrl));
+        answer = await api.get(p.statusUrl);
       }
+      const r = wire.reconstruction(answer);
       fill(out, message('Reconstructed.', 'ok'), reportView(r.report),
         h('p', {}, h('a', { id: 'rec-download', class: 'button primary', href: r.weightsUrl, download: r.fileName },
           `Download ${r.fileName} (${fmtBytes(r.byteSize || 0)})`)),

@@ -39,7 +39,7 @@ from .transport import Transport, check_open, raise_for_status
 from .uploads import Uploader, UploadResult, post_reference, run_path
 from .wire import (
     Reconstruction,
-    ReconstructionState,
+    ReconstructionPending,
     Reference,
     ReferenceList,
     Sweep,
@@ -240,21 +240,19 @@ class Client:
             request["wait_secs"] = float(wait_secs)
         deadline = None if timeout is None else time.monotonic() + timeout
         response = raise_for_status(self._transport.send("POST", "/reconstruct", json=request))
-        state = ReconstructionState.from_json(response.json())
-        # Whether the server had it before this request (a polled status says "cached" too).
-        cached = response.status_code == 200 and state.cached
+        waited = response.status_code == 202
         delay = 0.1
         while response.status_code == 202:
-            log.info("reconstruction %s of run %s is being computed; polling", state.id, run)
+            pending = ReconstructionPending.from_json(response.json())
+            log.info("reconstruction %s of run %s is being computed; polling", pending.id, run)
             if deadline is not None and time.monotonic() + delay > deadline:
                 raise ReconstructionTimeout(
-                    f"reconstruction {state.id} of run {run} not ready after {timeout} s"
+                    f"reconstruction {pending.id} of run {run} not ready after {timeout} s"
                 )
             time.sleep(delay)
             delay = min(1.5 * delay, 5.0)
-            response = raise_for_status(self._transport.send("GET", state.status_url))
-            state = ReconstructionState.from_json(response.json())
-        return Reconstruction.from_json(response.json(), cached, self)
+            response = raise_for_status(self._transport.send("GET", pending.status_url))
+        return Reconstruction.from_json(response.json(), self, waited=waited)
 
     # -- sweeps: FID/KID of reconstructions over EMA widths ----------------------------------
 

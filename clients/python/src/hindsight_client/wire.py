@@ -124,25 +124,24 @@ class Ingested:
 
 
 @dataclass(frozen=True)
-class ReconstructionState:
-    """A reconstruction while the client waits for it: ``status`` ``ready`` or ``running``
-    (poll ``status_url``)."""
+class ReconstructionPending:
+    """A reconstruction still being computed (a 202 answer): poll ``status_url``. The 202 of
+    ``POST /reconstruct`` is a whole ``ReconstructionView`` with these same fields."""
 
-    __schema__ = "ReconstructionView"
-    __partial__ = True
+    __schema__ = "ReconstructionPending"
 
     id: str
     status: str
     status_url: str
-    cached: bool
+    weights_url: str
 
     @classmethod
-    def from_json(cls, view: dict[str, Any]) -> ReconstructionState:
+    def from_json(cls, view: dict[str, Any]) -> ReconstructionPending:
         return cls(
             id=str(view["id"]),
             status=str(view["status"]),
             status_url=str(view["status_url"]),
-            cached=bool(view["cached"]),
+            weights_url=str(view["weights_url"]),
         )
 
 
@@ -269,9 +268,9 @@ class Reconstruction:
     _client: _Fetcher = field(metadata=LOCAL, repr=False, compare=False)
 
     @classmethod
-    def from_json(cls, view: dict[str, Any], cached: bool, client: _Fetcher) -> Reconstruction:
-        """A ready reconstruction; ``cached`` as the first answer said (a polled status says
-        "cached" too)."""
+    def from_json(cls, view: dict[str, Any], client: _Fetcher, *, waited: bool) -> Reconstruction:
+        """A ready reconstruction; ``waited``: the client polled for it (then the server did
+        not have it before, whatever the polled answer's ``cached`` says)."""
         return cls(
             id=view["id"],
             run=view["run"],
@@ -282,7 +281,7 @@ class Reconstruction:
             digest=view["digest"],
             byte_size=int(view["byte_size"]),
             file_name=view["file_name"],
-            cached=cached,
+            cached=not waited and bool(view["cached"]),
             report=Report.from_json(view["report"]),
             weights_url=view["weights_url"],
             _client=client,
@@ -425,7 +424,7 @@ class MetricSummary:
             std=_opt_float(m.get("std")),
             values=[float(v) for v in m.get("values", [])],
             std_errors=None if errors is None else [float(v) for v in errors],
-            value=float(m["value"] if "value" in m else m["mean"]),  # LEGACY: value is new
+            value=float(m["value"]),
             error_bar=_opt_float(m.get("error_bar")),
         )
 
@@ -480,7 +479,7 @@ class SweepPoint:
             m = (result or {}).get(name)
             if not isinstance(m, dict):
                 return None, None
-            return _opt_float(m.get("value", m.get("mean"))), _opt_float(m.get("std"))  # LEGACY
+            return _opt_float(m.get("value")), _opt_float(m.get("std"))
 
         fid, fid_std = summary("fid")
         kid, kid_std = summary("kid")
