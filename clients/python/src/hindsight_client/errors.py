@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .sweeps import Sweep
+    from .wire import Sweep
 
 
 class HindsightError(Exception):
