@@ -441,8 +441,15 @@ async fn values_beyond_f16_are_refused_or_clamped_on_request() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(row.report["clamped"][0]["elements"], 3);
-    assert!(row.report["warnings"]
+    assert_eq!(row.report.clamped[0].elements, 3);
+    assert!(row
+        .report
+        .warnings
+        .iter()
+        .any(|w| w.code == hindsight::phema::WarningCode::ClampedOutOfRange));
+    // On the wire the code is the same enum's name.
+    let wire = serde_json::to_value(&row.report).unwrap();
+    assert!(wire["warnings"]
         .as_array()
         .unwrap()
         .iter()
