@@ -11,6 +11,9 @@
 //!   every missing target, published into the store and recorded in the index; [`stored`]
 //!   (the cached result, its blob checked intact) and [`listed`] (the row, blob present, not
 //!   read).
+//! - `report`: [`QualityReport`], the one type of the report a reconstruction stores (the
+//!   index's JSON column), the API sends (`QualityReport` in `/openapi.json`) and the command
+//!   line prints; its warnings are [`crate::phema::WarningCode`]s, clamping included.
 //! - `export`: [`reconstruct_to_dir`], one safetensors file per target in a directory,
 //!   computing what the store does not hold yet (hard links when it can).
 
