@@ -20,6 +20,10 @@ use common::http::{
 };
 use common::snapshot::SnapshotBuilder;
 
+/// 416 for a Range that selects nothing of the file.
+const RANGE_NOT_SATISFIABLE: Expected =
+    (StatusCode::RANGE_NOT_SATISFIABLE, "range_not_satisfiable");
+
 const TOKEN: &str = "hs_test-token";
 
 /// A snapshot file: f32 `w` [4, 8], f16 `h` [16], i64 `step`; values from a hash of (seed, j);
@@ -707,80 +711,88 @@ async fn range_etag_and_conditional_requests() {
     let len = full.len();
     let with = |name: header::HeaderName, value: &str| get(&url).with_header(name, value);
 
-    let (status, headers, part) = server.send(with(header::RANGE, "bytes=10-99")).await;
-    assert_eq!(status, StatusCode::PARTIAL_CONTENT);
-    assert_eq!(part, full[10..100]);
-    assert_eq!(headers[header::CONTENT_RANGE], format!("bytes 10-99/{len}"));
-    assert_eq!(headers[header::CONTENT_LENGTH], "90");
-
-    let (status, _, tail) = server.send(with(header::RANGE, "bytes=-16")).await;
-    assert_eq!(
-        (status, tail.as_slice()),
-        (StatusCode::PARTIAL_CONTENT, &full[len - 16..])
-    );
-    let (status, _, rest) = server
-        .send(with(header::RANGE, &format!("bytes={}-", len - 5)))
-        .await;
-    assert_eq!(
-        (status, rest.as_slice()),
-        (StatusCode::PARTIAL_CONTENT, &full[len - 5..])
-    );
-
+    // Each Range header: the status, the part of the file sent, and the Content-Range where
+    // one is checked.
+    use StatusCode as S;
+    let whole = format!("bytes 0-{}/{len}", len - 1);
+    let first_100 = format!("bytes 0-99/{len}");
+    let cases: Vec<(String, StatusCode, std::ops::Range<usize>, Option<String>)> = vec![
+        (
+            "bytes=10-99".into(),
+            S::PARTIAL_CONTENT,
+            10..100,
+            Some(format!("bytes 10-99/{len}")),
+        ),
+        ("bytes=-16".into(), S::PARTIAL_CONTENT, len - 16..len, None),
+        (
+            format!("bytes={}-", len - 5),
+            S::PARTIAL_CONTENT,
+            len - 5..len,
+            None,
+        ),
+        // A suffix longer than the file is the whole file (RFC 9110 §14.1.2), as a 206.
+        (
+            format!("bytes=-{}", len * 10),
+            S::PARTIAL_CONTENT,
+            0..len,
+            Some(whole),
+        ),
+        // An end past the file is clamped; overlapping or adjacent ranges are coalesced.
+        (
+            format!("bytes={}-{}", len - 3, len * 2),
+            S::PARTIAL_CONTENT,
+            len - 3..len,
+            None,
+        ),
+        (
+            "bytes=0-49,10-99".into(),
+            S::PARTIAL_CONTENT,
+            0..100,
+            Some(first_100.clone()),
+        ),
+        (
+            "bytes=50-99,0-49".into(),
+            S::PARTIAL_CONTENT,
+            0..100,
+            Some(first_100.clone()),
+        ),
+        (
+            "bytes=0-99,20-30".into(),
+            S::PARTIAL_CONTENT,
+            0..100,
+            Some(first_100),
+        ),
+        // One satisfiable range among unsatisfiable ones is served.
+        (format!("bytes={len}-,0-9"), S::PARTIAL_CONTENT, 0..10, None),
+        // Several disjoint ranges, or a malformed or reversed one: the whole file (RFC 9110
+        // allows the first and requires ignoring the others).
+        ("bytes=0-1,5-9".into(), S::OK, 0..len, None),
+        ("lines=1-2".into(), S::OK, 0..len, None),
+        ("bytes=5-2".into(), S::OK, 0..len, None),
+        ("bytes=x-y".into(), S::OK, 0..len, None),
+    ];
+    for (range, status, part, content_range) in cases {
+        let (got, headers, body) = server.send(with(header::RANGE, &range)).await;
+        assert_eq!(
+            (got, body.as_slice()),
+            (status, &full[part.clone()]),
+            "{range}"
+        );
+        assert_eq!(
+            headers[header::CONTENT_LENGTH],
+            part.len().to_string(),
+            "{range}"
+        );
+        if let Some(content_range) = content_range {
+            assert_eq!(headers[header::CONTENT_RANGE], content_range, "{range}");
+        }
+    }
     let (status, headers, body) = server
         .send(with(header::RANGE, &format!("bytes={len}-")))
         .await;
-    assert_eq!(status, StatusCode::RANGE_NOT_SATISFIABLE);
-    assert_eq!(headers[header::CONTENT_RANGE], format!("bytes */{len}"));
     let body = json_body(status, &body);
-    assert_eq!(body["error"]["code"], "range_not_satisfiable");
-
-    // A suffix longer than the file is the whole file (RFC 9110 §14.1.2), as a 206.
-    let (status, headers, body) = server
-        .send(with(header::RANGE, &format!("bytes=-{}", len * 10)))
-        .await;
-    assert_eq!(
-        (status, body.as_slice()),
-        (StatusCode::PARTIAL_CONTENT, &full[..])
-    );
-    assert_eq!(
-        headers[header::CONTENT_RANGE],
-        format!("bytes 0-{}/{len}", len - 1)
-    );
-    // An end past the file is clamped; overlapping or adjacent ranges are coalesced.
-    let (status, _, body) = server
-        .send(with(
-            header::RANGE,
-            &format!("bytes={}-{}", len - 3, len * 2),
-        ))
-        .await;
-    assert_eq!(
-        (status, body.as_slice()),
-        (StatusCode::PARTIAL_CONTENT, &full[len - 3..])
-    );
-    for value in ["bytes=0-49,10-99", "bytes=50-99,0-49", "bytes=0-99,20-30"] {
-        let (status, headers, body) = server.send(with(header::RANGE, value)).await;
-        assert_eq!(
-            (status, body.as_slice()),
-            (StatusCode::PARTIAL_CONTENT, &full[..100]),
-            "{value}"
-        );
-        assert_eq!(headers[header::CONTENT_RANGE], format!("bytes 0-99/{len}"));
-    }
-    // One satisfiable range among unsatisfiable ones is served.
-    let (status, _, body) = server
-        .send(with(header::RANGE, &format!("bytes={len}-,0-9")))
-        .await;
-    assert_eq!(
-        (status, body.as_slice()),
-        (StatusCode::PARTIAL_CONTENT, &full[..10])
-    );
-
-    // Several disjoint ranges, or a malformed or reversed one: the whole file (RFC 9110
-    // allows the first and requires ignoring the others).
-    for value in ["bytes=0-1,5-9", "lines=1-2", "bytes=5-2", "bytes=x-y"] {
-        let (status, _, body) = server.send(with(header::RANGE, value)).await;
-        assert_eq!((status, body.len()), (StatusCode::OK, len), "{value}");
-    }
+    assert_error(status, &body, RANGE_NOT_SATISFIABLE, "");
+    assert_eq!(headers[header::CONTENT_RANGE], format!("bytes */{len}"));
 
     let (status, headers, body) = server.send(with(header::IF_NONE_MATCH, &etag)).await;
     assert_eq!(status, StatusCode::NOT_MODIFIED);

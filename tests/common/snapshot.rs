@@ -15,8 +15,9 @@ use hindsight::format::{write_safetensors, OutTensor};
 ///     .bytes();
 /// ```
 ///
-/// The tensors' data follow one another in the order they were added (hindsight's writer);
-/// `__metadata__` is written when any was given.
+/// The tensors' data follow one another in the order they were added (hindsight's writer;
+/// [`SnapshotBuilder::write_with_safetensors_crate`] writes with the reference writer
+/// instead); `__metadata__` is written when any was given.
 #[derive(Clone, Debug, Default)]
 pub struct SnapshotBuilder {
     /// Name, safetensors dtype, shape, little-endian data.
@@ -95,6 +96,24 @@ impl SnapshotBuilder {
         let mut file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
         self.write_to(&mut file).unwrap();
         std::io::Write::flush(&mut file).unwrap();
+    }
+
+    /// Writes the file at `path` with the `safetensors` crate, the format's reference writer
+    /// (as the Python package writes files: its own tensor order), rather than hindsight's.
+    pub fn write_with_safetensors_crate(&self, path: &Path) {
+        let views: Vec<(&str, safetensors::tensor::TensorView<'_>)> = self
+            .tensors
+            .iter()
+            .map(|(name, dtype, shape, data)| {
+                let dtype: safetensors::Dtype =
+                    serde_json::from_value(serde_json::json!(dtype)).unwrap();
+                let view = safetensors::tensor::TensorView::new(dtype, shape.clone(), data);
+                (name.as_str(), view.unwrap())
+            })
+            .collect();
+        let metadata =
+            (!self.metadata.is_empty()).then(|| self.metadata.clone().into_iter().collect());
+        safetensors::serialize_to_file(views, metadata, path).unwrap();
     }
 
     fn write_to(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
