@@ -321,6 +321,19 @@ fn sweep_requests_are_checked_field_by_field() {
             ("batch", json!(0), INVALID_INPUT, "batch"),
             ("metrics", json!(["fid", "is"]), INVALID_INPUT, "metrics[1]"),
             ("metrics", json!([]), INVALID_INPUT, "metrics"),
+            // A repeated metric is refused, naming the repeat (it used to be kept twice).
+            (
+                "metrics",
+                json!(["fid", "kid", "fid"]),
+                INVALID_INPUT,
+                "metrics[2]",
+            ),
+            (
+                "metrics",
+                json!(["kid", "KID"]),
+                INVALID_INPUT,
+                "metrics[1]",
+            ),
             (
                 "sampler",
                 json!({"steps": 1}),
@@ -401,6 +414,16 @@ fn sweep_requests_are_checked_field_by_field() {
         assert_eq!(status, StatusCode::CREATED, "{body}");
         assert_eq!(body["points_total"], 8, "{body}");
         assert_eq!(body["spec"]["metrics"], json!(["fid", "kid"]));
+        // How each metric is shown is decided here, on the server, and sent with the sweep.
+        assert_eq!(
+            body["metrics"],
+            json!([
+                {"metric": "fid", "label": "FID", "short_label": "FID", "scale": 1.0,
+                 "axis_label": "FID", "lower_is_better": true, "fallback": false},
+                {"metric": "kid", "label": "KID", "short_label": "KID", "scale": 1000.0,
+                 "axis_label": "KID ×10³", "lower_is_better": true, "fallback": false},
+            ])
+        );
     });
 }
 
@@ -673,6 +696,17 @@ fn two_workers_finish_a_sweep_and_a_dead_workers_point_is_resumed() {
         assert_eq!(best["metric"], "fid");
         let min = fids.iter().cloned().fold(f64::MAX, f64::min);
         assert_eq!(best["value"].as_f64().unwrap(), min);
+        // Each point's result is typed: value = mean, and the error bar the server decided
+        // (two seed sets here: their standard deviation, for FID and KID alike).
+        for p in body["points"].as_array().unwrap() {
+            let r = &p["result"];
+            assert_eq!(r["seed_sets"], 2, "{p}");
+            for m in ["fid", "kid"] {
+                assert_eq!(r[m]["value"], r[m]["mean"], "{p}");
+                assert_eq!(r[m]["error_bar"], r[m]["std"], "{p}");
+                assert!(r[m]["error_bar"].as_f64().unwrap() > 0.0, "{p}");
+            }
+        }
         let (status, _, svg) = send(&api, get(&format!("/sweeps/{id}/plot.svg?metric=kid"))).await;
         assert_eq!(status, StatusCode::OK);
         assert!(String::from_utf8(svg).unwrap().starts_with("<svg"));
@@ -685,6 +719,15 @@ fn two_workers_finish_a_sweep_and_a_dead_workers_point_is_resumed() {
         let events = String::from_utf8(events).unwrap();
         assert!(events.starts_with("event: sweep"), "{events}");
         assert!(events.contains("event: end"), "{events}");
+        // Every frame's data is one JSON payload of its event's schema (`SweepEvent`).
+        for frame in events.split("\n\n").filter(|f| f.starts_with("event:")) {
+            let data = frame
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .unwrap_or_else(|| panic!("a frame without data: {frame}"));
+            let data: Value = serde_json::from_str(data).unwrap();
+            assert_eq!(data["metrics"][0]["metric"], "fid", "{frame}");
+        }
     });
 }
 
