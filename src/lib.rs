@@ -7,7 +7,7 @@
 //! the EDM2 network with its trainer and sampler; the `hindsight` binary is a thin command
 //! line over it.
 //!
-//! Module map (README "Architecture" has the invariants):
+//! Module map (`docs/ARCHITECTURE.md` has the invariants):
 //! - [`phema`]: post-hoc EMA mathematics and the tracker (pure: no I/O).
 //! - [`store`]: content-addressed blobs (BLAKE3), atomic writes, verification (bytes only).
 //! - [`db`]: the SQLite index (sqlx + migrations): runs, manifests, snapshots, blob states,

@@ -4,7 +4,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use safetensors::tensor::{Dtype, TensorView};
+mod common;
+use common::snapshot::SnapshotBuilder;
 
 fn hindsight(data: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_hindsight"))
@@ -15,12 +16,13 @@ fn hindsight(data: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Writes a snapshot with one f32 tensor `w` of 4 values from `seed`, as the `safetensors`
+/// crate writes it.
 fn write(path: &Path, seed: f32) {
-    let w: Vec<u8> = (0..4)
-        .flat_map(|i| (seed + i as f32).to_le_bytes())
-        .collect();
-    let t = vec![("w", TensorView::new(Dtype::F32, vec![4], &w).unwrap())];
-    safetensors::serialize_to_file(t, None, path).unwrap();
+    let w: Vec<f32> = (0..4).map(|i| seed + i as f32).collect();
+    SnapshotBuilder::new()
+        .f32("w", &[4], &w)
+        .write_with_safetensors_crate(path);
 }
 
 #[test]
@@ -154,9 +156,9 @@ fn a_killed_import_leaves_no_blob_and_no_row() {
     let bytes: Vec<u8> = (0..n as u32)
         .flat_map(|i| (i as f32).to_le_bytes())
         .collect();
-    let t = vec![("w", TensorView::new(Dtype::F32, vec![n], &bytes).unwrap())];
-    safetensors::serialize_to_file(t, None, &input.join("big-0001048-0.050.safetensors")).unwrap();
-    drop(bytes);
+    let big = SnapshotBuilder::new().raw("w", "F32", &[n], bytes);
+    big.write_with_safetensors_crate(&input.join("big-0001048-0.050.safetensors"));
+    drop(big);
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_hindsight"))
         .arg("--data-dir")
@@ -414,7 +416,7 @@ fn reconstruct_writes_one_file_per_target() {
 
 #[test]
 fn serve_refuses_open_addresses_without_tokens_and_stops_on_sigterm() {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{BufRead, BufReader, Read};
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let refused = hindsight(&data, &["serve", "--addr", "0.0.0.0:0"]);
@@ -452,12 +454,8 @@ fn serve_refuses_open_addresses_without_tokens_and_stops_on_sigterm() {
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap()
         .to_owned();
-    let mut tcp = std::net::TcpStream::connect(&addr).unwrap();
-    tcp.write_all(b"POST /reconstruct HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
-        .unwrap();
-    let mut response = String::new();
-    tcp.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+    let reply = common::http::exchange(&addr, "POST", "/reconstruct", &[], b"{}");
+    assert!(reply.head.starts_with("HTTP/1.1 401"), "{}", reply.head);
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -656,12 +654,9 @@ fn a_reconstruction_that_does_not_fit_f16_fails_with_a_clear_message() {
     let input = dir.path().join("in");
     let data = dir.path().join("data");
     std::fs::create_dir_all(&input).unwrap();
-    let w: Vec<u8> = [7e4f32, 1e5, -1e5, 1.0]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    let t = vec![("w", TensorView::new(Dtype::F32, vec![4], &w).unwrap())];
-    safetensors::serialize_to_file(t, None, &input.join("x-0001048-0.050.safetensors")).unwrap();
+    SnapshotBuilder::new()
+        .f32("w", &[4], &[7e4, 1e5, -1e5, 1.0])
+        .write_with_safetensors_crate(&input.join("x-0001048-0.050.safetensors"));
     assert!(
         hindsight(&data, &["import", input.to_str().unwrap(), "--run", "r"])
             .status

@@ -11,15 +11,16 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::BTreeMap;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use http_body_util::BodyExt;
+use axum::http::StatusCode;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use tower::ServiceExt;
 
-use hindsight::format::{read_header, write_safetensors, OutTensor, MAX_HEADER_BYTES};
+use hindsight::format::{read_header, MAX_HEADER_BYTES};
 use hindsight::phema::{parse_float_list_at_most, parse_sigma_rel_list, MAX_LIST_VALUES};
+
+mod common;
+use common::http::{get, post_json_text, send};
+use common::snapshot::SnapshotBuilder;
 
 /// Counts, for a thread while its `TRACKING` is on, the largest single allocation and the
 /// peak of live bytes (allocations add, deallocations subtract; memory freed that was taken
@@ -127,32 +128,12 @@ fn runner() -> TestRunner {
 
 /// A valid safetensors file with a few tensors and metadata.
 fn valid_file() -> Vec<u8> {
-    let a: Vec<u8> = (0..24).map(|i| i as u8).collect();
-    let b: Vec<u8> = vec![0x3c; 8];
-    let mut out = Vec::new();
-    write_safetensors(
-        &mut out,
-        &[
-            OutTensor {
-                name: "net.a",
-                dtype: "F32",
-                shape: &[2, 3],
-                data: &a,
-            },
-            OutTensor {
-                name: "net.b",
-                dtype: "F16",
-                shape: &[4],
-                data: &b,
-            },
-        ],
-        &BTreeMap::from([
-            ("nimg".to_owned(), "1000".to_owned()),
-            ("sigma_rel".to_owned(), "0.05".to_owned()),
-        ]),
-    )
-    .unwrap();
-    out
+    SnapshotBuilder::new()
+        .raw("net.a", "F32", &[2, 3], (0..24).collect())
+        .raw("net.b", "F16", &[4], vec![0x3c; 8])
+        .meta("nimg", 1000)
+        .meta("sigma_rel", "0.05")
+        .bytes()
 }
 
 /// A mutation of `base`: flipped bytes, a changed length prefix, text spliced into the
@@ -1043,26 +1024,13 @@ fn every_json_body_and_query_gets_an_answer_never_a_500() {
             .await
             .unwrap();
         for (i, sigma) in [(1u64, 0.05), (2, 0.10)] {
-            let values: Vec<u8> = (0..16)
-                .flat_map(|k| (k as f32 * sigma as f32).to_le_bytes())
-                .collect();
-            let mut bytes = Vec::new();
-            write_safetensors(
-                &mut bytes,
-                &[OutTensor {
-                    name: "w",
-                    dtype: "F32",
-                    shape: &[16],
-                    data: &values,
-                }],
-                &BTreeMap::from([
-                    ("nimg".to_owned(), (i * 1_000_000).to_string()),
-                    ("sigma_rel".to_owned(), sigma.to_string()),
-                ]),
-            )
-            .unwrap();
+            let values: Vec<f32> = (0..16).map(|k| k as f32 * sigma as f32).collect();
             let path = dir.path().join(format!("s{i}.safetensors"));
-            std::fs::write(&path, &bytes).unwrap();
+            SnapshotBuilder::new()
+                .f32("w", &[16], &values)
+                .meta("nimg", i * 1_000_000)
+                .meta("sigma_rel", sigma)
+                .write(&path);
             hindsight::ingest::ingest_file(
                 &data.db,
                 &data.store,
@@ -1102,17 +1070,9 @@ fn every_json_body_and_query_gets_an_answer_never_a_500() {
     };
     TestRunner::new(config)
         .run(&strategy, |(route, body)| {
-            let request = Request::post(route)
-                .header("host", "localhost")
-                .header("content-type", "application/json")
-                .body(Body::from(body.clone()))
-                .unwrap();
-            let (status, text) = rt.block_on(async {
-                let response = app.clone().oneshot(request).await.unwrap();
-                let status = response.status();
-                let bytes = response.into_body().collect().await.unwrap().to_bytes();
-                (status, String::from_utf8_lossy(&bytes).to_string())
-            });
+            let request = post_json_text(route, body.clone());
+            let (status, _, bytes) = rt.block_on(send(&app, request));
+            let text = String::from_utf8_lossy(&bytes).to_string();
             *statuses.borrow_mut().entry(status.as_u16()).or_default() += 1;
             prop_assert!(
                 status != StatusCode::INTERNAL_SERVER_ERROR,
@@ -1141,18 +1101,7 @@ fn every_json_body_and_query_gets_an_answer_never_a_500() {
             enc(&g),
             enc(&n)
         );
-        let status = rt.block_on(async {
-            app.clone()
-                .oneshot(
-                    Request::get(&uri)
-                        .header("host", "localhost")
-                        .body(Body::empty())
-                        .unwrap(),
-                )
-                .await
-                .unwrap()
-                .status()
-        });
+        let (status, _, _) = rt.block_on(send(&app, get(&uri)));
         prop_assert!(status != StatusCode::INTERNAL_SERVER_ERROR, "{uri}");
         Ok(())
     })

@@ -2,7 +2,6 @@
 //! checks, dedupe, and garbage collection that never removes what an ingest is about to use.
 //! Every refusal must leave the store and the index exactly as they were.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -11,37 +10,22 @@ use hindsight::db::BlobState;
 use hindsight::ingest::{ingest_file, Hints, IngestOptions};
 use hindsight::phema::Width;
 use hindsight::Error;
-use safetensors::tensor::{Dtype, TensorView};
+
+mod common;
+use common::snapshot::SnapshotBuilder;
 
 /// Writes a safetensors file with f32 tensors `w` (2×3) and `b` (3), filled from `seed`, plus an
-/// I64 step counter, and optional `__metadata__`.
+/// I64 step counter, and optional `__metadata__`, as the `safetensors` crate writes it.
 fn write_snapshot(path: &Path, seed: f32, shape_w: &[usize], meta: &[(&str, &str)]) {
     let n: usize = shape_w.iter().product();
-    let w: Vec<u8> = (0..n)
-        .flat_map(|i| (seed + i as f32).to_le_bytes())
-        .collect();
-    let b: Vec<u8> = (0..3)
-        .flat_map(|i| (seed * 2.0 + i as f32).to_le_bytes())
-        .collect();
-    let step = 7i64.to_le_bytes().to_vec();
-    let tensors = vec![
-        (
-            "net.w",
-            TensorView::new(Dtype::F32, shape_w.to_vec(), &w).unwrap(),
-        ),
-        ("net.b", TensorView::new(Dtype::F32, vec![3], &b).unwrap()),
-        ("step", TensorView::new(Dtype::I64, vec![], &step).unwrap()),
-    ];
-    let meta: Option<HashMap<String, String>> = if meta.is_empty() {
-        None
-    } else {
-        Some(
-            meta.iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        )
-    };
-    safetensors::serialize_to_file(tensors, meta, path).unwrap();
+    let w: Vec<f32> = (0..n).map(|i| seed + i as f32).collect();
+    let b: Vec<f32> = (0..3).map(|i| seed * 2.0 + i as f32).collect();
+    SnapshotBuilder::new()
+        .f32("net.w", shape_w, &w)
+        .f32("net.b", &[3], &b)
+        .i64("step", &[], &[7])
+        .metas(meta)
+        .write_with_safetensors_crate(path);
 }
 
 struct Env {

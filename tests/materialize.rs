@@ -2,10 +2,13 @@
 
 use std::collections::BTreeMap;
 
-use hindsight::format::{read_header, write_safetensors, OutTensor};
+use hindsight::format::read_header;
 use hindsight::materialize::{materialize, Input, OutDtype};
 use hindsight::store::{BlobStore, Checksum};
 use safetensors::SafeTensors;
+
+mod common;
+use common::snapshot::SnapshotBuilder;
 
 /// Snapshot i: f32 `w` (3×5), f16 `h` (7), and an I64 `step` = i; values from a hash of (i, j).
 fn snapshot_bytes(i: usize) -> Vec<u8> {
@@ -14,38 +17,13 @@ fn snapshot_bytes(i: usize) -> Vec<u8> {
         z ^= z >> 31;
         ((z % 20_000) as f32 - 10_000.0) / 4096.0
     };
-    let w: Vec<u8> = (0..15).flat_map(|j| value(i, j).to_le_bytes()).collect();
-    let h: Vec<u8> = (0..7)
-        .flat_map(|j| half::f16::from_f32(value(i, 100 + j)).to_le_bytes())
-        .collect();
-    let step = (i as i64).to_le_bytes();
-    let mut out = Vec::new();
-    write_safetensors(
-        &mut out,
-        &[
-            OutTensor {
-                name: "w",
-                dtype: "F32",
-                shape: &[3, 5],
-                data: &w,
-            },
-            OutTensor {
-                name: "h",
-                dtype: "F16",
-                shape: &[7],
-                data: &h,
-            },
-            OutTensor {
-                name: "step",
-                dtype: "I64",
-                shape: &[],
-                data: &step,
-            },
-        ],
-        &BTreeMap::new(),
-    )
-    .unwrap();
-    out
+    let w: Vec<f32> = (0..15).map(|j| value(i, j)).collect();
+    let h: Vec<f32> = (0..7).map(|j| value(i, 100 + j)).collect();
+    SnapshotBuilder::new()
+        .f32("w", &[3, 5], &w)
+        .f16("h", &[7], &h)
+        .i64("step", &[], &[i as i64])
+        .bytes()
 }
 
 fn floats(st: &SafeTensors<'_>, name: &str) -> Vec<f64> {
@@ -297,42 +275,14 @@ fn large_snapshot(i: usize) -> Vec<u8> {
         z ^= z >> 33;
         ((z % 4096) as f32 - 2048.0) / 1024.0
     };
-    let big: Vec<u8> = (0..150_001)
-        .flat_map(|j| half::f16::from_f32(value(j)).to_le_bytes())
-        .collect();
-    let mid: Vec<u8> = (0..70_000)
-        .flat_map(|j| half::bf16::from_f32(value(200_000 + j)).to_le_bytes())
-        .collect();
-    let small: Vec<u8> = (0..3)
-        .flat_map(|j| value(300_000 + j).to_le_bytes())
-        .collect();
-    let mut out = Vec::new();
-    write_safetensors(
-        &mut out,
-        &[
-            OutTensor {
-                name: "big",
-                dtype: "F16",
-                shape: &[150_001],
-                data: &big,
-            },
-            OutTensor {
-                name: "mid",
-                dtype: "BF16",
-                shape: &[700, 100],
-                data: &mid,
-            },
-            OutTensor {
-                name: "small",
-                dtype: "F32",
-                shape: &[3],
-                data: &small,
-            },
-        ],
-        &BTreeMap::new(),
-    )
-    .unwrap();
-    out
+    let big: Vec<f32> = (0..150_001).map(value).collect();
+    let mid: Vec<f32> = (0..70_000).map(|j| value(200_000 + j)).collect();
+    let small: Vec<f32> = (0..3).map(|j| value(300_000 + j)).collect();
+    SnapshotBuilder::new()
+        .f16("big", &[150_001], &big)
+        .bf16("mid", &[700, 100], &mid)
+        .f32("small", &[3], &small)
+        .bytes()
 }
 
 fn run_on_threads(

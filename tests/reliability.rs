@@ -5,7 +5,6 @@
 //! damaged index stops the server before it can hide data, shutdown takes bounded time, and a
 //! full disk gives a clear error with nothing partial.
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -14,40 +13,27 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use hindsight::format::{write_safetensors, OutTensor};
-
 mod common;
 use common::hindsight_ok;
+use common::http::{exchange_on, Reply};
+use common::snapshot::SnapshotBuilder;
 
 /// A safetensors snapshot: one f32 tensor `w` of `n` values drawn from `seed`, with
 /// `__metadata__`.
 fn snapshot(n: usize, seed: u64, meta: &[(&str, &str)]) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let data: Vec<u8> = (0..n)
-        .flat_map(|_| {
+    let values: Vec<f32> = (0..n)
+        .map(|_| {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
-            ((state >> 40) as f32 / (1u64 << 24) as f32).to_le_bytes()
+            (state >> 40) as f32 / (1u64 << 24) as f32
         })
         .collect();
-    let meta: BTreeMap<String, String> = meta
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let mut out = Vec::new();
-    write_safetensors(
-        &mut out,
-        &[OutTensor {
-            name: "w",
-            dtype: "F32",
-            shape: &[n],
-            data: &data,
-        }],
-        &meta,
-    )
-    .unwrap();
-    out
+    SnapshotBuilder::new()
+        .f32("w", &[n], &values)
+        .metas(meta)
+        .bytes()
 }
 
 /// A directory of EDM2-named snapshots: σ_rel 0.05 and 0.10 at `times` × 1000 kimg steps.
@@ -137,14 +123,8 @@ impl Drop for Server {
     }
 }
 
-/// One HTTP/1.1 exchange on a fresh connection.
-struct Reply {
-    status: u16,
-    body: Vec<u8>,
-    /// Whether the body has all the bytes `Content-Length` announced.
-    complete: bool,
-}
-
+/// One HTTP/1.1 exchange on a fresh connection from `from` (see [`connect`]), with a read
+/// timeout of a minute.
 fn exchange(
     addr: &str,
     from: Option<&str>,
@@ -153,45 +133,11 @@ fn exchange(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Reply {
-    let mut tcp = connect(addr, from);
+    let tcp = connect(addr, from);
     tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut head = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
-    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
-        head.push_str(&format!("Host: {addr}\r\n"));
-    }
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if !body.is_empty() || method == "POST" {
-        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
-    }
-    head.push_str("\r\n");
-    tcp.write_all(head.as_bytes()).unwrap();
-    tcp.write_all(body).unwrap();
-    let mut raw = Vec::new();
-    let _ = tcp.read_to_end(&mut raw);
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a response head");
-    let headers = String::from_utf8_lossy(&raw[..split]).to_string();
-    let body = raw[split + 4..].to_vec();
-    let status = headers
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let announced = headers.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.eq_ignore_ascii_case("content-length")
-            .then(|| v.trim().parse::<usize>().ok())
-            .flatten()
-    });
-    Reply {
-        status,
-        complete: announced.is_none_or(|n| n == body.len()),
-        body,
-    }
+    let reply = exchange_on(tcp, addr, method, path, headers, body);
+    assert!(reply.status != 0, "a response head");
+    reply
 }
 
 /// A connection to `addr`, from the loopback address `from` when given (another client).

@@ -5,15 +5,24 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{header, Request, StatusCode};
+use axum::http::{header, HeaderMap, Request, StatusCode};
 use axum::Router;
-use http_body_util::BodyExt;
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
 use hindsight::app::DataDir;
-use hindsight::format::{write_safetensors, OutTensor};
 use hindsight::server::{app, hash_token, parse_token_hashes, AppState, ServerConfig};
+
+mod common;
+use common::http::{
+    assert_case_error, assert_error, delete, get, head, json_body, post_bytes, post_json, send,
+    send_json, Expected, RequestExt, CONFLICT, INTERNAL, INVALID_INPUT, LENGTH_REQUIRED,
+    METHOD_NOT_ALLOWED, NOT_FOUND, PAYLOAD_TOO_LARGE, UNAUTHORIZED, UNPROCESSABLE,
+};
+use common::snapshot::SnapshotBuilder;
+
+/// 416 for a Range that selects nothing of the file.
+const RANGE_NOT_SATISFIABLE: Expected =
+    (StatusCode::RANGE_NOT_SATISFIABLE, "range_not_satisfiable");
 
 const TOKEN: &str = "hs_test-token";
 
@@ -25,42 +34,23 @@ fn snapshot(seed: u64, nimg: u64, sigma_rel: f64) -> Vec<u8> {
         z ^= z >> 29;
         ((z % 20_000) as f32 - 10_000.0) / 5000.0
     };
-    let w: Vec<u8> = (0..32).flat_map(|j| value(j).to_le_bytes()).collect();
-    let h: Vec<u8> = (0..16)
-        .flat_map(|j| half::f16::from_f32(value(100 + j)).to_le_bytes())
-        .collect();
-    let step = (seed as i64).to_le_bytes();
-    let meta = BTreeMap::from([
-        ("nimg".to_owned(), nimg.to_string()),
-        ("sigma_rel".to_owned(), sigma_rel.to_string()),
-    ]);
-    let mut out = Vec::new();
-    write_safetensors(
-        &mut out,
-        &[
-            OutTensor {
-                name: "w",
-                dtype: "F32",
-                shape: &[4, 8],
-                data: &w,
-            },
-            OutTensor {
-                name: "h",
-                dtype: "F16",
-                shape: &[16],
-                data: &h,
-            },
-            OutTensor {
-                name: "step",
-                dtype: "I64",
-                shape: &[],
-                data: &step,
-            },
-        ],
-        &meta,
-    )
-    .unwrap();
-    out
+    let w: Vec<f32> = (0..32).map(value).collect();
+    let h: Vec<f32> = (0..16).map(|j| value(100 + j)).collect();
+    SnapshotBuilder::new()
+        .f32("w", &[4, 8], &w)
+        .f16("h", &[16], &h)
+        .i64("step", &[], &[seed as i64])
+        .meta("nimg", nimg)
+        .meta("sigma_rel", sigma_rel)
+        .bytes()
+}
+
+/// A snapshot with one F32 tensor `w` of `values` and the given `__metadata__`.
+fn snapshot_of(values: &[f32], meta: &[(&str, &str)]) -> Vec<u8> {
+    SnapshotBuilder::new()
+        .f32("w", &[values.len()], values)
+        .metas(meta)
+        .bytes()
 }
 
 /// The snapshots of run `r`: three times, two widths each.
@@ -100,38 +90,12 @@ impl Server {
         app(self.state.clone())
     }
 
-    async fn send(
-        &self,
-        mut request: Request<Body>,
-    ) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
-        // As every HTTP/1.1 client does (the server refuses a request with no Host).
-        request
-            .headers_mut()
-            .entry(axum::http::header::HOST)
-            .or_insert(axum::http::HeaderValue::from_static("localhost"));
-        let response = self.app().oneshot(request).await.unwrap();
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec();
-        (status, headers, body)
+    async fn send(&self, request: Request<Body>) -> (StatusCode, HeaderMap, Vec<u8>) {
+        send(&self.app(), request).await
     }
 
     async fn json(&self, request: Request<Body>) -> (StatusCode, Value) {
-        let (status, _, body) = self.send(request).await;
-        let value = if body.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&body).unwrap_or_else(|_| {
-                panic!("not JSON ({status}): {}", String::from_utf8_lossy(&body))
-            })
-        };
-        (status, value)
+        send_json(&self.app(), request).await
     }
 
     async fn upload_all(&self) {
@@ -142,36 +106,12 @@ impl Server {
     }
 }
 
-fn get(uri: &str) -> Request<Body> {
-    Request::get(uri).body(Body::empty()).unwrap()
-}
-
-fn post_json(uri: &str, body: Value) -> Request<Body> {
-    Request::post(uri)
-        .header(header::HOST, "localhost")
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body.to_string()))
-        .unwrap()
-}
-
+/// An upload of `bytes` as a snapshot of `run`, with the token.
 fn upload(run: &str, query: &str, bytes: Vec<u8>) -> Request<Body> {
-    Request::post(format!("/runs/{run}/snapshots{query}"))
-        .header(header::CONTENT_LENGTH, bytes.len())
-        .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
-        .body(Body::from(bytes))
-        .unwrap()
-}
-
-#[track_caller]
-fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, code: &str) {
-    assert_eq!(status, expected, "{body}");
-    assert_eq!(body["error"]["code"], code, "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()),
-        "{body}"
-    );
+    let length = bytes.len().to_string();
+    post_bytes(&format!("/runs/{run}/snapshots{query}"), bytes)
+        .with_header(header::CONTENT_LENGTH, &length)
+        .bearer(TOKEN)
 }
 
 /// Direct f64 weighted sums of the snapshots' float tensors with the report's weights.
@@ -222,7 +162,7 @@ async fn upload_reconstruct_download_matches_direct_sums() {
     let (status, body) = server
         .json(post_json(
             "/reconstruct",
-            json!({"run": "r", "sigma_rel": 0.07}),
+            &json!({"run": "r", "sigma_rel": 0.07}),
         ))
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -281,7 +221,7 @@ async fn upload_reconstruct_download_matches_direct_sums() {
     let (status, again) = server
         .json(post_json(
             "/reconstruct",
-            json!({"run": "r", "sigma_rel": 0.07}),
+            &json!({"run": "r", "sigma_rel": 0.07}),
         ))
         .await;
     assert_eq!(status, StatusCode::OK);
@@ -292,7 +232,7 @@ async fn upload_reconstruct_download_matches_direct_sums() {
     let (_, by_gamma) = server
         .json(post_json(
             "/reconstruct",
-            json!({"run": "r", "gamma": gamma}),
+            &json!({"run": "r", "gamma": gamma}),
         ))
         .await;
     assert_eq!(
@@ -306,7 +246,7 @@ async fn upload_reconstruct_download_matches_direct_sums() {
     let (status, list) = server
         .json(post_json(
             "/reconstruct",
-            json!({"run": "r", "sigma_rel": "0.06,0.08,...,0.12", "dtype": "f16", "nimg": 8_000_000}),
+            &json!({"run": "r", "sigma_rel": "0.06,0.08,...,0.12", "dtype": "f16", "nimg": 8_000_000}),
         ))
         .await;
     assert_eq!(status, StatusCode::OK, "{list}");
@@ -356,8 +296,7 @@ async fn listings_health_blobs_and_openapi() {
         "object"
     );
 
-    let head = |uri: String| Request::head(uri).body(Body::empty()).unwrap();
-    let (status, headers, body) = server.send(head(format!("/blobs/{digest}"))).await;
+    let (status, headers, body) = server.send(head(&format!("/blobs/{digest}"))).await;
     assert_eq!(status, StatusCode::OK);
     assert!(body.is_empty());
     assert_eq!(
@@ -365,10 +304,10 @@ async fn listings_health_blobs_and_openapi() {
         snaps[0]["byte_size"].to_string()
     );
     let (status, _, _) = server
-        .send(head(format!("/blobs/{}", "0".repeat(64))))
+        .send(head(&format!("/blobs/{}", "0".repeat(64))))
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, _, _) = server.send(head("/blobs/xyz".into())).await;
+    let (status, _, _) = server.send(head("/blobs/xyz")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
     let (status, health) = server.json(get("/healthz")).await;
@@ -401,8 +340,8 @@ async fn listings_health_blobs_and_openapi() {
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
 }
 
-#[tokio::test]
-async fn every_error_status_has_the_json_shape() {
+/// A server with small body limits (1 KiB of JSON, 4 KiB uploads) holding run `r`.
+async fn server_with_small_limits() -> Server {
     let config = ServerConfig {
         max_json_bytes: 1024,
         max_upload_bytes: 4096,
@@ -410,267 +349,208 @@ async fn every_error_status_has_the_json_shape() {
     };
     let server = Server::new(config).await;
     server.upload_all().await;
-    use StatusCode as S;
-    let cases: Vec<(Request<Body>, StatusCode, &str, &str)> = vec![
+    server
+}
+
+/// Every refused reconstruction has the JSON error shape, its status and code, and a message
+/// naming what is wrong.
+#[tokio::test]
+async fn refused_reconstructions_name_what_is_wrong() {
+    let server = server_with_small_limits().await;
+    let pad = "x".repeat(2000);
+    let cases: Vec<(Value, Expected, &str)> = vec![
+        (json!({"run": "r"}), INVALID_INPUT, "sigma_rel"),
         (
-            post_json("/reconstruct", json!({"run": "r"})),
-            S::BAD_REQUEST,
-            "invalid_input",
-            "sigma_rel",
-        ),
-        (
-            Request::post("/reconstruct")
-                .body(Body::from("{not json"))
-                .unwrap(),
-            S::BAD_REQUEST,
-            "invalid_input",
-            "request body",
-        ),
-        (
-            Request::post("/reconstruct")
-                .body(Body::from(r#"{"run": "r", "sigma_rel": 0.1}xyz"#))
-                .unwrap(),
-            S::BAD_REQUEST,
-            "invalid_input",
-            "after the JSON object",
-        ),
-        (
-            post_json("/reconstruct", json!({"run": "r", "gamma": "1,2,...,1e15"})),
-            S::BAD_REQUEST,
-            "invalid_input",
+            json!({"run": "r", "gamma": "1,2,...,1e15"}),
+            INVALID_INPUT,
             "at most 64",
         ),
         (
-            post_json(
-                "/reconstruct",
-                json!({"run": "r", "sigma_rel": "1e-300,2e-300,...,1e300"}),
-            ),
-            S::BAD_REQUEST,
-            "invalid_input",
+            json!({"run": "r", "sigma_rel": "1e-300,2e-300,...,1e300"}),
+            INVALID_INPUT,
             "at most 64",
         ),
         (
-            get("/runs/r/preview"),
-            S::BAD_REQUEST,
-            "invalid_input",
-            "sigma_rel",
-        ),
-        (
-            get("/runs/r/preview?sigma_rel=0.1&gamma=7"),
-            S::BAD_REQUEST,
-            "invalid_input",
-            "exactly one of sigma_rel and gamma",
-        ),
-        (
-            get("/runs/r/preview?sigma_rel=abc"),
-            S::BAD_REQUEST,
-            "invalid_input",
-            "sigma_rel: \"abc\" is not a number",
-        ),
-        (
-            get("/runs/r/preview?sigma_rel=0.3"),
-            S::BAD_REQUEST,
-            "invalid_input",
-            "sigma_rel",
-        ),
-        (
-            get("/runs/r/profiles.svg?gamma=-1"),
-            S::BAD_REQUEST,
-            "invalid_input",
-            "gamma",
-        ),
-        (
-            get("/runs/r/preview?sigma_rel=0.1&nimg=-5"),
-            S::BAD_REQUEST,
-            "invalid_input",
-            "nimg",
-        ),
-        (
-            get("/runs/nope/preview?sigma_rel=0.1"),
-            S::NOT_FOUND,
-            "not_found",
-            "nope",
-        ),
-        (get("/ui/../Cargo.toml"), S::NOT_FOUND, "not_found", ""),
-        (
-            get("/runs/r/preview?sigma_rel=0.1&sigma_rel=0.2"),
-            S::BAD_REQUEST,
-            "invalid_input",
-            "duplicate field `sigma_rel`",
-        ),
-        (
-            get("/runs/%FF/preview?sigma_rel=0.1"),
-            S::BAD_REQUEST,
-            "invalid_input",
-            "UTF-8",
-        ),
-        (
-            get("/sweeps?run=a&run=b"),
-            S::BAD_REQUEST,
-            "invalid_input",
-            "duplicate",
-        ),
-        (
-            post_json(
-                "/reconstruct",
-                json!({"run": "r", "sigma_rel": 0.1, "colour": 1}),
-            ),
-            S::BAD_REQUEST,
-            "invalid_input",
+            json!({"run": "r", "sigma_rel": 0.1, "colour": 1}),
+            INVALID_INPUT,
             "colour",
         ),
         (
-            post_json("/reconstruct", json!({"run": "r", "sigma_rel": 0.5})),
-            S::BAD_REQUEST,
-            "invalid_input",
+            json!({"run": "r", "sigma_rel": 0.5}),
+            INVALID_INPUT,
             "sigma_rel",
         ),
         (
-            post_json("/reconstruct", json!({"run": "r", "sigma_rel": -1.0})),
-            S::BAD_REQUEST,
-            "invalid_input",
+            json!({"run": "r", "sigma_rel": -1.0}),
+            INVALID_INPUT,
             "sigma_rel",
         ),
         (
-            post_json(
-                "/reconstruct",
-                json!({"run": "r", "sigma_rel": 0.1, "dtype": "f8"}),
-            ),
-            S::BAD_REQUEST,
-            "invalid_input",
+            json!({"run": "r", "sigma_rel": 0.1, "dtype": "f8"}),
+            INVALID_INPUT,
             "dtype",
         ),
         (
-            post_json(
-                "/reconstruct",
-                json!({"run": "r", "sigma_rel": 0.1, "nimg": 1}),
-            ),
-            S::BAD_REQUEST,
-            "invalid_input",
+            json!({"run": "r", "sigma_rel": 0.1, "nimg": 1}),
+            INVALID_INPUT,
             "nimg",
         ),
         (
-            post_json("/reconstruct", json!({"run": "r", "sigma_rel": "0.1,x"})),
-            S::BAD_REQUEST,
-            "invalid_input",
+            json!({"run": "r", "sigma_rel": "0.1,x"}),
+            INVALID_INPUT,
             "sigma_rel",
         ),
         (
-            post_json(
-                "/reconstruct",
-                json!({"run": "r", "sigma_rel": 0.1, "wait_secs": -1}),
-            ),
-            S::BAD_REQUEST,
-            "invalid_input",
+            json!({"run": "r", "sigma_rel": 0.1, "wait_secs": -1}),
+            INVALID_INPUT,
             "wait_secs",
         ),
+        (json!({"run": "nope", "sigma_rel": 0.1}), NOT_FOUND, "nope"),
         (
-            post_json("/reconstruct", json!({"run": "nope", "sigma_rel": 0.1})),
-            S::NOT_FOUND,
-            "not_found",
-            "nope",
-        ),
-        (
-            post_json(
-                "/reconstruct",
-                json!({"run": "r", "sigma_rel": 0.1, "pad": "x".repeat(2000)}),
-            ),
-            S::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            json!({"run": "r", "sigma_rel": 0.1, "pad": pad}),
+            PAYLOAD_TOO_LARGE,
             "larger",
         ),
+    ];
+    for (body, expected, contains) in cases {
+        let (status, answer) = server.json(post_json("/reconstruct", &body)).await;
+        let case = format!("POST /reconstruct {body:.100}");
+        assert_case_error(&case, status, &answer, expected, contains);
+    }
+    // Bodies that are not one JSON object, sent without a content type.
+    for (text, contains) in [
+        ("{not json", "request body"),
         (
-            get("/reconstructions/abc"),
-            S::BAD_REQUEST,
-            "invalid_input",
-            "64",
+            r#"{"run": "r", "sigma_rel": 0.1}xyz"#,
+            "after the JSON object",
+        ),
+    ] {
+        let (status, answer) = server.json(post_bytes("/reconstruct", text)).await;
+        assert_case_error(text, status, &answer, INVALID_INPUT, contains);
+    }
+}
+
+/// Refused queries name the parameter; the run named in the path must exist.
+#[tokio::test]
+async fn refused_queries_name_the_parameter() {
+    let server = server_with_small_limits().await;
+    let cases: [(&str, Expected, &str); 10] = [
+        ("/runs/r/preview", INVALID_INPUT, "sigma_rel"),
+        (
+            "/runs/r/preview?sigma_rel=0.1&gamma=7",
+            INVALID_INPUT,
+            "exactly one of sigma_rel and gamma",
         ),
         (
-            get(&format!("/reconstructions/{}", "a".repeat(64))),
-            S::NOT_FOUND,
-            "not_found",
+            "/runs/r/preview?sigma_rel=abc",
+            INVALID_INPUT,
+            "sigma_rel: \"abc\" is not a number",
+        ),
+        ("/runs/r/preview?sigma_rel=0.3", INVALID_INPUT, "sigma_rel"),
+        ("/runs/r/profiles.svg?gamma=-1", INVALID_INPUT, "gamma"),
+        (
+            "/runs/r/preview?sigma_rel=0.1&nimg=-5",
+            INVALID_INPUT,
+            "nimg",
+        ),
+        (
+            "/runs/r/preview?sigma_rel=0.1&sigma_rel=0.2",
+            INVALID_INPUT,
+            "duplicate field `sigma_rel`",
+        ),
+        ("/runs/%FF/preview?sigma_rel=0.1", INVALID_INPUT, "UTF-8"),
+        ("/sweeps?run=a&run=b", INVALID_INPUT, "duplicate"),
+        ("/runs/nope/preview?sigma_rel=0.1", NOT_FOUND, "nope"),
+    ];
+    for (uri, expected, contains) in cases {
+        let (status, answer) = server.json(get(uri)).await;
+        assert_case_error(&format!("GET {uri}"), status, &answer, expected, contains);
+    }
+}
+
+/// Unknown routes, runs and reconstructions, malformed ids and unknown methods get the JSON
+/// error shape too.
+#[tokio::test]
+async fn unknown_routes_names_and_methods_get_the_json_error_shape() {
+    let server = server_with_small_limits().await;
+    let unknown = "a".repeat(64);
+    let cases: Vec<(Request<Body>, Expected, &str)> = vec![
+        (get("/ui/../Cargo.toml"), NOT_FOUND, ""),
+        (get("/reconstructions/abc"), INVALID_INPUT, "64"),
+        (
+            get(&format!("/reconstructions/{unknown}")),
+            NOT_FOUND,
             "POST /reconstruct",
         ),
         (
-            get(&format!("/reconstructions/{}/weights", "a".repeat(64))),
-            S::NOT_FOUND,
-            "not_found",
+            get(&format!("/reconstructions/{unknown}/weights")),
+            NOT_FOUND,
             "POST /reconstruct",
         ),
-        (get("/runs/nope"), S::NOT_FOUND, "not_found", "nope"),
+        (get("/runs/nope"), NOT_FOUND, "nope"),
+        (get("/runs/nope/snapshots"), NOT_FOUND, "nope"),
+        (get("/no/such/route"), NOT_FOUND, "/no/such/route"),
+        (delete("/runs"), METHOD_NOT_ALLOWED, "DELETE"),
+    ];
+    for (request, expected, contains) in cases {
+        let case = format!("{} {}", request.method(), request.uri());
+        let (status, answer) = server.json(request).await;
+        assert_case_error(&case, status, &answer, expected, contains);
+    }
+}
+
+/// Refused uploads say why, and leave no file, no row and no run behind.
+#[tokio::test]
+async fn refused_uploads_say_why_and_leave_nothing() {
+    let server = server_with_small_limits().await;
+    let good = snapshot(9, 1, 0.05);
+    let cases: Vec<(&str, Request<Body>, Expected, &str)> = vec![
         (
-            get("/runs/nope/snapshots"),
-            S::NOT_FOUND,
-            "not_found",
-            "nope",
-        ),
-        (
-            get("/no/such/route"),
-            S::NOT_FOUND,
-            "not_found",
-            "/no/such/route",
-        ),
-        (
-            Request::delete("/runs").body(Body::empty()).unwrap(),
-            S::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "DELETE",
-        ),
-        (
-            Request::post("/runs/r/snapshots")
-                .body(Body::from(vec![0u8; 10]))
-                .unwrap(),
-            S::LENGTH_REQUIRED,
-            "length_required",
+            "no Content-Length",
+            post_bytes("/runs/r/snapshots", vec![0u8; 10]),
+            LENGTH_REQUIRED,
             "Content-Length",
         ),
         (
+            "over the upload limit",
             upload("r", "", vec![0u8; 5000]),
-            S::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            PAYLOAD_TOO_LARGE,
             "4096",
         ),
         (
+            "text",
             upload("r", "", b"not a safetensors file".to_vec()),
-            S::BAD_REQUEST,
-            "invalid_input",
+            INVALID_INPUT,
             "not a safetensors file: it is a text file",
         ),
         (
-            upload("r", "?nimg=abc", snapshot(9, 1, 0.05)),
-            S::BAD_REQUEST,
-            "invalid_input",
+            "a time that is not a number",
+            upload("r", "?nimg=abc", good.clone()),
+            INVALID_INPUT,
             "query",
         ),
         (
-            upload("r", "?sigma_rel=0.1&gamma=7", snapshot(9, 1, 0.05)),
-            S::BAD_REQUEST,
-            "invalid_input",
+            "both σ_rel and γ",
+            upload("r", "?sigma_rel=0.1&gamma=7", good.clone()),
+            INVALID_INPUT,
             "not both",
         ),
         (
-            upload("a%2Fb", "", snapshot(9, 1, 0.05)),
-            S::BAD_REQUEST,
-            "invalid_input",
+            "a run name with a slash",
+            upload("a%2Fb", "", good),
+            INVALID_INPUT,
             "slashes",
         ),
-        // Same time and width as a stored snapshot, other content.
         (
+            "the time and width of a stored snapshot, other content",
             upload("r", "", snapshot(99, 4_000_000, 0.05)),
-            S::CONFLICT,
-            "conflict",
+            CONFLICT,
             "different snapshot",
         ),
     ];
-    for (request, status, code, needle) in cases {
-        let what = format!("{} {}", request.method(), request.uri());
-        let (got, body) = server.json(request).await;
-        assert_error(got, &body, status, code);
-        let message = body["error"]["message"].as_str().unwrap();
-        assert!(
-            message.contains(needle),
-            "{what}: {message:?} should mention {needle:?}"
-        );
+    for (case, request, expected, contains) in cases {
+        let (status, answer) = server.json(request).await;
+        assert_case_error(case, status, &answer, expected, contains);
     }
     // None of the refused uploads left anything behind.
     let (_, snaps) = server.json(get("/runs/r/snapshots")).await;
@@ -704,7 +584,7 @@ async fn a_corrupt_snapshot_gives_a_plain_500() {
     let (status, body) = server
         .json(post_json(
             "/reconstruct",
-            json!({"run": "r", "sigma_rel": 0.07, "wait_secs": 0}),
+            &json!({"run": "r", "sigma_rel": 0.07, "wait_secs": 0}),
         ))
         .await;
     if status == StatusCode::ACCEPTED {
@@ -713,7 +593,7 @@ async fn a_corrupt_snapshot_gives_a_plain_500() {
         loop {
             let (status, body) = server.json(get(&url)).await;
             if status != StatusCode::ACCEPTED {
-                assert_error(status, &body, StatusCode::INTERNAL_SERVER_ERROR, "internal");
+                assert_error(status, &body, INTERNAL, "");
                 break;
             }
             polls += 1;
@@ -721,16 +601,16 @@ async fn a_corrupt_snapshot_gives_a_plain_500() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     } else {
-        assert_error(status, &body, StatusCode::INTERNAL_SERVER_ERROR, "internal");
+        assert_error(status, &body, INTERNAL, "");
     }
     // Asked again (waiting): tried again, fails again, plainly.
     let (status, body) = server
         .json(post_json(
             "/reconstruct",
-            json!({"run": "r", "sigma_rel": 0.07}),
+            &json!({"run": "r", "sigma_rel": 0.07}),
         ))
         .await;
-    assert_error(status, &body, StatusCode::INTERNAL_SERVER_ERROR, "internal");
+    assert_error(status, &body, INTERNAL, "");
     // Internal detail (paths, digests) stays in the log.
     let message = body["error"]["message"].as_str().unwrap();
     assert!(
@@ -752,40 +632,33 @@ async fn auth_on_refuses_writes_without_a_valid_token() {
     let server = Server::new(config).await;
     server.upload_all().await; // `upload` carries the token
 
-    let no_token = post_json("/reconstruct", json!({"run": "r", "sigma_rel": 0.07}));
+    let no_token = post_json("/reconstruct", &json!({"run": "r", "sigma_rel": 0.07}));
     let (status, headers, body) = server.send(no_token).await;
-    let body: Value = serde_json::from_slice(&body).unwrap();
-    assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+    let body = json_body(status, &body);
+    assert_error(status, &body, UNAUTHORIZED, "");
     assert_eq!(headers[header::WWW_AUTHENTICATE], "Bearer");
 
-    let mut wrong = post_json("/reconstruct", json!({"run": "r", "sigma_rel": 0.07}));
-    wrong
-        .headers_mut()
-        .insert(header::AUTHORIZATION, "Bearer hs_guess".parse().unwrap());
+    let wrong =
+        post_json("/reconstruct", &json!({"run": "r", "sigma_rel": 0.07})).bearer("hs_guess");
     let (status, body) = server.json(wrong).await;
-    assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_error(status, &body, UNAUTHORIZED, "");
 
-    let mut no_token_upload = upload("r", "", snapshot(50, 16_000_000, 0.05));
-    no_token_upload.headers_mut().remove(header::AUTHORIZATION);
+    let no_token_upload =
+        upload("r", "", snapshot(50, 16_000_000, 0.05)).without_header(header::AUTHORIZATION);
     let (status, body) = server.json(no_token_upload).await;
-    assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_error(status, &body, UNAUTHORIZED, "");
 
     for malformed in ["Bearer", "Bearer   ", "Basic aGk6aGk=", TOKEN] {
-        let mut request = post_json("/reconstruct", json!({"run": "r", "sigma_rel": 0.07}));
-        request
-            .headers_mut()
-            .insert(header::AUTHORIZATION, malformed.parse().unwrap());
+        let request = post_json("/reconstruct", &json!({"run": "r", "sigma_rel": 0.07}))
+            .with_header(header::AUTHORIZATION, malformed);
         let (status, body) = server.json(request).await;
-        assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+        assert_error(status, &body, UNAUTHORIZED, "");
     }
     // The scheme is case-insensitive (RFC 9110 §11.1); one or more spaces before the token.
     let mut body = Value::Null;
     for (scheme, sigma_rel) in [("bearer ", 0.06), ("BEARER  ", 0.06), ("Bearer ", 0.07)] {
-        let mut request = post_json("/reconstruct", json!({"run": "r", "sigma_rel": sigma_rel}));
-        request.headers_mut().insert(
-            header::AUTHORIZATION,
-            format!("{scheme}{TOKEN}").parse().unwrap(),
-        );
+        let request = post_json("/reconstruct", &json!({"run": "r", "sigma_rel": sigma_rel}))
+            .with_header(header::AUTHORIZATION, &format!("{scheme}{TOKEN}"));
         let (status, answer) = server.json(request).await;
         assert_eq!(status, StatusCode::OK, "{scheme}: {answer}");
         body = answer;
@@ -805,8 +678,8 @@ async fn auth_on_refuses_writes_without_a_valid_token() {
 #[tokio::test]
 async fn auth_off_accepts_writes_without_tokens() {
     let server = Server::new(ServerConfig::default()).await;
-    let mut request = upload("r", "", snapshot(1, 4_000_000, 0.05));
-    request.headers_mut().remove(header::AUTHORIZATION);
+    let request =
+        upload("r", "", snapshot(1, 4_000_000, 0.05)).without_header(header::AUTHORIZATION);
     assert_eq!(server.json(request).await.0, StatusCode::CREATED);
 }
 
@@ -829,94 +702,97 @@ async fn range_etag_and_conditional_requests() {
     let (_, body) = server
         .json(post_json(
             "/reconstruct",
-            json!({"run": "r", "sigma_rel": 0.07}),
+            &json!({"run": "r", "sigma_rel": 0.07}),
         ))
         .await;
     let url = body["weights_url"].as_str().unwrap().to_owned();
     let etag = format!("\"{}\"", body["digest"].as_str().unwrap());
     let (_, _, full) = server.send(get(&url)).await;
     let len = full.len();
-    let with = |name: header::HeaderName, value: &str| {
-        Request::get(&url)
-            .header(name, value)
-            .body(Body::empty())
-            .unwrap()
-    };
+    let with = |name: header::HeaderName, value: &str| get(&url).with_header(name, value);
 
-    let (status, headers, part) = server.send(with(header::RANGE, "bytes=10-99")).await;
-    assert_eq!(status, StatusCode::PARTIAL_CONTENT);
-    assert_eq!(part, full[10..100]);
-    assert_eq!(headers[header::CONTENT_RANGE], format!("bytes 10-99/{len}"));
-    assert_eq!(headers[header::CONTENT_LENGTH], "90");
-
-    let (status, _, tail) = server.send(with(header::RANGE, "bytes=-16")).await;
-    assert_eq!(
-        (status, tail.as_slice()),
-        (StatusCode::PARTIAL_CONTENT, &full[len - 16..])
-    );
-    let (status, _, rest) = server
-        .send(with(header::RANGE, &format!("bytes={}-", len - 5)))
-        .await;
-    assert_eq!(
-        (status, rest.as_slice()),
-        (StatusCode::PARTIAL_CONTENT, &full[len - 5..])
-    );
-
+    // Each Range header: the status, the part of the file sent, and the Content-Range where
+    // one is checked.
+    use StatusCode as S;
+    let whole = format!("bytes 0-{}/{len}", len - 1);
+    let first_100 = format!("bytes 0-99/{len}");
+    let cases: Vec<(String, StatusCode, std::ops::Range<usize>, Option<String>)> = vec![
+        (
+            "bytes=10-99".into(),
+            S::PARTIAL_CONTENT,
+            10..100,
+            Some(format!("bytes 10-99/{len}")),
+        ),
+        ("bytes=-16".into(), S::PARTIAL_CONTENT, len - 16..len, None),
+        (
+            format!("bytes={}-", len - 5),
+            S::PARTIAL_CONTENT,
+            len - 5..len,
+            None,
+        ),
+        // A suffix longer than the file is the whole file (RFC 9110 §14.1.2), as a 206.
+        (
+            format!("bytes=-{}", len * 10),
+            S::PARTIAL_CONTENT,
+            0..len,
+            Some(whole),
+        ),
+        // An end past the file is clamped; overlapping or adjacent ranges are coalesced.
+        (
+            format!("bytes={}-{}", len - 3, len * 2),
+            S::PARTIAL_CONTENT,
+            len - 3..len,
+            None,
+        ),
+        (
+            "bytes=0-49,10-99".into(),
+            S::PARTIAL_CONTENT,
+            0..100,
+            Some(first_100.clone()),
+        ),
+        (
+            "bytes=50-99,0-49".into(),
+            S::PARTIAL_CONTENT,
+            0..100,
+            Some(first_100.clone()),
+        ),
+        (
+            "bytes=0-99,20-30".into(),
+            S::PARTIAL_CONTENT,
+            0..100,
+            Some(first_100),
+        ),
+        // One satisfiable range among unsatisfiable ones is served.
+        (format!("bytes={len}-,0-9"), S::PARTIAL_CONTENT, 0..10, None),
+        // Several disjoint ranges, or a malformed or reversed one: the whole file (RFC 9110
+        // allows the first and requires ignoring the others).
+        ("bytes=0-1,5-9".into(), S::OK, 0..len, None),
+        ("lines=1-2".into(), S::OK, 0..len, None),
+        ("bytes=5-2".into(), S::OK, 0..len, None),
+        ("bytes=x-y".into(), S::OK, 0..len, None),
+    ];
+    for (range, status, part, content_range) in cases {
+        let (got, headers, body) = server.send(with(header::RANGE, &range)).await;
+        assert_eq!(
+            (got, body.as_slice()),
+            (status, &full[part.clone()]),
+            "{range}"
+        );
+        assert_eq!(
+            headers[header::CONTENT_LENGTH],
+            part.len().to_string(),
+            "{range}"
+        );
+        if let Some(content_range) = content_range {
+            assert_eq!(headers[header::CONTENT_RANGE], content_range, "{range}");
+        }
+    }
     let (status, headers, body) = server
         .send(with(header::RANGE, &format!("bytes={len}-")))
         .await;
-    assert_eq!(status, StatusCode::RANGE_NOT_SATISFIABLE);
+    let body = json_body(status, &body);
+    assert_error(status, &body, RANGE_NOT_SATISFIABLE, "");
     assert_eq!(headers[header::CONTENT_RANGE], format!("bytes */{len}"));
-    let body: Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(body["error"]["code"], "range_not_satisfiable");
-
-    // A suffix longer than the file is the whole file (RFC 9110 §14.1.2), as a 206.
-    let (status, headers, body) = server
-        .send(with(header::RANGE, &format!("bytes=-{}", len * 10)))
-        .await;
-    assert_eq!(
-        (status, body.as_slice()),
-        (StatusCode::PARTIAL_CONTENT, &full[..])
-    );
-    assert_eq!(
-        headers[header::CONTENT_RANGE],
-        format!("bytes 0-{}/{len}", len - 1)
-    );
-    // An end past the file is clamped; overlapping or adjacent ranges are coalesced.
-    let (status, _, body) = server
-        .send(with(
-            header::RANGE,
-            &format!("bytes={}-{}", len - 3, len * 2),
-        ))
-        .await;
-    assert_eq!(
-        (status, body.as_slice()),
-        (StatusCode::PARTIAL_CONTENT, &full[len - 3..])
-    );
-    for value in ["bytes=0-49,10-99", "bytes=50-99,0-49", "bytes=0-99,20-30"] {
-        let (status, headers, body) = server.send(with(header::RANGE, value)).await;
-        assert_eq!(
-            (status, body.as_slice()),
-            (StatusCode::PARTIAL_CONTENT, &full[..100]),
-            "{value}"
-        );
-        assert_eq!(headers[header::CONTENT_RANGE], format!("bytes 0-99/{len}"));
-    }
-    // One satisfiable range among unsatisfiable ones is served.
-    let (status, _, body) = server
-        .send(with(header::RANGE, &format!("bytes={len}-,0-9")))
-        .await;
-    assert_eq!(
-        (status, body.as_slice()),
-        (StatusCode::PARTIAL_CONTENT, &full[..10])
-    );
-
-    // Several disjoint ranges, or a malformed or reversed one: the whole file (RFC 9110
-    // allows the first and requires ignoring the others).
-    for value in ["bytes=0-1,5-9", "lines=1-2", "bytes=5-2", "bytes=x-y"] {
-        let (status, _, body) = server.send(with(header::RANGE, value)).await;
-        assert_eq!((status, body.len()), (StatusCode::OK, len), "{value}");
-    }
 
     let (status, headers, body) = server.send(with(header::IF_NONE_MATCH, &etag)).await;
     assert_eq!(status, StatusCode::NOT_MODIFIED);
@@ -930,22 +806,14 @@ async fn range_etag_and_conditional_requests() {
     assert_eq!(status, StatusCode::OK);
 
     // If-Range with the current ETag honours the Range; with another, sends everything.
-    let mut request = with(header::RANGE, "bytes=0-9");
-    request
-        .headers_mut()
-        .insert(header::IF_RANGE, etag.parse().unwrap());
+    let request = with(header::RANGE, "bytes=0-9").with_header(header::IF_RANGE, &etag);
     assert_eq!(server.send(request).await.0, StatusCode::PARTIAL_CONTENT);
-    let mut request = with(header::RANGE, "bytes=0-9");
-    request
-        .headers_mut()
-        .insert(header::IF_RANGE, "\"old\"".parse().unwrap());
+    let request = with(header::RANGE, "bytes=0-9").with_header(header::IF_RANGE, "\"old\"");
     let (status, _, body) = server.send(request).await;
     assert_eq!((status, body.len()), (StatusCode::OK, len));
 
     // HEAD gives the headers of the GET.
-    let (status, headers, body) = server
-        .send(Request::head(&url).body(Body::empty()).unwrap())
-        .await;
+    let (status, headers, body) = server.send(head(&url)).await;
     assert_eq!(status, StatusCode::OK);
     assert!(body.is_empty());
     assert_eq!(headers[header::CONTENT_LENGTH], len.to_string());
@@ -961,10 +829,7 @@ async fn concurrent_identical_requests_are_computed_once() {
         let app = server.app();
         let body = body.clone();
         tasks.push(tokio::spawn(async move {
-            let response = app.oneshot(post_json("/reconstruct", body)).await.unwrap();
-            let status = response.status();
-            let bytes = response.into_body().collect().await.unwrap().to_bytes();
-            (status, serde_json::from_slice::<Value>(&bytes).unwrap())
+            send_json(&app, post_json("/reconstruct", &body)).await
         }));
     }
     let mut ids = std::collections::BTreeSet::new();
@@ -985,7 +850,7 @@ async fn concurrent_identical_requests_are_computed_once() {
     let (_, more) = server
         .json(post_json(
             "/reconstruct",
-            json!({"run": "r", "sigma_rel": [0.06, 0.13], "dtype": "bf16"}),
+            &json!({"run": "r", "sigma_rel": [0.06, 0.13], "dtype": "bf16"}),
         ))
         .await;
     let items = more["reconstructions"].as_array().unwrap();
@@ -1007,10 +872,10 @@ async fn slow_requests_get_202_and_a_status_url() {
     let (status, headers, body) = server
         .send(post_json(
             "/reconstruct",
-            json!({"run": "r", "sigma_rel": 0.08}),
+            &json!({"run": "r", "sigma_rel": 0.08}),
         ))
         .await;
-    let body: Value = serde_json::from_slice(&body).unwrap();
+    let body = json_body(status, &body);
     let status_url = body["status_url"].as_str().unwrap().to_owned();
     if status == StatusCode::ACCEPTED {
         assert_eq!(body["status"], "running");
@@ -1046,19 +911,10 @@ async fn an_upload_cut_off_midway_leaves_nothing() {
             "client went away",
         )),
     ]);
-    let request = Request::post("/runs/r/snapshots")
-        .header(header::CONTENT_LENGTH, bytes.len())
-        .body(Body::from_stream(stream))
-        .unwrap();
+    let request = post_bytes("/runs/r/snapshots", Body::from_stream(stream))
+        .with_header(header::CONTENT_LENGTH, &bytes.len().to_string());
     let (status, body) = server.json(request).await;
-    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_input");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("cut short"),
-        "{body}"
-    );
+    assert_error(status, &body, INVALID_INPUT, "cut short");
     assert!(server.data.store.list().unwrap().is_empty());
     assert!(server.data.store.temp_files().unwrap().is_empty());
     // Not even the run it would have created.
@@ -1083,11 +939,7 @@ async fn uploads_take_time_and_width_from_query_headers_or_metadata() {
             snapshot(1, 4_000_000, 0.05),
         ))
         .await;
-    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_input");
-    assert!(
-        body["error"]["message"].as_str().unwrap().contains("nimg"),
-        "{body}"
-    );
+    assert_error(status, &body, INVALID_INPUT, "nimg");
     let (status, body) = server
         .json(upload(
             "q",
@@ -1095,14 +947,7 @@ async fn uploads_take_time_and_width_from_query_headers_or_metadata() {
             snapshot(1, 4_000_000, 0.05),
         ))
         .await;
-    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_input");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("sigma_rel"),
-        "{body}"
-    );
+    assert_error(status, &body, INVALID_INPUT, "sigma_rel");
     let (status, body) = server
         .json(upload(
             "q",
@@ -1113,22 +958,16 @@ async fn uploads_take_time_and_width_from_query_headers_or_metadata() {
     assert_eq!(status, StatusCode::CREATED, "{body}");
     // A file without metadata takes both from the headers; the query and a header that
     // disagree are refused.
-    let mut request = upload("q2", "", snapshot_of(&[2.0], &[]));
-    request
-        .headers_mut()
-        .insert("x-hindsight-nimg", "777".parse().unwrap());
-    request
-        .headers_mut()
-        .insert("x-hindsight-gamma", "16.97".parse().unwrap());
+    let request = upload("q2", "", snapshot_of(&[2.0], &[]))
+        .with_header("x-hindsight-nimg", "777")
+        .with_header("x-hindsight-gamma", "16.97");
     let (status, body) = server.json(request).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     assert_eq!(body["nimg"], 777);
-    let mut request = upload("q2", "?nimg=778&gamma=16.97", snapshot_of(&[3.0], &[]));
-    request
-        .headers_mut()
-        .insert("x-hindsight-nimg", "779".parse().unwrap());
+    let request = upload("q2", "?nimg=778&gamma=16.97", snapshot_of(&[3.0], &[]))
+        .with_header("x-hindsight-nimg", "779");
     let (status, body) = server.json(request).await;
-    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_input");
+    assert_error(status, &body, INVALID_INPUT, "");
     // The same bytes again: 200, nothing new.
     let (status, body) = server
         .json(upload(
@@ -1153,7 +992,7 @@ async fn real_http_download_cut_upload_and_graceful_shutdown() {
     let (_, body) = server
         .json(post_json(
             "/reconstruct",
-            json!({"run": "r", "sigma_rel": 0.07}),
+            &json!({"run": "r", "sigma_rel": 0.07}),
         ))
         .await;
     let (_, _, expected) = server
@@ -1234,28 +1073,6 @@ async fn real_http_download_cut_upload_and_graceful_shutdown() {
     assert_eq!(snaps.as_array().unwrap().len(), 7);
 }
 
-/// A snapshot with one F32 tensor `w` of `values` and the given `__metadata__`.
-fn snapshot_of(values: &[f32], meta: &[(&str, &str)]) -> Vec<u8> {
-    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let meta: BTreeMap<String, String> = meta
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let mut out = Vec::new();
-    write_safetensors(
-        &mut out,
-        &[OutTensor {
-            name: "w",
-            dtype: "F32",
-            shape: &[values.len()],
-            data: &data,
-        }],
-        &meta,
-    )
-    .unwrap();
-    out
-}
-
 #[tokio::test]
 async fn numbers_beyond_the_index_are_400s_naming_the_field_and_leave_nothing() {
     let server = Server::new(ServerConfig::default()).await;
@@ -1292,7 +1109,7 @@ async fn numbers_beyond_the_index_are_400s_naming_the_field_and_leave_nothing() 
         ),
     ] {
         let (status, body) = server.json(request).await;
-        assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_input");
+        assert_error(status, &body, INVALID_INPUT, "");
         let message = body["error"]["message"].as_str().unwrap();
         assert!(
             message.contains("nimg") || message.contains("sigma_rel"),
@@ -1303,7 +1120,7 @@ async fn numbers_beyond_the_index_are_400s_naming_the_field_and_leave_nothing() 
     // Blank and padded run names, and files without tensors.
     for run in ["%20%20%20", "%20r", "r%09"] {
         let (status, body) = server.json(upload(run, "", good.clone())).await;
-        assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_input");
+        assert_error(status, &body, INVALID_INPUT, "");
     }
     let (status, body) = server
         .json(upload(
@@ -1319,31 +1136,20 @@ async fn numbers_beyond_the_index_are_400s_naming_the_field_and_leave_nothing() 
         StatusCode::CREATED,
         "a zero-element tensor is a tensor: {body}"
     );
-    let mut no_tensors = Vec::new();
-    write_safetensors(
-        &mut no_tensors,
-        &[],
-        &BTreeMap::from([
-            ("nimg".to_owned(), "2000".to_owned()),
-            ("sigma_rel".to_owned(), "0.05".to_owned()),
-        ]),
-    )
-    .unwrap();
+    let no_tensors = SnapshotBuilder::new()
+        .metas(&[("nimg", "2000"), ("sigma_rel", "0.05")])
+        .bytes();
     let (status, body) = server.json(upload("r2", "", no_tensors)).await;
-    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_input");
-    assert!(body["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("no tensors"));
+    assert_error(status, &body, INVALID_INPUT, "no tensors");
     assert!(server.data.db.run("r2").await.unwrap().is_none());
     // A reconstruction time beyond the index.
     let (status, body) = server
         .json(post_json(
             "/reconstruct",
-            json!({"run": "r", "sigma_rel": 0.05, "nimg": 9223372036854775808u64}),
+            &json!({"run": "r", "sigma_rel": 0.05, "nimg": 9223372036854775808u64}),
         ))
         .await;
-    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_input");
+    assert_error(status, &body, INVALID_INPUT, "");
     assert!(server.data.store.temp_files().unwrap().is_empty());
 }
 
@@ -1363,11 +1169,11 @@ async fn values_beyond_f16_and_non_finite_snapshots_get_clear_answers() {
     let ask = |clamp: bool| {
         post_json(
             "/reconstruct",
-            json!({"run": "r", "sigma_rel": 0.10, "dtype": "f16", "clamp_out_of_range": clamp}),
+            &json!({"run": "r", "sigma_rel": 0.10, "dtype": "f16", "clamp_out_of_range": clamp}),
         )
     };
     let (status, body) = server.json(ask(false)).await;
-    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_input");
+    assert_error(status, &body, INVALID_INPUT, "");
     let message = body["error"]["message"].as_str().unwrap();
     assert!(
         message.starts_with("dtype: tensor w has 3 element(s) beyond f16's range"),
@@ -1390,19 +1196,14 @@ async fn values_beyond_f16_and_non_finite_snapshots_get_clear_answers() {
     let (status, body) = server
         .json(post_json(
             "/reconstruct",
-            json!({"run": "n", "sigma_rel": 0.05}),
+            &json!({"run": "n", "sigma_rel": 0.05}),
         ))
         .await;
     assert_error(
         status,
         &body,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "unprocessable",
-    );
-    let message = body["error"]["message"].as_str().unwrap();
-    assert!(
-        message.contains("tensor w holds a non-finite value (element 1)"),
-        "{message}"
+        UNPROCESSABLE,
+        "tensor w holds a non-finite value (element 1)",
     );
 }
 
@@ -1430,7 +1231,7 @@ async fn preview_matches_the_reconstruction_report_and_the_ui_is_served() {
     let (status, made) = server
         .json(post_json(
             "/reconstruct",
-            json!({"run": "r", "sigma_rel": 0.1}),
+            &json!({"run": "r", "sigma_rel": 0.1}),
         ))
         .await;
     assert_eq!(status, StatusCode::OK, "{made}");
@@ -1476,12 +1277,7 @@ async fn preview_matches_the_reconstruction_report_and_the_ui_is_served() {
         assert!(!body.is_empty());
         let etag = headers[header::ETAG].clone();
         let (status, _, body) = server
-            .send(
-                Request::get(file)
-                    .header(header::IF_NONE_MATCH, etag)
-                    .body(Body::empty())
-                    .unwrap(),
-            )
+            .send(get(file).with_header(header::IF_NONE_MATCH, etag.to_str().unwrap()))
             .await;
         assert_eq!(status, StatusCode::NOT_MODIFIED, "{file}");
         assert!(body.is_empty());

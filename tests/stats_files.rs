@@ -202,10 +202,8 @@ fn hindsight_fid_reads_a_npy_of_a_dict() {
 /// `sigma` is read.
 #[test]
 fn uploads_that_used_to_abort_the_server_are_refused() {
-    use axum::body::Body;
-    use axum::http::{Request, StatusCode};
-    use http_body_util::BodyExt;
-    use tower::ServiceExt;
+    use axum::http::StatusCode;
+    use common::http::{post_bytes, send};
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -274,13 +272,7 @@ fn uploads_that_used_to_abort_the_server_are_refused() {
         };
         let app = hindsight::server::app(hindsight::server::AppState::new(data, config));
         for (name, bytes, needle) in cases {
-            let request = Request::post("/references?name=x")
-                .header("host", "localhost")
-                .body(Body::from(bytes))
-                .unwrap();
-            let response = app.clone().oneshot(request).await.unwrap();
-            let status = response.status();
-            let body = response.into_body().collect().await.unwrap().to_bytes();
+            let (status, _, body) = send(&app, post_bytes("/references?name=x", bytes)).await;
             let body = String::from_utf8_lossy(&body);
             assert_eq!(status, StatusCode::BAD_REQUEST, "{name}: {body}");
             assert!(body.contains(needle), "{name}: {body}");

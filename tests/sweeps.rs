@@ -8,10 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{header, Request, StatusCode};
-use http_body_util::BodyExt;
+use axum::http::{Request, StatusCode};
+use axum::Router;
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
 use hindsight::app::references::{self, ReferenceOrigin};
 use hindsight::app::DataDir;
@@ -24,6 +23,10 @@ use hindsight::sweep::{self, SweepLimits, SweepRequest, Worker, WorkerConfig};
 use hindsight::train::{self, TrainOptions};
 
 mod common;
+use common::http::{
+    assert_case_error, assert_error, delete, get, post_bytes, post_json, send, send_json, Expected,
+    RequestExt, CONFLICT, INVALID_INPUT, LIMIT_REACHED, NOT_FOUND, UNAUTHORIZED,
+};
 
 const TOKEN: &str = "hs_sweep-token";
 
@@ -136,38 +139,8 @@ fn worker(data: &DataDir, weights: &Path, lease: Duration) -> Arc<Worker> {
     ))
 }
 
-async fn send(state: &AppState, mut request: Request<Body>) -> (StatusCode, Vec<u8>) {
-    // As every HTTP/1.1 client does (the server refuses a request with no Host).
-    request
-        .headers_mut()
-        .entry(axum::http::header::HOST)
-        .or_insert(axum::http::HeaderValue::from_static("localhost"));
-    let response = app(state.clone()).oneshot(request).await.unwrap();
-    let status = response.status();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, body.to_vec())
-}
-
-async fn send_json(state: &AppState, request: Request<Body>) -> (StatusCode, Value) {
-    let (status, body) = send(state, request).await;
-    let value = serde_json::from_slice(&body)
-        .unwrap_or_else(|_| panic!("not JSON ({status}): {}", String::from_utf8_lossy(&body)));
-    (status, value)
-}
-
-fn post(uri: &str, body: Value, token: bool) -> Request<Body> {
-    let mut r = Request::post(uri).header(header::CONTENT_TYPE, "application/json");
-    if token {
-        r = r.header(header::AUTHORIZATION, format!("Bearer {TOKEN}"));
-    }
-    r.body(Body::from(body.to_string())).unwrap()
-}
-
-fn get(uri: &str) -> Request<Body> {
-    Request::get(uri).body(Body::empty()).unwrap()
-}
-
-fn state(data: &DataDir) -> AppState {
+/// The API over `data`, with one token, a bound of 1000 images and no sweep worker.
+fn api(data: &DataDir) -> Router {
     let config = ServerConfig {
         token_hashes: parse_token_hashes(&hash_token(TOKEN), "test").unwrap(),
         sweep_limits: SweepLimits {
@@ -177,30 +150,70 @@ fn state(data: &DataDir) -> AppState {
         sweep_worker: None,
         ..Default::default()
     };
-    AppState::new(data.clone(), config)
+    app(AppState::new(data.clone(), config))
 }
 
-#[track_caller]
-fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, names: &str) {
-    assert_eq!(status, expected, "{body}");
-    let message = body["error"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains(names), "{names:?} not in {body}");
+/// An upload of reference statistics `bytes` as `name` (no token).
+fn upload_reference(name: &str, bytes: Vec<u8>) -> Request<Body> {
+    post_bytes(&format!("/references?name={name}"), bytes)
 }
 
+/// `.npz` statistics of three 2048-d feature rows, without features (imported: no KID).
+fn imported_statistics() -> Vec<u8> {
+    let mut stats = FeatureStats::new(FEATURES);
+    let rows: Vec<f32> = (0..3 * FEATURES).map(|i| (i % 7) as f32).collect();
+    stats.add(&rows).unwrap();
+    let mut npz = std::io::Cursor::new(Vec::new());
+    stats.write_npz(&mut npz).unwrap();
+    npz.into_inner()
+}
+
+/// Stores [`imported_statistics`] as reference `imported`.
+async fn import_reference(api: &Router) {
+    let request = upload_reference("imported", imported_statistics()).bearer(TOKEN);
+    let (status, body) = send_json(api, request).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+}
+
+/// A valid sweep request: run `tiny` against `proc`, 4 images, 3 sampler steps.
+fn base_sweep() -> Value {
+    json!({"run": "tiny", "sigma_rels": [0.05, 0.1], "num_images": 4,
+           "reference": "proc", "sampler": {"steps": 3}})
+}
+
+/// [`base_sweep`] with `key` set to `value`.
+fn sweep_with(key: &str, value: Value) -> Value {
+    let mut body = base_sweep();
+    body[key] = value;
+    body
+}
+
+/// A sweep of EDM2's list syntax over every stored time (2-D: 4 widths × 2 times), against
+/// reference 1 (`proc`, by id).
+async fn two_d_sweep(data: &DataDir) -> Value {
+    let run = data.db.run("tiny").await.unwrap().unwrap();
+    let mut times: Vec<i64> = data
+        .db
+        .snapshots(run.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.nimg)
+        .collect();
+    times.dedup();
+    json!({"run": "tiny", "sigma_rels": "0.05,0.10,...,0.20",
+           "nimgs": times, "num_images": 4, "reference": 1})
+}
+
+/// Reference statistics are checked on upload: a token, a free name that is not all digits,
+/// `.npz` contents, 2048 dimensions, a covariance that is one.
 #[test]
-fn sweep_requests_are_checked_field_by_field() {
-    let s = setup();
+fn reference_uploads_are_checked() {
     runtime().block_on(async {
-        let data = DataDir::open(&s.path).await.unwrap();
-        // Imported statistics: no features (so no KID), and 16-d ones (the wrong network).
-        let good = {
-            let mut stats = FeatureStats::new(FEATURES);
-            let rows: Vec<f32> = (0..3 * FEATURES).map(|i| (i % 7) as f32).collect();
-            stats.add(&rows).unwrap();
-            let mut npz = std::io::Cursor::new(Vec::new());
-            stats.write_npz(&mut npz).unwrap();
-            npz.into_inner()
-        };
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::open(dir.path()).await.unwrap();
+        let api = api(&data);
+        // 16-d statistics (the wrong network).
         let small = {
             let mut stats = FeatureStats::new(16);
             stats.add(&[0.5; 48]).unwrap();
@@ -208,27 +221,6 @@ fn sweep_requests_are_checked_field_by_field() {
             stats.write_npz(&mut npz).unwrap();
             npz.into_inner()
         };
-        let st = state(&data);
-        let upload = |name: &str, bytes: Vec<u8>, token: bool| {
-            let mut r = Request::post(format!("/references?name={name}"));
-            if token {
-                r = r.header(header::AUTHORIZATION, format!("Bearer {TOKEN}"));
-            }
-            r.body(Body::from(bytes)).unwrap()
-        };
-        let (status, body) = send_json(&st, upload("imported", good.clone(), false)).await;
-        assert_error(status, &body, StatusCode::UNAUTHORIZED, "");
-        let (status, body) = send_json(&st, upload("imported", good.clone(), true)).await;
-        assert_eq!(status, StatusCode::CREATED, "{body}");
-        assert_eq!(body["has_features"], false);
-        let (status, body) = send_json(&st, upload("imported", good, true)).await;
-        assert_error(status, &body, StatusCode::CONFLICT, "imported");
-        let (status, body) = send_json(&st, upload("tiny16", small, true)).await;
-        assert_error(status, &body, StatusCode::BAD_REQUEST, "16-dimensional");
-        let (status, body) = send_json(&st, upload("junk", b"not statistics".to_vec(), true)).await;
-        assert_error(status, &body, StatusCode::BAD_REQUEST, "npz");
-        let (status, body) = send_json(&st, upload("12", b"x".to_vec(), true)).await;
-        assert_error(status, &body, StatusCode::BAD_REQUEST, "digits");
         // Statistics that are not a covariance: negative variances, and a matrix that is
         // symmetric with a positive diagonal but not positive semi-definite.
         let npz = |sigma: Vec<f64>| {
@@ -246,247 +238,253 @@ fn sweep_requests_are_checked_field_by_field() {
         (0..d).for_each(|i| indefinite[i * d + i] = 1.0);
         indefinite[1] = 5.0;
         indefinite[d] = 5.0;
-        let (status, body) =
-            send_json(&st, upload("indefinite", npz(indefinite).unwrap(), true)).await;
-        assert_error(
-            status,
-            &body,
-            StatusCode::BAD_REQUEST,
-            "positive semi-definite",
-        );
-        let (status, body) = send_json(&st, get("/references")).await;
-        assert_eq!(status, StatusCode::OK);
-        assert_eq!(body["references"].as_array().unwrap().len(), 2, "{body}");
 
-        let base = json!({"run": "tiny", "sigma_rels": [0.05, 0.1], "num_images": 4,
-                          "reference": "proc", "sampler": {"steps": 3}});
-        let with = |key: &str, value: Value| {
-            let mut b = base.clone();
-            b[key] = value;
-            b
-        };
-        let cases: Vec<(Value, StatusCode, &str)> = vec![
-            (with("run", json!("nope")), StatusCode::NOT_FOUND, "run"),
+        let good = imported_statistics();
+        let (status, body) = send_json(&api, upload_reference("imported", good.clone())).await;
+        assert_error(status, &body, UNAUTHORIZED, "");
+        let request = upload_reference("imported", good.clone()).bearer(TOKEN);
+        let (status, body) = send_json(&api, request).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(body["has_features"], false);
+        let cases: Vec<(&str, Vec<u8>, Expected, &str)> = vec![
+            ("imported", good, CONFLICT, "imported"),
+            ("tiny16", small, INVALID_INPUT, "16-dimensional"),
+            ("junk", b"not statistics".to_vec(), INVALID_INPUT, "npz"),
+            ("12", b"x".to_vec(), INVALID_INPUT, "digits"),
             (
-                with("reference", json!("nope")),
-                StatusCode::NOT_FOUND,
-                "reference",
+                "indefinite",
+                npz(indefinite).unwrap(),
+                INVALID_INPUT,
+                "positive semi-definite",
             ),
+        ];
+        for (name, bytes, expected, contains) in cases {
+            let request = upload_reference(name, bytes).bearer(TOKEN);
+            let (status, body) = send_json(&api, request).await;
+            assert_case_error(name, status, &body, expected, contains);
+        }
+        // Only the accepted upload was stored.
+        let (status, body) = send_json(&api, get("/references")).await;
+        assert_eq!(status, StatusCode::OK);
+        let names: Vec<&str> = body["references"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["imported"], "{body}");
+    });
+}
+
+#[test]
+fn sweep_requests_are_checked_field_by_field() {
+    let s = setup();
+    runtime().block_on(async {
+        let data = DataDir::open(&s.path).await.unwrap();
+        let api = api(&data);
+        import_reference(&api).await;
+        // One field of a valid request changed: refused, naming the field.
+        let cases: Vec<(&str, Value, Expected, &str)> = vec![
+            ("run", json!("nope"), NOT_FOUND, "run"),
+            ("reference", json!("nope"), NOT_FOUND, "reference"),
+            ("reference", json!(999), NOT_FOUND, "reference"),
             (
-                with("reference", json!(999)),
-                StatusCode::NOT_FOUND,
-                "reference",
-            ),
-            (
-                with("sigma_rels", json!([0.05, 0.3])),
-                StatusCode::BAD_REQUEST,
+                "sigma_rels",
+                json!([0.05, 0.3]),
+                INVALID_INPUT,
                 "sigma_rels[1]",
             ),
+            ("sigma_rels", json!([0.0]), INVALID_INPUT, "sigma_rels[0]"),
             (
-                with("sigma_rels", json!([0.0])),
-                StatusCode::BAD_REQUEST,
-                "sigma_rels[0]",
-            ),
-            (
-                with("sigma_rels", json!("0.05,0.04,...,0.1")),
-                StatusCode::BAD_REQUEST,
+                "sigma_rels",
+                json!("0.05,0.04,...,0.1"),
+                INVALID_INPUT,
                 "sigma_rels",
             ),
+            ("sigma_rels", json!([]), INVALID_INPUT, "sigma_rels"),
             (
-                with("sigma_rels", json!([])),
-                StatusCode::BAD_REQUEST,
                 "sigma_rels",
+                json!([0.05, 0.05]),
+                INVALID_INPUT,
+                "sigma_rels[1]",
+            ),
+            ("sigma_rels", json!(["0.1"]), INVALID_INPUT, "sigma_rels[0]"),
+            ("sigma_rels", json!({"a": 1}), INVALID_INPUT, "sigma_rels"),
+            ("nimgs", json!([5000]), INVALID_INPUT, "nimgs[0]"),
+            ("nimgs", json!([0]), INVALID_INPUT, "nimgs[0]"),
+            ("nimgs", json!(-3), INVALID_INPUT, "nimgs"),
+            ("nimgs", json!([1000, -5]), INVALID_INPUT, "nimgs[1]"),
+            ("nimgs", json!(1500.5), INVALID_INPUT, "nimgs"),
+            ("num_images", json!(1), INVALID_INPUT, "num_images"),
+            ("num_images", json!(1001), INVALID_INPUT, "num_images"),
+            ("seed_sets", json!(0), INVALID_INPUT, "seed_sets"),
+            ("batch", json!(0), INVALID_INPUT, "batch"),
+            ("metrics", json!(["fid", "is"]), INVALID_INPUT, "metrics[1]"),
+            ("metrics", json!([]), INVALID_INPUT, "metrics"),
+            // A repeated metric is refused, naming the repeat (it used to be kept twice).
+            (
+                "metrics",
+                json!(["fid", "kid", "fid"]),
+                INVALID_INPUT,
+                "metrics[2]",
             ),
             (
-                with("nimgs", json!([5000])),
-                StatusCode::BAD_REQUEST,
-                "nimgs[0]",
-            ),
-            (
-                with("nimgs", json!([0])),
-                StatusCode::BAD_REQUEST,
-                "nimgs[0]",
-            ),
-            (with("nimgs", json!(-3)), StatusCode::BAD_REQUEST, "nimgs"),
-            (
-                with("num_images", json!(1)),
-                StatusCode::BAD_REQUEST,
-                "num_images",
-            ),
-            (
-                with("num_images", json!(1001)),
-                StatusCode::BAD_REQUEST,
-                "num_images",
-            ),
-            (
-                with("seed_sets", json!(0)),
-                StatusCode::BAD_REQUEST,
-                "seed_sets",
-            ),
-            (with("batch", json!(0)), StatusCode::BAD_REQUEST, "batch"),
-            (
-                with("metrics", json!(["fid", "is"])),
-                StatusCode::BAD_REQUEST,
+                "metrics",
+                json!(["kid", "KID"]),
+                INVALID_INPUT,
                 "metrics[1]",
             ),
             (
-                with("metrics", json!([])),
-                StatusCode::BAD_REQUEST,
-                "metrics",
-            ),
-            (
-                with("sampler", json!({"steps": 1})),
-                StatusCode::BAD_REQUEST,
+                "sampler",
+                json!({"steps": 1}),
+                INVALID_INPUT,
                 "sampler.steps",
             ),
+            ("sampler", json!({"stpes": 8}), INVALID_INPUT, "sampler"),
             (
-                with("sampler", json!({"stpes": 8})),
-                StatusCode::BAD_REQUEST,
                 "sampler",
-            ),
-            (
-                with("sampler", json!({"sigma_min": -1.0})),
-                StatusCode::BAD_REQUEST,
+                json!({"sigma_min": -1.0}),
+                INVALID_INPUT,
                 "sigma_min",
             ),
             (
-                with("sigma_rel", json!(0.1)),
-                StatusCode::BAD_REQUEST,
-                "sigma_rel",
-            ),
-            (
-                with("kid_subsets", json!(0)),
-                StatusCode::BAD_REQUEST,
-                "kid_subsets",
-            ),
-            (
-                with("sigma_rels", json!([0.05, 0.05])),
-                StatusCode::BAD_REQUEST,
-                "sigma_rels[1]",
-            ),
-            (
-                with("sigma_rels", json!(["0.1"])),
-                StatusCode::BAD_REQUEST,
-                "sigma_rels[0]",
-            ),
-            (
-                with("sigma_rels", json!({"a": 1})),
-                StatusCode::BAD_REQUEST,
-                "sigma_rels",
-            ),
-            (
-                with("nimgs", json!([1000, -5])),
-                StatusCode::BAD_REQUEST,
-                "nimgs[1]",
-            ),
-            (
-                with("nimgs", json!(1500.5)),
-                StatusCode::BAD_REQUEST,
-                "nimgs",
-            ),
-            (
-                with("sampler", json!({"sigma_max": 1e308, "rho": 1e308})),
-                StatusCode::BAD_REQUEST,
+                "sampler",
+                json!({"sigma_max": 1e308, "rho": 1e308}),
+                INVALID_INPUT,
                 "sampler.sigma_max",
             ),
             (
-                with("sampler", json!({"rho": 1e308})),
-                StatusCode::BAD_REQUEST,
+                "sampler",
+                json!({"rho": 1e308}),
+                INVALID_INPUT,
                 "sampler.rho",
             ),
-            (json!([]), StatusCode::BAD_REQUEST, "JSON object"),
+            ("sigma_rel", json!(0.1), INVALID_INPUT, "sigma_rel"),
+            ("kid_subsets", json!(0), INVALID_INPUT, "kid_subsets"),
+        ];
+        for (key, value, expected, contains) in cases {
+            let case = format!("{key}: {value}");
+            let request = post_json("/sweeps", &sweep_with(key, value)).bearer(TOKEN);
+            let (status, body) = send_json(&api, request).await;
+            assert_case_error(&case, status, &body, expected, contains);
+        }
+        // Whole requests that are refused.
+        let mut kid_on_imported = sweep_with("reference", json!("imported"));
+        kid_on_imported["metrics"] = json!(["fid", "kid"]);
+        let cases: Vec<(&str, Value, Expected, &str)> = vec![
+            ("not an object", json!([]), INVALID_INPUT, "JSON object"),
             (
+                "a reference never stored",
                 json!({"run": "tiny", "sigma_rels": [0.1], "reference": "tiny16"}),
-                StatusCode::NOT_FOUND,
+                NOT_FOUND,
                 "reference",
             ),
             (
-                with("reference", json!("imported"))
-                    .as_object()
-                    .cloned()
-                    .map(|mut o| {
-                        o.insert("metrics".into(), json!(["fid", "kid"]));
-                        Value::Object(o)
-                    })
-                    .unwrap(),
-                StatusCode::BAD_REQUEST,
+                "KID against statistics without features",
+                kid_on_imported,
+                INVALID_INPUT,
                 "metrics",
             ),
         ];
-        for (body, expected, names) in cases {
-            let (status, answer) = send_json(&st, post("/sweeps", body.clone(), true)).await;
-            assert_error(status, &answer, expected, names);
+        for (case, body, expected, contains) in cases {
+            let request = post_json("/sweeps", &body).bearer(TOKEN);
+            let (status, answer) = send_json(&api, request).await;
+            assert_case_error(case, status, &answer, expected, contains);
         }
-        let (status, body) = send_json(&st, post("/sweeps", base.clone(), false)).await;
-        assert_error(status, &body, StatusCode::UNAUTHORIZED, "");
+        let (status, body) = send_json(&api, post_json("/sweeps", &base_sweep())).await;
+        assert_error(status, &body, UNAUTHORIZED, "");
         // Nothing was queued by the refused requests.
         assert!(data.db.sweeps(None).await.unwrap().is_empty());
 
         // A run without a network configuration cannot be sampled.
         data.db.create_run("bare", "", &json!({})).await.unwrap();
-        let (status, body) =
-            send_json(&st, post("/sweeps", with("run", json!("bare")), true)).await;
-        assert_error(status, &body, StatusCode::BAD_REQUEST, "network");
+        let request = post_json("/sweeps", &sweep_with("run", json!("bare"))).bearer(TOKEN);
+        let (status, body) = send_json(&api, request).await;
+        assert_error(status, &body, INVALID_INPUT, "network");
 
         // FID only against imported statistics: accepted, KID left out by default.
-        let (status, body) = send_json(
-            &st,
-            post("/sweeps", with("reference", json!("imported")), true),
-        )
-        .await;
+        let request = post_json("/sweeps", &sweep_with("reference", json!("imported")));
+        let (status, body) = send_json(&api, request.bearer(TOKEN)).await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         assert_eq!(body["spec"]["metrics"], json!(["fid"]));
         assert_eq!(body["points"].as_array().unwrap().len(), 2);
         // EDM2's list syntax and a 2-D sweep.
-        let run = data.db.run("tiny").await.unwrap().unwrap();
-        let mut times: Vec<i64> = data
-            .db
-            .snapshots(run.id)
-            .await
-            .unwrap()
-            .iter()
-            .map(|s| s.nimg)
-            .collect();
-        times.dedup();
-        let two_d = json!({"run": "tiny", "sigma_rels": "0.05,0.10,...,0.20",
-                           "nimgs": times, "num_images": 4, "reference": 1});
-        let (status, body) = send_json(&st, post("/sweeps", two_d, true)).await;
+        let request = post_json("/sweeps", &two_d_sweep(&data).await).bearer(TOKEN);
+        let (status, body) = send_json(&api, request).await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         assert_eq!(body["points_total"], 8, "{body}");
         assert_eq!(body["spec"]["metrics"], json!(["fid", "kid"]));
-        let id = body["id"].as_i64().unwrap();
-        for uri in ["/sweeps/abc", "/sweeps/0", "/sweeps/-1/events"] {
-            let (status, body) = send_json(&st, get(uri)).await;
-            assert_error(status, &body, StatusCode::BAD_REQUEST, "id");
+        // How each metric is shown is decided here, on the server, and sent with the sweep.
+        assert_eq!(
+            body["metrics"],
+            json!([
+                {"metric": "fid", "label": "FID", "short_label": "FID", "scale": 1.0,
+                 "axis_label": "FID", "lower_is_better": true, "fallback": false},
+                {"metric": "kid", "label": "KID", "short_label": "KID", "scale": 1000.0,
+                 "axis_label": "KID ×10³", "lower_is_better": true, "fallback": false},
+            ])
+        );
+    });
+}
+
+/// The sweep routes refuse malformed and unknown ids, plots and grids of what is not there,
+/// and cancelling without a token; listings filter by run; OpenAPI documents them.
+#[test]
+fn sweep_routes_refuse_what_is_not_there() {
+    let s = setup();
+    runtime().block_on(async {
+        let data = DataDir::open(&s.path).await.unwrap();
+        let api = api(&data);
+        import_reference(&api).await;
+        let mut created = Vec::new();
+        for body in [
+            sweep_with("reference", json!("imported")),
+            two_d_sweep(&data).await,
+        ] {
+            let request = post_json("/sweeps", &body).bearer(TOKEN);
+            let (status, body) = send_json(&api, request).await;
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+            created.push(body["id"].as_i64().unwrap());
         }
-        let (status, body) = send_json(&st, get("/sweeps/999")).await;
-        assert_error(status, &body, StatusCode::NOT_FOUND, "999");
-        let (status, body) = send_json(&st, get(&format!("/sweeps/{id}/plot.svg"))).await;
-        assert_error(status, &body, StatusCode::NOT_FOUND, "no finished point");
-        let fid_only = data.db.sweeps(None).await.unwrap().last().unwrap().id;
-        let (status, body) =
-            send_json(&st, get(&format!("/sweeps/{fid_only}/plot.svg?metric=kid"))).await;
-        assert_error(status, &body, StatusCode::NOT_FOUND, "does not compute kid");
-        let (status, body) = send_json(&st, get(&format!("/sweeps/{id}/plot.svg?metric=is"))).await;
-        assert_error(status, &body, StatusCode::BAD_REQUEST, "metric");
-        let (status, body) = send_json(&st, get(&format!("/sweeps/{id}/points/0/grid.png"))).await;
-        assert_error(status, &body, StatusCode::NOT_FOUND, "no images");
-        let (status, body) = send_json(
-            &st,
-            Request::delete(format!("/sweeps/{id}"))
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await;
-        assert_error(status, &body, StatusCode::UNAUTHORIZED, "");
-        let (status, body) = send_json(
-            &st,
-            Request::delete(format!("/sweeps/{id}"))
-                .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await;
+        let [fid_only, id] = created[..] else {
+            unreachable!()
+        };
+        let cases: Vec<(String, Expected, &str)> = vec![
+            ("/sweeps/abc".into(), INVALID_INPUT, "id"),
+            ("/sweeps/0".into(), INVALID_INPUT, "id"),
+            ("/sweeps/-1/events".into(), INVALID_INPUT, "id"),
+            ("/sweeps/999".into(), NOT_FOUND, "999"),
+            (
+                format!("/sweeps/{id}/plot.svg"),
+                NOT_FOUND,
+                "no finished point",
+            ),
+            (
+                format!("/sweeps/{fid_only}/plot.svg?metric=kid"),
+                NOT_FOUND,
+                "does not compute kid",
+            ),
+            (
+                format!("/sweeps/{id}/plot.svg?metric=is"),
+                INVALID_INPUT,
+                "metric",
+            ),
+            (
+                format!("/sweeps/{id}/points/0/grid.png"),
+                NOT_FOUND,
+                "no images",
+            ),
+            ("/sweeps?run=nope".into(), NOT_FOUND, "nope"),
+        ];
+        for (uri, expected, contains) in cases {
+            let (status, body) = send_json(&api, get(&uri)).await;
+            assert_case_error(&format!("GET {uri}"), status, &body, expected, contains);
+        }
+        let cancel = delete(&format!("/sweeps/{id}"));
+        let (status, body) = send_json(&api, cancel).await;
+        assert_error(status, &body, UNAUTHORIZED, "");
+        let cancel = delete(&format!("/sweeps/{id}")).bearer(TOKEN);
+        let (status, body) = send_json(&api, cancel).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["status"], "cancelled");
         assert!(body["points"]
@@ -494,13 +492,11 @@ fn sweep_requests_are_checked_field_by_field() {
             .unwrap()
             .iter()
             .all(|p| p["status"] == "cancelled"));
-        let (status, body) = send_json(&st, get("/sweeps?run=tiny")).await;
+        let (status, body) = send_json(&api, get("/sweeps?run=tiny")).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body["sweeps"].as_array().unwrap().len(), 2, "{body}");
-        let (status, body) = send_json(&st, get("/sweeps?run=nope")).await;
-        assert_error(status, &body, StatusCode::NOT_FOUND, "nope");
         // The OpenAPI document describes the new routes.
-        let (_, doc) = send_json(&st, get("/openapi.json")).await;
+        let (_, doc) = send_json(&api, get("/openapi.json")).await;
         for path in [
             "/sweeps",
             "/sweeps/{id}",
@@ -690,8 +686,8 @@ fn two_workers_finish_a_sweep_and_a_dead_workers_point_is_resumed() {
         let run = data.db.run("tiny").await.unwrap().unwrap();
         assert_eq!(data.db.reconstructions(run.id).await.unwrap().len(), 3);
         // The API shows it all: the best point, the plot, the grids.
-        let st = state(&data);
-        let (status, body) = send_json(&st, get(&format!("/sweeps/{id}"))).await;
+        let api = api(&data);
+        let (status, body) = send_json(&api, get(&format!("/sweeps/{id}"))).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body["status"], "done");
         assert_eq!(body["images_done"], 24);
@@ -700,18 +696,38 @@ fn two_workers_finish_a_sweep_and_a_dead_workers_point_is_resumed() {
         assert_eq!(best["metric"], "fid");
         let min = fids.iter().cloned().fold(f64::MAX, f64::min);
         assert_eq!(best["value"].as_f64().unwrap(), min);
-        let (status, svg) = send(&st, get(&format!("/sweeps/{id}/plot.svg?metric=kid"))).await;
+        // Each point's result is typed: value = mean, and the error bar the server decided
+        // (two seed sets here: their standard deviation, for FID and KID alike).
+        for p in body["points"].as_array().unwrap() {
+            let r = &p["result"];
+            assert_eq!(r["seed_sets"], 2, "{p}");
+            for m in ["fid", "kid"] {
+                assert_eq!(r[m]["value"], r[m]["mean"], "{p}");
+                assert_eq!(r[m]["error_bar"], r[m]["std"], "{p}");
+                assert!(r[m]["error_bar"].as_f64().unwrap() > 0.0, "{p}");
+            }
+        }
+        let (status, _, svg) = send(&api, get(&format!("/sweeps/{id}/plot.svg?metric=kid"))).await;
         assert_eq!(status, StatusCode::OK);
         assert!(String::from_utf8(svg).unwrap().starts_with("<svg"));
-        let (status, png) = send(&st, get(&format!("/sweeps/{id}/points/2/grid.png"))).await;
+        let (status, _, png) = send(&api, get(&format!("/sweeps/{id}/points/2/grid.png"))).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
         // The event stream of a finished sweep: the sweep, then its end.
-        let (status, events) = send(&st, get(&format!("/sweeps/{id}/events"))).await;
+        let (status, _, events) = send(&api, get(&format!("/sweeps/{id}/events"))).await;
         assert_eq!(status, StatusCode::OK);
         let events = String::from_utf8(events).unwrap();
         assert!(events.starts_with("event: sweep"), "{events}");
         assert!(events.contains("event: end"), "{events}");
+        // Every frame's data is one JSON payload of its event's schema (`SweepEvent`).
+        for frame in events.split("\n\n").filter(|f| f.starts_with("event:")) {
+            let data = frame
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .unwrap_or_else(|| panic!("a frame without data: {frame}"));
+            let data: Value = serde_json::from_str(data).unwrap();
+            assert_eq!(data["metrics"][0]["metric"], "fid", "{frame}");
+        }
     });
 }
 
@@ -785,38 +801,34 @@ fn unfinished_sweeps_are_bounded_and_listings_paginate() {
             sweep_worker: None,
             ..Default::default()
         };
-        let st = AppState::new(data.clone(), config);
+        let api = app(AppState::new(data.clone(), config));
         let body = json!({"run": "tiny", "reference": "proc", "sigma_rels": [0.05],
                           "num_images": 4, "batch": 2, "sampler": {"steps": 3}});
         let mut ids = Vec::new();
         for _ in 0..5 {
-            let (status, v) = send_json(&st, post("/sweeps", body.clone(), true)).await;
+            let (status, v) = send_json(&api, post_json("/sweeps", &body).bearer(TOKEN)).await;
             assert_eq!(status, StatusCode::CREATED, "{v}");
             ids.push(v["id"].as_i64().unwrap());
         }
-        let (status, v) = send_json(&st, post("/sweeps", body.clone(), true)).await;
-        assert_error(status, &v, StatusCode::TOO_MANY_REQUESTS, "per run (5)");
-        assert_eq!(v["error"]["code"], "limit_reached");
-        let (_, list) = send_json(&st, get("/sweeps")).await;
+        let (status, v) = send_json(&api, post_json("/sweeps", &body).bearer(TOKEN)).await;
+        assert_error(status, &v, LIMIT_REACHED, "per run (5)");
+        let (_, list) = send_json(&api, get("/sweeps")).await;
         assert_eq!(
             list["sweeps"].as_array().unwrap().len(),
             5,
             "nothing stored"
         );
         // Cancelling one makes room again.
-        let cancel = Request::delete(format!("/sweeps/{}", ids[0]))
-            .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
-            .body(Body::empty())
-            .unwrap();
-        assert_eq!(send(&st, cancel).await.0, StatusCode::OK);
-        let (status, v) = send_json(&st, post("/sweeps", body.clone(), true)).await;
+        let cancel = delete(&format!("/sweeps/{}", ids[0])).bearer(TOKEN);
+        assert_eq!(send(&api, cancel).await.0, StatusCode::OK);
+        let (status, v) = send_json(&api, post_json("/sweeps", &body).bearer(TOKEN)).await;
         assert_eq!(status, StatusCode::CREATED, "{v}");
         ids.push(v["id"].as_i64().unwrap());
         // Pages of 2, newest first, each sweep once.
         let mut seen = Vec::new();
         let mut uri = "/sweeps?limit=2".to_owned();
         loop {
-            let (status, page) = send_json(&st, get(&uri)).await;
+            let (status, page) = send_json(&api, get(&uri)).await;
             assert_eq!(status, StatusCode::OK, "{page}");
             let sweeps = page["sweeps"].as_array().unwrap();
             assert!(sweeps.len() <= 2);
@@ -830,9 +842,9 @@ fn unfinished_sweeps_are_bounded_and_listings_paginate() {
         expected.sort_unstable_by(|a, b| b.cmp(a));
         assert_eq!(seen, expected);
         for bad in ["limit=0", "limit=501", "limit=x", "before=-1", "before=x"] {
-            let (status, v) = send_json(&st, get(&format!("/sweeps?{bad}"))).await;
+            let (status, v) = send_json(&api, get(&format!("/sweeps?{bad}"))).await;
             let field = bad.split('=').next().unwrap();
-            assert_error(status, &v, StatusCode::BAD_REQUEST, field);
+            assert_case_error(bad, status, &v, INVALID_INPUT, field);
         }
     });
 }

@@ -4,12 +4,11 @@
 //! `update_every`. HTTP cases are in tests/server.rs, the unconditional network in
 //! tests/edm2_model.rs and tests/cli_model.rs.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hindsight::app::DataDir;
-use hindsight::format::{read_header, write_safetensors, OutTensor};
+use hindsight::format::read_header;
 use hindsight::ingest::{import_dir, ingest_file, Hints, IngestOptions, Source};
 use hindsight::materialize::OutDtype;
 use hindsight::phema::request::TargetSpec;
@@ -19,6 +18,9 @@ use hindsight::phema::{
 };
 use hindsight::reconstruction::{reconstruct_to_dir, ExportOptions};
 use hindsight::Error;
+
+mod common;
+use common::snapshot::SnapshotBuilder;
 
 /// One tensor to write: name, safetensors dtype, shape, little-endian bytes.
 type Tensor = (&'static str, &'static str, Vec<usize>, Vec<u8>);
@@ -33,22 +35,15 @@ fn i64s(values: &[i64]) -> Vec<u8> {
 
 /// Writes `tensors` in the given data order, with `nimg` and `sigma_rel` in the metadata.
 fn write(path: &Path, tensors: &[Tensor], nimg: u64, sigma_rel: f64) {
-    let out: Vec<OutTensor<'_>> = tensors
+    tensors
         .iter()
-        .map(|(name, dtype, shape, data)| OutTensor {
-            name,
-            dtype,
-            shape,
-            data,
-        })
-        .collect();
-    let meta = BTreeMap::from([
-        ("nimg".to_owned(), nimg.to_string()),
-        ("sigma_rel".to_owned(), sigma_rel.to_string()),
-    ]);
-    let mut bytes = Vec::new();
-    write_safetensors(&mut bytes, &out, &meta).unwrap();
-    std::fs::write(path, bytes).unwrap();
+        .fold(
+            SnapshotBuilder::new(),
+            |file, (name, dtype, shape, data)| file.raw(name, dtype, shape, data.clone()),
+        )
+        .meta("nimg", nimg)
+        .meta("sigma_rel", sigma_rel)
+        .write(path);
 }
 
 struct Env {
@@ -441,8 +436,15 @@ async fn values_beyond_f16_are_refused_or_clamped_on_request() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(row.report["clamped"][0]["elements"], 3);
-    assert!(row.report["warnings"]
+    assert_eq!(row.report.clamped[0].elements, 3);
+    assert!(row
+        .report
+        .warnings
+        .iter()
+        .any(|w| w.code == hindsight::phema::WarningCode::ClampedOutOfRange));
+    // On the wire the code is the same enum's name.
+    let wire = serde_json::to_value(&row.report).unwrap();
+    assert!(wire["warnings"]
         .as_array()
         .unwrap()
         .iter()

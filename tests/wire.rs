@@ -368,7 +368,7 @@ fn serve_flags_show_the_library_defaults_and_name_themselves_in_refusals() {
         ),
     ] {
         let at = help
-            .find(flag)
+            .find(&format!("{flag} <"))
             .unwrap_or_else(|| panic!("{flag} in {help}"));
         let rest = &help[at..];
         let default = format!("[default: {value}]");

@@ -7,7 +7,7 @@ use super::data_dir::DataDir;
 use crate::db::BlobState;
 use crate::error::{blocking, Result};
 use crate::progress::Progress;
-use crate::store::{BlobStatus, Digest};
+use crate::store::{BlobStatus, Digest, JournalRecord};
 
 /// What [`verify`] found.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -182,11 +182,19 @@ pub async fn delete_snapshot(
     let deleted = deleted.ok_or_else(|| {
         crate::Error::NotFound(format!("run {:?} has no snapshot {id}", run.name))
     })?;
-    let line = serde_json::json!({
-        "op": "delete", "run": run.name, "digest": deleted.snapshot.digest,
-        "nimg": deleted.snapshot.nimg, "sigma_rel": deleted.snapshot.sigma_rel,
-    });
-    if let Err(e) = data.store.append_journal(&line.to_string()) {
+    // The index's digests are the store's (the blob was removed by it above); `nimg` is
+    // checked non-negative by the schema.
+    let record = deleted
+        .snapshot
+        .digest
+        .parse()
+        .map(|digest| JournalRecord::Delete {
+            run: run.name.clone(),
+            digest,
+            nimg: deleted.snapshot.nimg as u64,
+            sigma_rel: deleted.snapshot.sigma_rel,
+        });
+    if let Err(e) = record.and_then(|r| data.store.append_journal(&r)) {
         tracing::warn!(error = %e.chain_text(), "appending a delete to the store's journal");
     }
     tracing::info!(

@@ -16,7 +16,8 @@ use std::path::Path;
 
 use candle_core::DType;
 
-use super::file::{ingest_file, Hints, IngestOptions, Ingested};
+use super::file::{ingest_file, IngestOptions, Ingested};
+use super::resolve::Hints;
 use crate::db::{Db, Run};
 use crate::error::{blocking, Error, Result};
 use crate::format::{write_safetensors, OutTensor};

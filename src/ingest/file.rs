@@ -1,5 +1,6 @@
-//! Ingesting one safetensors file: validate, decide (nimg, width), copy into the store while
-//! hashing (and optionally scanning for NaN/Inf), then record it in the index.
+//! Ingesting one safetensors file or stream: validate, decide (nimg, width) (`resolve`), copy
+//! into the store while hashing (and optionally scanning for NaN/Inf, `finite`), then record
+//! it in the index and the store's journal.
 //!
 //! Order of operations, so that a rejected file leaves nothing behind and GC can never
 //! remove a blob an ingest is about to reference:
@@ -23,28 +24,13 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use super::finite::FiniteScanner;
+use super::resolve::{resolve_profile, resolve_time_and_width, Hints};
 use super::run::RunForIngest;
 use crate::db::{same_width, Db, ManifestEntry, NewSnapshot, Recorded, Run};
 use crate::error::{blocking, Error, Result};
 use crate::format::{read_header, Header, TensorEntry};
-use crate::phema::{RealisedProfile, Width};
-use crate::store::{BlobStore, Digest};
-
-/// Where a file's training time and EMA width come from: explicit values, the safetensors
-/// `__metadata__` (`nimg`, and `sigma_rel` or `gamma`), then an EDM2 file name
-/// (`<prefix>-<kimg:07d>-<sigma:.3f>.safetensors`). An explicit value and the metadata that
-/// disagree are refused (the same file cannot be two snapshots). Likewise the EMA's update rule
-/// when it is not EDM2's: explicit, else `__metadata__.profile` (JSON, see
-/// [`RealisedProfile`]), else EDM2's.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Hints {
-    /// Training time in images.
-    pub nimg: Option<u64>,
-    /// EMA width.
-    pub width: Option<Width>,
-    /// The EMA's update rule.
-    pub profile: Option<RealisedProfile>,
-}
+use crate::store::{BlobStore, BlobWriter, Digest, JournalRecord};
 
 /// Options for [`ingest_file`].
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -66,172 +52,6 @@ pub struct Ingested {
     pub bytes: u64,
     /// False when the same snapshot was already stored (idempotent re-import).
     pub inserted: bool,
-}
-
-/// EDM2's mapping from the kimg in a file name back to nimg (`reconstruct_phema.py`): the
-/// largest multiple of 1024 images whose thousands are `kimg`.
-pub fn kimg_to_nimg(kimg: u64) -> Option<u64> {
-    let nimg = (kimg.checked_mul(1000)?.checked_add(999)?) / 1024 * 1024;
-    (nimg / 1000 == kimg).then_some(nimg)
-}
-
-/// Parses an EDM2 snapshot file name, `<prefix>-<kimg>-<sigma>.safetensors` (or `.pkl`):
-/// returns `(nimg, sigma_rel)`.
-pub fn parse_edm2_name(file_name: &str) -> Option<(u64, f64)> {
-    let stem = file_name
-        .strip_suffix(".safetensors")
-        .or_else(|| file_name.strip_suffix(".pkl"))?;
-    let (rest, sigma) = stem.rsplit_once('-')?;
-    let (prefix, kimg) = rest.rsplit_once('-')?;
-    if prefix.is_empty() || kimg.is_empty() || !kimg.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let (int, frac) = sigma.split_once('.')?;
-    if int.is_empty()
-        || frac.is_empty()
-        || !int.bytes().all(|b| b.is_ascii_digit())
-        || !frac.bytes().all(|b| b.is_ascii_digit())
-    {
-        return None;
-    }
-    Some((kimg_to_nimg(kimg.parse().ok()?)?, sigma.parse().ok()?))
-}
-
-fn resolve_time_and_width(
-    header: &Header,
-    hints: &Hints,
-    file_name: &str,
-    source: &str,
-) -> Result<(u64, Width)> {
-    let meta = &header.metadata;
-    let parse = |key: &str| -> Result<Option<f64>> {
-        match meta.get(key) {
-            None => Ok(None),
-            Some(v) => v.trim().parse::<f64>().map(Some).map_err(|_| {
-                Error::invalid(
-                    format!("{source}: __metadata__.{key}"),
-                    format!("`{v}` is not a number"),
-                )
-            }),
-        }
-    };
-    let from_name = parse_edm2_name(file_name);
-    let nimg = match (hints.nimg, meta.get("nimg")) {
-        (Some(n), Some(v)) if v.trim().parse::<u64>().ok() != Some(n) => {
-            return Err(Error::invalid(
-                "nimg",
-                format!(
-                    "{n} was given, but the file's __metadata__ says nimg {v}: give the time \
-                     only one way, or the same"
-                ),
-            ))
-        }
-        (Some(n), _) => Some(n),
-        (None, Some(v)) => Some(v.trim().parse::<u64>().map_err(|_| {
-            Error::invalid(
-                format!("{source}: __metadata__.nimg"),
-                format!("`{v}` is not a whole number of images"),
-            )
-        })?),
-        (None, None) => from_name.map(|(n, _)| n),
-    };
-    if let Some(given) = hints.width {
-        let said = match (parse("sigma_rel")?, parse("gamma")?) {
-            (Some(s), _) => Some(Width::SigmaRel(s)),
-            (None, Some(g)) => Some(Width::Gamma(g)),
-            (None, None) => None,
-        };
-        if let Some(said) = said {
-            let field = format!("{source}: __metadata__");
-            let (a, b) = (given.resolve("width")?.0, said.resolve(&field)?.0);
-            if !crate::db::same_width(a, b) {
-                return Err(Error::invalid(
-                    if matches!(given, Width::Gamma(_)) {
-                        "gamma"
-                    } else {
-                        "sigma_rel"
-                    },
-                    format!(
-                        "sigma_rel {a} was given, but the file's __metadata__ says sigma_rel \
-                         {b}: give the width only one way, or the same"
-                    ),
-                ));
-            }
-        }
-    }
-    let width = match hints.width {
-        Some(w) => Some(w),
-        None => match (parse("sigma_rel")?, parse("gamma")?) {
-            (Some(s), None) => Some(Width::SigmaRel(s)),
-            (None, Some(g)) => Some(Width::Gamma(g)),
-            // Both (as reconstructions and trackers write them): they must name one width.
-            (Some(s), Some(g)) => {
-                let expected = crate::phema::sigma_rel_to_gamma(
-                    s,
-                    &format!("{source}: __metadata__.sigma_rel"),
-                )?;
-                if (expected - g).abs() > 1e-6 * expected.abs().max(1.0) {
-                    return Err(Error::invalid(
-                        format!("{source}: __metadata__"),
-                        format!(
-                            "sigma_rel {s} and gamma {g} disagree (sigma_rel {s} is gamma \
-                             {expected}); give one"
-                        ),
-                    ));
-                }
-                Some(Width::SigmaRel(s))
-            }
-            (None, None) => from_name.map(|(_, s)| Width::SigmaRel(s)),
-        },
-    };
-    match (nimg, width) {
-        (Some(n), Some(w)) => {
-            crate::phema::check_nimg(n, &format!("{source}: nimg"))?;
-            // An EDM2 file name that says otherwise (to its own precision: whole kimg,
-            // σ_rel to 3 decimals) means the file is not what its name claims.
-            if let Some((name_nimg, name_sigma)) = from_name {
-                let sigma = w.resolve(&format!("{source}: sigma_rel"))?.0;
-                let kimg_off = (n as f64 / 1000.0 - name_nimg as f64 / 1000.0).abs() >= 1.0;
-                if kimg_off || (sigma - name_sigma).abs() > 0.0005 + 1e-12 {
-                    return Err(Error::invalid(
-                        "filename",
-                        format!(
-                            "{file_name:?} says nimg {name_nimg} and sigma_rel {name_sigma}, \
-                             but the snapshot is at nimg {n} and sigma_rel {sigma}: rename the \
-                             file or give the time and width only one way"
-                        ),
-                    ));
-                }
-            }
-            Ok((n, w))
-        }
-        _ => Err(Error::invalid(
-            source,
-            "cannot tell the snapshot's training time and EMA width: name the file EDM2's way \
-             (<prefix>-<kimg:07d>-<sigma:.3f>.safetensors) or put nimg and sigma_rel (or gamma) \
-             in its __metadata__",
-        )),
-    }
-}
-
-/// The update rule: `explicit`, else the JSON in `__metadata__.profile`, else EDM2's (`None`).
-fn resolve_profile(
-    header: &Header,
-    explicit: Option<RealisedProfile>,
-    source: &str,
-) -> Result<Option<RealisedProfile>> {
-    if explicit.is_some() {
-        return Ok(explicit);
-    }
-    match header.metadata.get("profile") {
-        None => Ok(None),
-        Some(text) => serde_json::from_str(text).map(Some).map_err(|e| {
-            Error::invalid(
-                format!("{source}: __metadata__.profile"),
-                format!("not an update rule ({e})"),
-            )
-        }),
-    }
 }
 
 fn manifest_of(tensors: &[TensorEntry]) -> Vec<ManifestEntry> {
@@ -296,22 +116,6 @@ pub async fn ingest_file(
     )
     .await
 }
-
-/// The (nimg, σ_rel) slot the safetensors file at `path` would be stored at, from its
-/// `__metadata__` or EDM2 name; `None` when that cannot be told (its ingest will say why).
-/// Directory imports use it to order files that claim the same slot.
-pub(super) fn slot_of(path: &Path) -> Option<(u64, u64)> {
-    let file = File::open(path).ok()?;
-    let len = file.metadata().ok()?.len();
-    let source = path.display().to_string();
-    let header = read_header(&mut BufReader::new(file), len, &source).ok()?;
-    let file_name = path.file_name()?.to_str()?;
-    let (nimg, width) =
-        resolve_time_and_width(&header, &Hints::default(), file_name, &source).ok()?;
-    let (sigma_rel, _) = width.resolve(&source).ok()?;
-    Some((nimg, sigma_rel.to_bits()))
-}
-
 /// A safetensors file arriving as a byte stream (a file, an HTTP upload).
 pub struct Incoming<R> {
     /// The bytes, from the first.
@@ -448,7 +252,9 @@ pub async fn ingest_reader<R: Read + Send + 'static>(
         return Err(e);
     }
     let dtypes = dtype_summary(&header.tensors);
-    let journal_profile = profile.map(|p| serde_json::to_value(p).expect("profiles serialise"));
+    let profile_json = profile
+        .as_ref()
+        .map(|p| serde_json::to_value(p).expect("profiles serialise"));
     let recorded = db
         .record_snapshot(
             run.id,
@@ -461,7 +267,7 @@ pub async fn ingest_reader<R: Read + Send + 'static>(
                 manifest,
                 dtypes,
                 metadata: serde_json::to_value(&header.metadata).expect("strings serialise"),
-                profile: journal_profile.clone(),
+                profile: profile_json,
             },
         )
         .await;
@@ -475,12 +281,14 @@ pub async fn ingest_reader<R: Read + Send + 'static>(
     if recorded == Recorded::Inserted {
         journal_snapshot(
             store,
-            &run.name,
-            &digest,
-            nimg,
-            sigma_rel,
-            gamma,
-            &journal_profile,
+            &JournalRecord::Snapshot {
+                run: run.name.clone(),
+                digest,
+                nimg,
+                sigma_rel,
+                gamma,
+                profile,
+            },
         );
     }
     Ok(Ingested {
@@ -494,20 +302,8 @@ pub async fn ingest_reader<R: Read + Send + 'static>(
 
 /// Records a new snapshot in the store's journal (what `rebuild-index` replays). A failure
 /// is logged: the index, already committed, is the authority.
-fn journal_snapshot(
-    store: &BlobStore,
-    run: &str,
-    digest: &Digest,
-    nimg: u64,
-    sigma_rel: f64,
-    gamma: f64,
-    profile: &Option<serde_json::Value>,
-) {
-    let line = serde_json::json!({
-        "op": "snapshot", "run": run, "digest": digest.to_hex(), "nimg": nimg,
-        "sigma_rel": sigma_rel, "gamma": gamma, "profile": profile,
-    });
-    if let Err(e) = store.append_journal(&line.to_string()) {
+fn journal_snapshot(store: &BlobStore, record: &JournalRecord) {
+    if let Err(e) = store.append_journal(record) {
         tracing::warn!(error = %e.chain_text(), "appending a snapshot to the store's journal");
     }
 }
@@ -571,7 +367,7 @@ fn copy_into_store(
     options: IngestOptions,
     source: &str,
     mut progress: impl FnMut(u64),
-) -> Result<crate::store::BlobWriter> {
+) -> Result<BlobWriter> {
     let mut writer = store.writer()?.with_streaming_writeback();
     let mut scanner = options.check_finite.then(|| FiniteScanner::new(header));
     if let Some(s) = scanner.as_mut() {
@@ -619,168 +415,4 @@ fn dtype_summary(tensors: &[TensorEntry]) -> serde_json::Value {
         *counts.entry(t.dtype.as_str()).or_default() += t.shape.iter().product::<u64>();
     }
     serde_json::to_value(counts).expect("counts serialise")
-}
-
-/// Scans floating-point tensors for NaN/Inf as the file streams by.
-struct FiniteScanner {
-    /// (start, end, element size, dtype, name) of float tensors, in file order, absolute.
-    spans: Vec<(u64, u64, usize, String, String)>,
-    next: usize,
-    pos: u64,
-    /// Bytes of a partial element carried over from the previous chunk.
-    carry: Vec<u8>,
-    /// Whole elements of the current tensor already checked.
-    checked: u64,
-}
-
-impl FiniteScanner {
-    fn new(header: &Header) -> Self {
-        let base = header.data_start();
-        let spans = header
-            .tensors
-            .iter()
-            .filter(|t| t.is_float())
-            .map(|t| {
-                let size = match t.dtype.as_str() {
-                    "F64" => 8,
-                    "F32" => 4,
-                    _ => 2,
-                };
-                let start = base + t.offset;
-                (start, start + t.len, size, t.dtype.clone(), t.name.clone())
-            })
-            .collect();
-        Self {
-            spans,
-            next: 0,
-            pos: 0,
-            carry: Vec::new(),
-            checked: 0,
-        }
-    }
-
-    fn feed(&mut self, chunk: &[u8]) -> std::result::Result<(), String> {
-        let chunk_start = self.pos;
-        self.pos += chunk.len() as u64;
-        while let Some((start, end, size, dtype, name)) = self.spans.get(self.next) {
-            if *start >= self.pos {
-                break;
-            }
-            let from = (*start).max(chunk_start);
-            let to = (*end).min(self.pos);
-            if from < to {
-                self.carry.extend_from_slice(
-                    &chunk[(from - chunk_start) as usize..(to - chunk_start) as usize],
-                );
-                let whole = self.carry.len() / size * size;
-                if let Some(i) = first_non_finite(&self.carry[..whole], *size, dtype) {
-                    return Err(format!(
-                        "tensor {name} holds a non-finite value (element {}); refused by \
-                         --check-finite",
-                        self.checked + i as u64
-                    ));
-                }
-                self.checked += (whole / size) as u64;
-                self.carry.drain(..whole);
-            }
-            if *end > self.pos {
-                break;
-            }
-            self.next += 1;
-            self.carry.clear();
-            self.checked = 0;
-        }
-        Ok(())
-    }
-}
-
-fn first_non_finite(bytes: &[u8], size: usize, dtype: &str) -> Option<usize> {
-    bytes.chunks_exact(size).position(|e| match dtype {
-        "F64" => !f64::from_le_bytes(e.try_into().expect("8 bytes")).is_finite(),
-        "F32" => !f32::from_le_bytes(e.try_into().expect("4 bytes")).is_finite(),
-        // F16: exponent bits 10..15 all ones; BF16: bits 7..15 all ones.
-        "F16" => u16::from_le_bytes([e[0], e[1]]) & 0x7c00 == 0x7c00,
-        _ => u16::from_le_bytes([e[0], e[1]]) & 0x7f80 == 0x7f80,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn edm2_names() {
-        assert_eq!(
-            parse_edm2_name("phema-0008388-0.050.safetensors"),
-            Some((8388608, 0.05))
-        );
-        assert_eq!(
-            parse_edm2_name("edm2-img512-xs-2147483-0.100.pkl"),
-            Some((2147483648, 0.1))
-        );
-        for bad in [
-            "phema-0008192.safetensors",
-            "-0008192-0.050.safetensors",
-            "phema-8x92-0.050.safetensors",
-            "phema-0008192-0.05x.safetensors",
-            "phema-0008192-0.050.bin",
-            "phema-0008192-.050.safetensors",
-        ] {
-            assert_eq!(parse_edm2_name(bad), None, "{bad}");
-        }
-        // EDM2's kimg→nimg rounds to whole batches of 1024 images.
-        assert_eq!(kimg_to_nimg(8388), Some(8388608));
-        assert_eq!(kimg_to_nimg(8192), Some(8192000));
-        assert_eq!(kimg_to_nimg(1), Some(1024));
-        assert_eq!(kimg_to_nimg(0), Some(0));
-    }
-
-    #[test]
-    fn non_finite_values_are_found_across_chunk_boundaries() {
-        let header = Header {
-            header_len: 0,
-            tensors: vec![
-                TensorEntry {
-                    name: "a".into(),
-                    dtype: "F16".into(),
-                    shape: vec![3],
-                    offset: 0,
-                    len: 6,
-                },
-                TensorEntry {
-                    name: "b".into(),
-                    dtype: "F32".into(),
-                    shape: vec![3],
-                    offset: 6,
-                    len: 12,
-                },
-            ],
-            metadata: Default::default(),
-            data_len: 18,
-        };
-        let mut data = vec![0u8; 8]; // the 8-byte length prefix (header_len 0)
-        data.extend_from_slice(&[0x00, 0x3c, 0x00, 0x3c, 0x00, 0x3c]); // f16 ones
-        for v in [1.0f32, f32::NAN, 2.0] {
-            data.extend_from_slice(&v.to_le_bytes());
-        }
-        for chunk in [1, 3, 5, 7, 64] {
-            let mut s = FiniteScanner::new(&header);
-            let err = data.chunks(chunk).try_for_each(|c| s.feed(c)).unwrap_err();
-            assert!(
-                err.contains("tensor b") && err.contains("element 1"),
-                "{chunk}: {err}"
-            );
-        }
-        data[18..22].copy_from_slice(&3.0f32.to_le_bytes());
-        let mut s = FiniteScanner::new(&header);
-        assert!(data.chunks(3).try_for_each(|c| s.feed(c)).is_ok());
-        // f16 infinity in tensor a.
-        data[10..12].copy_from_slice(&[0x00, 0x7c]);
-        let mut s = FiniteScanner::new(&header);
-        let err = s.feed(&data).unwrap_err();
-        assert!(
-            err.contains("tensor a") && err.contains("element 1"),
-            "{err}"
-        );
-    }
 }

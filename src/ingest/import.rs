@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::ema_pytorch::{ingest_ema_pytorch, EmaPytorchSettings};
-use super::file::{ingest_file, slot_of, Hints, IngestOptions, Ingested};
+use super::file::{ingest_file, IngestOptions, Ingested};
+use super::resolve::{slot_of, Hints};
 use super::run::RunForIngest;
 use crate::app::DataDir;
 use crate::db::Run;

@@ -5,26 +5,33 @@
 //! ([`crate::format::read_header`]), checks against the run's manifest and existing
 //! snapshots, a hashed copy into the store, and one transaction that records the snapshot.
 //!
-//! - `file`: one safetensors file or stream.
+//! - `file`: one safetensors file or stream ([`ingest_file`], [`ingest_reader`]): the copy
+//!   into the store, the claim → publish → record order, the journal line.
+//! - `resolve`: a snapshot's time, width and update rule from [`Hints`], `__metadata__` or an
+//!   EDM2 file name ([`parse_edm2_name`]).
+//! - `finite`: the NaN/Inf scan of `--check-finite`, as the bytes stream by.
+//! - `run`: [`RunForIngest`], the run a snapshot goes into (created up front, or lazily when
+//!   the first snapshot is recorded).
 //! - `import`: a directory of files ([`import_dir`]), a few in flight at once.
 //! - `ema_pytorch`: `PostHocEMA` checkpoint folders, converted to safetensors first.
 //! - `trainer`: [`SnapshotWriter`], the door for Rust training loops.
+//! - `rebuild`: [`rebuild_index`], a new index from the store's journal and blobs.
 
 mod ema_pytorch;
 mod file;
+mod finite;
 mod import;
 mod rebuild;
+mod resolve;
 mod run;
 mod trainer;
 
 pub use ema_pytorch::{
     convert_checkpoint, ingest_ema_pytorch, parse_ema_pytorch_name, EmaPytorchSettings,
 };
-pub use file::{
-    ingest_file, ingest_reader, kimg_to_nimg, parse_edm2_name, CutShort, Hints, Incoming,
-    IngestOptions, Ingested,
-};
+pub use file::{ingest_file, ingest_reader, CutShort, Incoming, IngestOptions, Ingested};
 pub use import::{import_dir, ImportReport, Source};
 pub use rebuild::{rebuild_index, RebuildReport};
+pub use resolve::{kimg_to_nimg, parse_edm2_name, Hints};
 pub use run::RunForIngest;
 pub use trainer::SnapshotWriter;

@@ -6,13 +6,15 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::file::{ingest_file, Hints, IngestOptions};
+use super::file::{ingest_file, IngestOptions};
+use super::resolve::Hints;
 use crate::app::{DataDir, INDEX_FILE, REBUILD_MARKER, STORE_DIR};
 use crate::db::Db;
 use crate::db::Run;
 use crate::error::{blocking, Error, Result};
 use crate::format::read_header;
-use crate::store::BlobStore;
+use crate::phema::RealisedProfile;
+use crate::store::{BlobStore, Digest, JournalRecord};
 
 /// What [`rebuild_index`] did.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -146,46 +148,55 @@ async fn rebuild_into(data: &DataDir, store: &BlobStore, report: &mut RebuildRep
         blocking("reading the store's headers", move || classify(&store)).await?
     };
     // The journal: snapshots by (run, digest, nimg, σ_rel), minus the deleted ones.
-    let mut journaled: Vec<JournalRecord> = Vec::new();
-    for line in store.journal()? {
-        let Ok(record) = serde_json::from_str::<JournalRecord>(&line) else {
-            report.unreadable_journal_lines += 1;
-            continue;
-        };
-        match record.op.as_str() {
-            "snapshot" => journaled.push(record),
-            "delete" => journaled.retain(|r| {
-                !(r.run == record.run
-                    && r.digest == record.digest
-                    && r.nimg == record.nimg
-                    && crate::db::same_width(r.sigma_rel, record.sigma_rel))
+    let journal = store.journal()?;
+    report.unreadable_journal_lines += journal.unreadable;
+    let mut journaled: Vec<Journaled> = Vec::new();
+    for record in journal.records {
+        match record {
+            JournalRecord::Snapshot {
+                run,
+                digest,
+                nimg,
+                sigma_rel,
+                gamma: _,
+                profile,
+            } => journaled.push(Journaled {
+                run,
+                digest,
+                nimg,
+                sigma_rel,
+                profile,
             }),
-            _ => {}
+            JournalRecord::Delete {
+                run,
+                digest,
+                nimg,
+                sigma_rel,
+            } => journaled.retain(|r| {
+                !(r.run == run
+                    && r.digest == digest
+                    && r.nimg == nimg
+                    && crate::db::same_width(r.sigma_rel, sigma_rel))
+            }),
         }
     }
     let mut covered = std::collections::HashSet::new();
-    for record in &journaled {
-        let Ok(digest) = record.digest.parse::<crate::store::Digest>() else {
-            continue;
-        };
+    for record in journaled {
+        let digest = record.digest;
         if !store.contains(&digest) {
             report.refused.push(format!(
                 "journal: snapshot {} of run {:?} is not in the store",
-                record.digest, record.run
+                digest, record.run
             ));
             continue;
         }
         let Some(run) = run_for(data, &record.run, report).await? else {
             continue;
         };
-        let profile = match &record.profile {
-            Some(p) if !p.is_null() => serde_json::from_value(p.clone()).ok(),
-            _ => None,
-        };
         let hints = Hints {
             nimg: Some(record.nimg),
             width: Some(crate::phema::Width::SigmaRel(record.sigma_rel)),
-            profile,
+            profile: record.profile,
         };
         match ingest_file(
             &data.db,
@@ -199,9 +210,9 @@ async fn rebuild_into(data: &DataDir, store: &BlobStore, report: &mut RebuildRep
         .await
         {
             Ok(done) => {
-                covered.insert(record.digest.clone());
+                covered.insert(digest.to_hex());
                 // A snapshot journaled twice (a re-import, an earlier rebuild) counts once.
-                *report.runs.entry(record.run.clone()).or_default() += usize::from(done.inserted);
+                *report.runs.entry(record.run).or_default() += usize::from(done.inserted);
             }
             Err(e) => report.refused.push(e.chain_text()),
         }
@@ -278,16 +289,13 @@ async fn rebuild_into(data: &DataDir, store: &BlobStore, report: &mut RebuildRep
     Ok(())
 }
 
-/// One line of the store's journal.
-#[derive(serde::Deserialize)]
-struct JournalRecord {
-    op: String,
+/// A snapshot the journal recorded and did not delete since.
+struct Journaled {
     run: String,
-    digest: String,
+    digest: Digest,
     nimg: u64,
     sigma_rel: f64,
-    #[serde(default)]
-    profile: Option<serde_json::Value>,
+    profile: Option<RealisedProfile>,
 }
 
 /// The store's blobs, sorted into snapshots (by manifest) and the rest.

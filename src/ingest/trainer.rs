@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 
-use super::file::{ingest_file, Hints, IngestOptions, Ingested};
+use super::file::{ingest_file, IngestOptions, Ingested};
+use super::resolve::Hints;
 use crate::app::DataDir;
 use crate::db::Run;
 use crate::error::{Error, Result};

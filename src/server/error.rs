@@ -235,11 +235,11 @@ impl From<Error> for ApiError {
 
 /// 507 for a full disk (logged).
 fn no_space(e: &Error) -> ApiError {
-    tracing::error!(error = %e.chain_text(), "out of disk space");
+    tracing::error!(error = %e.chain_text(), "out of disk space (`hindsight gc` frees unreferenced blobs)");
     ApiError::new(
         ErrorCode::InsufficientStorage,
-        "no space left on the server's disk: nothing was stored; free space (e.g. `hindsight \
-         gc`) and try again",
+        "no space left on the server's disk: nothing was stored; try again once its operator \
+         has freed space",
     )
 }
 
