@@ -17,7 +17,8 @@ use super::error::{body_rejection, parse_json, ApiError, ApiResult, ErrorBody};
 use super::jobs::Job;
 use super::state::AppState;
 use super::views::{
-    urls, DtypeView, ReconstructionList, ReconstructionPending, ReconstructionView,
+    urls, DtypeView, ReconstructResponse, ReconstructionList, ReconstructionPending,
+    ReconstructionView,
 };
 use crate::db::ReconstructionRow;
 use crate::materialize::OutDtype;
@@ -142,8 +143,8 @@ async fn listed(state: &AppState, id: &str) -> ApiResult<Option<ReconstructionRo
 #[utoipa::path(post, path = "/reconstruct", tag = "reconstructions",
     request_body = ReconstructRequest,
     responses(
-        (status = 200, description = "Ready: one reconstruction (scalar request) or a list", body = ReconstructionView),
-        (status = 202, description = "Still computing; poll `status_url`", body = ReconstructionList),
+        (status = 200, description = "Ready: one reconstruction (scalar request) or a list", body = ReconstructResponse),
+        (status = 202, description = "Still computing; poll each `status_url`", body = ReconstructResponse),
         (status = 400, description = "Invalid request", body = ErrorBody),
         (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
         (status = 404, description = "No such run", body = ErrorBody),
@@ -254,17 +255,14 @@ fn respond(
     } else {
         StatusCode::OK
     };
-    let mut response = if scalar {
-        (status, Json(views.remove(0))).into_response()
+    let body = if scalar {
+        ReconstructResponse::One(Box::new(views.remove(0)))
     } else {
-        (
-            status,
-            Json(ReconstructionList {
-                reconstructions: views,
-            }),
-        )
-            .into_response()
+        ReconstructResponse::Many(ReconstructionList {
+            reconstructions: views,
+        })
     };
+    let mut response = (status, Json(body)).into_response();
     if running && plan.targets.len() == 1 {
         if let Ok(v) = HeaderValue::from_str(&urls(&plan.targets[0].id).0) {
             response.headers_mut().insert(header::LOCATION, v);

@@ -331,6 +331,17 @@ impl ReconstructionView {
     }
 }
 
+/// The answer to `POST /reconstruct`: one reconstruction for a scalar request, a list for a
+/// list (in request order); with status 202 the ones still computing say `running`.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum ReconstructResponse {
+    /// A scalar request's reconstruction.
+    One(Box<ReconstructionView>),
+    /// A list request's reconstructions.
+    Many(ReconstructionList),
+}
+
 /// A reconstruction still being computed (`GET /reconstructions/{id}` answers 202).
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct ReconstructionPending {
