@@ -81,7 +81,13 @@ fn import_list_verify_gc() {
     assert!(snaps[2]["dtypes"].is_object() && snaps[2]["metadata"].is_object());
     let missing = hindsight(&data, &["snapshots", "nope"]);
     assert!(!missing.status.success());
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("run \"nope\" does not exist"));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(stderr.contains("run \"nope\" does not exist"), "{stderr}");
+    // The library says what is wrong; the command line adds what to do about it.
+    assert!(
+        stderr.contains("\nhint: `hindsight runs` lists the runs"),
+        "{stderr}"
+    );
 
     let ok = hindsight(&data, &["verify"]);
     assert!(ok.status.success());

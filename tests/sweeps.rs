@@ -326,13 +326,13 @@ fn sweep_requests_are_checked_field_by_field() {
                 "metrics",
                 json!(["fid", "kid", "fid"]),
                 INVALID_INPUT,
-                "metrics[2]",
+                "metrics[2]: \"fid\" is already metrics[0]",
             ),
             (
                 "metrics",
                 json!(["kid", "KID"]),
                 INVALID_INPUT,
-                "metrics[1]",
+                "metrics[1]: \"kid\" is already metrics[0]",
             ),
             (
                 "sampler",

@@ -228,47 +228,63 @@ fn codes_and_labels_are_the_rust_enums() {
 }
 
 #[test]
-fn every_route_is_in_the_document() {
+fn every_documented_route_is_served() {
+    // The router is made from the same list as the document (`server::openapi::routes`), so
+    // every served route is documented; here the other direction: every documented path and
+    // method reaches a handler (not the 404 / 405 fallbacks).
     let doc = openapi();
-    let paths: BTreeSet<&str> = doc["paths"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .map(String::as_str)
-        .collect();
-    // The routes the server answers (a request to each is not a 404 `no route` below).
-    for path in [
-        "/reconstruct",
-        "/reconstructions/{id}",
-        "/reconstructions/{id}/weights",
-        "/runs",
-        "/runs/{run}",
-        "/runs/{run}/preview",
-        "/runs/{run}/profiles.svg",
-        "/runs/{run}/snapshots",
-        "/runs/{run}/snapshots/{id}",
-        "/sweeps",
-        "/sweeps/{id}",
-        "/sweeps/{id}/events",
-        "/sweeps/{id}/plot.svg",
-        "/sweeps/{id}/points/{idx}/grid.png",
-        "/references",
-        "/references/{key}",
-        "/references/{key}/stats.npz",
-        "/blobs/{digest}",
-        "/healthz",
-        "/openapi.json",
-        "/",
-        "/ui",
-        "/ui/",
-        "/ui/{path}",
-    ] {
-        assert!(paths.contains(path), "{path} missing from {paths:?}");
-    }
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 20, "{:?}", paths.keys());
     assert!(
-        !paths.iter().any(|p| p.contains('*')),
-        "an axum wildcard leaked into the document: {paths:?}"
+        !paths.keys().any(|p| p.contains('*')),
+        "an axum wildcard leaked into the document: {:?}",
+        paths.keys()
     );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let data = hindsight::app::DataDir::open(dir.path()).await.unwrap();
+        let config = ServerConfig {
+            sweep_worker: None,
+            ..Default::default()
+        };
+        let app = hindsight::server::app(AppState::new(data, config));
+        for (path, item) in paths {
+            // Path parameters filled with well-formed values: ids are numbers.
+            let uri = path
+                .replace("{id}", "1")
+                .replace("{idx}", "0")
+                .replace("{run}", "r")
+                .replace("{key}", "1")
+                .replace("{digest}", &"0".repeat(64))
+                .replace("{path}", "app.js");
+            for method in item.as_object().unwrap().keys() {
+                let method = method.to_uppercase();
+                let response = app
+                    .clone()
+                    .oneshot(
+                        Request::builder()
+                            .method(method.as_str())
+                            .uri(&uri)
+                            .header("host", "localhost")
+                            .body(Body::empty())
+                            .unwrap(),
+                    )
+                    .await
+                    .unwrap();
+                let status = response.status();
+                let bytes = response.into_body().collect().await.unwrap().to_bytes();
+                let text = String::from_utf8_lossy(&bytes);
+                assert!(
+                    status != StatusCode::METHOD_NOT_ALLOWED && !text.contains("no route for"),
+                    "{method} {uri} (documented as {path}): {status} {text}"
+                );
+            }
+        }
+    });
 }
 
 #[test]

@@ -216,16 +216,17 @@ async fn work(data: &DataDir, sweep: &SweepRow, weights: Option<PathBuf>) -> any
     progress.set_position(sweep.images_done as u64);
     progress.reset_eta();
     let observer_bar = progress.clone();
+    // The first metric as every display names and scales it (FD-pixels for the fallback).
+    let first = spec.metric_info(spec.metrics[0]);
     let observer: sweep::Observer = Arc::new(move |event: &WorkerEvent| match event {
         WorkerEvent::Claimed { point, .. } => {
             observer_bar.set_message(format!("σ_rel {:.3} @ {}", point.sigma_rel, point.nimg))
         }
         WorkerEvent::Finished { idx, result, .. } => {
-            let fid = result
-                .fid
-                .as_ref()
-                .map_or(String::new(), |m| format!(" FID {:.3}", m.mean));
-            observer_bar.println(format!("point {idx}:{fid}"));
+            let value = result.value(first.metric).map_or(String::new(), |m| {
+                format!(" {} {}", first.axis_label, first.format_summary(m))
+            });
+            observer_bar.println(format!("point {idx}:{value}"));
         }
         WorkerEvent::Failed {
             idx, error, retry, ..

@@ -21,8 +21,9 @@
 //!
 //! The database runs in WAL mode with `synchronous = FULL` (a committed row survives power
 //! loss), foreign keys on, and a busy timeout so that the server and command-line tools can
-//! share it. Rows are plain data: JSON columns come back as [`serde_json::Value`], states as
-//! enums; how they look on the wire is the server's business. The database knows digests as
+//! share it. Rows are plain data: JSON columns come back as [`serde_json::Value`] (the
+//! reconstruction report as the library's typed `QualityReport`), states as enums; how they
+//! look on the wire is the server's business. The database knows digests as
 //! hex text; the files behind them are [`crate::store`]'s.
 
 mod blobs;

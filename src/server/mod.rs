@@ -2,7 +2,8 @@
 //!
 //! [`app`] builds the whole router from an [`AppState`]; `hindsight serve` and the tests use
 //! the same function. This module alone knows HTTP status codes and the JSON error shape
-//! ([`ApiError`]), and its `views` alone define what goes over the wire. CPU-heavy work
+//! ([`ApiError`], [`ErrorCode`]); what goes over the wire is its `views` and the library's
+//! payload types that derive their schema (see `views`). CPU-heavy work
 //! (materialization, hashing uploads) runs on the blocking pool, never on the async workers.
 //!
 //! The routes are listed once, in `openapi::routes`, which registers each handler with its

@@ -128,9 +128,14 @@ pub(super) async fn list_sweeps(
     let mut sweeps = Vec::with_capacity(rows.len());
     for s in &rows {
         let points = state.data.db.sweep_points(s.id).await?;
-        let mut view = SweepView::new(s, Some(&points))?;
-        view.points = None;
-        sweeps.push(view);
+        // One unreadable row (logged) must not hide every other sweep.
+        match SweepView::new(s, Some(&points)) {
+            Ok(mut view) => {
+                view.points = None;
+                sweeps.push(view);
+            }
+            Err(e) => tracing::error!(sweep = s.id, error = %e.message, "listing a sweep"),
+        }
     }
     Ok(Json(SweepList {
         sweeps,

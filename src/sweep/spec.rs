@@ -467,12 +467,11 @@ pub async fn validate(
     if !rough.is_empty() {
         warnings.push(format!(
             "the snapshots reach {} of the {} points only roughly, so those points are not the \
-             EMA length they are plotted at: {} (more frequent snapshots reach further; see \
-             `hindsight solve --run {} --table`)",
+             EMA length they are plotted at: {} (more frequent snapshots reach further; each \
+             target's quality report says how far it is from its profile)",
             rough.len(),
             targets.len(),
-            rough.join("; "),
-            run.name
+            rough.join("; ")
         ));
     }
     if let Some(r) = reference.resolution {
@@ -497,9 +496,9 @@ pub async fn validate(
     if reference.feature_network == crate::metrics::PIXEL_PROJECTION_NETWORK {
         warnings.push(format!(
             "{:?} holds features of the fallback pixel projection, not Inception: the \
-             numbers rank this sweep's points but are not FID or KID ({})",
-            reference.name,
-            crate::metrics::weights::HOW_TO_GET
+             numbers rank this sweep's points but are not FID or KID (statistics computed \
+             with NVIDIA's Inception weights give FID and KID)",
+            reference.name
         ));
     }
     if num_images < 10_000 {

@@ -15,7 +15,8 @@ use super::super::reconstruct::Widths;
 
 /// One training time or several (the schema of `nimgs`; the body is read by hand so that
 /// errors name the element).
-#[derive(Clone, Debug, ToSchema)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[serde(untagged)]
 #[allow(dead_code)]
 pub enum Nimgs {
     /// One value.
