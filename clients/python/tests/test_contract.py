@@ -9,6 +9,12 @@ with the ``/openapi.json`` of a real ``hindsight serve``.
 - ``web/js/wire.js`` is the only module of the UI that reads the server's JSON; each decoder
   there follows a ``// schema: NAME`` line, and every field it reads of its argument
   (``a.b``, ``a?.b``, ``a['b']``, ``const {b} = a``) must be a property of that schema.
+- Every key the Python decoders read of the server's JSON (each class's ``from_json``,
+  ``ErrorDetail.from_body``, :class:`~hindsight_client.sweeps.SweepWatch`, and the properties
+  and methods of what they return) must be a property of the schema of the object it reads,
+  nested objects included; a required property must not be read with ``.get`` (a default
+  would hide a misspelled key); and a payload with only the required properties, nullable
+  ones ``null``, must decode. The payloads are made from the schemas, and record each read.
 
 The checkers run on deliberately renamed copies as well, to show that they fail, and on what.
 """
@@ -16,10 +22,12 @@ The checkers run on deliberately renamed copies as well, to show that they fail,
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
+import textwrap
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +36,7 @@ import pytest
 from conftest import REPO_ROOT, Server
 
 from hindsight_client import wire
+from hindsight_client.sweeps import SweepWatch
 from hindsight_client.transport import LIMIT_REACHED
 
 WIRE_JS = REPO_ROOT / "web" / "js"
@@ -154,6 +163,219 @@ def wire_dataclasses() -> list[type]:
     ]
 
 
+# -- the keys the Python decoders read -----------------------------------------------------------
+
+
+class Recorded(dict):  # type: ignore[type-arg]
+    """A JSON object of a made-up payload of schema ``schema``: records the keys read of it
+    (reading the whole of it reads every key it has)."""
+
+    def __init__(self, schema: str, props: set[str], required: set[str]) -> None:
+        super().__init__()
+        self.schema, self.props, self.required = schema, props, required
+        self.read: set[str] = set()
+        self.got: set[str] = set()  # read with .get
+
+    def __getitem__(self, key: Any) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.read.add(key)
+        self.got.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(key)  # type: ignore[arg-type]
+        return super().__contains__(key)
+
+    def _whole(self) -> None:
+        self.read |= set(dict.keys(self))
+
+    def __iter__(self) -> Iterator[Any]:
+        self._whole()
+        return super().__iter__()
+
+    def keys(self) -> Any:
+        self._whole()
+        return super().keys()
+
+    def items(self) -> Any:
+        self._whole()
+        return super().items()
+
+    def values(self) -> Any:
+        self._whole()
+        return super().values()
+
+    def copy(self) -> dict[Any, Any]:
+        self._whole()
+        return dict(super().items())
+
+
+def payload(
+    spec: Spec,
+    node: Spec,
+    made: list[Recorded],
+    *,
+    minimal: bool,
+    keep: frozenset[str] = frozenset(),
+) -> Any:
+    """A JSON value of schema ``node``, its objects :class:`Recorded` (and listed in
+    ``made``): every property present, or (``minimal``) only the required ones and those
+    in ``keep`` (at the top), nullable ones ``null``; arrays of one element."""
+    name = "(inline)"
+    while "$ref" in node:
+        name = node["$ref"].rsplit("/", 1)[1]
+        node = spec["components"]["schemas"][name]
+    if "properties" in node or "allOf" in node:
+        props, required = object_shape(spec, node)
+        obj = Recorded(name, set(props), required)
+        made.append(obj)
+        for key, sub in props.items():
+            if key in keep:
+                dict.__setitem__(obj, key, payload(spec, sub, made, minimal=False))
+            elif key in required or not minimal:
+                dict.__setitem__(obj, key, payload(spec, sub, made, minimal=minimal))
+        return obj
+    for key in ("oneOf", "anyOf"):
+        if key in node:
+            branches = [b for b in node[key] if resolve(spec, b).get("type") != "null"]
+            if minimal and len(branches) < len(node[key]):
+                return None
+            return payload(spec, branches[0], made, minimal=minimal)
+    kind = node.get("type")
+    if isinstance(kind, list):
+        if minimal and "null" in kind:
+            return None
+        kind = next(k for k in kind if k != "null")
+    if "enum" in node:
+        return node["enum"][0]
+    if kind == "array":
+        return [payload(spec, node.get("items", {}), made, minimal=minimal)]
+    return {"string": "x", "integer": 1, "number": 0.5, "boolean": True, "object": {}}.get(
+        str(kind)
+    )
+
+
+def exercise(value: Any) -> None:
+    """Reads what the client offers of a decoded value: its fields, properties and
+    metric methods, and theirs."""
+    if isinstance(value, Recorded):
+        return  # a payload handed on as the server sent it: reading it is the caller's
+    if isinstance(value, list | tuple):
+        for v in value:
+            exercise(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            exercise(v)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            if f.name not in ("raw", "_client"):
+                exercise(getattr(value, f.name))
+        for name, member in inspect.getmembers(type(value)):
+            if isinstance(member, property):
+                exercise(getattr(value, name))
+        for method in ("value", "metric", "best", "metric_info"):
+            if callable(getattr(value, method, None)):
+                for metric in ("fid", "kid"):
+                    exercise(getattr(value, method)(metric))
+
+
+def _watched(name: str) -> Callable[[Any], None]:
+    def decode(data: Any) -> None:
+        watch = SweepWatch(lambda _name, _data: None)
+        if name == "sweep":
+            watch.event("sweep", data)
+            watch.state(data)  # a second state: compared point by point
+        else:
+            watch._points = {}  # a watch that has seen the sweep
+            watch.event(name, data)
+        exercise(watch.final)
+
+    return decode
+
+
+class Decoder(typing.NamedTuple):
+    """A decoder of the server's JSON: its ``name``, the ``schema`` of what it reads, the
+    call (``decode(payload)``), and the optional properties it may count on (``keep``)."""
+
+    name: str
+    schema: str
+    decode: Callable[[Any], None]
+    keep: frozenset[str] = frozenset()
+
+
+def _from_json(cls: Any) -> Callable[[Any], None]:
+    return lambda data: exercise(cls.from_json(data))
+
+
+def decoders() -> list[Decoder]:
+    """Every decoder of the server's JSON: each ``from_json`` of :mod:`hindsight_client.wire`,
+    ``ErrorDetail.from_body``, and :class:`~hindsight_client.sweeps.SweepWatch`'s events."""
+    found: list[Decoder] = []
+    for cls in wire_dataclasses():
+        if cls is wire.Reconstruction:
+            # made once the server says `ready`: then the properties marked `present` are there
+            keep = frozenset(
+                f.metadata.get("wire", f.name)
+                for f in dataclasses.fields(cls)
+                if "present" in f.metadata
+            )
+            found.append(
+                Decoder(
+                    "Reconstruction.from_json",
+                    "ReconstructionView",
+                    lambda data: exercise(wire.Reconstruction.from_json(data, None, waited=False)),  # type: ignore[arg-type]
+                    keep,
+                )
+            )
+        elif cls is wire.ErrorDetail:
+            found.append(
+                Decoder(
+                    "ErrorDetail.from_body",
+                    "ErrorBody",
+                    lambda data: exercise(wire.ErrorDetail.from_body(data)),
+                )
+            )
+        elif hasattr(cls, "from_json"):
+            found.append(Decoder(f"{cls.__name__}.from_json", cls.__schema__, _from_json(cls)))  # type: ignore[attr-defined]
+    for event, cls in wire.SWEEP_EVENTS.items():
+        found.append(Decoder(f"SweepWatch.event({event!r})", cls.__schema__, _watched(event)))
+    return found
+
+
+def check_decoder(spec: Spec, decoder: Decoder) -> list[str]:
+    """What a decoder reads of a made-up payload that the schemas do not have, or reads
+    with ``.get`` although required; and whether it decodes a minimal payload (the required
+    properties, and those it may count on)."""
+    name, schema, decode, keep = decoder
+    problems: list[str] = []
+    for minimal in (False, True):
+        made: list[Recorded] = []
+        ref = {"$ref": f"#/components/schemas/{schema}"}
+        data = payload(spec, ref, made, minimal=minimal, keep=keep)
+        try:
+            decode(data)
+            failure = None
+        except Exception as e:
+            failure = e
+        found = [
+            f"{name} reads {key!r}, not a property of {obj.schema}"
+            for obj in made
+            for key in sorted(obj.read - obj.props, key=str)
+        ] + [
+            f"{name} reads the required {obj.schema}.{key} with .get"
+            for obj in made
+            for key in sorted(obj.got & obj.required)
+        ]
+        if failure is not None and not found:
+            kind = "a minimal" if minimal else "an"
+            found.append(f"{name} fails on {kind} {schema} payload: {failure!r}")
+        problems += [p for p in dict.fromkeys(found) if p not in problems]
+    return problems
+
+
 # -- the web UI's decoders -----------------------------------------------------------------------
 
 _MARKER = re.compile(r"^[ \t]*// schema: (\w+)[ \t]*$", re.MULTILINE)
@@ -238,6 +460,21 @@ def test_the_python_dataclasses_mirror_the_schemas(openapi: Spec) -> None:
     named = {c.__schema__ for c in classes}  # type: ignore[attr-defined]
     assert {"QualityReport", "Sweep", "SweepPoint", "MetricResult", "MetricInfo"} <= named
     problems = [p for c in classes for p in check_dataclass(openapi, c)]
+    assert problems == []
+
+
+def test_the_python_decoders_read_only_the_schemas_properties(openapi: Spec) -> None:
+    found = decoders()
+    names = {d.name for d in found}
+    assert {
+        "Sweep.from_json",
+        "SweepPoint.from_json",
+        "PointResult.from_json",
+        "Reconstruction.from_json",
+        "ErrorDetail.from_body",
+        "SweepWatch.event('progress')",
+    } <= names
+    problems = [p for decoder in found for p in check_decoder(openapi, decoder)]
     assert problems == []
 
 
@@ -351,6 +588,68 @@ def test_a_non_optional_field_for_an_optional_property_is_reported(openapi: Spec
     [problem] = check_dataclass(openapi, copy)
     assert problem.startswith("BestPoint.error_bar: BestPoint.error_bar is ")
     assert problem.endswith(", but the field is not Optional")
+
+
+def misread_copy(cls: type, method: str, old: str, new: str) -> Any:
+    """``cls.method`` compiled again with ``old`` replaced by ``new`` in its source."""
+    source = textwrap.dedent(inspect.getsource(getattr(cls, method)))
+    assert source.count(old) == 1, source
+    namespace = dict(vars(wire))
+    exec(compile(source.replace(old, new), wire.__file__, "exec"), namespace)
+    return namespace[method]
+
+
+@pytest.mark.parametrize(
+    ("cls", "old", "new", "decoder", "expected"),
+    [
+        # A misspelled optional property read with .get, two objects deep.
+        (
+            wire.MetricSummary,
+            'm.get("error_bar")',
+            'm.get("error_bars")',
+            "SweepPoint",
+            "SweepPoint.from_json reads 'error_bars', not a property of MetricResult",
+        ),
+        # A misspelled required property: the decoder fails, naming the key.
+        (
+            wire.Sweep,
+            's["best"]',
+            's["bests"]',
+            "Sweep",
+            "Sweep.from_json reads 'bests', not a property of Sweep",
+        ),
+        # A required property read with a default.
+        (
+            wire.Timings,
+            't["sample_s"]',
+            't.get("sample_s", 0.0)',
+            "SweepPoint",
+            "SweepPoint.from_json reads the required Timings.sample_s with .get",
+        ),
+    ],
+)
+def test_a_misread_key_is_reported(
+    openapi: Spec,
+    monkeypatch: pytest.MonkeyPatch,
+    cls: type,
+    old: str,
+    new: str,
+    decoder: str,
+    expected: str,
+) -> None:
+    checked = next(d for d in decoders() if d.name == f"{decoder}.from_json")
+    assert check_decoder(openapi, checked) == []
+    monkeypatch.setattr(cls, "from_json", misread_copy(cls, "from_json", old, new))
+    assert check_decoder(openapi, checked) == [expected]
+
+
+def test_the_payloads_record_every_way_of_reading_a_key() -> None:
+    obj = Recorded("Thing", {"a", "b"}, {"a"})
+    dict.update(obj, {"a": 1, "b": 2})
+    _ = obj["a"], obj.get("c"), "d" in obj
+    assert (obj.read, obj.got) == ({"a", "c", "d"}, {"c"})
+    assert dict(obj) == {"a": 1, "b": 2}
+    assert obj.read == {"a", "b", "c", "d"}
 
 
 def _rename_in_block(source: str, schema: str, old: str, new: str) -> str:

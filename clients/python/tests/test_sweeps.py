@@ -157,10 +157,20 @@ def test_server_sent_events_are_parsed() -> None:
 def test_polled_states_are_told_as_the_streams_events() -> None:
     def point(idx: int, status: str, done: int) -> dict[str, Any]:
         return {"idx": idx, "sigma_rel": 0.05 * (idx + 1), "nimg": 64, "status": status,
-                "images_done": done, "images_total": 4}  # fmt: skip
+                "images_done": done, "images_total": 4, "attempts": 1}  # fmt: skip
+
+    spec = {"run": "r", "sigma_rels": [0.05, 0.1], "nimgs": [64], "metrics": ["fid"],
+            "num_images": 4, "seed_sets": 1,
+            "sampler": {"steps": 3, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0},
+            "reference_id": 1, "reference_name": "ref", "feature_network": "inception",
+            "batch": 4, "kid_subsets": 0, "kid_subset_size": 0, "warnings": []}  # fmt: skip
 
     def view(status: str, *points: dict[str, Any]) -> dict[str, Any]:
-        return {"id": 3, "run": "r", "status": status, "points": list(points), "best": []}
+        return {"id": 3, "run": "r", "status": status, "spec": spec, "metrics": [],
+                "points": list(points), "points_total": 2, "points_done": 0, "points_failed": 0,
+                "images_done": 0, "images_total": 8, "best": [], "created_at": "",
+                "url": "/sweeps/3", "events_url": "/sweeps/3/events",
+                "plot_url": "/sweeps/3/plot.svg"}  # fmt: skip
 
     events, record = recorder()
     watch = SweepWatch(record)

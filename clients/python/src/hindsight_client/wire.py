@@ -19,6 +19,7 @@ Values keep the server's units (KID raw, not ×10³); :class:`MetricInfo` says h
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -169,6 +170,24 @@ class ReportWarning:
 
 
 @dataclass(frozen=True)
+class ClampedTensor:
+    """A tensor whose values were clamped to the output type's range: ``elements`` values
+    beyond it, the largest magnitude among them ``max_abs`` (before clamping)."""
+
+    __schema__ = "ClampedTensor"
+
+    tensor: str
+    elements: int
+    max_abs: float
+
+    @classmethod
+    def from_json(cls, c: dict[str, Any]) -> ClampedTensor:
+        return cls(
+            tensor=str(c["tensor"]), elements=int(c["elements"]), max_abs=float(c["max_abs"])
+        )
+
+
+@dataclass(frozen=True)
 class Report:
     """The solver's quality report for one reconstruction (top-level README, "Usage").
 
@@ -180,7 +199,9 @@ class Report:
         condition_number: 2-norm condition number of the used snapshots' Gram matrix.
         inputs: every snapshot with a non-zero weight; the weights sum to 1.
         clamped: the tensors whose values were clamped to the output type's range
-            (``tensor``, ``elements``, ``max_abs``); empty unless ``clamp_out_of_range``.
+            (``tensor``, ``elements``, ``max_abs``) as the server sent them; empty unless
+            ``clamp_out_of_range``.
+        clamped_tensors: the same, decoded.
         raw: the report as the server sent it.
     """
 
@@ -200,10 +221,12 @@ class Report:
     clamped: list[dict[str, Any]] = field(
         metadata=present("an empty list when the server sends none")
     )
+    clamped_tensors: list[ClampedTensor] = field(metadata=LOCAL, repr=False, compare=False)
     raw: dict[str, Any] = field(metadata=LOCAL, repr=False)
 
     @classmethod
     def from_json(cls, r: dict[str, Any]) -> Report:
+        clamped = list(r.get("clamped") or [])
         return cls(
             sigma_rel=float(r["sigma_rel"]),
             gamma=float(r["gamma"]),
@@ -213,13 +236,14 @@ class Report:
             coefficient_l1=float(r["coefficient_l1"]),
             noise_gain=float(r["noise_gain"]),
             condition_number=float(r["condition_number"]),
-            dependent_snapshots=list(r.get("dependent_snapshots", [])),
-            warnings=[ReportWarning(w["code"], w["message"]) for w in r.get("warnings", [])],
+            dependent_snapshots=[str(d) for d in r["dependent_snapshots"]],
+            warnings=[ReportWarning(w["code"], w["message"]) for w in r["warnings"]],
             inputs=[
                 ReportInput(i["digest"], int(i["nimg"]), float(i["sigma_rel"]), float(i["weight"]))
-                for i in r.get("inputs", [])
+                for i in r["inputs"]
             ],
-            clamped=list(r.get("clamped") or []),
+            clamped=clamped,
+            clamped_tensors=[ClampedTensor.from_json(c) for c in clamped],
             raw=r,
         )
 
@@ -422,10 +446,78 @@ class MetricSummary:
         return cls(
             mean=float(m["mean"]),
             std=_opt_float(m.get("std")),
-            values=[float(v) for v in m.get("values", [])],
+            values=[float(v) for v in m["values"]],
             std_errors=None if errors is None else [float(v) for v in errors],
             value=float(m["value"]),
             error_bar=_opt_float(m.get("error_bar")),
+        )
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds a finished point spent: ``batches_s`` over every batch (of which
+    ``sample_s`` sampling, ``features_s`` features), ``reconstruct_s``, ``metrics_s``, and
+    ``images_per_s`` over the batches."""
+
+    __schema__ = "Timings"
+
+    reconstruct_s: float
+    batches_s: float
+    sample_s: float
+    features_s: float
+    metrics_s: float
+    images_per_s: float
+
+    @classmethod
+    def from_json(cls, t: dict[str, Any]) -> Timings:
+        return cls(
+            reconstruct_s=float(t["reconstruct_s"]),
+            batches_s=float(t["batches_s"]),
+            sample_s=float(t["sample_s"]),
+            features_s=float(t["features_s"]),
+            metrics_s=float(t["metrics_s"]),
+            images_per_s=float(t["images_per_s"]),
+        )
+
+
+@dataclass(frozen=True)
+class PointResult:
+    """What a finished point measured (:attr:`SweepPoint.result`, decoded).
+
+    Attributes:
+        fid, kid: the metric over the point's seed sets (``None``: not computed).
+        kid_subsets: KID's subsets averaged and features per subset.
+        num_images: images per seed set.
+        seed_sets: seed sets.
+        reconstruction: the id of the reconstruction sampled.
+        timings: where the time went.
+    """
+
+    __schema__ = "PointResult"
+
+    fid: MetricSummary | None
+    kid: MetricSummary | None
+    kid_subsets: list[int] | None
+    num_images: int
+    seed_sets: int
+    reconstruction: str
+    timings: Timings
+
+    @classmethod
+    def from_json(cls, r: dict[str, Any]) -> PointResult:
+        def summary(name: str) -> MetricSummary | None:
+            m = r.get(name)
+            return MetricSummary.from_json(m) if isinstance(m, dict) else None
+
+        subsets = r.get("kid_subsets")
+        return cls(
+            fid=summary("fid"),
+            kid=summary("kid"),
+            kid_subsets=None if subsets is None else [int(k) for k in subsets],
+            num_images=int(r["num_images"]),
+            seed_sets=int(r["seed_sets"]),
+            reconstruction=str(r["reconstruction"]),
+            timings=Timings.from_json(r["timings"]),
         )
 
 
@@ -443,8 +535,10 @@ class SweepPoint:
             (``None`` before, or when the sweep does not compute it).
         fid_std, kid_std: standard deviation over seed sets (``None`` with one set; KID's
             per-set standard errors over subsets are in :meth:`metric`).
-        result: the server's record of the finished point: ``fid``/``kid`` summaries,
-            ``num_images``, ``seed_sets``, ``reconstruction``, ``timings`` (seconds).
+        result: the server's record of the finished point as it sent it: ``fid``/``kid``
+            summaries, ``num_images``, ``seed_sets``, ``reconstruction``, ``timings``
+            (seconds).
+        measured: the same, decoded (``None`` until done).
         error: why the point failed (or why its last attempt did).
         grid_url: path of a PNG grid of its first images, once its first batch is recorded
             (:meth:`~hindsight_client.Client.point_grid`).
@@ -468,37 +562,33 @@ class SweepPoint:
     error: str | None
     grid_url: str | None
     reconstruction_id: str | None = field(repr=False)
+    measured: PointResult | None = field(metadata=LOCAL, repr=False, compare=False)
     raw: dict[str, Any] = field(metadata=LOCAL, repr=False, compare=False)
 
     @classmethod
     def from_json(cls, p: dict[str, Any]) -> SweepPoint:
         result = p.get("result")
         result = result if isinstance(result, dict) else None
-
-        def summary(name: str) -> tuple[float | None, float | None]:
-            m = (result or {}).get(name)
-            if not isinstance(m, dict):
-                return None, None
-            return _opt_float(m.get("value")), _opt_float(m.get("std"))
-
-        fid, fid_std = summary("fid")
-        kid, kid_std = summary("kid")
+        measured = None if result is None else PointResult.from_json(result)
+        fid = None if measured is None else measured.fid
+        kid = None if measured is None else measured.kid
         return cls(
             idx=int(p["idx"]),
             sigma_rel=float(p["sigma_rel"]),
             nimg=int(p["nimg"]),
             status=str(p["status"]),
-            images_done=int(p.get("images_done", 0)),
-            images_total=int(p.get("images_total", 0)),
-            attempts=int(p.get("attempts", 0)),
-            fid=fid,
-            fid_std=fid_std,
-            kid=kid,
-            kid_std=kid_std,
+            images_done=int(p["images_done"]),
+            images_total=int(p["images_total"]),
+            attempts=int(p["attempts"]),
+            fid=None if fid is None else fid.value,
+            fid_std=None if fid is None else fid.std,
+            kid=None if kid is None else kid.value,
+            kid_std=None if kid is None else kid.std,
             result=result,
             error=p.get("error"),
             grid_url=p.get("grid_url"),
             reconstruction_id=p.get("reconstruction_id"),
+            measured=measured,
             raw=p,
         )
 
@@ -518,15 +608,15 @@ class SweepPoint:
         """The metric's per-seed-set values, spread, (KID) standard errors and error bar."""
         if metric not in ("fid", "kid"):
             raise ValueError(f"metric {metric!r} is not one of 'fid', 'kid'")
-        m = (self.result or {}).get(metric)
-        return MetricSummary.from_json(m) if isinstance(m, dict) else None
+        if self.measured is None:
+            return None
+        return self.measured.fid if metric == "fid" else self.measured.kid
 
     @property
     def timings(self) -> dict[str, float]:
         """Seconds spent: ``reconstruct_s``, ``batches_s`` (of which ``sample_s``,
         ``features_s``), ``metrics_s``, and ``images_per_s``; empty until done."""
-        t = (self.result or {}).get("timings")
-        return {k: float(v) for k, v in t.items()} if isinstance(t, dict) else {}
+        return {} if self.measured is None else dataclasses.asdict(self.measured.timings)
 
 
 @dataclass(frozen=True)
@@ -558,6 +648,70 @@ class BestPoint:
 
 
 @dataclass(frozen=True)
+class SamplerSettings:
+    """The sampler a sweep uses: ``steps`` steps from ``sigma_max`` to ``sigma_min`` with
+    Karras' ``rho``."""
+
+    __schema__ = "SamplerSettings"
+
+    steps: int
+    sigma_min: float
+    sigma_max: float
+    rho: float
+
+    @classmethod
+    def from_json(cls, s: dict[str, Any]) -> SamplerSettings:
+        return cls(
+            steps=int(s["steps"]),
+            sigma_min=float(s["sigma_min"]),
+            sigma_max=float(s["sigma_max"]),
+            rho=float(s["rho"]),
+        )
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """The validated request of a sweep (:attr:`Sweep.spec`, decoded): its grid, metrics,
+    images, sampler, reference statistics and feature network, and the warnings it drew."""
+
+    __schema__ = "SweepSpec"
+
+    run: str
+    sigma_rels: list[float]
+    nimgs: list[int]
+    metrics: list[str]
+    num_images: int
+    seed_sets: int
+    sampler: SamplerSettings
+    reference_id: int
+    reference_name: str
+    feature_network: str
+    batch: int
+    kid_subsets: int
+    kid_subset_size: int
+    warnings: list[str]
+
+    @classmethod
+    def from_json(cls, s: dict[str, Any]) -> SweepSpec:
+        return cls(
+            run=str(s["run"]),
+            sigma_rels=[float(v) for v in s["sigma_rels"]],
+            nimgs=[int(n) for n in s["nimgs"]],
+            metrics=[str(m) for m in s["metrics"]],
+            num_images=int(s["num_images"]),
+            seed_sets=int(s["seed_sets"]),
+            sampler=SamplerSettings.from_json(s["sampler"]),
+            reference_id=int(s["reference_id"]),
+            reference_name=str(s["reference_name"]),
+            feature_network=str(s["feature_network"]),
+            batch=int(s["batch"]),
+            kid_subsets=int(s["kid_subsets"]),
+            kid_subset_size=int(s["kid_subset_size"]),
+            warnings=[str(w) for w in s["warnings"]],
+        )
+
+
+@dataclass(frozen=True)
 class Sweep:
     """A sweep: what it computes, how far it is, and its points.
 
@@ -566,9 +720,11 @@ class Sweep:
         run: the run it samples.
         status: ``queued``, ``running``, ``done`` (every point recorded), ``failed`` (some
             point failed) or ``cancelled``.
-        spec: the validated request: ``sigma_rels``, ``nimgs``, ``metrics``, ``num_images``,
-            ``seed_sets``, ``sampler``, ``reference_id``, ``reference_name``, ``batch``,
-            ``kid_subsets``, ``kid_subset_size``, ``warnings``.
+        spec: the validated request as the server sent it: ``sigma_rels``, ``nimgs``,
+            ``metrics``, ``num_images``, ``seed_sets``, ``sampler``, ``reference_id``,
+            ``reference_name``, ``feature_network``, ``batch``, ``kid_subsets``,
+            ``kid_subset_size``, ``warnings``.
+        settings: the same, decoded.
         points: every point (empty in :meth:`~hindsight_client.Client.sweeps`' listing).
         best_points: the server's best point per metric computed so far.
         metrics: what it computes, in order, with how the server names and shows each.
@@ -597,30 +753,32 @@ class Sweep:
     events_url: str
     plot_url: str
     metrics: list[MetricInfo]
+    settings: SweepSpec = field(metadata=LOCAL, repr=False, compare=False)
     raw: dict[str, Any] = field(metadata=LOCAL, repr=False, compare=False)
 
     @classmethod
     def from_json(cls, s: dict[str, Any]) -> Sweep:
-        best = {str(b["metric"]): BestPoint.from_json(b) for b in s.get("best", [])}
-        sid = int(s["id"])
+        best = {str(b["metric"]): BestPoint.from_json(b) for b in s["best"]}
+        spec = dict(s["spec"])
         return cls(
-            id=sid,
+            id=int(s["id"]),
             run=str(s["run"]),
             status=str(s["status"]),
-            spec=dict(s.get("spec", {})),
+            spec=spec,
             points=[SweepPoint.from_json(p) for p in s.get("points") or []],
             best_points=best,
-            points_total=int(s.get("points_total", 0)),
-            points_done=int(s.get("points_done", 0)),
-            points_failed=int(s.get("points_failed", 0)),
-            images_done=int(s.get("images_done", 0)),
-            images_total=int(s.get("images_total", 0)),
-            created_at=str(s.get("created_at", "")),
+            points_total=int(s["points_total"]),
+            points_done=int(s["points_done"]),
+            points_failed=int(s["points_failed"]),
+            images_done=int(s["images_done"]),
+            images_total=int(s["images_total"]),
+            created_at=str(s["created_at"]),
             finished_at=s.get("finished_at"),
-            url=str(s.get("url", f"/sweeps/{sid}")),
-            events_url=str(s.get("events_url", f"/sweeps/{sid}/events")),
-            plot_url=str(s.get("plot_url", f"/sweeps/{sid}/plot.svg")),
-            metrics=[MetricInfo.from_json(m) for m in s.get("metrics") or []],
+            url=str(s["url"]),
+            events_url=str(s["events_url"]),
+            plot_url=str(s["plot_url"]),
+            metrics=[MetricInfo.from_json(m) for m in s["metrics"]],
+            settings=SweepSpec.from_json(spec),
             raw=s,
         )
 
@@ -633,7 +791,7 @@ class Sweep:
     def warnings(self) -> list[str]:
         """What the server wants the caller to know about the request (e.g. FID's bias at
         few images)."""
-        return [str(w) for w in self.spec.get("warnings", [])]
+        return list(self.settings.warnings)
 
     @property
     def failed_points(self) -> list[SweepPoint]:
@@ -752,17 +910,17 @@ class Reference:
         return cls(
             id=int(r["id"]),
             name=str(r["name"]),
-            source=str(r.get("source", "")),
-            feature_network=str(r.get("feature_network", "")),
+            source=str(r["source"]),
+            feature_network=str(r["feature_network"]),
             weights_digest=r.get("weights_digest"),
             preprocess=r.get("preprocess"),
-            dims=int(r.get("dims", 0)),
-            count=int(r.get("count", 0)),
-            has_features=bool(r.get("has_features", False)),
+            dims=int(r["dims"]),
+            count=int(r["count"]),
+            has_features=bool(r["has_features"]),
             resolution=_opt_int(r.get("resolution")),
             channels=_opt_int(r.get("channels")),
-            created_at=str(r.get("created_at", "")),
-            stats_url=str(r.get("stats_url", "")),
+            created_at=str(r["created_at"]),
+            stats_url=str(r["stats_url"]),
         )
 
 
