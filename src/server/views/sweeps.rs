@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::db::{PointRow, ReferenceRow, SweepRow};
+use crate::db::{PointRow, ReferenceRow, SweepRow, SweepStatus};
 use crate::metrics::Metric;
 use crate::sweep::{
     best_point, error_bar, MetricInfo, MetricSummary, PointResult, SamplerSettings, SweepRequest,
@@ -185,6 +185,35 @@ impl SweepRequestBody {
     }
 }
 
+/// The state of a sweep or of one of its points.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Waiting for a worker.
+    Queued,
+    /// A worker holds it (a sweep: at least one point has started).
+    Running,
+    /// Finished with results (a sweep: every point).
+    Done,
+    /// Finished without results (a point), or with some points failed (a sweep).
+    Failed,
+    /// Cancelled; points finished before stay.
+    Cancelled,
+}
+
+impl From<SweepStatus> for Status {
+    fn from(s: SweepStatus) -> Self {
+        // Exhaustive: a state the index gains must be given a name on the wire here.
+        match s {
+            SweepStatus::Queued => Status::Queued,
+            SweepStatus::Running => Status::Running,
+            SweepStatus::Done => Status::Done,
+            SweepStatus::Failed => Status::Failed,
+            SweepStatus::Cancelled => Status::Cancelled,
+        }
+    }
+}
+
 /// One point of a sweep.
 #[derive(Clone, Debug, Serialize, ToSchema)]
 #[schema(as = SweepPoint)]
@@ -196,7 +225,7 @@ pub struct PointView {
     /// Training time.
     pub nimg: i64,
     /// `queued`, `running`, `done`, `failed` or `cancelled`.
-    pub status: String,
+    pub status: Status,
     /// Images whose features are recorded.
     pub images_done: i64,
     /// Images the point samples in all.
@@ -225,7 +254,7 @@ impl PointView {
             idx: p.idx,
             sigma_rel: p.sigma_rel,
             nimg: p.nimg,
-            status: p.status.as_str().to_owned(),
+            status: p.status.into(),
             images_done: p.images_done,
             images_total: images_total as i64,
             attempts: p.attempts,
@@ -271,7 +300,7 @@ pub struct SweepView {
     pub run: String,
     /// `queued`, `running`, `done` (every point recorded), `failed` (some point failed) or
     /// `cancelled`.
-    pub status: String,
+    pub status: Status,
     /// The validated request: sigma_rels, nimgs, metrics, num_images, seed_sets, sampler,
     /// reference, batch, and warnings.
     pub spec: SweepSpec,
@@ -336,7 +365,7 @@ impl SweepView {
         Ok(SweepView {
             id: s.id,
             run: s.run.clone(),
-            status: s.status.as_str().to_owned(),
+            status: s.status.into(),
             metrics: spec.metric_infos(),
             spec,
             points_total: s.points,
@@ -442,7 +471,7 @@ pub struct SweepProgress {
     /// Its training time.
     pub nimg: i64,
     /// Its status (see `SweepPoint.status`).
-    pub status: String,
+    pub status: Status,
     /// Images of the point recorded so far.
     pub images_done: i64,
     /// Images the point samples in all.
@@ -570,4 +599,51 @@ impl From<ReferenceRow> for ReferenceView {
 pub struct ReferenceList {
     /// By name.
     pub references: Vec<ReferenceView>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_and_event_names_are_the_serialized_ones() {
+        for s in [
+            SweepStatus::Queued,
+            SweepStatus::Running,
+            SweepStatus::Done,
+            SweepStatus::Failed,
+            SweepStatus::Cancelled,
+        ] {
+            assert_eq!(
+                serde_json::to_value(Status::from(s)).unwrap(),
+                serde_json::Value::String(s.as_str().into())
+            );
+        }
+        let notice = ShutdownNotice {
+            message: "m".into(),
+        };
+        let progress = SweepProgress {
+            idx: 0,
+            sigma_rel: 0.1,
+            nimg: 1,
+            status: Status::Running,
+            images_done: 1,
+            images_total: 2,
+            sweep_images_done: 1,
+        };
+        for event in [
+            SweepEvent::Shutdown(notice),
+            SweepEvent::Progress(progress),
+            SweepEvent::Error(ErrorDetail {
+                code: super::super::super::error::ErrorCode::NotFound,
+                message: "gone".into(),
+            }),
+        ] {
+            let tagged = serde_json::to_value(&event).unwrap();
+            assert_eq!(tagged["event"], event.name());
+            let data: serde_json::Value =
+                serde_json::from_str(&event.data_json().unwrap()).unwrap();
+            assert_eq!(tagged["data"], data);
+        }
+    }
 }
