@@ -397,13 +397,14 @@ fn an_expired_lease_records_nothing_and_its_point_is_claimed_again() {
     let s = setup();
     runtime().block_on(async {
         let data = DataDir::open(&s.path).await.unwrap();
-        let api = api(&data, &s.weights, Duration::from_secs(1));
+        // Long enough for the first upload's features on a busy machine.
+        let api = api(&data, &s.weights, Duration::from_secs(4));
         let id = create(&api, external_sweep()).await["id"].as_i64().unwrap();
         let lease = claim(&api, "dying", id).await;
         let dead = lease["lease_id"].as_str().unwrap().to_owned();
         let (status, _) = upload(&api, &dead, 0, npy_u8(&[2, 8, 8, 3], &images_nhwc(2, 4))).await;
         assert_eq!(status, StatusCode::CREATED);
-        tokio::time::sleep(Duration::from_millis(1300)).await;
+        tokio::time::sleep(Duration::from_millis(4300)).await;
         let (status, body) = upload(&api, &dead, 1, npy_u8(&[2, 8, 8, 3], &images_nhwc(2, 5))).await;
         assert_error(status, &body, LEASE_EXPIRED, "ran out");
         // The next evaluator resumes the point from its recorded batch.
