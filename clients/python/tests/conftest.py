@@ -157,3 +157,17 @@ def token_file(hindsight_bin: Path, tmp_path: Path) -> tuple[Path, str]:
     out = run_cli(hindsight_bin, "token", "new", "--token-file", str(path))
     assert out.returncode == 0, out.stderr
     return path, out.stdout.strip()
+
+
+def fid_weights() -> Path:
+    """NVIDIA's Inception weights from ``HINDSIGHT_FID_WEIGHTS``, else skip (or fail, under
+    ``HINDSIGHT_REQUIRE_FID_WEIGHTS=1``)."""
+    given = os.environ.get("HINDSIGHT_FID_WEIGHTS")
+    if given and Path(given).is_file():
+        return Path(given).resolve()
+    reason = (
+        f"HINDSIGHT_FID_WEIGHTS={given} is not a file" if given else "HINDSIGHT_FID_WEIGHTS unset"
+    ) + ": sweeps need NVIDIA's Inception weights (.ci/run fetches them)"
+    if os.environ.get("HINDSIGHT_REQUIRE_FID_WEIGHTS") == "1":
+        pytest.fail(reason + ", and HINDSIGHT_REQUIRE_FID_WEIGHTS=1 requires them")
+    pytest.skip(reason)

@@ -14,7 +14,6 @@ import io
 import json
 import logging
 import math
-import os
 import shutil
 import threading
 import time
@@ -25,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Server, run_cli
+from conftest import Server, fid_weights, run_cli
 
 from hindsight_client import (
     Client,
@@ -52,20 +51,6 @@ NETWORK = {
 }
 
 Events = list[tuple[str, dict[str, Any]]]
-
-
-def fid_weights() -> Path:
-    """NVIDIA's Inception weights from ``HINDSIGHT_FID_WEIGHTS``, else skip (or fail, under
-    ``HINDSIGHT_REQUIRE_FID_WEIGHTS=1``)."""
-    given = os.environ.get("HINDSIGHT_FID_WEIGHTS")
-    if given and Path(given).is_file():
-        return Path(given).resolve()
-    reason = (
-        f"HINDSIGHT_FID_WEIGHTS={given} is not a file" if given else "HINDSIGHT_FID_WEIGHTS unset"
-    ) + ": sweeps need NVIDIA's Inception weights (.ci/run fetches them)"
-    if os.environ.get("HINDSIGHT_REQUIRE_FID_WEIGHTS") == "1":
-        pytest.fail(reason + ", and HINDSIGHT_REQUIRE_FID_WEIGHTS=1 requires them")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
