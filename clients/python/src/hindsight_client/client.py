@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     import torch
 
     from .evaluation import EvaluationEvent, EvaluationSummary, FeatureMode
+    from .inception import InceptionFeatures
 
 log = logging.getLogger("hindsight_client")
 
@@ -520,7 +521,7 @@ class Client:
         generate: Callable[[Any, list[int], dict[str, Any]], Any] | None = None,
         metrics: Callable[[Any, Lease], Mapping[str, Any]] | None = None,
         device: str | torch.device = "cpu",
-        features: FeatureMode = "auto",
+        features: FeatureMode | InceptionFeatures = "auto",
         fid_weights: str | os.PathLike[str] | None = None,
         feature_batch: int = 64,
         worker: str | None = None,
@@ -554,7 +555,8 @@ class Client:
         by more than its tolerance). ``features``: ``"auto"`` computes them here when the
         weights are found (``fid_weights``, else ``$HINDSIGHT_FID_WEIGHTS``, else
         ``~/.cache/hindsight/default_1.pt``) and are the server's; ``"client"`` requires
-        it; ``"server"`` always sends images.
+        it; ``"server"`` always sends images; an
+        :class:`~hindsight_client.InceptionFeatures` is the network to use (``"client"``).
 
         A heartbeat thread keeps each lease. An exception in your code (or a batch the
         server refuses) reports the attempt failed with its type, message and line — the

@@ -247,7 +247,7 @@ class Evaluator:
         generate: GenerateFn | None,
         metrics: MetricsFn | None,
         device: str | torch.device,
-        features: FeatureMode,
+        features: FeatureMode | InceptionFeatures,
         fid_weights: str | os.PathLike[str] | None,
         feature_batch: int,
         worker: str | None,
@@ -255,7 +255,10 @@ class Evaluator:
         poll_interval: float,
         on_progress: Callable[[EvaluationEvent], object] | None,
     ) -> None:
-        if features not in ("auto", "client", "server"):
+        extractor = features if isinstance(features, InceptionFeatures) else None
+        if extractor is not None:
+            features = "client"
+        elif features not in ("auto", "client", "server"):
             raise ValueError(f"features {features!r} is not one of 'auto', 'client', 'server'")
         if not poll_interval > 0:
             raise ValueError("poll_interval must be positive")
@@ -269,8 +272,10 @@ class Evaluator:
         self._cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._poll = poll_interval
         self._on_progress = on_progress
-        self._extractor: InceptionFeatures | None = None
-        if features == "client" or (features == "auto" and locate(fid_weights) is not None):
+        self._extractor = extractor
+        if extractor is None and (
+            features == "client" or (features == "auto" and locate(fid_weights) is not None)
+        ):
             # Loaded before anything is claimed: a missing file fails here, not on a lease.
             self._extractor = InceptionFeatures(
                 fid_weights, device=self._device, batch=feature_batch

@@ -96,7 +96,8 @@ def as_nchw(images: Any, what: str = "images") -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{what}: expected a uint8 tensor or array, not {type(images).__name__}")
     if t.dtype != torch.uint8:
-        raise ValueError(f"{what}: dtype {t.dtype} is not uint8 (values 0–255)")
+        dtype = str(t.dtype).removeprefix("torch.")
+        raise ValueError(f"{what}: dtype {dtype} is not uint8 (values 0–255)")
     if t.ndim == 3:
         t = t.unsqueeze(1)
     if t.ndim != 4:
