@@ -144,8 +144,8 @@ def test_polled_states_are_told_as_the_streams_events() -> None:
         return {"idx": idx, "sigma_rel": 0.05 * (idx + 1), "nimg": 64, "status": status,
                 "images_done": done, "images_total": 4, "attempts": 1}  # fmt: skip
 
-    spec = {"run": "r", "sigma_rels": [0.05, 0.1], "nimgs": [64], "metrics": ["fid"],
-            "num_images": 4, "seed_sets": 1,
+    spec = {"run": "r", "sigma_rels": [0.05, 0.1], "nimgs": [64], "evaluator": "builtin",
+            "metrics": ["fid"], "user_metrics": [], "num_images": 4, "seed_sets": 1,
             "sampler": {"steps": 3, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0},
             "reference_id": 1, "reference_name": "ref", "feature_network": "inception",
             "batch": 4, "kid_subsets": 0, "kid_subset_size": 0, "warnings": []}  # fmt: skip
