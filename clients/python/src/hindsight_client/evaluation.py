@@ -128,16 +128,24 @@ class EvaluationSummary:
     points: list[SweepPoint] = field(default_factory=list, repr=False)
 
 
+class EvaluatorMisconfigured(HindsightError):
+    """The evaluator cannot work the sweep's points as it was asked to (e.g.
+    ``features="client"`` where the server takes no features): raised by
+    :meth:`~hindsight_client.Client.evaluate` after releasing the lease, rather than failing
+    every point in turn."""
+
+
 class LeaseLost(HindsightError):
     """The lease ended before the point was finished (it expired, or the sweep was
     cancelled): the point is someone else's now."""
 
 
 def failure_message(e: BaseException) -> str:
-    """``Type: message (at file:line in function)`` for an exception from the user's code."""
+    """``Type: message (at file:line in function)`` for an exception from the user's code;
+    a refusal of the server is its own message (status, code, the server's sentence)."""
     where = ""
     frames = traceback.extract_tb(e.__traceback__)
-    if frames:
+    if frames and not isinstance(e, ApiError):
         last = frames[-1]
         where = f" (at {Path(last.filename).name}:{last.lineno} in {last.name})"
     text = f"{type(e).__name__}: {e}{where}"
@@ -352,6 +360,9 @@ class Evaluator:
         except KeyboardInterrupt:
             self._fail(lease, "interrupted")
             raise
+        except EvaluatorMisconfigured as e:
+            self._fail(lease, str(e))
+            raise
         except LeaseLost as e:
             log.warning("point %s of sweep %s: %s", lease.point.idx, lease.sweep.id, e)
             self._failed(lease, str(e))
@@ -432,7 +443,9 @@ class Evaluator:
             else "no Inception weights here"
         )
         if self._mode == "client":
-            raise HindsightError(f"features='client', but the server takes no features: {why}")
+            raise EvaluatorMisconfigured(
+                f"features='client', but the server takes no features from here: {why}"
+            )
         log.info("point %s: sending images (%s)", lease.point.idx, why)
         return None
 
