@@ -281,9 +281,9 @@ class Evaluator:
         self._poll = poll_interval
         self._on_progress = on_progress
         self._extractor = extractor
-        if extractor is None and (
-            features == "client" or (features == "auto" and locate(fid_weights) is not None)
-        ):
+        self._weights = fid_weights
+        self._feature_batch = feature_batch
+        if extractor is None and features == "client":
             # Loaded before anything is claimed: a missing file fails here, not on a lease.
             self._extractor = InceptionFeatures(
                 fid_weights, device=self._device, batch=feature_batch
@@ -428,6 +428,11 @@ class Evaluator:
         """The feature network to use on this point's images (``None``: send images)."""
         if self._mode == "server":
             return None
+        if self._extractor is None and locate(self._weights) is not None:
+            # "auto": loaded when a point first has images.
+            self._extractor = InceptionFeatures(
+                self._weights, device=self._device, batch=self._feature_batch
+            )
         accepted = lease.features.accepted
         same = self._extractor is not None and self._extractor.digest == (
             lease.features.weights_digest
