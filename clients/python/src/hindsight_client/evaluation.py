@@ -129,8 +129,9 @@ class EvaluationSummary:
 
 
 class EvaluatorMisconfigured(HindsightError):
-    """The evaluator cannot work the sweep's points as it was asked to (e.g.
-    ``features="client"`` where the server takes no features): raised by
+    """The evaluator cannot work the sweep's points as it was asked to (no ``generate`` for
+    a sweep with images, no ``metrics`` for one with user metrics, ``features="client"``
+    where the server takes no features): raised by
     :meth:`~hindsight_client.Client.evaluate` after releasing the lease, rather than failing
     every point in turn."""
 
@@ -407,7 +408,7 @@ class Evaluator:
         todo = [k for k in range(lease.batches) if k not in set(lease.batches_done)]
         if todo:
             if self._generate is None:
-                raise ValueError(
+                raise EvaluatorMisconfigured(
                     f"the sweep measures {', '.join(self._image_metrics(lease))}, which needs "
                     "images: pass generate= to evaluate()"
                 )
@@ -541,7 +542,9 @@ class Evaluator:
         if not wanted:
             return
         if self._metrics is None:
-            raise ValueError(f"the sweep measures {', '.join(wanted)}: pass metrics= to evaluate()")
+            raise EvaluatorMisconfigured(
+                f"the sweep measures {', '.join(wanted)}: pass metrics= to evaluate()"
+            )
         with torch.no_grad():
             measured = dict(self._metrics(model, lease))
         declared = {m.metric for m in lease.user_metrics}
