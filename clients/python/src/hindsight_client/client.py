@@ -580,9 +580,10 @@ class Client:
         failed, batches, images, seconds). Raises :class:`~hindsight_client.TransportError`
         when the server stays unreachable, and
         :class:`~hindsight_client.HindsightError` when ``features="client"`` finds no
-        weights; ``EvaluatorMisconfigured`` (after releasing the lease) when a point needs
-        what was not given (``generate`` for images, ``metrics`` for user metrics) or
-        ``features="client"`` meets a server that takes no features from it.
+        weights; :class:`~hindsight_client.EvaluatorMisconfigured` (after releasing the
+        lease) when a point needs what was not given (``generate`` for images, ``metrics``
+        for user metrics) or ``features="client"`` meets a server that takes no features
+        from it.
         """
         from .evaluation import Evaluator
 

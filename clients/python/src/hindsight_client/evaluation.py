@@ -42,7 +42,13 @@ import httpx
 import numpy as np
 import torch
 
-from .errors import ApiError, HindsightError, TransportError
+from .errors import (
+    ApiError,
+    EvaluatorMisconfigured,
+    HindsightError,
+    LeaseLost,
+    TransportError,
+)
 from .inception import InceptionFeatures, as_nchw, locate
 from .transport import Transport, raise_for_status
 from .wire import Lease, Sweep, SweepPage, SweepPoint
@@ -126,19 +132,6 @@ class EvaluationSummary:
     images: int = 0
     seconds: float = 0.0
     points: list[SweepPoint] = field(default_factory=list, repr=False)
-
-
-class EvaluatorMisconfigured(HindsightError):
-    """The evaluator cannot work the sweep's points as it was asked to (no ``generate`` for
-    a sweep with images, no ``metrics`` for one with user metrics, ``features="client"``
-    where the server takes no features): raised by
-    :meth:`~hindsight_client.Client.evaluate` after releasing the lease, rather than failing
-    every point in turn."""
-
-
-class LeaseLost(HindsightError):
-    """The lease ended before the point was finished (it expired, or the sweep was
-    cancelled): the point is someone else's now."""
 
 
 def failure_message(e: BaseException) -> str:
