@@ -21,7 +21,7 @@ import tiny_denoiser as td
 import torch
 
 from hindsight_client import (
-    BatchRecorded,
+    BatchUploaded,
     Claimed,
     Client,
     EvaluationEvent,
@@ -65,7 +65,7 @@ def main() -> None:
         point = {"idx": e.lease.point.idx, "attempts": e.lease.point.attempts}
         if isinstance(e, Claimed):
             say(event="claimed", batches_done=e.lease.batches_done, **point)
-        elif isinstance(e, BatchRecorded):
+        elif isinstance(e, BatchUploaded):
             say(event="batch", batch=e.batch, images=e.images, features=e.features, **point)
         elif isinstance(e, PointFinished):
             say(event="finished", **point)

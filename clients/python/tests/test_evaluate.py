@@ -42,8 +42,8 @@ import tiny_denoiser as td
 import torch
 from conftest import Server, fid_weights, run_cli
 
-from hindsight_client import BatchRecorded as BatchEvent
 from hindsight_client import (
+    BatchUploaded,
     Claimed,
     Client,
     EvaluationEvent,
@@ -364,8 +364,8 @@ def test_client_features_pass_the_audit_and_give_the_same_fid(setup: Setup, tmp_
     assert summary.images == NUM_IMAGES
     assert summary.seconds > 0
     kinds = [type(e).__name__ for e in events]
-    assert kinds == ["Claimed", "BatchRecorded", "BatchRecorded", "PointFinished"]
-    assert {e.features for e in events if isinstance(e, BatchEvent)} == {"client"}
+    assert kinds == ["Claimed", "BatchUploaded", "BatchUploaded", "PointFinished"]
+    assert {e.features for e in events if isinstance(e, BatchUploaded)} == {"client"}
     [point] = setup.client.sweep(sweep).points
     assert point.measured is not None
     assert point.measured.features == "client"

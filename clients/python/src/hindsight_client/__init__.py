@@ -50,8 +50,8 @@ from .uploads import UploadResult
 from .wire import (
     BestPoint,
     ClampedTensor,
-    FeatureAcceptance,
-    ImageShape,
+    FeatureTerms,
+    ImageGeometry,
     Lease,
     LeasePoint,
     LeaseReconstruction,
@@ -77,7 +77,7 @@ from .wire import (
 
 if TYPE_CHECKING:
     from .evaluation import (
-        BatchRecorded,
+        BatchUploaded,
         Claimed,
         EvaluationEvent,
         EvaluationSummary,
@@ -91,7 +91,7 @@ if TYPE_CHECKING:
 # What needs PyTorch, imported on first use: the client alone does not need it.
 _LAZY = {
     "PowerEMA": "tracker",
-    "BatchRecorded": "evaluation",
+    "BatchUploaded": "evaluation",
     "Claimed": "evaluation",
     "EvaluationEvent": "evaluation",
     "EvaluationSummary": "evaluation",
@@ -107,7 +107,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EDM2_PREFIX",
     "ApiError",
-    "BatchRecorded",
+    "BatchUploaded",
     "BestPoint",
     "Claimed",
     "ClampedTensor",
@@ -117,9 +117,9 @@ __all__ = [
     "EvaluationEvent",
     "EvaluationSummary",
     "EvaluatorMisconfigured",
-    "FeatureAcceptance",
+    "FeatureTerms",
     "HindsightError",
-    "ImageShape",
+    "ImageGeometry",
     "InceptionFeatures",
     "InvalidInput",
     "Lease",

@@ -572,7 +572,7 @@ class Client:
                 polling every ``poll_interval`` seconds for new sweeps.
             feature_batch: images per forward pass of the Inception network.
             on_progress: called on this thread with a :class:`~hindsight_client.Claimed`,
-                :class:`~hindsight_client.BatchRecorded`,
+                :class:`~hindsight_client.BatchUploaded`,
                 :class:`~hindsight_client.PointFinished` or
                 :class:`~hindsight_client.PointFailed` event.
 

@@ -51,7 +51,7 @@ from .errors import (
 )
 from .inception import InceptionFeatures, as_nchw, locate
 from .transport import Transport, raise_for_status
-from .wire import Lease, Sweep, SweepPage, SweepPoint
+from .wire import BatchRecorded, FailRecorded, Lease, MetricsRecorded, Sweep, SweepPage, SweepPoint
 
 log = logging.getLogger("hindsight_client")
 
@@ -80,15 +80,17 @@ class Claimed:
 
 
 @dataclass(frozen=True)
-class BatchRecorded:
+class BatchUploaded:
     """Batch ``batch`` of the lease's point is recorded: ``images`` images, their features
-    computed by ``features`` (``client`` or ``server``), in ``seconds``."""
+    computed by ``features`` (``client`` or ``server``), in ``seconds`` here and there;
+    ``recorded`` is the server's answer (its audit of client features included)."""
 
     lease: Lease
     batch: int
     images: int
     features: str
     seconds: float
+    recorded: BatchRecorded
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ class PointFailed:
     message: str
 
 
-EvaluationEvent = Claimed | BatchRecorded | PointFinished | PointFailed
+EvaluationEvent = Claimed | BatchUploaded | PointFinished | PointFailed
 
 
 @dataclass
@@ -388,7 +390,13 @@ class Evaluator:
                 "POST", lease.urls.fail, json={"message": message[:MESSAGE_CHARS]}
             )
             if response.status_code not in (404, 409):
-                raise_for_status(response)
+                ended = FailRecorded.from_json(raise_for_status(response).json())
+                if not ended.retry:
+                    log.warning(
+                        "point %s of sweep %s failed for good (its attempts are spent)",
+                        lease.point.idx,
+                        lease.sweep.id,
+                    )
         except HindsightError as e:
             log.warning("could not report the failure of lease %s: %s", lease.lease_id, e)
         self._failed(lease, message)
@@ -488,15 +496,15 @@ class Evaluator:
         images = as_nchw(made, "generate()").cpu()
         if images.shape[0] != len(seeds):
             raise ValueError(f"generate() returned {images.shape[0]} images for {len(seeds)} seeds")
-        shape = lease.images
-        if shape is not None and (
-            images.shape[1] != shape.channels
-            or images.shape[2] != shape.resolution
-            or images.shape[3] != shape.resolution
+        want = lease.images
+        c, h, w = images.shape[1:]
+        if (want.channels is not None and c != want.channels) or (
+            want.resolution is not None and (h, w) != (want.resolution, want.resolution)
         ):
+            side = want.resolution if want.resolution is not None else "any"
             raise ValueError(
-                f"generate() returned images of {list(images.shape[1:])} (C, H, W); the "
-                f"reference's are [{shape.channels}, {shape.resolution}, {shape.resolution}]"
+                f"generate() returned images of [C, H, W] = {[c, h, w]}; the reference's are "
+                f"{want.channels if want.channels is not None else '1 or 3'} × {side} × {side}"
             )
         return images
 
@@ -524,10 +532,11 @@ class Evaluator:
             body=lambda: iter([body]),
             headers={"Content-Type": content_type},
         )
-        raise_for_status(response)
+        recorded = BatchRecorded.from_json(raise_for_status(response).json())
         self.summary.batches += 1
         self.summary.images += len(seeds)
-        self._tell(BatchRecorded(lease, k, len(seeds), computed, time.monotonic() - started))
+        seconds = time.monotonic() - started
+        self._tell(BatchUploaded(lease, k, len(seeds), computed, seconds, recorded))
 
     def _send_metrics(self, lease: Lease, model: Any) -> None:
         """Measures and sends the user metrics not recorded yet."""
@@ -551,7 +560,8 @@ class Evaluator:
         if missing:
             raise ValueError(f"metrics() returned no value for {', '.join(missing)}")
         body = {name: _metric_value(name, measured[name], len(lease.seed_sets)) for name in wanted}
-        raise_for_status(self._transport.send("POST", lease.urls.metrics, json=body))
+        response = self._transport.send("POST", lease.urls.metrics, json=body)
+        MetricsRecorded.from_json(raise_for_status(response).json())
 
 
 def _metric_value(name: str, value: Any, seed_sets: int) -> float | list[float]:

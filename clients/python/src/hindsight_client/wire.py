@@ -1107,21 +1107,22 @@ class SeedSet:
 
 
 @dataclass(frozen=True)
-class ImageShape:
-    """The size of the reference's images, which uploaded images must have."""
+class ImageGeometry:
+    """What uploaded images must be: the reference images' side and channels (``None``: not
+    recorded; any square size, grey or RGB)."""
 
-    __schema__ = "ImageShape"
+    __schema__ = "ImageGeometry"
 
-    resolution: int
-    channels: int
+    resolution: int | None
+    channels: int | None
 
     @classmethod
-    def from_json(cls, i: dict[str, Any]) -> ImageShape:
-        return cls(resolution=int(i["resolution"]), channels=int(i["channels"]))
+    def from_json(cls, i: dict[str, Any]) -> ImageGeometry:
+        return cls(resolution=_opt_int(i.get("resolution")), channels=_opt_int(i.get("channels")))
 
 
 @dataclass(frozen=True)
-class FeatureAcceptance:
+class FeatureTerms:
     """Whether the server takes Inception features computed by the evaluator, and how it
     audits them.
 
@@ -1136,7 +1137,7 @@ class FeatureAcceptance:
             ‖f_server‖₂`` the audit lets through.
     """
 
-    __schema__ = "FeatureAcceptance"
+    __schema__ = "FeatureTerms"
 
     accepted: bool
     network: str
@@ -1146,7 +1147,7 @@ class FeatureAcceptance:
     audit_tolerance: float
 
     @classmethod
-    def from_json(cls, f: dict[str, Any]) -> FeatureAcceptance:
+    def from_json(cls, f: dict[str, Any]) -> FeatureTerms:
         return cls(
             accepted=bool(f["accepted"]),
             network=str(f["network"]),
@@ -1201,12 +1202,12 @@ class Lease:
             ``k·batch …`` of the concatenated seed sets.
         batches_done: batches already recorded (by an earlier lease): not sent again.
         seed_sets: the seed sets (image ``i`` comes from seed ``i``).
-        images: the size uploaded images must have (``None``: not recorded).
+        images: the size uploaded images must have.
         features: whether and how the server takes client-side Inception features.
         sampler: the sweep's sampler settings, as the user gave them.
         metrics: every metric of the sweep (the user metrics have ``kind == "user"``).
-        metrics_recorded: user metrics already recorded for the point (a number, or one
-            per seed set).
+        metrics_recorded: user metrics already recorded for the point (one value per seed
+            set, or one for the point).
         urls: where to send heartbeats, batches, metrics, the end.
     """
 
@@ -1224,16 +1225,15 @@ class Lease:
     batches: int
     batches_done: list[int]
     seed_sets: list[SeedSet]
-    images: ImageShape | None
-    features: FeatureAcceptance
+    images: ImageGeometry
+    features: FeatureTerms
     sampler: dict[str, Any]
     metrics: list[MetricInfo]
-    metrics_recorded: dict[str, Any]
+    metrics_recorded: dict[str, list[float]]
     urls: LeaseUrls
 
     @classmethod
     def from_json(cls, lease: dict[str, Any]) -> Lease:
-        images = lease.get("images")
         return cls(
             lease_id=str(lease["lease_id"]),
             worker=str(lease["worker"]),
@@ -1247,11 +1247,13 @@ class Lease:
             batches=int(lease["batches"]),
             batches_done=[int(k) for k in lease["batches_done"]],
             seed_sets=[SeedSet.from_json(s) for s in lease["seed_sets"]],
-            images=None if images is None else ImageShape.from_json(images),
-            features=FeatureAcceptance.from_json(lease["features"]),
+            images=ImageGeometry.from_json(lease["images"]),
+            features=FeatureTerms.from_json(lease["features"]),
             sampler=dict(lease["sampler"]),
             metrics=[MetricInfo.from_json(m) for m in lease["metrics"]],
-            metrics_recorded=dict(lease["metrics_recorded"]),
+            metrics_recorded={
+                str(k): [float(x) for x in v] for k, v in lease["metrics_recorded"].items()
+            },
             urls=LeaseUrls.from_json(lease["urls"]),
         )
 
@@ -1268,6 +1270,86 @@ class Lease:
     def user_metrics(self) -> list[MetricInfo]:
         """The metrics the evaluator measures itself."""
         return [m for m in self.metrics if m.user]
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """The server's audit of uploaded features: ``images`` audit images run through its own
+    network, the largest relative difference found."""
+
+    __schema__ = "AuditResult"
+
+    images: int
+    max_relative_difference: float
+
+    @classmethod
+    def from_json(cls, a: dict[str, Any]) -> AuditResult:
+        return cls(
+            images=int(a["images"]), max_relative_difference=float(a["max_relative_difference"])
+        )
+
+
+@dataclass(frozen=True)
+class BatchRecorded:
+    """The answer to a batch upload: ``recorded`` false when the same upload was recorded
+    before; ``features_by`` ``server`` (images) or ``client`` (features, with the
+    ``audit``); ``server_seconds`` the server's time on it."""
+
+    __schema__ = "BatchRecorded"
+
+    batch: int
+    images: int
+    recorded: bool
+    features_by: str
+    audit: AuditResult | None
+    server_seconds: float
+
+    @classmethod
+    def from_json(cls, b: dict[str, Any]) -> BatchRecorded:
+        audit = b.get("audit")
+        return cls(
+            batch=int(b["batch"]),
+            images=int(b["images"]),
+            recorded=bool(b["recorded"]),
+            features_by=str(b["features_by"]),
+            audit=None if audit is None else AuditResult.from_json(audit),
+            server_seconds=float(b["server_seconds"]),
+        )
+
+
+@dataclass(frozen=True)
+class MetricsRecorded:
+    """The answer to a metrics report: every user metric recorded under the lease so far,
+    and those still ``missing``."""
+
+    __schema__ = "MetricsRecorded"
+
+    metrics_recorded: dict[str, list[float]]
+    missing: list[str]
+
+    @classmethod
+    def from_json(cls, m: dict[str, Any]) -> MetricsRecorded:
+        return cls(
+            metrics_recorded={
+                str(k): [float(x) for x in v] for k, v in m["metrics_recorded"].items()
+            },
+            missing=[str(n) for n in m["missing"]],
+        )
+
+
+@dataclass(frozen=True)
+class FailRecorded:
+    """The answer to a failure report: ``retry`` false when the point failed for good
+    (after its attempts)."""
+
+    __schema__ = "FailRecorded"
+
+    lease_id: str
+    retry: bool
+
+    @classmethod
+    def from_json(cls, f: dict[str, Any]) -> FailRecorded:
+        return cls(lease_id=str(f["lease_id"]), retry=bool(f["retry"]))
 
 
 # -- reference statistics --------------------------------------------------------------------
