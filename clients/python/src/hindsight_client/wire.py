@@ -777,47 +777,55 @@ class SweepSpec:
 
 @dataclass(frozen=True)
 class SweepWorker:
-    """A lease held now on a point of an external sweep: which evaluator (``worker``) is on
-    point ``idx``, since ``claimed_at``, last heard from at ``heartbeat_at``, until
-    ``expires_at`` unless it reports again (times are RFC 3339)."""
+    """A lease held now on a point of a sweep: which worker (an external evaluator's name,
+    or a builtin worker's id; ``evaluator`` says which kind) is on point ``idx``, since
+    ``claimed_at``, last heard from at ``heartbeat_at``, until ``expires_at`` unless it
+    reports again (times are RFC 3339); ``expired``: the lease has run out (the worker is
+    presumably dead, and the next claim takes the point)."""
 
-    __schema__ = "SweepWorker"
+    __schema__ = "WorkerView"
 
     worker: str
+    evaluator: str
     idx: int
     sigma_rel: float
     nimg: int
     claimed_at: str
-    heartbeat_at: str | None
+    heartbeat_at: str
     expires_at: str
+    expired: bool
 
     @classmethod
     def from_json(cls, w: dict[str, Any]) -> SweepWorker:
         return cls(
             worker=str(w["worker"]),
+            evaluator=str(w["evaluator"]),
             idx=int(w["idx"]),
             sigma_rel=float(w["sigma_rel"]),
             nimg=int(w["nimg"]),
             claimed_at=str(w["claimed_at"]),
-            heartbeat_at=w.get("heartbeat_at"),
+            heartbeat_at=str(w["heartbeat_at"]),
             expires_at=str(w["expires_at"]),
+            expired=bool(w["expired"]),
         )
 
 
 @dataclass(frozen=True)
 class SweepFailure:
-    """An attempt on a point of an external sweep that did not finish: ``outcome`` says how
-    it ended (the evaluator reported a failure, or its lease expired), ``message`` what the
-    evaluator said."""
+    """An attempt on a point that did not finish it: ``outcome`` says how it ended
+    (``failed``: the worker reported a failure; ``expired``: its lease ran out and another
+    worker took the point; ``released``: the worker gave the point back), ``message`` what
+    the worker said."""
 
-    __schema__ = "SweepFailure"
+    __schema__ = "AttemptView"
 
     worker: str
+    evaluator: str
     idx: int
     sigma_rel: float
     nimg: int
     claimed_at: str
-    ended_at: str
+    ended_at: str | None
     outcome: str
     message: str | None
 
@@ -825,11 +833,12 @@ class SweepFailure:
     def from_json(cls, f: dict[str, Any]) -> SweepFailure:
         return cls(
             worker=str(f["worker"]),
+            evaluator=str(f["evaluator"]),
             idx=int(f["idx"]),
             sigma_rel=float(f["sigma_rel"]),
             nimg=int(f["nimg"]),
             claimed_at=str(f["claimed_at"]),
-            ended_at=str(f["ended_at"]),
+            ended_at=f.get("ended_at"),
             outcome=str(f["outcome"]),
             message=f.get("message"),
         )
