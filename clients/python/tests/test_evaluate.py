@@ -57,7 +57,7 @@ from hindsight_client import (
     SweepPoint,
 )
 
-#: The server's lease (``--evaluation-lease``): short, so a killed evaluator's point comes
+#: The server's lease (``--evaluation-lease-secs``): short, so a killed evaluator's point comes
 #: back within seconds.
 LEASE_SECONDS = 3
 RUN = "fm-denoiser"
@@ -118,7 +118,7 @@ def setup(
             str(tokens),
             "--fid-weights",
             str(weights),
-            "--evaluation-lease",
+            "--evaluation-lease-secs",
             str(LEASE_SECONDS),
         ),
     ).start()
