@@ -465,8 +465,8 @@ def test_the_python_dataclasses_mirror_the_schemas(openapi: Spec) -> None:
         "MetricResult",
         "MetricInfo",
         "Lease",
-        "WorkerView",
-        "AttemptView",
+        "SweepWorker",
+        "SweepFailure",
         "UserMetric",
     } <= named
     problems = [p for c in classes for p in check_dataclass(openapi, c)]

@@ -65,6 +65,12 @@ def _opt_int(v: Any) -> int | None:
     return None if v is None else int(v)
 
 
+def _object(v: Any) -> dict[str, Any]:
+    """A JSON value the schema leaves open (the user's sampler settings), as the object the
+    server stores it as (anything else: empty)."""
+    return dict(v) if isinstance(v, dict) else {}
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 
@@ -514,9 +520,7 @@ class PointResult:
 
     fid: MetricSummary | None
     kid: MetricSummary | None
-    metrics: dict[str, MetricSummary] = field(
-        metadata=present("the client adds fid and kid when the server sends none")
-    )
+    metrics: dict[str, MetricSummary]
     features: str | None
     kid_subsets: list[int] | None
     num_images: int
@@ -531,10 +535,7 @@ class PointResult:
             return MetricSummary.from_json(m) if isinstance(m, dict) else None
 
         fid, kid = summary("fid"), summary("kid")
-        metrics = {str(k): MetricSummary.from_json(v) for k, v in (r.get("metrics") or {}).items()}
-        for name, value in (("fid", fid), ("kid", kid)):
-            if value is not None:
-                metrics.setdefault(name, value)
+        metrics = {str(k): MetricSummary.from_json(v) for k, v in r["metrics"].items()}
         subsets = r.get("kid_subsets")
         return cls(
             fid=fid,
@@ -783,7 +784,7 @@ class SweepWorker:
     reports again (times are RFC 3339); ``expired``: the lease has run out (the worker is
     presumably dead, and the next claim takes the point)."""
 
-    __schema__ = "WorkerView"
+    __schema__ = "SweepWorker"
 
     worker: str
     evaluator: str
@@ -817,7 +818,7 @@ class SweepFailure:
     worker took the point; ``released``: the worker gave the point back), ``message`` what
     the worker said."""
 
-    __schema__ = "AttemptView"
+    __schema__ = "SweepFailure"
 
     worker: str
     evaluator: str
@@ -1258,7 +1259,7 @@ class Lease:
             seed_sets=[SeedSet.from_json(s) for s in lease["seed_sets"]],
             images=ImageGeometry.from_json(lease["images"]),
             features=FeatureTerms.from_json(lease["features"]),
-            sampler=dict(lease["sampler"]),
+            sampler=_object(lease["sampler"]),
             metrics=[MetricInfo.from_json(m) for m in lease["metrics"]],
             metrics_recorded={
                 str(k): [float(x) for x in v] for k, v in lease["metrics_recorded"].items()
