@@ -662,8 +662,6 @@ class Client:
         body = npz_bytes(
             features=np.concatenate(features),
             audit_images=np.concatenate(audit),
-            resolution=np.int64(shape[1]),
-            channels=np.int64(shape[0]),
         )
         response = self._transport.send(
             "POST",
