@@ -372,7 +372,13 @@ def test_client_features_pass_the_audit_and_give_the_same_fid(setup: Setup, tmp_
     assert summary.seconds > 0
     kinds = [type(e).__name__ for e in events]
     assert kinds == ["Claimed", "BatchUploaded", "BatchUploaded", "PointFinished"]
-    assert {e.features for e in events if isinstance(e, BatchUploaded)} == {"client"}
+    uploads = [e for e in events if isinstance(e, BatchUploaded)]
+    assert {e.features for e in uploads} == {"client"}
+    # The server ran the audit images (16 of batch 0, its minimum of batch 1) through its own
+    # network: the client's features agree with its to 1e-4.
+    audits = [e.recorded.audit for e in uploads]
+    assert [a.images if a else None for a in audits] == [16, 2]
+    assert max(a.max_relative_difference for a in audits if a) <= 1e-4
     [point] = setup.client.sweep(sweep).points
     assert point.measured is not None
     assert point.measured.features == "client"
