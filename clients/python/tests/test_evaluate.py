@@ -194,6 +194,18 @@ def test_reference_statistics_from_the_clients_features(setup: Setup) -> None:
     np.testing.assert_allclose(stats["mu"], features.astype(np.float64).mean(0), rtol=0, atol=1e-6)
 
 
+def test_reference_statistics_from_batches(setup: Setup) -> None:
+    images = td.fashion_mnist("t10k", 6)
+    batches = iter([images[:2], torch.from_numpy(images[2:6]).permute(0, 2, 3, 1)])
+    ref = setup.client.reference_from_images("fm-batches", batches, audit_images=3, batch=4)
+    assert (ref.count, ref.resolution, ref.channels) == (6, 28, 1)
+    with pytest.raises(ValueError, match=r"images\[1\]: images of \[1, 32, 32\] after images"):
+        setup.client.reference_from_images(
+            "fm-mixed", [images[:2], np.zeros((2, 1, 32, 32), np.uint8)]
+        )
+    assert "fm-mixed" not in {r.name for r in setup.client.references()}
+
+
 # -- two evaluator processes, one killed mid-point -------------------------------------------
 
 

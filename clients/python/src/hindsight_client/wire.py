@@ -565,8 +565,9 @@ class SweepPoint:
         fid_std, kid_std: standard deviation over seed sets (``None`` with one set; KID's
             per-set standard errors over subsets are in :meth:`metric`).
         result: the server's record of the finished point as it sent it: ``fid``/``kid``
-            summaries, ``num_images``, ``seed_sets``, ``reconstruction``, ``timings``
-            (seconds).
+            summaries, ``metrics`` (every metric by name, user metrics included),
+            ``features`` (who computed them), ``num_images``, ``seed_sets``,
+            ``reconstruction``, ``timings`` (seconds).
         measured: the same, decoded (``None`` until done).
         error: why the point failed (or why its last attempt did).
         grid_url: path of a PNG grid of its first images, once its first batch is recorded
@@ -854,10 +855,10 @@ class Sweep:
         run: the run it samples.
         status: ``queued``, ``running``, ``done`` (every point recorded), ``failed`` (some
             point failed) or ``cancelled``.
-        spec: the validated request as the server sent it: ``sigma_rels``, ``nimgs``,
-            ``metrics``, ``num_images``, ``seed_sets``, ``sampler``, ``reference_id``,
-            ``reference_name``, ``feature_network``, ``batch``, ``kid_subsets``,
-            ``kid_subset_size``, ``warnings``.
+        spec: the validated request as the server sent it: ``evaluator``, ``sigma_rels``,
+            ``nimgs``, ``metrics``, ``user_metrics``, ``num_images``, ``seed_sets``,
+            ``sampler``, ``reference_id``, ``reference_name``, ``feature_network``,
+            ``batch``, ``kid_subsets``, ``kid_subset_size``, ``warnings``.
         settings: the same, decoded.
         points: every point (empty in :meth:`~hindsight_client.Client.sweeps`' listing).
         best_points: the server's best point per metric computed so far.
