@@ -19,11 +19,11 @@ use hindsight::server::{app, hash_token, parse_token_hashes, AppState, ServerCon
 use hindsight::sweep::{self, SweepLimits, SweepRequest, Worker, WorkerConfig};
 
 mod common;
-use common::tiny::setup;
 use common::http::{
     assert_case_error, assert_error, delete, get, post_bytes, post_json, send, send_json, Expected,
     RequestExt, CONFLICT, INVALID_INPUT, LIMIT_REACHED, NOT_FOUND, UNAUTHORIZED,
 };
+use common::tiny::setup;
 
 const TOKEN: &str = "hs_sweep-token";
 
@@ -323,9 +323,12 @@ fn sweep_requests_are_checked_field_by_field() {
         // Nothing was queued by the refused requests.
         assert!(data.db.sweeps(None).await.unwrap().is_empty());
 
-        // A run without a network configuration cannot be sampled.
+        // A run without a network configuration cannot be sampled by the builtin worker (its
+        // sweeps are external by default: the user's code evaluates them).
         data.db.create_run("bare", "", &json!({})).await.unwrap();
-        let request = post_json("/sweeps", &sweep_with("run", json!("bare"))).bearer(TOKEN);
+        let mut bare = sweep_with("run", json!("bare"));
+        bare["evaluator"] = json!("builtin");
+        let request = post_json("/sweeps", &bare).bearer(TOKEN);
         let (status, body) = send_json(&api, request).await;
         assert_error(status, &body, INVALID_INPUT, "network");
 

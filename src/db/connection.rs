@@ -121,13 +121,14 @@ mod tests {
     /// database refuses to open ("migration N was previously applied but has been modified")
     /// once an applied file changes, comments included: a schema change is a new file, added
     /// here with its checksum; what the schema means is told in `migrations/README.md`.
-    const LANDED: [(i64, &str); 6] = [
+    const LANDED: [(i64, &str); 7] = [
         (20261126000001, "b2abea195eeae4dfd999c215db5431da9756d4e1893577f9af86ebdd87b1046393d2bfb71e832e3c1e0bd5278e62e891"),
         (20261126000002, "6750a53ef2e4094bb861dc8d0afe95b9ec9584be6150ae151cd626bfe74ae40f389a89fbc9ca8d3cb738d2508cb63e9a"),
         (20261126000003, "e2f76302e759fe62fa37ca65010a5dbc5552f539c9e53bb6c563b5ba1616f3b0864a912c30abd0ae31a9a9c635785b01"),
         (20261130000004, "a985e60401070bd6a28c78d83cac0261c1c9c6f603aa028759d8c338b40209668f8f164a3daec0373b57690116ee1762"),
         (20261130000005, "c19e1faf1ee75396b7b3e775aba494b58cbcdefa4f63db44626e7ebbf9f60ff81b6559a8b1ec5471999fa38a78756162"),
         (20261201000006, "d841277387a3f301ae75d8d91b43c9c04545b38c4393063d6faeb069947fcb5a33dc9d3793af0660617a7fd4ae7b625b"),
+        (20261206000007, "9769994622566baf20fab4abd8875278a84c48482008a8523e564a903c0548d439d2ce3f57bea6bf112a294ec3c78c03"),
     ];
 
     #[test]
@@ -206,7 +207,7 @@ mod upgrade_tests {
             let db = super::Db::open(&path).await.unwrap();
             let sweep = db.sweep(5).await.unwrap().unwrap();
             assert_eq!(sweep.reference_id, Some(1));
-            assert_eq!(sweep.evaluator, crate::db::Evaluator::Builtin);
+            assert_eq!(sweep.evaluator.as_str(), "builtin");
             assert_eq!(db.sweep_points(5).await.unwrap().len(), 2);
             let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sweep_batches")
                 .fetch_one(db.pool())

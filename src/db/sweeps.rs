@@ -51,7 +51,16 @@ impl SweepStatus {
 
 /// Who evaluates a sweep's points.
 #[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    sqlx::Type,
     utoipa::ToSchema,
 )]
 #[serde(rename_all = "snake_case")]
@@ -812,6 +821,7 @@ impl Db {
     /// Gives up on a point for `error`: back to the queue when `retry` (a later worker tries
     /// again), else `failed`. The lease is closed as `outcome` (`Failed`, or `Released` for a
     /// graceful stop). False when the lease was lost already.
+    #[allow(clippy::too_many_arguments)] // Each is one column of the update or the check.
     pub async fn fail_point(
         &self,
         sweep: i64,

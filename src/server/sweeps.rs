@@ -157,13 +157,11 @@ pub(super) async fn get_sweep(
     let id = parse_id(&id, "id")?;
     let (sweep, points) = load(&state, id).await?;
     let leases = state.data.db.sweep_leases(id).await?;
-    Ok(Json(
-        SweepView::new(&sweep, Some(&points))?.with_leases(
-            &leases,
-            &points,
-            crate::sweep::now_ms(),
-        ),
-    ))
+    Ok(Json(SweepView::new(&sweep, Some(&points))?.with_leases(
+        &leases,
+        &points,
+        crate::sweep::now_ms(),
+    )))
 }
 
 /// Cancel a sweep: unfinished points stop (a worker stops at its next batch); finished
@@ -369,10 +367,16 @@ pub(super) async fn sweep_plot(
     if let Ok(spec) = sweep::spec_of(&sweep) {
         if spec.metric_named(metric).is_none() {
             let names: Vec<String> = spec.metric_infos().into_iter().map(|m| m.metric).collect();
-            return Err(ApiError::not_found(format!(
+            let message = format!(
                 "sweep {id} does not compute {metric:?} (its metrics: {})",
                 names.join(", ")
-            )));
+            );
+            // FID or KID left out of this sweep: not there; any other name: a bad parameter.
+            return Err(if metric.parse::<crate::metrics::Metric>().is_ok() {
+                ApiError::not_found(message)
+            } else {
+                ApiError::invalid(format!("metric: {message}"))
+            });
         }
     }
     if !points.iter().any(|p| p.result.is_some()) {

@@ -80,6 +80,9 @@ pub struct LeaseState {
     pub metrics_recorded: Vec<(String, Vec<f64>)>,
     /// The reference statistics, when the sweep has image metrics.
     pub reference: Option<ReferenceRow>,
+    /// BLAKE3 of the Inception weights uploaded features must come from: the reference's,
+    /// or (imported statistics record none) the server's own, which the audits use.
+    pub weights_digest: Option<String>,
 }
 
 impl LeaseState {
@@ -229,7 +232,7 @@ impl Evaluations {
                 worst = (j, d);
             }
         }
-        if !(worst.1 <= AUDIT_TOLERANCE) {
+        if worst.1.is_nan() || worst.1 > AUDIT_TOLERANCE {
             return Err(Error::AuditFailed(format!(
                 "audit_images[{}] (image {}): the uploaded features differ from the server's \
                  by {:.3e} (relative L2), more than {AUDIT_TOLERANCE:e}: compute them as \
@@ -441,7 +444,15 @@ impl Evaluations {
             Some(id) => self.data.db.reference(id).await?,
             None => None,
         };
+        let weights_digest = match &reference {
+            Some(r) if r.weights_digest.is_some() => r.weights_digest.clone(),
+            Some(_) if spec.has_images() && !spec.is_fallback() => {
+                Some(self.scorer.extractor().await?.digest.clone())
+            }
+            _ => None,
+        };
         Ok(LeaseState {
+            weights_digest,
             metrics_recorded: self.data.db.lease_metrics(lease).await?,
             lease: row,
             sweep,
@@ -549,7 +560,12 @@ impl Evaluations {
             let same = self
                 .data
                 .db
-                .batch_upload_digest(point.sweep_id, point.idx, k as i64, &state.reconstruction.id)
+                .batch_upload_digest(
+                    point.sweep_id,
+                    point.idx,
+                    k as i64,
+                    &state.reconstruction.id,
+                )
                 .await?
                 .as_deref()
                 == Some(upload_digest.as_str());
@@ -656,7 +672,7 @@ impl Evaluations {
                         worst = (j, d);
                     }
                 }
-                if !(worst.1 <= AUDIT_TOLERANCE) {
+                if worst.1.is_nan() || worst.1 > AUDIT_TOLERANCE {
                     let j = worst.0;
                     return Err(Error::AuditFailed(format!(
                         "audit_images[{j}] (image {} of batch {k}): the uploaded features differ \
@@ -770,7 +786,11 @@ impl Evaluations {
             missing.push(format!(
                 "batches {}{} of {batches} are not recorded",
                 shown.join(", "),
-                if absent.len() > shown.len() { ", …" } else { "" }
+                if absent.len() > shown.len() {
+                    ", …"
+                } else {
+                    ""
+                }
             ));
         }
         let unreported: Vec<&str> = spec
@@ -1005,29 +1025,6 @@ pub fn lenient_json(bytes: &[u8]) -> std::result::Result<serde_json::Value, serd
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bare_non_finite_numbers_are_named_not_lost() {
-        let v = lenient_json(br#"{"val_loss": NaN, "b": [1, -Infinity], "s": "NaN"}"#).unwrap();
-        assert_eq!(v["val_loss"], format!("{NONFINITE_MARK}NaN"));
-        assert_eq!(v["b"][1], format!("{NONFINITE_MARK}-Infinity"));
-        assert_eq!(v["s"], "NaN");
-        assert!(lenient_json(b"{\"a\": nope}").is_err());
-    }
-
-    #[test]
-    fn worker_names_are_printable() {
-        assert!(check_worker("gpu-3 (node 7)").is_ok());
-        for bad in ["", " x", "a\nb", &"w".repeat(101)] {
-            let e = check_worker(bad).unwrap_err();
-            assert!(e.to_string().starts_with("worker: "), "{e}");
-        }
-    }
-}
-
 /// The Python that works external sweep `sweep` with the client (`Client.evaluate`), for
 /// the command line and the UI to show; `server` is the server's URL (default
 /// `http://127.0.0.1:8080`, what `hindsight serve` binds).
@@ -1074,4 +1071,27 @@ pub fn python_snippet(sweep: i64, spec: &SweepSpec, server: Option<&str>) -> Str
             ", metrics=metrics"
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_non_finite_numbers_are_named_not_lost() {
+        let v = lenient_json(br#"{"val_loss": NaN, "b": [1, -Infinity], "s": "NaN"}"#).unwrap();
+        assert_eq!(v["val_loss"], format!("{NONFINITE_MARK}NaN"));
+        assert_eq!(v["b"][1], format!("{NONFINITE_MARK}-Infinity"));
+        assert_eq!(v["s"], "NaN");
+        assert!(lenient_json(b"{\"a\": nope}").is_err());
+    }
+
+    #[test]
+    fn worker_names_are_printable() {
+        assert!(check_worker("gpu-3 (node 7)").is_ok());
+        for bad in ["", " x", "a\nb", &"w".repeat(101)] {
+            let e = check_worker(bad).unwrap_err();
+            assert!(e.to_string().starts_with("worker: "), "{e}");
+        }
+    }
 }

@@ -7,8 +7,9 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::results::MetricSummary;
-use super::spec::{Goal, UserMetric};
+use super::results::{MetricSummary, PointResult};
+use crate::db::PointRow;
+use crate::error::{Error, Result};
 use crate::metrics::Metric;
 
 /// What computes a metric.
@@ -136,6 +137,96 @@ pub fn error_bar(summary: &MetricSummary) -> Option<f64> {
     })
 }
 
+/// Which way a user metric is better.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Goal {
+    /// Lower is better (a loss, a distance).
+    Min,
+    /// Higher is better (an accuracy, a likelihood).
+    Max,
+}
+
+/// A metric the user's evaluator computes and reports per point (`POST
+/// /evaluations/{lease}/metrics`): declared in the sweep, shown beside FID and KID.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserMetric {
+    /// `[a-z0-9_]{1,40}`, not `fid` or `kid`.
+    pub name: String,
+    /// `min` or `max`.
+    pub goal: Goal,
+    /// What displays call it (default: the name); at most 100 characters.
+    #[serde(default)]
+    #[schema(required)]
+    pub label: String,
+}
+
+impl UserMetric {
+    /// Checks the name and label (errors name `field`), filling the default label.
+    pub fn checked(mut self, field: &str) -> Result<Self> {
+        let ok = (1..=40).contains(&self.name.len())
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !ok {
+            return Err(Error::invalid(
+                format!("{field}.name"),
+                format!(
+                    "{:?}: a user metric's name is 1 to 40 of a-z, 0-9 and _",
+                    self.name
+                ),
+            ));
+        }
+        if Metric::ALL.iter().any(|m| m.as_str() == self.name) {
+            return Err(Error::invalid(
+                format!("{field}.name"),
+                format!(
+                    "{:?} is the server's own metric: ask for it as the string {:?}",
+                    self.name, self.name
+                ),
+            ));
+        }
+        let label = self.label.trim();
+        if label.chars().count() > 100 || label.chars().any(char::is_control) {
+            return Err(Error::invalid(
+                format!("{field}.label"),
+                "at most 100 characters, none of them control characters",
+            ));
+        }
+        self.label = if label.is_empty() {
+            self.name.clone()
+        } else {
+            label.to_owned()
+        };
+        Ok(self)
+    }
+}
+
+/// The best finished point by `metric` (the lowest mean, or the highest when higher is
+/// better), if any, with its summary.
+pub fn best_point<'a>(
+    points: &'a [PointRow],
+    metric: &MetricInfo,
+) -> Option<(&'a PointRow, MetricSummary)> {
+    points
+        .iter()
+        .filter_map(|p| {
+            let r: PointResult = serde_json::from_value(p.result.clone()?).ok()?;
+            let v = r.named(&metric.metric)?.clone();
+            Some((p, v))
+        })
+        .filter(|(_, v)| v.mean.is_finite())
+        .reduce(|a, b| {
+            if metric.better(b.1.mean, a.1.mean) {
+                b
+            } else {
+                a
+            }
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,6 +252,9 @@ mod tests {
             label: "accuracy".into(),
         });
         assert!(acc.better(0.9, 0.8) && !acc.lower_is_better);
-        assert_eq!((acc.format(0.91234), acc.format(123.456)), ("0.9123".into(), "123.5".into()));
+        assert_eq!(
+            (acc.format(0.91234), acc.format(123.456)),
+            ("0.9123".into(), "123.5".into())
+        );
     }
 }

@@ -34,12 +34,12 @@ pub mod upload;
 mod worker;
 
 pub use batch::GRID_IMAGES;
-pub use labels::{error_bar, MetricInfo, MetricKind};
-pub use results::{best_point, MetricSummary, PointResult, Timings};
+pub use labels::{best_point, error_bar, Goal, MetricInfo, MetricKind, UserMetric};
+pub use results::{MetricSummary, PointResult, Timings};
 pub use scoring::{batch_timings, features_by, LoadedReference, Scorer};
 pub use spec::{
-    run_network, spec_of, validate, Goal, MetricRequest, SamplerRequest, SamplerSettings,
-    SamplerSpec, SweepLimits, SweepRequest, SweepSpec, UserMetric, MAX_USER_METRICS,
+    run_network, spec_of, validate, MetricRequest, SamplerRequest, SamplerSettings, SamplerSpec,
+    SweepLimits, SweepRequest, SweepSpec, MAX_USER_METRICS,
 };
 pub use worker::{
     new_worker_id, now_ms, Observer, Worker, WorkerConfig, WorkerEvent, MAX_ATTEMPTS,

@@ -5,8 +5,6 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::labels::MetricInfo;
-use crate::db::PointRow;
 use crate::error::Result;
 use crate::metrics::{frechet_distance_of, kid, FeatureStats, Metric, FEATURES};
 
@@ -159,29 +157,6 @@ pub fn set_metrics(
         _ => None,
     };
     Ok(SetMetrics { stats, fid, kid })
-}
-
-/// The best finished point by `metric` (the lowest mean, or the highest when higher is
-/// better), if any, with its summary.
-pub fn best_point<'a>(
-    points: &'a [PointRow],
-    metric: &MetricInfo,
-) -> Option<(&'a PointRow, MetricSummary)> {
-    points
-        .iter()
-        .filter_map(|p| {
-            let r: PointResult = serde_json::from_value(p.result.clone()?).ok()?;
-            let v = r.named(&metric.metric)?.clone();
-            Some((p, v))
-        })
-        .filter(|(_, v)| v.mean.is_finite())
-        .reduce(|a, b| {
-            if metric.better(b.1.mean, a.1.mean) {
-                b
-            } else {
-                a
-            }
-        })
 }
 
 #[cfg(test)]

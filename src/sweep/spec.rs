@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::labels::UserMetric;
 use crate::app::{references, DataDir};
 use crate::db::{Evaluator, ReferenceRow, Run};
 use crate::error::{Error, Result};
@@ -139,78 +140,11 @@ impl SamplerSettings {
     }
 }
 
-/// Which way a user metric is better.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Goal {
-    /// Lower is better (a loss, a distance).
-    Min,
-    /// Higher is better (an accuracy, a likelihood).
-    Max,
-}
-
-/// A metric the user's evaluator computes and reports per point (`POST
-/// /evaluations/{lease}/metrics`): declared in the sweep, shown beside FID and KID.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct UserMetric {
-    /// `[a-z0-9_]{1,40}`, not `fid` or `kid`.
-    pub name: String,
-    /// `min` or `max`.
-    pub goal: Goal,
-    /// What displays call it (default: the name); at most 100 characters.
-    #[serde(default)]
-    #[schema(required)]
-    pub label: String,
-}
-
 /// Most user metrics in a sweep.
 pub const MAX_USER_METRICS: usize = 16;
 
 /// Largest external `sampler` object, bytes of JSON.
 pub const MAX_SAMPLER_BYTES: usize = 64 << 10;
-
-impl UserMetric {
-    /// Checks the name and label (errors name `field`), filling the default label.
-    pub fn checked(mut self, field: &str) -> Result<Self> {
-        let ok = (1..=40).contains(&self.name.len())
-            && self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-        if !ok {
-            return Err(Error::invalid(
-                format!("{field}.name"),
-                format!(
-                    "{:?}: a user metric's name is 1 to 40 of a-z, 0-9 and _",
-                    self.name
-                ),
-            ));
-        }
-        if Metric::ALL.iter().any(|m| m.as_str() == self.name) {
-            return Err(Error::invalid(
-                format!("{field}.name"),
-                format!(
-                    "{:?} is the server's own metric: ask for it as the string {:?}",
-                    self.name, self.name
-                ),
-            ));
-        }
-        let label = self.label.trim();
-        if label.chars().count() > 100 || label.chars().any(char::is_control) {
-            return Err(Error::invalid(
-                format!("{field}.label"),
-                "at most 100 characters, none of them control characters",
-            ));
-        }
-        self.label = if label.is_empty() {
-            self.name.clone()
-        } else {
-            label.to_owned()
-        };
-        Ok(self)
-    }
-}
 
 /// A metric as a request names it: one of the server's (`fid`, `kid`) or the user's.
 #[derive(Clone, Debug, PartialEq)]
@@ -424,7 +358,11 @@ impl SweepSpec {
         self.metrics
             .iter()
             .map(|&m| self.metric_info(m))
-            .chain(self.user_metrics.iter().map(super::labels::MetricInfo::user))
+            .chain(
+                self.user_metrics
+                    .iter()
+                    .map(super::labels::MetricInfo::user),
+            )
             .collect()
     }
 
@@ -512,8 +450,9 @@ fn checked_metrics(
     if list.is_empty() {
         return Err(Error::invalid("metrics", "give at least one"));
     }
-    let (mut image, mut user): (Vec<(usize, Metric)>, Vec<(usize, UserMetric)>) =
-        (Vec::new(), Vec::new());
+    // Each with its position in the request, for messages naming a repeated one.
+    let mut image: Vec<(usize, Metric)> = Vec::new();
+    let mut user: Vec<(usize, UserMetric)> = Vec::new();
     for (i, m) in list.into_iter().enumerate() {
         let name = match &m {
             MetricRequest::Image(m) => m.as_str().to_owned(),
@@ -552,10 +491,7 @@ fn checked_metrics(
     if user.len() > MAX_USER_METRICS {
         return Err(Error::invalid(
             "metrics",
-            format!(
-                "{} user metrics; at most {MAX_USER_METRICS}",
-                user.len()
-            ),
+            format!("{} user metrics; at most {MAX_USER_METRICS}", user.len()),
         ));
     }
     Ok(Some((

@@ -5,9 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::sweep::external::{
-    BatchReceipt, LeaseState, AUDIT_TOLERANCE, MIN_AUDIT_IMAGES,
-};
+use crate::sweep::external::{BatchReceipt, LeaseState, AUDIT_TOLERANCE, MIN_AUDIT_IMAGES};
 use crate::sweep::MetricInfo;
 
 /// The body of `POST /evaluations/claim`.
@@ -94,7 +92,8 @@ pub struct FeatureTerms {
     pub network: String,
     /// Feature dimension.
     pub dims: u64,
-    /// BLAKE3 of the weights the reference's features came from (null: imported).
+    /// BLAKE3 of the Inception weights features must come from: the reference's, or for
+    /// imported statistics the server's own (null: features are not taken).
     pub weights_digest: Option<String>,
     /// Fewest of a batch's images that come with its features, for the audit.
     pub min_audit_images: u64,
@@ -211,7 +210,7 @@ impl Lease {
                 accepted: s.features_accepted(),
                 network: crate::metrics::Metric::Fid.feature_network().to_owned(),
                 dims: crate::metrics::FEATURES as u64,
-                weights_digest: s.reference.as_ref().and_then(|r| r.weights_digest.clone()),
+                weights_digest: s.weights_digest.clone(),
                 min_audit_images: MIN_AUDIT_IMAGES as u64,
                 audit_tolerance: AUDIT_TOLERANCE,
             },
