@@ -19,7 +19,9 @@ export async function sweepPage(id) {
   const head = h('div');
   const charts = h('div', { id: 'charts' });
   const samples = h('div', { class: 'samples', id: 'samples', 'aria-live': 'polite' },
-    h('p', { class: 'muted' }, 'Click a point (or a row below) to see its images.'));
+    h('p', { class: 'muted' }, sweep.imagesTotal
+      ? 'Click a point (or a row below) to see its images.'
+      : 'This sweep measures no images through the server (user metrics only): no image grids.'));
   const table = h('div', { class: 'scroll', id: 'points' });
   const evaluators = h('div', { id: 'evaluators' });
   const failures = h('div', { id: 'attempts' });
@@ -73,14 +75,14 @@ export async function sweepPage(id) {
         `; ${perPoint}`,
         spec.steps !== null ? `, ${spec.steps} sampler steps` : '',
         spec.referenceName !== null ? `, reference “${spec.referenceName}”` : ''),
+      h('div', { class: 'progress', role: 'progressbar', 'aria-valuemin': 0, 'aria-valuemax': 100, 'aria-valuenow': Math.round(pct) },
+        h('div', { style: `width: ${pct}%` })),
       h('p', { id: 'evaluator' }, 'Evaluated by ',
         spec.external
           ? [h('strong', {}, 'external'), ' evaluators (your own workers, over the lease protocol)']
           : [h('strong', {}, 'builtin'), ' workers (the server samples the run\'s network)']),
-      spec.externalSampler !== null && h('details', {}, h('summary', {}, 'Sampler settings (handed to every evaluator)'),
+      spec.externalSampler !== null && Object.keys(spec.externalSampler).length > 0 && h('details', {}, h('summary', {}, 'Sampler settings (handed to every evaluator)'),
         h('pre', { class: 'json', id: 'sampler' }, JSON.stringify(spec.externalSampler, null, 2))),
-      h('div', { class: 'progress', role: 'progressbar', 'aria-valuemin': 0, 'aria-valuemax': 100, 'aria-valuenow': Math.round(pct) },
-        h('div', { style: `width: ${pct}%` })),
       spec.warnings.map((w) => h('p', { class: 'warning' }, `⚠ ${w}`)),
       sweep.running && h('p', {}, h('button', {
         class: 'danger', id: 'cancel', onclick: async () => {
@@ -127,8 +129,8 @@ export async function sweepPage(id) {
     const hint = sweep.running && !sweep.workers.length && h('div', { class: 'panel', id: 'worker-hint' },
       h('p', {}, 'No evaluator is working on this sweep yet. Its points are evaluated by your own ',
         'model on your own machines: run an evaluator there with the Python client (',
-        h('code', {}, 'pip install ./clients/python'), '), which claims points, samples and ',
-        'measures them, and sends the results back:'),
+        h('code', {}, 'pip install "./clients/python[torch]"'), ' from the repository), which ',
+        'claims points, samples and measures them, and sends the results back:'),
       h('pre', {}, h('code', {}, [
         'from hindsight_client import Client',
         `client = Client("${location.origin}", token="…")  # a write token`,
