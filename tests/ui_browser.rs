@@ -332,7 +332,10 @@ fn work_external_sweep(addr: &str, token: &str) -> Value {
                 .map(|i| ((i * 31 + idx * 97 + k as usize * 13) % 251) as u8)
                 .collect();
             let body = npy_u8(&[batch, side, side, channels], &data);
-            let path = urls["batch"].as_str().unwrap().replace("{k}", &k.to_string());
+            let path = urls["batch"]
+                .as_str()
+                .unwrap()
+                .replace("{k}", &k.to_string());
             let auth = format!("Bearer {token}");
             let reply = exchange(
                 addr,
@@ -655,7 +658,10 @@ async fn chart_of(client: &Client, metric: &str) -> Value {
         if !v.is_null() {
             return v;
         }
-        assert!(Instant::now() < deadline, "the {metric} chart was not drawn");
+        assert!(
+            Instant::now() < deadline,
+            "the {metric} chart was not drawn"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -713,7 +719,10 @@ async fn external_sweep_page(client: &Client, base: &str, sweeps: &Sweeps) {
         let v = &p["result"]["metrics"]["val_loss"];
         assert_eq!(q["sigma_rel"].as_f64(), p["sigma_rel"].as_f64());
         let value = v["value"].as_f64().unwrap();
-        assert!((q["value"].as_f64().unwrap() - value).abs() <= 1e-9, "{q} {v}");
+        assert!(
+            (q["value"].as_f64().unwrap() - value).abs() <= 1e-9,
+            "{q} {v}"
+        );
         assert!(v["error_bar"].as_f64().unwrap() > 0.0, "two seed sets: {v}");
     }
     let best = sweep["best"]
@@ -734,8 +743,7 @@ async fn external_sweep_page(client: &Client, base: &str, sweeps: &Sweeps) {
         line.contains(&format!(
             "{:.3}",
             best["value"].as_f64().unwrap() * info["scale"].as_f64().unwrap()
-        ))
-            && line.contains('±')
+        )) && line.contains('±')
             && line.contains(&format!("{best_sigma:.4}")),
         "{line}"
     );
