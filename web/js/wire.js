@@ -161,8 +161,8 @@ export function sweep(s) {
 /** What a sweep was asked for. `evaluator` is `builtin` (the server samples EDM2's network)
  *  or `external` (users' own workers evaluate its points). `steps` is the builtin sampler's;
  *  an external sweep's `sampler` is the user's own settings, any JSON object, kept as it is
- *  (`externalSampler`, null for builtin sweeps). `numImages` and `referenceName` are null for
- *  a sweep with only user metrics (it samples no images through the server). */
+ *  (`externalSampler`, null for builtin sweeps). A sweep with only user metrics samples no
+ *  images through the server: `numImages` 0, `referenceName` null. */
 // schema: SweepSpec
 export function sweepSpec(s) {
   const external = s.evaluator === 'external';
@@ -170,7 +170,7 @@ export function sweepSpec(s) {
     evaluator: s.evaluator,
     external,
     sigmaRels: s.sigma_rels,
-    numImages: s.num_images ?? null,
+    numImages: s.num_images,
     seedSets: s.seed_sets,
     steps: external ? null : samplerSettings(s.sampler).steps,
     externalSampler: external ? s.sampler : null,
@@ -256,9 +256,9 @@ export function timings(t) {
   return t.reconstruct_s + t.batches_s + t.metrics_s;
 }
 
-/** An evaluator's lease on a point of an external sweep, held now: who (`worker`, the name it
- *  gave), which point, when it claimed it, its last heartbeat and when the lease runs out
- *  (RFC 3339 strings). */
+/** A lease on a point, held now: who (`worker`, the name it gave), which point, when it
+ *  claimed it, its last heartbeat and when the lease runs out (RFC 3339 strings); `expired`:
+ *  the lease ran out (the worker is presumably dead; another may claim the point). */
 // schema: SweepWorker
 export function sweepWorker(w) {
   return {
@@ -269,11 +269,13 @@ export function sweepWorker(w) {
     claimedAt: w.claimed_at,
     heartbeatAt: w.heartbeat_at ?? null,
     expiresAt: w.expires_at,
+    expired: w.expired,
   };
 }
 
 /** An attempt at a point that did not finish: `outcome` (`failed`: the evaluator gave up, with
- *  its `message`; `expired`: its lease ran out), who and when. */
+ *  its `message`; `expired`: its lease ran out, no message; `released`: given back), who and
+ *  when. */
 // schema: SweepFailure
 export function sweepFailure(f) {
   return {

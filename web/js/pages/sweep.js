@@ -63,7 +63,7 @@ export async function sweepPage(id) {
     const pct = sweep.imagesTotal ? (100 * sweep.imagesDone / sweep.imagesTotal)
       : sweep.pointsTotal ? (100 * sweep.pointsDone / sweep.pointsTotal) : 0;
     const spec = sweep.spec;
-    const perPoint = spec.numImages !== null
+    const perPoint = spec.numImages > 0
       ? `${spec.numImages} images × ${spec.seedSets} seed set(s) per point`
       : `${spec.seedSets} seed set(s) per point`;
     fill(head,
@@ -122,9 +122,9 @@ export async function sweepPage(id) {
         h('td', {}, p.gridUrl ? h('button', { class: 'link', onclick: () => showSamples(p) }, 'Images') : ''))))));
   };
 
-  // An external sweep's evaluators: the leases held now, or how to start one.
+  // The leases held now; for an external sweep nobody works, how to start an evaluator.
   const renderEvaluators = () => {
-    if (!sweep.spec.external) { fill(evaluators); return; }
+    if (!sweep.spec.external && !sweep.workers.length) { fill(evaluators); return; }
     const now = Date.now();
     const hint = sweep.running && !sweep.workers.length && h('div', { class: 'panel', id: 'worker-hint' },
       h('p', {}, 'No evaluator is working on this sweep yet. Its points are evaluated by your own ',
@@ -134,7 +134,9 @@ export async function sweepPage(id) {
       h('pre', {}, h('code', {}, [
         'from hindsight_client import Client',
         `client = Client("${location.origin}", token="…")  # a write token`,
-        `client.evaluate(sweep=${sweep.id}, ...)  # with your model's sampling and metrics`,
+        '# load: builds your model from the reconstructed weights; generate: samples images',
+        '# with it (for FID/KID); metrics: measures your own metrics',
+        `client.evaluate(sweep=${sweep.id}, load=load, generate=generate, metrics=metrics, device="cuda")`,
       ].join('\n'))),
       h('p', { class: 'muted' }, 'Any number of evaluators can share the sweep; the protocol is in docs/EVALUATORS.md.'));
     fill(evaluators,
@@ -148,7 +150,8 @@ export async function sweepPage(id) {
           h('td', {}, fmtNimg(w.nimg)),
           h('td', { class: 'hide-narrow', title: fmtTime(w.claimedAt) }, fmtAgo(w.claimedAt, now)),
           h('td', { title: fmtTime(w.heartbeatAt) }, w.heartbeatAt ? fmtAgo(w.heartbeatAt, now) : 'none yet'),
-          h('td', { title: fmtTime(w.expiresAt) }, fmtAgo(w.expiresAt, now)))))))
+          h('td', { title: fmtTime(w.expiresAt) },
+            w.expired ? [statusBadge('expired'), ` ${fmtAgo(w.expiresAt, now)}`] : fmtAgo(w.expiresAt, now)))))))
         : hint || h('p', { class: 'muted' }, 'No evaluator holds a point now.'));
   };
 
@@ -165,7 +168,8 @@ export async function sweepPage(id) {
       h('tbody', {}, sweep.failures.map((f) => h('tr', {},
         h('td', {}, f.worker), h('td', { class: 'num' }, `#${f.idx}`), h('td', { class: 'num' }, fmt(f.sigmaRel, 4)),
         h('td', {}, fmtNimg(f.nimg)), h('td', {}, statusBadge(f.outcome)),
-        h('td', { class: 'message-text' }, f.message || (f.outcome === 'expired' ? 'the lease ran out (no heartbeat)' : '–')),
+        h('td', { class: 'message-text' }, f.message
+          || { expired: 'the lease ran out (no heartbeat)', released: 'given back by the worker' }[f.outcome] || '–'),
         h('td', { class: 'hide-narrow' }, fmtTime(f.claimedAt)), h('td', { class: 'hide-narrow' }, fmtTime(f.endedAt))))))));
   };
 
