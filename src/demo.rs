@@ -170,11 +170,14 @@ pub async fn matching_sweep(
         let Ok(spec) = crate::sweep::spec_of(&sweep) else {
             continue;
         };
-        if spec.reference_id == reference_id
+        if spec.reference_id == Some(reference_id)
             && spec.sigma_rels == settings.sigma_rels
             && spec.num_images == settings.num_images
             && spec.seed_sets == 1
-            && spec.sampler.steps == settings.steps
+            && spec.sampler == crate::sweep::SamplerSpec::Builtin(crate::sweep::SamplerSettings {
+                steps: settings.steps,
+                ..spec.sampler.settings()
+            })
             && spec.metrics.len() == 2
         {
             return Ok(Some(sweep));

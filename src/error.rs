@@ -33,6 +33,18 @@ pub enum Error {
     /// at the same time and width).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// An external evaluator's lease on a sweep point ended or ran out: nothing was
+    /// recorded; the evaluator claims again.
+    #[error("{0}")]
+    LeaseLost(String),
+    /// Features an external evaluator computed differ from the server's on an audit image
+    /// (another resize or normalisation): nothing was recorded.
+    #[error("{0}")]
+    AuditFailed(String),
+    /// A sweep point cannot be finished yet: batches or metrics are missing (the message
+    /// names them).
+    #[error("{0}")]
+    Unfinished(String),
     /// A configured bound on stored or queued work is reached (unfinished sweeps); the
     /// message names the bound. Trying again after work finishes can succeed.
     #[error("{0}")]

@@ -3,7 +3,7 @@
 //! two workers at once. The feature network here has the formula weights (any machine runs
 //! these); `sweep_e2e.rs` runs a sweep on NVIDIA's real weights and Fashion-MNIST.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,94 +12,20 @@ use axum::http::{Request, StatusCode};
 use axum::Router;
 use serde_json::{json, Value};
 
-use hindsight::app::references::{self, ReferenceOrigin};
 use hindsight::app::DataDir;
-use hindsight::datasets::Dataset;
-use hindsight::db::{NewBatch, SweepStatus};
-use hindsight::metrics::{FeatureExtractor, FeatureStats, FEATURES};
-use hindsight::model::Edm2Config;
+use hindsight::db::{BatchWrite, ClaimFilter, LeaseOutcome, NewBatch, SweepStatus};
+use hindsight::metrics::{FeatureStats, FEATURES};
 use hindsight::server::{app, hash_token, parse_token_hashes, AppState, ServerConfig};
 use hindsight::sweep::{self, SweepLimits, SweepRequest, Worker, WorkerConfig};
-use hindsight::train::{self, TrainOptions};
 
 mod common;
+use common::tiny::setup;
 use common::http::{
     assert_case_error, assert_error, delete, get, post_bytes, post_json, send, send_json, Expected,
     RequestExt, CONFLICT, INVALID_INPUT, LIMIT_REACHED, NOT_FOUND, UNAUTHORIZED,
 };
 
 const TOKEN: &str = "hs_sweep-token";
-
-/// A data directory with a tiny trained run `tiny` (8×8 RGB, snapshots at 1 and 2 kimg) and
-/// reference statistics `proc` of 8 procedural images under the formula weights.
-struct Setup {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
-    weights: PathBuf,
-}
-
-fn tiny_network() -> Edm2Config {
-    Edm2Config {
-        model_channels: 8,
-        channel_mult: vec![1, 2],
-        num_blocks: 1,
-        attn_resolutions: vec![],
-        logvar_channels: 8,
-        ..Edm2Config::new(8, 3, 0)
-    }
-}
-
-fn setup() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("data");
-    let weights = dir.path().join("formula-inception.safetensors");
-    common::write_formula_inception(&weights);
-    train::run(
-        &path,
-        TrainOptions {
-            run: "tiny".into(),
-            network: Some(tiny_network()),
-            dataset: Some("procedural".into()),
-            resolution: 8,
-            classes: 0,
-            batch: 16,
-            total_kimg: 2,
-            snapshot_kimg: 1,
-            status_kimg: 1,
-            lr: 0.01,
-            ref_batches: 2000.0,
-            rampup_mimg: 0.0001,
-            sigma_rels: vec![0.05, 0.10],
-            seed: 0,
-            resume: false,
-        },
-        &(),
-    )
-    .unwrap();
-    let extractor = FeatureExtractor::open(Some(&weights)).unwrap();
-    let dataset = Dataset::open("procedural", 8, 0, 0).unwrap();
-    let features = extractor
-        .dataset_features(&dataset, Some(8), 8, &())
-        .unwrap();
-    let stats = hindsight::metrics::statistics(&features, FEATURES).unwrap();
-    runtime().block_on(async {
-        let data = DataDir::open(&path).await.unwrap();
-        let origin = ReferenceOrigin {
-            name: "proc".into(),
-            source: "procedural (8 images)".into(),
-            resolution: Some(8),
-            channels: Some(3),
-        };
-        references::store_computed(&data, origin, &stats, &features, &extractor)
-            .await
-            .unwrap();
-    });
-    Setup {
-        _dir: dir,
-        path,
-        weights,
-    }
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -111,16 +37,17 @@ fn runtime() -> tokio::runtime::Runtime {
 fn request(sigma_rels: &[f64], num_images: usize) -> SweepRequest {
     SweepRequest {
         run: "tiny".into(),
+        evaluator: None,
         sigma_rels: sigma_rels.to_vec(),
         nimgs: None,
         metrics: None,
         num_images: Some(num_images),
         seed_sets: None,
-        sampler: hindsight::sweep::SamplerSettings {
+        sampler: hindsight::sweep::SamplerRequest::Settings(hindsight::sweep::SamplerSettings {
             steps: 3,
             ..Default::default()
-        },
-        reference: "proc".into(),
+        }),
+        reference: Some("proc".into()),
         batch: Some(2),
         kid_subsets: Some(10),
         kid_subset_size: None,
@@ -519,20 +446,35 @@ fn the_queue_leases_points_and_refuses_stale_workers() {
         let db = &data.db;
         let id = created.id;
         // Worker A's lease has run out the moment it is taken.
-        let a = db.claim_point("A", 1000, 999, None).await.unwrap().unwrap();
-        assert_eq!((a.point.idx, a.point.attempts), (0, 1));
-        let b = db
-            .claim_point("B", 2000, i64::MAX, Some(id))
+        let a = db
+            .claim_point("A", 1000, 999, ClaimFilter::default())
             .await
             .unwrap()
             .unwrap();
+        let a_lease = a.owner.clone();
+        assert_eq!((a.point.idx, a.point.attempts), (0, 1));
+        let b = db
+            .claim_point(
+                "B",
+                2000,
+                i64::MAX,
+                ClaimFilter {
+                    sweep: Some(id),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        let b_lease = b.owner.clone();
+        assert_ne!(a_lease, b_lease, "every claim is a new lease");
         assert_eq!(
             (b.point.idx, b.point.attempts),
             (0, 2),
             "B takes the expired point"
         );
-        assert!(!db.pin_reconstruction(id, 0, "A", "r1").await.unwrap());
-        assert!(db.pin_reconstruction(id, 0, "B", "r1").await.unwrap());
+        assert!(!db.pin_reconstruction(id, 0, &a_lease, "r1").await.unwrap());
+        assert!(db.pin_reconstruction(id, 0, &b_lease, "r1").await.unwrap());
         let batch = |n: i64, digest: &str| NewBatch {
             batch: n,
             reconstruction_id: "r1".into(),
@@ -542,55 +484,73 @@ fn the_queue_leases_points_and_refuses_stale_workers() {
             sample_seconds: 0.05,
             features_seconds: 0.05,
             grid_digest: None,
+            features_by: "server",
+            upload_digest: None,
         };
         let blob = data.put_blob(vec![1, 2, 3], "test").await.unwrap();
-        assert!(!db
-            .record_batch(id, 0, "A", &batch(0, &blob), i64::MAX)
-            .await
-            .unwrap());
-        assert!(db
-            .record_batch(id, 0, "B", &batch(0, &blob), i64::MAX)
-            .await
-            .unwrap());
+        assert_eq!(
+            db.record_batch(id, 0, &a_lease, &batch(0, &blob), i64::MAX, None)
+                .await
+                .unwrap(),
+            BatchWrite::LeaseLost
+        );
+        assert_eq!(
+            db.record_batch(id, 0, &b_lease, &batch(0, &blob), i64::MAX, None)
+                .await
+                .unwrap(),
+            BatchWrite::Recorded
+        );
         assert_eq!(db.sweep_batches(id, 0, "r1").await.unwrap().len(), 1);
         // The run changed: another reconstruction; the old features go.
-        assert!(db.pin_reconstruction(id, 0, "B", "r2").await.unwrap());
+        assert!(db.pin_reconstruction(id, 0, &b_lease, "r2").await.unwrap());
         assert!(db.sweep_batches(id, 0, "r1").await.unwrap().is_empty());
         let mut wrong = batch(1, &blob);
         wrong.reconstruction_id = "r1".into();
-        assert!(
-            !db.record_batch(id, 0, "B", &wrong, i64::MAX).await.unwrap(),
+        assert_eq!(
+            db.record_batch(id, 0, &b_lease, &wrong, i64::MAX, None)
+                .await
+                .unwrap(),
+            BatchWrite::LeaseLost,
             "features of another reconstruction are refused"
         );
         assert!(!db
-            .finish_point(id, 0, "A", &json!({}), &blob)
+            .finish_point(id, 0, &a_lease, &json!({}), Some(&blob), None)
             .await
             .unwrap());
         assert!(db
-            .finish_point(id, 0, "B", &json!({"x": 1}), &blob)
+            .finish_point(id, 0, &b_lease, &json!({"x": 1}), Some(&blob), None)
             .await
             .unwrap());
         assert!(
-            !db.finish_point(id, 0, "B", &json!({"x": 2}), &blob)
+            !db.finish_point(id, 0, &b_lease, &json!({"x": 2}), Some(&blob), None)
                 .await
                 .unwrap(),
             "a point is recorded once"
         );
+        // Every claim is on record: A's lease ran out and B took the point over.
+        let leases = db.sweep_leases(id).await.unwrap();
+        assert_eq!(leases[0].worker, "A");
+        assert_eq!(leases[0].outcome, Some(LeaseOutcome::Expired));
+        assert_eq!(leases[1].outcome, Some(LeaseOutcome::Done));
         let points = db.sweep_points(id).await.unwrap();
         assert_eq!(points[0].result, Some(json!({"x": 1})));
         assert_eq!(points[0].status, SweepStatus::Done);
         // Cancelling takes the lease from whoever holds point 1.
         let c = db
-            .claim_point("C", 3000, i64::MAX, None)
+            .claim_point("C", 3000, i64::MAX, ClaimFilter::default())
             .await
             .unwrap()
             .unwrap();
         assert_eq!(c.point.idx, 1);
         let cancelled = db.cancel_sweep(id).await.unwrap().unwrap();
         assert_eq!(cancelled.status, SweepStatus::Cancelled);
-        assert!(!db.renew_lease(id, 1, "C", i64::MAX).await.unwrap());
+        assert!(!db.renew_lease(id, 1, &c.owner, i64::MAX).await.unwrap());
+        assert_eq!(
+            db.sweep_leases(id).await.unwrap()[2].outcome,
+            Some(LeaseOutcome::Cancelled)
+        );
         assert!(db
-            .claim_point("D", 4000, i64::MAX, None)
+            .claim_point("D", 4000, i64::MAX, ClaimFilter::default())
             .await
             .unwrap()
             .is_none());
@@ -629,7 +589,15 @@ fn two_workers_finish_a_sweep_and_a_dead_workers_point_is_resumed() {
             .as_millis() as i64;
         let ghost = data
             .db
-            .claim_point("ghost", now, now + 1500, Some(id))
+            .claim_point(
+                "ghost",
+                now,
+                now + 1500,
+                ClaimFilter {
+                    sweep: Some(id),
+                    ..Default::default()
+                },
+            )
             .await
             .unwrap()
             .unwrap();

@@ -317,8 +317,10 @@ fn sweep(
         run: existing.is_none().then(|| settings.run.clone()),
         sigma_rel: existing.is_none().then_some(list),
         nimg: None,
+        evaluator: None,
         metric: Some("fid,kid".into()),
-        num_images: settings.num_images,
+        user_metric: Vec::new(),
+        num_images: Some(settings.num_images),
         seed_sets: 1,
         reference: existing.is_none().then(|| reference.to_owned()),
         steps: settings.steps,
@@ -368,8 +370,11 @@ fn samples(
         let data = DataDir::open(data_dir).await?;
         let points = data.db.sweep_points(sweep_id).await?;
         Ok(
-            hindsight::sweep::best_point(&points, hindsight::metrics::Metric::Fid)
-                .map(|p| (p.sigma_rel, p.reconstruction_id.clone())),
+            hindsight::sweep::best_point(
+                &points,
+                &hindsight::sweep::MetricInfo::new(hindsight::metrics::Metric::Fid, false),
+            )
+            .map(|(p, _)| (p.sigma_rel, p.reconstruction_id.clone())),
         )
     })?;
     let Some((sigma_rel, Some(reconstruction))) = best else {

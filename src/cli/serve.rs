@@ -20,6 +20,7 @@ fn flag_of(field: &str) -> String {
         "send_timeout" => "--send-timeout-secs".into(),
         "reconstruct_wait" => "--reconstruct-wait-secs".into(),
         "sweep_worker.lease" => "--sweep-lease-secs".into(),
+        "evaluation_lease" => "--evaluation-lease-secs".into(),
         "sweep_limits.max_images" => "--max-sweep-images".into(),
         "sweep_limits.max_unfinished_per_run" => "--max-unfinished-sweeps-per-run".into(),
         "sweep_limits.max_unfinished" => "--max-unfinished-sweeps".into(),
@@ -104,6 +105,10 @@ pub struct ServeArgs {
     /// after its last heartbeat.
     #[arg(long, default_value_t = WorkerConfig::default().lease.as_secs_f64())]
     sweep_lease_secs: f64,
+    /// An external evaluator's lease in seconds: a point whose evaluator died (no heartbeat)
+    /// goes back to the queue this long after its last heartbeat or upload.
+    #[arg(long, default_value_t = ServerConfig::default().evaluation_lease.as_secs_f64())]
+    evaluation_lease_secs: f64,
     /// Most images per seed set a sweep may ask for.
     #[arg(long, default_value_t = SweepLimits::default().max_images)]
     max_sweep_images: usize,
@@ -155,6 +160,8 @@ pub fn run(data_dir: &Path, args: ServeArgs) -> anyhow::Result<()> {
     let config = ServerConfig {
         token_hashes,
         sweep_worker,
+        fid_weights: args.fid_weights.clone(),
+        evaluation_lease: secs("--evaluation-lease-secs", args.evaluation_lease_secs)?,
         sweep_limits: SweepLimits {
             max_images: args.max_sweep_images,
             max_unfinished_per_run: args.max_unfinished_sweeps_per_run,

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use hindsight::app::DataDir;
-use hindsight::db::{PointRow, SweepRow};
+use hindsight::db::{Evaluator, PointRow, SweepRow};
 use hindsight::metrics::Metric;
 use hindsight::phema::parse_sigma_rel_list;
 use hindsight::sweep::{
-    self, MetricInfo, PointResult, SamplerSettings, SweepLimits, SweepRequest, Worker,
-    WorkerConfig, WorkerEvent,
+    self, Goal, MetricInfo, MetricRequest, PointResult, SamplerRequest, SamplerSettings,
+    SweepLimits, SweepRequest, UserMetric, Worker, WorkerConfig, WorkerEvent,
 };
 
 use super::common::{bar, block_on, print_json};
@@ -30,18 +30,29 @@ pub struct SweepArgs {
     /// last snapshot.
     #[arg(long)]
     pub nimg: Option<String>,
+    /// `builtin` (this process samples the run's EDM2 network) or `external` (your own
+    /// model, evaluated by the Python client's `Client.evaluate` against `hindsight serve`;
+    /// the command prints the snippet). Default: builtin when the run records a network
+    /// configuration, else external.
+    #[arg(long)]
+    pub evaluator: Option<String>,
     /// Metrics, comma-separated: fid, kid (default: both when the reference keeps its
     /// features, else fid).
     #[arg(long)]
     pub metric: Option<String>,
-    /// Images per seed set (EDM2 uses 50 000; a CPU affords a few thousand).
-    #[arg(long, default_value_t = 50_000)]
-    pub num_images: usize,
+    /// A user metric the external evaluator reports: `NAME:min` or `NAME:max`, optionally
+    /// `:LABEL` (`val_loss:min:validation loss`). Repeat for several.
+    #[arg(long)]
+    pub user_metric: Vec<String>,
+    /// Images per seed set (default 50 000, EDM2's; a CPU affords a few thousand).
+    #[arg(long)]
+    pub num_images: Option<usize>,
     /// Seed sets: each metric is reported as mean ± std over them.
     #[arg(long, default_value_t = 1)]
     pub seed_sets: usize,
-    /// Reference statistics by name or id (see `hindsight references`).
-    #[arg(long, required_unless_present = "resume")]
+    /// Reference statistics by name or id (see `hindsight references`); needed for FID and
+    /// KID.
+    #[arg(long)]
     pub reference: Option<String>,
     /// Sampler steps.
     #[arg(long, default_value_t = 32)]
@@ -109,6 +120,22 @@ fn parse_list<T: std::str::FromStr>(text: &str, what: &str) -> anyhow::Result<Ve
         .collect()
 }
 
+/// `NAME:min|max[:LABEL]` of `--user-metric`.
+fn user_metric(text: &str) -> anyhow::Result<UserMetric> {
+    let mut parts = text.splitn(3, ':');
+    let name = parts.next().unwrap_or_default().to_owned();
+    let goal = match parts.next() {
+        Some("min") => Goal::Min,
+        Some("max") => Goal::Max,
+        _ => bail!("--user-metric {text:?}: write NAME:min or NAME:max (optionally :LABEL)"),
+    };
+    Ok(UserMetric {
+        name,
+        goal,
+        label: parts.next().unwrap_or_default().to_owned(),
+    })
+}
+
 fn lease(secs: f64) -> anyhow::Result<Duration> {
     if !(secs.is_finite() && (1.0..=86_400.0).contains(&secs)) {
         bail!("--lease-secs must be between 1 and 86400");
@@ -125,26 +152,50 @@ pub fn run(data_dir: &Path, args: SweepArgs) -> anyhow::Result<()> {
         let sweep = match args.resume {
             Some(id) => sweep::find(&data, id).await?,
             None => {
+                let evaluator = match args.evaluator.as_deref() {
+                    None => None,
+                    Some("builtin") => Some(Evaluator::Builtin),
+                    Some("external") => Some(Evaluator::External),
+                    Some(other) => bail!("--evaluator {other:?}: builtin or external"),
+                };
+                let mut metrics: Option<Vec<MetricRequest>> = args
+                    .metric
+                    .as_deref()
+                    .map(|m| parse_list::<Metric>(m, "--metric"))
+                    .transpose()?
+                    .map(|list| list.into_iter().map(MetricRequest::Image).collect());
+                if !args.user_metric.is_empty() {
+                    let mut list = metrics.take().unwrap_or_else(|| {
+                        // User metrics alone unless FID/KID are asked for (or a reference is
+                        // given, which means them).
+                        if args.reference.is_some() {
+                            vec![MetricRequest::Image(Metric::Fid)]
+                        } else {
+                            Vec::new()
+                        }
+                    });
+                    for m in &args.user_metric {
+                        list.push(MetricRequest::User(user_metric(m)?));
+                    }
+                    metrics = Some(list);
+                }
                 let request = SweepRequest {
                     run: args.run.clone().expect("clap requires it"),
+                    evaluator,
                     sigma_rels: parse_sigma_rel_list(args.sigma_rel.as_deref().expect("required"))?,
                     nimgs: args
                         .nimg
                         .as_deref()
                         .map(|n| parse_list::<u64>(n, "--nimg"))
                         .transpose()?,
-                    metrics: args
-                        .metric
-                        .as_deref()
-                        .map(|m| parse_list::<Metric>(m, "--metric"))
-                        .transpose()?,
-                    num_images: Some(args.num_images),
+                    metrics,
+                    num_images: args.num_images,
                     seed_sets: Some(args.seed_sets),
-                    sampler: SamplerSettings {
+                    sampler: SamplerRequest::Settings(SamplerSettings {
                         steps: args.steps,
                         ..Default::default()
-                    },
-                    reference: args.reference.clone().expect("required"),
+                    }),
+                    reference: args.reference.clone(),
                     batch: Some(args.batch),
                     kid_subsets: None,
                     kid_subset_size: None,
@@ -160,6 +211,16 @@ pub fn run(data_dir: &Path, args: SweepArgs) -> anyhow::Result<()> {
         let spec = sweep::spec_of(&sweep)?;
         for w in &spec.warnings {
             eprintln!("warning: {w}");
+        }
+        if spec.evaluator == Evaluator::External {
+            println!("{}", sweep.id);
+            eprintln!(
+                "queued external sweep {} ({} points): your own code evaluates it. Serve this \
+                 data directory (`hindsight serve`), then run on each GPU machine:\n",
+                sweep.id, sweep.points
+            );
+            eprintln!("{}", sweep::external::python_snippet(sweep.id, &spec, None));
+            return Ok(());
         }
         if args.detach {
             println!("{}", sweep.id);
@@ -185,18 +246,14 @@ pub fn run(data_dir: &Path, args: SweepArgs) -> anyhow::Result<()> {
             return print_json(&serde_json::json!({"sweep": sweep, "points": points}));
         }
         print_points(&sweep, &points)?;
-        let metric = spec.metrics[0];
+        let first = spec.metric_infos().remove(0);
         let out = args
             .plot
             .unwrap_or_else(|| PathBuf::from(format!("sweep-{}.svg", sweep.id)));
         if points.iter().any(|p| p.result.is_some()) {
-            let svg = sweep::plot::sweep_svg(&sweep, &points, metric)?;
+            let svg = sweep::plot::sweep_svg(&sweep, &points, &first.metric)?;
             std::fs::write(&out, svg).with_context(|| format!("writing {}", out.display()))?;
-            eprintln!(
-                "wrote the {} curve to {}",
-                spec.metric_info(metric).label,
-                out.display()
-            );
+            eprintln!("wrote the {} curve to {}", first.label, out.display());
         }
         match sweep.status {
             hindsight::db::SweepStatus::Done => Ok(()),
@@ -217,13 +274,13 @@ async fn work(data: &DataDir, sweep: &SweepRow, weights: Option<PathBuf>) -> any
     progress.reset_eta();
     let observer_bar = progress.clone();
     // The first metric as every display names and scales it (FD-pixels for the fallback).
-    let first = spec.metric_info(spec.metrics[0]);
+    let first = spec.metric_infos().remove(0);
     let observer: sweep::Observer = Arc::new(move |event: &WorkerEvent| match event {
         WorkerEvent::Claimed { point, .. } => {
             observer_bar.set_message(format!("σ_rel {:.3} @ {}", point.sigma_rel, point.nimg))
         }
         WorkerEvent::Finished { idx, result, .. } => {
-            let value = result.value(first.metric).map_or(String::new(), |m| {
+            let value = result.named(&first.metric).map_or(String::new(), |m| {
                 format!(" {} {}", first.axis_label, first.format_summary(m))
             });
             observer_bar.println(format!("point {idx}:{value}"));
@@ -283,50 +340,64 @@ async fn work(data: &DataDir, sweep: &SweepRow, weights: Option<PathBuf>) -> any
 }
 
 fn summary(r: &PointResult, info: &MetricInfo) -> String {
-    r.value(info.metric)
+    r.named(&info.metric)
         .map_or_else(|| "-".into(), |m| info.format_summary(m))
 }
 
 fn print_points(sweep: &SweepRow, points: &[PointRow]) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
+    // Names, scales and directions as the server sends them with the sweep
+    // (`Sweep.metrics`); a sweep whose spec cannot be read shows FID and KID.
     let spec = sweep::spec_of(sweep).ok();
-    let fallback = spec.as_ref().is_some_and(|s| s.is_fallback());
-    // Names and scales as the server sends them with the sweep (`Sweep.metrics`).
-    let fid_info = MetricInfo::new(Metric::Fid, fallback);
-    let kid_info = MetricInfo::new(Metric::Kid, fallback);
-    if fallback {
+    let infos = match &spec {
+        Some(spec) => spec.metric_infos(),
+        None => vec![
+            MetricInfo::new(Metric::Fid, false),
+            MetricInfo::new(Metric::Kid, false),
+        ],
+    };
+    if spec.as_ref().is_some_and(|s| s.is_fallback()) {
+        let labels: Vec<&str> = infos
+            .iter()
+            .filter(|m| m.fallback)
+            .map(|m| m.label.as_str())
+            .collect();
         writeln!(
             out,
-            "metrics on the fallback pixel projection: {}, {}",
-            fid_info.label, kid_info.label
+            "metrics on the fallback pixel projection: {}",
+            labels.join(", ")
         )?;
     }
-    writeln!(
-        out,
-        "{:>5} {:>9} {:>14} {:>20} {:>20} {:>9}  status",
-        "point", "sigma_rel", "nimg", fid_info.axis_label, kid_info.axis_label, "images/s"
-    )?;
+    let width = |m: &MetricInfo| m.axis_label.chars().count().max(20);
+    let mut header = format!("{:>5} {:>9} {:>14}", "point", "sigma_rel", "nimg");
+    for m in &infos {
+        header.push_str(&format!(" {:>w$}", m.axis_label, w = width(m)));
+    }
+    header.push_str(&format!(" {:>9}  status", "images/s"));
+    writeln!(out, "{header}")?;
     for p in points {
         let r: Option<PointResult> = p
             .result
             .clone()
             .and_then(|v| serde_json::from_value(v).ok());
-        let (fid, kid, rate) = match &r {
-            Some(r) => (
-                summary(r, &fid_info),
-                summary(r, &kid_info),
-                format!("{:.1}", r.timings.images_per_s),
-            ),
-            None => ("-".into(), "-".into(), "-".into()),
-        };
+        let mut line = format!("{:>5} {:>9.4} {:>14}", p.idx, p.sigma_rel, p.nimg);
+        for m in &infos {
+            let cell = r.as_ref().map_or_else(|| "-".into(), |r| summary(r, m));
+            line.push_str(&format!(" {:>w$}", cell, w = width(m)));
+        }
+        let rate = r.as_ref().map_or_else(
+            || "-".into(),
+            |r| {
+                if r.timings.images_per_s > 0.0 {
+                    format!("{:.1}", r.timings.images_per_s)
+                } else {
+                    "-".into()
+                }
+            },
+        );
         writeln!(
             out,
-            "{:>5} {:>9.4} {:>14} {:>20} {:>20} {:>9}  {}{}",
-            p.idx,
-            p.sigma_rel,
-            p.nimg,
-            fid,
-            kid,
+            "{line} {:>9}  {}{}",
             rate,
             p.status.as_str(),
             p.error
@@ -335,16 +406,12 @@ fn print_points(sweep: &SweepRow, points: &[PointRow]) -> anyhow::Result<()> {
                 .map_or(String::new(), |e| format!(": {e}"))
         )?;
     }
-    for metric in Metric::ALL {
-        if let Some(best) = sweep::best_point(points, metric) {
+    for m in &infos {
+        if let Some((best, _)) = sweep::best_point(points, m) {
             writeln!(
                 out,
                 "best {}: σ_rel {:.4} at nimg {} (point {})",
-                if fallback {
-                    MetricInfo::new(metric, true).label
-                } else {
-                    metric.as_str().to_owned()
-                },
+                if m.fallback { &m.label } else { &m.metric },
                 best.sigma_rel,
                 best.nimg,
                 best.idx

@@ -27,11 +27,11 @@ impl Db {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(30));
+        migrate(options.clone()).await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
             .await?;
-        sqlx::migrate!().run(&pool).await?;
         Ok(Self { pool })
     }
 
@@ -56,6 +56,28 @@ impl Db {
         sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
         Ok(conn)
     }
+}
+
+/// Applies the migrations on a connection of its own with foreign keys off — a migration
+/// that rebuilds a table (SQLite's way to change a column's constraints) drops the old one,
+/// which must not cascade to the rows that refer to it — then checks every foreign key.
+async fn migrate(options: SqliteConnectOptions) -> Result<()> {
+    use sqlx::Connection;
+    let mut conn = sqlx::SqliteConnection::connect_with(&options.foreign_keys(false)).await?;
+    sqlx::migrate!().run(&mut conn).await?;
+    let broken: Vec<(String, Option<i64>, String)> =
+        sqlx::query_as("SELECT \"table\", rowid, parent FROM pragma_foreign_key_check")
+            .fetch_all(&mut conn)
+            .await?;
+    conn.close().await?;
+    if let Some((table, row, parent)) = broken.first() {
+        return Err(crate::error::Error::Index(format!(
+            "after migrating, {} row(s) refer to rows that do not exist (first: {table} row \
+             {row:?} → {parent})",
+            broken.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Commits on success, rolls back on failure, and returns the result.
@@ -125,5 +147,81 @@ mod tests {
                  refuse to open; put the change in a new migration instead"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod upgrade_tests {
+    use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+    use std::str::FromStr;
+
+    /// Rebuilding `sweeps` (migration 7, nullable `reference_id`) keeps every sweep, point and
+    /// batch of a data directory made before it: dropping the old table must not cascade.
+    #[test]
+    fn the_sweeps_rebuild_keeps_existing_sweeps_and_their_points() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.sqlite");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let options = SqliteConnectOptions::from_str("sqlite://")
+                .unwrap()
+                .filename(&path)
+                .create_if_missing(true)
+                .foreign_keys(true);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(options)
+                .await
+                .unwrap();
+            let mut before = sqlx::migrate!();
+            before.migrations = std::borrow::Cow::Owned(
+                before
+                    .migrations
+                    .iter()
+                    .filter(|m| m.version < 20261206000007)
+                    .cloned()
+                    .collect(),
+            );
+            before.run(&pool).await.unwrap();
+            for sql in [
+                "INSERT INTO runs (id, name, metadata) VALUES (1, 'r', '{}')",
+                "INSERT INTO blobs (digest, size, state, changed_at) VALUES (printf('%064d', 0), 1, 'valid', 0)",
+                "INSERT INTO reference_stats (id, name, source, feature_network, dims, count, \
+                 stats_digest) VALUES (1, 'ref', 's', 'n', 2048, 0, printf('%064d', 0))",
+                "INSERT INTO sweeps (id, run_id, reference_id, request, status) \
+                 VALUES (5, 1, 1, '{}', 'running')",
+                "INSERT INTO sweep_points (sweep_id, idx, sigma_rel, nimg, status) \
+                 VALUES (5, 0, 0.1, 10, 'done'), (5, 1, 0.2, 10, 'queued')",
+                "INSERT INTO sweep_batches (sweep_id, point_idx, batch, reconstruction_id, \
+                 images, features_digest, seconds) VALUES (5, 0, 0, 'x', 2, printf('%064d', 0), 1.0)",
+            ] {
+                sqlx::query(sql).execute(&pool).await.unwrap();
+            }
+            pool.close().await;
+            let db = super::Db::open(&path).await.unwrap();
+            let sweep = db.sweep(5).await.unwrap().unwrap();
+            assert_eq!(sweep.reference_id, Some(1));
+            assert_eq!(sweep.evaluator, crate::db::Evaluator::Builtin);
+            assert_eq!(db.sweep_points(5).await.unwrap().len(), 2);
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sweep_batches")
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+            assert_eq!(n, 1);
+            let fk: Vec<(String,)> = sqlx::query_as("PRAGMA foreign_key_check")
+                .fetch_all(db.pool())
+                .await
+                .unwrap_or_default();
+            assert!(fk.is_empty());
+            // Foreign keys are on again: deleting the run removes its sweeps and points.
+            sqlx::query("DELETE FROM runs WHERE id = 1")
+                .execute(db.pool())
+                .await
+                .unwrap();
+            assert!(db.sweep_points(5).await.unwrap().is_empty());
+        });
     }
 }

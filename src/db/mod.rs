@@ -18,6 +18,9 @@
 //!   ([`ReferenceRow`]).
 //! - `sweeps`: the `sweeps`, `sweep_points` and `sweep_batches` tables, the durable job queue
 //!   of sweeps with leased points ([`SweepRow`], [`PointRow`], [`BatchRow`], [`Claim`]).
+//! - `leases`: the `sweep_leases` and `sweep_lease_metrics` tables, every lease taken on a
+//!   point ([`LeaseRow`]: a sweep's workers and failed attempts) and the user metrics an
+//!   external evaluator reported under its lease.
 //!
 //! The database runs in WAL mode with `synchronous = FULL` (a committed row survives power
 //! loss), foreign keys on, and a busy timeout so that the server and command-line tools can
@@ -28,6 +31,7 @@
 
 mod blobs;
 mod connection;
+mod leases;
 mod reconstructions;
 mod references;
 mod runs;
@@ -43,4 +47,8 @@ pub use snapshots::{
     describe_differences, manifest_differences, same_width, DeletedSnapshot, ManifestEntry,
     NewSnapshot, Recorded, SnapshotRow, SLOT_TOLERANCE,
 };
-pub use sweeps::{BatchRow, Claim, NewBatch, PointRow, SweepRow, SweepStatus};
+pub use leases::{ms_to_rfc3339, LeaseRow};
+pub use sweeps::{
+    new_lease_id, BatchRow, BatchWrite, Claim, ClaimFilter, Evaluator, LeaseOutcome, NewBatch,
+    PointRow, SweepRow, SweepStatus,
+};

@@ -49,6 +49,48 @@ impl SweepStatus {
     }
 }
 
+/// Who evaluates a sweep's points.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type,
+    utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "TEXT", rename_all = "snake_case")]
+pub enum Evaluator {
+    /// hindsight's own workers: the EDM2 network the run records, EDM's Heun sampler.
+    #[default]
+    Builtin,
+    /// The user's own code, over the HTTP lease protocol (`/evaluations/...`).
+    External,
+}
+
+impl Evaluator {
+    /// The name as stored and sent.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Builtin => "builtin",
+            Self::External => "external",
+        }
+    }
+}
+
+/// How a lease ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "TEXT", rename_all = "snake_case")]
+pub enum LeaseOutcome {
+    /// The point was recorded.
+    Done,
+    /// The evaluator gave up on the point (its message says why).
+    Failed,
+    /// The evaluator stopped and gave the point back.
+    Released,
+    /// It ran out and another evaluator took the point.
+    Expired,
+    /// The sweep was cancelled.
+    Cancelled,
+}
+
 /// A sweep with its totals.
 #[derive(Clone, Debug, PartialEq, FromRow, Serialize, Deserialize)]
 pub struct SweepRow {
@@ -58,8 +100,10 @@ pub struct SweepRow {
     pub run: String,
     /// The run's row id.
     pub run_id: i64,
-    /// The reference statistics' id.
-    pub reference_id: i64,
+    /// The reference statistics' id (none: an external sweep with only user metrics).
+    pub reference_id: Option<i64>,
+    /// Who evaluates its points.
+    pub evaluator: Evaluator,
     /// The validated request (`sweep::SweepSpec` as JSON; column `request`).
     #[sqlx(json, rename = "request")]
     pub spec: serde_json::Value,
@@ -92,8 +136,10 @@ pub struct PointRow {
     pub nimg: i64,
     /// Status.
     pub status: SweepStatus,
-    /// Worker holding the lease.
+    /// The open lease's id.
     pub lease_owner: Option<String>,
+    /// The worker holding the open lease.
+    pub lease_worker: Option<String>,
     /// Lease expiry, Unix milliseconds.
     pub lease_expires: Option<i64>,
     /// Claims so far.
@@ -136,6 +182,8 @@ pub struct BatchRow {
     pub sample_seconds: f64,
     /// Seconds of features.
     pub features_seconds: f64,
+    /// Who computed the features: `server` or `client`.
+    pub features_by: String,
 }
 
 /// A point a worker holds.
@@ -145,8 +193,34 @@ pub struct Claim {
     pub point: PointRow,
     /// Its sweep.
     pub sweep: SweepRow,
-    /// The lease's owner (the worker).
+    /// The lease's id: what every later write of the worker names.
     pub owner: String,
+    /// The worker.
+    pub worker: String,
+}
+
+/// Which points a claim may take.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClaimFilter {
+    /// Only points of sweeps evaluated so.
+    pub evaluator: Evaluator,
+    /// Only this sweep's points.
+    pub sweep: Option<i64>,
+    /// Only points of this run's sweeps (its row id).
+    pub run_id: Option<i64>,
+}
+
+/// What recording a batch did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchWrite {
+    /// It is recorded now.
+    Recorded,
+    /// It was recorded already, from the same upload (or, builtin, the same worker's work).
+    AlreadyRecorded,
+    /// It was recorded already from a different upload: nothing changed.
+    Different,
+    /// The lease is lost (or the point's reconstruction is another): nothing recorded.
+    LeaseLost,
 }
 
 /// A batch to record.
@@ -168,10 +242,14 @@ pub struct NewBatch {
     pub features_seconds: f64,
     /// Claimed blob of the point's image grid (first batch only).
     pub grid_digest: Option<String>,
+    /// Who computed the features: `server` or `client`.
+    pub features_by: &'static str,
+    /// BLAKE3 (hex) of an uploaded batch's body: a repeated upload must match it.
+    pub upload_digest: Option<String>,
 }
 
-const SWEEP_SELECT: &str = "SELECT s.id, runs.name AS run, s.run_id, s.reference_id, s.request, \
-     s.status, s.created_at, s.finished_at, \
+const SWEEP_SELECT: &str = "SELECT s.id, runs.name AS run, s.run_id, s.reference_id, \
+     s.evaluator, s.request, s.status, s.created_at, s.finished_at, \
      (SELECT count(*) FROM sweep_points p WHERE p.sweep_id = s.id) AS points, \
      (SELECT count(*) FROM sweep_points p WHERE p.sweep_id = s.id AND p.status = 'done') \
        AS points_done, \
@@ -183,7 +261,8 @@ const SWEEP_SELECT: &str = "SELECT s.id, runs.name AS run, s.run_id, s.reference
      FROM sweeps s JOIN runs ON runs.id = s.run_id";
 
 const POINT_SELECT: &str = "SELECT p.sweep_id, p.idx, p.sigma_rel, p.nimg, p.status, \
-     p.lease_owner, p.lease_expires, p.attempts, p.reconstruction_id, p.result, p.error, \
+     p.lease_owner, (SELECT l.worker FROM sweep_leases l WHERE l.lease_id = p.lease_owner) \
+       AS lease_worker, p.lease_expires, p.attempts, p.reconstruction_id, p.result, p.error, \
      p.grid_digest, p.stats_digest, p.started_at, p.finished_at, \
      count(b.batch) AS batches_done, coalesce(sum(b.images), 0) AS images_done, \
      coalesce(sum(b.seconds), 0.0) AS batch_seconds \
@@ -192,19 +271,76 @@ const POINT_SELECT: &str = "SELECT p.sweep_id, p.idx, p.sigma_rel, p.nimg, p.sta
 
 const NOW_TEXT: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 
-/// Whether `owner` holds the lease of point (`sweep`, `idx`) and it is running.
-async fn holds(conn: &mut SqliteConnection, sweep: i64, idx: i64, owner: &str) -> Result<bool> {
+/// Whether lease `owner` holds point (`sweep`, `idx`) and it is running; with `now` (Unix
+/// ms), also whether the lease has not run out (external evaluators' writes are strict: an
+/// expired lease records nothing even before another evaluator takes the point).
+pub(super) async fn holds(
+    conn: &mut SqliteConnection,
+    sweep: i64,
+    idx: i64,
+    owner: &str,
+    now: Option<i64>,
+) -> Result<bool> {
     let n: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM sweep_points p JOIN sweeps s ON s.id = p.sweep_id \
          WHERE p.sweep_id = ? AND p.idx = ? AND p.lease_owner = ? AND p.status = 'running' \
-         AND s.status = 'running'",
+         AND s.status = 'running' AND (?4 IS NULL OR p.lease_expires >= ?4)",
     )
     .bind(sweep)
     .bind(idx)
     .bind(owner)
+    .bind(now)
     .fetch_one(conn)
     .await?;
     Ok(n == 1)
+}
+
+/// Closes lease `lease` with `outcome` (and `message`), if it is open.
+pub(super) async fn end_lease(
+    conn: &mut SqliteConnection,
+    lease: &str,
+    outcome: LeaseOutcome,
+    message: Option<&str>,
+) -> Result<()> {
+    sqlx::query(&format!(
+        "UPDATE sweep_leases SET outcome = ?, message = ?, ended_at = {NOW_TEXT} \
+         WHERE lease_id = ? AND outcome IS NULL"
+    ))
+    .bind(outcome)
+    .bind(message)
+    .bind(lease)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Sets the expiry of lease `lease` (point and lease row) to `expires` and notes a heartbeat.
+pub(super) async fn extend_lease(
+    conn: &mut SqliteConnection,
+    sweep: i64,
+    idx: i64,
+    lease: &str,
+    expires: i64,
+) -> Result<()> {
+    sqlx::query("UPDATE sweep_points SET lease_expires = ? WHERE sweep_id = ? AND idx = ?")
+        .bind(expires)
+        .bind(sweep)
+        .bind(idx)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(&format!(
+        "UPDATE sweep_leases SET expires_ms = ?, heartbeat_at = {NOW_TEXT} WHERE lease_id = ?"
+    ))
+    .bind(expires)
+    .bind(lease)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A new lease id: `ls_` and 32 hex digits of 128 random bits.
+pub fn new_lease_id() -> String {
+    format!("ls_{:032x}", rand::random::<u128>())
 }
 
 /// Ends the sweep if no point is left to do: `failed` if a point failed, else `done`.
@@ -231,7 +367,8 @@ impl Db {
     pub async fn insert_sweep(
         &self,
         run_id: i64,
-        reference_id: i64,
+        reference_id: Option<i64>,
+        evaluator: Evaluator,
         request: &serde_json::Value,
         points: &[(f64, u64)],
         max_unfinished: (usize, usize),
@@ -259,11 +396,12 @@ impl Db {
                 )));
             }
             let id: i64 = sqlx::query_scalar(
-                "INSERT INTO sweeps (run_id, reference_id, request, status) \
-                 VALUES (?, ?, ?, 'queued') RETURNING id",
+                "INSERT INTO sweeps (run_id, reference_id, evaluator, request, status) \
+                 VALUES (?, ?, ?, ?, 'queued') RETURNING id",
             )
             .bind(run_id)
             .bind(reference_id)
+            .bind(evaluator)
             .bind(json_text(request))
             .fetch_one(&mut *conn)
             .await?;
@@ -370,8 +508,8 @@ impl Db {
         reconstruction_id: &str,
     ) -> Result<Vec<BatchRow>> {
         Ok(sqlx::query_as::<_, BatchRow>(
-            "SELECT batch, images, features_digest, seconds, sample_seconds, features_seconds \
-             FROM sweep_batches \
+            "SELECT batch, images, features_digest, seconds, sample_seconds, features_seconds, \
+             features_by FROM sweep_batches \
              WHERE sweep_id = ? AND point_idx = ? AND reconstruction_id = ? ORDER BY batch",
         )
         .bind(sweep)
@@ -381,38 +519,80 @@ impl Db {
         .await?)
     }
 
+    /// The BLAKE3 of the upload batch `batch` of a point was recorded from (`None`: not an
+    /// upload, or no such batch).
+    pub async fn batch_upload_digest(
+        &self,
+        sweep: i64,
+        idx: i64,
+        batch: i64,
+        reconstruction_id: &str,
+    ) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT upload_digest FROM sweep_batches WHERE sweep_id = ? AND point_idx = ? \
+             AND batch = ? AND reconstruction_id = ?",
+        )
+        .bind(sweep)
+        .bind(idx)
+        .bind(batch)
+        .bind(reconstruction_id)
+        .fetch_optional(self.pool())
+        .await?
+        .flatten())
+    }
+
     /// Claims the first point to do — queued, or running under an expired lease — for
-    /// `owner` until `expires` (Unix ms), of sweep `only` when given. `now` is the current
-    /// Unix ms. The sweep becomes `running`.
+    /// `worker` until `expires` (Unix ms), among the points `filter` allows. `now` is the
+    /// current Unix ms. A new lease is recorded (an expired one the point had is closed as
+    /// `expired`); the sweep becomes `running`.
     pub async fn claim_point(
         &self,
-        owner: &str,
+        worker: &str,
         now: i64,
         expires: i64,
-        only: Option<i64>,
+        filter: ClaimFilter,
     ) -> Result<Option<Claim>> {
+        let lease = new_lease_id();
         let mut conn = self.begin_immediate().await?;
         let result = async {
-            let found: Option<(i64, i64)> = sqlx::query_as(
-                "SELECT p.sweep_id, p.idx FROM sweep_points p JOIN sweeps s ON s.id = p.sweep_id \
-                 WHERE s.status IN ('queued', 'running') \
+            let found: Option<(i64, i64, Option<String>)> = sqlx::query_as(
+                "SELECT p.sweep_id, p.idx, p.lease_owner FROM sweep_points p \
+                 JOIN sweeps s ON s.id = p.sweep_id \
+                 WHERE s.status IN ('queued', 'running') AND s.evaluator = ?3 \
                    AND (p.status = 'queued' OR (p.status = 'running' AND p.lease_expires < ?1)) \
-                   AND (?2 IS NULL OR p.sweep_id = ?2) \
+                   AND (?2 IS NULL OR p.sweep_id = ?2) AND (?4 IS NULL OR s.run_id = ?4) \
                  ORDER BY p.sweep_id, p.idx LIMIT 1",
             )
             .bind(now)
-            .bind(only)
+            .bind(filter.sweep)
+            .bind(filter.evaluator)
+            .bind(filter.run_id)
             .fetch_optional(&mut *conn)
             .await?;
-            let Some((sweep, idx)) = found else {
+            let Some((sweep, idx, previous)) = found else {
                 return Ok(None);
             };
+            if let Some(previous) = previous {
+                end_lease(&mut conn, &previous, LeaseOutcome::Expired, None).await?;
+            }
+            sqlx::query(
+                "INSERT INTO sweep_leases (lease_id, sweep_id, point_idx, worker, evaluator, \
+                 expires_ms) VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&lease)
+            .bind(sweep)
+            .bind(idx)
+            .bind(worker)
+            .bind(filter.evaluator)
+            .bind(expires)
+            .execute(&mut *conn)
+            .await?;
             sqlx::query(&format!(
                 "UPDATE sweep_points SET status = 'running', lease_owner = ?, lease_expires = ?, \
                  attempts = attempts + 1, started_at = coalesce(started_at, {NOW_TEXT}) \
                  WHERE sweep_id = ? AND idx = ?"
             ))
-            .bind(owner)
+            .bind(&lease)
             .bind(expires)
             .bind(sweep)
             .bind(idx)
@@ -435,11 +615,12 @@ impl Db {
         Ok(Some(Claim {
             point: self.sweep_point(sweep, idx).await?,
             sweep: sweep_row,
-            owner: owner.to_owned(),
+            owner: lease,
+            worker: worker.to_owned(),
         }))
     }
 
-    /// Extends `owner`'s lease on a point to `expires`; false when it no longer holds it
+    /// Extends lease `owner` on a point to `expires`; false when it no longer holds it
     /// (expired and taken, or the sweep was cancelled).
     pub async fn renew_lease(
         &self,
@@ -448,19 +629,16 @@ impl Db {
         owner: &str,
         expires: i64,
     ) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE sweep_points SET lease_expires = ? WHERE sweep_id = ? AND idx = ? \
-             AND lease_owner = ? AND status = 'running' \
-             AND EXISTS (SELECT 1 FROM sweeps s WHERE s.id = ? AND s.status = 'running')",
-        )
-        .bind(expires)
-        .bind(sweep)
-        .bind(idx)
-        .bind(owner)
-        .bind(sweep)
-        .execute(self.pool())
-        .await?;
-        Ok(done.rows_affected() == 1)
+        let mut conn = self.begin_immediate().await?;
+        let result = async {
+            if !holds(&mut conn, sweep, idx, owner, None).await? {
+                return Ok(false);
+            }
+            extend_lease(&mut conn, sweep, idx, owner, expires).await?;
+            Ok(true)
+        }
+        .await;
+        finish(&mut conn, result).await
     }
 
     /// Fixes the reconstruction a point's images come from. Batches recorded for another
@@ -475,7 +653,7 @@ impl Db {
     ) -> Result<bool> {
         let mut conn = self.begin_immediate().await?;
         let result = async {
-            if !holds(&mut conn, sweep, idx, owner).await? {
+            if !holds(&mut conn, sweep, idx, owner, None).await? {
                 return Ok(false);
             }
             let dropped = sqlx::query(
@@ -509,8 +687,10 @@ impl Db {
     }
 
     /// Records a finished batch (and the grid, with the first) and extends the lease to
-    /// `expires`. False, recording nothing, when the lease is lost or the point's
-    /// reconstruction is another. A batch already recorded is left as it was.
+    /// `expires`; with `strict` (now, Unix ms) the lease must not have run out. Records
+    /// nothing when the lease is lost or the point's reconstruction is another
+    /// ([`BatchWrite::LeaseLost`]). A batch already recorded is left as it was: an upload
+    /// (`upload_digest`) is then compared with the recorded one.
     pub async fn record_batch(
         &self,
         sweep: i64,
@@ -518,11 +698,12 @@ impl Db {
         owner: &str,
         batch: &NewBatch,
         expires: i64,
-    ) -> Result<bool> {
+        strict: Option<i64>,
+    ) -> Result<BatchWrite> {
         let mut conn = self.begin_immediate().await?;
         let result = async {
-            if !holds(&mut conn, sweep, idx, owner).await? {
-                return Ok(false);
+            if !holds(&mut conn, sweep, idx, owner, strict).await? {
+                return Ok(BatchWrite::LeaseLost);
             }
             let pinned: Option<String> = sqlx::query_scalar(
                 "SELECT reconstruction_id FROM sweep_points WHERE sweep_id = ? AND idx = ?",
@@ -532,12 +713,30 @@ impl Db {
             .fetch_one(&mut *conn)
             .await?;
             if pinned.as_deref() != Some(batch.reconstruction_id.as_str()) {
-                return Ok(false);
+                return Ok(BatchWrite::LeaseLost);
+            }
+            let existing: Option<Option<String>> = sqlx::query_scalar(
+                "SELECT upload_digest FROM sweep_batches WHERE sweep_id = ? AND point_idx = ? \
+                 AND batch = ? AND reconstruction_id = ?",
+            )
+            .bind(sweep)
+            .bind(idx)
+            .bind(batch.batch)
+            .bind(&batch.reconstruction_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+            if let Some(recorded) = existing {
+                extend_lease(&mut conn, sweep, idx, owner, expires).await?;
+                return Ok(if recorded == batch.upload_digest {
+                    BatchWrite::AlreadyRecorded
+                } else {
+                    BatchWrite::Different
+                });
             }
             sqlx::query(
                 "INSERT INTO sweep_batches (sweep_id, point_idx, batch, reconstruction_id, \
-                 images, features_digest, seconds, sample_seconds, features_seconds) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 images, features_digest, seconds, sample_seconds, features_seconds, \
+                 features_by, upload_digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
                  ON CONFLICT DO NOTHING",
             )
             .bind(sweep)
@@ -549,6 +748,8 @@ impl Db {
             .bind(batch.seconds)
             .bind(batch.sample_seconds)
             .bind(batch.features_seconds)
+            .bind(batch.features_by)
+            .bind(&batch.upload_digest)
             .execute(&mut *conn)
             .await?;
             super::blobs::mark_valid(&mut conn, &batch.features_digest).await?;
@@ -563,13 +764,8 @@ impl Db {
                 .await?;
                 super::blobs::mark_valid(&mut conn, grid).await?;
             }
-            sqlx::query("UPDATE sweep_points SET lease_expires = ? WHERE sweep_id = ? AND idx = ?")
-                .bind(expires)
-                .bind(sweep)
-                .bind(idx)
-                .execute(&mut *conn)
-                .await?;
-            Ok(true)
+            extend_lease(&mut conn, sweep, idx, owner, expires).await?;
+            Ok(BatchWrite::Recorded)
         }
         .await;
         finish(&mut conn, result).await
@@ -583,13 +779,15 @@ impl Db {
         idx: i64,
         owner: &str,
         result: &serde_json::Value,
-        stats_digest: &str,
+        stats_digest: Option<&str>,
+        strict: Option<i64>,
     ) -> Result<bool> {
         let mut conn = self.begin_immediate().await?;
         let outcome = async {
-            if !holds(&mut conn, sweep, idx, owner).await? {
+            if !holds(&mut conn, sweep, idx, owner, strict).await? {
                 return Ok(false);
             }
+            end_lease(&mut conn, owner, LeaseOutcome::Done, None).await?;
             sqlx::query(&format!(
                 "UPDATE sweep_points SET status = 'done', result = ?, stats_digest = ?, \
                  error = NULL, lease_owner = NULL, lease_expires = NULL, \
@@ -601,7 +799,9 @@ impl Db {
             .bind(idx)
             .execute(&mut *conn)
             .await?;
-            super::blobs::mark_valid(&mut conn, stats_digest).await?;
+            if let Some(digest) = stats_digest {
+                super::blobs::mark_valid(&mut conn, digest).await?;
+            }
             settle(&mut conn, sweep).await?;
             Ok(true)
         }
@@ -610,7 +810,8 @@ impl Db {
     }
 
     /// Gives up on a point for `error`: back to the queue when `retry` (a later worker tries
-    /// again), else `failed`. False when the lease was lost already.
+    /// again), else `failed`. The lease is closed as `outcome` (`Failed`, or `Released` for a
+    /// graceful stop). False when the lease was lost already.
     pub async fn fail_point(
         &self,
         sweep: i64,
@@ -618,12 +819,15 @@ impl Db {
         owner: &str,
         error: &str,
         retry: bool,
+        outcome: LeaseOutcome,
+        strict: Option<i64>,
     ) -> Result<bool> {
         let mut conn = self.begin_immediate().await?;
         let outcome = async {
-            if !holds(&mut conn, sweep, idx, owner).await? {
+            if !holds(&mut conn, sweep, idx, owner, strict).await? {
                 return Ok(false);
             }
+            end_lease(&mut conn, owner, outcome, Some(error)).await?;
             let (status, finished) = if retry {
                 ("queued", "NULL".to_owned())
             } else {
@@ -660,6 +864,13 @@ impl Db {
             .await?
             .rows_affected();
             if changed == 1 {
+                sqlx::query(&format!(
+                    "UPDATE sweep_leases SET outcome = 'cancelled', ended_at = {NOW_TEXT} \
+                     WHERE sweep_id = ? AND outcome IS NULL"
+                ))
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
                 sqlx::query(&format!(
                     "UPDATE sweep_points SET status = 'cancelled', lease_owner = NULL, \
                      lease_expires = NULL, finished_at = {NOW_TEXT} \

@@ -594,6 +594,93 @@ pub fn read_f32(bytes: &[u8], source: &str) -> Result<(Vec<usize>, Vec<f32>)> {
     Ok((header.shape, values))
 }
 
+/// The header and data of an integer `.npy` whose `descr` is one of `accepted` (e.g. `|u1`),
+/// checked to hold exactly the shape's elements of `size` bytes.
+fn int_data<'a>(
+    bytes: &'a [u8],
+    source: &str,
+    accepted: &[(&str, usize)],
+    wanted: &str,
+) -> Result<(Header, usize, String, &'a [u8])> {
+    let header = read_header(bytes, source)?;
+    let bad =
+        |reason: String| Error::invalid(source, format!("not a readable .npy array: {reason}"));
+    let descr = match &header.dtype {
+        Dtype::Other(d) => d.clone(),
+        _ => String::new(),
+    };
+    // One-byte types have no byte order: `<u1` and `|u1` are the same.
+    let descr = match descr.strip_suffix('1') {
+        Some(code) if code.len() == 2 && !code.starts_with('>') => format!("|{}1", &code[1..]),
+        _ => descr,
+    };
+    let Some(&(_, size)) = accepted.iter().find(|(d, _)| *d == descr) else {
+        return Err(Error::invalid(
+            source,
+            format!("an array of {}; {wanted}", header.describe()),
+        ));
+    };
+    let data = &bytes[header.data_offset..];
+    let want = header
+        .count()
+        .and_then(|c| c.checked_mul(size))
+        .ok_or_else(|| bad(format!("the shape {:?} overflows", header.shape)))?;
+    if data.len() != want {
+        return Err(bad(format!(
+            "the shape {:?} of {} needs {want} bytes of data, and {} follow the header",
+            header.shape,
+            header.dtype.name(),
+            data.len()
+        )));
+    }
+    Ok((header, size, descr, data))
+}
+
+/// Reads a `uint8` array (`|u1`; images): its shape and its values, row-major. Errors name
+/// `source` and say what the array is instead.
+pub fn read_u8(bytes: &[u8], source: &str) -> Result<(Vec<usize>, Vec<u8>)> {
+    let (header, _, _, data) = int_data(bytes, source, &[("|u1", 1)], "uint8 is expected")?;
+    let values = if header.fortran_order {
+        fortran_to_c(data, &header.shape)
+    } else {
+        data.to_vec()
+    };
+    Ok((header.shape, values))
+}
+
+/// Reads a little-endian integer array (int8 … int64, uint8 … uint32) as i64, row-major.
+pub fn read_ints(bytes: &[u8], source: &str) -> Result<(Vec<usize>, Vec<i64>)> {
+    let accepted = [
+        ("|u1", 1),
+        ("|i1", 1),
+        ("<u2", 2),
+        ("<i2", 2),
+        ("<u4", 4),
+        ("<i4", 4),
+        ("<i8", 8),
+    ];
+    let (header, size, descr, data) =
+        int_data(bytes, source, &accepted, "integers (int8 to int64) are expected")?;
+    let signed = descr.contains('i');
+    let values: Vec<i64> = data
+        .chunks_exact(size)
+        .map(|c| {
+            let mut b = [0u8; 8];
+            b[..size].copy_from_slice(c);
+            if signed && c[size - 1] & 0x80 != 0 {
+                b[size..].fill(0xff);
+            }
+            i64::from_le_bytes(b)
+        })
+        .collect();
+    let values = if header.fortran_order {
+        fortran_to_c(&values, &header.shape)
+    } else {
+        values
+    };
+    Ok((header.shape, values))
+}
+
 /// Whether `(module, name)` is NumPy's `_reconstruct` (NumPy 1.x `numpy.core.multiarray`,
 /// 2.x `numpy._core.multiarray`).
 fn is_reconstruct(global: (&str, &str)) -> bool {

@@ -29,6 +29,12 @@ pub enum ErrorCode {
     /// 409: the request conflicts with what is stored (an existing name, another snapshot at
     /// the same time and width).
     Conflict,
+    /// 409: an evaluator's lease ran out, ended, or its sweep was cancelled; nothing was
+    /// recorded: claim again.
+    LeaseExpired,
+    /// 409: a sweep point cannot be finished yet (batches or metrics missing; the message
+    /// names them).
+    Unfinished,
     /// 411: an upload without `Content-Length`.
     LengthRequired,
     /// 413: the body is larger than this route accepts.
@@ -39,6 +45,9 @@ pub enum ErrorCode {
     RangeNotSatisfiable,
     /// 422: the stored data the request needs is unusable (e.g. a snapshot holding NaN).
     Unprocessable,
+    /// 422: an evaluator's features differ from the server's on an audit image (another
+    /// resize or normalisation); the message names the image and the difference.
+    AuditFailed,
     /// 429: a per-client limit (uploads or requests in flight); `Retry-After` may say when.
     TooManyRequests,
     /// 429: a per-client connection limit, answered before the connection is closed.
@@ -66,12 +75,14 @@ impl ErrorCode {
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            ErrorCode::Conflict => StatusCode::CONFLICT,
+            ErrorCode::Conflict | ErrorCode::LeaseExpired | ErrorCode::Unfinished => {
+                StatusCode::CONFLICT
+            }
             ErrorCode::LengthRequired => StatusCode::LENGTH_REQUIRED,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
-            ErrorCode::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::Unprocessable | ErrorCode::AuditFailed => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::TooManyRequests
             | ErrorCode::TooManyConnections
             | ErrorCode::LimitReached => StatusCode::TOO_MANY_REQUESTS,
@@ -92,11 +103,14 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::Conflict => "conflict",
+            ErrorCode::LeaseExpired => "lease_expired",
+            ErrorCode::Unfinished => "unfinished",
             ErrorCode::LengthRequired => "length_required",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::RangeNotSatisfiable => "range_not_satisfiable",
             ErrorCode::Unprocessable => "unprocessable",
+            ErrorCode::AuditFailed => "audit_failed",
             ErrorCode::TooManyRequests => "too_many_requests",
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::LimitReached => "limit_reached",
@@ -108,7 +122,7 @@ impl ErrorCode {
     }
 
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 22] = [
         ErrorCode::InvalidInput,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
@@ -116,11 +130,14 @@ impl ErrorCode {
         ErrorCode::MethodNotAllowed,
         ErrorCode::RequestTimeout,
         ErrorCode::Conflict,
+        ErrorCode::LeaseExpired,
+        ErrorCode::Unfinished,
         ErrorCode::LengthRequired,
         ErrorCode::PayloadTooLarge,
         ErrorCode::UnsupportedMediaType,
         ErrorCode::RangeNotSatisfiable,
         ErrorCode::Unprocessable,
+        ErrorCode::AuditFailed,
         ErrorCode::TooManyRequests,
         ErrorCode::TooManyConnections,
         ErrorCode::LimitReached,
@@ -219,6 +236,9 @@ impl From<Error> for ApiError {
             Error::NonFinite { .. } => ApiError::new(ErrorCode::Unprocessable, e.to_string()),
             Error::NotFound(m) => ApiError::not_found(m),
             Error::Conflict(m) => ApiError::new(ErrorCode::Conflict, m),
+            Error::LeaseLost(m) => ApiError::new(ErrorCode::LeaseExpired, m),
+            Error::Unfinished(m) => ApiError::new(ErrorCode::Unfinished, m),
+            Error::AuditFailed(m) => ApiError::new(ErrorCode::AuditFailed, m),
             Error::LimitReached(m) => ApiError::new(ErrorCode::LimitReached, m).retry_after(30),
             Error::Io { ref source, .. } if crate::error::is_no_space(source) => no_space(&e),
             Error::Database(sqlx::Error::Database(ref d)) if d.code().as_deref() == Some("13") => {

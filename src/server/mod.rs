@@ -29,6 +29,7 @@ mod auth;
 mod blobs;
 mod connections;
 mod error;
+mod evaluations;
 mod jobs;
 mod limits;
 mod meta;
@@ -286,16 +287,19 @@ pub async fn serve_data_dir(
         .map_err(|e| Error::io(format!("binding {addr}"), e))?;
     on_listening(local);
     let stop = tokio_util::sync::CancellationToken::new();
-    let worker = config.sweep_worker.clone().map(|worker_config| {
-        let worker = std::sync::Arc::new(crate::sweep::Worker::new(
+    let worker_config = config.sweep_worker.clone();
+    let state = AppState::new(data.clone(), config);
+    // One set of feature networks for the builtin worker and external evaluations.
+    let worker = worker_config.map(|worker_config| {
+        let worker = std::sync::Arc::new(crate::sweep::Worker::with_scorer(
             data.clone(),
             worker_config,
+            state.evaluations.scorer(),
             std::sync::Arc::new(log_worker_event),
         ));
         tracing::info!(worker = worker.id(), "sweep worker started");
         tokio::spawn(worker.run(stop.clone().cancelled_owned()))
     });
-    let state = AppState::new(data, config);
     let served = serve(listener, state.clone(), {
         let stop = stop.clone();
         async move {

@@ -17,10 +17,16 @@ use utoipa_axum::routes;
 
 use super::error::ApiResult;
 use super::state::AppState;
-use super::{blobs, error, limits, meta, reconstruct, runs, sweeps, ui, views};
+use super::{blobs, error, evaluations, limits, meta, reconstruct, runs, sweeps, ui, views};
 
 /// Largest reference-statistics upload: a 2048-d float64 `.npz` is 33.6 MB.
 const REFERENCE_UPLOAD_LIMIT: usize = 128 << 20;
+
+/// Largest batch upload of an external evaluator: 512 images of 256×256 RGB are 100 MB.
+const EVALUATION_UPLOAD_LIMIT: usize = 256 << 20;
+
+/// Largest upload of reference features: 50 000 × 2048 float32 are 410 MB.
+const REFERENCE_FEATURES_LIMIT: usize = 512 << 20;
 
 /// What the document says beyond its routes.
 #[derive(OpenApi)]
@@ -36,6 +42,7 @@ const REFERENCE_UPLOAD_LIMIT: usize = 128 << 20;
         views::sweeps::SweepEvent,
         views::sweeps::SweepProgress,
         views::sweeps::ShutdownNotice,
+        views::evaluations::MetricValue,
     )),
     modifiers(&BearerAuth),
     tags(
@@ -44,6 +51,7 @@ const REFERENCE_UPLOAD_LIMIT: usize = 128 << 20;
         (name = "snapshots", description = "Stored EMA snapshots and uploads"),
         (name = "sweeps", description = "FID/KID of reconstructions over EMA lengths: the curve"),
         (name = "references", description = "Reference statistics of image sets for the metrics"),
+        (name = "evaluations", description = "External evaluators: the user's own model evaluates sweep points under a lease (docs/EVALUATORS.md)"),
         (name = "meta", description = "Health and this document"),
         (name = "ui", description = "The web UI (HTML, JavaScript, CSS; embedded in the binary)"),
     )
@@ -103,6 +111,31 @@ pub(super) fn routes(state: &AppState) -> OpenApiRouter<AppState> {
                     .layer(DefaultBodyLimit::max(REFERENCE_UPLOAD_LIMIT))
             }),
         )
+        .routes(
+            routes!(evaluations::reference_features).map(|r| {
+                r.route_layer(deadline(REFERENCE_FEATURES_LIMIT))
+                    .layer(DefaultBodyLimit::max(REFERENCE_FEATURES_LIMIT))
+            }),
+        )
+        // External evaluators.
+        .routes(routes!(evaluations::claim).map(|r| {
+            r.route_layer(deadline(json_limit))
+                .layer(DefaultBodyLimit::max(json_limit))
+        }))
+        .routes(routes!(evaluations::heartbeat))
+        .routes(routes!(evaluations::fail).map(|r| {
+            r.route_layer(deadline(json_limit))
+                .layer(DefaultBodyLimit::max(json_limit))
+        }))
+        .routes(routes!(evaluations::batch).map(|r| {
+            r.route_layer(deadline(EVALUATION_UPLOAD_LIMIT))
+                .layer(DefaultBodyLimit::max(EVALUATION_UPLOAD_LIMIT))
+        }))
+        .routes(routes!(evaluations::metrics).map(|r| {
+            r.route_layer(deadline(json_limit))
+                .layer(DefaultBodyLimit::max(json_limit))
+        }))
+        .routes(routes!(evaluations::finish))
         .routes(routes!(sweeps::get_reference))
         .routes(routes!(sweeps::reference_npz))
         // The UI.

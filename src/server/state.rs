@@ -9,7 +9,8 @@ use tokio::sync::Semaphore;
 use super::jobs::Jobs;
 use crate::app::DataDir;
 use crate::error::{Error, Result};
-use crate::sweep::{SweepLimits, WorkerConfig};
+use crate::sweep::external::{EvaluationConfig, Evaluations};
+use crate::sweep::{Scorer, SweepLimits, WorkerConfig};
 
 /// Server settings. Every field has a default suitable for a workstation: [`Default`] is the
 /// one source of the defaults (`hindsight serve`'s flags show and use the same values), and
@@ -38,6 +39,12 @@ pub struct ServerConfig {
     /// The sweep worker `serve_data_dir` runs beside the server (`None`: none; sweeps wait
     /// for `hindsight worker` processes).
     pub sweep_worker: Option<WorkerConfig>,
+    /// NVIDIA's Inception weights for scoring sweeps, external ones included (default: the
+    /// sweep worker's, else found as `metrics::locate_weights` finds them).
+    pub fid_weights: Option<std::path::PathBuf>,
+    /// How long an external evaluator's lease lasts from its claim and from each heartbeat
+    /// or recorded write; a dead evaluator's point goes back to the queue after it.
+    pub evaluation_lease: Duration,
     /// How long a client may take to send a request's headers once it has begun.
     pub header_read_timeout: Duration,
     /// An upload that sends no byte for this long is dropped (408) and its staging file
@@ -94,6 +101,8 @@ impl Default for ServerConfig {
             sweep_limits: SweepLimits::default(),
             sweep_event_poll: Duration::from_millis(500),
             sweep_worker: Some(WorkerConfig::default()),
+            fid_weights: None,
+            evaluation_lease: EvaluationConfig::default().lease,
             header_read_timeout: Duration::from_secs(10),
             upload_idle_timeout: Duration::from_secs(15),
             upload_queue_wait: Duration::from_secs(30),
@@ -206,6 +215,15 @@ impl ServerConfig {
                 "must be at most 86400 s",
             ));
         }
+        if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&self.evaluation_lease) {
+            return Err(Error::invalid(
+                "evaluation_lease",
+                format!(
+                    "{} s; between 1 s and a day",
+                    self.evaluation_lease.as_secs_f64()
+                ),
+            ));
+        }
         if let Some(worker) = &self.sweep_worker {
             if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&worker.lease) {
                 return Err(Error::invalid(
@@ -235,6 +253,9 @@ pub struct AppState {
         Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
     /// Wakes sweep event streams when their sweep changes (one poller for all).
     pub(super) sweep_watcher: Arc<super::watch::SweepWatcher>,
+    /// The external-evaluator protocol (`/evaluations/...`), scoring with the same networks
+    /// as the server's builtin worker.
+    pub evaluations: Arc<Evaluations>,
     /// Cancelled when the server begins to shut down: long-lived responses (event streams)
     /// end, so that the graceful shutdown does not wait on them.
     pub shutdown: tokio_util::sync::CancellationToken,
@@ -244,7 +265,22 @@ impl AppState {
     /// State over an opened data directory.
     pub fn new(data: DataDir, config: ServerConfig) -> Self {
         let uploads = Arc::new(Semaphore::new(config.upload_concurrency.max(1)));
+        let weights = config
+            .fid_weights
+            .clone()
+            .or_else(|| config.sweep_worker.as_ref().and_then(|w| w.weights.clone()));
+        let scorer = Arc::new(Scorer::new(data.clone(), weights));
+        let evaluations = Arc::new(Evaluations::new(
+            data.clone(),
+            scorer,
+            EvaluationConfig {
+                lease: config.evaluation_lease,
+                verify_reads: config.verify_reads,
+                ..EvaluationConfig::default()
+            },
+        ));
         Self {
+            evaluations,
             data,
             config: Arc::new(config),
             jobs: Arc::default(),

@@ -23,7 +23,6 @@ use super::views::sweeps::{
 };
 use crate::app::references::{self, ReferenceOrigin};
 use crate::db::{PointRow, SweepRow};
-use crate::metrics::Metric;
 use crate::sweep;
 
 fn parse_id(text: &str, what: &str) -> ApiResult<i64> {
@@ -157,7 +156,14 @@ pub(super) async fn get_sweep(
 ) -> ApiResult<Json<SweepView>> {
     let id = parse_id(&id, "id")?;
     let (sweep, points) = load(&state, id).await?;
-    Ok(Json(SweepView::new(&sweep, Some(&points))?))
+    let leases = state.data.db.sweep_leases(id).await?;
+    Ok(Json(
+        SweepView::new(&sweep, Some(&points))?.with_leases(
+            &leases,
+            &points,
+            crate::sweep::now_ms(),
+        ),
+    ))
 }
 
 /// Cancel a sweep: unfinished points stop (a worker stops at its next batch); finished
@@ -339,7 +345,7 @@ pub(super) async fn sweep_events(
 /// Query of the plot.
 #[derive(Deserialize, utoipa::IntoParams)]
 pub(super) struct PlotQuery {
-    /// `fid` (default) or `kid`.
+    /// The metric's name: `fid` (default), `kid`, or a user metric's.
     metric: Option<String>,
 }
 
@@ -358,23 +364,14 @@ pub(super) async fn sweep_plot(
     Query(query): Query<PlotQuery>,
 ) -> ApiResult<Response> {
     let id = parse_id(&id, "id")?;
-    let metric: Metric = query
-        .metric
-        .as_deref()
-        .unwrap_or("fid")
-        .parse()
-        .map_err(|e: crate::Error| ApiError::invalid(e.to_string()))?;
+    let metric = query.metric.as_deref().unwrap_or("fid");
     let (sweep, points) = load(&state, id).await?;
     if let Ok(spec) = sweep::spec_of(&sweep) {
-        if !spec.metrics.contains(&metric) {
+        if spec.metric_named(metric).is_none() {
+            let names: Vec<String> = spec.metric_infos().into_iter().map(|m| m.metric).collect();
             return Err(ApiError::not_found(format!(
-                "sweep {id} does not compute {} (its metrics: {})",
-                metric.as_str(),
-                spec.metrics
-                    .iter()
-                    .map(|m| m.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                "sweep {id} does not compute {metric:?} (its metrics: {})",
+                names.join(", ")
             )));
         }
     }

@@ -8,13 +8,29 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::results::MetricSummary;
+use super::spec::{Goal, UserMetric};
 use crate::metrics::Metric;
+
+/// What computes a metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricKind {
+    /// FID, computed by the server from the images' Inception features.
+    Fid,
+    /// KID, computed by the server from the images' Inception features.
+    Kid,
+    /// A user metric, reported by the external evaluator.
+    User,
+}
 
 /// How one metric of a sweep is named, scaled and compared.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct MetricInfo {
-    /// The metric as requests and results name it.
-    pub metric: Metric,
+    /// The metric's name as requests and results (`PointResult.metrics`) write it: `fid`,
+    /// `kid`, or a user metric's name.
+    pub metric: String,
+    /// What computes it.
+    pub kind: MetricKind,
     /// Its full name: `FID`, `KID`, or for the fallback feature network
     /// `FD (pixel projection, not FID)`, `KID (pixel projection, not Inception)`.
     pub label: String,
@@ -25,7 +41,7 @@ pub struct MetricInfo {
     pub scale: f64,
     /// The axis or column title including the scale: `FID`, `KID ×10³`, `KID-pixels ×10³`.
     pub axis_label: String,
-    /// Lower values are better (true for FID and KID).
+    /// Lower values are better (FID, KID, and user metrics whose goal is `min`).
     pub lower_is_better: bool,
     /// The numbers come from the fallback pixel projection, not NVIDIA's Inception: they are
     /// not comparable with published FID or KID.
@@ -47,7 +63,11 @@ impl MetricInfo {
             short_label.to_owned()
         };
         MetricInfo {
-            metric,
+            metric: metric.as_str().to_owned(),
+            kind: match metric {
+                Metric::Fid => MetricKind::Fid,
+                Metric::Kid => MetricKind::Kid,
+            },
             label: label.to_owned(),
             short_label: short_label.to_owned(),
             scale,
@@ -57,9 +77,33 @@ impl MetricInfo {
         }
     }
 
-    /// `value` as displays show it: scaled, three decimals.
+    /// A user metric's presentation: its label, unscaled, better by its goal.
+    pub fn user(m: &UserMetric) -> Self {
+        MetricInfo {
+            metric: m.name.clone(),
+            kind: MetricKind::User,
+            label: m.label.clone(),
+            short_label: m.name.clone(),
+            scale: 1.0,
+            axis_label: m.label.clone(),
+            lower_is_better: m.goal == Goal::Min,
+            fallback: false,
+        }
+    }
+
+    /// `value` as displays show it: scaled; three decimals for the server's metrics, four
+    /// significant digits for user metrics (whose scale is theirs).
     pub fn format(&self, value: f64) -> String {
-        format!("{:.3}", value * self.scale)
+        let v = value * self.scale;
+        if self.kind != MetricKind::User || v == 0.0 || !v.is_finite() {
+            return format!("{v:.3}");
+        }
+        let digits = (3 - v.abs().log10().floor() as i32).clamp(0, 12) as usize;
+        if v.abs() >= 1e6 || v.abs() < 1e-4 {
+            format!("{v:.3e}")
+        } else {
+            format!("{v:.digits$}")
+        }
     }
 
     /// `summary` as a table cell: `mean ± error bar`, scaled, or the mean alone.
@@ -111,5 +155,12 @@ mod tests {
         assert_eq!(error_bar(&sets), Some(2f64.sqrt()));
         assert_eq!(error_bar(&MetricSummary::of(vec![5.0], None)), None);
         assert!(kid.better(1.0, 2.0));
+        let acc = MetricInfo::user(&UserMetric {
+            name: "acc".into(),
+            goal: Goal::Max,
+            label: "accuracy".into(),
+        });
+        assert!(acc.better(0.9, 0.8) && !acc.lower_is_better);
+        assert_eq!((acc.format(0.91234), acc.format(123.456)), ("0.9123".into(), "123.5".into()));
     }
 }

@@ -11,6 +11,11 @@
 //! - `worker`: the durable job loop (leases, per-batch records, resumption).
 //! - `batch`: sampling and features of one batch.
 //! - `results`: a point's result, the best point.
+//! - `external`: the server's side of the external-evaluator protocol (leases over HTTP,
+//!   uploaded images or audited features, user metrics; `docs/EVALUATORS.md`).
+//! - `upload`: parsing what an external evaluator uploads for a batch.
+//! - `scoring`: feature networks, reference statistics and FID/KID from recorded features,
+//!   shared by the builtin worker and external evaluation.
 //! - `labels`: how each metric is named, scaled and compared, and a point's error bar —
 //!   decided once for the UI, the command line, the plot and the Python client.
 //! - `plot`: the curve (1-D) or heat map (2-D) as SVG.
@@ -19,17 +24,22 @@
 //! `hindsight serve`, more from `hindsight worker` — share it.
 
 mod batch;
+pub mod external;
 mod labels;
 pub mod plot;
 mod results;
+mod scoring;
 mod spec;
+pub mod upload;
 mod worker;
 
 pub use batch::GRID_IMAGES;
-pub use labels::{error_bar, MetricInfo};
+pub use labels::{error_bar, MetricInfo, MetricKind};
 pub use results::{best_point, MetricSummary, PointResult, Timings};
+pub use scoring::{batch_timings, features_by, LoadedReference, Scorer};
 pub use spec::{
-    run_network, spec_of, validate, SamplerSettings, SweepLimits, SweepRequest, SweepSpec,
+    run_network, spec_of, validate, Goal, MetricRequest, SamplerRequest, SamplerSettings,
+    SamplerSpec, SweepLimits, SweepRequest, SweepSpec, UserMetric, MAX_USER_METRICS,
 };
 pub use worker::{
     new_worker_id, now_ms, Observer, Worker, WorkerConfig, WorkerEvent, MAX_ATTEMPTS,
@@ -51,7 +61,8 @@ pub async fn create(
         .db
         .insert_sweep(
             run.id,
-            reference.id,
+            reference.as_ref().map(|r| r.id),
+            spec.evaluator,
             &value,
             &spec.points(),
             (limits.max_unfinished_per_run, limits.max_unfinished),

@@ -7,15 +7,29 @@ use plotters::prelude::*;
 use super::results::PointResult;
 use crate::db::{PointRow, SweepRow};
 use crate::error::{Error, Result};
-use crate::metrics::Metric;
 
 /// A finished point's value of one metric as displayed (× the metric's display scale): mean
 /// and the half-height of its error bar ([`super::error_bar`]).
-fn value(p: &PointRow, metric: Metric, scale: f64) -> Option<(f64, f64)> {
+fn value(p: &PointRow, metric: &str, scale: f64) -> Option<(f64, f64)> {
     let r: PointResult = serde_json::from_value(p.result.clone()?).ok()?;
-    let m = r.value(metric)?;
+    let m = r.named(metric)?;
     let bar = super::error_bar(m).unwrap_or(0.0);
     Some((m.mean * scale, bar * scale))
+}
+
+/// The best of `values` (lowest, or highest when `lower` is false).
+fn best_of<'a, 'b>(values: &'b [(&'a PointRow, f64, f64)], lower: bool) -> &'b (&'a PointRow, f64, f64) {
+    values
+        .iter()
+        .reduce(|a, b| {
+            let better = if lower { b.1 < a.1 } else { b.1 > a.1 };
+            if better {
+                b
+            } else {
+                a
+            }
+        })
+        .expect("not empty")
 }
 
 fn draw_error<E: std::error::Error + Send + Sync + 'static>(err: DrawingAreaErrorKind<E>) -> Error {
@@ -32,15 +46,32 @@ const PALETTE: [RGBColor; 6] = [
     RGBColor(140, 86, 75),
 ];
 
-/// `metric` against σ_rel for every training time of the sweep, as an SVG document; a
-/// 2-D sweep (several training times) gets a heat map beside the curves. Errors when no point
-/// has a value yet.
-pub fn sweep_svg(sweep: &SweepRow, points: &[PointRow], metric: Metric) -> Result<String> {
-    // Names and scale as every other display shows them (KID ×10³).
-    let info = super::spec_of(sweep).map_or_else(
-        |_| super::MetricInfo::new(metric, false),
-        |spec| spec.metric_info(metric),
-    );
+/// The metric named `metric` (`fid`, `kid`, a user metric's) against σ_rel for every
+/// training time of the sweep, as an SVG document; a 2-D sweep (several training times) gets
+/// a heat map beside the curves. The best point (by the metric's direction) is ringed.
+/// Errors when the sweep has no such metric or no point has a value yet.
+pub fn sweep_svg(sweep: &SweepRow, points: &[PointRow], metric: &str) -> Result<String> {
+    // Names, scale and direction as every other display shows them (KID ×10³).
+    let info = match super::spec_of(sweep) {
+        Ok(spec) => spec.metric_named(metric).ok_or_else(|| {
+            Error::invalid(
+                "metric",
+                format!(
+                    "sweep {} has no metric {metric:?} (its metrics: {})",
+                    sweep.id,
+                    spec.metric_infos()
+                        .iter()
+                        .map(|m| m.metric.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        })?,
+        Err(_) => match metric.parse() {
+            Ok(m) => super::MetricInfo::new(m, false),
+            Err(e) => return Err(e),
+        },
+    };
     let values: Vec<(&PointRow, f64, f64)> = points
         .iter()
         .filter_map(|p| value(p, metric, info.scale).map(|(v, e)| (p, v, e)))
@@ -49,9 +80,10 @@ pub fn sweep_svg(sweep: &SweepRow, points: &[PointRow], metric: Metric) -> Resul
     if values.is_empty() {
         return Err(Error::invalid(
             "sweep",
-            format!("no finished point has {} yet", metric.as_str()),
+            format!("no finished point has {metric} yet"),
         ));
     }
+    let lower = info.lower_is_better;
     let mut nimgs: Vec<i64> = points.iter().map(|p| p.nimg).collect();
     nimgs.sort_unstable();
     nimgs.dedup();
@@ -75,10 +107,10 @@ pub fn sweep_svg(sweep: &SweepRow, points: &[PointRow], metric: Metric) -> Resul
             .map_err(draw_error)?;
         if two_d {
             let (left, right) = body.split_horizontally(600);
-            curves(&left, &values, &nimgs, &name)?;
-            heat_map(&right, &values, &nimgs, &name)?;
+            curves(&left, &values, &nimgs, &name, lower)?;
+            heat_map(&right, &values, &nimgs, &name, lower)?;
         } else {
-            curves(&body, &values, &nimgs, &name)?;
+            curves(&body, &values, &nimgs, &name, lower)?;
         }
         root.present().map_err(draw_error)?;
     }
@@ -90,6 +122,7 @@ fn curves<DB: DrawingBackend>(
     values: &[(&PointRow, f64, f64)],
     nimgs: &[i64],
     name: &str,
+    lower: bool,
 ) -> Result<()>
 where
     DB::ErrorType: 'static,
@@ -149,10 +182,7 @@ where
             }))
             .map_err(draw_error)?;
     }
-    let best = values
-        .iter()
-        .min_by(|a, b| a.1.total_cmp(&b.1))
-        .expect("not empty");
+    let best = best_of(values, lower);
     chart
         .draw_series([Circle::new(
             (best.0.sigma_rel, best.1),
@@ -201,6 +231,7 @@ fn heat_map<DB: DrawingBackend>(
     values: &[(&PointRow, f64, f64)],
     nimgs: &[i64],
     name: &str,
+    lower: bool,
 ) -> Result<()>
 where
     DB::ErrorType: 'static,
@@ -244,14 +275,12 @@ where
         .label_style(("sans-serif", 10))
         .draw()
         .map_err(draw_error)?;
-    let best = values
-        .iter()
-        .min_by(|a, b| a.1.total_cmp(&b.1))
-        .expect("not empty");
+    let best = best_of(values, lower);
     for v in values {
         let x = sigmas.iter().position(|s| *s == v.0.sigma_rel).unwrap_or(0) as i32;
         let y = nimgs.iter().position(|n| *n == v.0.nimg).unwrap_or(0) as i32;
-        let colour = ramp((v.1 - lo) / span);
+        let t = (v.1 - lo) / span;
+        let colour = ramp(if lower { t } else { 1.0 - t });
         chart
             .draw_series([Rectangle::new([(x, y), (x + 1, y + 1)], colour.filled())])
             .map_err(draw_error)?;
@@ -284,6 +313,7 @@ mod tests {
                 SweepStatus::Queued
             },
             lease_owner: None,
+            lease_worker: None,
             lease_expires: None,
             attempts: 1,
             reconstruction_id: None,
@@ -311,7 +341,8 @@ mod tests {
             id: 1,
             run: "r".into(),
             run_id: 1,
-            reference_id: 1,
+            reference_id: Some(1),
+            evaluator: crate::db::Evaluator::Builtin,
             spec: serde_json::json!({}),
             status: SweepStatus::Running,
             created_at: String::new(),
@@ -331,11 +362,11 @@ mod tests {
             point(2, 0.15, 100, Some(11.0)),
             point(3, 0.20, 100, None),
         ];
-        let svg = sweep_svg(&sweep(), &points, Metric::Fid).unwrap();
+        let svg = sweep_svg(&sweep(), &points, "fid").unwrap();
         assert!(svg.starts_with("<svg"));
         assert!(svg.contains("best σ_rel 0.100: 9.500"), "{svg}");
         assert!(svg.contains("(3 of 4 points)"));
-        assert!(sweep_svg(&sweep(), &points, Metric::Kid).is_err());
+        assert!(sweep_svg(&sweep(), &points, "kid").is_err());
     }
 
     #[test]
@@ -346,7 +377,7 @@ mod tests {
             point(2, 0.05, 200, Some(8.0)),
             point(3, 0.10, 200, Some(7.0)),
         ];
-        let svg = sweep_svg(&sweep(), &points, Metric::Fid).unwrap();
+        let svg = sweep_svg(&sweep(), &points, "fid").unwrap();
         assert!(svg.contains("over (sigma_rel, nimg)"));
         assert!(svg.contains("nimg 200"));
     }

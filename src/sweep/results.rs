@@ -1,8 +1,11 @@
 //! A point's result: metrics per seed set, their mean and spread, and where the time went;
 //! and the best point of a sweep.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
+use super::labels::MetricInfo;
 use crate::db::PointRow;
 use crate::error::Result;
 use crate::metrics::{frechet_distance_of, kid, FeatureStats, Metric, FEATURES};
@@ -78,6 +81,13 @@ pub struct PointResult {
     pub reconstruction: String,
     /// Times.
     pub timings: Timings,
+    /// User metrics an external evaluator reported, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub user: BTreeMap<String, MetricSummary>,
+    /// Who computed the images' Inception features: `server`, `client` or `mixed` (none:
+    /// no images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub features: Option<String>,
 }
 
 impl PointResult {
@@ -87,6 +97,23 @@ impl PointResult {
             Metric::Fid => self.fid.as_ref(),
             Metric::Kid => self.kid.as_ref(),
         }
+    }
+
+    /// The metric named `name` (`fid`, `kid` or a user metric's), if recorded.
+    pub fn named(&self, name: &str) -> Option<&MetricSummary> {
+        match name.parse::<Metric>() {
+            Ok(m) => self.value(m),
+            Err(_) => self.user.get(name),
+        }
+    }
+
+    /// Every metric recorded, by name: the server's, then the user's.
+    pub fn all(&self) -> Vec<(String, &MetricSummary)> {
+        Metric::ALL
+            .iter()
+            .filter_map(|&m| Some((m.as_str().to_owned(), self.value(m)?)))
+            .chain(self.user.iter().map(|(k, v)| (k.clone(), v)))
+            .collect()
     }
 }
 
@@ -134,17 +161,27 @@ pub fn set_metrics(
     Ok(SetMetrics { stats, fid, kid })
 }
 
-/// The point with the lowest mean of `metric` among finished points, if any.
-pub fn best_point(points: &[PointRow], metric: Metric) -> Option<&PointRow> {
+/// The best finished point by `metric` (the lowest mean, or the highest when higher is
+/// better), if any, with its summary.
+pub fn best_point<'a>(
+    points: &'a [PointRow],
+    metric: &MetricInfo,
+) -> Option<(&'a PointRow, MetricSummary)> {
     points
         .iter()
         .filter_map(|p| {
             let r: PointResult = serde_json::from_value(p.result.clone()?).ok()?;
-            Some((p, r.value(metric)?.mean))
+            let v = r.named(&metric.metric)?.clone();
+            Some((p, v))
         })
-        .filter(|(_, v)| v.is_finite())
-        .min_by(|a, b| a.1.total_cmp(&b.1))
-        .map(|(p, _)| p)
+        .filter(|(_, v)| v.mean.is_finite())
+        .reduce(|a, b| {
+            if metric.better(b.1.mean, a.1.mean) {
+                b
+            } else {
+                a
+            }
+        })
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::app::{references, DataDir};
-use crate::db::{ReferenceRow, Run};
+use crate::db::{Evaluator, ReferenceRow, Run};
 use crate::error::{Error, Result};
 use crate::materialize::OutDtype;
 use crate::metrics::{Metric, FEATURES};
@@ -139,6 +139,131 @@ impl SamplerSettings {
     }
 }
 
+/// Which way a user metric is better.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Goal {
+    /// Lower is better (a loss, a distance).
+    Min,
+    /// Higher is better (an accuracy, a likelihood).
+    Max,
+}
+
+/// A metric the user's evaluator computes and reports per point (`POST
+/// /evaluations/{lease}/metrics`): declared in the sweep, shown beside FID and KID.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserMetric {
+    /// `[a-z0-9_]{1,40}`, not `fid` or `kid`.
+    pub name: String,
+    /// `min` or `max`.
+    pub goal: Goal,
+    /// What displays call it (default: the name); at most 100 characters.
+    #[serde(default)]
+    #[schema(required)]
+    pub label: String,
+}
+
+/// Most user metrics in a sweep.
+pub const MAX_USER_METRICS: usize = 16;
+
+/// Largest external `sampler` object, bytes of JSON.
+pub const MAX_SAMPLER_BYTES: usize = 64 << 10;
+
+impl UserMetric {
+    /// Checks the name and label (errors name `field`), filling the default label.
+    pub fn checked(mut self, field: &str) -> Result<Self> {
+        let ok = (1..=40).contains(&self.name.len())
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !ok {
+            return Err(Error::invalid(
+                format!("{field}.name"),
+                format!(
+                    "{:?}: a user metric's name is 1 to 40 of a-z, 0-9 and _",
+                    self.name
+                ),
+            ));
+        }
+        if Metric::ALL.iter().any(|m| m.as_str() == self.name) {
+            return Err(Error::invalid(
+                format!("{field}.name"),
+                format!(
+                    "{:?} is the server's own metric: ask for it as the string {:?}",
+                    self.name, self.name
+                ),
+            ));
+        }
+        let label = self.label.trim();
+        if label.chars().count() > 100 || label.chars().any(char::is_control) {
+            return Err(Error::invalid(
+                format!("{field}.label"),
+                "at most 100 characters, none of them control characters",
+            ));
+        }
+        self.label = if label.is_empty() {
+            self.name.clone()
+        } else {
+            label.to_owned()
+        };
+        Ok(self)
+    }
+}
+
+/// A metric as a request names it: one of the server's (`fid`, `kid`) or the user's.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MetricRequest {
+    /// FID or KID, computed by the server from the points' images.
+    Image(Metric),
+    /// A user metric, reported by an external evaluator.
+    User(UserMetric),
+}
+
+/// The sampler settings of a request: typed (the command line) or the JSON object a client
+/// sent (checked against the builtin sampler's fields, or passed through for external
+/// evaluators).
+#[derive(Clone, Debug, PartialEq)]
+pub enum SamplerRequest {
+    /// Builtin settings.
+    Settings(SamplerSettings),
+    /// A JSON object.
+    Object(serde_json::Map<String, serde_json::Value>),
+}
+
+impl Default for SamplerRequest {
+    fn default() -> Self {
+        SamplerRequest::Object(serde_json::Map::new())
+    }
+}
+
+/// A sweep's sampler: EDM's Heun settings for the builtin evaluator, the user's own object
+/// (stored and handed to evaluators untouched) for external ones.
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum SamplerSpec {
+    /// Builtin: EDM's Heun sampler.
+    Builtin(SamplerSettings),
+    /// External: whatever the user's sampler takes.
+    External(serde_json::Map<String, serde_json::Value>),
+}
+
+impl SamplerSpec {
+    /// The builtin sampler's settings (external sweeps: the defaults, unused).
+    pub fn settings(&self) -> SamplerSettings {
+        match self {
+            SamplerSpec::Builtin(s) => *s,
+            SamplerSpec::External(_) => SamplerSettings::default(),
+        }
+    }
+
+    /// As the JSON object the sweep shows and evaluators receive.
+    pub fn to_object(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+}
+
 /// A sweep as a client asks for it (`POST /sweeps`, `hindsight sweep`). Lists are parsed
 /// already; `None` takes the default.
 #[derive(Clone, Debug, PartialEq)]
@@ -149,16 +274,19 @@ pub struct SweepRequest {
     pub sigma_rels: Vec<f64>,
     /// Training times to reconstruct at (a 2-D sweep); default: the run's last snapshot.
     pub nimgs: Option<Vec<u64>>,
+    /// Who evaluates the points; default builtin for runs with a network configuration,
+    /// else external.
+    pub evaluator: Option<Evaluator>,
     /// Metrics; default FID, and KID when the reference keeps its features.
-    pub metrics: Option<Vec<Metric>>,
+    pub metrics: Option<Vec<MetricRequest>>,
     /// Images per seed set; default 50 000 (or the deployment's cap, if lower).
     pub num_images: Option<usize>,
     /// Seed sets: set `k` samples seeds `k·N … (k+1)·N − 1`; default 1.
     pub seed_sets: Option<usize>,
     /// Sampler settings.
-    pub sampler: SamplerSettings,
-    /// Reference statistics, by id or name.
-    pub reference: String,
+    pub sampler: SamplerRequest,
+    /// Reference statistics, by id or name (needed for FID and KID).
+    pub reference: Option<String>,
     /// Images per batch (sampling and features); default 32.
     pub batch: Option<usize>,
     /// KID: subsets averaged (default 100, as StyleGAN/EDM).
@@ -170,25 +298,32 @@ pub struct SweepRequest {
 /// The validated sweep, stored with it (`sweeps.request`), followed by workers and sent to
 /// clients as `Sweep.spec`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(try_from = "StoredSpec")]
 pub struct SweepSpec {
     /// The run's name.
     pub run: String,
+    /// Who evaluates the points.
+    #[schema(required)]
+    pub evaluator: Evaluator,
     /// EMA widths.
     pub sigma_rels: Vec<f64>,
     /// Training times.
     pub nimgs: Vec<u64>,
-    /// Metrics.
+    /// The server's metrics (FID, KID), computed from the points' images.
     pub metrics: Vec<Metric>,
-    /// Images per seed set.
+    /// Metrics the external evaluator reports, in the order declared.
+    #[schema(required)]
+    pub user_metrics: Vec<UserMetric>,
+    /// Images per seed set (0: the sweep computes no image metric).
     pub num_images: usize,
     /// Seed sets.
     pub seed_sets: usize,
-    /// Sampler settings.
-    pub sampler: SamplerSettings,
-    /// Reference statistics' id.
-    pub reference_id: i64,
+    /// Builtin: EDM's Heun settings. External: the user's object, untouched.
+    pub sampler: SamplerSpec,
+    /// Reference statistics' id (null: none, an external sweep of user metrics only).
+    pub reference_id: Option<i64>,
     /// Their name (as it was when the sweep was made).
-    pub reference_name: String,
+    pub reference_name: Option<String>,
     /// Their feature network: [`crate::metrics::INCEPTION_NETWORK`] (FID and KID proper) or
     /// [`crate::metrics::PIXEL_PROJECTION_NETWORK`] (the fallback: the numbers are not FID).
     #[serde(default = "inception_network")]
@@ -210,6 +345,67 @@ fn inception_network() -> String {
     crate::metrics::INCEPTION_NETWORK.to_owned()
 }
 
+/// [`SweepSpec`] as stored: the sampler is read as the evaluator says (a builtin sweep's
+/// settings, an external sweep's object untouched). Specs stored before external sweeps
+/// existed read as builtin ones.
+#[derive(Deserialize)]
+struct StoredSpec {
+    run: String,
+    #[serde(default)]
+    evaluator: Evaluator,
+    sigma_rels: Vec<f64>,
+    nimgs: Vec<u64>,
+    metrics: Vec<Metric>,
+    #[serde(default)]
+    user_metrics: Vec<UserMetric>,
+    num_images: usize,
+    seed_sets: usize,
+    sampler: serde_json::Value,
+    reference_id: Option<i64>,
+    reference_name: Option<String>,
+    #[serde(default = "inception_network")]
+    feature_network: String,
+    batch: usize,
+    kid_subsets: usize,
+    kid_subset_size: usize,
+    #[serde(default)]
+    warnings: Vec<String>,
+}
+
+impl TryFrom<StoredSpec> for SweepSpec {
+    type Error = String;
+
+    fn try_from(s: StoredSpec) -> std::result::Result<Self, String> {
+        let sampler = match (s.evaluator, s.sampler) {
+            (Evaluator::Builtin, v) => SamplerSpec::Builtin(
+                serde_json::from_value(v).map_err(|e| format!("sampler: {e}"))?,
+            ),
+            (Evaluator::External, serde_json::Value::Object(map)) => SamplerSpec::External(map),
+            (Evaluator::External, other) => {
+                return Err(format!("sampler: {other} is not an object"));
+            }
+        };
+        Ok(SweepSpec {
+            run: s.run,
+            evaluator: s.evaluator,
+            sigma_rels: s.sigma_rels,
+            nimgs: s.nimgs,
+            metrics: s.metrics,
+            user_metrics: s.user_metrics,
+            num_images: s.num_images,
+            seed_sets: s.seed_sets,
+            sampler,
+            reference_id: s.reference_id,
+            reference_name: s.reference_name,
+            feature_network: s.feature_network,
+            batch: s.batch,
+            kid_subsets: s.kid_subsets,
+            kid_subset_size: s.kid_subset_size,
+            warnings: s.warnings,
+        })
+    }
+}
+
 impl SweepSpec {
     /// Whether the metrics are the fallback's (Fréchet distance and KID on pixel
     /// projections), not FID and KID.
@@ -223,19 +419,37 @@ impl SweepSpec {
         super::labels::MetricInfo::new(metric, self.is_fallback())
     }
 
-    /// The presentation of every metric of the sweep, in its order.
+    /// The presentation of every metric of the sweep: the server's, then the user's.
     pub fn metric_infos(&self) -> Vec<super::labels::MetricInfo> {
-        self.metrics.iter().map(|&m| self.metric_info(m)).collect()
+        self.metrics
+            .iter()
+            .map(|&m| self.metric_info(m))
+            .chain(self.user_metrics.iter().map(super::labels::MetricInfo::user))
+            .collect()
     }
 
-    /// Images a point samples: `num_images × seed_sets`.
+    /// The presentation of the metric named `name`, if the sweep has it.
+    pub fn metric_named(&self, name: &str) -> Option<super::labels::MetricInfo> {
+        self.metric_infos().into_iter().find(|m| m.metric == name)
+    }
+
+    /// Whether the points' images are sampled and scored (FID or KID asked for).
+    pub fn has_images(&self) -> bool {
+        !self.metrics.is_empty() && self.num_images > 0
+    }
+
+    /// Images a point samples: `num_images × seed_sets` (0 without image metrics).
     pub fn images_per_point(&self) -> usize {
-        self.num_images * self.seed_sets
+        if self.has_images() {
+            self.num_images * self.seed_sets
+        } else {
+            0
+        }
     }
 
     /// Batches per point.
     pub fn batches_per_point(&self) -> usize {
-        self.images_per_point().div_ceil(self.batch)
+        self.images_per_point().div_ceil(self.batch.max(1))
     }
 
     /// The images (seeds) of batch `b`.
@@ -257,6 +471,11 @@ impl SweepSpec {
     pub fn wants(&self, metric: Metric) -> bool {
         self.metrics.contains(&metric)
     }
+
+    /// The seeds of seed set `set`: `set·num_images … (set+1)·num_images − 1`.
+    pub fn set_seeds(&self, set: usize) -> std::ops::Range<u64> {
+        (set * self.num_images) as u64..((set + 1) * self.num_images) as u64
+    }
 }
 
 /// The specification stored with a sweep.
@@ -271,30 +490,146 @@ pub fn run_network(run: &Run) -> Result<Edm2Config> {
         Error::invalid(
             "run",
             format!(
-                "run {:?} records no network configuration (metadata.network), so its images \
-                 cannot be sampled; runs made by `hindsight train` or the Python client with a \
-                 network configuration have one",
+                "run {:?} records no network configuration (metadata.network), so hindsight's \
+                 builtin evaluator cannot sample it: evaluate it with your own code (\"evaluator\": \
+                 \"external\", then the Python client's Client.evaluate); runs made by \
+                 `hindsight train` have one",
                 run.name
             ),
         )
     })
 }
 
+/// The metrics of a request, checked: the server's (each once) and the user's (names unique,
+/// at most [`MAX_USER_METRICS`], external evaluators only). `None` when not given.
+fn checked_metrics(
+    metrics: Option<Vec<MetricRequest>>,
+    evaluator: Evaluator,
+) -> Result<Option<(Vec<Metric>, Vec<UserMetric>)>> {
+    let Some(list) = metrics else {
+        return Ok(None);
+    };
+    if list.is_empty() {
+        return Err(Error::invalid("metrics", "give at least one"));
+    }
+    let (mut image, mut user): (Vec<(usize, Metric)>, Vec<(usize, UserMetric)>) =
+        (Vec::new(), Vec::new());
+    for (i, m) in list.into_iter().enumerate() {
+        let name = match &m {
+            MetricRequest::Image(m) => m.as_str().to_owned(),
+            MetricRequest::User(u) => u.name.clone(),
+        };
+        // A repeated metric would be computed and listed twice: refuse it, naming both.
+        let first = image
+            .iter()
+            .find(|(_, x)| x.as_str() == name)
+            .map(|(j, _)| *j)
+            .or_else(|| user.iter().find(|(_, u)| u.name == name).map(|(j, _)| *j));
+        if let Some(first) = first {
+            return Err(Error::invalid(
+                format!("metrics[{i}]"),
+                format!("{name:?} is already metrics[{first}]; name each metric once"),
+            ));
+        }
+        match m {
+            MetricRequest::Image(m) => image.push((i, m)),
+            MetricRequest::User(u) => {
+                if evaluator == Evaluator::Builtin {
+                    return Err(Error::invalid(
+                        format!("metrics[{i}]"),
+                        format!(
+                            "{:?} is a user metric, which an external evaluator reports; the \
+                             builtin evaluator computes fid and kid only (ask for \
+                             \"evaluator\": \"external\")",
+                            u.name
+                        ),
+                    ));
+                }
+                user.push((i, u.checked(&format!("metrics[{i}]"))?));
+            }
+        }
+    }
+    if user.len() > MAX_USER_METRICS {
+        return Err(Error::invalid(
+            "metrics",
+            format!(
+                "{} user metrics; at most {MAX_USER_METRICS}",
+                user.len()
+            ),
+        ));
+    }
+    Ok(Some((
+        image.into_iter().map(|(_, m)| m).collect(),
+        user.into_iter().map(|(_, u)| u).collect(),
+    )))
+}
+
+/// The sampler of a sweep: checked builtin settings, or the external evaluator's object.
+fn checked_sampler(request: SamplerRequest, evaluator: Evaluator) -> Result<SamplerSpec> {
+    match (evaluator, request) {
+        (Evaluator::Builtin, SamplerRequest::Settings(s)) => {
+            s.check()?;
+            Ok(SamplerSpec::Builtin(s))
+        }
+        (Evaluator::Builtin, SamplerRequest::Object(map)) => {
+            let s: SamplerSettings = serde_json::from_value(serde_json::Value::Object(map))
+                .map_err(|e| {
+                    Error::invalid(
+                        "sampler",
+                        format!(
+                            "{e}: the builtin sampler takes steps, sigma_min, sigma_max and \
+                             rho (an external evaluator's sampler takes any object)"
+                        ),
+                    )
+                })?;
+            s.check()?;
+            Ok(SamplerSpec::Builtin(s))
+        }
+        (Evaluator::External, request) => {
+            let map = match request {
+                SamplerRequest::Object(map) => map,
+                SamplerRequest::Settings(s) => match serde_json::to_value(s) {
+                    Ok(serde_json::Value::Object(map)) => map,
+                    _ => serde_json::Map::new(),
+                },
+            };
+            let size = serde_json::to_string(&map).map(|t| t.len()).unwrap_or(0);
+            if size > MAX_SAMPLER_BYTES {
+                return Err(Error::invalid(
+                    "sampler",
+                    format!("{size} bytes of JSON; at most {MAX_SAMPLER_BYTES}"),
+                ));
+            }
+            Ok(SamplerSpec::External(map))
+        }
+    }
+}
+
 /// Validates `request` against the index and `limits`; returns the specification and the
 /// rows it names. Errors name the request's field (`sigma_rels`, `nimgs`, `num_images`,
-/// `reference`, …): unknown run or reference ([`Error::NotFound`]), values out of range, a
-/// reference of another feature dimension, KID against a reference without features.
+/// `reference`, `metrics[2].name`, …): unknown run or reference ([`Error::NotFound`]),
+/// values out of range, a reference of another feature dimension, KID against a reference
+/// without features, a builtin sweep of a run without a network configuration.
 pub async fn validate(
     data: &DataDir,
     request: SweepRequest,
     limits: &SweepLimits,
-) -> Result<(SweepSpec, Run, ReferenceRow)> {
+) -> Result<(SweepSpec, Run, Option<ReferenceRow>)> {
     let run = data
         .db
         .run(&request.run)
         .await?
         .ok_or_else(|| Error::NotFound(format!("run: {:?} does not exist", request.run)))?;
-    let network = run_network(&run)?;
+    let has_network = run_network(&run).is_ok();
+    let evaluator = request.evaluator.unwrap_or(if has_network {
+        Evaluator::Builtin
+    } else {
+        Evaluator::External
+    });
+    let network = match evaluator {
+        Evaluator::Builtin => Some(run_network(&run)?),
+        Evaluator::External => None,
+    };
     if request.sigma_rels.is_empty() {
         return Err(Error::invalid("sigma_rels", "give at least one sigma_rel"));
     }
@@ -347,16 +682,99 @@ pub async fn validate(
             ),
         ));
     }
-    let num_images = request.num_images.unwrap_or(limits.max_images.min(50_000));
-    if num_images < 2 || num_images > limits.max_images {
-        return Err(Error::invalid(
-            "num_images",
-            format!(
-                "{num_images} images; between 2 and {} (the configured cap)",
-                limits.max_images
-            ),
-        ));
+    let requested = checked_metrics(request.metrics, evaluator)?;
+    let wants_images = match &requested {
+        Some((image, _)) => !image.is_empty(),
+        None => true,
+    };
+    let reference = match (&request.reference, wants_images) {
+        (Some(key), true) => Some(references::find(data, key).await.map_err(|e| match e {
+            Error::NotFound(m) => Error::NotFound(format!("reference: {m}")),
+            other => other,
+        })?),
+        (None, true) => {
+            return Err(Error::invalid(
+                if requested.is_some() {
+                    "reference"
+                } else {
+                    "metrics"
+                },
+                match evaluator {
+                    Evaluator::Builtin => "FID and KID need reference statistics: give \
+                                           `reference` (see GET /references)"
+                        .to_owned(),
+                    Evaluator::External => "FID and KID need reference statistics: give \
+                                            `reference` (see GET /references), or declare only \
+                                            user metrics, e.g. {\"name\": \"val_loss\", \
+                                            \"goal\": \"min\"}"
+                        .to_owned(),
+                },
+            ))
+        }
+        (Some(_), false) => {
+            return Err(Error::invalid(
+                "reference",
+                "the sweep computes no FID or KID, so it takes no reference statistics",
+            ))
+        }
+        (None, false) => None,
+    };
+    if let Some(reference) = &reference {
+        if reference.dims as usize != FEATURES {
+            return Err(Error::invalid(
+                "reference",
+                format!(
+                    "{:?} holds {}-d statistics; FID and KID here use {FEATURES}-d \
+                     inception-2015-12-05 features",
+                    reference.name, reference.dims
+                ),
+            ));
+        }
     }
+    let (metrics, user_metrics) = match requested {
+        Some(m) => m,
+        None => match &reference {
+            Some(r) if r.features_digest.is_some() => (vec![Metric::Fid, Metric::Kid], vec![]),
+            _ => (vec![Metric::Fid], vec![]),
+        },
+    };
+    if let Some(reference) = &reference {
+        if metrics.contains(&Metric::Kid) && reference.features_digest.is_none() {
+            return Err(Error::invalid(
+                "metrics",
+                format!(
+                    "KID needs the reference's features, and {:?} has none (imported \
+                     statistics keep only mu and sigma): ask for fid alone, or use reference \
+                     statistics computed from images",
+                    reference.name
+                ),
+            ));
+        }
+    }
+    let num_images = if metrics.is_empty() {
+        if let Some(n) = request.num_images {
+            return Err(Error::invalid(
+                "num_images",
+                format!(
+                    "{n}: the sweep computes no FID or KID, so the server takes no images \
+                     (leave num_images out)"
+                ),
+            ));
+        }
+        0
+    } else {
+        let n = request.num_images.unwrap_or(limits.max_images.min(50_000));
+        if n < 2 || n > limits.max_images {
+            return Err(Error::invalid(
+                "num_images",
+                format!(
+                    "{n} images; between 2 and {} (the configured cap)",
+                    limits.max_images
+                ),
+            ));
+        }
+        n
+    };
     let seed_sets = request.seed_sets.unwrap_or(1);
     if seed_sets == 0 || seed_sets > limits.max_seed_sets {
         return Err(Error::invalid(
@@ -374,54 +792,7 @@ pub async fn validate(
             ),
         ));
     }
-    request.sampler.check()?;
-    let reference = references::find(data, &request.reference)
-        .await
-        .map_err(|e| match e {
-            Error::NotFound(m) => Error::NotFound(format!("reference: {m}")),
-            other => other,
-        })?;
-    if reference.dims as usize != FEATURES {
-        return Err(Error::invalid(
-            "reference",
-            format!(
-                "{:?} holds {}-d statistics; FID and KID here use {FEATURES}-d \
-                 inception-2015-12-05 features",
-                reference.name, reference.dims
-            ),
-        ));
-    }
-    let metrics = match request.metrics {
-        Some(m) if m.is_empty() => return Err(Error::invalid("metrics", "give at least one")),
-        Some(m) => {
-            // A repeated metric would be computed and listed twice: refuse it, naming both.
-            for (i, metric) in m.iter().enumerate() {
-                if let Some(first) = m[..i].iter().position(|x| x == metric) {
-                    return Err(Error::invalid(
-                        format!("metrics[{i}]"),
-                        format!(
-                            "{:?} is already metrics[{first}]; name each metric once",
-                            metric.as_str()
-                        ),
-                    ));
-                }
-            }
-            m
-        }
-        None if reference.features_digest.is_some() => vec![Metric::Fid, Metric::Kid],
-        None => vec![Metric::Fid],
-    };
-    if metrics.contains(&Metric::Kid) && reference.features_digest.is_none() {
-        return Err(Error::invalid(
-            "metrics",
-            format!(
-                "KID needs the reference's features, and {:?} has none (imported statistics \
-                 keep only mu and sigma): ask for fid alone, or use reference statistics \
-                 computed from images",
-                reference.name
-            ),
-        ));
-    }
+    let sampler = checked_sampler(request.sampler, evaluator)?;
     let kid_subsets = request.kid_subsets.unwrap_or(100);
     if kid_subsets == 0 || kid_subsets > 10_000 {
         return Err(Error::invalid(
@@ -474,26 +845,31 @@ pub async fn validate(
             rough.join("; ")
         ));
     }
-    if let Some(r) = reference.resolution {
-        if r as usize != network.img_resolution {
-            warnings.push(format!(
-                "the reference images are {r}×{r} and the run's {0}×{0}: FID compares them \
-                 after resizing both to 299×299, which is not the same as comparing images \
-                 of one size",
-                network.img_resolution
-            ));
+    if let (Some(reference), Some(network)) = (&reference, &network) {
+        if let Some(r) = reference.resolution {
+            if r as usize != network.img_resolution {
+                warnings.push(format!(
+                    "the reference images are {r}×{r} and the run's {0}×{0}: FID compares \
+                     them after resizing both to 299×299, which is not the same as comparing \
+                     images of one size",
+                    network.img_resolution
+                ));
+            }
+        }
+        if let Some(c) = reference.channels {
+            if c as usize != network.img_channels {
+                warnings.push(format!(
+                    "the reference images have {c} channel(s) and the run's {}: grey images \
+                     are replicated to RGB for Inception, so grey is compared with colour",
+                    network.img_channels
+                ));
+            }
         }
     }
-    if let Some(c) = reference.channels {
-        if c as usize != network.img_channels {
-            warnings.push(format!(
-                "the reference images have {c} channel(s) and the run's {}: grey images are \
-                 replicated to RGB for Inception, so grey is compared with colour",
-                network.img_channels
-            ));
-        }
-    }
-    if reference.feature_network == crate::metrics::PIXEL_PROJECTION_NETWORK {
+    let fallback = reference
+        .as_ref()
+        .is_some_and(|r| r.feature_network == crate::metrics::PIXEL_PROJECTION_NETWORK);
+    if let (Some(reference), true) = (&reference, fallback) {
         warnings.push(format!(
             "{:?} holds features of the fallback pixel projection, not Inception: the \
              numbers rank this sweep's points but are not FID or KID (statistics computed \
@@ -501,8 +877,8 @@ pub async fn validate(
             reference.name
         ));
     }
-    if num_images < 10_000 {
-        let fd = if reference.feature_network == crate::metrics::PIXEL_PROJECTION_NETWORK {
+    if metrics.contains(&Metric::Fid) && num_images < 10_000 {
+        let fd = if fallback {
             "The Fréchet distance"
         } else {
             "FID"
@@ -514,15 +890,19 @@ pub async fn validate(
     }
     let spec = SweepSpec {
         run: run.name.clone(),
+        evaluator,
         sigma_rels: request.sigma_rels,
         nimgs,
         metrics,
+        user_metrics,
         num_images,
         seed_sets,
-        sampler: request.sampler,
-        reference_id: reference.id,
-        reference_name: reference.name.clone(),
-        feature_network: reference.feature_network.clone(),
+        sampler,
+        reference_id: reference.as_ref().map(|r| r.id),
+        reference_name: reference.as_ref().map(|r| r.name.clone()),
+        feature_network: reference
+            .as_ref()
+            .map_or_else(inception_network, |r| r.feature_network.clone()),
         batch,
         kid_subsets,
         kid_subset_size,

@@ -9,22 +9,20 @@
 //! without writing. Features are recorded with the reconstruction they come from, and a point
 //! whose reconstruction changed drops its old batches (see `Db::pin_reconstruction`).
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{Mutex, OnceCell};
-
 use super::batch::compute_batch;
-use super::results::{set_metrics, MetricSummary, PointResult, Timings};
+use super::results::PointResult;
+use super::scoring::{batch_timings, features_by, Scorer};
 use super::spec::{run_network, spec_of, SweepSpec};
-use crate::app::{references, DataDir};
-use crate::db::{BatchRow, Claim, NewBatch, PointRow, ReferenceRow, SweepRow};
+use crate::app::DataDir;
+use crate::db::{BatchWrite, Claim, ClaimFilter, Evaluator, LeaseOutcome, NewBatch, PointRow, SweepRow};
 use crate::error::{blocking, Error, Result};
 use crate::materialize::OutDtype;
-use crate::metrics::{npy, FeatureExtractor, FeatureStats, Metric, FEATURES};
+use crate::metrics::{npy, FeatureExtractor, FEATURES};
 use crate::phema::request::TargetSpec;
 use crate::reconstruction;
 use crate::sample::Sampler;
@@ -130,21 +128,11 @@ pub enum WorkerEvent {
 /// Receives worker events.
 pub type Observer = Arc<dyn Fn(&WorkerEvent) + Send + Sync>;
 
-/// Reference statistics loaded for metrics.
-struct LoadedReference {
-    row: ReferenceRow,
-    stats: FeatureStats,
-    features: Option<Vec<f32>>,
-}
-
 /// A sweep worker over one data directory. Cheap to share (`Arc`); run one per device.
 pub struct Worker {
     data: DataDir,
     config: WorkerConfig,
-    extractor: OnceCell<Arc<FeatureExtractor>>,
-    /// The fallback feature network, for references computed with it.
-    pixel_projection: OnceCell<Arc<FeatureExtractor>>,
-    references: Mutex<HashMap<i64, Arc<LoadedReference>>>,
+    scorer: Arc<Scorer>,
     observer: Observer,
 }
 
@@ -178,12 +166,21 @@ fn retryable(e: &Error) -> bool {
 impl Worker {
     /// A worker over `data`; `observer` receives its events.
     pub fn new(data: DataDir, config: WorkerConfig, observer: Observer) -> Self {
+        let scorer = Arc::new(Scorer::new(data.clone(), config.weights.clone()));
+        Self::with_scorer(data, config, scorer, observer)
+    }
+
+    /// A worker sharing `scorer` (its loaded networks and references) with others.
+    pub fn with_scorer(
+        data: DataDir,
+        config: WorkerConfig,
+        scorer: Arc<Scorer>,
+        observer: Observer,
+    ) -> Self {
         Self {
             data,
             config,
-            extractor: OnceCell::new(),
-            pixel_projection: OnceCell::new(),
-            references: Mutex::new(HashMap::new()),
+            scorer,
             observer,
         }
     }
@@ -193,54 +190,9 @@ impl Worker {
         &self.config.id
     }
 
-    /// The feature network `reference` was computed with: the Inception network (loaded once,
-    /// when the first point needs it), or the fallback pixel projection.
-    async fn extractor_for(&self, reference: &LoadedReference) -> Result<Arc<FeatureExtractor>> {
-        if reference.row.feature_network == crate::metrics::PIXEL_PROJECTION_NETWORK {
-            return self
-                .pixel_projection
-                .get_or_try_init(|| async {
-                    blocking("building the pixel projection", || {
-                        Ok(Arc::new(FeatureExtractor::pixel_projection()))
-                    })
-                    .await
-                })
-                .await
-                .cloned();
-        }
-        self.extractor().await
-    }
-
-    /// Loads the feature network once (the first point needs it).
-    async fn extractor(&self) -> Result<Arc<FeatureExtractor>> {
-        self.extractor
-            .get_or_try_init(|| async {
-                let weights = self.config.weights.clone();
-                blocking("loading the Inception weights", move || {
-                    Ok(Arc::new(FeatureExtractor::open(weights.as_deref())?))
-                })
-                .await
-            })
-            .await
-            .cloned()
-    }
-
-    async fn reference(&self, id: i64) -> Result<Arc<LoadedReference>> {
-        let mut cache = self.references.lock().await;
-        if let Some(r) = cache.get(&id) {
-            return Ok(r.clone());
-        }
-        let row =
-            self.data.db.reference(id).await?.ok_or_else(|| {
-                Error::NotFound(format!("reference statistics {id} no longer exist"))
-            })?;
-        let loaded = Arc::new(LoadedReference {
-            stats: references::stats(&self.data, &row).await?,
-            features: references::features(&self.data, &row).await?,
-            row,
-        });
-        cache.insert(id, loaded.clone());
-        Ok(loaded)
+    /// The worker's networks and references (share them with [`Worker::with_scorer`]).
+    pub fn scorer(&self) -> Arc<Scorer> {
+        self.scorer.clone()
     }
 
     /// Claims and works one point to its end. Returns false when there was nothing to claim.
@@ -253,7 +205,11 @@ impl Worker {
                 &self.config.id,
                 now,
                 now + self.config.lease.as_millis() as i64,
-                self.config.sweep,
+                ClaimFilter {
+                    evaluator: Evaluator::Builtin,
+                    sweep: self.config.sweep,
+                    run_id: None,
+                },
             )
             .await?;
         let Some(claim) = claim else {
@@ -261,7 +217,7 @@ impl Worker {
         };
         let (sweep, idx) = (claim.point.sweep_id, claim.point.idx);
         let lost = Arc::new(AtomicBool::new(false));
-        let heartbeat = self.heartbeat(sweep, idx, lost.clone());
+        let heartbeat = self.heartbeat(sweep, idx, &claim.owner, lost.clone());
         let outcome = self.process(&claim, &lost).await;
         heartbeat.abort();
         match outcome {
@@ -275,7 +231,15 @@ impl Worker {
                 tracing::warn!(sweep, idx, retry, error = %error, "sweep point failed");
                 self.data
                     .db
-                    .fail_point(sweep, idx, &self.config.id, &error, retry)
+                    .fail_point(
+                        sweep,
+                        idx,
+                        &claim.owner,
+                        &error,
+                        retry,
+                        LeaseOutcome::Failed,
+                        None,
+                    )
                     .await?;
                 (self.observer)(&WorkerEvent::Failed {
                     sweep,
@@ -320,8 +284,9 @@ impl Worker {
 
     /// Puts points this worker holds back in the queue (a graceful stop).
     async fn release_held(&self) {
-        let held: Vec<(i64, i64)> = match sqlx::query_as(
-            "SELECT sweep_id, idx FROM sweep_points WHERE lease_owner = ? AND status = 'running'",
+        let held: Vec<(i64, i64, String)> = match sqlx::query_as(
+            "SELECT sweep_id, point_idx, lease_id FROM sweep_leases \
+             WHERE worker = ? AND outcome IS NULL",
         )
         .bind(&self.config.id)
         .fetch_all(self.data.db.pool())
@@ -333,11 +298,19 @@ impl Worker {
                 return;
             }
         };
-        for (sweep, idx) in held {
+        for (sweep, idx, lease) in held {
             let _ = self
                 .data
                 .db
-                .fail_point(sweep, idx, &self.config.id, "the worker stopped", true)
+                .fail_point(
+                    sweep,
+                    idx,
+                    &lease,
+                    "the worker stopped",
+                    true,
+                    LeaseOutcome::Released,
+                    None,
+                )
                 .await;
         }
     }
@@ -346,10 +319,11 @@ impl Worker {
         &self,
         sweep: i64,
         idx: i64,
+        lease: &str,
         lost: Arc<AtomicBool>,
     ) -> tokio::task::JoinHandle<()> {
         let db = self.data.db.clone();
-        let owner = self.config.id.clone();
+        let owner = lease.to_owned();
         let lease = self.config.lease;
         tokio::spawn(async move {
             loop {
@@ -376,23 +350,11 @@ impl Worker {
             point: Box::new(claim.point.clone()),
             images_total: spec.images_per_point(),
         });
-        let reference = self.reference(spec.reference_id).await?;
-        let extractor = self.extractor_for(&reference).await?;
-        if let Some(d) = &reference.row.weights_digest {
-            if *d != extractor.digest {
-                return Err(Error::invalid(
-                    "reference",
-                    format!(
-                        "reference statistics {:?} come from feature weights {} and this \
-                         worker has {} ({}): features of two networks are not comparable",
-                        reference.row.name,
-                        &d[..12],
-                        &extractor.digest[..12],
-                        extractor.source
-                    ),
-                ));
-            }
-        }
+        let reference_id = spec.reference_id.ok_or_else(|| {
+            Error::invalid("reference", "a builtin sweep without reference statistics")
+        })?;
+        let reference = self.scorer.reference(reference_id).await?;
+        let extractor = self.scorer.extractor_for(&reference).await?;
         // Weights: the reconstruction, stored or made now.
         let started = Instant::now();
         let (reconstruction_id, weights_path, network) =
@@ -401,7 +363,7 @@ impl Worker {
         if !self
             .data
             .db
-            .pin_reconstruction(sweep, idx, &self.config.id, &reconstruction_id)
+            .pin_reconstruction(sweep, idx, &claim.owner, &reconstruction_id)
             .await?
         {
             return Ok(Outcome::Lost);
@@ -444,23 +406,12 @@ impl Worker {
             .await?;
         let started = Instant::now();
         let (result, stats) = self
+            .scorer
             .metrics(&spec, &batches, &reference, &reconstruction_id)
             .await?;
-        let images: i64 = batches.iter().map(|b| b.images).sum();
-        let batches_s: f64 = batches.iter().map(|b| b.seconds).sum();
         let result = PointResult {
-            timings: Timings {
-                reconstruct_s,
-                batches_s,
-                sample_s: batches.iter().map(|b| b.sample_seconds).sum(),
-                features_s: batches.iter().map(|b| b.features_seconds).sum(),
-                metrics_s: started.elapsed().as_secs_f64(),
-                images_per_s: if batches_s > 0.0 {
-                    images as f64 / batches_s
-                } else {
-                    0.0
-                },
-            },
+            timings: batch_timings(&batches, reconstruct_s, started.elapsed().as_secs_f64()),
+            features: features_by(&batches),
             ..result
         };
         let mut npz = std::io::Cursor::new(Vec::new());
@@ -473,7 +424,7 @@ impl Worker {
         if self
             .data
             .db
-            .finish_point(sweep, idx, &self.config.id, &value, &stats_digest)
+            .finish_point(sweep, idx, &claim.owner, &value, Some(&stats_digest), None)
             .await?
         {
             Ok(Outcome::Done(Box::new(result)))
@@ -530,7 +481,7 @@ impl Worker {
     ) -> Result<bool> {
         let (sweep, idx) = (claim.point.sweep_id, claim.point.idx);
         let seeds = spec.batch_seeds(b);
-        let config = spec.sampler.config();
+        let config = spec.sampler.settings().config();
         let started = Instant::now();
         let out = {
             let (sampler, extractor, seeds) = (sampler.clone(), extractor.clone(), seeds.clone());
@@ -557,7 +508,7 @@ impl Worker {
             .record_batch(
                 sweep,
                 idx,
-                &self.config.id,
+                &claim.owner,
                 &NewBatch {
                     batch: b as i64,
                     reconstruction_id: reconstruction_id.to_owned(),
@@ -567,10 +518,14 @@ impl Worker {
                     sample_seconds: out.sample_s,
                     features_seconds: out.features_s,
                     grid_digest,
+                    features_by: "server",
+                    upload_digest: None,
                 },
                 now_ms() + self.config.lease.as_millis() as i64,
+                None,
             )
             .await?;
+        let recorded = matches!(recorded, BatchWrite::Recorded | BatchWrite::AlreadyRecorded);
         if recorded {
             (self.observer)(&WorkerEvent::Batch {
                 sweep,
@@ -580,105 +535,5 @@ impl Worker {
             });
         }
         Ok(recorded)
-    }
-
-    /// Features of images `range` of a point, from its recorded batches.
-    async fn features_of(
-        &self,
-        spec: &SweepSpec,
-        batches: &[BatchRow],
-        range: std::ops::Range<usize>,
-    ) -> Result<Vec<f32>> {
-        let mut out = Vec::with_capacity(range.len() * FEATURES);
-        for b in batches {
-            let seeds = spec.batch_seeds(b.batch as usize);
-            let (start, end) = (seeds.start as usize, seeds.end as usize);
-            let (lo, hi) = (start.max(range.start), end.min(range.end));
-            if lo >= hi {
-                continue;
-            }
-            let bytes = self.data.read_blob(&b.features_digest).await?;
-            let (shape, values) = npy::read_f32(&bytes, "a batch's features")?;
-            if shape != [end - start, FEATURES] {
-                return Err(Error::Index(format!(
-                    "batch {} holds features of shape {shape:?}, not [{}, {FEATURES}]",
-                    b.batch,
-                    end - start
-                )));
-            }
-            out.extend_from_slice(&values[(lo - start) * FEATURES..(hi - start) * FEATURES]);
-        }
-        if out.len() != range.len() * FEATURES {
-            return Err(Error::Index(format!(
-                "the recorded batches cover {} of images {}..{}",
-                out.len() / FEATURES,
-                range.start,
-                range.end
-            )));
-        }
-        Ok(out)
-    }
-
-    /// FID and KID per seed set, and the statistics of all the point's images.
-    async fn metrics(
-        &self,
-        spec: &SweepSpec,
-        batches: &[BatchRow],
-        reference: &Arc<LoadedReference>,
-        reconstruction_id: &str,
-    ) -> Result<(PointResult, FeatureStats)> {
-        let mut all = FeatureStats::new(FEATURES);
-        let (mut fids, mut kids, mut kid_errors) = (Vec::new(), Vec::new(), Vec::new());
-        let kid_size = spec
-            .kid_subset_size
-            .min(spec.num_images)
-            .min(reference.row.count.max(0) as usize);
-        for set in 0..spec.seed_sets {
-            let range = set * spec.num_images..(set + 1) * spec.num_images;
-            let features = self.features_of(spec, batches, range).await?;
-            let (reference, metrics, kid_params) = (
-                reference.clone(),
-                spec.metrics.clone(),
-                (spec.kid_subsets, kid_size),
-            );
-            let (m, features) = blocking("computing metrics", move || {
-                let m = set_metrics(
-                    &features,
-                    &metrics,
-                    &reference.stats,
-                    reference.features.as_deref(),
-                    kid_params,
-                    set,
-                )?;
-                Ok((m, features))
-            })
-            .await?;
-            if spec.seed_sets == 1 {
-                all = m.stats;
-            } else {
-                all.add(&features)?;
-            }
-            fids.extend(m.fid);
-            if let Some((mean, se)) = m.kid {
-                kids.push(mean);
-                kid_errors.push(se);
-            }
-        }
-        let result = PointResult {
-            fid: spec
-                .wants(Metric::Fid)
-                .then(|| MetricSummary::of(fids, None)),
-            kid: spec
-                .wants(Metric::Kid)
-                .then(|| MetricSummary::of(kids, Some(kid_errors))),
-            num_images: spec.num_images,
-            seed_sets: spec.seed_sets,
-            kid_subsets: spec
-                .wants(Metric::Kid)
-                .then_some((spec.kid_subsets, kid_size)),
-            reconstruction: reconstruction_id.to_owned(),
-            timings: Timings::default(),
-        };
-        Ok((result, all))
     }
 }

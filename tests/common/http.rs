@@ -29,6 +29,12 @@ pub const NOT_FOUND: Expected = (StatusCode::NOT_FOUND, "not_found");
 pub const METHOD_NOT_ALLOWED: Expected = (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
 /// 409: the same slot holds something else.
 pub const CONFLICT: Expected = (StatusCode::CONFLICT, "conflict");
+/// 409: an evaluator's lease ran out or ended.
+pub const LEASE_EXPIRED: Expected = (StatusCode::CONFLICT, "lease_expired");
+/// 409: a sweep point cannot be finished yet.
+pub const UNFINISHED: Expected = (StatusCode::CONFLICT, "unfinished");
+/// 422: uploaded features differ from the server's on an audit image.
+pub const AUDIT_FAILED: Expected = (StatusCode::UNPROCESSABLE_ENTITY, "audit_failed");
 /// 411: an upload without `Content-Length`.
 pub const LENGTH_REQUIRED: Expected = (StatusCode::LENGTH_REQUIRED, "length_required");
 /// 413: a body over its limit.

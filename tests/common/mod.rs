@@ -3,6 +3,7 @@
 
 pub mod http;
 pub mod snapshot;
+pub mod tiny;
 
 // The API client over TCP, at the path the tests have always used.
 #[allow(unused_imports)]

@@ -403,14 +403,17 @@ pub fn sweep_point(args: SweepPointArgs) -> anyhow::Result<()> {
             run: "bench".into(),
             sigma_rels: vec![sigma_rel],
             nimgs: Some(vec![nimg]),
-            metrics: Some(vec![metrics::Metric::Fid]),
+            evaluator: None,
+            metrics: Some(vec![hindsight::sweep::MetricRequest::Image(
+                metrics::Metric::Fid,
+            )]),
             num_images: Some(args.num_images),
             seed_sets: None,
-            sampler: hindsight::sweep::SamplerSettings {
+            sampler: hindsight::sweep::SamplerRequest::Settings(hindsight::sweep::SamplerSettings {
                 steps: args.steps,
                 ..Default::default()
-            },
-            reference: "bench".into(),
+            }),
+            reference: Some("bench".into()),
             batch: Some(args.batch),
             kid_subsets: None,
             kid_subset_size: None,

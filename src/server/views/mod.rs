@@ -7,6 +7,7 @@
 //! never JSON text inside a string; the only free-form objects on the wire are metadata a
 //! user supplied (a run's, a snapshot's `__metadata__`).
 
+pub mod evaluations;
 pub mod sweeps;
 
 use serde::{Deserialize, Serialize};

@@ -3,11 +3,13 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::db::{PointRow, ReferenceRow, SweepRow, SweepStatus};
+use std::collections::BTreeMap;
+
+use crate::db::{Evaluator, LeaseOutcome, LeaseRow, PointRow, ReferenceRow, SweepRow, SweepStatus};
 use crate::metrics::Metric;
 use crate::sweep::{
-    best_point, error_bar, MetricInfo, MetricSummary, PointResult, SamplerSettings, SweepRequest,
-    SweepSpec, Timings,
+    best_point, error_bar, MetricInfo, MetricRequest, MetricSummary, PointResult,
+    SamplerRequest, SweepRequest, SweepSpec, Timings, UserMetric,
 };
 
 use super::super::error::{ApiError, ApiResult, ErrorDetail};
@@ -35,8 +37,32 @@ pub enum ReferenceKey {
     Name(String),
 }
 
+/// A metric of a sweep request: `"fid"`, `"kid"`, or a user metric an external evaluator
+/// reports.
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub enum MetricName {
+    /// `fid` or `kid`.
+    Server(String),
+    /// A user metric: `{"name": "val_loss", "goal": "min", "label": "validation loss"}`.
+    User(UserMetric),
+}
+
+/// A sweep's sampler: EDM's Heun settings (builtin; every field optional), or any JSON
+/// object for an external evaluator (stored and handed to it untouched).
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub enum SamplerRequestBody {
+    /// Builtin.
+    Builtin(SamplerBody),
+    /// External: the user's own settings.
+    External(serde_json::Map<String, serde_json::Value>),
+}
+
 /// Sampler settings of a sweep (EDM's Heun sampler); every field optional.
-#[derive(Clone, Debug, Default, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(as = SweepSampler)]
 pub struct SamplerBody {
@@ -57,6 +83,11 @@ pub struct SamplerBody {
 pub struct SweepRequestBody {
     /// The run's name.
     pub run: String,
+    /// `builtin` (hindsight's workers sample the run's EDM2 network) or `external` (the
+    /// user's evaluators, `POST /evaluations/claim`). Default: builtin when the run records a
+    /// network configuration, else external.
+    #[serde(default)]
+    pub evaluator: Option<Evaluator>,
     /// EMA widths: a number, a list, or EDM2's list syntax (`"0.02,0.03,...,0.25"`).
     #[schema(value_type = Widths)]
     pub sigma_rels: serde_json::Value,
@@ -64,9 +95,11 @@ pub struct SweepRequestBody {
     #[serde(default)]
     #[schema(value_type = Option<Nimgs>)]
     pub nimgs: Option<serde_json::Value>,
-    /// `fid`, `kid` (default: FID, and KID when the reference keeps its features).
+    /// `fid`, `kid`, and (external sweeps) user metrics `{"name", "goal", "label"}`; default:
+    /// FID, and KID when the reference keeps its features.
     #[serde(default)]
-    pub metrics: Option<Vec<String>>,
+    #[schema(value_type = Option<Vec<MetricName>>)]
+    pub metrics: Option<Vec<serde_json::Value>>,
     /// Images per seed set (default 50 000 or the server's cap, if lower).
     #[serde(default)]
     pub num_images: Option<u64>,
@@ -74,11 +107,13 @@ pub struct SweepRequestBody {
     /// reported as mean ± std over the sets.
     #[serde(default)]
     pub seed_sets: Option<u64>,
-    /// Sampler settings.
+    /// Sampler settings: the builtin sampler's, or (external) any object.
     #[serde(default)]
-    pub sampler: Option<SamplerBody>,
-    /// Reference statistics, by id or name (see `GET /references`).
-    pub reference: ReferenceKey,
+    #[schema(value_type = Option<SamplerRequestBody>)]
+    pub sampler: Option<serde_json::Value>,
+    /// Reference statistics, by id or name (see `GET /references`): needed for FID and KID.
+    #[serde(default)]
+    pub reference: Option<ReferenceKey>,
     /// Images per batch (default 32): the unit of progress and of resumption.
     #[serde(default)]
     pub batch: Option<u64>,
@@ -147,41 +182,63 @@ impl SweepRequestBody {
         let sigma_rels = sigma_rels(&self.sigma_rels)?;
         let metrics = match self.metrics {
             None => None,
-            Some(names) => Some(
-                names
-                    .iter()
+            Some(items) => Some(
+                items
+                    .into_iter()
                     .enumerate()
-                    .map(|(i, n)| {
-                        n.parse::<Metric>().map_err(|_| {
-                            ApiError::invalid(format!("metrics[{i}]: {n:?} is not one of fid, kid"))
-                        })
-                    })
+                    .map(|(i, item)| metric_request(i, item))
                     .collect::<ApiResult<Vec<_>>>()?,
             ),
         };
-        let defaults = SamplerSettings::default();
-        let sampler = self.sampler.unwrap_or_default();
+        let sampler = match self.sampler {
+            None | Some(serde_json::Value::Null) => SamplerRequest::default(),
+            Some(serde_json::Value::Object(map)) => SamplerRequest::Object(map),
+            Some(other) => {
+                return Err(ApiError::invalid(format!(
+                    "sampler: {other} is not an object"
+                )))
+            }
+        };
         Ok(SweepRequest {
             run: self.run,
+            evaluator: self.evaluator,
             sigma_rels,
             nimgs: self.nimgs.as_ref().map(nimgs).transpose()?,
             metrics,
             num_images: size(self.num_images),
             seed_sets: size(self.seed_sets),
-            sampler: SamplerSettings {
-                steps: size(sampler.steps).unwrap_or(defaults.steps),
-                sigma_min: sampler.sigma_min.unwrap_or(defaults.sigma_min),
-                sigma_max: sampler.sigma_max.unwrap_or(defaults.sigma_max),
-                rho: sampler.rho.unwrap_or(defaults.rho),
-            },
-            reference: match self.reference {
+            sampler,
+            reference: self.reference.map(|r| match r {
                 ReferenceKey::Id(id) => id.to_string(),
                 ReferenceKey::Name(n) => n,
-            },
+            }),
             batch: size(self.batch),
             kid_subsets: size(self.kid_subsets),
             kid_subset_size: size(self.kid_subset_size),
         })
+    }
+}
+
+/// `metrics[i]` of a request: `"fid"`, `"kid"`, or a user metric object.
+fn metric_request(i: usize, item: serde_json::Value) -> ApiResult<MetricRequest> {
+    match item {
+        serde_json::Value::String(n) => n.parse::<Metric>().map(MetricRequest::Image).map_err(|_| {
+            ApiError::invalid(format!(
+                "metrics[{i}]: {n:?} is not one of fid, kid (a user metric is an object: \
+                 {{\"name\": {n:?}, \"goal\": \"min\"}})"
+            ))
+        }),
+        serde_json::Value::Object(_) => serde_json::from_value::<UserMetric>(item)
+            .map(MetricRequest::User)
+            .map_err(|e| {
+                ApiError::invalid(format!(
+                    "metrics[{i}]: {e} (a user metric is {{\"name\": \"val_loss\", \"goal\": \
+                     \"min\" or \"max\", \"label\": \"…\"}})"
+                ))
+            }),
+        other => Err(ApiError::invalid(format!(
+            "metrics[{i}]: {other} is neither a metric's name nor a user metric object"
+        ))),
     }
 }
 
@@ -274,8 +331,8 @@ impl PointView {
 /// The best finished point by a metric.
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct BestPoint {
-    /// The metric.
-    pub metric: Metric,
+    /// The metric's name (`fid`, `kid`, a user metric's).
+    pub metric: String,
     /// The point's index.
     pub idx: i64,
     /// Its σ_rel.
@@ -320,6 +377,13 @@ pub struct SweepView {
     /// The points (only in `GET /sweeps/{id}` and creation responses).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub points: Option<Vec<PointView>>,
+    /// Leases held now: who is working on which point (only in `GET /sweeps/{id}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<Vec<WorkerView>>,
+    /// Attempts that failed, were given back or ran out, oldest first (only in
+    /// `GET /sweeps/{id}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failures: Option<Vec<AttemptView>>,
     /// Best point per metric computed so far.
     pub best: Vec<BestPoint>,
     /// RFC 3339 UTC.
@@ -342,21 +406,18 @@ impl SweepView {
         let per_point = spec.images_per_point();
         let best = match points {
             Some(points) => spec
-                .metrics
+                .metric_infos()
                 .iter()
-                .filter_map(|&m| {
-                    let p = best_point(points, m)?;
-                    let r: crate::sweep::PointResult =
-                        serde_json::from_value(p.result.clone()?).ok()?;
-                    let v = r.value(m)?;
+                .filter_map(|m| {
+                    let (p, v) = best_point(points, m)?;
                     Some(BestPoint {
-                        metric: m,
+                        metric: m.metric.clone(),
                         idx: p.idx,
                         sigma_rel: p.sigma_rel,
                         nimg: p.nimg,
                         value: v.mean,
                         std: v.std,
-                        error_bar: error_bar(v),
+                        error_bar: error_bar(&v),
                     })
                 })
                 .collect(),
@@ -374,6 +435,8 @@ impl SweepView {
             images_done: s.images_done,
             images_total: s.points * per_point as i64,
             points: points.map(|ps| ps.iter().map(|p| PointView::new(p, per_point)).collect()),
+            workers: None,
+            failures: None,
             best,
             created_at: s.created_at.clone(),
             finished_at: s.finished_at.clone(),
@@ -382,6 +445,121 @@ impl SweepView {
             plot_url: format!("/sweeps/{}/plot.svg", s.id),
         })
     }
+}
+
+impl SweepView {
+    /// Adds the sweep's workers and failed attempts from its leases (oldest first), for the
+    /// points in `points`.
+    pub fn with_leases(mut self, leases: &[LeaseRow], points: &[PointRow], now_ms: i64) -> Self {
+        let point = |idx: i64| points.iter().find(|p| p.idx == idx);
+        self.workers = Some(
+            leases
+                .iter()
+                .filter(|l| l.outcome.is_none())
+                .filter_map(|l| {
+                    let p = point(l.point_idx)?;
+                    // A lease counts while its point is running under it.
+                    (p.lease_owner.as_deref() == Some(l.lease_id.as_str())).then(|| WorkerView {
+                        worker: l.worker.clone(),
+                        evaluator: l.evaluator,
+                        idx: l.point_idx,
+                        sigma_rel: p.sigma_rel,
+                        nimg: p.nimg,
+                        claimed_at: l.claimed_at.clone(),
+                        heartbeat_at: l.heartbeat_at.clone(),
+                        expires_at: crate::db::ms_to_rfc3339(l.expires_ms),
+                        expired: l.expires_ms < now_ms,
+                    })
+                })
+                .collect(),
+        );
+        self.failures = Some(
+            leases
+                .iter()
+                .filter_map(|l| {
+                    let outcome = match l.outcome? {
+                        LeaseOutcome::Failed => AttemptOutcome::Failed,
+                        LeaseOutcome::Expired => AttemptOutcome::Expired,
+                        LeaseOutcome::Released => AttemptOutcome::Released,
+                        LeaseOutcome::Done | LeaseOutcome::Cancelled => return None,
+                    };
+                    let p = point(l.point_idx)?;
+                    Some(AttemptView {
+                        worker: l.worker.clone(),
+                        evaluator: l.evaluator,
+                        idx: l.point_idx,
+                        sigma_rel: p.sigma_rel,
+                        nimg: p.nimg,
+                        claimed_at: l.claimed_at.clone(),
+                        ended_at: l.ended_at.clone(),
+                        outcome,
+                        message: l.message.clone(),
+                    })
+                })
+                .collect(),
+        );
+        self
+    }
+}
+
+/// A worker holding a lease on a point now.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[schema(as = SweepWorker)]
+pub struct WorkerView {
+    /// The worker's name (an external evaluator's `worker`, a builtin worker's id).
+    pub worker: String,
+    /// Builtin worker or external evaluator.
+    pub evaluator: Evaluator,
+    /// The point's index.
+    pub idx: i64,
+    /// Its σ_rel.
+    pub sigma_rel: f64,
+    /// Its training time.
+    pub nimg: i64,
+    /// RFC 3339 UTC: when it claimed the point.
+    pub claimed_at: String,
+    /// RFC 3339 UTC: its last heartbeat or recorded write.
+    pub heartbeat_at: String,
+    /// RFC 3339 UTC: when the lease runs out without a heartbeat.
+    pub expires_at: String,
+    /// The lease has run out (the worker is presumably dead; the next claim takes the point).
+    pub expired: bool,
+}
+
+/// How a failed attempt ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptOutcome {
+    /// The worker reported a failure (its message says why).
+    Failed,
+    /// The lease ran out (the worker died or stalled) and another worker took the point.
+    Expired,
+    /// The worker stopped and gave the point back.
+    Released,
+}
+
+/// An attempt on a point that did not finish it.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[schema(as = SweepFailure)]
+pub struct AttemptView {
+    /// The worker's name.
+    pub worker: String,
+    /// Builtin worker or external evaluator.
+    pub evaluator: Evaluator,
+    /// The point's index.
+    pub idx: i64,
+    /// Its σ_rel.
+    pub sigma_rel: f64,
+    /// Its training time.
+    pub nimg: i64,
+    /// RFC 3339 UTC.
+    pub claimed_at: String,
+    /// RFC 3339 UTC.
+    pub ended_at: Option<String>,
+    /// How it ended.
+    pub outcome: AttemptOutcome,
+    /// The worker's message (a failure's reason).
+    pub message: Option<String>,
 }
 
 /// One metric of a finished point, over its seed sets.
@@ -437,6 +615,12 @@ pub struct PointResultView {
     pub reconstruction: String,
     /// Where the time went.
     pub timings: Timings,
+    /// Every metric recorded, by name (`fid`, `kid`, user metrics): what displays read.
+    pub metrics: BTreeMap<String, MetricResult>,
+    /// Who computed the images' Inception features: `server`, `client` or `mixed` (absent:
+    /// no images).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub features: Option<String>,
 }
 
 impl PointResultView {
@@ -449,6 +633,12 @@ impl PointResultView {
                 num_images: r.num_images as u64,
                 seed_sets: r.seed_sets as u64,
                 kid_subsets: r.kid_subsets.map(|(n, m)| [n as u64, m as u64]),
+                metrics: r
+                    .all()
+                    .into_iter()
+                    .map(|(name, m)| (name, MetricResult::from(m)))
+                    .collect(),
+                features: r.features.clone(),
                 reconstruction: r.reconstruction,
                 timings: r.timings,
             }),
