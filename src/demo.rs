@@ -174,10 +174,11 @@ pub async fn matching_sweep(
             && spec.sigma_rels == settings.sigma_rels
             && spec.num_images == settings.num_images
             && spec.seed_sets == 1
-            && spec.sampler == crate::sweep::SamplerSpec::Builtin(crate::sweep::SamplerSettings {
-                steps: settings.steps,
-                ..spec.sampler.settings()
-            })
+            && spec.sampler
+                == crate::sweep::SamplerSpec::Builtin(crate::sweep::SamplerSettings {
+                    steps: settings.steps,
+                    ..spec.sampler.settings()
+                })
             && spec.metrics.len() == 2
         {
             return Ok(Some(sweep));

@@ -19,11 +19,11 @@ use hindsight::server::{app, hash_token, parse_token_hashes, AppState, ServerCon
 use hindsight::sweep::{self, SweepLimits, SweepRequest, Worker, WorkerConfig};
 
 mod common;
-use common::tiny::setup;
 use common::http::{
     assert_case_error, assert_error, delete, get, post_bytes, post_json, send, send_json, Expected,
     RequestExt, CONFLICT, INVALID_INPUT, LIMIT_REACHED, NOT_FOUND, UNAUTHORIZED,
 };
+use common::tiny::setup;
 
 const TOKEN: &str = "hs_sweep-token";
 

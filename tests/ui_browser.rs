@@ -279,21 +279,8 @@ fn api(addr: &str, token: &str, path: &str, body: Value) -> Value {
 
 /// A `uint8` NPY file of `shape` holding `data`.
 fn npy_u8(shape: &[usize], data: &[u8]) -> Vec<u8> {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let mut header = format!(
-        "{{'descr': '|u1', 'fortran_order': False, 'shape': ({},), }}",
-        dims.join(", ")
-    );
-    // Magic (6) + version (2) + length (2) + header, padded with spaces and ended by a
-    // newline to a multiple of 64 bytes.
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(data);
+    let mut out = Vec::new();
+    hindsight::metrics::npy::write_u8(&mut out, shape, data).unwrap();
     out
 }
 
@@ -479,8 +466,14 @@ async fn session(client: &Client, addr: &str, token: &str, sweeps: &Sweeps, down
     );
     assert!(client.find(Locator::Css("#chart-kid canvas")).await.is_ok());
 
-    // Click the last plotted point on the chart: its image grid opens.
+    // Click the last plotted point on the chart: its image grid opens. (The chart is scrolled
+    // into view first: WebDriver offsets are from the centre of the element's visible part.)
     let last = plotted.last().unwrap();
+    js(
+        client,
+        "document.querySelector('#chart-fid .u-over').scrollIntoView({block: 'center'});",
+    )
+    .await;
     let over = client
         .find(Locator::Css("#chart-fid .u-over"))
         .await

@@ -369,13 +369,11 @@ fn samples(
     let best = block_on(async {
         let data = DataDir::open(data_dir).await?;
         let points = data.db.sweep_points(sweep_id).await?;
-        Ok(
-            hindsight::sweep::best_point(
-                &points,
-                &hindsight::sweep::MetricInfo::new(hindsight::metrics::Metric::Fid, false),
-            )
-            .map(|(p, _)| (p.sigma_rel, p.reconstruction_id.clone())),
+        Ok(hindsight::sweep::best_point(
+            &points,
+            &hindsight::sweep::MetricInfo::new(hindsight::metrics::Metric::Fid, false),
         )
+        .map(|(p, _)| (p.sigma_rel, p.reconstruction_id.clone())))
     })?;
     let Some((sigma_rel, Some(reconstruction))) = best else {
         eprintln!("no finished point: no samples");

@@ -40,6 +40,7 @@ mod sweeps;
 
 pub use blobs::{BlobRow, BlobState};
 pub use connection::Db;
+pub use leases::{ms_to_rfc3339, LeaseRow};
 pub use reconstructions::{NewReconstruction, ReconstructionRow};
 pub use references::{NewReference, ReferenceRow};
 pub use runs::{check_name, check_run_name, Run, RunSummary};
@@ -47,7 +48,6 @@ pub use snapshots::{
     describe_differences, manifest_differences, same_width, DeletedSnapshot, ManifestEntry,
     NewSnapshot, Recorded, SnapshotRow, SLOT_TOLERANCE,
 };
-pub use leases::{ms_to_rfc3339, LeaseRow};
 pub use sweeps::{
     new_lease_id, BatchRow, BatchWrite, Claim, ClaimFilter, Evaluator, LeaseOutcome, NewBatch,
     PointRow, SweepRow, SweepStatus,

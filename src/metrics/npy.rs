@@ -659,8 +659,12 @@ pub fn read_ints(bytes: &[u8], source: &str) -> Result<(Vec<usize>, Vec<i64>)> {
         ("<i4", 4),
         ("<i8", 8),
     ];
-    let (header, size, descr, data) =
-        int_data(bytes, source, &accepted, "integers (int8 to int64) are expected")?;
+    let (header, size, descr, data) = int_data(
+        bytes,
+        source,
+        &accepted,
+        "integers (int8 to int64) are expected",
+    )?;
     let signed = descr.contains('i');
     let values: Vec<i64> = data
         .chunks_exact(size)

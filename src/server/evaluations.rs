@@ -15,8 +15,7 @@ use serde::Deserialize;
 use super::error::{body_rejection, parse_json, ApiError, ApiResult, ErrorBody};
 use super::state::AppState;
 use super::views::evaluations::{
-    BatchRecorded, EvaluationClaim, FailRecorded, FailReport, Lease, MetricsRecorded,
-    MetricsReport,
+    BatchRecorded, EvaluationClaim, FailRecorded, FailReport, Lease, MetricsRecorded, MetricsReport,
 };
 use super::views::sweeps::{PointView, ReferenceView};
 use crate::sweep::external::lenient_json;

@@ -111,12 +111,10 @@ pub(super) fn routes(state: &AppState) -> OpenApiRouter<AppState> {
                     .layer(DefaultBodyLimit::max(REFERENCE_UPLOAD_LIMIT))
             }),
         )
-        .routes(
-            routes!(evaluations::reference_features).map(|r| {
-                r.route_layer(deadline(REFERENCE_FEATURES_LIMIT))
-                    .layer(DefaultBodyLimit::max(REFERENCE_FEATURES_LIMIT))
-            }),
-        )
+        .routes(routes!(evaluations::reference_features).map(|r| {
+            r.route_layer(deadline(REFERENCE_FEATURES_LIMIT))
+                .layer(DefaultBodyLimit::max(REFERENCE_FEATURES_LIMIT))
+        }))
         // External evaluators.
         .routes(routes!(evaluations::claim).map(|r| {
             r.route_layer(deadline(json_limit))

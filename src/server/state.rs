@@ -215,7 +215,8 @@ impl ServerConfig {
                 "must be at most 86400 s",
             ));
         }
-        if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&self.evaluation_lease) {
+        if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&self.evaluation_lease)
+        {
             return Err(Error::invalid(
                 "evaluation_lease",
                 format!(

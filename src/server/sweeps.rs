@@ -157,13 +157,11 @@ pub(super) async fn get_sweep(
     let id = parse_id(&id, "id")?;
     let (sweep, points) = load(&state, id).await?;
     let leases = state.data.db.sweep_leases(id).await?;
-    Ok(Json(
-        SweepView::new(&sweep, Some(&points))?.with_leases(
-            &leases,
-            &points,
-            crate::sweep::now_ms(),
-        ),
-    ))
+    Ok(Json(SweepView::new(&sweep, Some(&points))?.with_leases(
+        &leases,
+        &points,
+        crate::sweep::now_ms(),
+    )))
 }
 
 /// Cancel a sweep: unfinished points stop (a worker stops at its next batch); finished

@@ -550,7 +550,12 @@ impl Evaluations {
             let same = self
                 .data
                 .db
-                .batch_upload_digest(point.sweep_id, point.idx, k as i64, &state.reconstruction.id)
+                .batch_upload_digest(
+                    point.sweep_id,
+                    point.idx,
+                    k as i64,
+                    &state.reconstruction.id,
+                )
                 .await?
                 .as_deref()
                 == Some(upload_digest.as_str());
@@ -771,7 +776,11 @@ impl Evaluations {
             missing.push(format!(
                 "batches {}{} of {batches} are not recorded",
                 shown.join(", "),
-                if absent.len() > shown.len() { ", …" } else { "" }
+                if absent.len() > shown.len() {
+                    ", …"
+                } else {
+                    ""
+                }
             ));
         }
         let unreported: Vec<&str> = spec

@@ -161,6 +161,9 @@ mod tests {
             label: "accuracy".into(),
         });
         assert!(acc.better(0.9, 0.8) && !acc.lower_is_better);
-        assert_eq!((acc.format(0.91234), acc.format(123.456)), ("0.9123".into(), "123.5".into()));
+        assert_eq!(
+            (acc.format(0.91234), acc.format(123.456)),
+            ("0.9123".into(), "123.5".into())
+        );
     }
 }

@@ -18,7 +18,10 @@ fn value(p: &PointRow, metric: &str, scale: f64) -> Option<(f64, f64)> {
 }
 
 /// The best of `values` (lowest, or highest when `lower` is false).
-fn best_of<'a, 'b>(values: &'b [(&'a PointRow, f64, f64)], lower: bool) -> &'b (&'a PointRow, f64, f64) {
+fn best_of<'a, 'b>(
+    values: &'b [(&'a PointRow, f64, f64)],
+    lower: bool,
+) -> &'b (&'a PointRow, f64, f64) {
     values
         .iter()
         .reduce(|a, b| {

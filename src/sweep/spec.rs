@@ -424,7 +424,11 @@ impl SweepSpec {
         self.metrics
             .iter()
             .map(|&m| self.metric_info(m))
-            .chain(self.user_metrics.iter().map(super::labels::MetricInfo::user))
+            .chain(
+                self.user_metrics
+                    .iter()
+                    .map(super::labels::MetricInfo::user),
+            )
             .collect()
     }
 
@@ -552,10 +556,7 @@ fn checked_metrics(
     if user.len() > MAX_USER_METRICS {
         return Err(Error::invalid(
             "metrics",
-            format!(
-                "{} user metrics; at most {MAX_USER_METRICS}",
-                user.len()
-            ),
+            format!("{} user metrics; at most {MAX_USER_METRICS}", user.len()),
         ));
     }
     Ok(Some((

@@ -188,7 +188,11 @@ pub fn parse_batch(bytes: &[u8], layout: Option<Layout>, max_bytes: u64) -> Resu
             ),
         ));
     }
-    let mut entries = read_npz(bytes, &["features", "audit_images", "audit_index"], max_bytes)?;
+    let mut entries = read_npz(
+        bytes,
+        &["features", "audit_images", "audit_index"],
+        max_bytes,
+    )?;
     let features_bytes = entries[0].take().ok_or_else(|| {
         Error::invalid(
             "features",

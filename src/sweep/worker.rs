@@ -19,7 +19,9 @@ use super::results::PointResult;
 use super::scoring::{batch_timings, features_by, Scorer};
 use super::spec::{run_network, spec_of, SweepSpec};
 use crate::app::DataDir;
-use crate::db::{BatchWrite, Claim, ClaimFilter, Evaluator, LeaseOutcome, NewBatch, PointRow, SweepRow};
+use crate::db::{
+    BatchWrite, Claim, ClaimFilter, Evaluator, LeaseOutcome, NewBatch, PointRow, SweepRow,
+};
 use crate::error::{blocking, Error, Result};
 use crate::materialize::OutDtype;
 use crate::metrics::{npy, FeatureExtractor, FEATURES};

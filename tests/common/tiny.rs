@@ -88,4 +88,3 @@ pub fn setup() -> Setup {
         weights,
     }
 }
-

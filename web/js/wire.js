@@ -267,7 +267,7 @@ export function sweepWorker(w) {
     sigmaRel: w.sigma_rel,
     nimg: w.nimg,
     claimedAt: w.claimed_at,
-    heartbeatAt: w.heartbeat_at ?? null,
+    heartbeatAt: w.heartbeat_at,
     expiresAt: w.expires_at,
     expired: w.expired,
   };

@@ -409,10 +409,12 @@ pub fn sweep_point(args: SweepPointArgs) -> anyhow::Result<()> {
             )]),
             num_images: Some(args.num_images),
             seed_sets: None,
-            sampler: hindsight::sweep::SamplerRequest::Settings(hindsight::sweep::SamplerSettings {
-                steps: args.steps,
-                ..Default::default()
-            }),
+            sampler: hindsight::sweep::SamplerRequest::Settings(
+                hindsight::sweep::SamplerSettings {
+                    steps: args.steps,
+                    ..Default::default()
+                },
+            ),
             reference: Some("bench".into()),
             batch: Some(args.batch),
             kid_subsets: None,

@@ -5,9 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::sweep::external::{
-    BatchReceipt, LeaseState, AUDIT_TOLERANCE, MIN_AUDIT_IMAGES,
-};
+use crate::sweep::external::{BatchReceipt, LeaseState, AUDIT_TOLERANCE, MIN_AUDIT_IMAGES};
 use crate::sweep::MetricInfo;
 
 /// The body of `POST /evaluations/claim`.

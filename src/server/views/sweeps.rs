@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use crate::db::{Evaluator, LeaseOutcome, LeaseRow, PointRow, ReferenceRow, SweepRow, SweepStatus};
 use crate::metrics::Metric;
 use crate::sweep::{
-    best_point, error_bar, MetricInfo, MetricRequest, MetricSummary, PointResult,
-    SamplerRequest, SweepRequest, SweepSpec, Timings, UserMetric,
+    best_point, error_bar, MetricInfo, MetricRequest, MetricSummary, PointResult, SamplerRequest,
+    SweepRequest, SweepSpec, Timings, UserMetric,
 };
 
 use super::super::error::{ApiError, ApiResult, ErrorDetail};
@@ -222,12 +222,14 @@ impl SweepRequestBody {
 /// `metrics[i]` of a request: `"fid"`, `"kid"`, or a user metric object.
 fn metric_request(i: usize, item: serde_json::Value) -> ApiResult<MetricRequest> {
     match item {
-        serde_json::Value::String(n) => n.parse::<Metric>().map(MetricRequest::Image).map_err(|_| {
-            ApiError::invalid(format!(
-                "metrics[{i}]: {n:?} is not one of fid, kid (a user metric is an object: \
+        serde_json::Value::String(n) => {
+            n.parse::<Metric>().map(MetricRequest::Image).map_err(|_| {
+                ApiError::invalid(format!(
+                    "metrics[{i}]: {n:?} is not one of fid, kid (a user metric is an object: \
                  {{\"name\": {n:?}, \"goal\": \"min\"}})"
-            ))
-        }),
+                ))
+            })
+        }
         serde_json::Value::Object(_) => serde_json::from_value::<UserMetric>(item)
             .map(MetricRequest::User)
             .map_err(|e| {

@@ -149,7 +149,7 @@ export async function sweepPage(id) {
           h('td', {}, w.worker), h('td', { class: 'num' }, `#${w.idx}`), h('td', { class: 'num' }, fmt(w.sigmaRel, 4)),
           h('td', {}, fmtNimg(w.nimg)),
           h('td', { class: 'hide-narrow', title: fmtTime(w.claimedAt) }, fmtAgo(w.claimedAt, now)),
-          h('td', { title: fmtTime(w.heartbeatAt) }, w.heartbeatAt ? fmtAgo(w.heartbeatAt, now) : 'none yet'),
+          h('td', { title: fmtTime(w.heartbeatAt) }, fmtAgo(w.heartbeatAt, now)),
           h('td', { title: fmtTime(w.expiresAt) },
             w.expired ? [statusBadge('expired'), ` ${fmtAgo(w.expiresAt, now)}`] : fmtAgo(w.expiresAt, now)))))))
         : hint || h('p', { class: 'muted' }, 'No evaluator holds a point now.'));
