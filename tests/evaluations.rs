@@ -56,12 +56,7 @@ fn api(data: &DataDir, weights: &Path, lease: Duration) -> Router {
 /// `n` deterministic 8×8 RGB images, `[n, 8, 8, 3]`, differing with `salt`.
 fn images_nhwc(n: usize, salt: u32) -> Vec<u8> {
     (0..n * 8 * 8 * 3)
-        .map(|i| {
-            ((i as u32)
-                .wrapping_mul(2_654_435_761)
-                .wrapping_add(salt * 97)
-                >> 11) as u8
-        })
+        .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(salt * 97) >> 11) as u8)
         .collect()
 }
 
@@ -193,16 +188,12 @@ fn an_external_point_is_evaluated_over_http_and_scored_as_builtin_points_are() {
         assert_eq!(lease["point"]["idx"], 0);
         assert_eq!(lease["batches"], 2);
         assert_eq!(lease["batches_done"], json!([]));
-        assert_eq!(
-            lease["seed_sets"],
-            json!([{"set": 0, "first_seed": 0, "end_seed": 4}])
-        );
+        assert_eq!(lease["seed_sets"], json!([{"set": 0, "first_seed": 0, "end_seed": 4}]));
         assert_eq!(lease["images"]["resolution"], 8);
         assert_eq!(lease["sampler"]["guidance"], 1.5);
         assert_eq!(lease["features"]["accepted"], true);
         // The reconstruction downloads, and its digest is its content's.
-        let (status, _, weights) =
-            send(&api, get(lease["reconstruction"]["url"].as_str().unwrap())).await;
+        let (status, _, weights) = send(&api, get(lease["reconstruction"]["url"].as_str().unwrap())).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(
             blake3::hash(&weights).to_hex().as_str(),
@@ -216,18 +207,9 @@ fn an_external_point_is_evaluated_over_http_and_scored_as_builtin_points_are() {
         assert_eq!(body["features_by"], "server");
         // The same bytes again: a no-op; other bytes: a conflict.
         let (status, body) = upload(&api, &lease_id, 0, npy_u8(&[2, 8, 8, 3], &first)).await;
-        assert_eq!(
-            (status, &body["recorded"]),
-            (StatusCode::OK, &json!(false)),
-            "{body}"
-        );
-        let (status, body) = upload(
-            &api,
-            &lease_id,
-            0,
-            npy_u8(&[2, 8, 8, 3], &images_nhwc(2, 9)),
-        )
-        .await;
+        assert_eq!((status, &body["recorded"]), (StatusCode::OK, &json!(false)), "{body}");
+        let (status, body) =
+            upload(&api, &lease_id, 0, npy_u8(&[2, 8, 8, 3], &images_nhwc(2, 9))).await;
         assert_error(status, &body, CONFLICT, "batch 0");
 
         // Batch 1: features computed by the evaluator, with two audit images (NCHW).
@@ -241,10 +223,7 @@ fn an_external_point_is_evaluated_over_http_and_scored_as_builtin_points_are() {
         let (status, body) = upload(&api, &lease_id, 1, body_npz).await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         assert_eq!(body["features_by"], "client");
-        assert!(
-            body["audit"]["max_relative_difference"].as_f64().unwrap() < 1e-6,
-            "{body}"
-        );
+        assert!(body["audit"]["max_relative_difference"].as_f64().unwrap() < 1e-6, "{body}");
 
         // Not finished until the user metric is in.
         let finish = format!("/evaluations/{lease_id}/finish");
@@ -270,10 +249,12 @@ fn an_external_point_is_evaluated_over_http_and_scored_as_builtin_points_are() {
         all.extend_from_slice(&features);
         let mut stats = FeatureStats::new(FEATURES);
         stats.add(&all).unwrap();
-        let reference =
-            hindsight::app::references::stats(&data, &data.db.references().await.unwrap()[0])
-                .await
-                .unwrap();
+        let reference = hindsight::app::references::stats(
+            &data,
+            &data.db.references().await.unwrap()[0],
+        )
+        .await
+        .unwrap();
         let fid = hindsight::metrics::frechet_distance_of(&stats, &reference).unwrap();
         let got = result["fid"]["value"].as_f64().unwrap();
         assert!((got - fid).abs() <= 1e-6 * fid.abs(), "{got} vs {fid}");
@@ -281,12 +262,8 @@ fn an_external_point_is_evaluated_over_http_and_scored_as_builtin_points_are() {
         assert!(result["metrics"]["kid"]["value"].is_number());
 
         // The lease is over: writes under it are refused, naming why.
-        let (status, body) = post(
-            &api,
-            &format!("/evaluations/{lease_id}/heartbeat"),
-            &json!({}),
-        )
-        .await;
+        let (status, body) =
+            post(&api, &format!("/evaluations/{lease_id}/heartbeat"), &json!({})).await;
         assert_error(status, &body, LEASE_EXPIRED, "recorded");
 
         // The second point: a failure goes back to the queue with its message shown.
@@ -316,8 +293,7 @@ fn an_external_point_is_evaluated_over_http_and_scored_as_builtin_points_are() {
         assert_eq!(view["points"][1]["status"], "queued");
         assert_eq!(view["best"][2]["metric"], "val_loss");
         // The plot of the user metric.
-        let (status, _, svg) =
-            send(&api, get(&format!("/sweeps/{id}/plot.svg?metric=val_loss"))).await;
+        let (status, _, svg) = send(&api, get(&format!("/sweeps/{id}/plot.svg?metric=val_loss"))).await;
         assert_eq!(status, StatusCode::OK);
         assert!(String::from_utf8_lossy(&svg).contains("validation loss"));
         // The grid of point 0 came from batch 0's images.
@@ -343,41 +319,11 @@ fn bad_uploads_are_refused_by_name_and_record_nothing() {
         let wrong_features = features_of(&s.weights, &shifted, 2);
         let garbage: Vec<u8> = (0..10_000_000u32).map(|i| (i * 7 + 3) as u8).collect();
         let cases: Vec<(&str, u64, Vec<u8>, Expected, &str)> = vec![
-            (
-                "batch out of range",
-                2,
-                npy_u8(&[2, 8, 8, 3], &good),
-                INVALID_INPUT,
-                "batch: 2 is out of range",
-            ),
-            (
-                "wrong batch size",
-                0,
-                npy_u8(&[3, 8, 8, 3], &images_nhwc(3, 3)),
-                INVALID_INPUT,
-                "images: 3 images",
-            ),
-            (
-                "float images",
-                0,
-                npy_f32(&[2, 8, 8, 3], &vec![0.5; 384]),
-                INVALID_INPUT,
-                "uint8",
-            ),
-            (
-                "another size",
-                0,
-                npy_u8(&[2, 16, 16, 3], &vec![7; 1536]),
-                INVALID_INPUT,
-                "8×8",
-            ),
-            (
-                "no channel axis",
-                0,
-                npy_u8(&[2, 8, 8, 4], &vec![7; 512]),
-                INVALID_INPUT,
-                "images",
-            ),
+            ("batch out of range", 2, npy_u8(&[2, 8, 8, 3], &good), INVALID_INPUT, "batch: 2 is out of range"),
+            ("wrong batch size", 0, npy_u8(&[3, 8, 8, 3], &images_nhwc(3, 3)), INVALID_INPUT, "images: 3 images"),
+            ("float images", 0, npy_f32(&[2, 8, 8, 3], &vec![0.5; 384]), INVALID_INPUT, "uint8"),
+            ("another size", 0, npy_u8(&[2, 16, 16, 3], &vec![7; 1536]), INVALID_INPUT, "8×8"),
+            ("no channel axis", 0, npy_u8(&[2, 8, 8, 4], &vec![7; 512]), INVALID_INPUT, "images"),
             ("10 MB of garbage", 0, garbage, INVALID_INPUT, "body"),
             (
                 "features without audit images",
@@ -414,23 +360,11 @@ fn bad_uploads_are_refused_by_name_and_record_nothing() {
         }
         let metrics = format!("/evaluations/{lease_id}/metrics");
         for (what, text, needle) in [
-            (
-                "NaN",
-                r#"{"val_loss": NaN}"#,
-                "metrics.val_loss: NaN is not a finite number",
-            ),
+            ("NaN", r#"{"val_loss": NaN}"#, "metrics.val_loss: NaN is not a finite number"),
             ("infinity", r#"{"val_loss": -Infinity}"#, "metrics.val_loss"),
-            (
-                "undeclared",
-                r#"{"accuracy": 0.9}"#,
-                "metrics.accuracy: not declared",
-            ),
+            ("undeclared", r#"{"accuracy": 0.9}"#, "metrics.accuracy: not declared"),
             ("a string", r#"{"val_loss": "low"}"#, "metrics.val_loss"),
-            (
-                "too many values",
-                r#"{"val_loss": [1, 2]}"#,
-                "metrics.val_loss",
-            ),
+            ("too many values", r#"{"val_loss": [1, 2]}"#, "metrics.val_loss"),
             ("not an object", r#"[1]"#, "request body"),
         ] {
             let request = post_json_text(&metrics, text).bearer(TOKEN);
@@ -441,12 +375,7 @@ fn bad_uploads_are_refused_by_name_and_record_nothing() {
         // Nothing of it was recorded.
         let (_, view) = send_json(&api, get(&format!("/sweeps/{id}"))).await;
         assert_eq!(view["images_done"], 0, "{view}");
-        let (_, state) = post(
-            &api,
-            &format!("/evaluations/{lease_id}/heartbeat"),
-            &json!({}),
-        )
-        .await;
+        let (_, state) = post(&api, &format!("/evaluations/{lease_id}/heartbeat"), &json!({})).await;
         assert_eq!(state["batches_done"], json!([]));
         assert_eq!(state["metrics_recorded"], json!({}));
         // Unknown leases and bad claims.
@@ -454,19 +383,11 @@ fn bad_uploads_are_refused_by_name_and_record_nothing() {
         assert_error(status, &body, NOT_FOUND, "lease");
         let (status, body) = post(&api, "/evaluations/claim", &json!({"worker": ""})).await;
         assert_error(status, &body, INVALID_INPUT, "worker");
-        let (status, body) = post(
-            &api,
-            "/evaluations/claim",
-            &json!({"worker": "w", "sweep": 999}),
-        )
-        .await;
+        let (status, body) =
+            post(&api, "/evaluations/claim", &json!({"worker": "w", "sweep": 999})).await;
         assert_error(status, &body, NOT_FOUND, "sweep");
-        let (status, body) = post(
-            &api,
-            "/evaluations/claim",
-            &json!({"worker": "w", "run": "nope"}),
-        )
-        .await;
+        let (status, body) =
+            post(&api, "/evaluations/claim", &json!({"worker": "w", "run": "nope"})).await;
         assert_error(status, &body, NOT_FOUND, "run");
     });
 }
@@ -476,15 +397,15 @@ fn an_expired_lease_records_nothing_and_its_point_is_claimed_again() {
     let s = setup();
     runtime().block_on(async {
         let data = DataDir::open(&s.path).await.unwrap();
-        let api = api(&data, &s.weights, Duration::from_secs(1));
+        // Long enough for the first upload's features on a busy machine.
+        let api = api(&data, &s.weights, Duration::from_secs(4));
         let id = create(&api, external_sweep()).await["id"].as_i64().unwrap();
         let lease = claim(&api, "dying", id).await;
         let dead = lease["lease_id"].as_str().unwrap().to_owned();
         let (status, _) = upload(&api, &dead, 0, npy_u8(&[2, 8, 8, 3], &images_nhwc(2, 4))).await;
         assert_eq!(status, StatusCode::CREATED);
-        tokio::time::sleep(Duration::from_millis(1300)).await;
-        let (status, body) =
-            upload(&api, &dead, 1, npy_u8(&[2, 8, 8, 3], &images_nhwc(2, 5))).await;
+        tokio::time::sleep(Duration::from_millis(4300)).await;
+        let (status, body) = upload(&api, &dead, 1, npy_u8(&[2, 8, 8, 3], &images_nhwc(2, 5))).await;
         assert_error(status, &body, LEASE_EXPIRED, "ran out");
         // The next evaluator resumes the point from its recorded batch.
         let lease = claim(&api, "fresh", id).await;
@@ -513,26 +434,10 @@ fn user_metric_sweeps_need_no_reference_and_rank_by_goal() {
         for (key, value, needle) in [
             ("num_images", json!(10), "num_images"),
             ("reference", json!("proc"), "reference"),
-            (
-                "metrics",
-                json!([{"name": "Acc!", "goal": "max"}]),
-                "metrics[0].name",
-            ),
-            (
-                "metrics",
-                json!([{"name": "acc", "goal": "up"}]),
-                "metrics[0]",
-            ),
-            (
-                "metrics",
-                json!([{"name": "fid", "goal": "min"}]),
-                "metrics[0].name",
-            ),
-            (
-                "metrics",
-                json!([{"name": "a", "goal": "min"}, {"name": "a", "goal": "max"}]),
-                "metrics[1]",
-            ),
+            ("metrics", json!([{"name": "Acc!", "goal": "max"}]), "metrics[0].name"),
+            ("metrics", json!([{"name": "acc", "goal": "up"}]), "metrics[0]"),
+            ("metrics", json!([{"name": "fid", "goal": "min"}]), "metrics[0].name"),
+            ("metrics", json!([{"name": "a", "goal": "min"}, {"name": "a", "goal": "max"}]), "metrics[1]"),
             ("metrics", json!(["fid"]), "reference"),
             ("evaluator", json!("remote"), "evaluator"),
             ("sampler", json!([1]), "sampler"),
@@ -555,8 +460,7 @@ fn user_metric_sweeps_need_no_reference_and_rank_by_goal() {
             assert_eq!(lease["point"]["idx"], k);
             assert_eq!(lease["batches"], 0);
             let lease_id = lease["lease_id"].as_str().unwrap();
-            let (status, body) =
-                upload(&api, lease_id, 0, npy_u8(&[2, 8, 8, 3], &images_nhwc(2, 1))).await;
+            let (status, body) = upload(&api, lease_id, 0, npy_u8(&[2, 8, 8, 3], &images_nhwc(2, 1))).await;
             assert_error(status, &body, INVALID_INPUT, "batch");
             let (status, body) = post(
                 &api,

@@ -25,13 +25,20 @@ pub struct ReferenceOrigin {
 
 /// Checks a reference name: the rules of run names ([`crate::db::check_name`]: 1–200
 /// characters, no invisible or control characters, slashes, or surrounding white space, NFC),
-/// and not all digits (those are ids).
+/// not all digits (those are ids), and not `features` (a route).
 pub fn check_reference_name(name: &str) -> Result<()> {
     crate::db::check_name("name", "a reference name", name)?;
     if name.chars().all(|c| c.is_ascii_digit()) || name.parse::<i64>().is_ok() {
         return Err(Error::invalid(
             "name",
             format!("{name:?}: a reference name may not be a number or all digits (those are ids)"),
+        ));
+    }
+    if name == "features" {
+        // `POST /references/features` is the route for client-computed features.
+        return Err(Error::invalid(
+            "name",
+            "\"features\" names a route of the API (POST /references/features); choose another",
         ));
     }
     Ok(())

@@ -62,14 +62,16 @@ impl Db {
 /// that rebuilds a table (SQLite's way to change a column's constraints) drops the old one,
 /// which must not cascade to the rows that refer to it — then checks every foreign key.
 async fn migrate(options: SqliteConnectOptions) -> Result<()> {
-    use sqlx::Connection;
-    let mut conn = sqlx::SqliteConnection::connect_with(&options.foreign_keys(false)).await?;
-    sqlx::migrate!().run(&mut conn).await?;
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options.foreign_keys(false))
+        .await?;
+    sqlx::migrate!().run(&pool).await?;
     let broken: Vec<(String, Option<i64>, String)> =
         sqlx::query_as("SELECT \"table\", rowid, parent FROM pragma_foreign_key_check")
-            .fetch_all(&mut conn)
+            .fetch_all(&pool)
             .await?;
-    conn.close().await?;
+    pool.close().await;
     if let Some((table, row, parent)) = broken.first() {
         return Err(crate::error::Error::Index(format!(
             "after migrating, {} row(s) refer to rows that do not exist (first: {table} row \

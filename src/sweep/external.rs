@@ -481,7 +481,6 @@ impl Evaluations {
             .find(|p| p.idx == row.point_idx)
             .map_or(MAX_ATTEMPTS, |p| p.attempts);
         let retry = attempts < MAX_ATTEMPTS;
-        let text = format!("{}: {message}", row.worker);
         if !self
             .data
             .db
@@ -489,7 +488,7 @@ impl Evaluations {
                 row.sweep_id,
                 row.point_idx,
                 lease,
-                &text,
+                &message,
                 retry,
                 LeaseOutcome::Failed,
                 Some(now_ms()),

@@ -688,6 +688,59 @@ pub async fn validate(
         Some((image, _)) => !image.is_empty(),
         None => true,
     };
+    let num_images = if !wants_images {
+        if let Some(n) = request.num_images {
+            return Err(Error::invalid(
+                "num_images",
+                format!(
+                    "{n}: the sweep computes no FID or KID, so the server takes no images \
+                     (leave num_images out)"
+                ),
+            ));
+        }
+        0
+    } else {
+        let n = request.num_images.unwrap_or(limits.max_images.min(50_000));
+        if n < 2 || n > limits.max_images {
+            return Err(Error::invalid(
+                "num_images",
+                format!(
+                    "{n} images; between 2 and {} (the configured cap)",
+                    limits.max_images
+                ),
+            ));
+        }
+        n
+    };
+    let seed_sets = request.seed_sets.unwrap_or(1);
+    if seed_sets == 0 || seed_sets > limits.max_seed_sets {
+        return Err(Error::invalid(
+            "seed_sets",
+            format!("{seed_sets}; between 1 and {}", limits.max_seed_sets),
+        ));
+    }
+    let batch = request.batch.unwrap_or(32);
+    if batch == 0 || batch > limits.max_batch {
+        return Err(Error::invalid(
+            "batch",
+            format!(
+                "{batch} images per batch; between 1 and {}",
+                limits.max_batch
+            ),
+        ));
+    }
+    let sampler = checked_sampler(request.sampler, evaluator)?;
+    let kid_subsets = request.kid_subsets.unwrap_or(100);
+    if kid_subsets == 0 || kid_subsets > 10_000 {
+        return Err(Error::invalid(
+            "kid_subsets",
+            format!("{kid_subsets}; between 1 and 10000"),
+        ));
+    }
+    let kid_subset_size = request.kid_subset_size.unwrap_or(1000);
+    if kid_subset_size < 2 {
+        return Err(Error::invalid("kid_subset_size", "at least 2"));
+    }
     let reference = match (&request.reference, wants_images) {
         (Some(key), true) => Some(references::find(data, key).await.map_err(|e| match e {
             Error::NotFound(m) => Error::NotFound(format!("reference: {m}")),
@@ -751,59 +804,6 @@ pub async fn validate(
                 ),
             ));
         }
-    }
-    let num_images = if metrics.is_empty() {
-        if let Some(n) = request.num_images {
-            return Err(Error::invalid(
-                "num_images",
-                format!(
-                    "{n}: the sweep computes no FID or KID, so the server takes no images \
-                     (leave num_images out)"
-                ),
-            ));
-        }
-        0
-    } else {
-        let n = request.num_images.unwrap_or(limits.max_images.min(50_000));
-        if n < 2 || n > limits.max_images {
-            return Err(Error::invalid(
-                "num_images",
-                format!(
-                    "{n} images; between 2 and {} (the configured cap)",
-                    limits.max_images
-                ),
-            ));
-        }
-        n
-    };
-    let seed_sets = request.seed_sets.unwrap_or(1);
-    if seed_sets == 0 || seed_sets > limits.max_seed_sets {
-        return Err(Error::invalid(
-            "seed_sets",
-            format!("{seed_sets}; between 1 and {}", limits.max_seed_sets),
-        ));
-    }
-    let batch = request.batch.unwrap_or(32);
-    if batch == 0 || batch > limits.max_batch {
-        return Err(Error::invalid(
-            "batch",
-            format!(
-                "{batch} images per batch; between 1 and {}",
-                limits.max_batch
-            ),
-        ));
-    }
-    let sampler = checked_sampler(request.sampler, evaluator)?;
-    let kid_subsets = request.kid_subsets.unwrap_or(100);
-    if kid_subsets == 0 || kid_subsets > 10_000 {
-        return Err(Error::invalid(
-            "kid_subsets",
-            format!("{kid_subsets}; between 1 and 10000"),
-        ));
-    }
-    let kid_subset_size = request.kid_subset_size.unwrap_or(1000);
-    if kid_subset_size < 2 {
-        return Err(Error::invalid("kid_subset_size", "at least 2"));
     }
     // Every target must solve (a σ_rel the snapshots cannot reach is refused here, not
     // after hours of sampling).

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from queue import Empty, Queue
+from typing import Any
 
 import pytest
 import torch
@@ -157,3 +158,33 @@ def token_file(hindsight_bin: Path, tmp_path: Path) -> tuple[Path, str]:
     out = run_cli(hindsight_bin, "token", "new", "--token-file", str(path))
     assert out.returncode == 0, out.stderr
     return path, out.stdout.strip()
+
+
+def fid_weights() -> Path:
+    """NVIDIA's Inception weights from ``HINDSIGHT_FID_WEIGHTS``, else skip (or fail, under
+    ``HINDSIGHT_REQUIRE_FID_WEIGHTS=1``)."""
+    given = os.environ.get("HINDSIGHT_FID_WEIGHTS")
+    if given and Path(given).is_file():
+        return Path(given).resolve()
+    reason = (
+        f"HINDSIGHT_FID_WEIGHTS={given} is not a file" if given else "HINDSIGHT_FID_WEIGHTS unset"
+    ) + ": sweeps need NVIDIA's Inception weights (.ci/run fetches them)"
+    if os.environ.get("HINDSIGHT_REQUIRE_FID_WEIGHTS") == "1":
+        pytest.fail(reason + ", and HINDSIGHT_REQUIRE_FID_WEIGHTS=1 requires them")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def denoiser_snapshots() -> list[Any]:
+    """Snapshots (σ_rel 0.05 and 0.10, four times each) of :mod:`tiny_denoiser`'s model
+    trained for 200 steps on Fashion-MNIST: a model that is not the EDM2 network, for the
+    external evaluators. Fails without Debian's dataset under
+    ``HINDSIGHT_REQUIRE_FID_WEIGHTS=1`` (as ``.ci/run`` sets), else skips."""
+    import tiny_denoiser
+
+    if not (tiny_denoiser.FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
+        reason = f"no Fashion-MNIST in {tiny_denoiser.FASHION_MNIST} (dataset-fashion-mnist)"
+        if os.environ.get("HINDSIGHT_REQUIRE_FID_WEIGHTS") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return tiny_denoiser.train()

@@ -458,7 +458,17 @@ def test_the_python_dataclasses_mirror_the_schemas(openapi: Spec) -> None:
     unnamed = [c.__name__ for c in classes if not hasattr(c, "__schema__")]
     assert unnamed == [], "dataclasses of wire.py that name no schema"
     named = {c.__schema__ for c in classes}  # type: ignore[attr-defined]
-    assert {"QualityReport", "Sweep", "SweepPoint", "MetricResult", "MetricInfo"} <= named
+    assert {
+        "QualityReport",
+        "Sweep",
+        "SweepPoint",
+        "MetricResult",
+        "MetricInfo",
+        "Lease",
+        "SweepWorker",
+        "SweepFailure",
+        "UserMetric",
+    } <= named
     problems = [p for c in classes for p in check_dataclass(openapi, c)]
     assert problems == []
 
@@ -473,6 +483,7 @@ def test_the_python_decoders_read_only_the_schemas_properties(openapi: Spec) -> 
         "Reconstruction.from_json",
         "ErrorDetail.from_body",
         "SweepWatch.event('progress')",
+        "Lease.from_json",
     } <= names
     problems = [p for decoder in found for p in check_decoder(openapi, decoder)]
     assert problems == []

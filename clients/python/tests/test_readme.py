@@ -1,5 +1,7 @@
 """The README's training-loop example runs as written against a real server; its sweep
-example calls the real API."""
+example calls the real API; its external-sweep example ("Sweeping your own model") runs
+against a real server with a small denoiser of Fashion-MNIST as the user's model, and the
+top-level README shows the same block."""
 
 from __future__ import annotations
 
@@ -8,10 +10,13 @@ import inspect
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+import tiny_denoiser as td
 import torch
-from conftest import Server
+from conftest import REPO_ROOT, Server, fid_weights
 
 from hindsight_client import Client, HindsightError
 
@@ -19,9 +24,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def examples() -> list[str]:
-    """The README's Python blocks: the training loop, then the sweep."""
+    """The README's Python blocks: the training loop, the sweep, the external sweep."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     return blocks
 
 
@@ -78,3 +83,65 @@ def test_readme_sweep_example_uses_the_real_api() -> None:
     assert {name for name, _ in calls} >= {"start_sweep", "wait_sweep", "sweep", "reconstruct"}
     for name, keywords in calls:
         assert keywords <= set(inspect.signature(getattr(Client, name)).parameters), name
+
+
+def test_readme_external_sweep_runs(
+    start_server: Callable[..., Server],
+    token_file: tuple[Path, str],
+    denoiser_snapshots: list[Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    example = examples()[2]
+    weights = fid_weights()
+    path, token = token_file
+    server = start_server("--token-file", str(path), "--fid-weights", str(weights))
+    with Client(server.url, token) as client:
+        client.upload("my-run", denoiser_snapshots)
+        client.flush()
+    # The README's sizes, made small for a CPU: one width, 32 images, 6 sampler steps.
+    for old, new in [
+        ('"http://127.0.0.1:8080"', repr(server.url)),
+        ("[0.05, 0.10, 0.15, 0.20]", "[0.10]"),
+        ("num_images=10_000", "num_images=32"),
+        ('{"steps": 32, "sigma_max": 80.0}', '{"steps": 6, "sigma_max": 20.0}'),
+    ]:
+        assert example.count(old) == 1, old
+        example = example.replace(old, new)
+    monkeypatch.setenv("HINDSIGHT_FID_WEIGHTS", str(weights))
+    monkeypatch.setenv("HINDSIGHT_CACHE_DIR", str(tmp_path / "cache"))
+    validation = td.fashion_mnist("t10k", 256)
+    scope: dict[str, Any] = {
+        "TOKEN": token,
+        "real_images": td.fashion_mnist("t10k", 32),
+        "MyModel": td.Denoiser,
+        "my_sampler": td.euler,
+        "my_validation_loss": lambda model: td.validation_loss(model, validation),
+    }
+    exec(compile(example, str(README), "exec"), scope)
+
+    summary, best = scope["summary"], scope["best"]
+    assert (summary.points_evaluated, summary.points_failed, summary.images) == (1, 0, 32)
+    assert best.sigma_rel == pytest.approx(0.10)
+    assert best.fid > 0
+    assert best.kid is not None
+    assert best.value("val_loss") == pytest.approx(
+        td.validation_loss(td.load(_weights(server, best.reconstruction_id)), validation),
+        rel=1e-6,
+    )
+    [reference] = [r for r in scope["client"].references() if r.name == "my-data"]
+    assert (reference.count, reference.resolution, reference.channels) == (32, 28, 1)
+    assert list((tmp_path / "cache" / "reconstructions").glob("*.safetensors"))
+
+
+def _weights(server: Server, reconstruction: str) -> dict[str, torch.Tensor]:
+    import safetensors.torch
+
+    response = httpx.get(f"{server.url}/reconstructions/{reconstruction}/weights", timeout=60)
+    response.raise_for_status()
+    return safetensors.torch.load(response.content)
+
+
+def test_the_top_level_readme_shows_the_same_external_sweep() -> None:
+    top = (REPO_ROOT / "README.md").read_text()
+    assert f"```python\n{examples()[2]}```" in top

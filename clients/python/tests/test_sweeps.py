@@ -14,7 +14,6 @@ import io
 import json
 import logging
 import math
-import os
 import shutil
 import threading
 import time
@@ -25,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Server, run_cli
+from conftest import Server, fid_weights, run_cli
 
 from hindsight_client import (
     Client,
@@ -52,20 +51,6 @@ NETWORK = {
 }
 
 Events = list[tuple[str, dict[str, Any]]]
-
-
-def fid_weights() -> Path:
-    """NVIDIA's Inception weights from ``HINDSIGHT_FID_WEIGHTS``, else skip (or fail, under
-    ``HINDSIGHT_REQUIRE_FID_WEIGHTS=1``)."""
-    given = os.environ.get("HINDSIGHT_FID_WEIGHTS")
-    if given and Path(given).is_file():
-        return Path(given).resolve()
-    reason = (
-        f"HINDSIGHT_FID_WEIGHTS={given} is not a file" if given else "HINDSIGHT_FID_WEIGHTS unset"
-    ) + ": sweeps need NVIDIA's Inception weights (.ci/run fetches them)"
-    if os.environ.get("HINDSIGHT_REQUIRE_FID_WEIGHTS") == "1":
-        pytest.fail(reason + ", and HINDSIGHT_REQUIRE_FID_WEIGHTS=1 requires them")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +144,8 @@ def test_polled_states_are_told_as_the_streams_events() -> None:
         return {"idx": idx, "sigma_rel": 0.05 * (idx + 1), "nimg": 64, "status": status,
                 "images_done": done, "images_total": 4, "attempts": 1}  # fmt: skip
 
-    spec = {"run": "r", "sigma_rels": [0.05, 0.1], "nimgs": [64], "metrics": ["fid"],
-            "num_images": 4, "seed_sets": 1,
+    spec = {"run": "r", "sigma_rels": [0.05, 0.1], "nimgs": [64], "evaluator": "builtin",
+            "metrics": ["fid"], "user_metrics": [], "num_images": 4, "seed_sets": 1,
             "sampler": {"steps": 3, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0},
             "reference_id": 1, "reference_name": "ref", "feature_network": "inception",
             "batch": 4, "kid_subsets": 0, "kid_subset_size": 0, "warnings": []}  # fmt: skip

@@ -7,9 +7,14 @@ Models", EDM2, arXiv 2312.02696): train while tracking two power-function EMAs o
 (:meth:`Client.upload`), and after training ask the server for an EMA of any other width
 (:meth:`Client.reconstruct`) — a least-squares combination of the snapshots, with a report
 of how good it is — and score reconstructions with FID/KID over a sweep of widths
-(:meth:`Client.start_sweep`, :meth:`Client.wait_sweep`).
+(:meth:`Client.start_sweep`, :meth:`Client.wait_sweep`) — sampled by the server's own
+EDM2 workers, or by your own model, sampler and metrics (:meth:`Client.evaluate`, an
+external evaluator, with :func:`seeded_randn` for per-image noise and
+:class:`InceptionFeatures` for NVIDIA's Inception features on your GPU).
 
-:class:`PowerEMA` needs PyTorch (``pip install hindsight-client[torch]``); the rest does not.
+:class:`PowerEMA`, :meth:`Client.evaluate`, :meth:`Client.reference_from_images`,
+:func:`seeded_randn` and :class:`InceptionFeatures` need PyTorch (``pip install
+hindsight-client[torch]``); the rest does not.
 Times are training images (``nimg``) everywhere.
 """
 
@@ -22,8 +27,10 @@ from .errors import (
     ApiError,
     Conflict,
     DigestMismatch,
+    EvaluatorMisconfigured,
     HindsightError,
     InvalidInput,
+    LeaseLost,
     NotFound,
     PayloadTooLarge,
     ReconstructionTimeout,
@@ -43,6 +50,12 @@ from .uploads import UploadResult
 from .wire import (
     BestPoint,
     ClampedTensor,
+    FeatureTerms,
+    ImageGeometry,
+    Lease,
+    LeasePoint,
+    LeaseReconstruction,
+    LeaseSweep,
     MetricInfo,
     MetricSummary,
     PointResult,
@@ -52,31 +65,74 @@ from .wire import (
     ReportInput,
     ReportWarning,
     SamplerSettings,
+    SeedSet,
     Sweep,
+    SweepFailure,
     SweepPoint,
     SweepSpec,
+    SweepWorker,
     Timings,
+    UserMetric,
 )
 
 if TYPE_CHECKING:
+    from .evaluation import (
+        BatchUploaded,
+        Claimed,
+        EvaluationEvent,
+        EvaluationSummary,
+        PointFailed,
+        PointFinished,
+    )
+    from .inception import InceptionFeatures
+    from .noise import seed_generators, seeded_randn
     from .tracker import PowerEMA
+
+# What needs PyTorch, imported on first use: the client alone does not need it.
+_LAZY = {
+    "PowerEMA": "tracker",
+    "BatchUploaded": "evaluation",
+    "Claimed": "evaluation",
+    "EvaluationEvent": "evaluation",
+    "EvaluationSummary": "evaluation",
+    "PointFailed": "evaluation",
+    "PointFinished": "evaluation",
+    "InceptionFeatures": "inception",
+    "seed_generators": "noise",
+    "seeded_randn": "noise",
+}
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EDM2_PREFIX",
     "ApiError",
+    "BatchUploaded",
     "BestPoint",
+    "Claimed",
     "ClampedTensor",
     "Client",
     "Conflict",
     "DigestMismatch",
+    "EvaluationEvent",
+    "EvaluationSummary",
+    "EvaluatorMisconfigured",
+    "FeatureTerms",
     "HindsightError",
+    "ImageGeometry",
+    "InceptionFeatures",
     "InvalidInput",
+    "Lease",
+    "LeaseLost",
+    "LeasePoint",
+    "LeaseReconstruction",
+    "LeaseSweep",
     "MetricInfo",
     "MetricSummary",
     "NotFound",
     "PayloadTooLarge",
+    "PointFailed",
+    "PointFinished",
     "PointResult",
     "PowerEMA",
     "Reconstruction",
@@ -86,33 +142,39 @@ __all__ = [
     "ReportInput",
     "ReportWarning",
     "SamplerSettings",
+    "SeedSet",
     "ServerError",
     "Snapshot",
     "Sweep",
     "SweepCancelled",
     "SweepError",
     "SweepFailed",
+    "SweepFailure",
     "SweepPoint",
     "SweepSpec",
     "SweepTimeout",
+    "SweepWorker",
     "Timings",
     "TrackerError",
     "TransportError",
     "Unauthorized",
     "Unprocessable",
     "UploadResult",
+    "UserMetric",
     "beta",
     "digest_of",
     "gamma_to_sigma_rel",
     "save_snapshots",
+    "seed_generators",
+    "seeded_randn",
     "sigma_rel_to_gamma",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    # PowerEMA imports torch, which the client alone does not need.
-    if name == "PowerEMA":
-        from .tracker import PowerEMA
+    module = _LAZY.get(name)
+    if module is not None:
+        import importlib
 
-        return PowerEMA
+        return getattr(importlib.import_module(f".{module}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

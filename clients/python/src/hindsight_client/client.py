@@ -27,10 +27,12 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
 
 from .errors import ReconstructionTimeout, SweepCancelled, SweepFailed, SweepTimeout
 from .snapshot import Snapshot
@@ -38,6 +40,7 @@ from .sweeps import ProgressCallback, SweepWatch, follow
 from .transport import Transport, check_open, raise_for_status
 from .uploads import Uploader, UploadResult, post_reference, run_path
 from .wire import (
+    Lease,
     Reconstruction,
     ReconstructionPending,
     Reference,
@@ -47,6 +50,12 @@ from .wire import (
     SweepPage,
     SweepPoint,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+    from .evaluation import EvaluationEvent, EvaluationSummary, FeatureMode
+    from .inception import InceptionFeatures
 
 log = logging.getLogger("hindsight_client")
 
@@ -261,11 +270,13 @@ class Client:
         run: str,
         sigma_rels: float | Sequence[float] | str,
         *,
-        reference: str | int,
+        reference: str | int | None = None,
+        evaluator: Literal["builtin", "external"] | None = None,
         nimgs: int | Sequence[int] | None = None,
-        metrics: Sequence[SweepMetric] | None = None,
+        metrics: Sequence[SweepMetric | Mapping[str, Any]] | None = None,
         num_images: int | None = None,
         seed_sets: int | None = None,
+        sampler: Mapping[str, Any] | None = None,
         steps: int | None = None,
         sigma_min: float | None = None,
         sigma_max: float | None = None,
@@ -275,21 +286,34 @@ class Client:
         kid_subset_size: int | None = None,
     ) -> Sweep:
         """Queues a sweep (``POST /sweeps``): for each EMA width in ``sigma_rels`` (and each
-        training time in ``nimgs``), the server reconstructs the EMA of ``run``, samples
-        ``num_images`` images per seed set with EDM's Heun sampler, and scores them against
-        the ``reference`` statistics (a name or id, see :meth:`references`). Returns at once;
-        follow it with :meth:`wait_sweep`.
+        training time in ``nimgs``), the server reconstructs the EMA of ``run``; then its
+        own workers (a ``builtin`` sweep: the EDM2 network of runs that record
+        ``metadata.network``) or external evaluators (an ``external`` sweep: your model,
+        sampler and metrics, see :meth:`evaluate`) make ``num_images`` images per seed set,
+        which are scored against the ``reference`` statistics (a name or id, see
+        :meth:`references`). Returns at once; follow it with :meth:`wait_sweep`.
 
         Args:
             sigma_rels: one width, a list, or EDM2's list syntax (``"0.05,0.10,...,0.25"``).
+            reference: the reference statistics; needed when FID or KID is measured.
+            evaluator: ``"builtin"`` or ``"external"``; default builtin when the run
+                records a network configuration, else external.
             nimgs: training times to reconstruct at (a 2-D sweep); default the run's last
                 snapshot.
-            metrics: ``"fid"``, ``"kid"``; default FID, and KID when the reference keeps its
-                features.
-            num_images: images per seed set; default 50 000 (or the server's cap). FID is
-                biased upwards at few images: compare a sweep's points with each other.
+            metrics: ``"fid"``, ``"kid"``, and (external sweeps) user metrics that the
+                evaluators measure, ``{"name": "val_loss", "goal": "min", "label": ...}``
+                (``goal`` ``"min"`` or ``"max"``; ``label`` optional). Default FID, and KID
+                when the reference keeps its features.
+            num_images: images per seed set when FID or KID is measured; default 50 000 (or
+                the server's cap). FID is biased upwards at few images: compare a sweep's
+                points with each other.
             seed_sets: independent image sets (default 1); metrics are mean ± std over them.
-            steps, sigma_min, sigma_max, rho: the sampler (defaults 32, 0.002, 80, 7).
+                Image ``i`` of a point comes from seed ``i``.
+            sampler: the sampler settings as a dict: for an external sweep any JSON object,
+                handed to every evaluator untouched (your own sampler's settings); for a
+                builtin sweep EDM's ``steps``, ``sigma_min``, ``sigma_max``, ``rho``.
+            steps, sigma_min, sigma_max, rho: a builtin sweep's sampler, one keyword each
+                (defaults 32, 0.002, 80, 7); not with ``sampler``.
             batch: images per batch (default 32): the unit of progress and resumption.
             kid_subsets, kid_subset_size: KID's random subsets (defaults 100, 1000).
 
@@ -308,16 +332,28 @@ class Client:
             widths = float(sigma_rels)
         else:
             widths = [float(v) for v in sigma_rels]
-        if isinstance(reference, bool) or not isinstance(reference, (str, int)):
-            raise ValueError(f"reference must be a name or an id, not {reference!r}")
-        request: dict[str, Any] = {"run": run, "sigma_rels": widths, "reference": reference}
+        request: dict[str, Any] = {"run": run, "sigma_rels": widths}
+        if reference is not None:
+            if isinstance(reference, bool) or not isinstance(reference, (str, int)):
+                raise ValueError(f"reference must be a name or an id, not {reference!r}")
+            request["reference"] = reference
+        if evaluator is not None:
+            if evaluator not in ("builtin", "external"):
+                raise ValueError(f"evaluator {evaluator!r} is not 'builtin' or 'external'")
+            request["evaluator"] = evaluator
         if nimgs is not None:
             request["nimgs"] = int(nimgs) if isinstance(nimgs, int) else [int(n) for n in nimgs]
         if metrics is not None:
-            request["metrics"] = [str(m) for m in metrics]
-        sampler = {"steps": steps, "sigma_min": sigma_min, "sigma_max": sigma_max, "rho": rho}
-        if any(v is not None for v in sampler.values()):
-            request["sampler"] = {k: v for k, v in sampler.items() if v is not None}
+            request["metrics"] = [dict(m) if isinstance(m, Mapping) else str(m) for m in metrics]
+        heun = {"steps": steps, "sigma_min": sigma_min, "sigma_max": sigma_max, "rho": rho}
+        if sampler is not None:
+            if any(v is not None for v in heun.values()):
+                raise ValueError("give the sampler as sampler= or steps=/sigma_min=/..., not both")
+            if not isinstance(sampler, Mapping):
+                raise ValueError(f"sampler must be a dict, not {type(sampler).__name__}")
+            request["sampler"] = dict(sampler)
+        elif any(v is not None for v in heun.values()):
+            request["sampler"] = {k: v for k, v in heun.items() if v is not None}
         for key, value in (
             ("num_images", num_images),
             ("seed_sets", seed_sets),
@@ -473,6 +509,169 @@ class Client:
         images. ``NotFound`` until its first batch is recorded."""
         path = f"/sweeps/{_sweep_id(sweep)}/points/{int(idx)}/grid.png"
         return raise_for_status(self._transport.send("GET", path)).content
+
+    # -- external evaluators: your model, your sampler, your metrics ----------------------------
+
+    def evaluate(
+        self,
+        sweep: Sweep | int | None = None,
+        run: str | None = None,
+        *,
+        load: Callable[[dict[str, torch.Tensor]], Any],
+        generate: Callable[[Any, list[int], dict[str, Any]], Any] | None = None,
+        metrics: Callable[[Any, Lease], Mapping[str, Any]] | None = None,
+        device: str | torch.device = "cpu",
+        features: FeatureMode | InceptionFeatures = "auto",
+        fid_weights: str | os.PathLike[str] | None = None,
+        feature_batch: int = 64,
+        worker: str | None = None,
+        stop_when_idle: bool = True,
+        poll_interval: float = 2.0,
+        cache_dir: str | os.PathLike[str] | None = None,
+        on_progress: Callable[[EvaluationEvent], object] | None = None,
+    ) -> EvaluationSummary:
+        """Evaluates points of external sweeps with your own model (needs PyTorch and the
+        token): claims one point at a time (of ``sweep``, of ``run``'s sweeps, or of any
+        external sweep), evaluates it, and claims the next, until none is left.
+
+        For each point: the reconstruction is downloaded (BLAKE3 checked) into ``cache_dir``
+        (default ``~/.cache/hindsight/reconstructions``, by digest), then
+
+        - ``load(state_dict) -> model``: your module with the point's weights (the state
+          dict is on the CPU, float32);
+        - ``generate(model, seeds, sampler) -> images``: uint8 ``[B, C, H, W]`` (a tensor or
+          array, on any device), image ``i`` from ``seeds[i]`` whatever the batch — draw
+          its noise with :func:`~hindsight_client.seeded_randn`; ``sampler`` is the sweep's
+          ``sampler`` dict as given to :meth:`start_sweep`. Called once per batch (under
+          ``torch.no_grad()``) for the batches not recorded yet, when the sweep measures
+          FID or KID;
+        - ``metrics(model, lease) -> {name: value}``: the sweep's user metrics, each a number
+          or one per seed set (``lease.seed_sets``); ``lease.point`` has the point's
+          ``sigma_rel`` and ``nimg``. Under ``torch.no_grad()``.
+
+        Images go to the server, which computes their Inception features — or, with
+        NVIDIA's weights here, the features are computed on ``device`` and sent with a few
+        of the images for the server to audit (it refuses features that differ from its own
+        by more than its tolerance). ``features``: ``"auto"`` computes them here when the
+        weights are found (``fid_weights``, else ``$HINDSIGHT_FID_WEIGHTS``, else
+        ``~/.cache/hindsight/default_1.pt``) and are the server's; ``"client"`` requires
+        it; ``"server"`` always sends images; an
+        :class:`~hindsight_client.InceptionFeatures` is the network to use (``"client"``).
+
+        A heartbeat thread keeps each lease. An exception in your code (or a batch the
+        server refuses) reports the attempt failed with its type, message and line — the
+        point goes back to the queue; after 3 failed attempts it is marked failed — and the
+        evaluator moves on; Ctrl-C reports ``interrupted`` and re-raises. A point claimed
+        again after its evaluator died resumes: only the batches not recorded are made.
+
+        Args:
+            worker: the name shown in the sweep's workers (default ``host-pid``).
+            stop_when_idle: return once nothing is left to claim and no external sweep in
+                scope is unfinished (points leased by other evaluators come back when
+                their leases expire, so this evaluator waits for them); ``False``: keep
+                polling every ``poll_interval`` seconds for new sweeps.
+            feature_batch: images per forward pass of the Inception network.
+            on_progress: called on this thread with a :class:`~hindsight_client.Claimed`,
+                :class:`~hindsight_client.BatchUploaded`,
+                :class:`~hindsight_client.PointFinished` or
+                :class:`~hindsight_client.PointFailed` event.
+
+        Returns an :class:`~hindsight_client.EvaluationSummary` (points evaluated and
+        failed, batches, images, seconds). Raises :class:`~hindsight_client.TransportError`
+        when the server stays unreachable, and
+        :class:`~hindsight_client.HindsightError` when ``features="client"`` finds no
+        weights; :class:`~hindsight_client.EvaluatorMisconfigured` (after releasing the
+        lease) when a point needs what was not given (``generate`` for images, ``metrics``
+        for user metrics) or ``features="client"`` meets a server that takes no features
+        from it.
+        """
+        from .evaluation import Evaluator
+
+        check_open(self._transport.http)
+        evaluator = Evaluator(
+            self._transport,
+            load=load,
+            generate=generate,
+            metrics=metrics,
+            device=device,
+            features=features,
+            fid_weights=fid_weights,
+            feature_batch=feature_batch,
+            worker=worker,
+            cache_dir=cache_dir,
+            poll_interval=poll_interval,
+            on_progress=on_progress,
+        )
+        sid = None if sweep is None else _sweep_id(sweep)
+        return evaluator.run(sid, run, stop_when_idle)
+
+    def reference_from_images(
+        self,
+        name: str,
+        images: Any,
+        *,
+        device: str | torch.device = "cpu",
+        batch: int = 64,
+        fid_weights: str | os.PathLike[str] | None = None,
+        audit_images: int = 8,
+    ) -> Reference:
+        """Stores reference statistics of your own images under ``name``
+        (``POST /references/features``; needs PyTorch, NVIDIA's weights and the token):
+        their Inception features are computed here on ``device``, and the server, after
+        checking the first ``audit_images`` images against its own network, keeps their mean
+        and covariance and the features (so sweeps against them measure KID too).
+
+        ``images``: uint8 ``[N, C, H, W]`` (or ``[N, H, W, C]``), C 1 or 3, square, as a
+        tensor or array — or an iterable of such batches (a data loader's). Sweeps against
+        the statistics take images of this size.
+
+        Raises :class:`~hindsight_client.errors.Conflict` when the name is taken,
+        :class:`~hindsight_client.errors.Unprocessable` when the audit fails (other
+        weights or another resize), ``ValueError`` for images of another dtype or shape.
+        """
+        import torch
+
+        from .evaluation import npz_bytes
+        from .inception import InceptionFeatures, as_nchw
+
+        if audit_images < 2:
+            raise ValueError("audit_images must be ≥ 2 (the server's minimum)")
+        extractor = InceptionFeatures(fid_weights, device=device, batch=batch)
+        whole = isinstance(images, (np.ndarray, torch.Tensor))
+        chunks = [images] if whole else images
+        features: list[np.ndarray] = []
+        audit: list[np.ndarray] = []
+        shape: tuple[int, ...] | None = None
+        kept = 0
+        for i, chunk in enumerate(chunks):
+            x = as_nchw(chunk, "images" if whole else f"images[{i}]").cpu()
+            if shape is None:
+                shape = tuple(x.shape[1:])
+                if shape[1] != shape[2]:
+                    raise ValueError(f"images: {shape[1]}×{shape[2]} images are not square")
+            elif tuple(x.shape[1:]) != shape:
+                raise ValueError(
+                    f"images[{i}]: images of {list(x.shape[1:])} after images of {list(shape)}"
+                )
+            features.append(extractor(x))
+            if kept < audit_images:
+                audit.append(x[: audit_images - kept].numpy())
+                kept += len(audit[-1])
+        if shape is None or kept < 2:
+            raise ValueError("images: at least 2 images are needed")
+        body = npz_bytes(
+            features=np.concatenate(features),
+            audit_images=np.concatenate(audit),
+        )
+        response = self._transport.send(
+            "POST",
+            "/references/features",
+            params={"name": name},
+            body=lambda: iter([body]),
+            headers={"Content-Type": "application/octet-stream"},
+            idempotent=False,
+        )
+        return Reference.from_json(raise_for_status(response).json())
 
     def references(self) -> list[Reference]:
         """``GET /references``: the reference statistics sweeps can score against."""

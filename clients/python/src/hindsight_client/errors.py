@@ -135,3 +135,16 @@ class SweepTimeout(HindsightError):
     def __init__(self, message: str, sweep: Sweep | None) -> None:
         super().__init__(message)
         self.sweep = sweep
+
+
+class EvaluatorMisconfigured(HindsightError):
+    """The evaluator cannot work the sweep's points as it was asked to (no ``generate`` for
+    a sweep with images, no ``metrics`` for one with user metrics, ``features="client"``
+    where the server takes no features): raised by
+    :meth:`~hindsight_client.Client.evaluate` after releasing the lease, rather than failing
+    every point in turn."""
+
+
+class LeaseLost(HindsightError):
+    """The lease ended before the point was finished (it expired, or the sweep was
+    cancelled): the point is someone else's now."""

@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import numpy as np
 import safetensors.numpy
@@ -32,7 +32,11 @@ import safetensors.numpy
 if TYPE_CHECKING:
     import torch
 
-SweepMetric = Literal["fid", "kid"]
+#: A metric's name: ``"fid"``, ``"kid"``, or a user metric's (``"val_loss"``).
+SweepMetric = str
+
+#: The image metrics, which the server computes from Inception features.
+IMAGE_METRICS = ("fid", "kid")
 
 #: Statuses a sweep or a point does not leave.
 TERMINAL = frozenset({"done", "failed", "cancelled"})
@@ -59,6 +63,12 @@ def _opt_float(v: Any) -> float | None:
 
 def _opt_int(v: Any) -> int | None:
     return None if v is None else int(v)
+
+
+def _object(v: Any) -> dict[str, Any]:
+    """A JSON value the schema leaves open (the user's sampler settings), as the object the
+    server stores it as (anything else: empty)."""
+    return dict(v) if isinstance(v, dict) else {}
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -378,14 +388,16 @@ class MetricInfo:
     client alike).
 
     Attributes:
-        metric: ``fid`` or ``kid``.
-        label: its name for people: ``FID``, ``KID``, or the fallback feature network's
-            ``FD (pixel projection, not FID)``, ``KID (pixel projection, not Inception)``.
+        metric: the metric's name: ``fid``, ``kid``, or a user metric's (``val_loss``).
+        kind: ``fid``, ``kid`` or ``user`` (a number the evaluator measures itself).
+        label: its name for people: ``FID``, ``KID``, the fallback feature network's
+            ``FD (pixel projection, not FID)``, ``KID (pixel projection, not Inception)``,
+            or a user metric's label (default its name).
         short_label: for narrow places: ``FID``, ``KID``, ``FD-pixels``, ``KID-pixels``.
         scale: shown value = raw value × scale (1 for FID, 1000 for KID); values in the API
             stay raw.
         axis_label: the label of a plot's value axis, e.g. ``KID ×10³``.
-        lower_is_better: whether a lower value is better.
+        lower_is_better: whether a lower value is better (a user metric's ``goal``).
         fallback: whether the sweep's features come from the pixel projection (no Inception
             weights on the server): then the numbers are not FID and KID proper.
     """
@@ -393,6 +405,7 @@ class MetricInfo:
     __schema__ = "MetricInfo"
 
     metric: str
+    kind: str
     label: str
     short_label: str
     scale: float
@@ -404,6 +417,7 @@ class MetricInfo:
     def from_json(cls, m: dict[str, Any]) -> MetricInfo:
         return cls(
             metric=str(m["metric"]),
+            kind=str(m["kind"]),
             label=str(m["label"]),
             short_label=str(m["short_label"]),
             scale=float(m["scale"]),
@@ -415,6 +429,11 @@ class MetricInfo:
     def shown(self, value: float) -> float:
         """A raw value as people read it (KID ×10³)."""
         return value * self.scale
+
+    @property
+    def user(self) -> bool:
+        """Whether the evaluator measures it (a user metric), not the server."""
+        return self.kind == "user"
 
 
 @dataclass(frozen=True)
@@ -486,6 +505,10 @@ class PointResult:
 
     Attributes:
         fid, kid: the metric over the point's seed sets (``None``: not computed).
+        metrics: every metric the point measured, by name (``fid``, ``kid`` and user
+            metrics such as ``val_loss``).
+        features: who computed the Inception features: ``server``, ``client`` (an external
+            evaluator, audited) or ``mixed`` (``None``: no image metric).
         kid_subsets: KID's subsets averaged and features per subset.
         num_images: images per seed set.
         seed_sets: seed sets.
@@ -497,6 +520,8 @@ class PointResult:
 
     fid: MetricSummary | None
     kid: MetricSummary | None
+    metrics: dict[str, MetricSummary]
+    features: str | None
     kid_subsets: list[int] | None
     num_images: int
     seed_sets: int
@@ -509,10 +534,14 @@ class PointResult:
             m = r.get(name)
             return MetricSummary.from_json(m) if isinstance(m, dict) else None
 
+        fid, kid = summary("fid"), summary("kid")
+        metrics = {str(k): MetricSummary.from_json(v) for k, v in r["metrics"].items()}
         subsets = r.get("kid_subsets")
         return cls(
-            fid=summary("fid"),
-            kid=summary("kid"),
+            fid=fid,
+            kid=kid,
+            metrics=metrics,
+            features=r.get("features"),
             kid_subsets=None if subsets is None else [int(k) for k in subsets],
             num_images=int(r["num_images"]),
             seed_sets=int(r["seed_sets"]),
@@ -536,8 +565,9 @@ class SweepPoint:
         fid_std, kid_std: standard deviation over seed sets (``None`` with one set; KID's
             per-set standard errors over subsets are in :meth:`metric`).
         result: the server's record of the finished point as it sent it: ``fid``/``kid``
-            summaries, ``num_images``, ``seed_sets``, ``reconstruction``, ``timings``
-            (seconds).
+            summaries, ``metrics`` (every metric by name, user metrics included),
+            ``features`` (who computed them), ``num_images``, ``seed_sets``,
+            ``reconstruction``, ``timings`` (seconds).
         measured: the same, decoded (``None`` until done).
         error: why the point failed (or why its last attempt did).
         grid_url: path of a PNG grid of its first images, once its first batch is recorded
@@ -598,19 +628,19 @@ class SweepPoint:
         return self.status == "done"
 
     def value(self, metric: SweepMetric = "fid") -> float | None:
-        """The metric's value, its mean over seed sets (``None`` until done, or when not
-        computed)."""
-        if metric not in ("fid", "kid"):
-            raise ValueError(f"metric {metric!r} is not one of 'fid', 'kid'")
-        return self.fid if metric == "fid" else self.kid
+        """The metric's value (``fid``, ``kid`` or a user metric's name), its mean over seed
+        sets (``None`` until done, or when not measured)."""
+        summary = self.metric(metric)
+        return None if summary is None else summary.value
 
     def metric(self, metric: SweepMetric = "fid") -> MetricSummary | None:
-        """The metric's per-seed-set values, spread, (KID) standard errors and error bar."""
-        if metric not in ("fid", "kid"):
-            raise ValueError(f"metric {metric!r} is not one of 'fid', 'kid'")
+        """The metric's per-seed-set values, spread, (KID) standard errors and error bar
+        (``None`` until done, or when not measured)."""
+        if not isinstance(metric, str) or not metric:
+            raise ValueError(f"a metric is named by a string, not {metric!r}")
         if self.measured is None:
             return None
-        return self.measured.fid if metric == "fid" else self.measured.kid
+        return self.measured.metrics.get(metric)
 
     @property
     def timings(self) -> dict[str, float]:
@@ -621,8 +651,9 @@ class SweepPoint:
 
 @dataclass(frozen=True)
 class BestPoint:
-    """The server's best finished point by one metric (raw units; ``error_bar`` is half
-    the height of the bar to draw, ``None``: none)."""
+    """The server's best finished point by one metric (``fid``, ``kid`` or a user metric's
+    name; by its goal), in raw units (``error_bar`` is half the height of the bar to draw,
+    ``None``: none)."""
 
     __schema__ = "BestPoint"
 
@@ -670,21 +701,51 @@ class SamplerSettings:
 
 
 @dataclass(frozen=True)
+class UserMetric:
+    """A metric an external evaluator measures itself (``val_loss``): its ``name``, its
+    ``goal`` (``min`` or ``max``) and its ``label`` for people."""
+
+    __schema__ = "UserMetric"
+
+    name: str
+    goal: str
+    label: str
+
+    @classmethod
+    def from_json(cls, m: dict[str, Any]) -> UserMetric:
+        return cls(name=str(m["name"]), goal=str(m["goal"]), label=str(m["label"]))
+
+
+@dataclass(frozen=True)
 class SweepSpec:
     """The validated request of a sweep (:attr:`Sweep.spec`, decoded): its grid, metrics,
-    images, sampler, reference statistics and feature network, and the warnings it drew."""
+    images, sampler, reference statistics and feature network, and the warnings it drew.
+
+    Attributes:
+        evaluator: ``builtin`` (the server's workers sample the EDM2 network) or
+            ``external`` (evaluators run the user's model: :meth:`Client.evaluate`).
+        metrics: the image metrics (``fid``, ``kid``); ``user_metrics`` the others.
+        sampler: a builtin sweep's EDM sampler settings (``None`` for an external sweep).
+        sampler_json: the sampler as the server sent it: for an external sweep, the
+            user's own settings, handed to every evaluator untouched.
+        reference_id, reference_name: the reference statistics (``None``: an external
+            sweep with only user metrics).
+    """
 
     __schema__ = "SweepSpec"
 
     run: str
     sigma_rels: list[float]
     nimgs: list[int]
+    evaluator: str
     metrics: list[str]
+    user_metrics: list[UserMetric]
     num_images: int
     seed_sets: int
-    sampler: SamplerSettings
-    reference_id: int
-    reference_name: str
+    sampler: SamplerSettings | None
+    sampler_json: dict[str, Any] = field(metadata=wire_name("sampler"), repr=False)
+    reference_id: int | None
+    reference_name: str | None
     feature_network: str
     batch: int
     kid_subsets: int
@@ -693,21 +754,95 @@ class SweepSpec:
 
     @classmethod
     def from_json(cls, s: dict[str, Any]) -> SweepSpec:
+        evaluator = str(s["evaluator"])
+        sampler = dict(s["sampler"])
         return cls(
             run=str(s["run"]),
             sigma_rels=[float(v) for v in s["sigma_rels"]],
             nimgs=[int(n) for n in s["nimgs"]],
+            evaluator=evaluator,
             metrics=[str(m) for m in s["metrics"]],
+            user_metrics=[UserMetric.from_json(m) for m in s["user_metrics"]],
             num_images=int(s["num_images"]),
             seed_sets=int(s["seed_sets"]),
-            sampler=SamplerSettings.from_json(s["sampler"]),
-            reference_id=int(s["reference_id"]),
-            reference_name=str(s["reference_name"]),
+            sampler=SamplerSettings.from_json(sampler) if evaluator == "builtin" else None,
+            sampler_json=sampler,
+            reference_id=_opt_int(s.get("reference_id")),
+            reference_name=s.get("reference_name"),
             feature_network=str(s["feature_network"]),
             batch=int(s["batch"]),
             kid_subsets=int(s["kid_subsets"]),
             kid_subset_size=int(s["kid_subset_size"]),
             warnings=[str(w) for w in s["warnings"]],
+        )
+
+
+@dataclass(frozen=True)
+class SweepWorker:
+    """A lease held now on a point of a sweep: which worker (an external evaluator's name,
+    or a builtin worker's id; ``evaluator`` says which kind) is on point ``idx``, since
+    ``claimed_at``, last heard from at ``heartbeat_at``, until ``expires_at`` unless it
+    reports again (times are RFC 3339); ``expired``: the lease has run out (the worker is
+    presumably dead, and the next claim takes the point)."""
+
+    __schema__ = "SweepWorker"
+
+    worker: str
+    evaluator: str
+    idx: int
+    sigma_rel: float
+    nimg: int
+    claimed_at: str
+    heartbeat_at: str
+    expires_at: str
+    expired: bool
+
+    @classmethod
+    def from_json(cls, w: dict[str, Any]) -> SweepWorker:
+        return cls(
+            worker=str(w["worker"]),
+            evaluator=str(w["evaluator"]),
+            idx=int(w["idx"]),
+            sigma_rel=float(w["sigma_rel"]),
+            nimg=int(w["nimg"]),
+            claimed_at=str(w["claimed_at"]),
+            heartbeat_at=str(w["heartbeat_at"]),
+            expires_at=str(w["expires_at"]),
+            expired=bool(w["expired"]),
+        )
+
+
+@dataclass(frozen=True)
+class SweepFailure:
+    """An attempt on a point that did not finish it: ``outcome`` says how it ended
+    (``failed``: the worker reported a failure; ``expired``: its lease ran out and another
+    worker took the point; ``released``: the worker gave the point back), ``message`` what
+    the worker said."""
+
+    __schema__ = "SweepFailure"
+
+    worker: str
+    evaluator: str
+    idx: int
+    sigma_rel: float
+    nimg: int
+    claimed_at: str
+    ended_at: str | None
+    outcome: str
+    message: str | None
+
+    @classmethod
+    def from_json(cls, f: dict[str, Any]) -> SweepFailure:
+        return cls(
+            worker=str(f["worker"]),
+            evaluator=str(f["evaluator"]),
+            idx=int(f["idx"]),
+            sigma_rel=float(f["sigma_rel"]),
+            nimg=int(f["nimg"]),
+            claimed_at=str(f["claimed_at"]),
+            ended_at=f.get("ended_at"),
+            outcome=str(f["outcome"]),
+            message=f.get("message"),
         )
 
 
@@ -720,14 +855,19 @@ class Sweep:
         run: the run it samples.
         status: ``queued``, ``running``, ``done`` (every point recorded), ``failed`` (some
             point failed) or ``cancelled``.
-        spec: the validated request as the server sent it: ``sigma_rels``, ``nimgs``,
-            ``metrics``, ``num_images``, ``seed_sets``, ``sampler``, ``reference_id``,
-            ``reference_name``, ``feature_network``, ``batch``, ``kid_subsets``,
-            ``kid_subset_size``, ``warnings``.
+        spec: the validated request as the server sent it: ``evaluator``, ``sigma_rels``,
+            ``nimgs``, ``metrics``, ``user_metrics``, ``num_images``, ``seed_sets``,
+            ``sampler``, ``reference_id``, ``reference_name``, ``feature_network``,
+            ``batch``, ``kid_subsets``, ``kid_subset_size``, ``warnings``.
         settings: the same, decoded.
         points: every point (empty in :meth:`~hindsight_client.Client.sweeps`' listing).
         best_points: the server's best point per metric computed so far.
-        metrics: what it computes, in order, with how the server names and shows each.
+        metrics: what it computes, in order (image metrics and user metrics), with how the
+            server names and shows each.
+        workers: the leases external evaluators hold now (empty for builtin sweeps and in
+            listings).
+        failures: the attempts of external evaluators that failed or whose lease expired,
+            with their messages.
         url, events_url, plot_url: the sweep's resource, its server-sent events, and its
             curve as SVG.
     """
@@ -753,6 +893,12 @@ class Sweep:
     events_url: str
     plot_url: str
     metrics: list[MetricInfo]
+    workers: list[SweepWorker] = field(
+        metadata=present("an empty list when the server leaves them out"), repr=False
+    )
+    failures: list[SweepFailure] = field(
+        metadata=present("an empty list when the server leaves them out"), repr=False
+    )
     settings: SweepSpec = field(metadata=LOCAL, repr=False, compare=False)
     raw: dict[str, Any] = field(metadata=LOCAL, repr=False, compare=False)
 
@@ -778,6 +924,8 @@ class Sweep:
             events_url=str(s["events_url"]),
             plot_url=str(s["plot_url"]),
             metrics=[MetricInfo.from_json(m) for m in s["metrics"]],
+            workers=[SweepWorker.from_json(w) for w in s.get("workers") or []],
+            failures=[SweepFailure.from_json(f) for f in s.get("failures") or []],
             settings=SweepSpec.from_json(spec),
             raw=s,
         )
@@ -798,20 +946,39 @@ class Sweep:
         """The points that failed."""
         return [p for p in self.points if p.status == "failed"]
 
+    @property
+    def evaluator(self) -> str:
+        """``builtin`` (the server's workers) or ``external`` (:meth:`Client.evaluate`)."""
+        return self.settings.evaluator
+
     def metric_info(self, metric: SweepMetric = "fid") -> MetricInfo | None:
         """How the server names and shows ``metric`` (``None``: the sweep does not compute
         it)."""
         return next((m for m in self.metrics if m.metric == metric), None)
 
     def best(self, metric: SweepMetric = "fid") -> SweepPoint | None:
-        """The finished point with the best value of ``metric`` (the lowest for FID and
-        KID), as the server reports it; ``None`` while none is finished."""
-        if metric not in ("fid", "kid"):
-            raise ValueError(f"metric {metric!r} is not one of 'fid', 'kid'")
+        """The finished point with the best value of ``metric`` — ``fid``, ``kid`` or a user
+        metric's name — by its goal (the lowest when ``lower_is_better``, else the highest),
+        as the server reports it; ``None`` while none is finished.
+
+        Raises ``ValueError`` for a metric the sweep does not measure (FID and KID excepted:
+        ``None``, as before user metrics existed)."""
+        info = self.metric_info(metric)
+        if info is None and metric not in IMAGE_METRICS:
+            known = ", ".join(repr(m.metric) for m in self.metrics)
+            raise ValueError(f"metric {metric!r} is not one of this sweep's: {known}")
         reported = self.best_points.get(metric)
-        if reported is None:
+        if reported is not None:
+            return next((p for p in self.points if p.idx == reported.idx), None)
+        if info is None:
             return None
-        return next((p for p in self.points if p.idx == reported.idx), None)
+        # Not (yet) reported by the server: the same choice, from the points at hand.
+        scored = [(p.value(metric), p) for p in self.points if p.done]
+        ranked = [(v, p.idx, p) for v, p in scored if v is not None]
+        if not ranked:
+            return None
+        sign = 1.0 if info.lower_is_better else -1.0
+        return min(ranked, key=lambda t: (sign * t[0], t[1]))[2]
 
 
 @dataclass(frozen=True)
@@ -869,6 +1036,331 @@ SWEEP_EVENTS: dict[str, Any] = {
     "point": SweepPoint,
     "end": Sweep,
 }
+
+
+# -- external evaluators: leases ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LeaseSweep:
+    """The sweep a leased point belongs to."""
+
+    __schema__ = "LeaseSweep"
+
+    id: int
+    run: str
+    url: str
+
+    @classmethod
+    def from_json(cls, s: dict[str, Any]) -> LeaseSweep:
+        return cls(id=int(s["id"]), run=str(s["run"]), url=str(s["url"]))
+
+
+@dataclass(frozen=True)
+class LeasePoint:
+    """The leased point: its position, EMA width, training time, and claims so far
+    (``attempts``, this one included)."""
+
+    __schema__ = "LeasePoint"
+
+    idx: int
+    sigma_rel: float
+    nimg: int
+    attempts: int
+
+    @classmethod
+    def from_json(cls, p: dict[str, Any]) -> LeasePoint:
+        return cls(
+            idx=int(p["idx"]),
+            sigma_rel=float(p["sigma_rel"]),
+            nimg=int(p["nimg"]),
+            attempts=int(p["attempts"]),
+        )
+
+
+@dataclass(frozen=True)
+class LeaseReconstruction:
+    """The point's reconstructed weights (float32 safetensors, stored on the server): fetch
+    ``url`` and check the bytes' BLAKE3 against ``digest``."""
+
+    __schema__ = "LeaseReconstruction"
+
+    id: str
+    digest: str
+    url: str
+    dtype: str
+    byte_size: int
+
+    @classmethod
+    def from_json(cls, r: dict[str, Any]) -> LeaseReconstruction:
+        return cls(
+            id=str(r["id"]),
+            digest=str(r["digest"]),
+            url=str(r["url"]),
+            dtype=str(r["dtype"]),
+            byte_size=int(r["byte_size"]),
+        )
+
+
+@dataclass(frozen=True)
+class SeedSet:
+    """Seed set ``set``: the images (and seeds) ``first_seed … end_seed − 1``."""
+
+    __schema__ = "SeedSet"
+
+    set: int
+    first_seed: int
+    end_seed: int
+
+    @classmethod
+    def from_json(cls, s: dict[str, Any]) -> SeedSet:
+        return cls(set=int(s["set"]), first_seed=int(s["first_seed"]), end_seed=int(s["end_seed"]))
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """What uploaded images must be: the reference images' side and channels (``None``: not
+    recorded; any square size, grey or RGB)."""
+
+    __schema__ = "ImageGeometry"
+
+    resolution: int | None
+    channels: int | None
+
+    @classmethod
+    def from_json(cls, i: dict[str, Any]) -> ImageGeometry:
+        return cls(resolution=_opt_int(i.get("resolution")), channels=_opt_int(i.get("channels")))
+
+
+@dataclass(frozen=True)
+class FeatureTerms:
+    """Whether the server takes Inception features computed by the evaluator, and how it
+    audits them.
+
+    Attributes:
+        accepted: false when the reference's features are not Inception's: upload images.
+        network: the feature network, e.g. ``inception-2015-12-05 pool3 (2048-d)``.
+        dims: feature dimension.
+        weights_digest: BLAKE3 of the server's weights file: features from other weights
+            are refused.
+        min_audit_images: images of each batch to send with its features for the audit.
+        audit_tolerance: the largest relative difference ``‖f_client − f_server‖₂ /
+            ‖f_server‖₂`` the audit lets through.
+    """
+
+    __schema__ = "FeatureTerms"
+
+    accepted: bool
+    network: str
+    dims: int
+    weights_digest: str | None
+    min_audit_images: int
+    audit_tolerance: float
+
+    @classmethod
+    def from_json(cls, f: dict[str, Any]) -> FeatureTerms:
+        return cls(
+            accepted=bool(f["accepted"]),
+            network=str(f["network"]),
+            dims=int(f["dims"]),
+            weights_digest=f.get("weights_digest"),
+            min_audit_images=int(f["min_audit_images"]),
+            audit_tolerance=float(f["audit_tolerance"]),
+        )
+
+
+@dataclass(frozen=True)
+class LeaseUrls:
+    """The paths of a lease's writes; ``batch`` has ``{k}`` for the batch index."""
+
+    __schema__ = "LeaseUrls"
+
+    heartbeat: str
+    fail: str
+    batch: str
+    metrics: str
+    finish: str
+
+    @classmethod
+    def from_json(cls, u: dict[str, Any]) -> LeaseUrls:
+        return cls(
+            heartbeat=str(u["heartbeat"]),
+            fail=str(u["fail"]),
+            batch=str(u["batch"]),
+            metrics=str(u["metrics"]),
+            finish=str(u["finish"]),
+        )
+
+    def batch_url(self, k: int) -> str:
+        """The path of batch ``k``'s upload."""
+        return self.batch.replace("{k}", str(int(k)))
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One point of an external sweep, claimed by one evaluator (``POST
+    /evaluations/claim``; ``docs/EVALUATORS.md``): what to evaluate and where to send it.
+
+    Attributes:
+        lease_id: the lease (``ls_…``): the capability for the writes that follow.
+        worker: the evaluator's name.
+        expires_at, lease_seconds: the lease ends at ``expires_at`` (RFC 3339) unless a
+            heartbeat or a write extends it by ``lease_seconds``.
+        sweep, point: the sweep and the point.
+        reconstruction: the weights to evaluate.
+        num_images: images per seed set (0: no image metric).
+        batch, batches: images per batch and batches of the point; batch ``k`` holds seeds
+            ``k·batch …`` of the concatenated seed sets.
+        batches_done: batches already recorded (by an earlier lease): not sent again.
+        seed_sets: the seed sets (image ``i`` comes from seed ``i``).
+        images: the size uploaded images must have.
+        features: whether and how the server takes client-side Inception features.
+        sampler: the sweep's sampler settings, as the user gave them.
+        metrics: every metric of the sweep (the user metrics have ``kind == "user"``).
+        metrics_recorded: user metrics already recorded for the point (one value per seed
+            set, or one for the point).
+        urls: where to send heartbeats, batches, metrics, the end.
+    """
+
+    __schema__ = "Lease"
+
+    lease_id: str
+    worker: str
+    expires_at: str
+    lease_seconds: float
+    sweep: LeaseSweep
+    point: LeasePoint
+    reconstruction: LeaseReconstruction
+    num_images: int
+    batch: int
+    batches: int
+    batches_done: list[int]
+    seed_sets: list[SeedSet]
+    images: ImageGeometry
+    features: FeatureTerms
+    sampler: dict[str, Any]
+    metrics: list[MetricInfo]
+    metrics_recorded: dict[str, list[float]]
+    urls: LeaseUrls
+
+    @classmethod
+    def from_json(cls, lease: dict[str, Any]) -> Lease:
+        return cls(
+            lease_id=str(lease["lease_id"]),
+            worker=str(lease["worker"]),
+            expires_at=str(lease["expires_at"]),
+            lease_seconds=float(lease["lease_seconds"]),
+            sweep=LeaseSweep.from_json(lease["sweep"]),
+            point=LeasePoint.from_json(lease["point"]),
+            reconstruction=LeaseReconstruction.from_json(lease["reconstruction"]),
+            num_images=int(lease["num_images"]),
+            batch=int(lease["batch"]),
+            batches=int(lease["batches"]),
+            batches_done=[int(k) for k in lease["batches_done"]],
+            seed_sets=[SeedSet.from_json(s) for s in lease["seed_sets"]],
+            images=ImageGeometry.from_json(lease["images"]),
+            features=FeatureTerms.from_json(lease["features"]),
+            sampler=_object(lease["sampler"]),
+            metrics=[MetricInfo.from_json(m) for m in lease["metrics"]],
+            metrics_recorded={
+                str(k): [float(x) for x in v] for k, v in lease["metrics_recorded"].items()
+            },
+            urls=LeaseUrls.from_json(lease["urls"]),
+        )
+
+    @property
+    def seeds(self) -> list[int]:
+        """Every seed of the point, in image order (the seed sets one after the other)."""
+        return [seed for s in self.seed_sets for seed in range(s.first_seed, s.end_seed)]
+
+    def batch_seeds(self, k: int) -> list[int]:
+        """The seeds of batch ``k``."""
+        return self.seeds[k * self.batch : (k + 1) * self.batch]
+
+    @property
+    def user_metrics(self) -> list[MetricInfo]:
+        """The metrics the evaluator measures itself."""
+        return [m for m in self.metrics if m.user]
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """The server's audit of uploaded features: ``images`` audit images run through its own
+    network, the largest relative difference found."""
+
+    __schema__ = "AuditResult"
+
+    images: int
+    max_relative_difference: float
+
+    @classmethod
+    def from_json(cls, a: dict[str, Any]) -> AuditResult:
+        return cls(
+            images=int(a["images"]), max_relative_difference=float(a["max_relative_difference"])
+        )
+
+
+@dataclass(frozen=True)
+class BatchRecorded:
+    """The answer to a batch upload: ``recorded`` false when the same upload was recorded
+    before; ``features_by`` ``server`` (images) or ``client`` (features, with the
+    ``audit``); ``server_seconds`` the server's time on it."""
+
+    __schema__ = "BatchRecorded"
+
+    batch: int
+    images: int
+    recorded: bool
+    features_by: str
+    audit: AuditResult | None
+    server_seconds: float
+
+    @classmethod
+    def from_json(cls, b: dict[str, Any]) -> BatchRecorded:
+        audit = b.get("audit")
+        return cls(
+            batch=int(b["batch"]),
+            images=int(b["images"]),
+            recorded=bool(b["recorded"]),
+            features_by=str(b["features_by"]),
+            audit=None if audit is None else AuditResult.from_json(audit),
+            server_seconds=float(b["server_seconds"]),
+        )
+
+
+@dataclass(frozen=True)
+class MetricsRecorded:
+    """The answer to a metrics report: every user metric recorded under the lease so far,
+    and those still ``missing``."""
+
+    __schema__ = "MetricsRecorded"
+
+    metrics_recorded: dict[str, list[float]]
+    missing: list[str]
+
+    @classmethod
+    def from_json(cls, m: dict[str, Any]) -> MetricsRecorded:
+        return cls(
+            metrics_recorded={
+                str(k): [float(x) for x in v] for k, v in m["metrics_recorded"].items()
+            },
+            missing=[str(n) for n in m["missing"]],
+        )
+
+
+@dataclass(frozen=True)
+class FailRecorded:
+    """The answer to a failure report: ``retry`` false when the point failed for good
+    (after its attempts)."""
+
+    __schema__ = "FailRecorded"
+
+    lease_id: str
+    retry: bool
+
+    @classmethod
+    def from_json(cls, f: dict[str, Any]) -> FailRecorded:
+        return cls(lease_id=str(f["lease_id"]), retry=bool(f["retry"]))
 
 
 # -- reference statistics --------------------------------------------------------------------
