@@ -8,7 +8,13 @@
 //! the chart), previews a reconstruction's quality report and profile plot, is refused a
 //! reconstruction without the token (clear message in the page), gives the token, reconstructs,
 //! downloads the file through the browser and checks its BLAKE3 digest against the API's, and
-//! looks at the pages at phone size. Screenshots go to `target/tmp/ui-screenshots/` (or
+//! looks at the pages at phone size.
+//!
+//! An external sweep is worked through the lease protocol (`/evaluations/…`, as a user's
+//! evaluator would: images uploaded as NPY, a user metric `val_loss` over two seed sets, one
+//! failed attempt, one lease still held); its page shows the user metric's curve under the
+//! server's label with the best point, the FID curve, the workers and the failed attempts,
+//! and an external sweep nobody works yet shows how to start an evaluator. Screenshots go to `target/tmp/ui-screenshots/` (or
 //! `$HINDSIGHT_UI_SCREENSHOTS`).
 //!
 //! Needs `chromium` and `chromedriver` (Debian: `apt-get install chromium chromium-driver`) and
@@ -24,6 +30,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 
 mod common;
+use common::http::exchange;
 use common::{hindsight_ok, http, write_fashion_mnist_slice};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -228,16 +235,148 @@ fn the_web_ui_in_headless_chromium() {
     let sweep: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(sweep["status"], "done", "{sweep}");
 
+    let external = work_external_sweep(&addr, &token);
+    let idle = api(
+        &addr,
+        &token,
+        "/sweeps",
+        json!({"run": "fm", "evaluator": "external", "sigma_rels": [0.1],
+               "metrics": [{"name": "val_loss", "goal": "min"}], "sampler": {}}),
+    );
+
     let downloads = dir.path().join("downloads");
     std::fs::create_dir_all(&downloads).unwrap();
+    let sweeps = Sweeps {
+        builtin: sweep,
+        external,
+        idle: idle["id"].as_i64().unwrap(),
+    };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap()
-        .block_on(drive(driver_port, &addr, &token, sweep, &downloads));
+        .block_on(drive(driver_port, &addr, &token, sweeps, &downloads));
 }
 
-async fn drive(driver_port: u16, addr: &str, token: &str, sweep: Value, downloads: &Path) {
+/// The sweeps the browser looks at: the builtin one (`GET /sweeps/{id}`), the external one
+/// worked by [`work_external_sweep`] (the same), and the id of an external sweep with no
+/// evaluator yet.
+struct Sweeps {
+    builtin: Value,
+    external: Value,
+    idle: i64,
+}
+
+/// `POST path` with `body` and the token; the JSON answer, which must be a success.
+fn api(addr: &str, token: &str, path: &str, body: Value) -> Value {
+    let (status, text) = http(addr, "POST", path, Some(token), Some(&body.to_string()));
+    assert!(
+        (200..300).contains(&status),
+        "POST {path} {body}: {status} {text}"
+    );
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A `uint8` NPY file of `shape` holding `data`.
+fn npy_u8(shape: &[usize], data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    hindsight::metrics::npy::write_u8(&mut out, shape, data).unwrap();
+    out
+}
+
+/// Creates an external sweep of run `fm` (FID and the user metric `val_loss`, "validation
+/// loss", over two seed sets of 8 images, in batches of 8) and works it as evaluators would:
+/// the first lease is finished, the second fails ("CUDA out of memory"), the third is
+/// finished, the fourth is held (heartbeat). Returns `GET /sweeps/{id}` after that.
+fn work_external_sweep(addr: &str, token: &str) -> Value {
+    #[rustfmt::skip]
+    let created = api(addr, token, "/sweeps", json!({
+        "run": "fm", "evaluator": "external", "sigma_rels": [0.05, 0.08, 0.11],
+        "metrics": ["fid", {"name": "val_loss", "goal": "min", "label": "validation loss"}],
+        "reference": "fm-test", "num_images": 8, "seed_sets": 2, "batch": 8,
+        "sampler": {"steps": 4, "my_guidance": 1.4},
+    }));
+    let id = created["id"].as_i64().unwrap();
+    assert_eq!(created["spec"]["evaluator"], "external", "{created}");
+    let claim = |worker: &str| -> Value {
+        api(
+            addr,
+            token,
+            "/evaluations/claim",
+            json!({"worker": worker, "sweep": id}),
+        )
+    };
+    let finish = |lease: &Value| {
+        let urls = &lease["urls"];
+        let idx = lease["point"]["idx"].as_u64().unwrap() as usize;
+        let side = lease["images"]["resolution"].as_u64().unwrap_or(32) as usize;
+        let channels = lease["images"]["channels"].as_u64().unwrap_or(1) as usize;
+        let batch = lease["batch"].as_u64().unwrap() as usize;
+        let batches = lease["batches"].as_u64().unwrap();
+        assert_eq!(batches, 2, "16 images in batches of 8: {lease}");
+        for k in 0..batches {
+            let data: Vec<u8> = (0..batch * side * side * channels)
+                .map(|i| ((i * 31 + idx * 97 + k as usize * 13) % 251) as u8)
+                .collect();
+            let body = npy_u8(&[batch, side, side, channels], &data);
+            let path = urls["batch"]
+                .as_str()
+                .unwrap()
+                .replace("{k}", &k.to_string());
+            let auth = format!("Bearer {token}");
+            let reply = exchange(
+                addr,
+                "POST",
+                &path,
+                &[
+                    ("Authorization", &auth),
+                    ("Content-Type", "application/x-npy"),
+                ],
+                &body,
+            );
+            assert_eq!(
+                reply.status,
+                201,
+                "batch {k} of point {idx}: {}",
+                String::from_utf8_lossy(&reply.body)
+            );
+        }
+        // Point 1 is the best by validation loss.
+        let loss = 0.5 + 0.1 * (idx as f64 - 1.0).abs();
+        api(
+            addr,
+            token,
+            urls["metrics"].as_str().unwrap(),
+            json!({"val_loss": [loss, loss + 0.02]}),
+        );
+        let point = api(addr, token, urls["finish"].as_str().unwrap(), json!({}));
+        assert_eq!(point["status"], "done", "{point}");
+    };
+    finish(&claim("gpu-a"));
+    let failing = claim("gpu-b");
+    api(
+        addr,
+        token,
+        failing["urls"]["fail"].as_str().unwrap(),
+        json!({"message": "CUDA out of memory"}),
+    );
+    finish(&claim("gpu-a"));
+    let held = claim("gpu-c");
+    api(
+        addr,
+        token,
+        held["urls"]["heartbeat"].as_str().unwrap(),
+        json!({}),
+    );
+    let (_, body) = http(addr, "GET", &format!("/sweeps/{id}"), None, None);
+    let sweep: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(sweep["points_done"], 2, "{sweep}");
+    assert_eq!(sweep["workers"].as_array().unwrap().len(), 1, "{sweep}");
+    assert_eq!(sweep["failures"].as_array().unwrap().len(), 1, "{sweep}");
+    sweep
+}
+
+async fn drive(driver_port: u16, addr: &str, token: &str, sweeps: Sweeps, downloads: &Path) {
     let mut caps = serde_json::Map::new();
     caps.insert(
         "goog:chromeOptions".into(),
@@ -258,13 +397,14 @@ async fn drive(driver_port: u16, addr: &str, token: &str, sweep: Value, download
         .connect(&format!("http://127.0.0.1:{driver_port}"))
         .await
         .expect("chromedriver session");
-    let result = session(&client, addr, token, sweep, downloads).await;
+    let result = session(&client, addr, token, &sweeps, downloads).await;
     let _ = client.close().await;
     result
 }
 
-async fn session(client: &Client, addr: &str, token: &str, sweep: Value, downloads: &Path) {
+async fn session(client: &Client, addr: &str, token: &str, sweeps: &Sweeps, downloads: &Path) {
     let base = format!("http://{addr}/");
+    let sweep = &sweeps.builtin;
     let sweep_id = sweep["id"].as_i64().unwrap();
 
     // Runs: the run with its figures.
@@ -326,8 +466,14 @@ async fn session(client: &Client, addr: &str, token: &str, sweep: Value, downloa
     );
     assert!(client.find(Locator::Css("#chart-kid canvas")).await.is_ok());
 
-    // Click the last plotted point on the chart: its image grid opens.
+    // Click the last plotted point on the chart: its image grid opens. (The chart is scrolled
+    // into view first: WebDriver offsets are from the centre of the element's visible part.)
     let last = plotted.last().unwrap();
+    js(
+        client,
+        "document.querySelector('#chart-fid .u-over').scrollIntoView({block: 'center'});",
+    )
+    .await;
     let over = client
         .find(Locator::Css("#chart-fid .u-over"))
         .await
@@ -380,6 +526,8 @@ async fn session(client: &Client, addr: &str, token: &str, sweep: Value, downloa
     .await;
     assert_eq!(after.as_u64(), Some(plotted.len() as u64));
     screenshot(client, "sweep.png").await;
+
+    external_sweep_page(client, &base, sweeps).await;
 
     // The run page: timeline drawn, then the solver's preview before committing.
     client.goto(&format!("{base}#/runs/fm")).await.unwrap();
@@ -459,7 +607,12 @@ async fn session(client: &Client, addr: &str, token: &str, sweep: Value, downloa
 
     // Phone-sized: the run and sweep pages still fit (no horizontal scrolling of the page).
     client.set_window_size(390, 844).await.unwrap();
-    for page in ["#/runs/fm".to_owned(), format!("#/sweeps/{sweep_id}")] {
+    let external_id = sweeps.external["id"].as_i64().unwrap();
+    for page in [
+        "#/runs/fm".to_owned(),
+        format!("#/sweeps/{sweep_id}"),
+        format!("#/sweeps/{external_id}"),
+    ] {
         client.goto(&format!("{base}{page}")).await.unwrap();
         wait_text(client, "h1", |t| !t.is_empty() && t != "Loading…").await;
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -481,4 +634,172 @@ async fn session(client: &Client, addr: &str, token: &str, sweep: Value, downloa
         }
     }
     screenshot(client, "sweep-phone.png").await;
+}
+
+/// What a chart box (`#chart-METRIC`) shows once drawn: its plotted points, the best σ_rel and
+/// the value axis' label.
+async fn chart_of(client: &Client, metric: &str) -> Value {
+    let script = format!(
+        "const b = document.querySelector('#chart-{metric}');
+         return b && b.dataset.points
+           ? {{points: JSON.parse(b.dataset.points), best: b.dataset.best, y: b.dataset.yLabel}}
+           : null;"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = js(client, &script).await;
+        if !v.is_null() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the {metric} chart was not drawn"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The external sweep's page: the user metric's curve under the server's label with its best
+/// point and error bars, FID beside it, the evaluator, the worker holding a lease, the failed
+/// attempt, a point's image grid; then the idle external sweep's hint.
+async fn external_sweep_page(client: &Client, base: &str, sweeps: &Sweeps) {
+    let sweep = &sweeps.external;
+    let id = sweep["id"].as_i64().unwrap();
+    client.goto(&format!("{base}#/sweeps/{id}")).await.unwrap();
+    wait_text(client, "#points tbody", |t| t.contains("done")).await;
+    let evaluator = wait_text(client, "#evaluator", |t| !t.is_empty()).await;
+    assert!(evaluator.contains("external"), "{evaluator}");
+
+    // The user metric: labelled and directed as the server says, every finished point
+    // plotted at its value, the best where the API puts it.
+    let info = sweep["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["metric"] == "val_loss")
+        .unwrap_or_else(|| panic!("no val_loss in Sweep.metrics: {sweep}"));
+    assert_eq!(info["kind"], "user");
+    let label = info["label"].as_str().unwrap();
+    assert_eq!(label, "validation loss");
+    let chart = chart_of(client, "val_loss").await;
+    let y = chart["y"].as_str().unwrap();
+    assert!(
+        y.starts_with(info["axis_label"].as_str().unwrap()) && y.contains("lower is better"),
+        "{chart}"
+    );
+    let headings = js(
+        client,
+        "return [...document.querySelectorAll('#charts h2')].map((e) => e.textContent);",
+    )
+    .await;
+    assert!(
+        headings
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h.as_str().unwrap().starts_with(label)),
+        "{headings}"
+    );
+    let done: Vec<&Value> = sweep["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["status"] == "done")
+        .collect();
+    let plotted = chart["points"].as_array().unwrap();
+    assert_eq!(plotted.len(), done.len(), "{chart}");
+    for (p, q) in done.iter().zip(plotted) {
+        let v = &p["result"]["metrics"]["val_loss"];
+        assert_eq!(q["sigma_rel"].as_f64(), p["sigma_rel"].as_f64());
+        let value = v["value"].as_f64().unwrap();
+        assert!(
+            (q["value"].as_f64().unwrap() - value).abs() <= 1e-9,
+            "{q} {v}"
+        );
+        assert!(v["error_bar"].as_f64().unwrap() > 0.0, "two seed sets: {v}");
+    }
+    let best = sweep["best"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["metric"] == "val_loss")
+        .unwrap_or_else(|| panic!("no best val_loss: {sweep}"));
+    let best_sigma = best["sigma_rel"].as_f64().unwrap();
+    let shown: f64 = chart["best"].as_str().unwrap().parse().unwrap();
+    assert_eq!(shown, best_sigma);
+    let best_text = wait_text(client, "#main", |t| t.contains("Best validation loss")).await;
+    let line = best_text
+        .lines()
+        .find(|l| l.contains("Best validation loss"))
+        .unwrap();
+    assert!(
+        line.contains(&format!(
+            "{:.3}",
+            best["value"].as_f64().unwrap() * info["scale"].as_f64().unwrap()
+        )) && line.contains('±')
+            && line.contains(&format!("{best_sigma:.4}")),
+        "{line}"
+    );
+    chart_of(client, "fid").await;
+    let table = wait_text(client, "#points thead", |t| !t.is_empty()).await;
+    assert!(
+        table.contains("validation loss") && table.contains("FID"),
+        "{table}"
+    );
+
+    // Workers and failed attempts, as the API lists them.
+    let worker = &sweep["workers"][0];
+    let workers = wait_text(client, "#workers tbody", |t| !t.is_empty()).await;
+    assert!(
+        workers.contains("gpu-c")
+            && workers.contains(&format!("#{}", worker["idx"]))
+            && workers.contains("ago"),
+        "{workers}"
+    );
+    let failure = &sweep["failures"][0];
+    let failures = wait_text(client, "#failures tbody", |t| !t.is_empty()).await;
+    assert!(
+        failures.contains("gpu-b")
+            && failures.contains("CUDA out of memory")
+            && failures.contains(failure["outcome"].as_str().unwrap())
+            && failures.contains(&format!("#{}", failure["idx"])),
+        "{failures}"
+    );
+    let running = wait_text(client, "#points tbody", |t| t.contains("running")).await;
+    assert!(running.contains("gpu-c"), "{running}");
+    assert!(client.find(Locator::Css("#worker-hint")).await.is_err());
+
+    // A finished point's image grid (batch 0's uploaded images).
+    let p = done[0];
+    click(
+        client,
+        &format!(
+            "#points tbody tr:nth-child({}) button",
+            p["idx"].as_u64().unwrap() + 1
+        ),
+    )
+    .await;
+    wait_text(client, "#samples h2", |t| {
+        t.contains(&format!("{:.4}", p["sigma_rel"].as_f64().unwrap()))
+    })
+    .await;
+    assert!(image_loaded(client, "#grid-image").await > 0);
+    screenshot(client, "sweep-external.png").await;
+
+    // An external sweep nobody works yet: how to start an evaluator.
+    client
+        .goto(&format!("{base}#/sweeps/{}", sweeps.idle))
+        .await
+        .unwrap();
+    let hint = wait_text(client, "#worker-hint", |t| !t.is_empty()).await;
+    assert!(
+        hint.contains(&format!("evaluate(sweep={}", sweeps.idle)) && hint.contains("Client("),
+        "{hint}"
+    );
+    screenshot(client, "sweep-external-idle.png").await;
+
+    // The runs page marks external sweeps.
+    client.goto(base).await.unwrap();
+    let listed = wait_text(client, "table.sweeps tbody", |t| t.contains("external")).await;
+    assert!(listed.contains(&format!("#{id}")), "{listed}");
 }

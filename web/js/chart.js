@@ -85,12 +85,16 @@ export function curve(box, { sweep, overlays, metric, logX, onPick }) {
   const tip = h('div', { class: 'chart-tip', hidden: true });
   const lowBars = () => data.slice(1).flatMap((d, s) => d.map((v, i) => (v === null ? Infinity : v - errs[s][i])));
   const highBars = () => data.slice(1).flatMap((d, s) => d.map((v, i) => (v === null ? -Infinity : v + errs[s][i])));
+  // The value axis: the server's label for it and which way is better (the canvas draws it;
+  // the box keeps it as text too, for people reading the page's source and the browser test).
+  const yLabel = `${info.axisLabel}${info.lowerIsBetter ? ' (lower is better)' : ' (higher is better)'}`;
+  box.dataset.yLabel = yLabel;
   const opts = {
     width: box.clientWidth || 800, height: 340,
     scales: { x: { time: false, distr: logX ? 3 : 1 }, y: { range: (u, lo, hi) => [Math.min(lo, ...lowBars()), Math.max(hi, ...highBars())] } },
     axes: [
       { label: 'σ_rel (relative EMA length)', values: (u, ticks) => ticks.map((t) => fmt(t, 3)) },
-      { label: `${info.axisLabel}${info.lowerIsBetter ? ' (lower is better)' : ' (higher is better)'}`, size: 70, values: (u, ticks) => ticks.map((t) => fmt(t, 3)) },
+      { label: yLabel, size: 70, values: (u, ticks) => ticks.map((t) => fmt(t, 3)) },
     ],
     series,
     cursor: { points: { size: 10 } },
@@ -149,7 +153,7 @@ export function curve(box, { sweep, overlays, metric, logX, onPick }) {
         fill(tip,
           h('div', {}, `σ_rel ${fmt(p.sigmaRel, 4)} · ${fmtNimg(p.nimg)}`),
           h('div', {}, metricText(info, wire.pointMetric(p, metric))),
-          h('div', {}, `${p.imagesDone} images · ${fmt(p.result ? p.result.seconds : null, 1)} s`),
+          h('div', {}, `${p.imagesTotal ? `${p.imagesDone} images · ` : ''}${fmt(p.result ? p.result.seconds : null, 1)} s`),
           h('div', { class: 'muted' }, 'click for its images'));
         tip.style.left = `${u.cursor.left + u.over.offsetLeft + 14}px`;
         tip.style.top = `${u.cursor.top + u.over.offsetTop + 10}px`;

@@ -29,6 +29,17 @@ export function fmtTime(iso) {
   return Number.isNaN(d.getTime()) ? iso : d.toLocaleString();
 }
 
+/** How far `iso` is from `now` (ms since the epoch), in words: "12 s ago", "in 2 min". */
+export function fmtAgo(iso, now = Date.now()) {
+  if (!iso) return '–';
+  const t = new Date(iso).getTime();
+  if (Number.isNaN(t)) return iso;
+  const s = Math.round((t - now) / 1000);
+  const a = Math.abs(s);
+  const text = a < 90 ? `${a} s` : a < 5400 ? `${Math.round(a / 60)} min` : `${Math.round(a / 3600)} h`;
+  return s <= 0 ? `${text} ago` : `in ${text}`;
+}
+
 /** Tick labels for training times: one unit (k, M, G) and as many decimals as the step
  *  between ticks needs, so no two ticks read the same. */
 export function nimgTicks(ticks) {

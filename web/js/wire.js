@@ -151,18 +151,30 @@ export function sweep(s) {
     imagesDone: s.images_done,
     imagesTotal: s.images_total,
     best: s.best.map(bestPoint),
+    // Only in `GET /sweeps/{id}` (and creation answers), not in listings.
     points: (s.points || []).map(sweepPoint),
+    workers: (s.workers || []).map(sweepWorker),
+    failures: (s.failures || []).map(sweepFailure),
   };
 }
 
+/** What a sweep was asked for. `evaluator` is `builtin` (the server samples EDM2's network)
+ *  or `external` (users' own workers evaluate its points). `steps` is the builtin sampler's;
+ *  an external sweep's `sampler` is the user's own settings, any JSON object, kept as it is
+ *  (`externalSampler`, null for builtin sweeps). A sweep with only user metrics samples no
+ *  images through the server: `numImages` 0, `referenceName` null. */
 // schema: SweepSpec
 export function sweepSpec(s) {
+  const external = s.evaluator === 'external';
   return {
+    evaluator: s.evaluator,
+    external,
     sigmaRels: s.sigma_rels,
     numImages: s.num_images,
     seedSets: s.seed_sets,
-    steps: samplerSettings(s.sampler).steps,
-    referenceName: s.reference_name,
+    steps: external ? null : samplerSettings(s.sampler).steps,
+    externalSampler: external ? s.sampler : null,
+    referenceName: s.reference_name ?? null,
     warnings: s.warnings || [],
   };
 }
@@ -172,13 +184,16 @@ export function samplerSettings(s) {
   return { steps: s.steps };
 }
 
-/** How the server names and shows a metric: `label` ("FID", or the fallback's "FD (pixel
- *  projection, not FID)"), `shortLabel`, `scale` (shown value = raw value × scale),
- *  `axisLabel` (e.g. "KID ×10³"), `lowerIsBetter`, `fallback`. */
+/** How the server names and shows a metric: `metric` its name (`fid`, `kid`, or a user
+ *  metric's such as `val_loss`), `kind` (`fid`, `kid` or `user`), `label` ("FID", the
+ *  fallback's "FD (pixel projection, not FID)", a user metric's "validation loss"),
+ *  `shortLabel`, `scale` (shown value = raw value × scale), `axisLabel` (e.g. "KID ×10³"),
+ *  `lowerIsBetter` (a user metric's goal), `fallback`. */
 // schema: MetricInfo
 export function metricInfo(m) {
   return {
     metric: m.metric,
+    kind: m.kind,
     label: m.label,
     shortLabel: m.short_label,
     scale: m.scale,
@@ -216,14 +231,14 @@ export function sweepPoint(p) {
   };
 }
 
-/** A finished point's scores by metric name, and the seconds it took. */
+/** A finished point's scores by metric name (every metric of its sweep: fid, kid and user
+ *  metrics), who computed its Inception features (`server`, `client`, `mixed`; null without
+ *  image metrics), and the seconds it took. */
 // schema: PointResult
 export function pointResult(r) {
   return {
-    metrics: {
-      fid: r.fid ? metricResult(r.fid) : null,
-      kid: r.kid ? metricResult(r.kid) : null,
-    },
+    metrics: Object.fromEntries(Object.entries(r.metrics).map(([name, m]) => [name, metricResult(m)])),
+    features: r.features ?? null,
     seconds: r.timings ? timings(r.timings) : null,
   };
 }
@@ -241,6 +256,40 @@ export function timings(t) {
   return t.reconstruct_s + t.batches_s + t.metrics_s;
 }
 
+/** A lease on a point, held now: who (`worker`, the name it gave), which point, when it
+ *  claimed it, its last heartbeat and when the lease runs out (RFC 3339 strings); `expired`:
+ *  the lease ran out (the worker is presumably dead; another may claim the point). */
+// schema: SweepWorker
+export function sweepWorker(w) {
+  return {
+    worker: w.worker,
+    idx: w.idx,
+    sigmaRel: w.sigma_rel,
+    nimg: w.nimg,
+    claimedAt: w.claimed_at,
+    heartbeatAt: w.heartbeat_at,
+    expiresAt: w.expires_at,
+    expired: w.expired,
+  };
+}
+
+/** An attempt at a point that did not finish: `outcome` (`failed`: the evaluator gave up, with
+ *  its `message`; `expired`: its lease ran out, no message; `released`: given back), who and
+ *  when. */
+// schema: SweepFailure
+export function sweepFailure(f) {
+  return {
+    worker: f.worker,
+    idx: f.idx,
+    sigmaRel: f.sigma_rel,
+    nimg: f.nimg,
+    claimedAt: f.claimed_at,
+    endedAt: f.ended_at ?? null,
+    outcome: f.outcome,
+    message: f.message ?? null,
+  };
+}
+
 // ---------------------------------------------------------------------------------------
 // Helpers over the decoded objects (no server field below this line)
 
@@ -249,9 +298,10 @@ export function shown(info, v) {
   return v === null || v === undefined ? v : v * info.scale;
 }
 
-/** The point's score by `metric` ({value, errorBar}), or null. */
+/** The point's score by `metric` ({value, errorBar}), or null. (A user metric may be named
+ *  like an Object property, `constructor`: only the map's own entries count.) */
 export function pointMetric(p, metric) {
-  return (p.result && p.result.metrics[metric]) || null;
+  return p.result && Object.hasOwn(p.result.metrics, metric) ? p.result.metrics[metric] : null;
 }
 
 /** How `sweep` shows `metric` (its MetricInfo). */

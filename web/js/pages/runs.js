@@ -56,7 +56,7 @@ export function sweepTable(sweeps, withRun) {
       return h('tr', {},
         h('td', {}, h('a', { href: `#/sweeps/${s.id}` }, `#${s.id}`)),
         withRun && h('td', {}, h('a', { href: `#/runs/${encodeURIComponent(s.run)}` }, s.run)),
-        h('td', {}, statusBadge(s.status)),
+        h('td', {}, statusBadge(s.status), s.spec.external ? h('span', { class: 'muted' }, ' · external') : ''),
         h('td', {}, sig.length ? `${fmt(sig[0])} … ${fmt(sig[sig.length - 1])}` : '–'),
         h('td', { class: 'num' }, `${s.pointsDone}/${s.pointsTotal}`),
         h('td', { class: 'num' }, `${s.imagesDone}/${s.imagesTotal}`),
