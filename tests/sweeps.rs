@@ -349,9 +349,9 @@ fn sweep_requests_are_checked_field_by_field() {
             body["metrics"],
             json!([
                 {"metric": "fid", "label": "FID", "short_label": "FID", "scale": 1.0,
-                 "axis_label": "FID", "lower_is_better": true, "fallback": false},
+                 "axis_label": "FID", "lower_is_better": true, "fallback": false, "kind": "fid"},
                 {"metric": "kid", "label": "KID", "short_label": "KID", "scale": 1000.0,
-                 "axis_label": "KID ×10³", "lower_is_better": true, "fallback": false},
+                 "axis_label": "KID ×10³", "lower_is_better": true, "fallback": false, "kind": "kid"},
             ])
         );
     });

@@ -368,7 +368,7 @@ pub(super) async fn sweep_plot(
         if spec.metric_named(metric).is_none() {
             let names: Vec<String> = spec.metric_infos().into_iter().map(|m| m.metric).collect();
             let message = format!(
-                "sweep {id} does not compute {metric:?} (its metrics: {})",
+                "sweep {id} does not compute {metric} (its metrics: {})",
                 names.join(", ")
             );
             // FID or KID left out of this sweep: not there; any other name: a bad parameter.
