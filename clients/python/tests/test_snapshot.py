@@ -3,6 +3,7 @@ names, and ``hindsight import`` (the real binary) reading a folder of them."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import struct
@@ -48,12 +49,13 @@ def test_snapshot_holds_the_ema_under_state_dict_names() -> None:
         for name, value in ema.averaged(snap.sigma_rel).items():
             assert torch.equal(loaded[name], value), name
         assert header(snap.data)["__metadata__"] == {
+            "hindsight.buffers": '["1.num_batches_tracked","1.running_mean","1.running_var"]',
             "nimg": "5000",
             "sigma_rel": repr(snap.sigma_rel),
         }
 
 
-def test_half_precision_snapshots_and_overflow() -> None:
+def test_half_precision_snapshots_and_overflow(tmp_path: Path) -> None:
     module, ema = tracked()
     (snap, _) = ema.snapshot(dtype=torch.float16)
     loaded = safetensors.torch.load(snap.data)
@@ -63,9 +65,21 @@ def test_half_precision_snapshots_and_overflow() -> None:
     with torch.no_grad():
         module[0].weight.fill_(1e6)
     ema.update(10_000)
-    with pytest.raises(TrackerError, match=r"0\.weight: values beyond torch\.float16's range"):
-        ema.snapshot(dtype=torch.float16)
-    assert ema.snapshot(dtype=torch.bfloat16)[0].nimg == 10_000
+    # The cast happens where the snapshot is written (the upload thread), and raises there.
+    snaps = ema.snapshot(dtype=torch.float16)
+    assert snaps[0].nbytes == len(snap.data)
+    for write in (
+        lambda s: s.write_to(io.BytesIO()),
+        lambda s: s.digest,
+        lambda s: s.data,
+        lambda s: s.save(tmp_path),
+    ):
+        with pytest.raises(TrackerError, match=r"0\.weight: values beyond torch\.float16's range"):
+            write(snaps[0])
+    assert not list(tmp_path.iterdir())  # save() left no partial file
+    (bf16, _) = ema.snapshot(dtype=torch.bfloat16)
+    assert safetensors.torch.load(bf16.data)["0.weight"].dtype == torch.bfloat16
+    assert ema.snapshot(dtype=torch.float32)[0].nimg == 10_000
 
 
 def test_saved_with_edm2_names_and_imported_by_hindsight(
