@@ -3,9 +3,15 @@ names, and ``hindsight import`` (the real binary) reading a folder of them."""
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
+import os
 import re
 import struct
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import blake3
@@ -14,7 +20,8 @@ import safetensors.torch
 import torch
 from conftest import run_cli
 
-from hindsight_client import PowerEMA, Snapshot, TrackerError, save_snapshots
+import hindsight_client
+from hindsight_client import HindsightError, PowerEMA, Snapshot, TrackerError, save_snapshots
 
 
 def header(data: bytes) -> dict:
@@ -48,12 +55,13 @@ def test_snapshot_holds_the_ema_under_state_dict_names() -> None:
         for name, value in ema.averaged(snap.sigma_rel).items():
             assert torch.equal(loaded[name], value), name
         assert header(snap.data)["__metadata__"] == {
+            "hindsight.buffers": '["1.num_batches_tracked","1.running_mean","1.running_var"]',
             "nimg": "5000",
             "sigma_rel": repr(snap.sigma_rel),
         }
 
 
-def test_half_precision_snapshots_and_overflow() -> None:
+def test_half_precision_snapshots_and_overflow(tmp_path: Path) -> None:
     module, ema = tracked()
     (snap, _) = ema.snapshot(dtype=torch.float16)
     loaded = safetensors.torch.load(snap.data)
@@ -63,9 +71,21 @@ def test_half_precision_snapshots_and_overflow() -> None:
     with torch.no_grad():
         module[0].weight.fill_(1e6)
     ema.update(10_000)
-    with pytest.raises(TrackerError, match=r"0\.weight: values beyond torch\.float16's range"):
-        ema.snapshot(dtype=torch.float16)
-    assert ema.snapshot(dtype=torch.bfloat16)[0].nimg == 10_000
+    # The cast happens where the snapshot is written (the upload thread), and raises there.
+    snaps = ema.snapshot(dtype=torch.float16)
+    assert snaps[0].nbytes == len(snap.data)
+    for write in (
+        lambda s: s.write_to(io.BytesIO()),
+        lambda s: s.digest,
+        lambda s: s.data,
+        lambda s: s.save(tmp_path),
+    ):
+        with pytest.raises(TrackerError, match=r"0\.weight: values beyond torch\.float16's range"):
+            write(snaps[0])
+    assert not list(tmp_path.iterdir())  # save() left no partial file
+    (bf16, _) = ema.snapshot(dtype=torch.bfloat16)
+    assert safetensors.torch.load(bf16.data)["0.weight"].dtype == torch.bfloat16
+    assert ema.snapshot(dtype=torch.float32)[0].nimg == 10_000
 
 
 def test_saved_with_edm2_names_and_imported_by_hindsight(
@@ -101,3 +121,142 @@ def test_names_that_would_collide_are_refused_before_writing(tmp_path: Path) -> 
     with pytest.raises(ValueError, match=re.escape("network-snapshot-0000001-0.050.safetensors")):
         save_snapshots([a, b], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_snapshots_are_byte_identical_across_calls_threads_and_processes(tmp_path: Path) -> None:
+    _, ema = tracked()
+    by_width: dict[float, set[str]] = {0.05: set(), 0.10: set()}
+    for _ in range(20):
+        for snap in ema.snapshot():
+            by_width[snap.sigma_rel].add(snap.digest)
+    assert [len(d) for d in by_width.values()] == [1, 1]
+    # Serialised on another thread (as the upload thread does): the same bytes.
+    snap = ema.snapshot()[0]
+    out = io.BytesIO()
+    with ThreadPoolExecutor(1) as pool:
+        digest = pool.submit(snap.write_to, out).result()
+    assert digest == blake3.blake3(out.getvalue()).hexdigest() == snap.digest
+    assert out.getvalue() == snap.data
+    assert [snap.digest] == list(by_width[0.05])
+
+    # Another process (another hash seed) resumes the tracker's state and writes its files.
+    torch.save(ema.state_dict(), tmp_path / "state.pt")
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(Path(hindsight_client.__file__).parents[1])!r})
+from hindsight_client import PowerEMA, save_snapshots
+module = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+ema = PowerEMA(module, (0.05, 0.10))
+ema.load_state_dict(torch.load(sys.argv[1], weights_only=True))
+save_snapshots(ema.snapshot(), sys.argv[2])
+"""
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "state.pt"), str(tmp_path / "other")],
+        check=True,
+        env=env,
+        timeout=120,
+    )
+    ours = save_snapshots(ema.snapshot(), tmp_path / "ours")
+    for path in ours:
+        assert (tmp_path / "other" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_the_file_layout_is_the_safetensors_format() -> None:
+    module, ema = tracked()
+    for snap in ema.snapshot(dtype=torch.float16):
+        data = snap.data
+        assert snap.nbytes == len(data)
+        (length,) = struct.unpack("<Q", data[:8])
+        assert length % 8 == 0  # the tensors start 8-byte aligned
+        text = data[8 : 8 + length].decode()
+        assert text == text.rstrip() + " " * (len(text) - len(text.rstrip()))
+        parsed = json.loads(text)
+        # Keys sorted (the metadata's too), tensors' bytes in sorted-name order, no holes.
+        assert list(parsed) == sorted(parsed)
+        assert list(parsed["__metadata__"]) == sorted(parsed["__metadata__"])
+        names = sorted(n for n in parsed if n != "__metadata__")
+        offsets = [parsed[n]["data_offsets"] for n in names]
+        assert offsets[0][0] == 0
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(offsets))
+        assert offsets[-1][1] == len(data) - 8 - length
+        # Read back exactly by safetensors itself, and equal to what safetensors writes.
+        loaded = safetensors.torch.load(data)
+        theirs = safetensors.torch.load(
+            safetensors.torch.save(loaded, metadata=parsed["__metadata__"])
+        )
+        for name, value in ema.averaged(snap.sigma_rel).items():
+            expect = value.half() if value.is_floating_point() else value
+            assert torch.equal(loaded[name], expect), name
+            assert torch.equal(theirs[name], expect), name
+        assert json.loads(parsed["__metadata__"]["hindsight.buffers"]) == sorted(
+            n for n, _ in module.named_buffers()
+        )
+
+
+def test_a_snapshot_keeps_its_values_while_training_goes_on() -> None:
+    module, ema = tracked()
+    before = {k: v.clone() for k, v in ema.averaged(0.05).items()}
+    (snap, _) = ema.snapshot()
+    with torch.no_grad():
+        module[0].weight.add_(1.0)
+    ema.update(6000)
+    ema.load_state_dict(ema.state_dict())
+    loaded = safetensors.torch.load(snap.data)
+    assert all(torch.equal(loaded[k], v) for k, v in before.items())
+    assert not torch.equal(loaded["0.weight"], ema.averaged(0.05)["0.weight"])
+
+
+def test_release_returns_buffers_to_a_pool_that_never_blocks() -> None:
+    _, ema = tracked()
+    pool = ema._pool
+    first = ema.snapshot()
+    assert (pool.allocated, pool.idle) == (2, 0)
+    held = ema.snapshot()  # the first two are not released: two more sets, no waiting
+    assert (pool.allocated, pool.idle) == (4, 0)
+    digest, nbytes = first[0].digest, first[0].nbytes
+    for snap in first:
+        snap.release()
+        snap.release()  # idempotent
+    assert pool.idle == 2
+    # Afterwards: time, width, size and the digest computed before remain; the bytes do not.
+    assert (first[0].nimg, first[0].sigma_rel, first[0].nbytes) == (5000, 0.05, nbytes)
+    assert first[0].digest == digest
+    with pytest.raises(HindsightError, match="released"):
+        first[0].write_to(io.BytesIO())
+    with pytest.raises(HindsightError, match="released"):
+        _ = first[1].digest
+    # The next call reuses them.
+    again = ema.snapshot()
+    assert (pool.allocated, pool.idle) == (4, 0)
+    assert again[0].digest == digest
+    # Releasing more than one call's worth keeps only that many idle sets; garbage-collected
+    # snapshots give theirs back too.
+    for snap in again + held:
+        snap.release()
+    assert pool.idle == 2
+    kept = ema.snapshot()
+    assert (pool.allocated, pool.idle) == (4, 0)
+    del kept
+    assert pool.idle == 2
+
+
+def test_snapshots_from_bytes_and_keyword_construction() -> None:
+    _, ema = tracked()
+    (snap, _) = ema.snapshot()
+    wrapped = Snapshot.from_bytes(snap.data)
+    assert (wrapped.nimg, wrapped.sigma_rel, wrapped.nbytes) == (5000, 0.05, snap.nbytes)
+    assert wrapped.digest == snap.digest
+    assert Snapshot.from_bytes(snap.data, nimg=7, sigma_rel=0.2).nimg == 7
+    made = Snapshot(nimg=5000, sigma_rel=0.05, data=snap.data)
+    made.release()  # bytes given by the caller stay
+    assert made.data == snap.data
+    assert made.arrays()["0.weight"].shape == (2, 1, 3, 3)
+    out = io.BytesIO()
+    assert made.write_to(out) == snap.digest
+    assert out.getvalue() == snap.data
+    bare = safetensors.torch.save({"w": torch.zeros(2)})
+    with pytest.raises(ValueError, match="no nimg"):
+        Snapshot.from_bytes(bare)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        Snapshot.from_bytes(b"\xff" * 16)
