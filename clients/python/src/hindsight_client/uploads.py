@@ -193,7 +193,7 @@ class Uploader:
         self._results: list[UploadResult] = []  # not reported yet
         self._failures: list[BaseException] = []  # not raised yet
         self._written = 0  # entries committed by this Client (a generation count)
-        self._scanned = 0  # the generation the sender's last look at the spool covered
+        self._scanned = -1  # the generation the sender's last look at the spool covered
         self._sendable = 0  # entries that look was left with
         self._failing_since: float | None = None
         self._stop = threading.Event()
@@ -575,9 +575,9 @@ class Uploader:
     def _busy(self) -> bool:
         """Whether anything is queued, being spooled, or waiting in the spool for this
         Client's sender (caller holds the lock)."""
-        return bool(
-            self._queue or self._writing or self._scanned != self._written or self._sendable
-        )
+        if self._queue or self._writing:
+            return True
+        return self._sender is not None and (self._scanned != self._written or self._sendable > 0)
 
     def _report(self) -> list[UploadResult]:
         """The results not reported before, or the first failure not raised before (caller
@@ -632,14 +632,15 @@ class Uploader:
                 self._cond.wait()
             while self._busy() and self._failing_since is None and not self._stop.is_set():
                 self._cond.wait(1.0)
-            left = self._sendable + (self._scanned != self._written)
+            unseen = self._sender is not None and self._scanned != self._written
+            left = self._sendable + unseen
             self._stop.set()
             self._cond.notify_all()
         if left:
             log.warning(
                 "%s snapshot(s) stay in the upload spool %s; the next Client on this spool "
                 "sends them",
-                "some" if self._scanned != self._written else left,
+                "some" if unseen else left,
                 self.spool.root,
             )
         self._owner.release()
