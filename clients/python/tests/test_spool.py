@@ -85,6 +85,20 @@ def test_upload_takes_only_snapshots(tmp_path: Path) -> None:
         assert spooled(client.spool_dir) == []
 
 
+def test_an_unusable_spool_fails_uploads_not_the_client(
+    start_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    server = start_server()
+    (tmp_path / "file").write_text("not a directory")
+    spool = tmp_path / "file" / "spool"
+    with Client(server.url, spool_dir=spool) as client:
+        snap = snapshots_at(tiny_model(), 64)[0]
+        with pytest.raises(HindsightError, match=r"cannot create the upload spool .*file/spool"):
+            client.upload("r", snap)
+        assert client.upload_now("r", snap).status == "stored"  # no spool needed
+        assert client.flush() == []
+
+
 def test_refusals_go_to_on_error_and_flush_never_upload(
     start_server: Callable[..., Server], tmp_path: Path
 ) -> None:

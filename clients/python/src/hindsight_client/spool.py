@@ -213,7 +213,8 @@ class Spool:
             ) from e
         self._ids = itertools.count()
         self._ids_lock = threading.Lock()
-        self._parsed: dict[str, SpoolEntry] = {}
+        self._parsed: dict[str, SpoolEntry] = {}  # entry.json read once, by id
+        self._parsed_lock = threading.Lock()
 
     # -- owners ------------------------------------------------------------------------------
 
@@ -292,7 +293,8 @@ class Spool:
             raise
         finally:
             os.close(lock_fd)
-        self._parsed[entry_id] = entry
+        with self._parsed_lock:
+            self._parsed[entry_id] = entry
         return entry
 
     # -- reading -------------------------------------------------------------------------------
@@ -303,6 +305,10 @@ class Spool:
             names = sorted(os.listdir(self.entries_dir))
         except FileNotFoundError:
             return []
+        with self._parsed_lock:
+            return self._entries(names)
+
+    def _entries(self, names: list[str]) -> list[SpoolEntry]:
         found = []
         for name in names:
             entry = self._parsed.get(name)
@@ -372,7 +378,8 @@ class Spool:
             shutil.rmtree(path, ignore_errors=True)
         finally:
             claim.release()
-        self._parsed.pop(claim.entry.id, None)
+        with self._parsed_lock:
+            self._parsed.pop(claim.entry.id, None)
 
     def reject(self, claim: Claim, error: BaseException) -> SpoolEntry:
         """Moves a refused entry to ``rejected/`` with ``error.json`` (the error's type and
@@ -393,7 +400,8 @@ class Spool:
             _fsync_dir(self.rejected_dir)
         finally:
             claim.release()
-        self._parsed.pop(entry.id, None)
+        with self._parsed_lock:
+            self._parsed.pop(entry.id, None)
         return dataclasses.replace(entry, path=target)
 
     # -- debris ----------------------------------------------------------------------------------

@@ -181,14 +181,12 @@ class Uploader:
         self._on_error = on_error
         self._max_pending = max_pending
         self._max_bytes = spool_max_bytes
-        self.spool = Spool(spool_dir)
-        self.spool.clean()
-        self._owner = self.spool.register_owner()
+        self._spool_dir = Path(spool_dir)
         self._cond = threading.Condition()
         self._queue: deque[_Queued] = deque()
         self._writing = 0  # snapshots taken off the queue, not yet committed
         self._queued_bytes = 0
-        self._disk_bytes = self.spool.used_bytes()
+        self._disk_bytes = 0
         self._futures: dict[str, Future[UploadResult]] = {}  # own entries' futures, by id
         self._results: list[UploadResult] = []  # not reported yet
         self._failures: list[BaseException] = []  # not raised yet
@@ -200,13 +198,30 @@ class Uploader:
         self._closed = False
         self._spooler: threading.Thread | None = None
         self._sender: threading.Thread | None = None
-        if any(self._mine_or_orphan(e, {}) for e in self.spool.entries()):
+        # A spool that cannot be made (an unwritable cache directory) fails the uploads,
+        # not the Client: it may be used for everything else.
+        self._unusable: HindsightError | None = None
+        try:
+            self.spool = Spool(spool_dir)
+            self.spool.clean()
+            self._owner = self.spool.register_owner()
+            self._disk_bytes = self.spool.used_bytes()
+            left = any(self._mine_or_orphan(e, {}) for e in self.spool.entries())
+        except (HindsightError, OSError) as e:
+            self._unusable = (
+                e
+                if isinstance(e, HindsightError)
+                else HindsightError(f"the upload spool {spool_dir} is unusable: {e}")
+            )
+            log.warning("%s; uploads through the spool will fail", self._unusable)
+            return
+        if left:
             with self._cond:
                 self._start_sender()
 
     @property
     def spool_dir(self) -> Path:
-        return self.spool.root
+        return self._spool_dir
 
     # -- the training thread's side -----------------------------------------------------------
 
@@ -223,6 +238,8 @@ class Uploader:
         if not isinstance(run, str) or not run:
             raise TypeError(f"upload(): run must be a non-empty str, not {run!r}")
         items = snapshots_of(snapshots)
+        if self._unusable is not None:
+            raise HindsightError(str(self._unusable)) from self._unusable
         sizes = [_nbytes(s) for s in items]
         queued: list[_Queued] = []
         with self._cond:
@@ -597,6 +614,8 @@ class Uploader:
         results not reported before, or raises the first refusal not raised before."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
+            if self._unusable is not None:
+                return self._report()
             self._start_sender()
             self._cond.notify_all()
             while self._busy() and not self._stop.is_set():
@@ -627,6 +646,8 @@ class Uploader:
             if self._closed:
                 return
             self._closed = True
+            if self._unusable is not None:
+                return
             self._cond.notify_all()
             while self._queue or self._writing:
                 self._cond.wait()
