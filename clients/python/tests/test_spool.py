@@ -451,3 +451,29 @@ def test_server_killed_for_60_s_while_training_crashes_and_resumes(
     assert list((spool / "rejected").iterdir()) == []
     assert log.count("are failing") == 1, log
     assert "work again after" in log, log
+
+
+def test_retry_after_and_the_backoff_schedule(tmp_path: Path) -> None:
+    import email.utils
+
+    import httpx
+
+    from hindsight_client.transport import retry_after
+
+    def answer(value: str | None) -> httpx.Response:
+        headers = {} if value is None else {"Retry-After": value}
+        return httpx.Response(503, headers=headers)
+
+    assert retry_after(answer("7")) == 7.0
+    assert retry_after(answer(None)) is None
+    assert retry_after(answer("soon")) is None
+    later = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 < (retry_after(answer(later)) or 0) <= 30
+    with Client(dead_url(), spool_dir=tmp_path / "s", backoff=0.5, max_backoff=8.0) as client:
+        uploads = client._uploads
+        for attempt, cap in [(1, 0.5), (2, 1.0), (4, 4.0), (5, 8.0), (50, 8.0)]:
+            waits = [uploads._delay(attempt, None) for _ in range(200)]
+            assert cap / 2 <= min(waits), attempt  # jittered ...
+            assert max(waits) <= cap, attempt  # ... and capped
+        assert uploads._delay(1, 20.0) == 20.0  # Retry-After is honoured
+        assert uploads._delay(1, 1e6) == 600.0  # within reason
