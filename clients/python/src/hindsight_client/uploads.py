@@ -653,15 +653,14 @@ class Uploader:
                 self._cond.wait()
             while self._busy() and self._failing_since is None and not self._stop.is_set():
                 self._cond.wait(1.0)
-            unseen = self._sender is not None and self._scanned != self._written
-            left = self._sendable + unseen
             self._stop.set()
             self._cond.notify_all()
+        left = [e for e in self.spool.entries() if self._mine_or_orphan(e, {})]
         if left:
             log.warning(
-                "%s snapshot(s) stay in the upload spool %s; the next Client on this spool "
+                "%d snapshot(s) stay in the upload spool %s; the next Client on this spool "
                 "sends them",
-                "some" if unseen else left,
+                len(left),
                 self.spool.root,
             )
         self._owner.release()
