@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import hashlib
 import itertools
 import json
@@ -42,6 +41,11 @@ from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 from .errors import HindsightError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; one process per spool there
+    fcntl = None  # type: ignore[assignment]
 
 _FORMAT = 1
 _ENTRY = "entry.json"
@@ -135,6 +139,10 @@ class SpoolEntry:
 
 
 def _fsync_dir(path: Path) -> None:
+    """Makes the names in directory ``path`` durable (POSIX; a no-op where directories
+    cannot be opened, as on Windows)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -149,7 +157,17 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _lock(fd: int) -> None:
+    """Locks ``fd`` (flock, exclusive), waiting for it."""
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+
 def _try_lock(fd: int) -> bool:
+    """Locks ``fd`` (flock, exclusive) unless another open file holds it; whether it did.
+    Without flock (Windows) every lock succeeds: one process per spool there."""
+    if fcntl is None:
+        return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -183,7 +201,7 @@ class Owner:
         # Locked before it appears under its name, so no sweeper ever sees it unlocked.
         tmp = path.with_name(f".{path.name}.new")
         self._fd: int | None = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        _lock(self._fd)
         os.rename(tmp, path)
 
     def release(self) -> None:
@@ -264,7 +282,7 @@ class Spool:
         tmp.mkdir()
         lock_fd = os.open(tmp / _WRITING, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            _lock(lock_fd)
             f: BinaryIO
             with open(tmp / file, "wb") as f:
                 digest = str(write(f))
