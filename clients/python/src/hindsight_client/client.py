@@ -45,7 +45,7 @@ from .errors import (
     Unauthorized,
 )
 from .snapshot import Snapshot
-from .spool import default_spool_dir
+from .spool import default_spool_dir, fsync_dir
 from .sweeps import ProgressCallback, SweepWatch, follow
 from .transport import Transport, check_open, raise_for_status
 from .uploads import ErrorCallback, Uploader, UploadResult, post_reference, run_path
@@ -86,14 +86,6 @@ def _snapshot_id(snapshot: StoredSnapshot | int) -> int:
     if isinstance(snapshot, bool) or not isinstance(snapshot, int):
         raise TypeError(f"a snapshot is a StoredSnapshot or its id (an int), not {snapshot!r}")
     return snapshot
-
-
-def _fsync_parent(path: Path) -> None:
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sweep_id(sweep: Sweep | int) -> int:
@@ -408,7 +400,7 @@ class Client:
             os.fsync(handle[0].fileno())
             handle[0].close()
             os.replace(tmp, target)
-            _fsync_parent(target)
+            fsync_dir(target.parent)
         finally:
             for f in handle:
                 f.close()

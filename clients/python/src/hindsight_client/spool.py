@@ -138,7 +138,7 @@ class SpoolEntry:
         )
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Makes the names in directory ``path`` durable (POSIX; a no-op where directories
     cannot be opened, as on Windows)."""
     if not hasattr(os, "O_DIRECTORY"):
@@ -303,9 +303,9 @@ class Spool:
             )
             _write_synced(tmp / _ENTRY, json.dumps(entry.to_json(), sort_keys=True).encode())
             os.unlink(tmp / _WRITING)
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.rename(tmp, entry.path)
-            _fsync_dir(self.entries_dir)
+            fsync_dir(self.entries_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -414,8 +414,8 @@ class Spool:
             }
             _write_synced(entry.path / _ERROR, json.dumps(record, sort_keys=True).encode())
             os.rename(entry.path, target)
-            _fsync_dir(self.entries_dir)
-            _fsync_dir(self.rejected_dir)
+            fsync_dir(self.entries_dir)
+            fsync_dir(self.rejected_dir)
         finally:
             claim.release()
         with self._parsed_lock:
