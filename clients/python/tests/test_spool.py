@@ -6,12 +6,14 @@ none twice."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -477,3 +479,64 @@ def test_retry_after_and_the_backoff_schedule(tmp_path: Path) -> None:
             assert max(waits) <= cap, attempt  # ... and capped
         assert uploads._delay(1, 20.0) == 20.0  # Retry-After is honoured
         assert uploads._delay(1, 1e6) == 600.0  # within reason
+
+
+def test_busy_answers_are_retried_after_their_retry_after(
+    start_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    import http.server
+
+    import httpx
+
+    server = start_server()
+    posts: list[tuple[float, int]] = []  # (time, status answered)
+    busy = [503, 429]  # the first two uploads are turned away
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        """Forwards to the real server, except that it answers the first uploads 503/429
+        with ``Retry-After: 1``."""
+
+        def _forward(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.command == "POST" and busy:
+                status = busy.pop(0)
+                posts.append((time.monotonic(), status))
+                self.send_response(status)
+                self.send_header("Retry-After", "1")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if self.command == "POST":
+                posts.append((time.monotonic(), 0))
+            headers = {
+                k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")
+            }
+            answer = httpx.request(
+                self.command, server.url + self.path, content=body, headers=headers, timeout=30
+            )
+            self.send_response(answer.status_code)
+            for k in ("Content-Type",):
+                if k in answer.headers:
+                    self.send_header(k, answer.headers[k])
+            self.send_header("Content-Length", str(len(answer.content)))
+            self.end_headers()
+            self.wfile.write(answer.content)
+
+        do_GET = do_POST = do_HEAD = _forward  # noqa: N815
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{proxy.server_address[1]}"
+        with Client(url, spool_dir=tmp_path / "s", backoff=0.05, max_backoff=0.1) as client:
+            (snap,) = snapshots_at(tiny_model(), 64)[:1]
+            (future,) = client.upload("busy", snap)
+            assert future.result(timeout=30).status == "stored"
+    finally:
+        proxy.shutdown()
+    assert [s for _, s in posts] == [503, 429, 0]
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(posts)]
+    assert all(gap >= 0.95 for gap in gaps), gaps  # Retry-After, not the 0.1 s backoff
