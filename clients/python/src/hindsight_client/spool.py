@@ -34,7 +34,8 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -272,11 +273,15 @@ class Spool:
         check_finite: bool,
         owner: str,
         entry_id: str | None = None,
+        committed: Callable[[SpoolEntry], AbstractContextManager[object]] | None = None,
     ) -> SpoolEntry:
         """Writes one entry and commits it durably: ``write(f)`` writes the snapshot's bytes
         to the binary file ``f`` and returns their BLAKE3 digest. Returns the committed
         entry (id ``entry_id``, default :meth:`new_id`); an ``OSError`` (a full disk) leaves
-        nothing behind."""
+        nothing behind. The committing rename runs inside ``committed(entry)`` (a context
+        manager: the caller's accounting, atomic with the rename)."""
+        if committed is None:
+            committed = _no_context
         entry_id = entry_id or self.new_id()
         tmp = self.tmp_dir / entry_id
         tmp.mkdir()
@@ -304,7 +309,8 @@ class Spool:
             _write_synced(tmp / _ENTRY, json.dumps(entry.to_json(), sort_keys=True).encode())
             os.unlink(tmp / _WRITING)
             fsync_dir(tmp)
-            os.rename(tmp, entry.path)
+            with committed(entry):
+                os.rename(tmp, entry.path)
             fsync_dir(self.entries_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -344,10 +350,12 @@ class Spool:
         return found
 
     def used_bytes(self) -> int:
-        """Bytes of the files under ``entries/`` and ``tmp/`` (what the size bound counts)."""
+        """Bytes of the committed snapshot files (under ``entries/``): what the size bound
+        counts besides the snapshots queued in memory. Files being written (``tmp/``) are
+        counted by their writer as queued; the small ``entry.json`` files not at all."""
         total = 0
-        for top in (self.entries_dir, self.tmp_dir):
-            for path in _files(top):
+        for path in _files(self.entries_dir):
+            if path.name.endswith(".safetensors"):
                 with contextlib.suppress(OSError):
                     total += path.stat().st_size
         return total
@@ -455,6 +463,11 @@ class Spool:
                         lock.unlink()
             finally:
                 os.close(fd)
+
+
+@contextlib.contextmanager
+def _no_context(_entry: SpoolEntry) -> Iterator[None]:
+    yield
 
 
 def _subdirs(path: Path) -> list[Path]:

@@ -16,6 +16,7 @@ spooled snapshots to the next Client on the same spool.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -183,6 +184,7 @@ class Uploader:
         self._max_bytes = spool_max_bytes
         self._spool_dir = Path(spool_dir)
         self._cond = threading.Condition()
+        self._commit_lock = threading.Lock()  # a spool commit, or a scan of the spool's size
         self._queue: deque[_Queued] = deque()
         self._writing = 0  # snapshots taken off the queue, not yet committed
         self._queued_bytes = 0
@@ -315,6 +317,7 @@ class Uploader:
                     q.check_finite,
                     self._owner.token,
                     entry_id,
+                    lambda e, q=q: self._committing(e, q),  # type: ignore[misc]
                 )
                 _release(q.snap)
             except BaseException as e:
@@ -329,17 +332,26 @@ class Uploader:
                 )
             with self._cond:
                 self._writing -= 1
-                self._queued_bytes -= q.nbytes
                 if entry is not None:
-                    self._disk_bytes += entry.bytes
                     self._written += 1
                 else:
                     assert q.error is not None
+                    self._queued_bytes -= q.nbytes
                     self._futures.pop(entry_id, None)
                     self._failures.append(q.error)
                     q.future.set_exception(q.error)
                 q.spooled.set()
                 self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def _committing(self, entry: SpoolEntry, q: _Queued) -> Iterator[None]:
+        """Around the rename that commits ``entry``: its bytes move from queued to on disk,
+        atomically with the rename as the sender's scans see it."""
+        with self._commit_lock:
+            yield
+            with self._cond:
+                self._queued_bytes -= q.nbytes
+                self._disk_bytes += entry.bytes
 
     # -- the sender thread --------------------------------------------------------------------
 
@@ -361,9 +373,11 @@ class Uploader:
                     generation = self._written
                 alive: dict[str, bool] = {}
                 todo = [e for e in self.spool.entries() if self._mine_or_orphan(e, alive)]
-                disk = self.spool.used_bytes()
+                with self._commit_lock:  # no commit counted twice (by the scan and the spooler)
+                    disk = self.spool.used_bytes()
+                    with self._cond:
+                        self._disk_bytes = disk
                 with self._cond:
-                    self._disk_bytes = disk
                     self._scanned = generation
                     self._sendable = len(todo)
                     self._cond.notify_all()
