@@ -540,3 +540,35 @@ def test_busy_answers_are_retried_after_their_retry_after(
     assert [s for _, s in posts] == [503, 429, 0]
     gaps = [b - a for (a, _), (b, _) in itertools.pairwise(posts)]
     assert all(gap >= 0.95 for gap in gaps), gaps  # Retry-After, not the 0.1 s backoff
+
+
+def test_reconstruct_copies_declared_buffers_when_asked(
+    start_server: Callable[..., Server],
+) -> None:
+    server = start_server()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+    ema = PowerEMA(model, (0.05, 0.10))
+    snaps: list[Snapshot] = []
+    for k in range(1, 5):
+        model.train()
+        model(torch.randn(16, 4))  # moves the BatchNorm statistics
+        ema.update(k * 1000)
+        snaps += [Snapshot.from_bytes(s.data) for s in ema.snapshot()]
+    with Client(server.url) as client:
+        for s in snaps:
+            client.upload_now("bn", s)
+        copied = client.reconstruct("bn", sigma_rel=0.07, dtype="f32", buffers="copy")
+        averaged = client.reconstruct("bn", sigma_rel=0.07, dtype="f32")
+        last = max(i.nimg for i in copied.report.inputs)
+        newest = [
+            s.arrays()["1.running_mean"]
+            for s in snaps
+            if s.nimg == last and s.digest in {i.digest for i in copied.report.inputs}
+        ]
+        got, avg = copied.arrays(), averaged.arrays()
+        assert any((got["1.running_mean"] == m).all() for m in newest), (got, newest)
+        assert not any((avg["1.running_mean"] == m).all() for m in newest)
+        assert (got["0.weight"] == avg["0.weight"]).all()  # parameters are averaged either way
+        with pytest.raises(ValueError, match="buffers"):
+            client.reconstruct("bn", sigma_rel=0.07, buffers="last")  # type: ignore[arg-type]

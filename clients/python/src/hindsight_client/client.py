@@ -453,6 +453,7 @@ class Client:
         clamp_out_of_range: bool = False,
         wait_secs: float | None = None,
         timeout: float | None = None,
+        buffers: Literal["average", "copy"] | None = None,
     ) -> Reconstruction:
         """Reconstructs the EMA of width ``sigma_rel`` (or exponent ``gamma``) of ``run`` at
         training time ``nimg`` (default: the run's last snapshot) from its stored snapshots.
@@ -460,8 +461,13 @@ class Client:
         Returns when the weights are stored on the server: a 202 answer (work still running
         after ``wait_secs``, default the server's) is polled at ``status_url`` until ready or
         ``timeout`` seconds have passed (:class:`ReconstructionTimeout`; ``None`` waits as
-        long as it takes). ``dtype`` is the element type of the float tensors; with ``f16``,
-        values beyond ±65504 fail the request unless ``clamp_out_of_range``.
+        long as it takes). ``dtype`` is the element type of the float tensors: **float16
+        unless told** (``"f32"``, ``"bf16"``), whatever the snapshots' dtype; with ``f16``,
+        values beyond ±65504 fail the request unless ``clamp_out_of_range``. ``buffers``:
+        ``"average"`` (the server's default: every float tensor averaged) or ``"copy"`` (the
+        tensors the snapshots declare as buffers, e.g. BatchNorm statistics, copied from the
+        newest snapshot with a weight, as EDM2's ``reconstruct_phema.py`` does); integer
+        tensors are always copied.
         """
         if (sigma_rel is None) == (gamma is None):
             raise ValueError("give exactly one of sigma_rel and gamma")
@@ -476,6 +482,10 @@ class Client:
             request["nimg"] = int(nimg)
         if clamp_out_of_range:
             request["clamp_out_of_range"] = True
+        if buffers is not None:
+            if buffers not in ("average", "copy"):
+                raise ValueError(f"buffers {buffers!r} is not 'average' or 'copy'")
+            request["buffers"] = buffers
         if wait_secs is not None:
             request["wait_secs"] = float(wait_secs)
         deadline = None if timeout is None else time.monotonic() + timeout
