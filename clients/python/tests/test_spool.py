@@ -87,6 +87,24 @@ def test_upload_takes_only_snapshots(tmp_path: Path) -> None:
         assert spooled(client.spool_dir) == []
 
 
+def test_a_tracker_snapshot_is_released_once_spooled_for_every_run(
+    start_server: Callable[..., Server],
+) -> None:
+    server = start_server()
+    ema = PowerEMA(tiny_model(), (0.05,))
+    ema.update(64)
+    (snap,) = ema.snapshot()
+    with Client(server.url) as client:
+        # Queued twice in one go: written twice, released after the second.
+        client.upload("a", [snap, snap], durable=True)
+        first, second = (r.status for r in client.flush())
+        assert (first, second in ("skipped", "already_stored")) == ("stored", True)
+        assert len(client.snapshots("a")) == 1
+        with pytest.raises(HindsightError, match=r"was released.*Snapshot\.from_bytes"):
+            client.upload("b", snap)  # at call time, not on the spooler thread
+        assert client.flush() == []
+
+
 def test_an_unusable_spool_fails_uploads_not_the_client(
     start_server: Callable[..., Server], tmp_path: Path
 ) -> None:

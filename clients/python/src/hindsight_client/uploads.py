@@ -128,6 +128,14 @@ def _release(snap: Snapshot) -> None:
         release()
 
 
+def _released(snap: Snapshot) -> bool:
+    """Whether ``snap`` gave its tensors back (a tracker's snapshot, once spooled)."""
+    flag = getattr(snap, "released", None)
+    if flag is None:
+        flag = getattr(snap, "_was_released", False)
+    return bool(flag)
+
+
 class _Retry(Exception):
     """An attempt failed in a way a later attempt may not; ``wait``: ``Retry-After``."""
 
@@ -186,6 +194,7 @@ class Uploader:
         self._cond = threading.Condition()
         self._commit_lock = threading.Lock()  # a spool commit, or a scan of the spool's size
         self._queue: deque[_Queued] = deque()
+        self._uses: dict[int, int] = {}  # queued uploads per snapshot object, by id()
         self._writing = 0  # snapshots taken off the queue, not yet committed
         self._queued_bytes = 0
         self._disk_bytes = 0
@@ -240,6 +249,14 @@ class Uploader:
         if not isinstance(run, str) or not run:
             raise TypeError(f"upload(): run must be a non-empty str, not {run!r}")
         items = snapshots_of(snapshots)
+        for snap in items:
+            if _released(snap):
+                raise HindsightError(
+                    f"snapshot at nimg {snap.nimg} sigma_rel {snap.sigma_rel} was released: a "
+                    "tracker's snapshot gives its tensors back once it is in the spool. To "
+                    "upload one more than once (to other runs), upload copies made before, "
+                    "Snapshot.from_bytes(s.data)"
+                )
         if self._unusable is not None:
             raise HindsightError(str(self._unusable)) from self._unusable
         sizes = [_nbytes(s) for s in items]
@@ -267,6 +284,7 @@ class Uploader:
                 queued.append(q)
                 self._queue.append(q)
                 self._queued_bytes += size
+                self._uses[id(snap)] = self._uses.get(id(snap), 0) + 1
             if self._spooler is None:
                 self._spooler = threading.Thread(
                     target=self._spool_loop, name="hindsight-spool", daemon=True
@@ -319,7 +337,6 @@ class Uploader:
                     entry_id,
                     lambda e, q=q: self._committing(e, q),  # type: ignore[misc]
                 )
-                _release(q.snap)
             except BaseException as e:
                 q.error = e
                 log.error(
@@ -330,6 +347,17 @@ class Uploader:
                     self.spool.root,
                     e,
                 )
+            with self._cond:
+                self._uses[id(q.snap)] -= 1
+                last = self._uses[id(q.snap)] == 0
+                if last:
+                    del self._uses[id(q.snap)]
+            # Its buffers go back once its last queued upload (another run's) is spooled.
+            if entry is not None and last:
+                try:
+                    _release(q.snap)
+                except Exception as e:
+                    log.warning("releasing snapshot nimg %s failed: %s", q.snap.nimg, e)
             with self._cond:
                 self._writing -= 1
                 if entry is not None:
