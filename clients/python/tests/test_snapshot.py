@@ -86,6 +86,14 @@ def test_half_precision_snapshots_and_overflow(tmp_path: Path) -> None:
     (bf16, _) = ema.snapshot(dtype=torch.bfloat16)
     assert safetensors.torch.load(bf16.data)["0.weight"].dtype == torch.bfloat16
     assert ema.snapshot(dtype=torch.float32)[0].nimg == 10_000
+    # Just above float16's largest value rounds to it (no error); NaN passes through.
+    with torch.no_grad():
+        module[0].weight.fill_(65510.0)
+        module[0].bias.fill_(float("nan"))
+    ema.update(1_000_000)
+    loaded = safetensors.torch.load(ema.snapshot(dtype=torch.float16)[1].data)
+    assert bool((loaded["0.weight"] == 65504.0).all())
+    assert bool(loaded["0.bias"].isnan().all())
 
 
 def test_saved_with_edm2_names_and_imported_by_hindsight(
