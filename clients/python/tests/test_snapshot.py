@@ -1,5 +1,7 @@
 """Snapshots: the module's state-dict names, nimg and σ_rel in ``__metadata__``, EDM2's file
-names, and ``hindsight import`` (the real binary) reading a folder of them."""
+names, and ``hindsight import`` (the real binary) reading a folder of them; deterministic
+bytes (across calls, threads and processes), the safetensors layout, the lazy cast and its
+range check, and the host-buffer pool behind ``release()``."""
 
 from __future__ import annotations
 
@@ -215,18 +217,34 @@ def test_a_snapshot_keeps_its_values_while_training_goes_on() -> None:
     assert not torch.equal(loaded["0.weight"], ema.averaged(0.05)["0.weight"])
 
 
-def test_release_returns_buffers_to_a_pool_that_never_blocks() -> None:
-    _, ema = tracked()
-    pool = ema._pool
+def test_snapshots_borrow_the_host_emas_and_release_gives_them_back() -> None:
+    """On the CPU a snapshot reads the EMA's own storage (no copy on the training thread);
+    an update while it is unreleased moves the EMA to spare storage, and the released
+    storage becomes the next spare. References to the tracker's tensors stay live."""
+    module, ema = tracked()
+    spares, staging = ema._spares, ema._staging
+    held = ema.averaged(0.05)
+    before = {k: v.clone() for k, v in held.items()}
     first = ema.snapshot()
-    assert (pool.allocated, pool.idle) == (2, 0)
-    held = ema.snapshot()  # the first two are not released: two more sets, no waiting
-    assert (pool.allocated, pool.idle) == (4, 0)
+    assert (spares.allocated, spares.idle) == (0, 0)
+    assert staging.allocated == 2  # the integer counter is copied (one set per width)
+
+    def train(nimg: int) -> None:
+        with torch.no_grad():
+            module[0].weight.add_(0.5)
+        ema.update(nimg)
+
+    train(6000)  # first is unreleased: the EMAs move, one spare set per width
+    assert (spares.allocated, spares.idle) == (2, 0)
+    assert all(held[k] is v for k, v in ema.averaged(0.05).items())  # still the tracker's
+    assert not torch.equal(held["0.weight"], before["0.weight"])
+    loaded = safetensors.torch.load(first[0].data)
+    assert all(torch.equal(loaded[k], v) for k, v in before.items())
     digest, nbytes = first[0].digest, first[0].nbytes
     for snap in first:
         snap.release()
         snap.release()  # idempotent
-    assert pool.idle == 2
+    assert (spares.allocated, spares.idle) == (2, 2)
     # Afterwards: time, width, size and the digest computed before remain; the bytes do not.
     assert (first[0].nimg, first[0].sigma_rel, first[0].nbytes) == (5000, 0.05, nbytes)
     assert first[0].digest == digest
@@ -234,19 +252,30 @@ def test_release_returns_buffers_to_a_pool_that_never_blocks() -> None:
         first[0].write_to(io.BytesIO())
     with pytest.raises(HindsightError, match="released"):
         _ = first[1].digest
-    # The next call reuses them.
-    again = ema.snapshot()
-    assert (pool.allocated, pool.idle) == (4, 0)
-    assert again[0].digest == digest
-    # Releasing more than one call's worth keeps only that many idle sets; garbage-collected
-    # snapshots give theirs back too.
-    for snap in again + held:
+
+    # Released before the next update: the EMA stays where it is.
+    for snap in ema.snapshot():
+        snap.write_to(io.BytesIO())
         snap.release()
-    assert pool.idle == 2
-    kept = ema.snapshot()
-    assert (pool.allocated, pool.idle) == (4, 0)
+    train(7000)
+    assert (spares.allocated, spares.idle) == (2, 2)
+    # Two calls share the storage; it is free once both are released (or collected).
+    a, b = ema.snapshot(), ema.snapshot()
+    assert a[0].digest == b[0].digest
+    for snap in a:
+        snap.release()
+    train(8000)  # b still reads: the EMAs move to the two spare sets
+    assert (spares.allocated, spares.idle) == (2, 0)
+    del b
+    assert (spares.allocated, spares.idle) == (2, 2)
+    # Unreleased snapshots never make anyone wait: more storage is allocated.
+    kept = [ema.snapshot() for _ in range(3)]
+    for k in range(3):
+        kept.append(ema.snapshot())
+        train(9000 + k)
+    assert spares.allocated == 2 + 2 * 3 - 2
     del kept
-    assert pool.idle == 2
+    assert spares.idle == 2  # the pool keeps one call's worth
 
 
 def test_snapshots_from_bytes_and_keyword_construction() -> None:

@@ -211,3 +211,27 @@ def test_a_module_whose_tensors_changed_is_refused() -> None:
     module.add_module("extra", torch.nn.Linear(1, 1))
     with pytest.raises(TrackerError, match=r"added \['extra.bias', 'extra.weight'\]"):
         ema.update(64)
+
+
+def test_snapshots_held_across_updates_change_nothing() -> None:
+    """Unreleased snapshots make ``update`` write the host EMAs into spare storage (copy on
+    write): the EMAs are bit-identical to a tracker that never snapshots, and each snapshot
+    keeps the values of its time."""
+    plain, lending = make_module(), make_module()
+    quiet, busy = PowerEMA(plain, SIGMA_RELS), PowerEMA(lending, SIGMA_RELS)
+    held = []
+    for k, flat in enumerate(trajectory(plain, 40), start=1):
+        set_params(plain, flat)
+        set_params(lending, flat)
+        quiet.update(k * BATCH)
+        busy.update(k * BATCH)
+        if k % 3 == 0:
+            held.append((busy.snapshot(), {n: t.clone() for n, t in busy.averaged(0.10).items()}))
+        if k % 9 == 0:
+            busy.load_state_dict(busy.state_dict())
+    for s in SIGMA_RELS:
+        for name, t in quiet.averaged(s).items():
+            assert torch.equal(busy.averaged(s)[name], t), name
+    for snaps, values in held:
+        arrays = snaps[1].arrays()
+        assert all(np.array_equal(arrays[n], v.numpy()) for n, v in values.items())
