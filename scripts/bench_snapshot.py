@@ -11,13 +11,16 @@ Usage:
 The model is a stack of ``--layers`` ``Linear(width, width)`` (fp32; 6 × 4096² + biases =
 100.7M parameters, 403 MB), tracked by ``PowerEMA`` at σ_rel 0.05 and 0.10 (EMAs on the
 model's device: the CPU here). Each measurement is the median of ``--repeats`` runs (after
-one warm-up run, which also fills the host-buffer pool), with an ``update`` between runs so
+one warm-up run, which also fills the pools of spare storage), with an ``update`` between runs so
 every snapshot is of new values:
 
 - ``update``: ``ema.update(nimg)`` (both widths), for scale.
+- ``update, a snapshot unreleased``: the same while the previous ``snapshot()`` is not
+  released yet (still being written by the sender): the update then writes the new EMA into
+  spare storage (copy on write) instead of in place.
 - ``snapshot``: ``ema.snapshot()`` on the training thread (float32 and float16 snapshots):
-  the copy into pooled host buffers only. Each snapshot is then written and released (not
-  timed here), as the client's spool does, so the pool is reused.
+  the host EMAs are lent, only the integer tensors copied. Each snapshot is then written and
+  released (not timed here), as the client's spool does, so the pools are reused.
 - ``write_to file`` / ``write_to hash only``: the sender side, per call of both widths:
   cast, serialise, BLAKE3 into a file in DIR (not fsynced: the page cache), or into nothing.
 - ``torch.save``: ``torch.save(state_dict, file)`` of each width's EMA (ema-pytorch keeps one
@@ -153,6 +156,22 @@ def main() -> None:
         nimg[0] += BATCH
 
     measure("update (both widths)", lambda: ema.update(nimg[0]), nothing, before=train)
+    unreleased: list = []
+
+    def train_and_snapshot() -> None:
+        train()
+        unreleased[:] = ema.snapshot()
+
+    def release(_: object) -> None:
+        for s in unreleased:
+            s.release()
+
+    measure(
+        "update, a snapshot unreleased (copy on write)",
+        lambda: ema.update(nimg[0]),
+        release,
+        before=train_and_snapshot,
+    )
 
     def write_and_release(snaps: object) -> None:
         for s in snaps:  # type: ignore[attr-defined]
