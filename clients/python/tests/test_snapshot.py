@@ -245,13 +245,24 @@ def test_snapshots_borrow_the_host_emas_and_release_gives_them_back() -> None:
         snap.release()
         snap.release()  # idempotent
     assert (spares.allocated, spares.idle) == (2, 2)
-    # Afterwards: time, width, size and the digest computed before remain; the bytes do not.
+    # Afterwards: time, width, size, the digest and the bytes built before remain (first[0]);
+    # bytes never built are gone (first[1]).
     assert (first[0].nimg, first[0].sigma_rel, first[0].nbytes) == (5000, 0.05, nbytes)
     assert first[0].digest == digest
+    assert safetensors.torch.load(first[0].data).keys() == loaded.keys()
     with pytest.raises(HindsightError, match="released"):
-        first[0].write_to(io.BytesIO())
+        first[1].write_to(io.BytesIO())
     with pytest.raises(HindsightError, match="released"):
         _ = first[1].digest
+    with pytest.raises(HindsightError, match="released"):
+        _ = first[1].data
+    # Bytes built before the release stay (and need no buffer).
+    built = ema.snapshot()[0]
+    data = built.data
+    built.release()
+    assert built.data is data
+    assert built.write_to(io.BytesIO()) == built.digest
+    del built
 
     # Released before the next update: the EMA stays where it is.
     for snap in ema.snapshot():
