@@ -235,3 +235,34 @@ def test_snapshots_held_across_updates_change_nothing() -> None:
     for snaps, values in held:
         arrays = snaps[1].arrays()
         assert all(np.array_equal(arrays[n], v.numpy()) for n, v in values.items())
+
+
+class CopyingEMA(PowerEMA):
+    """Snapshots copy host EMAs into staging buffers, as they copy GPU EMAs (no lending)."""
+
+    _lend_host_emas = False
+
+
+@pytest.mark.parametrize("tracker", [PowerEMA, CopyingEMA])
+def test_snapshots_keep_their_time_whether_lent_or_copied(tracker: type[PowerEMA]) -> None:
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = tracker(module, SIGMA_RELS)
+    assert (len(ema._host), len(ema._staged)) == ((6, 0) if tracker is PowerEMA else (0, 6))
+    taken = []
+    for k in range(1, 13):
+        module(torch.randn(8, 3) + k)
+        with torch.no_grad():
+            module[0].weight.add_(0.1)
+        ema.update(k * BATCH)
+        if k % 4 == 0:
+            snaps = ema.snapshot()
+            expect = [{n: t.clone() for n, t in ema.averaged(s).items()} for s in SIGMA_RELS]
+            taken.append((snaps, expect))
+    for snaps, expect in taken:
+        for snap, values in zip(snaps, expect, strict=True):
+            arrays = snap.arrays()
+            assert all(np.array_equal(arrays[n], v.numpy()) for n, v in values.items())
+    assert ema._staging.idle == 0
+    taken.clear()  # released by collection: one call's worth of staging sets is kept
+    assert ema._staging.idle == 2

@@ -246,6 +246,10 @@ class PowerEMA:
     says how to track an unsharded replica instead.
     """
 
+    _lend_host_emas = True
+    """Whether snapshots borrow host EMAs (copy on write) rather than copy them as they copy
+    GPU EMAs; tests turn it off to run the copying path on a CPU."""
+
     def __init__(
         self,
         module: torch.nn.Module,
@@ -310,8 +314,9 @@ class PowerEMA:
         # Snapshot machinery. Host EMAs are lent to snapshots (copy on write, _Loan); the
         # others (CUDA EMAs, and the small copied tensors) are copied into staging buffers.
         first = self._emas[0]
-        self._host = [j for j, t in enumerate(first) if t.device.type != "cuda"]
-        self._staged = [j for j, t in enumerate(first) if t.device.type == "cuda"]
+        lend = self._lend_host_emas
+        self._host = [j for j, t in enumerate(first) if lend and t.device.type == "cpu"]
+        self._staged = [j for j in range(len(first)) if j not in set(self._host)]
         staged = [first[j] for j in self._staged] + self._copied
         self._staging = _HostPool(
             [(tuple(t.shape), t.dtype, t.device.type == "cuda") for t in staged],
@@ -437,12 +442,13 @@ class PowerEMA:
         return {name: by_name[name] for name in self._names}
 
     def _copy_to_host(self, sources: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
-        """Copies ``sources`` into a buffer set from the staging pool. Host sources are copied now;
-        CUDA sources asynchronously on a side stream per device (after the work queued on
-        the current stream). Returns the buffers and a callable that waits for the copies
-        (``None`` when nothing is in flight)."""
+        """Copies ``sources`` into a buffer set from the staging pool. Host sources (and those
+        of accelerators other than CUDA) are copied now; CUDA sources asynchronously on a
+        side stream per device (after the work queued on the current stream). Returns the
+        buffers and a callable that waits for the copies (``None`` when nothing is in
+        flight)."""
         buffers = self._staging.take()
-        on_host = [(b, s) for b, s in zip(buffers, sources, strict=True) if s.device.type != "cuda"]
+        on_host = [(b, s) for b, s in zip(buffers, sources, strict=True) if s.device.type == "cpu"]
         if on_host:
             torch._foreach_copy_([b for b, _ in on_host], [s for _, s in on_host])
         events = []
@@ -450,6 +456,8 @@ class PowerEMA:
         for b, s in zip(buffers, sources, strict=True):
             if s.device.type == "cuda":
                 by_device.setdefault(s.device, []).append((b, s))
+            elif s.device.type != "cpu":  # other accelerators: a plain, blocking copy
+                b.copy_(s)
         for device, pairs in by_device.items():
             stream = self._streams.get(device)
             if stream is None:
