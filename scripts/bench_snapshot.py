@@ -7,10 +7,12 @@ the thread that writes (BENCHMARKS.md, issue 25).
 
 Usage:
     bench_snapshot.py [--layers 6] [--width 4096] [--repeats 5] [--dir DIR] [--threads T]
+        [--device cpu|cuda]
 
 The model is a stack of ``--layers`` ``Linear(width, width)`` (fp32; 6 × 4096² + biases =
 100.7M parameters, 403 MB), tracked by ``PowerEMA`` at σ_rel 0.05 and 0.10 (EMAs on the
-model's device: the CPU here). Each measurement is the median of ``--repeats`` runs (after
+model's device, ``--device``: on a GPU, ``snapshot()`` queues device-to-host copies into
+pinned buffers, and ``write_to`` waits for them). Each measurement is the median of ``--repeats`` runs (after
 one warm-up run, which also fills the pools of spare storage), with an ``update`` between runs so
 every snapshot is of new values:
 
@@ -70,10 +72,14 @@ def median_seconds(
     after: Callable[[object], None],
 ) -> tuple[float, list[float]]:
     """Median wall time of ``run()`` over ``repeats`` runs after one warm-up; ``step()``
-    before each run (untimed), ``after(result)`` after it (untimed)."""
+    before each run (untimed, then the device synchronised), ``after(result)`` after it
+    (untimed). The time is what the calling thread spends: work ``run()`` leaves queued on
+    a GPU is not in it."""
     times = []
     for i in range(repeats + 1):
         step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the run starts with the device idle
         start = time.perf_counter()
         result = run()
         elapsed = time.perf_counter() - start
@@ -107,6 +113,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="where the model and EMAs live")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -116,7 +123,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         *[torch.nn.Linear(args.width, args.width) for _ in range(args.layers)]
-    )
+    ).to(args.device)
     params = sum(p.numel() for p in model.parameters())
     ema = PowerEMA(model, (0.05, 0.10))
     nimg = [0]
@@ -142,6 +149,7 @@ def main() -> None:
 
     print(
         f"{params / 1e6:.1f}M parameters ({params * 4 / 1e6:.0f} MB fp32), 2 widths, "
+        f"on {args.device}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}, load {os.getloadavg()}"
     )

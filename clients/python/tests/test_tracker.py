@@ -266,3 +266,27 @@ def test_snapshots_keep_their_time_whether_lent_or_copied(tracker: type[PowerEMA
     assert ema._staging.idle == 0
     taken.clear()  # released by collection: one call's worth of staging sets is kept
     assert ema._staging.idle == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (the GPU path)")
+def test_cuda_emas_are_copied_asynchronously_into_pinned_buffers() -> None:
+    """On a GPU: ``snapshot()`` queues device-to-host copies on a side stream; the training
+    thread may update at once, and each snapshot still holds the EMA of its time."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)]).cuda()
+    ema = PowerEMA(module, SIGMA_RELS)
+    assert (len(ema._host), len(ema._staged)) == (0, 8)
+    taken = []
+    for k in range(1, 7):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(0.01 * k)
+        ema.update(k * BATCH)  # queued right behind the previous snapshot's copies
+        expect = [{n: t.cpu() for n, t in ema.averaged(s).items()} for s in SIGMA_RELS]
+        taken.append((ema.snapshot(), expect))
+    for snaps, expect in taken:
+        for snap, values in zip(snaps, expect, strict=True):
+            arrays = snap.arrays()
+            assert all(np.array_equal(arrays[n], v.numpy()) for n, v in values.items())
+    assert {s.digest for _ in range(5) for s in ema.snapshot()[:1]} == {taken[-1][0][0].digest}
+    assert all(b.is_pinned() for b in ema._staging.take())
