@@ -7,7 +7,7 @@ the thread that writes (BENCHMARKS.md, issue 25).
 
 Usage:
     bench_snapshot.py [--layers 6] [--width 4096] [--repeats 5] [--dir DIR] [--threads T]
-        [--device cpu|cuda]
+        [--device cpu|cuda] [--url URL [--client-src DIR]]
 
 The model is a stack of ``--layers`` ``Linear(width, width)`` (fp32; 6 × 4096² + biases =
 100.7M parameters, 403 MB), tracked by ``PowerEMA`` at σ_rel 0.05 and 0.10 (EMAs on the
@@ -25,6 +25,9 @@ every snapshot is of new values:
   released (not timed here), as the client's spool does, so the pools are reused.
 - ``write_to file`` / ``write_to hash only``: the sender side, per call of both widths:
   cast, serialise, BLAKE3 into a file in DIR (not fsynced: the page cache), or into nothing.
+- with ``--url``: ``client.upload(run, ema.snapshot())`` on the training thread, then
+  ``client.flush()`` (untimed in the table; its median printed after it) — with the client
+  in ``--client-src`` (default: this checkout's), whose spool (if it has one) goes to DIR.
 - ``torch.save``: ``torch.save(state_dict, file)`` of each width's EMA (ema-pytorch keeps one
   EMA module per width and saves each), on the training thread.
 - ``old snapshot()``: the code ``snapshot()`` ran before issue 25, per width: every tensor
@@ -37,6 +40,7 @@ one ``torch.save`` / old-snapshot width ≈ 2.5 GB at the defaults.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -46,14 +50,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import safetensors.torch
 import torch
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parents[1] / "clients" / "python" / "src")
-)
-from hindsight_client import PowerEMA
+CLIENT_SRC = Path(__file__).resolve().parents[1] / "clients" / "python" / "src"
 
 BATCH = 256
 
@@ -89,7 +91,7 @@ def median_seconds(
     return statistics.median(times), times
 
 
-def old_snapshot(ema: PowerEMA, dtype: torch.dtype) -> list[bytes]:
+def old_snapshot(ema: Any, dtype: torch.dtype) -> list[bytes]:
     """What ``PowerEMA.snapshot()`` did before issue 25 (training thread)."""
     out = []
     for sigma_rel in ema.sigma_rels:
@@ -114,7 +116,17 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="where the model and EMAs live")
+    parser.add_argument(
+        "--url",
+        default=None,
+        help="a hindsight serve: also time client.upload(ema.snapshot())",
+    )
+    parser.add_argument("--client-src", type=Path, default=CLIENT_SRC)
     args = parser.parse_args()
+    sys.path.insert(0, str(args.client_src))
+
+    from hindsight_client import Client, PowerEMA
+
     if args.threads:
         torch.set_num_threads(args.threads)
     folder = Path(args.dir or tempfile.mkdtemp(prefix="bench-snapshot-"))
@@ -217,6 +229,28 @@ def main() -> None:
         )
         for s in snaps:
             s.release()
+
+    if args.url:
+        kwargs: dict[str, Any] = {}
+        if "spool_dir" in inspect.signature(Client).parameters:
+            kwargs["spool_dir"] = folder / "spool"
+        flushes: list[float] = []
+        with Client(args.url, **kwargs) as client:
+
+            def flush(_: object) -> None:
+                start = time.perf_counter()
+                client.flush()
+                flushes.append(time.perf_counter() - start)
+
+            measure(
+                "snapshot() + client.upload(), training thread",
+                lambda: client.upload("bench-snapshot", ema.snapshot()),
+                flush,
+            )
+        results["flush after upload"] = statistics.median(flushes[1:])
+        print(
+            f"{'flush after upload (spool, send, store)':<48} {results['flush after upload'] * 1e3:9.1f} ms"
+        )
 
     def torch_save() -> None:
         for i, sigma_rel in enumerate(ema.sigma_rels):
