@@ -244,7 +244,7 @@ def main() -> None:
 
             measure(
                 "snapshot() + client.upload(), training thread",
-                lambda: client.upload("bench-snapshot", ema.snapshot()),
+                lambda: client.upload(f"bench-snapshot-{os.getpid()}", ema.snapshot()),
                 flush,
             )
         results["flush after upload"] = statistics.median(flushes[1:])
