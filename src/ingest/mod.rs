@@ -24,6 +24,7 @@ mod import;
 mod rebuild;
 mod resolve;
 mod run;
+mod same;
 mod trainer;
 
 pub use ema_pytorch::{
