@@ -13,17 +13,26 @@ import re
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import blake3
+import httpx
 import pytest
 import safetensors.torch
 import torch
-from conftest import run_cli
+from conftest import Server, run_cli
 
 import hindsight_client
-from hindsight_client import HindsightError, PowerEMA, Snapshot, TrackerError, save_snapshots
+from hindsight_client import (
+    Client,
+    HindsightError,
+    PowerEMA,
+    Snapshot,
+    TrackerError,
+    save_snapshots,
+)
 
 
 def header(data: bytes) -> dict:
@@ -308,3 +317,37 @@ def test_snapshots_from_bytes_and_keyword_construction() -> None:
         Snapshot.from_bytes(bare)
     with pytest.raises(ValueError, match="not a safetensors file"):
         Snapshot.from_bytes(b"\xff" * 16)
+
+
+def test_declared_buffers_are_copied_from_the_newest_snapshot_on_request(
+    start_server: Callable[..., Server],
+) -> None:
+    """``hindsight.buffers`` names the BatchNorm statistics; ``"buffers": "copy"`` makes the
+    server take them from the newest snapshot (as EDM2's reconstruct_phema.py does) and
+    average everything else; the default averages them."""
+    server = start_server()
+    module, ema = tracked(steps=2)
+    with Client(server.url) as client:
+        for k in range(3, 7):
+            with torch.no_grad():
+                module[0].weight.add_(0.1)
+            module(torch.randn(2, 1, 5, 5) * k)
+            ema.update(k * 1000)
+            client.upload("bn", ema.snapshot())
+        client.flush()
+    newest = [{n: t.clone() for n, t in ema.averaged(s).items()} for s in (0.05, 0.10)]
+
+    def weights(**extra: object) -> dict[str, torch.Tensor]:
+        body = {"run": "bn", "sigma_rel": 0.07, "dtype": "f32", "wait_secs": 60, **extra}
+        answer = httpx.post(f"{server.url}/reconstruct", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+        url = server.url + answer.json()["weights_url"]
+        return safetensors.torch.load(httpx.get(url, timeout=120).content)
+
+    copied, averaged = weights(buffers="copy"), weights()
+    for name in ("1.running_mean", "1.running_var"):
+        assert any(torch.equal(copied[name], n[name]) for n in newest), name
+        assert not any(torch.equal(averaged[name], n[name]) for n in newest), name
+    for name in ("0.weight", "1.weight"):
+        assert torch.equal(copied[name], averaged[name]), name
+    assert int(copied["1.num_batches_tracked"]) == int(newest[0]["1.num_batches_tracked"])
