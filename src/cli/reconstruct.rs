@@ -106,6 +106,7 @@ pub fn export(
     options: ExportOptions,
 ) -> anyhow::Result<Exported> {
     let progress = bar(
+        "reconstructing",
         "reconstructing {msg} {bar:30} {binary_bytes}/{binary_total_bytes} \
          {binary_bytes_per_sec} eta {eta}",
     );

@@ -1,5 +1,7 @@
 """Snapshots: the module's state-dict names, nimg and σ_rel in ``__metadata__``, EDM2's file
-names, and ``hindsight import`` (the real binary) reading a folder of them."""
+names, and ``hindsight import`` (the real binary) reading a folder of them; deterministic
+bytes (across calls, threads and processes), the safetensors layout, the lazy cast and its
+range check, and the host-buffer pool behind ``release()``."""
 
 from __future__ import annotations
 
@@ -11,17 +13,26 @@ import re
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import blake3
+import httpx
 import pytest
 import safetensors.torch
 import torch
-from conftest import run_cli
+from conftest import Server, run_cli
 
 import hindsight_client
-from hindsight_client import HindsightError, PowerEMA, Snapshot, TrackerError, save_snapshots
+from hindsight_client import (
+    Client,
+    HindsightError,
+    PowerEMA,
+    Snapshot,
+    TrackerError,
+    save_snapshots,
+)
 
 
 def header(data: bytes) -> dict:
@@ -86,6 +97,14 @@ def test_half_precision_snapshots_and_overflow(tmp_path: Path) -> None:
     (bf16, _) = ema.snapshot(dtype=torch.bfloat16)
     assert safetensors.torch.load(bf16.data)["0.weight"].dtype == torch.bfloat16
     assert ema.snapshot(dtype=torch.float32)[0].nimg == 10_000
+    # Just above float16's largest value rounds to it (no error); NaN passes through.
+    with torch.no_grad():
+        module[0].weight.fill_(65510.0)
+        module[0].bias.fill_(float("nan"))
+    ema.update(1_000_000)
+    loaded = safetensors.torch.load(ema.snapshot(dtype=torch.float16)[1].data)
+    assert bool((loaded["0.weight"] == 65504.0).all())
+    assert bool(loaded["0.bias"].isnan().all())
 
 
 def test_saved_with_edm2_names_and_imported_by_hindsight(
@@ -207,38 +226,76 @@ def test_a_snapshot_keeps_its_values_while_training_goes_on() -> None:
     assert not torch.equal(loaded["0.weight"], ema.averaged(0.05)["0.weight"])
 
 
-def test_release_returns_buffers_to_a_pool_that_never_blocks() -> None:
-    _, ema = tracked()
-    pool = ema._pool
+def test_snapshots_borrow_the_host_emas_and_release_gives_them_back() -> None:
+    """On the CPU a snapshot reads the EMA's own storage (no copy on the training thread);
+    an update while it is unreleased moves the EMA to spare storage, and the released
+    storage becomes the next spare. References to the tracker's tensors stay live."""
+    module, ema = tracked()
+    spares, staging = ema._spares, ema._staging
+    held = ema.averaged(0.05)
+    before = {k: v.clone() for k, v in held.items()}
     first = ema.snapshot()
-    assert (pool.allocated, pool.idle) == (2, 0)
-    held = ema.snapshot()  # the first two are not released: two more sets, no waiting
-    assert (pool.allocated, pool.idle) == (4, 0)
+    assert (spares.allocated, spares.idle) == (0, 0)
+    assert staging.allocated == 2  # the integer counter is copied (one set per width)
+
+    def train(nimg: int) -> None:
+        with torch.no_grad():
+            module[0].weight.add_(0.5)
+        ema.update(nimg)
+
+    train(6000)  # first is unreleased: the EMAs move, one spare set per width
+    assert (spares.allocated, spares.idle) == (2, 0)
+    assert all(held[k] is v for k, v in ema.averaged(0.05).items())  # still the tracker's
+    assert not torch.equal(held["0.weight"], before["0.weight"])
+    loaded = safetensors.torch.load(first[0].data)
+    assert all(torch.equal(loaded[k], v) for k, v in before.items())
     digest, nbytes = first[0].digest, first[0].nbytes
     for snap in first:
         snap.release()
         snap.release()  # idempotent
-    assert pool.idle == 2
-    # Afterwards: time, width, size and the digest computed before remain; the bytes do not.
+    assert (spares.allocated, spares.idle) == (2, 2)
+    # Afterwards: time, width, size, the digest and the bytes built before remain (first[0]);
+    # bytes never built are gone (first[1]).
     assert (first[0].nimg, first[0].sigma_rel, first[0].nbytes) == (5000, 0.05, nbytes)
     assert first[0].digest == digest
+    assert safetensors.torch.load(first[0].data).keys() == loaded.keys()
     with pytest.raises(HindsightError, match="released"):
-        first[0].write_to(io.BytesIO())
+        first[1].write_to(io.BytesIO())
     with pytest.raises(HindsightError, match="released"):
         _ = first[1].digest
-    # The next call reuses them.
-    again = ema.snapshot()
-    assert (pool.allocated, pool.idle) == (4, 0)
-    assert again[0].digest == digest
-    # Releasing more than one call's worth keeps only that many idle sets; garbage-collected
-    # snapshots give theirs back too.
-    for snap in again + held:
+    with pytest.raises(HindsightError, match="released"):
+        _ = first[1].data
+    # Bytes built before the release stay (and need no buffer).
+    built = ema.snapshot()[0]
+    data = built.data
+    built.release()
+    assert built.data is data
+    assert built.write_to(io.BytesIO()) == built.digest
+    del built
+
+    # Released before the next update: the EMA stays where it is.
+    for snap in ema.snapshot():
+        snap.write_to(io.BytesIO())
         snap.release()
-    assert pool.idle == 2
-    kept = ema.snapshot()
-    assert (pool.allocated, pool.idle) == (4, 0)
+    train(7000)
+    assert (spares.allocated, spares.idle) == (2, 2)
+    # Two calls share the storage; it is free once both are released (or collected).
+    a, b = ema.snapshot(), ema.snapshot()
+    assert a[0].digest == b[0].digest
+    for snap in a:
+        snap.release()
+    train(8000)  # b still reads: the EMAs move to the two spare sets
+    assert (spares.allocated, spares.idle) == (2, 0)
+    del b
+    assert (spares.allocated, spares.idle) == (2, 2)
+    # Unreleased snapshots never make anyone wait: more storage is allocated.
+    kept = [ema.snapshot() for _ in range(3)]
+    for k in range(3):
+        kept.append(ema.snapshot())
+        train(9000 + k)
+    assert spares.allocated == 2 + 2 * 3 - 2
     del kept
-    assert pool.idle == 2
+    assert spares.idle == 2  # the pool keeps one call's worth
 
 
 def test_snapshots_from_bytes_and_keyword_construction() -> None:
@@ -260,3 +317,37 @@ def test_snapshots_from_bytes_and_keyword_construction() -> None:
         Snapshot.from_bytes(bare)
     with pytest.raises(ValueError, match="not a safetensors file"):
         Snapshot.from_bytes(b"\xff" * 16)
+
+
+def test_declared_buffers_are_copied_from_the_newest_snapshot_on_request(
+    start_server: Callable[..., Server],
+) -> None:
+    """``hindsight.buffers`` names the BatchNorm statistics; ``"buffers": "copy"`` makes the
+    server take them from the newest snapshot (as EDM2's reconstruct_phema.py does) and
+    average everything else; the default averages them."""
+    server = start_server()
+    module, ema = tracked(steps=2)
+    with Client(server.url) as client:
+        for k in range(3, 7):
+            with torch.no_grad():
+                module[0].weight.add_(0.1)
+            module(torch.randn(2, 1, 5, 5) * k)
+            ema.update(k * 1000)
+            client.upload("bn", ema.snapshot())
+        client.flush()
+    newest = [{n: t.clone() for n, t in ema.averaged(s).items()} for s in (0.05, 0.10)]
+
+    def weights(**extra: object) -> dict[str, torch.Tensor]:
+        body = {"run": "bn", "sigma_rel": 0.07, "dtype": "f32", "wait_secs": 60, **extra}
+        answer = httpx.post(f"{server.url}/reconstruct", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+        url = server.url + answer.json()["weights_url"]
+        return safetensors.torch.load(httpx.get(url, timeout=120).content)
+
+    copied, averaged = weights(buffers="copy"), weights()
+    for name in ("1.running_mean", "1.running_var"):
+        assert any(torch.equal(copied[name], n[name]) for n in newest), name
+        assert not any(torch.equal(averaged[name], n[name]) for n in newest), name
+    for name in ("0.weight", "1.weight"):
+        assert torch.equal(copied[name], averaged[name]), name
+    assert int(copied["1.num_batches_tracked"]) == int(newest[0]["1.num_batches_tracked"])

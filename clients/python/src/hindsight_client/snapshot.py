@@ -327,15 +327,15 @@ class Snapshot:
             return self._data
 
     def release(self) -> None:
-        """Gives the host buffers back (to the tracker's pool). Afterwards only ``nimg``,
-        ``sigma_rel``, ``nbytes`` and ``digest`` (if computed) remain; writing raises. A
-        snapshot made from bytes keeps them. Idempotent."""
+        """Gives the host buffers back (to the tracker's pool). Afterwards ``nimg``,
+        ``sigma_rel``, ``nbytes``, ``digest`` (if computed) and the bytes (if built by
+        :attr:`data`, or given: a snapshot made from bytes keeps them) remain; writing a
+        snapshot whose bytes were never built raises. Idempotent."""
         with self._lock:
             if self._parts is None and self._released is None:
                 return
             self._parts = None
             self._ready = None
-            self._data = None
             self._was_released = True
             if self._released is not None:
                 self._released()

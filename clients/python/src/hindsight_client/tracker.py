@@ -21,9 +21,10 @@ Names: the prefixes ``torch.compile`` (``_orig_mod.``) and DDP / ``DataParallel`
 plain models share runs and resume each other's tracker state. FSDP-sharded modules and
 DTensor parameters are refused (:class:`~hindsight_client.TrackerError` says what to do).
 
-Snapshots cost the training thread one device-to-host copy of the EMAs into reused host
-buffers (pinned, on a side CUDA stream, when the EMAs are on a GPU); the cast, serialisation
-and hashing happen where the snapshot is written (see :mod:`hindsight_client.snapshot`).
+Snapshots cost the training thread almost nothing: host EMAs are lent to the snapshot (copy
+on write at the next update), GPU EMAs copied asynchronously into pinned, reused host buffers
+on a side CUDA stream; the cast, serialisation and hashing happen where the snapshot is
+written (see :mod:`hindsight_client.snapshot`).
 """
 
 from __future__ import annotations
@@ -135,10 +136,9 @@ def _refuse_sharded(module: torch.nn.Module) -> None:
 
 
 class _HostPool:
-    """Host buffer sets for snapshots, reused across ``snapshot()`` calls.
-
-    A set holds one host tensor per tracked tensor (float32 for the averaged ones, the
-    source's dtype for the copied ones), pinned when its source is on a CUDA device. ``take``
+    """Sets of host tensors reused across snapshots: staging buffers (one per CUDA EMA tensor
+    and copied tensor; pinned when the source is on a CUDA device) or spare storage for the
+    host EMAs (float32). ``take``
     never blocks: with no idle set it allocates one. ``give_back`` keeps at most ``keep`` idle
     sets and lets the others be freed.
     """
@@ -173,6 +173,49 @@ class _HostPool:
             return len(self._idle)
 
 
+class _Loan:
+    """The storage of one width's host EMA tensors while snapshots read it (copy on write).
+
+    ``snapshot()`` lends the storage instead of copying it: each snapshot holds ``aliases``
+    (tensors over the same storage) and counts as a reader. The next write to the EMA
+    (``update``, ``load_state_dict``) asks :meth:`retire_if_read`: with readers left, the
+    tracker moves its tensors to fresh storage (``Tensor.set_``, so every reference to them
+    stays live) and the aliases go to ``spares`` once the last reader is released; with none,
+    the EMA keeps its storage and the loan is dropped.
+    """
+
+    def __init__(self, aliases: list[torch.Tensor], spares: _HostPool) -> None:
+        self.aliases = aliases
+        self._spares = spares
+        self._readers = 0
+        self._retired = False
+        self._lock = threading.Lock()
+
+    def lend(self) -> None:
+        with self._lock:
+            self._readers += 1
+
+    def give_back(self) -> None:
+        with self._lock:
+            self._readers -= 1
+            free = self._retired and self._readers == 0
+        if free:
+            self._spares.give_back(self.aliases)
+
+    def retire_if_read(self) -> bool:
+        """Whether snapshots still read the storage; if so the EMA must leave it."""
+        with self._lock:
+            self._retired = self._readers > 0
+            return self._retired
+
+
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """A new tensor object over ``t``'s storage (unaffected when ``t`` moves elsewhere)."""
+    return torch.empty(0, dtype=t.dtype).set_(
+        t.untyped_storage(), t.storage_offset(), t.shape, t.stride()
+    )
+
+
 def _host_bytes(t: torch.Tensor) -> np.ndarray:
     """The raw bytes of a contiguous host tensor, as a flat uint8 array (no copy)."""
     return t.reshape(-1).view(torch.uint8).numpy()
@@ -202,6 +245,10 @@ class PowerEMA:
     sharded by FSDP (FSDP1 or ``fully_shard``) or holding DTensor parameters: the message
     says how to track an unsharded replica instead.
     """
+
+    _lend_host_emas = True
+    """Whether snapshots borrow host EMAs (copy on write) rather than copy them as they copy
+    GPU EMAs; tests turn it off to run the copying path on a CPU."""
 
     def __init__(
         self,
@@ -264,12 +311,22 @@ class PowerEMA:
                 for _ in self._sigma_rels
             ]
             self._copied = [self._place(state[n], None, copy=True) for n in self._copied_names]
-        # Snapshot machinery: host buffers (one set per width and snapshot), side streams.
-        sources = self._emas[0] + self._copied
-        self._pool = _HostPool(
-            [(tuple(t.shape), t.dtype, t.device.type == "cuda") for t in sources],
+        # Snapshot machinery. Host EMAs are lent to snapshots (copy on write, _Loan); the
+        # others (CUDA EMAs, and the small copied tensors) are copied into staging buffers.
+        first = self._emas[0]
+        lend = self._lend_host_emas
+        self._host = [j for j, t in enumerate(first) if lend and t.device.type == "cpu"]
+        self._staged = [j for j in range(len(first)) if j not in set(self._host)]
+        staged = [first[j] for j in self._staged] + self._copied
+        self._staging = _HostPool(
+            [(tuple(t.shape), t.dtype, t.device.type == "cuda") for t in staged],
             keep=len(self._sigma_rels),
         )
+        self._spares = _HostPool(
+            [(tuple(first[j].shape), torch.float32, False) for j in self._host],
+            keep=len(self._sigma_rels),
+        )
+        self._loans: list[_Loan | None] = [None] * len(self._sigma_rels)
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def _place(self, t: torch.Tensor, dtype: torch.dtype | None, copy: bool) -> torch.Tensor:
@@ -323,6 +380,12 @@ class PowerEMA:
         for device, stream in self._streams.items():
             torch.cuda.current_stream(device).wait_stream(stream)
 
+    def _leave_lent_storage(self, i: int) -> bool:
+        """Before width ``i``'s EMAs are written: whether unreleased snapshots read its host
+        storage (then the caller gives the tensors fresh storage)."""
+        loan, self._loans[i] = self._loans[i], None
+        return loan is not None and loan.retire_if_read()
+
     @torch.no_grad()
     def update(self, nimg: int) -> None:
         """Folds the module's current state in at training time ``nimg``: the number of
@@ -342,9 +405,20 @@ class PowerEMA:
                 state[n].detach().to(device=e.device, dtype=torch.float32)
                 for n, e in zip(self._float_names, reference, strict=True)
             ]
-            for gamma, ema in zip(self._gammas, self._emas, strict=True):
+            for i, (gamma, ema) in enumerate(zip(self._gammas, self._emas, strict=True)):
                 weight = 1.0 - beta(gamma, float(nimg), float(nimg - self._nimg))
-                torch._foreach_lerp_(ema, values, weight)
+                if not self._leave_lent_storage(i):
+                    torch._foreach_lerp_(ema, values, weight)
+                    continue
+                # Snapshots read the host EMAs' storage: write the new values elsewhere.
+                fresh = self._spares.take()
+                for j, out in zip(self._host, fresh, strict=True):
+                    torch.lerp(ema[j], values[j], weight, out=out)
+                    ema[j].set_(out)
+                if self._staged:
+                    torch._foreach_lerp_(
+                        [ema[j] for j in self._staged], [values[j] for j in self._staged], weight
+                    )
         for dst, name in zip(self._copied, self._copied_names, strict=True):
             dst.copy_(state[name].detach())
         self._nimg = nimg
@@ -368,12 +442,13 @@ class PowerEMA:
         return {name: by_name[name] for name in self._names}
 
     def _copy_to_host(self, sources: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
-        """Copies ``sources`` into a buffer set from the pool. Host sources are copied now;
-        CUDA sources asynchronously on a side stream per device (after the work queued on
-        the current stream). Returns the buffers and a callable that waits for the copies
-        (``None`` when nothing is in flight)."""
-        buffers = self._pool.take()
-        on_host = [(b, s) for b, s in zip(buffers, sources, strict=True) if s.device.type != "cuda"]
+        """Copies ``sources`` into a buffer set from the staging pool. Host sources (and those
+        of accelerators other than CUDA) are copied now; CUDA sources asynchronously on a
+        side stream per device (after the work queued on the current stream). Returns the
+        buffers and a callable that waits for the copies (``None`` when nothing is in
+        flight)."""
+        buffers = self._staging.take()
+        on_host = [(b, s) for b, s in zip(buffers, sources, strict=True) if s.device.type == "cpu"]
         if on_host:
             torch._foreach_copy_([b for b, _ in on_host], [s for _, s in on_host])
         events = []
@@ -381,6 +456,8 @@ class PowerEMA:
         for b, s in zip(buffers, sources, strict=True):
             if s.device.type == "cuda":
                 by_device.setdefault(s.device, []).append((b, s))
+            elif s.device.type != "cpu":  # other accelerators: a plain, blocking copy
+                b.copy_(s)
         for device, pairs in by_device.items():
             stream = self._streams.get(device)
             if stream is None:
@@ -410,17 +487,25 @@ class PowerEMA:
         ``dtype`` is the element type of the float tensors in the file: float32 (exact,
         default), or float16 / bfloat16 (half the size; EDM2 stores float16).
 
-        The training thread pays only for copying the EMAs into host buffers from a pool
-        (pinned, and asynchronous on a side CUDA stream, when the EMAs are on a GPU). The
-        cast to ``dtype``, the serialisation and the BLAKE3 hash happen when the snapshot is
-        first written (:meth:`Snapshot.write_to`, ``.digest``, ``.data``), on the thread
-        that writes it; values that do not fit float16 (|x| > 65504) raise
-        :class:`TrackerError` there instead of becoming ∞. The same state always gives the
-        same bytes. Call :meth:`Snapshot.release` (the client's spool does) to return the
-        buffers for the next call; the pool keeps one call's worth of idle buffer sets and
-        allocates more, without blocking, while earlier snapshots are unreleased, so host
-        memory is (unreleased snapshots + ``len(sigma_rels)``) × the EMA's size in float32.
-        A garbage-collected snapshot returns its buffers as well.
+        The training thread pays almost nothing. EMAs in host memory are not copied: the
+        snapshot reads their storage, and the next :meth:`update` (or
+        :meth:`load_state_dict`) while it is unreleased writes the new EMA into spare
+        storage instead of in place (same work as in place; every reference to the
+        tracker's tensors stays live). EMAs on a GPU are copied into pinned host buffers,
+        asynchronously on a side CUDA stream (an event tells the writer when they are
+        there; the next update waits on the device, not the host). The cast to ``dtype``,
+        the serialisation and the BLAKE3 hash happen when the snapshot is first written
+        (:meth:`Snapshot.write_to`, ``.digest``, ``.data``), on the thread that writes it;
+        values that do not fit float16 (|x| > 65504) raise :class:`TrackerError` there
+        instead of becoming ∞. The same state always gives the same bytes.
+
+        Call :meth:`Snapshot.release` (the client's spool does) once it is written: its
+        storage and buffers become the spares of later calls (a garbage-collected snapshot
+        gives them back too). Nothing ever waits for a release: while snapshots are
+        unreleased, updates and snapshots allocate more, and the pools keep one call's worth
+        (one set per width) when they come back. Host memory beyond the EMAs is thus at
+        most (calls with unreleased snapshots + 1) × the size of all widths' EMAs in
+        float32.
         """
         if dtype not in _SNAPSHOT_DTYPES:
             raise TrackerError(f"dtype: {dtype} is not one of {_SNAPSHOT_DTYPES}")
@@ -432,19 +517,37 @@ class PowerEMA:
         }
         float_code = _DTYPE_CODES[dtype]
         snapshots = []
-        for sigma_rel, ema in zip(self._sigma_rels, self._emas, strict=True):
-            buffers, ready = self._copy_to_host(ema + self._copied)
-            floats = buffers[: len(self._float_names)]
+        for i, (sigma_rel, ema) in enumerate(zip(self._sigma_rels, self._emas, strict=True)):
+            loan = self._loans[i]
+            if loan is None and self._host:
+                loan = self._loans[i] = _Loan([_alias(ema[j]) for j in self._host], self._spares)
+            if loan is not None:
+                loan.lend()
+            staging, ready = self._copy_to_host([ema[j] for j in self._staged] + self._copied)
+            floats: list[torch.Tensor] = [torch.empty(0)] * len(self._float_names)
+            for j, alias in zip(self._host, loan.aliases if loan else [], strict=True):
+                floats[j] = alias
+            for j, buf in zip(self._staged, staging, strict=False):
+                floats[j] = buf
+            copied = staging[len(self._staged) :]
             parts = [
                 TensorPart(name, float_code, self._shapes[name], self._cast(name, buf, dtype))
                 for name, buf in zip(self._float_names, floats, strict=True)
             ]
-            copied = buffers[len(self._float_names) :]
             parts += [
                 TensorPart(name, _DTYPE_CODES[buf.dtype], self._shapes[name], _raw(buf))
                 for name, buf in zip(self._copied_names, copied, strict=True)
             ]
-            pool = self._pool
+
+            def on_release(
+                staging: list[torch.Tensor] = staging,
+                loan: _Loan | None = loan,
+                pool: _HostPool = self._staging,
+            ) -> None:
+                pool.give_back(staging)
+                if loan is not None:
+                    loan.give_back()
+
             snapshots.append(
                 Snapshot.from_parts(
                     self._nimg,
@@ -452,7 +555,7 @@ class PowerEMA:
                     parts,
                     {**metadata_base, "sigma_rel": repr(sigma_rel)},
                     ready=ready,
-                    on_release=lambda pool=pool, buffers=buffers: pool.give_back(buffers),
+                    on_release=on_release,
                 )
             )
         return snapshots
@@ -463,10 +566,22 @@ class PowerEMA:
         if dtype == torch.float32:
             return _raw(buf)
 
+        largest = torch.finfo(dtype).max
+
         def payload() -> np.ndarray:
             out = buf.to(dtype)
-            if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(buf).all()):
-                raise TrackerError(f"{name}: values beyond {dtype}'s range; snapshot in float32")
+            # Fast path: every value within ±max (NaN fails the comparison) cannot round to ∞.
+            if buf.numel() > 0:
+                lo, hi = torch.aminmax(buf)
+                in_range = -largest <= float(lo) and float(hi) <= largest
+                if (
+                    not in_range
+                    and not bool(torch.isfinite(out).all())
+                    and bool(torch.isfinite(buf).all())
+                ):
+                    raise TrackerError(
+                        f"{name}: values beyond {dtype}'s range; snapshot in float32"
+                    )
             return _host_bytes(out)
 
         return payload
@@ -521,9 +636,18 @@ class PowerEMA:
                         f"{n}: shape {tuple(tensors[n].shape)} in the state, {self._shapes[n]} here"
                     )
         self._await_snapshot_copies()
-        for ema, saved in zip(self._emas, emas, strict=True):
-            for t, name in zip(ema, self._float_names, strict=True):
-                t.copy_(saved[name])
+        for i, (ema, saved) in enumerate(zip(self._emas, emas, strict=True)):
+            # Snapshots read the host EMAs' storage: copy into spare storage, then move there
+            # (``saved`` may hold the EMA tensors themselves).
+            moved = {}
+            if self._leave_lent_storage(i):
+                for j, fresh in zip(self._host, self._spares.take(), strict=True):
+                    moved[j] = fresh.copy_(saved[self._float_names[j]])
+            for j, (t, name) in enumerate(zip(ema, self._float_names, strict=True)):
+                if j in moved:
+                    t.set_(moved[j])
+                else:
+                    t.copy_(saved[name])
         for t, name in zip(self._copied, self._copied_names, strict=True):
             t.copy_(copied[name])
         self._nimg = operator.index(state["nimg"])
