@@ -129,11 +129,11 @@ def _release(snap: Snapshot) -> None:
 
 
 def _released(snap: Snapshot) -> bool:
-    """Whether ``snap`` gave its tensors back (a tracker's snapshot, once spooled)."""
-    flag = getattr(snap, "released", None)
-    if flag is None:
-        flag = getattr(snap, "_was_released", False)
-    return bool(flag)
+    """Whether ``snap`` can no longer be written: it gave its tensors back (a tracker's
+    snapshot, once spooled) and its bytes were never built (``.data``)."""
+    # Snapshot (snapshot.py) has no public flag for this; both attributes are its own.
+    gone = bool(getattr(snap, "_was_released", False))
+    return gone and getattr(snap, "_data", None) is None
 
 
 class _Retry(Exception):
@@ -254,8 +254,8 @@ class Uploader:
                 raise HindsightError(
                     f"snapshot at nimg {snap.nimg} sigma_rel {snap.sigma_rel} was released: a "
                     "tracker's snapshot gives its tensors back once it is in the spool. To "
-                    "upload one more than once (to other runs), upload copies made before, "
-                    "Snapshot.from_bytes(s.data)"
+                    "upload one more than once (to other runs), read s.data before the first "
+                    "upload (kept after release), or upload Snapshot.from_bytes(s.data) copies"
                 )
         if self._unusable is not None:
             raise HindsightError(str(self._unusable)) from self._unusable
