@@ -29,6 +29,14 @@ torch.set_num_threads(1)
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets its own cache directory, so its clients' upload spools (under
+    ``$XDG_CACHE_HOME/hindsight/spool``) are its own."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("HINDSIGHT_SPOOL_DIR", raising=False)
+
+
 @pytest.fixture(scope="session")
 def hindsight_bin() -> Path:
     given = os.environ.get("HINDSIGHT_BIN")

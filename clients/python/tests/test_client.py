@@ -59,8 +59,9 @@ def train_and_upload(
         ema.update(step * BATCH)
         if step % every == 0:
             snaps = ema.snapshot()
+            # Copies: once spooled, the tracker's snapshots give their buffers back.
+            sent += [Snapshot.from_bytes(s.data) for s in snaps]
             client.upload(run, snaps)
-            sent += snaps
     assert all(r.status == "stored" for r in client.flush())
     return model, sent
 
@@ -171,7 +172,9 @@ def test_wrong_or_missing_token_is_a_typed_error(
     model = tiny_model()
     ema = PowerEMA(model)
     ema.update(64)
-    snaps = ema.snapshot()
+    # Copies made from bytes: a tracker's snapshot is released once spooled, and these are
+    # uploaded several times.
+    snaps = [Snapshot.from_bytes(s.data) for s in ema.snapshot()]
     for bad in ("not-the-token", None):
         client = Client(server.url, bad)
         futures = client.upload("guarded", snaps[0])

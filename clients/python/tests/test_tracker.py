@@ -211,3 +211,82 @@ def test_a_module_whose_tensors_changed_is_refused() -> None:
     module.add_module("extra", torch.nn.Linear(1, 1))
     with pytest.raises(TrackerError, match=r"added \['extra.bias', 'extra.weight'\]"):
         ema.update(64)
+
+
+def test_snapshots_held_across_updates_change_nothing() -> None:
+    """Unreleased snapshots make ``update`` write the host EMAs into spare storage (copy on
+    write): the EMAs are bit-identical to a tracker that never snapshots, and each snapshot
+    keeps the values of its time."""
+    plain, lending = make_module(), make_module()
+    quiet, busy = PowerEMA(plain, SIGMA_RELS), PowerEMA(lending, SIGMA_RELS)
+    held = []
+    for k, flat in enumerate(trajectory(plain, 40), start=1):
+        set_params(plain, flat)
+        set_params(lending, flat)
+        quiet.update(k * BATCH)
+        busy.update(k * BATCH)
+        if k % 3 == 0:
+            held.append((busy.snapshot(), {n: t.clone() for n, t in busy.averaged(0.10).items()}))
+        if k % 9 == 0:
+            busy.load_state_dict(busy.state_dict())
+    for s in SIGMA_RELS:
+        for name, t in quiet.averaged(s).items():
+            assert torch.equal(busy.averaged(s)[name], t), name
+    for snaps, values in held:
+        arrays = snaps[1].arrays()
+        assert all(np.array_equal(arrays[n], v.numpy()) for n, v in values.items())
+
+
+class CopyingEMA(PowerEMA):
+    """Snapshots copy host EMAs into staging buffers, as they copy GPU EMAs (no lending)."""
+
+    _lend_host_emas = False
+
+
+@pytest.mark.parametrize("tracker", [PowerEMA, CopyingEMA])
+def test_snapshots_keep_their_time_whether_lent_or_copied(tracker: type[PowerEMA]) -> None:
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = tracker(module, SIGMA_RELS)
+    assert (len(ema._host), len(ema._staged)) == ((6, 0) if tracker is PowerEMA else (0, 6))
+    taken = []
+    for k in range(1, 13):
+        module(torch.randn(8, 3) + k)
+        with torch.no_grad():
+            module[0].weight.add_(0.1)
+        ema.update(k * BATCH)
+        if k % 4 == 0:
+            snaps = ema.snapshot()
+            expect = [{n: t.clone() for n, t in ema.averaged(s).items()} for s in SIGMA_RELS]
+            taken.append((snaps, expect))
+    for snaps, expect in taken:
+        for snap, values in zip(snaps, expect, strict=True):
+            arrays = snap.arrays()
+            assert all(np.array_equal(arrays[n], v.numpy()) for n, v in values.items())
+    assert ema._staging.idle == 0
+    taken.clear()  # released by collection: one call's worth of staging sets is kept
+    assert ema._staging.idle == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (the GPU path)")
+def test_cuda_emas_are_copied_asynchronously_into_pinned_buffers() -> None:
+    """On a GPU: ``snapshot()`` queues device-to-host copies on a side stream; the training
+    thread may update at once, and each snapshot still holds the EMA of its time."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)]).cuda()
+    ema = PowerEMA(module, SIGMA_RELS)
+    assert (len(ema._host), len(ema._staged)) == (0, 8)
+    taken = []
+    for k in range(1, 7):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(0.01 * k)
+        ema.update(k * BATCH)  # queued right behind the previous snapshot's copies
+        expect = [{n: t.cpu() for n, t in ema.averaged(s).items()} for s in SIGMA_RELS]
+        taken.append((ema.snapshot(), expect))
+    for snaps, expect in taken:
+        for snap, values in zip(snaps, expect, strict=True):
+            arrays = snap.arrays()
+            assert all(np.array_equal(arrays[n], v.numpy()) for n, v in values.items())
+    assert {s.digest for _ in range(5) for s in ema.snapshot()[:1]} == {taken[-1][0][0].digest}
+    assert all(b.is_pinned() for b in ema._staging.take())

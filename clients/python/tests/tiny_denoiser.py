@@ -105,7 +105,9 @@ def train(steps: int = 200, batch: int = 64, snapshot_every: int = 50) -> list[S
         optimizer.step()
         ema.update(step * batch)
         if step % snapshot_every == 0:
-            snapshots += ema.snapshot()
+            # Made from bytes: uploaded by several tests, and a tracker's snapshot gives its
+            # buffers back once spooled.
+            snapshots += [Snapshot.from_bytes(s.data) for s in ema.snapshot()]
     return snapshots
 
 

@@ -35,6 +35,7 @@ from .errors import (
     PayloadTooLarge,
     ReconstructionTimeout,
     ServerError,
+    SpoolFull,
     SweepCancelled,
     SweepError,
     SweepFailed,
@@ -46,10 +47,13 @@ from .errors import (
 )
 from .profile import beta, gamma_to_sigma_rel, sigma_rel_to_gamma
 from .snapshot import EDM2_PREFIX, Snapshot, digest_of, save_snapshots
+from .spool import SpoolEntry
 from .uploads import UploadResult
 from .wire import (
+    AuthStatus,
     BestPoint,
     ClampedTensor,
+    DeletedSnapshot,
     FeatureTerms,
     ImageGeometry,
     Lease,
@@ -64,8 +68,10 @@ from .wire import (
     Report,
     ReportInput,
     ReportWarning,
+    RunSummary,
     SamplerSettings,
     SeedSet,
+    StoredSnapshot,
     Sweep,
     SweepFailure,
     SweepPoint,
@@ -107,12 +113,14 @@ __version__ = "0.1.0"
 __all__ = [
     "EDM2_PREFIX",
     "ApiError",
+    "AuthStatus",
     "BatchUploaded",
     "BestPoint",
     "Claimed",
     "ClampedTensor",
     "Client",
     "Conflict",
+    "DeletedSnapshot",
     "DigestMismatch",
     "EvaluationEvent",
     "EvaluationSummary",
@@ -141,10 +149,14 @@ __all__ = [
     "Report",
     "ReportInput",
     "ReportWarning",
+    "RunSummary",
     "SamplerSettings",
     "SeedSet",
     "ServerError",
     "Snapshot",
+    "SpoolEntry",
+    "SpoolFull",
+    "StoredSnapshot",
     "Sweep",
     "SweepCancelled",
     "SweepError",

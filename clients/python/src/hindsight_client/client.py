@@ -14,10 +14,11 @@ Sweeps are followed through their server-sent events on a reader thread (so a de
 however quiet the stream is); a stream that drops is replaced by polling ``GET /sweeps/{id}``
 and reopened, and the caller sees one sequence of events either way.
 
-Uploads run on one background thread fed by a bounded queue, so the training loop only pays
-for serialising the snapshot: ``upload`` returns futures at once (it waits only while
-``max_pending`` snapshots are already queued, which bounds the memory they hold), and
-``flush``/``close`` wait for the queue to drain and raise the first failure.
+Uploads go through a durable spool on local disk (:mod:`~hindsight_client.uploads`): ``upload``
+queues snapshots and returns at once, a spooler thread writes and fsyncs each into the spool
+directory, and a sender thread sends them oldest first, retrying for as long as the server
+takes to answer. A refusal never raises inside ``upload``: it goes to ``on_error``, the log,
+and ``flush``/``close``. What a process leaves in the spool, the next Client on it sends.
 """
 
 from __future__ import annotations
@@ -34,17 +35,31 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .errors import ReconstructionTimeout, SweepCancelled, SweepFailed, SweepTimeout
+from .errors import (
+    HindsightError,
+    NotFound,
+    ReconstructionTimeout,
+    SweepCancelled,
+    SweepFailed,
+    SweepTimeout,
+    Unauthorized,
+)
 from .snapshot import Snapshot
+from .spool import default_spool_dir, fsync_dir
 from .sweeps import ProgressCallback, SweepWatch, follow
 from .transport import Transport, check_open, raise_for_status
-from .uploads import Uploader, UploadResult, post_reference, run_path
+from .uploads import ErrorCallback, Uploader, UploadResult, post_reference, run_path
 from .wire import (
+    AuthStatus,
+    DeletedSnapshot,
     Lease,
     Reconstruction,
     ReconstructionPending,
     Reference,
     ReferenceList,
+    Report,
+    RunSummary,
+    StoredSnapshot,
     Sweep,
     SweepMetric,
     SweepPage,
@@ -60,6 +75,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("hindsight_client")
 
 Dtype = Literal["f32", "f16", "bf16"]
+
+#: The default bound on the upload spool: 16 GiB (files waiting plus snapshots queued).
+DEFAULT_SPOOL_MAX_BYTES = 16 << 30
+
+
+def _snapshot_id(snapshot: StoredSnapshot | int) -> int:
+    if isinstance(snapshot, StoredSnapshot):
+        return snapshot.id
+    if isinstance(snapshot, bool) or not isinstance(snapshot, int):
+        raise TypeError(f"a snapshot is a StoredSnapshot or its id (an int), not {snapshot!r}")
+    return snapshot
 
 
 def _sweep_id(sweep: Sweep | int) -> int:
@@ -78,17 +104,35 @@ class Client:
         token: bearer token for writes (from ``hindsight token new``); ``None`` for a server
             without tokens.
         timeout: seconds a connection, read or write may stall before the attempt fails.
-        retries: further attempts after a connection failure or a 408/429/502/503/504
-            answer, waiting ``backoff``, then twice as long each time (at most 30 s).
-            Uploads and reconstructions are idempotent, so retrying them is safe.
+        retries: further attempts of a request made on the caller's thread (``upload_now``,
+            ``reconstruct``, listings, downloads) after a connection failure or a
+            408/429/502/503/504 answer, waiting ``backoff``, then twice as long each time (at
+            most 30 s). Spooled uploads are retried without limit (see ``max_backoff``).
         backoff: the first wait between attempts, in seconds.
-        max_pending: snapshots that may wait in the upload queue; ``upload`` blocks only
-            while the queue is full (each queued snapshot holds its bytes in memory).
+        max_pending: snapshots that may wait to be written into the spool; ``upload`` blocks
+            only while more do (each holds its tensors in memory until it is written).
         upload_bytes_per_second: cap on the upload rate (``None``: as fast as the network
             goes), to leave bandwidth to the training job.
         chunk_bytes: size of the pieces an upload body is streamed in.
+        spool_dir: the directory spooled snapshots wait in (created if missing); default
+            ``$HINDSIGHT_SPOOL_DIR``, else ``$XDG_CACHE_HOME`` (or ``~/.cache``)
+            ``/hindsight/spool/<host>_<port>-<hash of the URL>``: one per server, shared by
+            every process that uploads to it.
+        spool_max_bytes: bound on the spool's files plus the snapshots queued for it, in
+            bytes (default 16 GiB); an ``upload`` that would pass it raises
+            :class:`~hindsight_client.errors.SpoolFull` and queues nothing. Refused files
+            kept under ``rejected/`` do not count.
+        max_backoff: the longest wait between two attempts of a spooled upload, in seconds
+            (the waits double from ``backoff``, with random jitter; a ``Retry-After`` is
+            honoured).
+        on_error: ``on_error(run, entry, error)``, called on the sender thread for each
+            snapshot the server refuses (a 4xx other than 408/429: a conflict, a bad file, a
+            wrong token); ``entry`` (a :class:`~hindsight_client.spool.SpoolEntry`) has
+            ``nimg``, ``sigma_rel``, ``digest`` and ``path``, where the refused file is kept.
+            The error is also logged and raised by the next ``flush``/``close``.
+        check: call :meth:`check` now (server reachable, token valid for writes).
 
-    Use it as a context manager, or call :meth:`close`, so queued uploads finish.
+    Use it as a context manager, or call :meth:`close`, so queued snapshots reach the spool.
     """
 
     def __init__(
@@ -102,12 +146,20 @@ class Client:
         max_pending: int = 8,
         upload_bytes_per_second: float | None = None,
         chunk_bytes: int = 1 << 20,
+        spool_dir: str | os.PathLike[str] | None = None,
+        spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES,
+        max_backoff: float = 30.0,
+        on_error: ErrorCallback | None = None,
+        check: bool = False,
     ) -> None:
         if retries < 0 or backoff < 0 or max_pending < 1 or chunk_bytes < 1:
             raise ValueError("retries, backoff must be ≥ 0; max_pending, chunk_bytes ≥ 1")
         if upload_bytes_per_second is not None and not upload_bytes_per_second > 0:
             raise ValueError("upload_bytes_per_second must be positive")
+        if spool_max_bytes < 1 or not max_backoff > 0:
+            raise ValueError("spool_max_bytes must be ≥ 1 and max_backoff positive")
         self.url = url.rstrip("/")
+        self._token = token
         self._transport = Transport(
             self.url,
             {"Authorization": f"Bearer {token}"} if token else {},
@@ -116,10 +168,23 @@ class Client:
             backoff=backoff,
             chunk_bytes=chunk_bytes,
         )
+        if check:
+            try:
+                self.check()
+            except BaseException:
+                self._transport.http.close()
+                raise
         self._uploads = Uploader(
-            self._transport, max_pending=max_pending, bytes_per_second=upload_bytes_per_second
+            self._transport,
+            spool_dir=Path(spool_dir) if spool_dir is not None else default_spool_dir(self.url),
+            spool_max_bytes=spool_max_bytes,
+            max_pending=max_pending,
+            bytes_per_second=upload_bytes_per_second,
+            backoff=max(backoff, 0.05),
+            max_backoff=max_backoff,
+            on_error=on_error,
         )
-        # Queued uploads still finish when the interpreter exits without close().
+        # Queued snapshots still reach the spool when the interpreter exits without close().
         ref = weakref.ref(self)
 
         def at_exit() -> None:
@@ -129,6 +194,11 @@ class Client:
 
         self._atexit = at_exit
         atexit.register(at_exit)
+
+    @property
+    def spool_dir(self) -> Path:
+        """The directory spooled snapshots wait in."""
+        return self._uploads.spool_dir
 
     def __enter__(self) -> Client:
         return self
@@ -146,37 +216,60 @@ class Client:
     # -- uploads ----------------------------------------------------------------------------
 
     def upload(
-        self, run: str, snapshots: Snapshot | Iterable[Snapshot], *, check_finite: bool = False
+        self,
+        run: str,
+        snapshots: Snapshot | Iterable[Snapshot],
+        *,
+        check_finite: bool = False,
+        durable: bool = False,
     ) -> list[Future[UploadResult]]:
         """Queues snapshots for upload into ``run`` (created on its first snapshot) and
-        returns one future per snapshot at once.
+        returns one future per snapshot.
 
-        On the background thread, each snapshot is skipped if the run already lists its
-        content at its (nimg, σ_rel) (``HEAD /blobs/{digest}`` first, so new content costs one
-        small request), else streamed as the body of ``POST /runs/{run}/snapshots``, retried
-        on connection failures. ``check_finite`` asks the server to refuse NaN/Inf.
+        By default it returns as soon as the snapshots are queued: a spooler thread writes
+        each into the spool directory (fsynced, then the snapshot's buffers are released),
+        so the training thread does not pay for the write. With ``durable=True`` it returns
+        only once they are fsynced in the spool (and raises the ``OSError`` of a failed
+        write). A sender thread then sends the spooled files oldest first: each is skipped
+        if the run already lists its content at its (nimg, σ_rel) (``HEAD /blobs/{digest}``
+        first), else streamed as the body of ``POST /runs/{run}/snapshots``, retried for as
+        long as the server is unreachable or answers 5xx/408/429. ``check_finite`` asks the
+        server to refuse NaN/Inf.
 
-        A failure (e.g. :class:`~hindsight_client.errors.Unauthorized`,
-        :class:`~hindsight_client.errors.Conflict`) is raised by its future, by the next
-        ``upload`` call, and by :meth:`flush` / :meth:`close` — each failure once.
+        Raises ``TypeError`` (naming the type) for anything but a
+        :class:`~hindsight_client.Snapshot` or an iterable of them, and
+        :class:`~hindsight_client.errors.SpoolFull` when the spool would pass
+        ``spool_max_bytes`` (nothing is queued then). Never raises a server's refusal: a
+        refused snapshot (e.g. :class:`~hindsight_client.errors.Conflict`,
+        :class:`~hindsight_client.errors.InvalidInput`,
+        :class:`~hindsight_client.errors.Unauthorized`) is kept under the spool's
+        ``rejected/``, given to ``on_error``, logged, set on its future and raised by the
+        next :meth:`flush` / :meth:`close` — each failure once.
         """
-        return self._uploads.upload(run, snapshots, check_finite=check_finite)
+        return self._uploads.upload(run, snapshots, check_finite=check_finite, durable=durable)
 
     def upload_now(
         self, run: str, snapshot: Snapshot, *, check_finite: bool = False
     ) -> UploadResult:
-        """Uploads one snapshot on the calling thread (what the background thread does for
-        each queued snapshot)."""
+        """Uploads one snapshot on the calling thread, without the spool: skipped if the run
+        lists it already, else sent with the client's ``retries``; a refusal or a server
+        that stays unreachable raises here."""
         return self._uploads.upload_one(self._transport.http, run, snapshot, check_finite)
 
     def flush(self, timeout: float | None = None) -> list[UploadResult]:
-        """Waits for every queued upload; returns the results not reported before, or
-        raises the first failure among them."""
+        """Waits until the spool is drained: every snapshot queued by this Client, and every
+        file earlier processes left in the spool, is stored on the server or refused. With
+        the server down it waits for as long as that takes, or ``timeout`` seconds
+        (``TimeoutError``; the files stay spooled). Returns the results not reported before,
+        or raises the first refusal not raised before."""
         return self._uploads.flush(timeout)
 
     def close(self) -> None:
-        """Finishes the queued uploads (raising the first failure), stops the upload thread
-        and closes the connections. Idempotent."""
+        """Waits until every queued snapshot is written and fsynced into the spool, then for
+        the sender only while uploads succeed: a server that is down does not hold the
+        process, and what is left in the spool is sent by the next Client on it (logged).
+        Stops the threads, closes the connections, and raises the first refusal not raised
+        before. Idempotent; also run at interpreter exit (errors logged then)."""
         if self._uploads.closed:
             return
         atexit.unregister(self._atexit)
@@ -191,17 +284,153 @@ class Client:
         except Exception as e:  # at exit there is no caller left to raise to
             log.error("uploads failed at exit: %s", e)
 
-    # -- reading and reconstructing --------------------------------------------------------
+    # -- the server, its runs and their snapshots ---------------------------------------------
 
-    def runs(self) -> list[dict[str, Any]]:
-        """``GET /runs``: every run with its totals."""
-        runs: list[dict[str, Any]] = self._transport.get_json("/runs")
-        return runs
+    def check(self) -> AuthStatus:
+        """``GET /auth``: checks that the server answers and that the token may write.
+        Returns the server's :class:`~hindsight_client.wire.AuthStatus`.
 
-    def snapshots(self, run: str) -> list[dict[str, Any]]:
-        """``GET /runs/{run}/snapshots``: the run's snapshots (nimg, sigma_rel, digest, ...)."""
-        rows: list[dict[str, Any]] = self._transport.get_json(f"{run_path(run)}/snapshots")
-        return rows
+        Raises :class:`~hindsight_client.errors.TransportError` when the server cannot be
+        reached (after the client's retries), and
+        :class:`~hindsight_client.errors.Unauthorized` when writes would be refused: a
+        token was given and is not valid, or the server requires one and none was given.
+        """
+        response = self._transport.send("GET", "/auth")
+        if response.status_code == 404:
+            raise HindsightError(
+                f"{self.url} answers but has no GET /auth (a hindsight serve older than the "
+                "client): cannot check the token"
+            )
+        status = AuthStatus.from_json(raise_for_status(response).json())
+        if not status.can_write and (self._token is not None or status.tokens_required):
+            why = (
+                "the token is not valid"
+                if status.token == "invalid"
+                else "the server requires a token and none was given"
+                if self._token is None
+                else f"the token is {status.token} and may not write"
+            )
+            raise Unauthorized(401, "unauthorized", why, "GET", f"{self.url}/auth")
+        return status
+
+    def runs(self) -> list[RunSummary]:
+        """``GET /runs``: every run with its totals (``run.name``, ``run.snapshots``,
+        ``run.bytes``, ...; ``run["name"]`` reads the server's JSON as before)."""
+        return [RunSummary.from_json(r) for r in self._transport.get_json("/runs")]
+
+    def snapshots(self, run: str) -> list[StoredSnapshot]:
+        """``GET /runs/{run}/snapshots``: the run's stored snapshots by time and width
+        (``id``, ``nimg``, ``sigma_rel``, ``digest``, ``byte_size``, ...; ``row["nimg"]``
+        reads the server's JSON as before). :class:`~hindsight_client.errors.NotFound` for
+        an unknown run."""
+        rows = self._transport.get_json(f"{run_path(run)}/snapshots")
+        return [StoredSnapshot.from_json(r) for r in rows]
+
+    def _snapshot_row(self, run: str, snapshot: StoredSnapshot | int) -> StoredSnapshot:
+        sid = _snapshot_id(snapshot)
+        for row in self.snapshots(run):
+            if row.id == sid:
+                return row
+        raise NotFound(
+            404,
+            "not_found",
+            f"run {run} has no snapshot {sid}",
+            "GET",
+            f"{self.url}{run_path(run)}/snapshots",
+        )
+
+    def delete_snapshot(self, run: str, snapshot: StoredSnapshot | int) -> DeletedSnapshot:
+        """``DELETE /runs/{run}/snapshots/{id}`` (``snapshot``: a row of :meth:`snapshots`
+        or its ``id``): the way out of a run with a bad snapshot. Needs the token;
+        :class:`~hindsight_client.errors.NotFound` for an unknown run or id."""
+        path = f"{run_path(run)}/snapshots/{_snapshot_id(snapshot)}"
+        return DeletedSnapshot.from_json(
+            raise_for_status(self._transport.send("DELETE", path)).json()
+        )
+
+    def download_snapshot(
+        self,
+        run: str,
+        snapshot: StoredSnapshot | int,
+        path: str | os.PathLike[str] | None = None,
+    ) -> Path | Snapshot:
+        """``GET /runs/{run}/snapshots/{id}/file``: a stored snapshot's file, its BLAKE3
+        digest checked against the run's listing.
+
+        With ``path`` (a file, or a directory to put the snapshot's EDM2-style name in),
+        the bytes go to a temporary file beside it, fsynced and renamed only once the digest
+        checks out; returns the path. Without, returns a
+        :class:`~hindsight_client.Snapshot` made from the bytes.
+
+        Raises :class:`~hindsight_client.errors.NotFound` (unknown run or id) and
+        :class:`~hindsight_client.errors.DigestMismatch` (nothing is kept then).
+        """
+        row = self._snapshot_row(run, snapshot)
+        url = f"{run_path(run)}/snapshots/{row.id}/file"
+        if path is None:
+            chunks: list[bytes] = []
+
+            def into_memory() -> Callable[[bytes], object]:
+                chunks.clear()
+                return chunks.append
+
+            self._transport.fetch(url, row.digest, into_memory)
+            data = b"".join(chunks)
+            from_bytes = getattr(Snapshot, "from_bytes", None)
+            if from_bytes is not None:
+                snap: Snapshot = from_bytes(data, nimg=row.nimg, sigma_rel=row.sigma_rel)
+                return snap
+            return Snapshot(nimg=row.nimg, sigma_rel=row.sigma_rel, data=data)
+        target = Path(path)
+        if target.is_dir():
+            name = Snapshot(nimg=row.nimg, sigma_rel=row.sigma_rel, data=b"").file_name()
+            target = target / name
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+        handle: list[Any] = []
+
+        def into_file() -> Callable[[bytes], object]:
+            for f in handle:
+                f.close()
+            handle[:] = [open(tmp, "wb")]  # noqa: SIM115 (closed in `finally` below)
+            return handle[0].write
+
+        try:
+            self._transport.fetch(url, row.digest, into_file)
+            handle[0].flush()
+            os.fsync(handle[0].fileno())
+            handle[0].close()
+            os.replace(tmp, target)
+            fsync_dir(target.parent)
+        finally:
+            for f in handle:
+                f.close()
+            tmp.unlink(missing_ok=True)
+        return target
+
+    def preview(
+        self,
+        run: str,
+        *,
+        sigma_rel: float | None = None,
+        gamma: float | None = None,
+        nimg: int | None = None,
+    ) -> Report:
+        """``GET /runs/{run}/preview``: the quality report a reconstruction of width
+        ``sigma_rel`` (or exponent ``gamma``) at training time ``nimg`` (default the run's
+        last snapshot) would have, without reconstructing (a millisecond solve): relative
+        profile error, Σ|w|, noise gain, condition number, the weighted snapshots and
+        warnings. :class:`~hindsight_client.errors.InvalidInput` for a width out of range,
+        :class:`~hindsight_client.errors.NotFound` for an unknown run."""
+        if (sigma_rel is None) == (gamma is None):
+            raise ValueError("give exactly one of sigma_rel and gamma")
+        params: dict[str, Any] = (
+            {"sigma_rel": repr(float(sigma_rel))}
+            if sigma_rel is not None
+            else {"gamma": repr(float(gamma))}  # type: ignore[arg-type]
+        )
+        if nimg is not None:
+            params["nimg"] = int(nimg)
+        return Report.from_json(self._transport.get_json(f"{run_path(run)}/preview", params=params))
 
     def has_blob(self, digest: str) -> bool:
         """``HEAD /blobs/{digest}``: whether the server stores this content."""
@@ -210,6 +439,8 @@ class Client:
             return False
         raise_for_status(response)
         return True
+
+    # -- reconstructing --------------------------------------------------------------------
 
     def reconstruct(
         self,
@@ -222,6 +453,7 @@ class Client:
         clamp_out_of_range: bool = False,
         wait_secs: float | None = None,
         timeout: float | None = None,
+        buffers: Literal["average", "copy"] | None = None,
     ) -> Reconstruction:
         """Reconstructs the EMA of width ``sigma_rel`` (or exponent ``gamma``) of ``run`` at
         training time ``nimg`` (default: the run's last snapshot) from its stored snapshots.
@@ -229,8 +461,13 @@ class Client:
         Returns when the weights are stored on the server: a 202 answer (work still running
         after ``wait_secs``, default the server's) is polled at ``status_url`` until ready or
         ``timeout`` seconds have passed (:class:`ReconstructionTimeout`; ``None`` waits as
-        long as it takes). ``dtype`` is the element type of the float tensors; with ``f16``,
-        values beyond ±65504 fail the request unless ``clamp_out_of_range``.
+        long as it takes). ``dtype`` is the element type of the float tensors: **float16
+        unless told** (``"f32"``, ``"bf16"``), whatever the snapshots' dtype; with ``f16``,
+        values beyond ±65504 fail the request unless ``clamp_out_of_range``. ``buffers``:
+        ``"average"`` (the server's default: every float tensor averaged) or ``"copy"`` (the
+        tensors the snapshots declare as buffers, e.g. BatchNorm statistics, copied from the
+        newest snapshot with a weight, as EDM2's ``reconstruct_phema.py`` does); integer
+        tensors are always copied.
         """
         if (sigma_rel is None) == (gamma is None):
             raise ValueError("give exactly one of sigma_rel and gamma")
@@ -245,6 +482,10 @@ class Client:
             request["nimg"] = int(nimg)
         if clamp_out_of_range:
             request["clamp_out_of_range"] = True
+        if buffers is not None:
+            if buffers not in ("average", "copy"):
+                raise ValueError(f"buffers {buffers!r} is not 'average' or 'copy'")
+            request["buffers"] = buffers
         if wait_secs is not None:
             request["wait_secs"] = float(wait_secs)
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -55,8 +55,9 @@ class NotFound(ApiError):
 
 
 class Conflict(ApiError):
-    """HTTP 409: a different snapshot is already stored at this (nimg, σ_rel), or the
-    snapshot's tensors differ from the run's manifest."""
+    """HTTP 409: a snapshot with different tensor values is already stored at this
+    (nimg, σ_rel). (A snapshot whose tensor *set* — names, dtypes, shapes — differs from the
+    run's manifest is a 400 :class:`InvalidInput`.)"""
 
 
 class PayloadTooLarge(ApiError):
@@ -91,6 +92,18 @@ def api_error(status: int, code: str, message: str, method: str, url: str) -> Ap
 class TransportError(HindsightError):
     """The server could not be reached or the connection broke, after every retry. The last
     underlying exception is the ``__cause__``."""
+
+
+class SpoolFull(HindsightError):
+    """:meth:`~hindsight_client.Client.upload` would take the upload spool past its size
+    bound; nothing was queued (the message names the directory, the bound and how to raise
+    it). Snapshots already spooled stay and are sent once the server answers."""
+
+    def __init__(self, message: str, spool_dir: str, limit: int, used: int) -> None:
+        super().__init__(message)
+        self.spool_dir = spool_dir
+        self.limit = limit
+        self.used = used
 
 
 class DigestMismatch(HindsightError):

@@ -7,6 +7,7 @@ travels with every request of a :class:`Transport`.
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
 import socket
@@ -36,6 +37,25 @@ UNSENT_STATUSES = frozenset({408, 429, 503})
 #: The error code of a 429 that says a configured bound is reached (e.g. too many unfinished
 #: sweeps), which waiting a few seconds does not change: not retried.
 LIMIT_REACHED = "limit_reached"
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """The seconds a ``Retry-After`` header asks to wait (delta-seconds or an HTTP date);
+    ``None`` when absent or unreadable."""
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def _is_limit_reached(response: httpx.Response) -> bool:

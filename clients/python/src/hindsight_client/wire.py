@@ -131,6 +131,152 @@ class Ingested:
         return cls(digest=str(view["digest"]), inserted=bool(view["inserted"]))
 
 
+class _Row:
+    """Read-only ``row["key"]`` access to the server's JSON (:attr:`raw`), for code written
+    when :meth:`~hindsight_client.Client.runs` and
+    :meth:`~hindsight_client.Client.snapshots` returned dicts."""
+
+    raw: dict[str, Any]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.raw[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.raw.get(key, default)
+
+
+@dataclass(frozen=True)
+class StoredSnapshot(_Row):
+    """One snapshot a run stores (``GET /runs/{run}/snapshots``).
+
+    Attributes:
+        id: the row's id (for :meth:`~hindsight_client.Client.delete_snapshot` and
+            :meth:`~hindsight_client.Client.download_snapshot`).
+        nimg: training time in images.
+        sigma_rel: EMA width; ``gamma`` the same as a power-function exponent.
+        digest: BLAKE3 of the file (hex).
+        byte_size: the file's size in bytes.
+        tensor_count: number of tensors.
+        dtypes: elements per safetensors dtype, e.g. ``{"F32": 1024}``.
+        metadata: the file's ``__metadata__`` as the trainer wrote it.
+        created_at: when it was stored (RFC 3339 UTC).
+        raw: the row as the server sent it (``row["nimg"]`` reads it too).
+    """
+
+    __schema__ = "SnapshotRow"
+
+    id: int
+    nimg: int
+    sigma_rel: float
+    gamma: float
+    digest: str
+    byte_size: int
+    tensor_count: int
+    dtypes: dict[str, int]
+    metadata: dict[str, Any]
+    created_at: str
+    raw: dict[str, Any] = field(metadata=LOCAL, repr=False)
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> StoredSnapshot:
+        return cls(
+            id=int(row["id"]),
+            nimg=int(row["nimg"]),
+            sigma_rel=float(row["sigma_rel"]),
+            gamma=float(row["gamma"]),
+            digest=str(row["digest"]),
+            byte_size=int(row["byte_size"]),
+            tensor_count=int(row["tensor_count"]),
+            dtypes={str(k): int(v) for k, v in dict(row["dtypes"]).items()},
+            metadata=_object(row["metadata"]),
+            created_at=str(row["created_at"]),
+            raw=row,
+        )
+
+
+@dataclass(frozen=True)
+class DeletedSnapshot:
+    """What ``DELETE /runs/{run}/snapshots/{id}`` did: the row that went, and whether its
+    file left the store (``False`` when other rows still refer to it)."""
+
+    __schema__ = "DeletedSnapshot"
+
+    deleted: StoredSnapshot
+    blob_removed: bool
+
+    @classmethod
+    def from_json(cls, view: dict[str, Any]) -> DeletedSnapshot:
+        return cls(
+            deleted=StoredSnapshot.from_json(view["deleted"]),
+            blob_removed=bool(view["blob_removed"]),
+        )
+
+
+@dataclass(frozen=True)
+class RunSummary(_Row):
+    """A run with its totals (``GET /runs``).
+
+    Attributes:
+        name: the run's unique name.
+        description: free text.
+        created_at, last_activity: RFC 3339 UTC.
+        snapshots: number of snapshots; ``bytes`` their files' total size.
+        first_nimg, last_nimg: earliest and latest snapshot time (``None`` without any).
+        raw: the row as the server sent it (``run["name"]`` reads it too).
+    """
+
+    __schema__ = "RunSummary"
+
+    name: str
+    description: str
+    created_at: str
+    snapshots: int
+    bytes: int
+    last_activity: str
+    first_nimg: int | None
+    last_nimg: int | None
+    raw: dict[str, Any] = field(metadata=LOCAL, repr=False)
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> RunSummary:
+        return cls(
+            name=str(row["name"]),
+            description=str(row["description"]),
+            created_at=str(row["created_at"]),
+            snapshots=int(row["snapshots"]),
+            bytes=int(row["bytes"]),
+            last_activity=str(row["last_activity"]),
+            first_nimg=_opt_int(row.get("first_nimg")),
+            last_nimg=_opt_int(row.get("last_nimg")),
+            raw=row,
+        )
+
+
+@dataclass(frozen=True)
+class AuthStatus:
+    """What ``GET /auth`` says of the client's token.
+
+    Attributes:
+        tokens_required: whether the server has a token file (writes need a token).
+        token: ``"none"`` (no token sent), ``"valid"`` or ``"invalid"``.
+        can_write: whether this client may upload, reconstruct and start sweeps.
+    """
+
+    __schema__ = "AuthStatus"
+
+    tokens_required: bool
+    token: str
+    can_write: bool
+
+    @classmethod
+    def from_json(cls, view: dict[str, Any]) -> AuthStatus:
+        return cls(
+            tokens_required=bool(view["tokens_required"]),
+            token=str(view["token"]),
+            can_write=bool(view["can_write"]),
+        )
+
+
 # -- reconstructions -----------------------------------------------------------------------
 
 
