@@ -19,10 +19,10 @@
 //!
 //! The pickles are parsed by [`crate::metrics::pickle`], which builds symbolic values and calls
 //! nothing. On top of that every global a file names is checked against an allow-list of
-//! exactly the names these files need ([`SNAPSHOT_GLOBALS`], [`STORAGE_GLOBALS`],
-//! [`TRAINING_STATE_GLOBALS`]) before anything else is looked at: any other (`os.system`,
-//! `builtins.eval`, an unknown class rebuilt by its `__reduce__`) refuses the whole file, naming
-//! the global and the file, and nothing is stored. Walks over the module tree are iterative and
+//! exactly the names these files need ([`SNAPSHOT_GLOBALS`], [`TRAINING_STATE_GLOBALS`], and
+//! the `torch.<T>Storage` types, which alone a legacy storage file may name) before anything
+//! else is looked at: any other (`os.system`, `builtins.eval`, an unknown class rebuilt by its
+//! `__reduce__`) refuses the whole file, naming the global and the file, and nothing is stored. Walks over the module tree are iterative and
 //! bounded ([`MAX_MODULE_DEPTH`], [`MAX_MODULES`]).
 //!
 //! # Conversion
@@ -71,7 +71,8 @@ pub const SNAPSHOT_GLOBALS: &[(&str, &str)] = &[
     ("numpy", "dtype"),
 ];
 
-/// Storage types and their safetensors element type and size in bytes.
+/// Storage types (`torch.<T>Storage`, the only globals a legacy storage file may name) and
+/// their safetensors element type and size in bytes.
 const STORAGE_TYPES: &[(&str, &str, usize)] = &[
     ("HalfStorage", "F16", 2),
     ("BFloat16Storage", "BF16", 2),
@@ -84,10 +85,6 @@ const STORAGE_TYPES: &[(&str, &str, usize)] = &[
     ("ByteStorage", "U8", 1),
     ("BoolStorage", "BOOL", 1),
 ];
-
-/// The globals a legacy `torch.save` of one storage may name: `torch.<T>Storage` of
-/// [`STORAGE_TYPES`] (checked there).
-pub const STORAGE_GLOBALS: &str = "torch.<type>Storage (HalfStorage, FloatStorage, …)";
 
 /// The globals a `training-state-*.pt` may name besides `torch.<T>Storage`: EDM2's
 /// `EasyDict` (its `state`), `OrderedDict` (state dicts), tensors, and protocol 2's bytes.
@@ -984,4 +981,290 @@ fn read_bounded(path: &Path, source: &str) -> Result<Vec<u8>> {
         ));
     }
     std::fs::read(path).map_err(|e| Error::io(format!("reading {source}"), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `BINUNICODE` of `text`.
+    fn s(text: &str) -> Vec<u8> {
+        let mut out = vec![b'X'];
+        out.extend((text.len() as u32).to_le_bytes());
+        out.extend(text.as_bytes());
+        out
+    }
+
+    /// A legacy `torch.save` of one storage of type `storage` (a `GLOBAL` line such as
+    /// `torch\nHalfStorage`), `numel` elements, with `count` written before `data`.
+    fn legacy(storage: &str, numel: i32, count: u64, data: &[u8]) -> Vec<u8> {
+        let mut b = b"\x80\x02".to_vec();
+        b.extend(LEGACY_MAGIC);
+        b.extend(b"\x80\x02M\xe9\x03.");
+        b.extend(b"\x80\x02}");
+        b.extend(s("little_endian"));
+        b.extend(b"\x88s.");
+        b.extend(b"\x80\x02(");
+        b.extend(s("storage"));
+        b.extend(format!("c{storage}\n").as_bytes());
+        b.extend(s("94123"));
+        b.extend(s("cpu"));
+        b.push(b'J');
+        b.extend(numel.to_le_bytes());
+        b.extend(b"NtQ.");
+        b.extend(b"\x80\x02]");
+        b.extend(s("94123"));
+        b.extend(b"a.");
+        b.extend(count.to_le_bytes());
+        b.extend(data);
+        b
+    }
+
+    fn halves(values: &[f32]) -> Vec<u8> {
+        values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn legacy_storages_are_read() {
+        let data = halves(&[1.0, -2.5, 0.125]);
+        let bytes = legacy("torch\nHalfStorage", 3, 3, &data);
+        let st = read_legacy_storage(&bytes, "t").unwrap();
+        assert_eq!((st.dtype, st.elem, st.data), ("F16", 2, &data[..]));
+        let floats: Vec<u8> = [1f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bytes = legacy("torch\nFloatStorage", 2, 2, &floats);
+        let st = read_legacy_storage(&bytes, "t").unwrap();
+        assert_eq!((st.dtype, st.elem), ("F32", 4));
+    }
+
+    #[track_caller]
+    fn refused(bytes: &[u8], needle: &str) {
+        let err = read_legacy_storage(bytes, "file.pkl")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle), "{err}");
+        assert!(err.contains("file.pkl"), "{err}");
+    }
+
+    #[test]
+    fn corrupt_or_truncated_storages_are_clear_errors_not_panics() {
+        let data = halves(&[1.0, 2.0, 3.0]);
+        let good = legacy("torch\nHalfStorage", 3, 3, &data);
+        for cut in 0..good.len() {
+            assert!(
+                read_legacy_storage(&good[..cut], "t").is_err(),
+                "cut at {cut}"
+            );
+        }
+        let mut longer = good.clone();
+        longer.push(0);
+        refused(&longer, "7 data bytes where 3 F16 elements take 6");
+        refused(
+            &legacy("torch\nHalfStorage", 3, 4, &data),
+            "4 elements written, the id says 3",
+        );
+        let mut wrong = good.clone();
+        wrong[5] ^= 1;
+        refused(&wrong, "no magic number");
+        refused(
+            &legacy("torch\nFooStorage", 3, 3, &data),
+            "the global `torch.FooStorage`",
+        );
+        refused(&legacy("os\nsystem", 3, 3, &data), "the global `os.system`");
+        // Written on a big-endian machine: little_endian False.
+        let pos = good
+            .windows(13)
+            .position(|w| w == b"little_endian")
+            .unwrap();
+        let mut be = good.clone();
+        be[pos + 13] = 0x89;
+        refused(&be, "big-endian");
+        // A storage view (view_metadata set).
+        let view = legacy("torch\nHalfStorage", 3, 3, &data);
+        let n = view.windows(4).position(|w| w == b"NtQ.").unwrap();
+        let mut v = view[..n].to_vec();
+        v.extend(b"(");
+        v.extend(s("1"));
+        v.extend(b"K\x00K\x06t");
+        v.extend(&view[n + 1..]);
+        refused(&v, "a view of another storage");
+    }
+
+    fn storage<'a>(data: &'a [u8], dtype: &'static str, elem: usize) -> Storage<'a> {
+        Storage { dtype, elem, data }
+    }
+
+    #[test]
+    fn strided_views_are_gathered_and_out_of_range_views_refused() {
+        let raw: Vec<u8> = (0u8..6).collect();
+        let st = storage(&raw, "U8", 1);
+        // The transpose of a 2×3 matrix: shape [3, 2], strides [1, 3].
+        let t = tensor_data(st, 0, &[3, 2], &[1, 3], "f", "w").unwrap();
+        assert!(matches!(t, Cow::Owned(_)));
+        assert_eq!(&*t, &[0, 3, 1, 4, 2, 5]);
+        // Contiguous with an offset, and a size-1 dimension with any stride: borrowed.
+        let t = tensor_data(st, 2, &[2, 1, 2], &[2, 99, 1], "f", "w").unwrap();
+        assert!(matches!(t, Cow::Borrowed(_)));
+        assert_eq!(&*t, &[2, 3, 4, 5]);
+        // Empty and scalar tensors.
+        assert!(tensor_data(st, 0, &[0, 4], &[4, 1], "f", "w")
+            .unwrap()
+            .is_empty());
+        assert_eq!(&*tensor_data(st, 5, &[], &[], "f", "w").unwrap(), &[5]);
+        // f16 elements: strides count elements, not bytes.
+        let h = halves(&[0.0, 1.0, 2.0, 3.0]);
+        let t = tensor_data(storage(&h, "F16", 2), 0, &[2, 2], &[1, 2], "f", "w").unwrap();
+        assert_eq!(&*t, &halves(&[0.0, 2.0, 1.0, 3.0])[..]);
+        for (offset, shape, stride, needle) in [
+            (
+                0i64,
+                &[3usize, 3][..],
+                &[3i64, 1][..],
+                "reach element 8 of a storage of 6",
+            ),
+            (5, &[2], &[1], "reach element 6"),
+            (-1, &[1], &[1], "storage offset -1"),
+            (0, &[2, 2], &[-1, 1], "negative stride -1"),
+            (0, &[2], &[1, 1], "2 strides for 1 dimensions"),
+        ] {
+            let err = tensor_data(st, offset, shape, stride, "f.pkl", "w")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(needle) && err.contains("f.pkl") && err.contains("tensor w"),
+                "{err}"
+            );
+        }
+    }
+
+    /// `{'ema': ModuleDict ∘ … ∘ ModuleDict}`, `levels` deep, each level's `_modules` holding
+    /// the next under `a`.
+    fn nested_modules(levels: usize) -> Vec<u8> {
+        let mut b = b"\x80\x04}".to_vec();
+        b.extend(s("ema"));
+        for _ in 0..levels {
+            b.extend(b"ctorch.nn.modules.container\nModuleDict\n)\x81}(");
+            b.extend(s("_parameters"));
+            b.push(b'}');
+            b.extend(s("_buffers"));
+            b.push(b'}');
+            b.extend(s("_modules"));
+            b.push(b'}');
+            b.extend(s("a"));
+        }
+        b.push(b'N');
+        for _ in 0..levels {
+            b.extend(b"sub");
+        }
+        b.extend(b"s.");
+        b
+    }
+
+    #[test]
+    fn module_walks_are_bounded() {
+        let ok = parse_snapshot_pickle(&nested_modules(3), "t").unwrap();
+        let err = snapshot_tensors(&ok, "t").unwrap_err().to_string();
+        assert!(err.contains("holds no tensors"), "{err}");
+        let deep =
+            parse_snapshot_pickle(&nested_modules(MAX_MODULE_DEPTH + 2), "deep.pkl").unwrap();
+        let err = snapshot_tensors(&deep, "deep.pkl").unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("nested deeper than {MAX_MODULE_DEPTH} levels"))
+                && err.contains("deep.pkl"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn pickles_that_are_not_snapshots_say_what_they_hold() {
+        // {'net': None}: no ema.
+        let mut b = b"\x80\x04}".to_vec();
+        b.extend(s("net"));
+        b.extend(b"Ns.");
+        let p = parse_snapshot_pickle(&b, "x.pkl").unwrap();
+        let err = snapshot_tensors(&p, "x.pkl").unwrap_err().to_string();
+        assert!(err.contains("no `ema` entry (it holds [\"net\"])"), "{err}");
+        // ema is a plain dict, not a module.
+        let mut b = b"\x80\x04}".to_vec();
+        b.extend(s("ema"));
+        b.extend(b"}s.");
+        let p = parse_snapshot_pickle(&b, "x.pkl").unwrap();
+        let err = snapshot_tensors(&p, "x.pkl").unwrap_err().to_string();
+        assert!(
+            err.contains("the network is a dict of 0 entries, not an EDM2"),
+            "{err}"
+        );
+    }
+
+    /// EDM2's own snapshot pickle (the committed fixture): every prefix of it is a clear error,
+    /// never a panic; the whole file gives EDM2's state_dict() names with the buffers marked.
+    #[test]
+    fn a_real_snapshot_and_its_truncations() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/edm2_pkl/run/network-snapshot-0000004-0.050.pkl");
+        let bytes = std::fs::read(path).unwrap();
+        let p = parse_snapshot_pickle(&bytes, "f").unwrap();
+        let tensors = snapshot_tensors(&p, "f").unwrap();
+        let names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+        assert!(names.contains(&"unet.enc.8x8_conv.weight"), "{names:?}");
+        assert!(names.contains(&"unet.out_gain"), "{names:?}");
+        let buffers: Vec<&str> = tensors
+            .iter()
+            .filter(|t| t.buffer)
+            .map(|t| t.name.as_str())
+            .collect();
+        assert_eq!(
+            buffers,
+            [
+                "logvar_fourier.freqs",
+                "logvar_fourier.phases",
+                "unet.emb_fourier.freqs",
+                "unet.emb_fourier.phases"
+            ]
+        );
+        assert!(tensors.iter().all(|t| t.dtype == "F16"));
+        for cut in (0..bytes.len()).step_by(97) {
+            let r = parse_snapshot_pickle(&bytes[..cut], "f")
+                .and_then(|p| snapshot_tensors(&p, "f").map(|t| t.len()));
+            assert!(r.is_err(), "cut at {cut}");
+        }
+        // A byte flipped inside a storage's legacy bytes: refused, naming the file.
+        let at = bytes
+            .windows(LEGACY_MAGIC.len())
+            .position(|w| w == LEGACY_MAGIC)
+            .unwrap();
+        let mut bad = bytes.clone();
+        bad[at + 3] ^= 0xff;
+        let err = parse_snapshot_pickle(&bad, "f.pkl")
+            .and_then(|p| snapshot_tensors(&p, "f.pkl").map(|t| t.len()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("f.pkl") && err.contains("no magic number"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn file_names() {
+        assert_eq!(
+            parse_edm2_file_name("network-snapshot-0008388-0.050.pkl"),
+            Some(Edm2File::Pickle(8_388_608, 0.05))
+        );
+        assert_eq!(
+            parse_edm2_file_name("training-state-0000012.pt"),
+            Some(Edm2File::TrainingState(12_288))
+        );
+        for bad in [
+            "network-snapshot-0008388.pkl",
+            "training-state-.pt",
+            "training-state-12a.pt",
+            "network-snapshot-0008388-0.050.safetensors",
+            "0.1000.pt",
+        ] {
+            assert_eq!(parse_edm2_file_name(bad), None, "{bad}");
+        }
+    }
 }

@@ -32,8 +32,7 @@ mod trainer;
 pub use edm2::{
     ingest_edm2, parse_edm2_file_name, parse_snapshot_pickle, read_legacy_storage,
     snapshot_tensors, tensor_data, write_converted, Edm2File, Edm2Tensor, Storage, TrainingState,
-    MAX_EDM2_PICKLE_BYTES, MAX_MODULES, MAX_MODULE_DEPTH, SNAPSHOT_GLOBALS, STORAGE_GLOBALS,
-    TRAINING_STATE_GLOBALS,
+    MAX_EDM2_PICKLE_BYTES, MAX_MODULES, MAX_MODULE_DEPTH, SNAPSHOT_GLOBALS, TRAINING_STATE_GLOBALS,
 };
 pub use ema_pytorch::{
     convert_checkpoint, ingest_ema_pytorch, parse_ema_pytorch_name, EmaPytorchSettings,

@@ -1443,6 +1443,19 @@ mod tests {
     }
 
     #[test]
+    fn globals_are_listed_and_pickles_read_one_after_another() {
+        // GLOBAL os.system (named, never called), then STACK_GLOBAL posix.system called.
+        let bytes = b"\x80\x04cos\nsystem\n0\x8c\x05posix\x8c\x06system\x93N\x85R.\x80\x02K\x07.";
+        let (p, used) = parse_prefix(bytes, "t", &Limits::DEFAULT).unwrap();
+        let globals: Vec<(&str, &str)> = p.globals().collect();
+        assert_eq!(globals, [("os", "system"), ("posix", "system")]);
+        let (second, rest) = parse_prefix(&bytes[used..], "t", &Limits::DEFAULT).unwrap();
+        assert_eq!(second.root().as_int(), Some(7));
+        assert_eq!(used + rest, bytes.len());
+        assert_eq!(second.globals().count(), 0);
+    }
+
+    #[test]
     fn protocol_2_bytes_and_out_of_band_buffers() {
         // _codecs.encode('\x00é\xff', 'latin1') -> b'\x00\xe9\xff'
         let mut bytes = b"\x80\x02c_codecs\nencode\nX\x05\x00\x00\x00\x00".to_vec();
