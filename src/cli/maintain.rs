@@ -10,7 +10,10 @@ use super::common::{bar, block_on, human_bytes};
 
 /// Re-hashes every blob; prints each problem and a summary; fails if any was found.
 pub fn verify(data_dir: &Path) -> anyhow::Result<()> {
-    let progress = bar("{spinner} verifying {bar:30} {bytes}/{total_bytes} {bytes_per_sec}");
+    let progress = bar(
+        "verifying",
+        "{spinner} verifying {bar:30} {bytes}/{total_bytes} {bytes_per_sec}",
+    );
     let report = block_on(async {
         let data = DataDir::open(data_dir).await?;
         Ok(hindsight::app::verify(&data, &progress).await?)

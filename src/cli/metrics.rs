@@ -118,7 +118,10 @@ fn dataset_features(
     limit: Option<usize>,
     batch: usize,
 ) -> anyhow::Result<Vec<f32>> {
-    let progress = bar("features {bar:30} {pos}/{len} images {per_sec} ETA {eta} {msg}");
+    let progress = bar(
+        "features",
+        "features {bar:30} {pos}/{len} images {per_sec} ETA {eta} {msg}",
+    );
     progress.set_message(source.to_owned());
     let features = hindsight::model::on_compute_pool(|| {
         extractor.dataset_features(dataset, limit, batch, &progress)

@@ -44,6 +44,11 @@ pub struct ReconstructArgs {
     /// the reconstruction; the report and the file's metadata list the clamped tensors.
     #[arg(long)]
     clamp_out_of_range: bool,
+    /// Float tensors the snapshots declare as buffers (`hindsight.buffers` in their
+    /// metadata): `average` them like the parameters, or `copy` them from the newest
+    /// snapshot with a non-zero weight, as EDM2's reconstruct_phema.py does.
+    #[arg(long, value_name = "RULE", default_value = "average", value_parser = ["average", "copy"])]
+    buffers: String,
     /// Print the process's peak resident memory to stderr at the end (benchmarks).
     #[arg(long, hide = true)]
     report_peak_rss: bool,
@@ -68,6 +73,11 @@ pub fn run(data_dir: &Path, args: ReconstructArgs) -> anyhow::Result<()> {
         recompute: args.recompute,
         copy: args.copy,
         clamp: args.clamp_out_of_range,
+        buffers: if args.buffers == "copy" {
+            hindsight::materialize::Buffers::Copy
+        } else {
+            hindsight::materialize::Buffers::Average
+        },
     };
     let exported = export(data_dir, &args.run, targets, args.dtype, &args.out, options)?;
     if args.report_peak_rss {
@@ -96,6 +106,7 @@ pub fn export(
     options: ExportOptions,
 ) -> anyhow::Result<Exported> {
     let progress = bar(
+        "reconstructing",
         "reconstructing {msg} {bar:30} {binary_bytes}/{binary_total_bytes} \
          {binary_bytes_per_sec} eta {eta}",
     );

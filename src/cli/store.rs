@@ -161,6 +161,7 @@ pub fn import_files(
     block_on(async {
         let data = DataDir::open(data_dir).await?;
         let progress = bar(
+            "importing",
             "{spinner} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
         );
         let report =

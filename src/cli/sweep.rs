@@ -268,7 +268,10 @@ pub fn run(data_dir: &Path, args: SweepArgs) -> anyhow::Result<()> {
 async fn work(data: &DataDir, sweep: &SweepRow, weights: Option<PathBuf>) -> anyhow::Result<()> {
     let spec = sweep::spec_of(sweep)?;
     let total = (sweep.points as usize * spec.images_per_point()) as u64;
-    let progress = bar("{bar:30} {pos}/{len} images {per_sec} ETA {eta} {msg}");
+    let progress = bar(
+        "sweep",
+        "{bar:30} {pos}/{len} images {per_sec} ETA {eta} {msg}",
+    );
     progress.set_length(total);
     progress.set_position(sweep.images_done as u64);
     progress.reset_eta();

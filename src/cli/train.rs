@@ -85,7 +85,7 @@ pub fn run(data_dir: &Path, args: TrainArgs) -> anyhow::Result<()> {
         resume: args.resume,
     };
     let run = options.run.clone();
-    let progress = bar("{bar:30} {pos}/{len} img  {per_sec}  {msg}");
+    let progress = bar("training", "{bar:30} {pos}/{len} img  {per_sec}  {msg}");
     let summary =
         hindsight::model::on_compute_pool(|| hindsight::train::run(data_dir, options, &progress))?;
     progress.finish_and_clear();

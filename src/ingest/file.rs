@@ -27,6 +27,7 @@ use serde::Serialize;
 use super::finite::FiniteScanner;
 use super::resolve::{resolve_profile, resolve_time_and_width, Hints};
 use super::run::RunForIngest;
+use super::same::same_tensors;
 use crate::db::{same_width, Db, ManifestEntry, NewSnapshot, Recorded, Run};
 use crate::error::{blocking, Error, Result};
 use crate::format::{read_header, Header, TensorEntry};
@@ -211,7 +212,7 @@ pub async fn ingest_reader<R: Read + Send + 'static>(
     }
 
     // Copy into a temporary blob, hashing (and optionally scanning) as we go.
-    let writer = {
+    let mut writer = {
         let store = store.clone();
         let header = header.clone();
         let source = source.clone();
@@ -226,20 +227,59 @@ pub async fn ingest_reader<R: Read + Send + 'static>(
     let checksum = writer.checksum_so_far().to_hex();
     let bytes = writer.len();
 
-    // Existing snapshot at the same time and width: same content is a no-op, other content a
+    // Existing snapshot at the same time and width: the same file, or other bytes holding the
+    // same tensors (another writer's metadata or layout), is a no-op; other tensors are a
     // conflict. Checked before publishing so that a conflict leaves nothing behind.
     if let Some(run) = target.get() {
-        for s in db.snapshots(run.id).await? {
-            if s.nimg as u64 == nimg
-                && same_width(s.sigma_rel, sigma_rel)
-                && s.digest != digest.to_hex()
-            {
+        let stored = db
+            .snapshots(run.id)
+            .await?
+            .into_iter()
+            .find(|s| s.nimg as u64 == nimg && same_width(s.sigma_rel, sigma_rel));
+        if let Some(s) = stored.filter(|s| s.digest != digest.to_hex()) {
+            let staged = writer.reopen_written()?;
+            let same = {
+                let store = store.clone();
+                let header = header.clone();
+                let source = source.clone();
+                let stored_digest = s.digest.clone();
+                blocking("comparing a snapshot with the stored one", move || {
+                    same_tensors_as_stored(&store, &stored_digest, staged, &header, &source)
+                })
+                .await?
+            };
+            if !same {
                 return Err(Error::Conflict(format!(
                     "{source}: run {:?} already has a different snapshot at nimg {nimg} \
                      sigma_rel {} (digest {}); delete it first to replace it",
                     run.name, s.sigma_rel, s.digest
                 )));
             }
+            let stored_profile = s.profile.clone();
+            let profile_json = profile
+                .as_ref()
+                .map(|p| serde_json::to_value(p).expect("profiles serialise"));
+            if stored_profile != profile_json {
+                return Err(Error::Conflict(format!(
+                    "{source}: run {:?} already has these tensors at nimg {nimg} sigma_rel {} \
+                     with another update rule ({}); this file says {}",
+                    run.name,
+                    s.sigma_rel,
+                    stored_profile.map_or("EDM2's".to_owned(), |p| p.to_string()),
+                    profile_json.map_or("EDM2's".to_owned(), |p| p.to_string()),
+                )));
+            }
+            // The staged copy is dropped with `writer`: nothing new is stored.
+            return Ok(Ingested {
+                nimg,
+                sigma_rel: s.sigma_rel,
+                digest: s
+                    .digest
+                    .parse::<Digest>()
+                    .map_err(|_| Error::Index(format!("snapshot {}: bad digest", s.id)))?,
+                bytes: s.byte_size as u64,
+                inserted: false,
+            });
         }
     }
 
@@ -302,6 +342,37 @@ pub async fn ingest_reader<R: Read + Send + 'static>(
 
 /// Records a new snapshot in the store's journal (what `rebuild-index` replays). A failure
 /// is logged: the index, already committed, is the authority.
+/// Whether the staged upload (`staged`, described by `header`) holds the same tensors as the
+/// stored blob `stored_digest`. Errors: reading either (a missing or unreadable stored blob
+/// is an error, not "different").
+fn same_tensors_as_stored(
+    store: &BlobStore,
+    stored_digest: &str,
+    mut staged: File,
+    header: &Header,
+    source: &str,
+) -> Result<bool> {
+    let digest = stored_digest
+        .parse::<Digest>()
+        .map_err(|_| Error::Index(format!("a stored snapshot's digest {stored_digest:?}")))?;
+    let file = store.open_blob(&digest)?;
+    let stored_len = file
+        .metadata()
+        .map_err(|e| Error::io(format!("reading blob {stored_digest}"), e))?
+        .len();
+    let mut stored = BufReader::new(file);
+    let stored_source = format!("stored snapshot {stored_digest}");
+    let stored_header = read_header(&mut stored, stored_len, &stored_source)?;
+    same_tensors(
+        &stored_header,
+        &mut stored,
+        &stored_source,
+        header,
+        &mut staged,
+        source,
+    )
+}
+
 fn journal_snapshot(store: &BlobStore, record: &JournalRecord) {
     if let Err(e) = store.append_journal(record) {
         tracing::warn!(error = %e.chain_text(), "appending a snapshot to the store's journal");

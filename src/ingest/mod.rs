@@ -27,6 +27,7 @@ mod import;
 mod rebuild;
 mod resolve;
 mod run;
+mod same;
 mod trainer;
 
 pub use edm2::{

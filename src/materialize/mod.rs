@@ -15,7 +15,10 @@
 //! Floating-point tensors (F16, BF16, F32, F64) are averaged, accumulating in f32, or in f64
 //! when the weights are large (Σ|w| above [`F64_ACCUMULATION_L1`], where cancellation would
 //! otherwise eat f32's precision). Other tensors (step counters, integer buffers) are copied
-//! from the newest snapshot with a non-zero weight, as the output's metadata records.
+//! from the newest snapshot with a non-zero weight, as the output's metadata records; with
+//! [`Buffers::Copy`], so are the float tensors the snapshots declare as buffers
+//! ([`BUFFERS_METADATA_KEY`]), converted to the output type — what EDM2's
+//! `reconstruct_phema.py` does with a network's buffers.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -32,6 +35,55 @@ mod read;
 mod sum;
 
 pub use dtype::{OutDtype, F64_ACCUMULATION_L1};
+
+/// The `__metadata__` key in which a snapshot declares which of its tensors are buffers (not
+/// parameters): a JSON array of tensor names. Written by the Python client's `PowerEMA` and by
+/// `hindsight import` of EDM2's pickles; read by [`Buffers::Copy`].
+pub const BUFFERS_METADATA_KEY: &str = "hindsight.buffers";
+
+/// What a reconstruction does with the float tensors the snapshots declare as buffers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Buffers {
+    /// Averaged with the same weights as the parameters (the default: every float tensor is
+    /// treated alike, and snapshots need not declare their buffers).
+    #[default]
+    Average,
+    /// Copied from the newest snapshot with a non-zero weight, as EDM2's
+    /// `reconstruct_phema.py` copies buffers from its last input pickle. Needs every
+    /// snapshot to declare its buffers ([`BUFFERS_METADATA_KEY`]).
+    Copy,
+}
+
+impl Buffers {
+    /// The wire name: `average` or `copy`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Buffers::Average => "average",
+            Buffers::Copy => "copy",
+        }
+    }
+}
+
+/// The buffer names a snapshot's `__metadata__` declares ([`BUFFERS_METADATA_KEY`]), or
+/// `None` when it declares none. Errors: a value that is not a JSON array of strings (naming
+/// `source`).
+pub fn declared_buffers(
+    metadata: &BTreeMap<String, String>,
+    source: &str,
+) -> Result<Option<Vec<String>>> {
+    let Some(text) = metadata.get(BUFFERS_METADATA_KEY) else {
+        return Ok(None);
+    };
+    serde_json::from_str::<Vec<String>>(text)
+        .map(Some)
+        .map_err(|e| {
+            Error::invalid(
+                source,
+                format!("__metadata__ {BUFFERS_METADATA_KEY:?} is not a JSON array of tensor names: {e}"),
+            )
+        })
+}
 
 use dtype::element_size;
 use kernels::BATCH_INPUTS;
@@ -70,6 +122,8 @@ pub struct Options<'a> {
     /// Values beyond the output type's range (f16's ±65504) are clamped to it and listed in
     /// [`Stats::clamped`], instead of failing the pass with [`Error::OutOfRange`].
     pub clamp: bool,
+    /// Declared float buffers averaged (default) or copied from the newest input.
+    pub buffers: Buffers,
 }
 
 impl Default for Options<'_> {
@@ -78,6 +132,7 @@ impl Default for Options<'_> {
             verify: true,
             progress: &|_| {},
             clamp: false,
+            buffers: Buffers::Average,
         }
     }
 }
@@ -125,7 +180,8 @@ pub fn materialize(
 ///
 /// Errors: no input or target, a weight count or metadata count that does not match, a
 /// non-finite weight, inputs whose tensors differ, an unreadable or damaged input (verified
-/// reads), or a failing output.
+/// reads), a failing output; with [`Buffers::Copy`], a newest input that declares no buffers
+/// (or names a tensor it does not hold).
 pub fn materialize_with(
     store: &BlobStore,
     inputs: &[Input],
@@ -147,8 +203,10 @@ pub fn materialize_with(
         .filter(|&i| weights.iter().any(|w| w[i] != 0.0))
         .max_by_key(|&i| inputs[i].nimg)
         .unwrap_or(inputs.len() - 1);
+    let copied_floats = copied_floats(&layout, &inputs[newest], options.buffers)?;
     write_output_headers(
         &layout,
+        &copied_floats,
         out_dtype,
         f64_accumulation,
         inputs[newest].nimg,
@@ -164,6 +222,7 @@ pub fn materialize_with(
         out_dtype,
         f64_accumulation,
         newest,
+        copied_floats: &copied_floats,
         progress: options.progress,
         clamp: options.clamp,
     };
@@ -181,6 +240,50 @@ pub fn materialize_with(
         bytes_read,
         clamped: out_of_range,
     })
+}
+
+/// Inputs in fixed groups of [`BATCH_INPUTS`]: `groups[g][k]` is target k's weights of group
+/// g's inputs.
+fn groups_of(weights: &[Vec<f64>], inputs: usize) -> Vec<Vec<&[f64]>> {
+    (0..inputs)
+        .step_by(BATCH_INPUTS)
+        .map(|start| {
+            let end = (start + BATCH_INPUTS).min(inputs);
+            weights.iter().map(|w| &w[start..end]).collect()
+        })
+        .collect()
+}
+
+/// `copied[t]`: whether float tensor `layout[t]` is a declared buffer to copy from `newest`
+/// (all false with [`Buffers::Average`]).
+fn copied_floats(layout: &[TensorEntry], newest: &Input, buffers: Buffers) -> Result<Vec<bool>> {
+    if buffers == Buffers::Average {
+        return Ok(vec![false; layout.len()]);
+    }
+    let source = format!("snapshot {}", newest.digest);
+    let declared = declared_buffers(&newest.header.metadata, &source)?.ok_or_else(|| {
+        Error::invalid(
+            "buffers",
+            format!(
+                "\"copy\" needs snapshots that declare their buffers ({BUFFERS_METADATA_KEY:?} \
+                 in __metadata__); {source} declares none"
+            ),
+        )
+    })?;
+    let declared: std::collections::BTreeSet<&str> = declared.iter().map(String::as_str).collect();
+    if let Some(missing) = declared
+        .iter()
+        .find(|n| !layout.iter().any(|t| t.name == **n))
+    {
+        return Err(Error::invalid(
+            source,
+            format!("declares buffer {missing:?}, which it does not hold"),
+        ));
+    }
+    Ok(layout
+        .iter()
+        .map(|t| t.is_float() && declared.contains(t.name.as_str()))
+        .collect())
 }
 
 /// The first input's tensors by name: the order every output lists them in and every pass
@@ -278,9 +381,10 @@ fn check_arguments(
 
 /// Writes every output's header, which is known up front: float tensors in `out_dtype`,
 /// others as they are; the metadata gains the accumulation precision and which tensors were
-/// copied from the newest snapshot (at `newest_nimg`).
+/// copied from the newest snapshot (at `newest_nimg`): non-float ones and `copied_floats`.
 fn write_output_headers(
     layout: &[TensorEntry],
+    copied_floats: &[bool],
     out_dtype: OutDtype,
     f64_accumulation: bool,
     newest_nimg: u64,
@@ -310,8 +414,9 @@ fn write_output_headers(
         .collect();
     let copied: Vec<&str> = layout
         .iter()
-        .filter(|t| !t.is_float())
-        .map(|t| t.name.as_str())
+        .zip(copied_floats)
+        .filter(|(t, &c)| !t.is_float() || c)
+        .map(|(t, _)| t.name.as_str())
         .collect();
     for (out, meta) in outputs.iter_mut().zip(metadata) {
         let mut meta = meta.clone();
@@ -371,6 +476,8 @@ struct Pass<'a> {
     f64_accumulation: bool,
     /// The input copied tensors come from.
     newest: usize,
+    /// Per layout tensor: a float buffer copied from `newest` rather than averaged.
+    copied_floats: &'a [bool],
     progress: &'a (dyn Fn(u64) + Sync),
     clamp: bool,
 }
@@ -422,15 +529,20 @@ impl Pass<'_> {
         // partial sums are added to the total in group order, so the output's bits do not
         // depend on the machine (the reconstruction id promises the same bytes for the same
         // inputs).
-        let group_weights: Vec<Vec<&[f64]>> = (0..cursors.len())
-            .step_by(BATCH_INPUTS)
-            .map(|start| {
-                let end = (start + BATCH_INPUTS).min(cursors.len());
-                self.weights.iter().map(|w| &w[start..end]).collect()
+        let inputs = cursors.len();
+        // A copied float buffer is the sum with weight 1 on the newest input and 0 elsewhere:
+        // exact (x·1 + 0 = x in f32 and f64), and converted to the output type as any sum.
+        let one_hot: Vec<Vec<f64>> = (0..k_count)
+            .map(|_| {
+                (0..inputs)
+                    .map(|i| if i == self.newest { 1.0 } else { 0.0 })
+                    .collect()
             })
             .collect();
+        let averaged = groups_of(self.weights, inputs);
+        let copying = groups_of(&one_hot, inputs);
         let chunk = CHUNK_ELEMENTS;
-        let wave = rayon::current_num_threads().clamp(1, group_weights.len());
+        let wave = rayon::current_num_threads().clamp(1, averaged.len());
         let mut workers: Vec<Worker> = (0..wave)
             .map(|_| Worker::new(self.f64_accumulation, k_count, chunk))
             .collect();
@@ -448,6 +560,11 @@ impl Pass<'_> {
                 }
                 continue;
             }
+            let group_weights = if self.copied_floats[t] {
+                &copying
+            } else {
+                &averaged
+            };
             let elements = tensor.shape.iter().product::<u64>() as usize;
             let in_size = element_size(&tensor.dtype);
             let mut checks = vec![PieceCheck::default(); k_count];

@@ -11,7 +11,7 @@ use crate::app::DataDir;
 use crate::db::{NewReconstruction, ReconstructionRow};
 use crate::error::{blocking, Error, Result};
 use crate::format::read_header;
-use crate::materialize::{materialize_with, Input, Options, OutDtype, OutOfRange};
+use crate::materialize::{materialize_with, Buffers, Input, Options, OutDtype, OutOfRange};
 use crate::phema::{Warning, WarningCode};
 use crate::store::{BlobStore, BlobWriter, Digest};
 
@@ -74,6 +74,7 @@ pub async fn materialize_targets(
             .collect(),
         dtype: plan.dtype,
         clamp: plan.clamp,
+        buffers: plan.buffers,
         verify,
     };
     let store = data.store.clone();
@@ -138,6 +139,7 @@ struct PassInputs {
     metadata: Vec<BTreeMap<String, String>>,
     dtype: OutDtype,
     clamp: bool,
+    buffers: Buffers,
     verify: bool,
 }
 
@@ -218,6 +220,7 @@ impl PassInputs {
                 verify: self.verify,
                 progress,
                 clamp: self.clamp,
+                buffers: self.buffers,
             };
             materialize_with(
                 store,

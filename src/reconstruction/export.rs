@@ -9,7 +9,7 @@ use super::plan::{file_name, plan, OutputOptions};
 use crate::app::DataDir;
 use crate::db::ReconstructionRow;
 use crate::error::{blocking, Error, Result};
-use crate::materialize::OutDtype;
+use crate::materialize::{Buffers, OutDtype};
 use crate::phema::request::TargetSpec;
 use crate::phema::TargetSolution;
 use crate::progress::Progress;
@@ -26,6 +26,8 @@ pub struct ExportOptions {
     pub copy: bool,
     /// Clamp values beyond the output type's range (f16's ±65504) instead of refusing them.
     pub clamp: bool,
+    /// What happens to the float tensors the snapshots declare as buffers.
+    pub buffers: Buffers,
 }
 
 impl Default for ExportOptions {
@@ -35,6 +37,7 @@ impl Default for ExportOptions {
             recompute: false,
             copy: false,
             clamp: false,
+            buffers: Buffers::Average,
         }
     }
 }
@@ -80,6 +83,7 @@ pub async fn reconstruct_to_dir(
     let output = OutputOptions {
         dtype,
         clamp: options.clamp,
+        buffers: options.buffers,
     };
     let plan = plan(&data.db, run, targets, output).await?;
     let names: Vec<String> = plan

@@ -8,7 +8,7 @@
 
 use crate::db::{Db, Run, SnapshotRow};
 use crate::error::{Error, Result};
-use crate::materialize::OutDtype;
+use crate::materialize::{declared_buffers, Buffers, OutDtype};
 use crate::phema::request::{SnapshotSpec, SolveRequest, TargetSpec};
 use crate::phema::TargetSolution;
 
@@ -33,6 +33,8 @@ pub struct Plan {
     pub dtype: OutDtype,
     /// Values beyond the output type's range are clamped (and reported) rather than refused.
     pub clamp: bool,
+    /// Declared float buffers averaged or copied from the newest snapshot.
+    pub buffers: Buffers,
     /// One entry per requested target, in request order.
     pub targets: Vec<PlannedTarget>,
 }
@@ -44,6 +46,8 @@ pub struct OutputOptions {
     pub dtype: OutDtype,
     /// Clamp values beyond the type's range (f16's ±65504) instead of refusing them.
     pub clamp: bool,
+    /// What happens to the float tensors the snapshots declare as buffers.
+    pub buffers: Buffers,
 }
 
 impl From<OutDtype> for OutputOptions {
@@ -51,6 +55,7 @@ impl From<OutDtype> for OutputOptions {
         Self {
             dtype,
             clamp: false,
+            buffers: Buffers::Average,
         }
     }
 }
@@ -80,7 +85,11 @@ pub async fn plan(
     targets: Vec<TargetSpec>,
     output: impl Into<OutputOptions>,
 ) -> Result<Plan> {
-    let OutputOptions { dtype, clamp } = output.into();
+    let OutputOptions {
+        dtype,
+        clamp,
+        buffers,
+    } = output.into();
     if targets.len() > MAX_TARGETS {
         return Err(Error::invalid(
             "targets",
@@ -101,6 +110,9 @@ pub async fn plan(
             format!("run {run_name:?} has no snapshots yet"),
         ));
     }
+    if buffers == Buffers::Copy {
+        check_declared_buffers(&snapshots)?;
+    }
     let request = SolveRequest {
         targets,
         ..solve_request(&snapshots)?
@@ -110,7 +122,7 @@ pub async fn plan(
         .targets
         .into_iter()
         .map(|t| PlannedTarget {
-            id: key(&snapshots, &t.solution, dtype, clamp),
+            id: key(&snapshots, &t.solution, dtype, clamp, buffers),
             solution: t.solution,
         })
         .collect();
@@ -119,8 +131,35 @@ pub async fn plan(
         snapshots,
         dtype,
         clamp,
+        buffers,
         targets,
     })
+}
+
+/// For [`Buffers::Copy`]: every snapshot declares its buffers (the newest one weighed is the
+/// one copied from, and which it is depends on the target). Errors name `buffers` and the
+/// first snapshot without the declaration.
+fn check_declared_buffers(snapshots: &[SnapshotRow]) -> Result<()> {
+    for s in snapshots {
+        let metadata: std::collections::BTreeMap<String, String> =
+            serde_json::from_value(s.metadata.clone()).unwrap_or_default();
+        let source = format!(
+            "snapshot {} (nimg {}, sigma_rel {})",
+            s.id, s.nimg, s.sigma_rel
+        );
+        if declared_buffers(&metadata, &source)?.is_none() {
+            return Err(Error::invalid(
+                "buffers",
+                format!(
+                    "\"copy\" needs snapshots that declare their buffers (\"{}\" in \
+                     __metadata__, written by the Python client's PowerEMA and by `hindsight \
+                     import` of EDM2 pickles); {source} declares none — use \"average\"",
+                    crate::materialize::BUFFERS_METADATA_KEY
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A solve request over stored snapshots, in the order given (which is the order of the
@@ -158,6 +197,7 @@ fn key(
     solution: &TargetSolution,
     dtype: OutDtype,
     clamp: bool,
+    buffers: Buffers,
 ) -> String {
     let mut text = format!(
         "{KEY_FORMAT}\ndtype {}\ntarget gamma {:016x} nimg {}\n",
@@ -167,6 +207,10 @@ fn key(
     );
     if clamp {
         text.push_str("out_of_range clamp\n");
+    }
+    if buffers != Buffers::Average {
+        // Averaging is the rule keys were made with before buffers could be copied.
+        text.push_str(&format!("buffers {}\n", buffers.as_str()));
     }
     for s in snapshots {
         text.push_str(&format!(

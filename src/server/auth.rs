@@ -3,7 +3,7 @@
 //! are configured, every request that is not GET or HEAD needs one.
 
 use axum::extract::{Request, State};
-use axum::http::{header, Method};
+use axum::http::{header, HeaderMap, Method};
 use axum::middleware::Next;
 use axum::response::Response;
 
@@ -105,11 +105,37 @@ pub async fn require_token(
         return Ok(next.run(request).await);
     }
     let unauthorized = |m: &str| ApiError::new(ErrorCode::Unauthorized, m);
-    let Some(value) = request.headers().get(header::AUTHORIZATION) else {
-        return Err(unauthorized(
+    match presented_token(request.headers(), hashes) {
+        Presented::None => Err(unauthorized(
             "this server needs a bearer token for requests that change state \
              (Authorization: Bearer <token>)",
-        ));
+        )),
+        Presented::Malformed => Err(unauthorized(
+            "the Authorization header must be `Bearer <token>`",
+        )),
+        Presented::Invalid => Err(unauthorized("the bearer token is not valid")),
+        Presented::Valid => Ok(next.run(request).await),
+    }
+}
+
+/// What a request's `Authorization` header holds, judged against the server's tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Presented {
+    /// No `Authorization` header.
+    None,
+    /// A header that is not `Bearer <token>`.
+    Malformed,
+    /// A bearer token that matches none of the server's (always so when it has none).
+    Invalid,
+    /// A bearer token the server knows.
+    Valid,
+}
+
+/// Judges `headers`' bearer token against `hashes` (every hash compared, in constant time
+/// each).
+pub fn presented_token(headers: &HeaderMap, hashes: &[blake3::Hash]) -> Presented {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Presented::None;
     };
     let token = value
         .to_str()
@@ -121,18 +147,21 @@ pub async fn require_token(
             scheme.eq_ignore_ascii_case("bearer").then_some(rest)
         })
         .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`"))?;
+        .filter(|t| !t.is_empty());
+    let Some(token) = token else {
+        return Presented::Malformed;
+    };
     let presented = blake3::hash(token.as_bytes());
     // `blake3::Hash` compares in constant time; every stored hash is compared.
     let mut ok = false;
     for h in hashes {
         ok |= *h == presented;
     }
-    if !ok {
-        return Err(unauthorized("the bearer token is not valid"));
+    if ok {
+        Presented::Valid
+    } else {
+        Presented::Invalid
     }
-    Ok(next.run(request).await)
 }
 
 /// Middleware against cross-site requests to a server with no tokens (or a browser holding

@@ -94,6 +94,7 @@ pub(super) fn routes(state: &AppState) -> OpenApiRouter<AppState> {
                 .map(|r| r.layer(DefaultBodyLimit::disable())),
         )
         .routes(routes!(runs::delete_snapshot))
+        .routes(routes!(runs::download_snapshot))
         .routes(routes!(blobs::head_blob))
         // Sweeps and reference statistics.
         .routes(routes!(sweeps::post_sweep).map(|r| {
@@ -143,6 +144,7 @@ pub(super) fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(ui_file))
         // Meta.
         .routes(routes!(meta::healthz))
+        .routes(routes!(meta::auth_status))
         .routes(routes!(openapi_json));
     // The UI's catch-all is `{*path}` for axum; OpenAPI writes a parameter `{path}`.
     let paths = &mut router.get_openapi_mut().paths.paths;

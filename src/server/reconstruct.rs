@@ -17,11 +17,11 @@ use super::error::{body_rejection, parse_json, ApiError, ApiResult, ErrorBody};
 use super::jobs::Job;
 use super::state::AppState;
 use super::views::{
-    urls, DtypeView, ReconstructResponse, ReconstructionList, ReconstructionPending,
+    urls, BuffersView, DtypeView, ReconstructResponse, ReconstructionList, ReconstructionPending,
     ReconstructionView,
 };
 use crate::db::ReconstructionRow;
-use crate::materialize::OutDtype;
+use crate::materialize::{Buffers, OutDtype};
 use crate::phema::request::TargetSpec;
 use crate::phema::{parse_float_list_at_most, parse_sigma_rel_list_at_most};
 use crate::reconstruction::{self, file_name, OutputOptions, Plan};
@@ -67,6 +67,12 @@ pub struct ReconstructRequest {
     /// the request (default false); the report lists the clamped tensors.
     #[serde(default)]
     pub clamp_out_of_range: bool,
+    /// Float tensors the snapshots declare as buffers: `average` (default: averaged like the
+    /// parameters) or `copy` (taken from the newest snapshot with a non-zero weight, as
+    /// EDM2's `reconstruct_phema.py` does; 400 naming `buffers` when a snapshot does not
+    /// declare its buffers). Integer tensors are always copied.
+    #[serde(default)]
+    pub buffers: Option<BuffersView>,
 }
 
 impl ReconstructRequest {
@@ -163,6 +169,7 @@ pub(super) async fn post_reconstruct(
     let output = OutputOptions {
         dtype: request.dtype.map_or(OutDtype::F32, OutDtype::from),
         clamp: request.clamp_out_of_range,
+        buffers: request.buffers.map_or(Buffers::Average, Buffers::from),
     };
     let plan = Arc::new(reconstruction::plan(&state.data.db, &request.run, targets, output).await?);
     let (cached, waits) = claim(&state, &plan).await?;

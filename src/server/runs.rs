@@ -424,14 +424,60 @@ pub(super) async fn delete_snapshot(
     State(state): State<AppState>,
     Path((name, id)): Path<(String, String)>,
 ) -> ApiResult<Json<DeletedSnapshotView>> {
-    let id: i64 = id.parse().map_err(|_| {
-        ApiError::invalid(format!("id: {id:?} is not a snapshot id (a whole number)"))
-    })?;
+    let id = snapshot_id(&id)?;
     let deleted = crate::app::delete_snapshot(&state.data, &name, id).await?;
     Ok(Json(DeletedSnapshotView {
         deleted: SnapshotView::from(deleted.snapshot),
         blob_removed: deleted.blob_removed,
     }))
+}
+
+/// Download one stored snapshot (by the `id` its listing gives): the safetensors file exactly
+/// as stored, its strong `ETag` the content digest (BLAKE3, as `HEAD /blobs/{digest}`).
+/// Supports `Range` (one range), `If-None-Match` and `If-Range`; the file name in
+/// `Content-Disposition` is `<run>-snapshot-<nimg:010>-<sigma_rel:.3>.safetensors`.
+#[utoipa::path(get, path = "/runs/{run}/snapshots/{id}/file", tag = "snapshots",
+    params(("run" = String, Path, description = "Run name"),
+           ("id" = i64, Path, description = "Snapshot id, from GET /runs/{run}/snapshots")),
+    responses(
+        (status = 200, description = "The whole file", content_type = "application/octet-stream"),
+        (status = 206, description = "The requested range", content_type = "application/octet-stream"),
+        (status = 304, description = "Not modified (If-None-Match)"),
+        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 404, description = "No such run or snapshot", body = ErrorBody),
+        (status = 416, description = "Range not satisfiable", body = ErrorBody),
+    ))]
+pub(super) async fn download_snapshot(
+    State(state): State<AppState>,
+    Path((name, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let id = snapshot_id(&id)?;
+    let run = state.data.existing_run(&name).await?;
+    let snapshot = state
+        .data
+        .db
+        .snapshot(run.id, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("run {name:?} has no snapshot {id}")))?;
+    let file_name = format!(
+        "{}-snapshot-{:010}-{:.3}.safetensors",
+        run.name, snapshot.nimg, snapshot.sigma_rel
+    );
+    super::blobs::send_blob(
+        &state,
+        &snapshot.digest,
+        Some(&file_name),
+        "application/octet-stream",
+        &headers,
+    )
+    .await
+}
+
+/// A snapshot id from the path. Errors: 400 naming `id`.
+fn snapshot_id(id: &str) -> ApiResult<i64> {
+    id.parse()
+        .map_err(|_| ApiError::invalid(format!("id: {id:?} is not a snapshot id (a whole number)")))
 }
 
 /// The target of a preview: one width (`sigma_rel` or `gamma`) and optionally a time.

@@ -206,6 +206,20 @@ impl BlobWriter {
         self.len == 0
     }
 
+    /// A new handle on what was written so far, for reading it back before publishing
+    /// (the writer keeps writing through its own handle).
+    ///
+    /// Errors: flushing the buffered bytes or reopening the staging file.
+    pub fn reopen_written(&mut self) -> Result<File> {
+        self.file
+            .flush()
+            .map_err(|e| Error::io("flushing a new blob", e))?;
+        self.file
+            .get_ref()
+            .reopen()
+            .map_err(|e| Error::io("reopening a new blob", e))
+    }
+
     /// The digest of what was written so far.
     pub fn digest_so_far(&self) -> Digest {
         Digest::from(self.hasher.finalize())

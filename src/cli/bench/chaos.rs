@@ -83,7 +83,7 @@ pub fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
     for (run, digest) in snapshot_digests(&exe, &data, "base")? {
         acknowledged.push((run, digest));
     }
-    let progress = bar("chaos {bar:30} {pos}/{len} kills");
+    let progress = bar("chaos", "chaos {bar:30} {pos}/{len} kills");
     progress.set_length(args.iterations as u64);
     for i in 0..args.iterations {
         let what = match i % 4 {

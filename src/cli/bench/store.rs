@@ -50,7 +50,7 @@ pub struct ReconstructArgs {
 
 /// Generates `count` snapshots of `params` parameters into `dir` unless it holds them.
 fn ensure_generated(dir: &Path, count: usize, params: u64) -> anyhow::Result<()> {
-    let progress = bar("generating {bar:30} {pos}/{len}");
+    let progress = bar("generating", "generating {bar:30} {pos}/{len}");
     hindsight::bench::ensure_synthetic_snapshots(dir, count, params, &progress)?;
     progress.finish_and_clear();
     Ok(())

@@ -231,6 +231,28 @@ impl From<DtypeView> for OutDtype {
     }
 }
 
+/// What a reconstruction does with the float tensors the snapshots declare as buffers
+/// (`hindsight.buffers` in their `__metadata__`).
+#[derive(Clone, Copy, Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[schema(as = Buffers)]
+pub enum BuffersView {
+    /// Averaged with the parameters' weights (the default; needs no declaration).
+    Average,
+    /// Copied from the newest snapshot with a non-zero weight, as EDM2's
+    /// `reconstruct_phema.py` does; every snapshot must declare its buffers.
+    Copy,
+}
+
+impl From<BuffersView> for crate::materialize::Buffers {
+    fn from(b: BuffersView) -> Self {
+        match b {
+            BuffersView::Average => Self::Average,
+            BuffersView::Copy => Self::Copy,
+        }
+    }
+}
+
 /// A reconstruction as the API shows it.
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct ReconstructionView {
@@ -354,6 +376,33 @@ pub struct ReconstructionPending {
     pub status_url: String,
     /// Where the weights will be.
     pub weights_url: String,
+}
+
+/// How a request's bearer token stands (`GET /auth`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenStatus {
+    /// No `Authorization: Bearer` header was sent.
+    None,
+    /// A token (or a malformed `Authorization` header) the server does not accept.
+    Invalid,
+    /// A token the server knows.
+    Valid,
+}
+
+/// `GET /auth`: whether this client may change state (upload, delete, start sweeps, evaluate)
+/// with the token it sent. Reports; never answers 401 itself.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct AuthStatus {
+    /// Whether the server needs a token for requests other than GET and HEAD.
+    pub tokens_required: bool,
+    /// The token this request carried, judged against the server's tokens.
+    pub token: TokenStatus,
+    /// Whether a request that changes state, sent with the same header, would pass the token
+    /// check: false when tokens are required and the token is missing or invalid. (A server
+    /// without tokens lets everything through, and reports a token it does not know as
+    /// `invalid`: a client configured with one may be pointed at the wrong server.)
+    pub can_write: bool,
 }
 
 /// `GET /healthz`: the server and its index answer.
