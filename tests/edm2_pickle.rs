@@ -463,3 +463,100 @@ fn the_command_line_detects_edm2_folders() {
         "{stdout}"
     );
 }
+
+/// `"buffers": "copy"` takes the declared buffers from the newest weighted snapshot, as
+/// `reconstruct_phema.py` copies them from its last input: EDM2's buffers, bit for bit; the
+/// parameters are the same as with `average`. A run of training-state EMAs (no buffer
+/// declaration) is refused `copy` by name.
+#[tokio::test(flavor = "multi_thread")]
+async fn copying_buffers_reproduces_edm2s_buffers_exactly() {
+    use hindsight::materialize::Buffers;
+
+    let e = env().await;
+    let refj = reference();
+    for (dir, run) in [
+        (fixtures().join("run"), "edm2"),
+        (fixtures().join("run/training-state-0000012.pt"), "state"),
+    ] {
+        import_dir(
+            &e.data,
+            &dir,
+            run,
+            &Source::Edm2,
+            IngestOptions::default(),
+            Arc::new(()),
+        )
+        .await
+        .unwrap();
+    }
+    let buffers: Vec<&str> = refj["buffers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_str().unwrap())
+        .collect();
+    let out_stds: Vec<f64> = refj["out_stds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let targets = || {
+        out_stds
+            .iter()
+            .map(|&s| TargetSpec::new(Width::SigmaRel(s), None))
+            .collect::<Vec<_>>()
+    };
+    let copy = ExportOptions {
+        buffers: Buffers::Copy,
+        ..ExportOptions::default()
+    };
+    let exported = reconstruct_to_dir(
+        &e.data,
+        "edm2",
+        targets(),
+        OutDtype::F16,
+        &e.dir.path().join("copy"),
+        copy,
+        Arc::new(()),
+    )
+    .await
+    .unwrap();
+    let averaged = reconstruct_to_dir(
+        &e.data,
+        "edm2",
+        targets(),
+        OutDtype::F16,
+        &e.dir.path().join("average"),
+        ExportOptions::default(),
+        Arc::new(()),
+    )
+    .await
+    .unwrap();
+    for (j, (path, avg)) in exported.files.iter().zip(&averaged.files).enumerate() {
+        let got = tensors(&std::fs::read(path).unwrap());
+        let avg = tensors(&std::fs::read(avg).unwrap());
+        let want = reference_of("reference.safetensors", out_stds[j]);
+        for name in &buffers {
+            assert_eq!(got[*name], want[*name], "std {} buffer {name}", out_stds[j]);
+        }
+        for (name, t) in &got {
+            if !buffers.contains(&name.as_str()) {
+                assert_eq!(t, &avg[name], "std {} {name}", out_stds[j]);
+            }
+        }
+    }
+    let err = reconstruct_to_dir(
+        &e.data,
+        "state",
+        targets(),
+        OutDtype::F32,
+        &e.dir.path().join("state"),
+        copy,
+        Arc::new(()),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("declares none"), "{err}");
+}
