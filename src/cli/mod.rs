@@ -47,10 +47,14 @@ enum Command {
     /// Measure performance against the peers (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
-    /// Import a directory of safetensors snapshots into a run (created if new).
+    /// Import a directory of safetensors snapshots (or EDM2's own .pkl / training-state .pt
+    /// files, or ema-pytorch checkpoints: see --format) into a run (created if new).
     ///
     /// Each file's training time and EMA width come from its __metadata__ (nimg, and sigma_rel
-    /// or gamma) or from an EDM2 file name, <prefix>-<kimg:07d>-<sigma:.3f>.safetensors.
+    /// or gamma) or from an EDM2 file name, <prefix>-<kimg:07d>-<sigma:.3f>.safetensors (or
+    /// .pkl), whose kimg maps back to nimg as EDM2's reconstruct_phema.py does:
+    /// nimg = (kimg·1000 + 999) // 1024 · 1024, the largest multiple of 1024 images whose
+    /// thousands are kimg (network-snapshot-0008388-0.050.pkl is nimg 8388608).
     /// Re-importing the same files is a no-op; a different file at a stored (nimg, sigma_rel)
     /// is refused, as is any file whose tensors differ from the run's.
     Import(store::ImportArgs),

@@ -17,6 +17,9 @@ pub enum Format {
     Safetensors,
     /// ema-pytorch PostHocEMA checkpoint folders.
     EmaPytorch,
+    /// NVlabs/edm2's own files: network-snapshot-*.pkl (phema-*.pkl when given as the file),
+    /// or the EMAs of training-state-*.pt; read without running anything.
+    Edm2,
 }
 
 /// Options of `hindsight import`.
@@ -30,10 +33,15 @@ pub struct ImportArgs {
     /// Refuse files whose floating-point tensors hold NaN or Inf.
     #[arg(long)]
     check_finite: bool,
-    /// `safetensors` (EDM2 names or metadata) or `ema-pytorch` (PostHocEMA checkpoint
-    /// folders: {index}.{step}.pt).
-    #[arg(long, value_enum, default_value_t = Format::Safetensors)]
-    format: Format,
+    /// `safetensors` (EDM2 names or metadata), `ema-pytorch` (PostHocEMA checkpoint folders:
+    /// {index}.{step}.pt) or `edm2` (NVlabs/edm2's network-snapshot-<kimg>-<std>.pkl; in a
+    /// folder without those, the EMAs of its training-state-<kimg>.pt; a phema-*.pkl
+    /// reconstruction only when given as the file). Pickles are read without running anything:
+    /// a pickle naming any global EDM2 does not use (os.system, …) is refused. Time from
+    /// the name, as EDM2 maps it back: nimg = (kimg·1000 + 999) // 1024 · 1024. Default:
+    /// safetensors, or edm2 when the folder (or file) holds EDM2's files and no .safetensors.
+    #[arg(long, value_enum)]
+    format: Option<Format>,
     /// ema-pytorch: the sigma_rels of the EMA indices, in order (e.g. 0.05,0.28).
     #[arg(long, value_name = "LIST")]
     sigma_rels: Option<String>,
@@ -51,8 +59,9 @@ impl ImportArgs {
     /// The source the flags describe, with the ema-pytorch flags required for that format
     /// and refused for the other.
     fn source(&self) -> anyhow::Result<Source> {
-        match self.format {
-            Format::Safetensors => {
+        let format = self.format.unwrap_or_else(|| detect_format(&self.dir));
+        match format {
+            Format::Safetensors | Format::Edm2 => {
                 if self.sigma_rels.is_some()
                     || self.images_per_step.is_some()
                     || self.update_every.is_some()
@@ -62,7 +71,11 @@ impl ImportArgs {
                          ema-pytorch only"
                     );
                 }
-                Ok(Source::Safetensors)
+                Ok(if format == Format::Edm2 {
+                    Source::Edm2
+                } else {
+                    Source::Safetensors
+                })
             }
             Format::EmaPytorch => {
                 let list = self.sigma_rels.as_deref().context(
@@ -93,6 +106,37 @@ impl ImportArgs {
                 })
             }
         }
+    }
+}
+
+/// The format of `hindsight import` without `--format`: `edm2` when `dir` is one of EDM2's
+/// files, or a folder with EDM2's files and no `.safetensors`; `safetensors` otherwise.
+fn detect_format(dir: &Path) -> Format {
+    let name_of = |p: &Path| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_owned)
+            .unwrap_or_default()
+    };
+    let is_edm2 = |p: &Path| hindsight::ingest::parse_edm2_file_name(&name_of(p)).is_some();
+    if dir.is_file() {
+        return if is_edm2(dir) {
+            Format::Edm2
+        } else {
+            Format::Safetensors
+        };
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Format::Safetensors;
+    };
+    let files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    let safetensors = files
+        .iter()
+        .any(|p| p.extension().is_some_and(|e| e == "safetensors"));
+    if !safetensors && files.iter().any(|p| is_edm2(p)) {
+        Format::Edm2
+    } else {
+        Format::Safetensors
     }
 }
 

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::edm2::{ingest_edm2, parse_edm2_file_name, Edm2File};
 use super::ema_pytorch::{ingest_ema_pytorch, EmaPytorchSettings};
 use super::file::{ingest_file, IngestOptions, Ingested};
 use super::resolve::{slot_of, Hints};
@@ -22,6 +23,14 @@ pub enum Source {
     Safetensors,
     /// ema-pytorch `PostHocEMA` checkpoint folders (`{index}.{step}.pt`).
     EmaPytorch(EmaPytorchSettings),
+    /// EDM2's own files (NVlabs/edm2): a folder's snapshot pickles
+    /// `<prefix>-<kimg:07d>-<std:.3f>.pkl` except `phema-*` (reconstructions, imported only when
+    /// given as the file), or, in a folder without such pickles, the EMAs of its
+    /// `training-state-<kimg:07d>.pt` files (one fp32 snapshot per std; the pickles at the same
+    /// time hold the same EMAs in fp16, so the two do not share a run). A single file of either
+    /// kind may be given. Time: `nimg = (kimg·1000 + 999) // 1024 · 1024`, as EDM2's
+    /// `reconstruct_phema.py` maps names back.
+    Edm2,
 }
 
 impl Source {
@@ -58,11 +67,13 @@ impl Source {
         }))
     }
 
-    /// The file extension this source reads: `safetensors` or `pt`.
+    /// The file extension this source reads: `safetensors`, `pt`, or for EDM2 `pkl` (its
+    /// snapshot pickles; its training states are `.pt`).
     pub fn extension(&self) -> &'static str {
         match self {
             Source::Safetensors => "safetensors",
             Source::EmaPytorch(_) => "pt",
+            Source::Edm2 => "pkl",
         }
     }
 }
@@ -70,9 +81,9 @@ impl Source {
 /// What [`import_dir`] did.
 #[derive(Debug)]
 pub struct ImportReport {
-    /// Files stored as new snapshots.
+    /// Snapshots stored new (one per file, except an EDM2 training state: one per EMA).
     pub inserted: usize,
-    /// Files whose snapshot was already stored (a re-import).
+    /// Snapshots already stored (a re-import).
     pub present: usize,
     /// Files refused, by name, with the reason.
     pub refused: Vec<(String, Error)>,
@@ -111,7 +122,10 @@ pub async fn import_dir(
     options: IngestOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<ImportReport> {
-    let files = matching_files(dir, source.extension())?;
+    let files = match source {
+        Source::Edm2 => edm2_files(dir)?,
+        _ => matching_files(dir, source.extension())?,
+    };
     let bytes: u64 = files
         .iter()
         .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
@@ -181,15 +195,22 @@ struct Import<'a> {
 
 impl Import<'_> {
     /// Counts one file's outcome (and notes a refusal).
-    fn record(&mut self, path: &Path, result: Result<Ingested>) {
+    fn record(&mut self, path: &Path, result: Result<Vec<Ingested>>) {
         let name = path
             .file_name()
             .unwrap_or_default()
             .to_string_lossy()
             .into_owned();
         match result {
-            Ok(r) if r.inserted => self.report.inserted += 1,
-            Ok(_) => self.report.present += 1,
+            Ok(done) => {
+                for r in done {
+                    if r.inserted {
+                        self.report.inserted += 1;
+                    } else {
+                        self.report.present += 1;
+                    }
+                }
+            }
             Err(e) => {
                 self.progress
                     .note(&format!("refused {name}: {}", e.chain_text()));
@@ -255,6 +276,61 @@ fn matching_files(dir: &Path, ext: &str) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// The EDM2 files of `dir` (see [`Source::Edm2`]), sorted by name; `dir` may also be one.
+fn edm2_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let kind = |p: &Path| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .and_then(parse_edm2_file_name)
+    };
+    let expected = "EDM2 snapshot pickles (<prefix>-<kimg>-<std>.pkl, e.g. \
+                    network-snapshot-0008388-0.050.pkl) or training-state-<kimg>.pt files";
+    if dir.is_file() {
+        if kind(dir).is_some() {
+            return Ok(vec![dir.to_owned()]);
+        }
+        return Err(Error::invalid(
+            dir.display().to_string(),
+            format!("is not one of EDM2's files; give one of its {expected}, or a folder of them"),
+        ));
+    }
+    let mut files: Vec<(PathBuf, Edm2File)> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .filter_map(|p| kind(&p).map(|k| (p, k)))
+        .collect();
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    let is_reconstruction = |p: &Path| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("phema-"))
+    };
+    let pickles: Vec<PathBuf> = files
+        .iter()
+        .filter(|(p, k)| matches!(k, Edm2File::Pickle(..)) && !is_reconstruction(p))
+        .map(|(p, _)| p.clone())
+        .collect();
+    if !pickles.is_empty() {
+        return Ok(pickles);
+    }
+    let states: Vec<PathBuf> = files
+        .iter()
+        .filter(|(_, k)| matches!(k, Edm2File::TrainingState(_)))
+        .map(|(p, _)| p.clone())
+        .collect();
+    if states.is_empty() {
+        return Err(Error::invalid(
+            dir.display().to_string(),
+            format!(
+                "no {expected} (phema-*.pkl reconstructions are imported only when given as \
+                 the file)"
+            ),
+        ));
+    }
+    Ok(states)
+}
+
 async fn ingest_one(
     data: &DataDir,
     run: &Run,
@@ -262,24 +338,29 @@ async fn ingest_one(
     source: &Source,
     options: IngestOptions,
     progress: Arc<dyn Progress>,
-) -> Result<Ingested> {
+) -> Result<Vec<Ingested>> {
     match source {
-        Source::Safetensors => {
-            ingest_file(
-                &data.db,
-                &data.store,
-                run,
-                path,
-                Hints::default(),
-                options,
-                move |delta| progress.inc(delta),
-            )
-            .await
-        }
+        Source::Safetensors => ingest_file(
+            &data.db,
+            &data.store,
+            run,
+            path,
+            Hints::default(),
+            options,
+            move |delta| progress.inc(delta),
+        )
+        .await
+        .map(|r| vec![r]),
         Source::EmaPytorch(settings) => {
             let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
             let result =
                 ingest_ema_pytorch(&data.db, &data.store, run, path, settings, options).await;
+            progress.inc(size);
+            result.map(|r| vec![r])
+        }
+        Source::Edm2 => {
+            let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            let result = ingest_edm2(&data.db, &data.store, run, path, options).await;
             progress.inc(size);
             result
         }

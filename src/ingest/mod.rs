@@ -14,9 +14,12 @@
 //!   the first snapshot is recorded).
 //! - `import`: a directory of files ([`import_dir`]), a few in flight at once.
 //! - `ema_pytorch`: `PostHocEMA` checkpoint folders, converted to safetensors first.
+//! - `edm2`: EDM2's own `network-snapshot-*.pkl` / `phema-*.pkl` pickles and the EMAs of its
+//!   `training-state-*.pt`, read without executing anything, converted to safetensors first.
 //! - `trainer`: [`SnapshotWriter`], the door for Rust training loops.
 //! - `rebuild`: [`rebuild_index`], a new index from the store's journal and blobs.
 
+mod edm2;
 mod ema_pytorch;
 mod file;
 mod finite;
@@ -27,6 +30,11 @@ mod run;
 mod same;
 mod trainer;
 
+pub use edm2::{
+    ingest_edm2, parse_edm2_file_name, parse_snapshot_pickle, read_legacy_storage,
+    snapshot_tensors, tensor_data, write_converted, Edm2File, Edm2Tensor, Storage, TrainingState,
+    MAX_EDM2_PICKLE_BYTES, MAX_MODULES, MAX_MODULE_DEPTH, SNAPSHOT_GLOBALS, TRAINING_STATE_GLOBALS,
+};
 pub use ema_pytorch::{
     convert_checkpoint, ingest_ema_pytorch, parse_ema_pytorch_name, EmaPytorchSettings,
 };

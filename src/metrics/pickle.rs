@@ -161,6 +161,20 @@ impl Pickle {
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
     }
+
+    /// Every global the pickle names (`GLOBAL` / `STACK_GLOBAL`), as `(module, name)`, in the
+    /// order made, repeats included; a flat pass over the arena, never a walk. A global that
+    /// was only named (pushed, never called) is listed too: callers that allow a fixed set of
+    /// names check this list before looking at anything else.
+    pub fn globals(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.nodes.iter().filter_map(|node| match node {
+            Node::Global(m, n) => match (&self.nodes[m.0 as usize], &self.nodes[n.0 as usize]) {
+                (Node::Str(m), Node::Str(n)) => Some((&**m, &**n)),
+                _ => None,
+            },
+            _ => None,
+        })
+    }
 }
 
 /// A value of a [`Pickle`], to read: a copyable handle.
@@ -512,6 +526,14 @@ pub fn parse(bytes: &[u8], source: &str) -> Result<Pickle> {
 
 /// [`parse`] under other budgets.
 pub fn parse_with(bytes: &[u8], source: &str, limits: &Limits) -> Result<Pickle> {
+    parse_prefix(bytes, source, limits).map(|(pickle, _)| pickle)
+}
+
+/// The pickle at the start of `bytes` (up to its `STOP`), and how many bytes it took: for
+/// formats that write several pickles and raw data one after the other (PyTorch's legacy
+/// `torch.save`). Bytes after the `STOP` are not looked at. Errors as [`parse_with`]; the size
+/// limit applies to the whole of `bytes`.
+pub fn parse_prefix(bytes: &[u8], source: &str, limits: &Limits) -> Result<(Pickle, usize)> {
     if bytes.len() > limits.max_bytes {
         return Err(Error::invalid(
             source,
@@ -929,7 +951,7 @@ impl<'a> Machine<'a> {
         }
     }
 
-    fn run(mut self) -> Result<Pickle> {
+    fn run(mut self) -> Result<(Pickle, usize)> {
         loop {
             self.op_at = self.pos;
             let op = self.u8()?;
@@ -948,10 +970,13 @@ impl<'a> Machine<'a> {
                 // STOP
                 b'.' => {
                     let root = self.pop()?;
-                    return Ok(Pickle {
-                        nodes: self.nodes,
-                        root,
-                    });
+                    return Ok((
+                        Pickle {
+                            nodes: self.nodes,
+                            root,
+                        },
+                        self.pos,
+                    ));
                 }
                 b'(' => self.mark()?,
                 // POP_MARK
@@ -1415,6 +1440,19 @@ mod tests {
             let err = parse_with(bytes, "t", &limits).unwrap_err().to_string();
             assert!(err.contains(needle), "{bytes:?}: {err}");
         }
+    }
+
+    #[test]
+    fn globals_are_listed_and_pickles_read_one_after_another() {
+        // GLOBAL os.system (named, never called), then STACK_GLOBAL posix.system called.
+        let bytes = b"\x80\x04cos\nsystem\n0\x8c\x05posix\x8c\x06system\x93N\x85R.\x80\x02K\x07.";
+        let (p, used) = parse_prefix(bytes, "t", &Limits::DEFAULT).unwrap();
+        let globals: Vec<(&str, &str)> = p.globals().collect();
+        assert_eq!(globals, [("os", "system"), ("posix", "system")]);
+        let (second, rest) = parse_prefix(&bytes[used..], "t", &Limits::DEFAULT).unwrap();
+        assert_eq!(second.root().as_int(), Some(7));
+        assert_eq!(used + rest, bytes.len());
+        assert_eq!(second.globals().count(), 0);
     }
 
     #[test]
