@@ -27,6 +27,7 @@ Writes, under tests/fixtures/:
 PIL's JPEG decoder is the libjpeg-turbo its wheel bundles (version in the metadata). Needs
 numpy, Pillow, safetensors, and torch for the features.
 """
+
 import gzip
 import json
 import os
@@ -37,7 +38,8 @@ import sys
 import zlib
 
 import numpy as np
-from PIL import Image, features as pil_features
+from PIL import Image
+from PIL import features as pil_features
 from safetensors.numpy import save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,7 +48,9 @@ FIXTURES = os.path.join(HERE, "..", "tests", "fixtures")
 
 def fashion_mnist(data_dir, n):
     with gzip.open(os.path.join(data_dir, "t10k-images-idx3-ubyte.gz")) as f:
-        return np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)[:n]
+        return np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)[
+            :n
+        ]
 
 
 def pad32(img):
@@ -87,16 +91,20 @@ def mixed_folder(fm):
         if i % 2 == 0:
             img.save(os.path.join(out, f"img_{i:02d}{png_ext[k % 2]}"))
         else:
-            options = dict(quality=90, subsampling=2)
+            options = {"quality": 90, "subsampling": 2}
             if k % 8 == 3:
                 options["progressive"] = True
             if k % 8 == 5:
                 options["subsampling"] = 0
             if k % 8 == 6:
                 options["quality"] = 75
-            img.save(os.path.join(out, f"img_{i:02d}{jpeg_ext[k % 4]}"), "JPEG", **options)
+            img.save(
+                os.path.join(out, f"img_{i:02d}{jpeg_ext[k % 4]}"), "JPEG", **options
+            )
     names = sorted(os.listdir(out))
-    pixels = np.stack([np.asarray(Image.open(os.path.join(out, n)).convert("RGB")) for n in names])
+    pixels = np.stack(
+        [np.asarray(Image.open(os.path.join(out, n)).convert("RGB")) for n in names]
+    )
     return names, pixels
 
 
@@ -150,9 +158,21 @@ def formats_folder(fm):
     png16(os.path.join(out, "rgba16.png"), wide, 6)
     png16(os.path.join(out, "grey_alpha16.png"), wide[..., :2], 4)
     save("odd_420.jpg", Image.fromarray(photo(45, 70, 2)), quality=90, subsampling=2)
-    save("odd_422_q50.jpg", Image.fromarray(photo(33, 17, 3)), quality=50, subsampling=1)
-    save("progressive.jpg", Image.fromarray(photo(40, 56, 4)), quality=85, progressive=True)
-    save("restart.jpg", Image.fromarray(photo(40, 40, 5)), quality=85, restart_marker_blocks=1)
+    save(
+        "odd_422_q50.jpg", Image.fromarray(photo(33, 17, 3)), quality=50, subsampling=1
+    )
+    save(
+        "progressive.jpg",
+        Image.fromarray(photo(40, 56, 4)),
+        quality=85,
+        progressive=True,
+    )
+    save(
+        "restart.jpg",
+        Image.fromarray(photo(40, 40, 5)),
+        quality=85,
+        restart_marker_blocks=1,
+    )
     save("grey.jpg", Image.fromarray(grey), quality=90)
     save("cmyk.jpg", Image.fromarray(rgb).convert("CMYK"), quality=90)
     # Arithmetic coding: PIL cannot write it; libjpeg-turbo's cjpeg (Debian's
@@ -161,13 +181,21 @@ def formats_folder(fm):
         Image.fromarray(rgb).save(os.path.join(out, "arithmetic.ppm"))
         with open(os.path.join(out, "arithmetic.jpg"), "wb") as f:
             subprocess.run(
-                ["cjpeg", "-arithmetic", "-quality", "90", os.path.join(out, "arithmetic.ppm")],
+                [
+                    "cjpeg",
+                    "-arithmetic",
+                    "-quality",
+                    "90",
+                    os.path.join(out, "arithmetic.ppm"),
+                ],
                 stdout=f,
                 check=True,
             )
         os.remove(os.path.join(out, "arithmetic.ppm"))
     else:
-        print("cjpeg not found (apt-get install libjpeg-turbo-progs): no arithmetic.jpg")
+        print(
+            "cjpeg not found (apt-get install libjpeg-turbo-progs): no arithmetic.jpg"
+        )
     save("lossy.webp", Image.fromarray(photo(45, 70, 6)), quality=80)
     save("lossless.webp", Image.fromarray(rgb), lossless=True)
     save("alpha.webp", Image.fromarray(rgba, "RGBA"), quality=80)
@@ -178,10 +206,19 @@ def formats_folder(fm):
     save("grey.tif", Image.fromarray(grey))
     save("rgba.tif", Image.fromarray(rgba, "RGBA"))
     save("still.gif", Image.fromarray(rgb))
-    frames = [Image.fromarray(np.stack([fm[i], fm[i + 1], fm[i + 2]], -1)) for i in (210, 213, 216)]
-    frames[0].save(os.path.join(out, "animated.gif"), save_all=True, append_images=frames[1:])
-    frames[0].save(os.path.join(out, "animated.webp"), save_all=True, append_images=frames[1:])
-    frames[0].save(os.path.join(out, "animated.png"), save_all=True, append_images=frames[1:])
+    frames = [
+        Image.fromarray(np.stack([fm[i], fm[i + 1], fm[i + 2]], -1))
+        for i in (210, 213, 216)
+    ]
+    frames[0].save(
+        os.path.join(out, "animated.gif"), save_all=True, append_images=frames[1:]
+    )
+    frames[0].save(
+        os.path.join(out, "animated.webp"), save_all=True, append_images=frames[1:]
+    )
+    frames[0].save(
+        os.path.join(out, "animated.png"), save_all=True, append_images=frames[1:]
+    )
     save("rgb.ppm", Image.fromarray(rgb))
     save("grey.pgm", Image.fromarray(grey))
     save("rgb.tga", Image.fromarray(rgb))
@@ -217,7 +254,9 @@ def main():
             torch=torch_version,
             pipeline="uint8 -> nvidia bilinear 299 -> (x-128)/128 -> pool3",
         )
-    save_file(tensors, os.path.join(FIXTURES, "mixed_images.safetensors"), metadata=metadata)
+    save_file(
+        tensors, os.path.join(FIXTURES, "mixed_images.safetensors"), metadata=metadata
+    )
     print(f"mixed_images: {len(names)} files, features {'yes' if weights else 'no'}")
     expected, modes = formats_folder(fm)
     save_file(

@@ -14,6 +14,7 @@ bilinear resize to 299x299 (affine_grid + grid_sample with the half-pixel offset
 border padding) -> (x - 128) / 128 -> the TorchScript network -> 2048-d pool3 features.
 Needs torch, numpy and safetensors.
 """
+
 import gzip
 import os
 import sys
@@ -29,7 +30,9 @@ def nvidia_resize(x, size=299):
     theta[0, 2] += theta[0, 0] / w - theta[0, 0] / size
     theta[1, 2] += theta[1, 1] / h - theta[1, 1] / size
     theta = theta.unsqueeze(0).repeat([n, 1, 1])
-    grid = torch.nn.functional.affine_grid(theta, [n, c, size, size], align_corners=False)
+    grid = torch.nn.functional.affine_grid(
+        theta, [n, c, size, size], align_corners=False
+    )
     return torch.nn.functional.grid_sample(
         x, grid, mode="bilinear", padding_mode="border", align_corners=False
     )
@@ -39,7 +42,9 @@ def main():
     weights = sys.argv[1]
     data_dir = sys.argv[2] if len(sys.argv) > 2 else "/usr/share/datasets/fashion-mnist"
     with gzip.open(os.path.join(data_dir, "t10k-images-idx3-ubyte.gz")) as f:
-        raw = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)[:32]
+        raw = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)[
+            :32
+        ]
     images = np.zeros((32, 1, 32, 32), dtype=np.uint8)
     images[:, 0, 2:30, 2:30] = raw
     torch.set_num_threads(2)

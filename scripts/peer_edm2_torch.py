@@ -22,7 +22,9 @@ With --sample-steps N, times EDM's deterministic Heun sampler instead (EDM, Karr
 Algorithm 1 with S_churn = 0, as EDM2's generate_images.py runs it: σ 0.002…80, ρ 7, 2N − 1
 network evaluations) on `batch` images, and prints {"sample_s": …} with the same fields.
 """
+
 import argparse
+import itertools
 import json
 import math
 import os
@@ -79,7 +81,9 @@ def mp_sum(a, b, t):
 def mp_cat(a, b, t):
     na, nb = a.shape[1], b.shape[1]
     c = math.sqrt((na + nb) / ((1 - t) ** 2 + t**2))
-    return torch.cat([a * (c / math.sqrt(na) * (1 - t)), b * (c / math.sqrt(nb) * t)], dim=1)
+    return torch.cat(
+        [a * (c / math.sqrt(na) * (1 - t)), b * (c / math.sqrt(nb) * t)], dim=1
+    )
 
 
 def resample(x, mode):
@@ -97,7 +101,9 @@ class MPFourier(torch.nn.Module):
         self.register_buffer("phases", torch.zeros(channels))
 
     def forward(self, x):
-        return torch.cos(x[:, None] * self.freqs[None] + self.phases[None]) * math.sqrt(2)
+        return torch.cos(x[:, None] * self.freqs[None] + self.phases[None]) * math.sqrt(
+            2
+        )
 
 
 class MPConv(torch.nn.Module):
@@ -147,9 +153,13 @@ class Block(torch.nn.Module):
             n, ch, h, w = x.shape
             y = self.attn_qkv(x).reshape(n, self.heads, -1, 3, h * w)
             q, k, v = normalize(y, dim=[2]).unbind(3)
-            a = torch.einsum("nhcq,nhck->nhqk", q, k / math.sqrt(q.shape[2])).softmax(dim=3)
+            a = torch.einsum("nhcq,nhck->nhqk", q, k / math.sqrt(q.shape[2])).softmax(
+                dim=3
+            )
             y = torch.einsum("nhqk,nhck->nhcq", a, v)
-            x = mp_sum(x, self.attn_proj(y.reshape(n, ch, h, w)), self.cfg["attn_balance"])
+            x = mp_sum(
+                x, self.attn_proj(y.reshape(n, ch, h, w)), self.cfg["attn_balance"]
+            )
         return x.clip(-self.cfg["clip_act"], self.cfg["clip_act"])
 
 
@@ -159,12 +169,20 @@ class UNet(torch.nn.Module):
         self.cfg = cfg
         mc = cfg["model_channels"]
         cblock = [mc * m for m in cfg["channel_mult"]]
-        cnoise = mc * cfg["channel_mult_noise"] if cfg.get("channel_mult_noise") else cblock[0]
-        cemb = mc * cfg["channel_mult_emb"] if cfg.get("channel_mult_emb") else max(cblock)
+        cnoise = (
+            mc * cfg["channel_mult_noise"]
+            if cfg.get("channel_mult_noise")
+            else cblock[0]
+        )
+        cemb = (
+            mc * cfg["channel_mult_emb"] if cfg.get("channel_mult_emb") else max(cblock)
+        )
         self.out_gain = torch.nn.Parameter(torch.zeros([]))
         self.emb_fourier = MPFourier(cnoise)
         self.emb_noise = MPConv(cnoise, cemb, [])
-        self.emb_label = MPConv(cfg["label_dim"], cemb, []) if cfg["label_dim"] else None
+        self.emb_label = (
+            MPConv(cfg["label_dim"], cemb, []) if cfg["label_dim"] else None
+        )
         self.enc = torch.nn.ModuleDict()
         cout = cfg["img_channels"] + 1
         for level, ch in enumerate(cblock):
@@ -173,25 +191,39 @@ class UNet(torch.nn.Module):
                 cin, cout = cout, ch
                 self.enc[f"{res}x{res}_conv"] = MPConv(cin, cout, [3, 3])
             else:
-                self.enc[f"{res}x{res}_down"] = Block(cfg, cout, cout, cemb, "enc", "down", False)
+                self.enc[f"{res}x{res}_down"] = Block(
+                    cfg, cout, cout, cemb, "enc", "down", False
+                )
             for idx in range(cfg["num_blocks"]):
                 cin, cout = cout, ch
                 att = res in cfg["attn_resolutions"]
-                self.enc[f"{res}x{res}_block{idx}"] = Block(cfg, cin, cout, cemb, "enc", "keep", att)
-        skips = [m.weight.shape[0] if isinstance(m, MPConv) else m.conv_res1.weight.shape[0]
-                 for m in self.enc.values()]
+                self.enc[f"{res}x{res}_block{idx}"] = Block(
+                    cfg, cin, cout, cemb, "enc", "keep", att
+                )
+        skips = [
+            m.weight.shape[0] if isinstance(m, MPConv) else m.conv_res1.weight.shape[0]
+            for m in self.enc.values()
+        ]
         self.dec = torch.nn.ModuleDict()
         for level, ch in reversed(list(enumerate(cblock))):
             res = cfg["img_resolution"] >> level
             if level == len(cblock) - 1:
-                self.dec[f"{res}x{res}_in0"] = Block(cfg, cout, cout, cemb, "dec", "keep", True)
-                self.dec[f"{res}x{res}_in1"] = Block(cfg, cout, cout, cemb, "dec", "keep", False)
+                self.dec[f"{res}x{res}_in0"] = Block(
+                    cfg, cout, cout, cemb, "dec", "keep", True
+                )
+                self.dec[f"{res}x{res}_in1"] = Block(
+                    cfg, cout, cout, cemb, "dec", "keep", False
+                )
             else:
-                self.dec[f"{res}x{res}_up"] = Block(cfg, cout, cout, cemb, "dec", "up", False)
+                self.dec[f"{res}x{res}_up"] = Block(
+                    cfg, cout, cout, cemb, "dec", "up", False
+                )
             for idx in range(cfg["num_blocks"] + 1):
                 cin, cout = cout + skips.pop(), ch
                 att = res in cfg["attn_resolutions"]
-                self.dec[f"{res}x{res}_block{idx}"] = Block(cfg, cin, cout, cemb, "dec", "keep", att)
+                self.dec[f"{res}x{res}_block{idx}"] = Block(
+                    cfg, cin, cout, cemb, "dec", "keep", att
+                )
         self.out_conv = MPConv(cout, cfg["img_channels"], [3, 3])
 
     def forward(self, x, noise_labels, class_labels):
@@ -242,11 +274,15 @@ def edm2_loss(net, images, labels, p_mean=-0.4, p_std=1.0):
     return (weight / logvar.exp()) * (denoised - images) ** 2 + logvar
 
 
-def edm_sampler(net, noise, labels, num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+def edm_sampler(
+    net, noise, labels, num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0
+):
     """EDM's Heun sampler without stochasticity; the state in float32 as hindsight keeps it."""
     i = torch.arange(num_steps, dtype=torch.float64)
-    t_steps = (sigma_max ** (1 / rho) + i / (num_steps - 1)
-               * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t_steps = (
+        sigma_max ** (1 / rho)
+        + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))
+    ) ** rho
     t_steps = torch.cat([t_steps, torch.zeros(1, dtype=torch.float64)]).float().tolist()
     n = noise.shape[0]
 
@@ -254,7 +290,7 @@ def edm_sampler(net, noise, labels, num_steps, sigma_min=0.002, sigma_max=80.0, 
         return net(x, torch.full((n,), sigma, device=x.device), labels)[0]
 
     x = noise * t_steps[0]
-    for k, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+    for k, (t_cur, t_next) in enumerate(itertools.pairwise(t_steps)):
         d_cur = (x - denoise(x, t_cur)) / t_cur
         x_next = x + (t_next - t_cur) * d_cur
         if k < num_steps - 1:
@@ -265,8 +301,16 @@ def edm_sampler(net, noise, labels, num_steps, sigma_min=0.002, sigma_max=80.0, 
 
 
 def full_config(cfg, sigma_data):
-    out = dict(label_balance=0.5, concat_balance=0.5, res_balance=0.3, attn_balance=0.3,
-               clip_act=256.0, channels_per_head=64, logvar_channels=128, sigma_data=sigma_data)
+    out = {
+        "label_balance": 0.5,
+        "concat_balance": 0.5,
+        "res_balance": 0.3,
+        "attn_balance": 0.3,
+        "clip_act": 256.0,
+        "channels_per_head": 64,
+        "logvar_channels": 128,
+        "sigma_data": sigma_data,
+    }
     out.update(cfg)
     return out
 
@@ -275,10 +319,18 @@ def main():
     here = os.path.dirname(os.path.abspath(__file__))
     fixtures = os.path.join(here, "..", "tests", "fixtures")
     ap = argparse.ArgumentParser()
-    ap.add_argument("--fixture", default=os.environ.get(
-        "HINDSIGHT_EDM2_FIXTURE", os.path.join(fixtures, "edm2_unet.safetensors")))
-    ap.add_argument("--fixture-json", default=os.environ.get(
-        "HINDSIGHT_EDM2_FIXTURE_JSON", os.path.join(fixtures, "edm2_unet.json")))
+    ap.add_argument(
+        "--fixture",
+        default=os.environ.get(
+            "HINDSIGHT_EDM2_FIXTURE", os.path.join(fixtures, "edm2_unet.safetensors")
+        ),
+    )
+    ap.add_argument(
+        "--fixture-json",
+        default=os.environ.get(
+            "HINDSIGHT_EDM2_FIXTURE_JSON", os.path.join(fixtures, "edm2_unet.json")
+        ),
+    )
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--iterations", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
@@ -294,7 +346,8 @@ def main():
     torch.backends.cudnn.benchmark = True
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
-    desc = json.load(open(args.fixture_json))["edm2_unet"]
+    with open(args.fixture_json) as f:
+        desc = json.load(f)["edm2_unet"]
     cfg = full_config(desc["config"], desc.get("sigma_data", 0.5))
     net = Precond(cfg)
     state = {k: formula_tensor(k, spec) for k, spec in desc["weight_spec"].items()}
@@ -304,21 +357,40 @@ def main():
     net = net.to(dev)
 
     # Parity with the reference before timing anything.
-    fx = {k: torch.from_numpy(v).to(dev) for k, v in load_file(args.fixture).items()
-          if k.startswith(("input/", "output/"))}
+    fx = {
+        k: torch.from_numpy(v).to(dev)
+        for k, v in load_file(args.fixture).items()
+        if k.startswith(("input/", "output/"))
+    }
     net.eval()
     with torch.no_grad():
         d, lv = net(fx["input/x"], fx["input/sigma"], fx["input/class_labels"])
     parity = max(
-        ((d - fx["output/denoised"]).abs().max() / fx["output/denoised"].abs().max()).item(),
-        ((lv - fx["output/logvar"]).abs().max() / fx["output/logvar"].abs().max()).item())
+        (
+            (d - fx["output/denoised"]).abs().max() / fx["output/denoised"].abs().max()
+        ).item(),
+        (
+            (lv - fx["output/logvar"]).abs().max() / fx["output/logvar"].abs().max()
+        ).item(),
+    )
     if not parity <= 1e-5:
-        sys.exit(f"the PyTorch network does not reproduce the fixture: relative error {parity:.3g}")
+        sys.exit(
+            f"the PyTorch network does not reproduce the fixture: relative error {parity:.3g}"
+        )
 
     gen = torch.Generator().manual_seed(0)
-    n, res, ch, classes = args.batch, cfg["img_resolution"], cfg["img_channels"], cfg["label_dim"]
+    n, res, ch, classes = (
+        args.batch,
+        cfg["img_resolution"],
+        cfg["img_channels"],
+        cfg["label_dim"],
+    )
     images = (torch.rand(n, ch, res, res, generator=gen) * 2 - 1).to(dev)
-    labels = torch.eye(classes)[torch.randint(classes, (n,), generator=gen)].to(dev) if classes else None
+    labels = (
+        torch.eye(classes)[torch.randint(classes, (n,), generator=gen)].to(dev)
+        if classes
+        else None
+    )
     sigma = torch.ones(n, device=dev)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
 
@@ -333,13 +405,17 @@ def main():
                 edm_sampler(net, noise, labels, args.sample_steps).sum().item()
             sync()
             times.append(time.perf_counter() - t)
-        print(json.dumps({
-            "sample_s": statistics.median(times[1:]),
-            "parity": parity,
-            "device": str(dev),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        }))
+        print(
+            json.dumps(
+                {
+                    "sample_s": statistics.median(times[1:]),
+                    "parity": parity,
+                    "device": str(dev),
+                    "threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
+                }
+            )
+        )
         return
 
     forward, step = [], []
@@ -362,14 +438,18 @@ def main():
         opt.step()
         sync()
         step.append(time.perf_counter() - t)
-    print(json.dumps({
-        "forward_s": statistics.median(forward[1:]),
-        "step_s": statistics.median(step[1:]),
-        "parity": parity,
-        "device": str(dev),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }))
+    print(
+        json.dumps(
+            {
+                "forward_s": statistics.median(forward[1:]),
+                "step_s": statistics.median(step[1:]),
+                "parity": parity,
+                "device": str(dev),
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@
 
 Needs numpy, scipy, torch and pytorch-fid.
 """
+
 import json
 import sys
 import time
@@ -39,7 +40,9 @@ def nvidia_resize(x, size=299):
     theta[0, 2] += theta[0, 0] / w - theta[0, 0] / size
     theta[1, 2] += theta[1, 1] / h - theta[1, 1] / size
     theta = theta.unsqueeze(0).repeat([n, 1, 1]).to(x.device)
-    grid = torch.nn.functional.affine_grid(theta, [n, c, size, size], align_corners=False)
+    grid = torch.nn.functional.affine_grid(
+        theta, [n, c, size, size], align_corners=False
+    )
     return torch.nn.functional.grid_sample(
         x, grid, mode="bilinear", padding_mode="border", align_corners=False
     )
@@ -67,7 +70,15 @@ def inception(weights, images, batch, threads, rounds, device="cpu"):
             sync()
             rates.append(len(data) / (time.perf_counter() - start))
             mean = float(torch.cat(feats).mean())
-    print(json.dumps({"images_per_second": rates, "features_mean": mean, "torch": torch.__version__}))
+    print(
+        json.dumps(
+            {
+                "images_per_second": rates,
+                "features_mean": mean,
+                "torch": torch.__version__,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
@@ -75,4 +86,11 @@ if __name__ == "__main__":
         frechet(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:
         device = sys.argv[7] if len(sys.argv) > 7 else "cpu"
-        inception(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), device)
+        inception(
+            sys.argv[2],
+            sys.argv[3],
+            int(sys.argv[4]),
+            int(sys.argv[5]),
+            int(sys.argv[6]),
+            device,
+        )

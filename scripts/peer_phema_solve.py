@@ -16,6 +16,7 @@ Two variants are timed, both float64 and both solving the same Gram system as
               EDM2's per-element root finding.
 Neither reports profile errors or condition numbers (EDM2 has no such report).
 """
+
 import json
 import statistics
 import sys
@@ -25,7 +26,7 @@ import numpy as np
 
 
 def gamma_of(sigma_rel):
-    s = sigma_rel ** -2
+    s = sigma_rel**-2
     return np.roots([1.0, 7.0, 16.0 - s, 12.0 - s]).real.max()
 
 
@@ -38,7 +39,12 @@ def gammas_each(sigmas):
 def gram(t_a, g_a, t_b, g_b):
     ratio = t_a / t_b
     exponent = np.where(t_a < t_b, g_b, -g_a)
-    return (g_a + 1) * (g_b + 1) * ratio ** exponent / ((g_a + g_b + 1) * np.maximum(t_a, t_b))
+    return (
+        (g_a + 1)
+        * (g_b + 1)
+        * ratio**exponent
+        / ((g_a + g_b + 1) * np.maximum(t_a, t_b))
+    )
 
 
 def solve_edm2(t_in, s_in, t_out, s_out):
@@ -73,7 +79,7 @@ def timed(fn, args, repetitions):
     return {
         "median_s": statistics.median(samples),
         "min_s": samples[0],
-        "p90_s": samples[int(round((len(samples) - 1) * 0.9))],
+        "p90_s": samples[round((len(samples) - 1) * 0.9)],
     }, result
 
 

@@ -11,6 +11,7 @@ output is written. Inputs are the `<name>-<kimg:07d>-<sigma:.3f>.safetensors` fi
 `hindsight bench reconstruct` generates (fp16); outputs are fp16 safetensors. Prints
 `peak_rss_kib N` on stderr (ru_maxrss) so the benchmark can report memory side by side.
 """
+
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peer_phema_solve import solve_vectorised  # noqa: E402
+from peer_phema_solve import solve_vectorised
 
 NAME = re.compile(r"^.*-(\d+)-(\d+\.\d+)\.safetensors$")
 BATCH = 8
@@ -39,7 +40,9 @@ def load(path):
     for name, info in header.items():
         start, end = info["data_offsets"]
         assert info["dtype"] == "F16"
-        out[name] = np.frombuffer(data, dtype=np.float16, count=(end - start) // 2, offset=base + start)
+        out[name] = np.frombuffer(
+            data, dtype=np.float16, count=(end - start) // 2, offset=base + start
+        )
     return out
 
 
@@ -47,7 +50,11 @@ def save(path, tensors):
     header = {}
     offset = 0
     for name, arr in tensors.items():
-        header[name] = {"dtype": "F16", "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        header[name] = {
+            "dtype": "F16",
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
         offset += arr.nbytes
     text = json.dumps(header).encode()
     with open(path, "wb") as f:
@@ -64,7 +71,9 @@ def main():
     for name in sorted(os.listdir(indir)):
         m = NAME.match(name)
         if m:
-            files.append((os.path.join(indir, name), int(m.group(1)) * 1000, float(m.group(2))))
+            files.append(
+                (os.path.join(indir, name), int(m.group(1)) * 1000, float(m.group(2)))
+            )
     t_in = [f[1] for f in files]
     s_in = [f[2] for f in files]
     out_sigmas = [float(s) for s in sigma_list.split(",")]
@@ -76,16 +85,24 @@ def main():
         for i, (path, _, _) in enumerate(files):
             snapshot = load(path)
             if outs is None:
-                outs = [{k: np.zeros(v.shape, np.float32) for k, v in snapshot.items()} for _ in batch]
+                outs = [
+                    {k: np.zeros(v.shape, np.float32) for k, v in snapshot.items()}
+                    for _ in batch
+                ]
             for j, out in enumerate(outs):
                 c = np.float32(coefs[i, j])
                 for k, v in snapshot.items():
                     out[k] += v.astype(np.float32) * c
             del snapshot
         for j, out in enumerate(outs):
-            save(os.path.join(outdir, f"peer-{t_out:010d}-{batch[j]:.3f}.safetensors"),
-                 {k: v.astype(np.float16) for k, v in out.items()})
-    print(f"peak_rss_kib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr)
+            save(
+                os.path.join(outdir, f"peer-{t_out:010d}-{batch[j]:.3f}.safetensors"),
+                {k: v.astype(np.float16) for k, v in out.items()},
+            )
+    print(
+        f"peak_rss_kib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

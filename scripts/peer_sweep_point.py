@@ -18,6 +18,7 @@ Usage: peer_sweep_point.py SNAPSHOT_DIR NETWORK_JSON SIGMA_REL NIMG REFERENCE_NP
 Prints one JSON line: {"seconds": total, "reconstruct_s", "sample_s", "features_s",
 "fid_s", "fid", "torch", "device"}.
 """
+
 import glob
 import importlib.util
 import json
@@ -29,20 +30,32 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from peer_fid import nvidia_resize  # noqa: E402
-from peer_phema_solve import solve_vectorised  # noqa: E402
+from peer_fid import nvidia_resize
+from peer_phema_solve import solve_vectorised
 
 
 def load_module(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, name + ".py"))
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(HERE, name + ".py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def main():
-    (snap_dir, network_json, sigma_rel, nimg, reference, weights, num_images, batch, steps,
-     threads) = sys.argv[1:11]
+    (
+        snap_dir,
+        network_json,
+        sigma_rel,
+        nimg,
+        reference,
+        weights,
+        num_images,
+        batch,
+        steps,
+        threads,
+    ) = sys.argv[1:11]
     device = sys.argv[11] if len(sys.argv) > 11 else "cpu"
     import torch
     from pytorch_fid.fid_score import calculate_frechet_distance
@@ -63,18 +76,21 @@ def main():
             metas.append((float(m["nimg"]), float(m["sigma_rel"])))
     t_in = np.array([m[0] for m in metas])
     s_in = np.array([m[1] for m in metas])
-    coef = solve_vectorised(t_in, s_in, np.array([float(nimg)]), np.array([float(sigma_rel)]))[:, 0]
+    coef = solve_vectorised(
+        t_in, s_in, np.array([float(nimg)]), np.array([float(sigma_rel)])
+    )[:, 0]
     state = {}
     for f, c in zip(files, coef):
         with safe_open(f, "pt") as s:
-            for k in s.keys():
+            for k in s:
                 v = s.get_tensor(k).float() * float(c)
                 state[k] = state[k] + v if k in state else v
     reconstruct_s = time.perf_counter() - started
 
     # 2. Sample.
     t0 = time.perf_counter()
-    cfg = edm2.full_config(json.load(open(network_json)), 0.5)
+    with open(network_json) as f:
+        cfg = edm2.full_config(json.load(f), 0.5)
     net = edm2.Precond(cfg)
     net.load_state_dict(state, strict=False)
     net = net.to(dev).eval()
@@ -84,9 +100,14 @@ def main():
     with torch.no_grad():
         for start in range(0, n, b):
             seeds = range(start, min(start + b, n))
-            noise = torch.stack([
-                torch.randn(ch, res, res, generator=torch.Generator().manual_seed(s)) for s in seeds
-            ]).to(dev)
+            noise = torch.stack(
+                [
+                    torch.randn(
+                        ch, res, res, generator=torch.Generator().manual_seed(s)
+                    )
+                    for s in seeds
+                ]
+            ).to(dev)
             labels = None
             if classes:
                 idx = torch.tensor([s % classes for s in seeds])
@@ -105,7 +126,9 @@ def main():
             x = x.float()
             if x.shape[1] == 1:
                 x = x.repeat(1, 3, 1, 1)
-            feats.append(inception((nvidia_resize(x) - 128) / 128).reshape(-1, 2048).cpu())
+            feats.append(
+                inception((nvidia_resize(x) - 128) / 128).reshape(-1, 2048).cpu()
+            )
     feats = torch.cat(feats).double().numpy()
     features_s = time.perf_counter() - t0
 
@@ -115,16 +138,20 @@ def main():
     ref = np.load(reference)
     fid = calculate_frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
     fid_s = time.perf_counter() - t0
-    print(json.dumps({
-        "seconds": time.perf_counter() - started,
-        "reconstruct_s": reconstruct_s,
-        "sample_s": sample_s,
-        "features_s": features_s,
-        "fid_s": fid_s,
-        "fid": float(fid),
-        "torch": torch.__version__,
-        "device": str(dev),
-    }))
+    print(
+        json.dumps(
+            {
+                "seconds": time.perf_counter() - started,
+                "reconstruct_s": reconstruct_s,
+                "sample_s": sample_s,
+                "features_s": features_s,
+                "fid_s": fid_s,
+                "fid": float(fid),
+                "torch": torch.__version__,
+                "device": str(dev),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
