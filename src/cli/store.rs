@@ -133,9 +133,17 @@ fn detect_format(dir: &Path) -> Format {
     let safetensors = files
         .iter()
         .any(|p| p.extension().is_some_and(|e| e == "safetensors"));
-    if !safetensors && files.iter().any(|p| is_edm2(p)) {
+    let edm2 = files.iter().filter(|p| is_edm2(p)).count();
+    if !safetensors && edm2 > 0 {
         Format::Edm2
     } else {
+        if edm2 > 0 {
+            eprintln!(
+                "note: {} holds .safetensors files, which are imported; its {edm2} EDM2 \
+                 file(s) (.pkl, training-state-*.pt) are not — import those with --format edm2",
+                dir.display()
+            );
+        }
         Format::Safetensors
     }
 }

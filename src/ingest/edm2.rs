@@ -40,7 +40,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::path::Path;
 
-use super::file::{ingest_file, IngestOptions, Ingested};
+use super::file::{ingest_converted, IngestOptions, Ingested};
 use super::resolve::{kimg_to_nimg, parse_edm2_name, Hints};
 use crate::db::{Db, Run};
 use crate::error::{blocking, Error, Result};
@@ -916,7 +916,12 @@ pub async fn ingest_edm2(
             width: Some(Width::SigmaRel(*std)),
             profile: None,
         };
-        done.push(ingest_file(db, store, run, file.path(), hints, options, |_| {}).await?);
+        // Messages name the EDM2 file (and the std, for a training state's EMAs).
+        let named = match kind {
+            Edm2File::TrainingState(_) => format!("{source} (ema std {std})"),
+            _ => source.clone(),
+        };
+        done.push(ingest_converted(db, store, run, file.path(), named, hints, options).await?);
     }
     Ok(done)
 }

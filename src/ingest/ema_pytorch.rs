@@ -16,7 +16,7 @@ use std::path::Path;
 
 use candle_core::DType;
 
-use super::file::{ingest_file, IngestOptions, Ingested};
+use super::file::{ingest_converted, IngestOptions, Ingested};
 use super::resolve::Hints;
 use crate::db::{Db, Run};
 use crate::error::{blocking, Error, Result};
@@ -245,7 +245,8 @@ pub async fn ingest_ema_pytorch(
         width: Some(Width::SigmaRel(sigma_rel)),
         profile: Some(profile),
     };
-    ingest_file(db, store, run, staged.path(), hints, options, |_| {}).await
+    let source = path.display().to_string();
+    ingest_converted(db, store, run, staged.path(), source, hints, options).await
 }
 
 #[cfg(test)]

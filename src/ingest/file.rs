@@ -87,6 +87,50 @@ pub async fn ingest_file(
         .and_then(|n| n.to_str())
         .unwrap_or_default()
         .to_owned();
+    ingest_path(
+        db, store, run, path, source, file_name, hints, options, progress,
+    )
+    .await
+}
+
+/// [`ingest_file`] of a safetensors file converted from another format into a staging file
+/// (`staged`): messages name `source`, the file the user gave (an EDM2 pickle, an
+/// ema-pytorch checkpoint), never the staging file; time and width come from `hints` only.
+pub async fn ingest_converted(
+    db: &Db,
+    store: &BlobStore,
+    run: &Run,
+    staged: &Path,
+    source: String,
+    hints: Hints,
+    options: IngestOptions,
+) -> Result<Ingested> {
+    ingest_path(
+        db,
+        store,
+        run,
+        staged,
+        source,
+        String::new(),
+        hints,
+        options,
+        |_| {},
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn ingest_path(
+    db: &Db,
+    store: &BlobStore,
+    run: &Run,
+    path: &Path,
+    source: String,
+    file_name: String,
+    hints: Hints,
+    options: IngestOptions,
+    progress: impl FnMut(u64) + Send + 'static,
+) -> Result<Ingested> {
     let (file, len) = {
         let path = path.to_owned();
         let source = source.clone();

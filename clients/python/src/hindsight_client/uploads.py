@@ -81,7 +81,11 @@ class UploadResult:
 
 
 def run_path(run: str) -> str:
-    """The path of ``run``'s resource."""
+    """The path of ``run``'s resource. Raises ``ValueError`` for a name no URL path can carry
+    (empty, ``.`` or ``..``: HTTP clients and servers normalise those segments away); the
+    server refuses other unusable names itself, naming the rule."""
+    if not isinstance(run, str) or run in ("", ".", ".."):
+        raise ValueError(f"run: {run!r} is not usable as a run name")
     return f"/runs/{quote(run, safe='')}"
 
 
@@ -233,6 +237,11 @@ class Uploader:
     @property
     def spool_dir(self) -> Path:
         return self._spool_dir
+
+    @property
+    def unusable(self) -> HindsightError | None:
+        """Why the spool cannot be used (``None`` when it can)."""
+        return self._unusable
 
     # -- the training thread's side -----------------------------------------------------------
 
