@@ -106,12 +106,16 @@ def test_a_tracker_snapshot_is_released_once_spooled_for_every_run(
 
 
 def test_an_unusable_spool_fails_uploads_not_the_client(
-    start_server: Callable[..., Server], tmp_path: Path
+    start_server: Callable[..., Server], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The default location (here from the environment, as a read-only cache would be) is not
+    # the caller's choice: the Client works for everything else and uploads say why they
+    # cannot. (An unusable `spool_dir=` given explicitly fails the construction instead:
+    # test_newcomer_mistakes_fail_at_once_with_their_reason.)
     server = start_server()
     (tmp_path / "file").write_text("not a directory")
-    spool = tmp_path / "file" / "spool"
-    with Client(server.url, spool_dir=spool) as client:
+    monkeypatch.setenv("HINDSIGHT_SPOOL_DIR", str(tmp_path / "file" / "spool"))
+    with Client(server.url) as client:
         snap = snapshots_at(tiny_model(), 64)[0]
         with pytest.raises(HindsightError, match=r"cannot create the upload spool .*file/spool"):
             client.upload("r", snap)
