@@ -41,6 +41,23 @@ async fn env() -> Env {
     Env { dir, data }
 }
 
+/// `hindsight import --format edm2` of `path` into `run`, through the library.
+async fn import_edm2(
+    e: &Env,
+    path: &Path,
+    run: &str,
+) -> hindsight::Result<hindsight::ingest::ImportReport> {
+    import_dir(
+        &e.data,
+        path,
+        run,
+        &Source::Edm2,
+        IngestOptions::default(),
+        Arc::new(()),
+    )
+    .await
+}
+
 /// What a refusal must leave untouched: blob files, staging files, blob rows, runs.
 async fn store_state(e: &Env) -> (usize, usize, usize, usize) {
     (
@@ -123,16 +140,7 @@ async fn snapshot_pickles_import_and_reconstruct_as_edm2_does() {
     let e = env().await;
     let refj = reference();
     let run_dir = fixtures().join("run");
-    let report = import_dir(
-        &e.data,
-        &run_dir,
-        "edm2",
-        &Source::Edm2,
-        IngestOptions::default(),
-        Arc::new(()),
-    )
-    .await
-    .unwrap();
+    let report = import_edm2(&e, &run_dir, "edm2").await.unwrap();
     assert_eq!((report.inserted, report.present), (6, 0));
     assert!(report.refused.is_empty(), "{:?}", report.refused);
     let run = e.data.db.run("edm2").await.unwrap().unwrap();
@@ -186,16 +194,7 @@ async fn snapshot_pickles_import_and_reconstruct_as_edm2_does() {
 
     // Re-importing is a no-op: no new rows, blobs or files.
     let before = store_state(&e).await;
-    let again = import_dir(
-        &e.data,
-        &run_dir,
-        "edm2",
-        &Source::Edm2,
-        IngestOptions::default(),
-        Arc::new(()),
-    )
-    .await
-    .unwrap();
+    let again = import_edm2(&e, &run_dir, "edm2").await.unwrap();
     assert_eq!((again.inserted, again.present), (0, 6));
     assert_eq!(store_state(&e).await, before);
 
@@ -275,16 +274,7 @@ async fn snapshot_pickles_import_and_reconstruct_as_edm2_does() {
 async fn training_state_emas_import_as_fp32_snapshots() {
     let e = env().await;
     let path = fixtures().join("run/training-state-0000012.pt");
-    let report = import_dir(
-        &e.data,
-        &path,
-        "state",
-        &Source::Edm2,
-        IngestOptions::default(),
-        Arc::new(()),
-    )
-    .await
-    .unwrap();
+    let report = import_edm2(&e, &path, "state").await.unwrap();
     assert_eq!((report.inserted, report.present), (2, 0));
     for std in [0.05, 0.1] {
         let file = stored_file(&e, "state", 12288, std).await;
@@ -322,31 +312,12 @@ async fn phema_pickles_import_only_when_named() {
         &phema,
     )
     .unwrap();
-    let err = import_dir(
-        &e.data,
-        &dir,
-        "p",
-        &Source::Edm2,
-        IngestOptions::default(),
-        Arc::new(()),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let err = import_edm2(&e, &dir, "p").await.unwrap_err().to_string();
     assert!(
         err.contains("imported only when given as the file"),
         "{err}"
     );
-    let report = import_dir(
-        &e.data,
-        &phema,
-        "p",
-        &Source::Edm2,
-        IngestOptions::default(),
-        Arc::new(()),
-    )
-    .await
-    .unwrap();
+    let report = import_edm2(&e, &phema, "p").await.unwrap();
     assert_eq!(report.inserted, 1);
     let run = e.data.db.run("p").await.unwrap().unwrap();
     let rows = e.data.db.snapshots(run.id).await.unwrap();
@@ -363,16 +334,7 @@ async fn pickles_that_call_globals_are_refused_and_store_nothing() {
     let e = env().await;
     let before = store_state(&e).await;
     let dir = fixtures().join("malicious");
-    let report = import_dir(
-        &e.data,
-        &dir,
-        "bad",
-        &Source::Edm2,
-        IngestOptions::default(),
-        Arc::new(()),
-    )
-    .await
-    .unwrap();
+    let report = import_edm2(&e, &dir, "bad").await.unwrap();
     assert_eq!(report.inserted + report.present, 0);
     assert!(report.run_removed);
     let refused: BTreeMap<String, String> = report
@@ -403,13 +365,10 @@ async fn pickles_that_call_globals_are_refused_and_store_nothing() {
     assert!(!side_effect.exists());
 
     // Into an existing run: refused the same, the run's rows and blobs unchanged.
-    import_dir(
-        &e.data,
+    import_edm2(
+        &e,
         &fixtures().join("run/network-snapshot-0000004-0.050.pkl"),
         "good",
-        &Source::Edm2,
-        IngestOptions::default(),
-        Arc::new(()),
     )
     .await
     .unwrap();
@@ -478,16 +437,7 @@ async fn copying_buffers_reproduces_edm2s_buffers_exactly() {
         (fixtures().join("run"), "edm2"),
         (fixtures().join("run/training-state-0000012.pt"), "state"),
     ] {
-        import_dir(
-            &e.data,
-            &dir,
-            run,
-            &Source::Edm2,
-            IngestOptions::default(),
-            Arc::new(()),
-        )
-        .await
-        .unwrap();
+        import_edm2(&e, &dir, run).await.unwrap();
     }
     let buffers: Vec<&str> = refj["buffers"]
         .as_array()

@@ -5,17 +5,15 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{header, HeaderMap, Request, StatusCode};
-use axum::Router;
+use axum::http::{header, Request, StatusCode};
 use serde_json::{json, Value};
 
-use hindsight::app::DataDir;
-use hindsight::server::{app, hash_token, parse_token_hashes, AppState, ServerConfig};
+use hindsight::server::{hash_token, parse_token_hashes, ServerConfig};
 
 mod common;
 use common::http::{
-    assert_case_error, assert_error, delete, get, head, json_body, post_bytes, post_json, send,
-    send_json, Expected, RequestExt, CONFLICT, INTERNAL, INVALID_INPUT, LENGTH_REQUIRED,
+    assert_case_error, assert_error, delete, get, head, json_body, post_bytes, post_json,
+    send_json, Expected, RequestExt, Server, CONFLICT, INTERNAL, INVALID_INPUT, LENGTH_REQUIRED,
     METHOD_NOT_ALLOWED, NOT_FOUND, PAYLOAD_TOO_LARGE, UNAUTHORIZED, UNPROCESSABLE,
 };
 use common::snapshot::SnapshotBuilder;
@@ -68,36 +66,13 @@ fn run_snapshots() -> Vec<(u64, f64, Vec<u8>)> {
     out
 }
 
-struct Server {
-    _dir: tempfile::TempDir,
-    state: AppState,
-    data: DataDir,
+/// What these tests do to a server besides sending requests.
+trait Uploads {
+    /// Uploads [`run_snapshots`] into run `r`, each answered 201.
+    async fn upload_all(&self);
 }
 
-impl Server {
-    async fn new(config: ServerConfig) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let data = DataDir::open(dir.path()).await.unwrap();
-        let state = AppState::new(data.clone(), config);
-        Self {
-            _dir: dir,
-            state,
-            data,
-        }
-    }
-
-    fn app(&self) -> Router {
-        app(self.state.clone())
-    }
-
-    async fn send(&self, request: Request<Body>) -> (StatusCode, HeaderMap, Vec<u8>) {
-        send(&self.app(), request).await
-    }
-
-    async fn json(&self, request: Request<Body>) -> (StatusCode, Value) {
-        send_json(&self.app(), request).await
-    }
-
+impl Uploads for Server {
     async fn upload_all(&self) {
         for (_, _, bytes) in run_snapshots() {
             let (status, body) = self.json(upload("r", "", bytes)).await;

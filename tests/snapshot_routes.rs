@@ -3,49 +3,29 @@
 //! (`GET /runs/{run}/snapshots/{id}/file`), `GET /auth` reports a token before the first
 //! upload, and reconstructions copy or average the buffers snapshots declare.
 
-use axum::body::Body;
-use axum::http::{header, Request, StatusCode};
+use axum::http::{header, StatusCode};
 use serde_json::{json, Value};
 
-use hindsight::app::DataDir;
-use hindsight::server::{app, hash_token, parse_token_hashes, AppState, ServerConfig};
+use hindsight::server::{hash_token, parse_token_hashes, ServerConfig};
 
 mod common;
 use common::http::{
-    assert_error, delete, get, json_body, post_bytes, post_json, send, RequestExt, CONFLICT,
-    INVALID_INPUT, NOT_FOUND,
+    assert_error, delete, get, post_bytes, post_json, RequestExt, Server, CONFLICT, INVALID_INPUT,
+    NOT_FOUND,
 };
 use common::snapshot::SnapshotBuilder;
 
 const TOKEN: &str = "hs_snapshot-routes";
 
-struct Server {
-    _dir: tempfile::TempDir,
-    state: AppState,
-    data: DataDir,
+/// Uploads and the state a refusal must leave as it was.
+trait Snapshots {
+    /// Uploads `bytes` into `run` with the token: status and JSON body.
+    async fn upload(&self, run: &str, bytes: Vec<u8>) -> (StatusCode, Value);
+    /// Rows of run `r` and blob files of the store.
+    async fn counts(&self) -> (usize, usize);
 }
 
-impl Server {
-    async fn new(config: ServerConfig) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let data = DataDir::open(dir.path()).await.unwrap();
-        let state = AppState::new(data.clone(), config);
-        Self {
-            _dir: dir,
-            state,
-            data,
-        }
-    }
-
-    async fn send(&self, request: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
-        send(&app(self.state.clone()), request).await
-    }
-
-    async fn json(&self, request: Request<Body>) -> (StatusCode, Value) {
-        let (status, _, body) = self.send(request).await;
-        (status, json_body(status, &body))
-    }
-
+impl Snapshots for Server {
     async fn upload(&self, run: &str, bytes: Vec<u8>) -> (StatusCode, Value) {
         let length = bytes.len().to_string();
         let request = post_bytes(&format!("/runs/{run}/snapshots"), bytes)
@@ -54,7 +34,6 @@ impl Server {
         self.json(request).await
     }
 
-    /// Rows and blobs of the index and store (what a no-op must leave as it was).
     async fn counts(&self) -> (usize, usize) {
         let (_, listing) = self.json(get("/runs/r/snapshots")).await;
         let rows = listing.as_array().map_or(0, Vec::len);

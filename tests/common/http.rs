@@ -318,3 +318,42 @@ pub fn http(
         String::from_utf8_lossy(&reply.body).to_string(),
     )
 }
+
+/// A server in process: `app(state)` over a data directory in a fresh temporary folder, with
+/// [`send`] and [`send_json`] as methods.
+pub struct Server {
+    _dir: tempfile::TempDir,
+    /// The server's state.
+    pub state: hindsight::server::AppState,
+    /// Its data directory (index and store).
+    pub data: hindsight::app::DataDir,
+}
+
+impl Server {
+    /// A server with `config` on an empty data directory.
+    pub async fn new(config: hindsight::server::ServerConfig) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let data = hindsight::app::DataDir::open(dir.path()).await.unwrap();
+        let state = hindsight::server::AppState::new(data.clone(), config);
+        Self {
+            _dir: dir,
+            state,
+            data,
+        }
+    }
+
+    /// The router, as `hindsight serve` builds it.
+    pub fn app(&self) -> Router {
+        hindsight::server::app(self.state.clone())
+    }
+
+    /// Sends `request`: status, headers, body.
+    pub async fn send(&self, request: Request<Body>) -> (StatusCode, HeaderMap, Vec<u8>) {
+        send(&self.app(), request).await
+    }
+
+    /// Sends `request`: status and JSON body.
+    pub async fn json(&self, request: Request<Body>) -> (StatusCode, Value) {
+        send_json(&self.app(), request).await
+    }
+}
