@@ -18,10 +18,17 @@ use common::{hindsight_ok, http, write_fashion_mnist_slice};
 struct Server {
     child: Child,
     addr: String,
+    /// The server's stderr (its log), quoted when a wait times out.
+    log: std::path::PathBuf,
 }
 
 impl Server {
     fn start(data: &Path, tokens: &Path, weights: &Path) -> Self {
+        let log = data.with_file_name(format!("server-{}.log", std::process::id()));
+        let log = (0..)
+            .map(|i| log.with_extension(format!("{i}.log")))
+            .find(|p| !p.exists())
+            .unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -36,8 +43,9 @@ impl Server {
             .arg(tokens)
             .arg("--fid-weights")
             .arg(weights)
+            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -45,7 +53,7 @@ impl Server {
             assert!(Instant::now() < deadline, "the server did not start");
             std::thread::sleep(Duration::from_millis(100));
         }
-        Server { child, addr }
+        Server { child, addr, log }
     }
 
     fn get(&self, path: &str) -> Value {
@@ -62,7 +70,15 @@ impl Server {
             if done(&sweep) {
                 return sweep;
             }
-            assert!(Instant::now() < deadline, "timed out; the sweep is {sweep}");
+            if Instant::now() >= deadline {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "timed out; the sweep is {sweep}\nthe server's log ends:\n{}",
+                    tail.join("\n")
+                );
+            }
             std::thread::sleep(Duration::from_millis(200));
         }
     }

@@ -50,11 +50,51 @@ impl Db {
     }
 
     /// A connection inside `BEGIN IMMEDIATE` (the write lock taken up front, so two writers
-    /// never deadlock upgrading read transactions). End it with [`finish`].
-    pub(super) async fn begin_immediate(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Sqlite>> {
-        let mut conn = self.pool.acquire().await?;
-        sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
-        Ok(conn)
+    /// never deadlock upgrading read transactions). End it with [`finish`]; dropped
+    /// unfinished (its future cancelled: an aborted task, a client that hung up) the
+    /// connection is closed, which rolls the transaction back, instead of going back to the
+    /// pool still holding the write lock.
+    pub(super) async fn begin_immediate(&self) -> Result<WriteTx> {
+        let conn = self.pool.acquire().await?;
+        let mut tx = WriteTx { conn, open: true };
+        if let Err(e) = sqlx::query("BEGIN IMMEDIATE").execute(&mut *tx).await {
+            // No transaction was begun (e.g. the lock stayed busy): the connection is fine.
+            tx.open = false;
+            return Err(e.into());
+        }
+        Ok(tx)
+    }
+}
+
+/// A pooled connection inside a write transaction begun by [`Db::begin_immediate`]; derefs
+/// to the connection. Until [`finish`] ends the transaction, dropping it closes the
+/// connection (SQLite rolls back an open transaction on close) rather than returning it to
+/// the pool: sqlx does not track transactions begun with plain SQL, and a connection handed
+/// back mid-transaction would keep the database's write lock, so that every later write
+/// fails with "database is locked".
+pub(super) struct WriteTx {
+    conn: sqlx::pool::PoolConnection<sqlx::Sqlite>,
+    open: bool,
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = sqlx::SqliteConnection;
+    fn deref(&self) -> &Self::Target {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.conn
+    }
+}
+
+impl Drop for WriteTx {
+    fn drop(&mut self) {
+        if self.open {
+            self.conn.close_on_drop();
+        }
     }
 }
 
@@ -83,19 +123,18 @@ async fn migrate(options: SqliteConnectOptions) -> Result<()> {
 }
 
 /// Commits on success, rolls back on failure, and returns the result.
-pub(super) async fn finish<T>(
-    conn: &mut sqlx::pool::PoolConnection<sqlx::Sqlite>,
-    result: Result<T>,
-) -> Result<T> {
+pub(super) async fn finish<T>(tx: &mut WriteTx, result: Result<T>) -> Result<T> {
     match result {
         Ok(v) => {
-            sqlx::query("COMMIT").execute(&mut **conn).await?;
+            // A failed commit leaves `open` set: the connection is closed, not reused.
+            sqlx::query("COMMIT").execute(&mut **tx).await?;
+            tx.open = false;
             Ok(v)
         }
         Err(e) => {
             // Report the real error; a connection whose rollback failed is not reused.
-            if sqlx::query("ROLLBACK").execute(&mut **conn).await.is_err() {
-                conn.close_on_drop();
+            if sqlx::query("ROLLBACK").execute(&mut **tx).await.is_ok() {
+                tx.open = false;
             }
             Err(e)
         }
@@ -225,6 +264,71 @@ mod upgrade_tests {
                 .await
                 .unwrap();
             assert!(db.sweep_points(5).await.unwrap().is_empty());
+        });
+    }
+}
+
+#[cfg(test)]
+mod cancellation_tests {
+    use std::time::Duration;
+
+    /// A write whose future is dropped inside its transaction (a task aborted between
+    /// `BEGIN IMMEDIATE` and `COMMIT`) must not hand the write lock back to the pool: every
+    /// later write would wait out the busy timeout and fail. Seen in CI: the sweep worker
+    /// aborted its lease heartbeat while the heartbeat's `BEGIN IMMEDIATE` waited for the
+    /// point's final write; the statement then succeeded on the connection's thread, the
+    /// connection went back to the pool inside its transaction, and the server claimed and
+    /// renewed nothing again. With the guard the connection is closed (rolled back).
+    #[test]
+    fn a_write_cancelled_mid_transaction_releases_the_lock_and_records_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let db = super::Db::open(&dir.path().join("index.sqlite"))
+                .await
+                .unwrap();
+            for round in 0..8 {
+                let writer = db.clone();
+                let (began, wait) = tokio::sync::oneshot::channel();
+                let task = tokio::spawn(async move {
+                    let mut tx = writer.begin_immediate().await.unwrap();
+                    sqlx::query("INSERT INTO runs (name, metadata) VALUES ('cancelled', '{}')")
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                    began.send(()).unwrap();
+                    std::future::pending::<()>().await;
+                });
+                wait.await.unwrap();
+                task.abort();
+                let _ = task.await;
+                // The next writes (more than the pool has connections) commit within a
+                // second; the cancelled insert is not there.
+                for i in 0..6 {
+                    let mut tx = tokio::time::timeout(Duration::from_secs(10), db.begin_immediate())
+                        .await
+                        .unwrap_or_else(|_| panic!("round {round}: the write lock was not released"))
+                        .unwrap();
+                    let name = format!("r{round}-{i}");
+                    let r = sqlx::query("INSERT INTO runs (name, metadata) VALUES (?, '{}')")
+                        .bind(&name)
+                        .execute(&mut *tx)
+                        .await
+                        .map(|_| ())
+                        .map_err(Into::into);
+                    super::finish(&mut tx, r).await.unwrap();
+                }
+            }
+            let names: Vec<String> = sqlx::query_scalar("SELECT name FROM runs ORDER BY id")
+                .fetch_all(db.pool())
+                .await
+                .unwrap();
+            assert_eq!(names.len(), 48, "{names:?}");
+            assert!(!names.iter().any(|n| n == "cancelled"), "{names:?}");
         });
     }
 }
