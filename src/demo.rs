@@ -25,7 +25,8 @@ pub enum Budget {
 /// Everything a budget fixes.
 #[derive(Clone, Debug)]
 pub struct DemoSettings {
-    /// The run the demo trains (one per budget, so budgets never mix).
+    /// The run the demo trains (one per budget, so budgets never mix; on data other than
+    /// Fashion-MNIST, [`choose_run`] names another).
     pub run: String,
     /// The network.
     pub network: Edm2Config,
@@ -126,14 +127,55 @@ pub enum RunState {
     Done(u64),
 }
 
-/// Where the demo's run stands.
-pub async fn run_state(data: &DataDir, settings: &DemoSettings) -> Result<RunState> {
-    let Some(run) = data.db.run(&settings.run).await? else {
+/// The run the demo trains on `dataset` (`fashion-mnist` or `procedural`) and where it
+/// stands: the budget's run (`demo`, `demo-quick`, `demo-long`) for Fashion-MNIST,
+/// `<that>-<dataset>` for other data — then `-2`, `-3`, … past runs of those names that were
+/// trained on something else (`metadata.dataset.source`), so a run is never continued or
+/// swept on data it was not trained on. Also returns a line for each run passed over.
+pub async fn choose_run(
+    data: &DataDir,
+    settings: &DemoSettings,
+    dataset: &str,
+) -> Result<(String, RunState, Vec<String>)> {
+    let base = if dataset == "fashion-mnist" {
+        settings.run.clone()
+    } else {
+        format!("{}-{dataset}", settings.run)
+    };
+    let mut passed = Vec::new();
+    for n in 1.. {
+        let name = if n == 1 {
+            base.clone()
+        } else {
+            format!("{base}-{n}")
+        };
+        let state = run_state(data, &name, settings.total_kimg).await?;
+        if state == RunState::Missing {
+            return Ok((name, state, passed));
+        }
+        let run = data.db.run(&name).await?;
+        let recorded = run
+            .as_ref()
+            .and_then(|r| r.metadata["dataset"]["source"].as_str().map(str::to_owned));
+        if recorded.as_deref() == Some(dataset) {
+            return Ok((name, state, passed));
+        }
+        passed.push(format!(
+            "run {name:?} was trained on {}, not {dataset}: leaving it as it is",
+            recorded.as_deref().unwrap_or("data it does not record")
+        ));
+    }
+    unreachable!("the loop returns")
+}
+
+/// Where the demo's run `name` stands, against a budget of `total_kimg` thousand images.
+pub async fn run_state(data: &DataDir, name: &str, total_kimg: u64) -> Result<RunState> {
+    let Some(run) = data.db.run(name).await? else {
         return Ok(RunState::Missing);
     };
-    let checkpoint = crate::train::checkpoint::checkpoint_path(&data.path, &settings.run);
+    let checkpoint = crate::train::checkpoint::checkpoint_path(&data.path, name);
     if !checkpoint.is_file() && data.db.delete_run_if_empty(run.id).await? {
-        tracing::info!(run = %settings.run, "removed an empty run left by an interrupted demo");
+        tracing::info!(run = %name, "removed an empty run left by an interrupted demo");
         return Ok(RunState::Missing);
     }
     let last = data
@@ -144,7 +186,7 @@ pub async fn run_state(data: &DataDir, settings: &DemoSettings) -> Result<RunSta
         .map(|s| s.nimg as u64)
         .max()
         .unwrap_or(0);
-    Ok(if last >= settings.total_kimg * 1000 {
+    Ok(if last >= total_kimg * 1000 {
         RunState::Done(last)
     } else {
         RunState::Partial(last)

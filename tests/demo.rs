@@ -346,3 +346,150 @@ fn demo_without_inception_weights_sweeps_the_clearly_named_fallback_metric() {
     );
     assert!(data.join("demo/demo-quick-samples/grid.png").is_file());
 }
+
+/// `hindsight` on `data` with `env` set; (success, stderr + stdout).
+fn hindsight_env(data: &Path, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> (bool, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_hindsight"));
+    command.arg("--data-dir").arg(data).args(args);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let out = command.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout),
+    )
+}
+
+/// The best (lowest) FID of sweep `id` in `data`, with the sweep's JSON.
+fn best_fid(data: &Path, id: i64) -> (f64, serde_json::Value) {
+    let (ok, out) = hindsight_env(data, &["sweeps", &id.to_string(), "--json"], &[]);
+    assert!(ok, "{out}");
+    let sweep: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(sweep["sweep"]["status"], "done", "{sweep}");
+    let best = sweep["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["result"]["fid"]["mean"].as_f64().unwrap())
+        .fold(f64::INFINITY, f64::min);
+    (best, sweep)
+}
+
+/// A user's path through the README: the demo first runs where Fashion-MNIST is not
+/// installed (offline: the procedural images), then again on the same data directory after
+/// installing it. The second demo must train a new run on Fashion-MNIST — not reuse the
+/// procedural one and sweep it against Fashion-MNIST statistics — and its FID must be that
+/// of a Fashion-MNIST model: below the procedural model's against the same reference (which
+/// a sweep refuses unless told the datasets differ on purpose).
+#[test]
+fn a_second_demo_on_other_data_trains_a_new_run_and_never_mixes_datasets() {
+    if !common::fashion_mnist_present() {
+        return;
+    }
+    let Some(weights) = common::real_inception_weights() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("hindsight-data");
+    let nowhere = dir.path().join("no-fashion-mnist");
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(&nowhere).unwrap();
+    let demo_args = ["demo", "--budget", "quick", "--no-serve", "--offline"];
+    let weights_env = ("HINDSIGHT_FID_WEIGHTS", weights.as_os_str());
+    let cache_env = ("XDG_CACHE_HOME", cache.as_os_str());
+
+    // 1. Without Fashion-MNIST: the procedural images, in a run named for them.
+    let (ok, first) = hindsight_env(
+        &data,
+        &demo_args,
+        &[
+            weights_env,
+            cache_env,
+            ("HINDSIGHT_FASHION_MNIST_DIR", nowhere.as_os_str()),
+        ],
+    );
+    assert!(ok, "{first}");
+    assert!(first.contains("procedural images instead"), "{first}");
+    assert!(
+        first.contains("snapshot(s) in run \"demo-quick-procedural\""),
+        "{first}"
+    );
+    assert!(data.join("demo/demo-quick-procedural-samples/grid.png").is_file());
+
+    // 2. With Fashion-MNIST installed: a new run, trained on it, swept against its own
+    // reference statistics.
+    let (ok, second) = hindsight_env(&data, &demo_args, &[weights_env, cache_env]);
+    assert!(ok, "{second}");
+    assert!(!second.contains("reusing run"), "{second}");
+    assert!(
+        second.contains("snapshot(s) in run \"demo-quick\""),
+        "a new run trained:\n{second}"
+    );
+    assert!(second.contains("on fashion-mnist"), "{second}");
+    assert!(data.join("demo/demo-quick-samples/grid.png").is_file());
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let d = hindsight::app::DataDir::open(&data).await.unwrap();
+        for (run, source) in [
+            ("demo-quick-procedural", "procedural"),
+            ("demo-quick", "fashion-mnist"),
+        ] {
+            let row = d.db.run(run).await.unwrap().unwrap();
+            assert_eq!(row.metadata["dataset"]["source"], source, "{run}");
+        }
+    });
+    let (fashion_best, fashion_sweep) = best_fid(&data, 2);
+    assert_eq!(fashion_sweep["sweep"]["run"], "demo-quick", "{fashion_sweep}");
+    assert_eq!(
+        fashion_sweep["sweep"]["spec"]["reference_name"],
+        "fashion-mnist-test-64"
+    );
+
+    // 3. The procedural run against Fashion-MNIST's statistics: refused, naming the field
+    // and both datasets; allowed on purpose, its FID is far above the Fashion-MNIST run's.
+    let sweep = [
+        "sweep",
+        "--run",
+        "demo-quick-procedural",
+        "--sigma-rel",
+        "0.05,0.07,0.10",
+        "--num-images",
+        "16",
+        "--batch",
+        "16",
+        "--steps",
+        "4",
+        "--reference",
+        "fashion-mnist-test-64",
+        "--json",
+    ];
+    let (ok, refused) = hindsight_env(&data, &sweep, &[weights_env]);
+    assert!(!ok, "{refused}");
+    for needle in [
+        "reference",
+        "procedural",
+        "fashion-mnist",
+        "--allow-dataset-mismatch",
+    ] {
+        assert!(refused.contains(needle), "{needle}: {refused}");
+    }
+    let (ok, sweeps) = hindsight_env(&data, &["sweeps", "--json"], &[]);
+    assert!(ok);
+    assert_eq!(sweeps.lines().count(), 2, "nothing queued: {sweeps}");
+    let mut forced = sweep.to_vec();
+    forced.push("--allow-dataset-mismatch");
+    let (ok, out) = hindsight_env(&data, &forced, &[weights_env]);
+    assert!(ok, "{out}");
+    let (mixed_best, mixed) = best_fid(&data, 3);
+    assert!(
+        mixed["sweep"]["spec"]["warnings"]
+            .to_string()
+            .contains("allow_dataset_mismatch"),
+        "{mixed}"
+    );
+    assert!(
+        fashion_best < mixed_best,
+        "the Fashion-MNIST run's FID ({fashion_best:.1}) is below the procedural run's \
+         against Fashion-MNIST ({mixed_best:.1})"
+    );
+}

@@ -51,6 +51,7 @@ fn request(sigma_rels: &[f64], num_images: usize) -> SweepRequest {
         batch: Some(2),
         kid_subsets: Some(10),
         kid_subset_size: None,
+        allow_dataset_mismatch: false,
     }
 }
 
@@ -354,6 +355,41 @@ fn sweep_requests_are_checked_field_by_field() {
                  "axis_label": "KID ×10³", "lower_is_better": true, "fallback": false, "kind": "kid"},
             ])
         );
+
+        // Statistics of another dataset than the run's (Fashion-MNIST's grey test set; `tiny`
+        // was trained on the procedural colour images): refused naming `reference` and both
+        // datasets, nothing queued; allowed on purpose, the sweep says so.
+        let origin = hindsight::app::references::ReferenceOrigin {
+            name: "fm".into(),
+            source: "fashion-mnist-test (first 32 images)".into(),
+            resolution: Some(32),
+            channels: Some(1),
+        };
+        hindsight::app::references::import(&data, origin, &imported_statistics())
+            .await
+            .unwrap();
+        let before = data.db.sweeps(None).await.unwrap().len();
+        let other = sweep_with("reference", json!("fm"));
+        let (status, body) = send_json(&api, post_json("/sweeps", &other).bearer(TOKEN)).await;
+        assert_error(status, &body, INVALID_INPUT, "reference");
+        let message = body.to_string();
+        for needle in ["procedural", "fashion-mnist-test", "allow_dataset_mismatch"] {
+            assert!(message.contains(needle), "{needle}: {message}");
+        }
+        assert_eq!(data.db.sweeps(None).await.unwrap().len(), before);
+        let mut forced = other.clone();
+        forced["allow_dataset_mismatch"] = json!(true);
+        let (status, body) = send_json(&api, post_json("/sweeps", &forced).bearer(TOKEN)).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert!(
+            body["spec"]["warnings"]
+                .to_string()
+                .contains("allowed by allow_dataset_mismatch"),
+            "{body}"
+        );
+        forced["allow_dataset_mismatch"] = json!("yes");
+        let (status, body) = send_json(&api, post_json("/sweeps", &forced).bearer(TOKEN)).await;
+        assert_error(status, &body, INVALID_INPUT, "allow_dataset_mismatch");
     });
 }
 

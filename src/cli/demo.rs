@@ -70,9 +70,9 @@ pub fn run(data_dir: &Path, args: DemoArgs) -> anyhow::Result<()> {
         Some(_) => (32, 1, 10),
         None => (32, 3, 0),
     };
-    let settings = args.budget.settings(resolution, channels, classes);
+    let mut settings = args.budget.settings(resolution, channels, classes);
     let train_name = dataset.unwrap_or("procedural");
-    stages.time("training", || train(data_dir, &settings, train_name))?;
+    stages.time("training", || train(data_dir, &mut settings, train_name))?;
     let weights = stages.time("Inception weights", || {
         weights(args.weights.as_deref(), args.offline)
     })?;
@@ -140,7 +140,7 @@ fn dataset(offline: bool) -> anyhow::Result<Option<&'static str>> {
     }
     let why = format!(
         "Fashion-MNIST is not installed (Debian: apt-get install dataset-fashion-mnist, into {})",
-        idx::FASHION_MNIST_DIR
+        idx::fashion_mnist_install_dir().display()
     );
     if offline {
         eprintln!("{why}; --offline: training on the built-in procedural images instead");
@@ -168,12 +168,17 @@ fn dataset(offline: bool) -> anyhow::Result<Option<&'static str>> {
     }
 }
 
-/// Trains the demo's run, resumes one cut short, or reuses a finished one.
-fn train(data_dir: &Path, settings: &DemoSettings, dataset: &str) -> anyhow::Result<()> {
-    let state = block_on(async {
+/// Trains the demo's run, resumes one cut short, or reuses a finished one — only ever one
+/// trained on `dataset` (`settings.run` becomes that run's name).
+fn train(data_dir: &Path, settings: &mut DemoSettings, dataset: &str) -> anyhow::Result<()> {
+    let (name, state, passed) = block_on(async {
         let data = DataDir::open(data_dir).await?;
-        Ok(hindsight::demo::run_state(&data, settings).await?)
+        Ok(hindsight::demo::choose_run(&data, settings, dataset).await?)
     })?;
+    for line in passed {
+        eprintln!("{line}");
+    }
+    settings.run = name;
     let resume = match state {
         RunState::Done(nimg) => {
             eprintln!("reusing run {:?} (trained to {nimg} images)", settings.run);
@@ -336,6 +341,7 @@ fn sweep(
         resume: existing.as_ref().map(|s| s.id),
         detach: false,
         json: false,
+        allow_dataset_mismatch: false,
     };
     if let Some(s) = &existing {
         eprintln!(

@@ -76,6 +76,10 @@ pub struct SweepArgs {
     /// Print the finished sweep as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Sweep even when the reference statistics come from another dataset than the run was
+    /// trained on (refused otherwise: FID would measure the datasets' difference).
+    #[arg(long, conflicts_with = "resume")]
+    pub allow_dataset_mismatch: bool,
 }
 
 /// Options of `hindsight sweeps`.
@@ -199,6 +203,7 @@ pub fn run(data_dir: &Path, args: SweepArgs) -> anyhow::Result<()> {
                     batch: Some(args.batch),
                     kid_subsets: None,
                     kid_subset_size: None,
+                    allow_dataset_mismatch: args.allow_dataset_mismatch,
                 };
                 // The command line answers to its user alone: a generous cap.
                 let limits = SweepLimits {

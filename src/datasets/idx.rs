@@ -45,10 +45,18 @@ pub fn fashion_mnist_cache_dir() -> PathBuf {
     crate::fetch::cache_dir().join("fashion-mnist")
 }
 
-/// The directory holding all four Fashion-MNIST files: Debian's, else the download cache;
-/// `None` when neither does.
+/// Where an installed Fashion-MNIST is looked for: `$HINDSIGHT_FASHION_MNIST_DIR` when set
+/// (a copy elsewhere), else Debian's [`FASHION_MNIST_DIR`].
+pub fn fashion_mnist_install_dir() -> PathBuf {
+    std::env::var_os("HINDSIGHT_FASHION_MNIST_DIR")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from(FASHION_MNIST_DIR), PathBuf::from)
+}
+
+/// The directory holding all four Fashion-MNIST files: [`fashion_mnist_install_dir`], else
+/// the download cache; `None` when neither does.
 pub fn fashion_mnist_dir() -> Option<PathBuf> {
-    [PathBuf::from(FASHION_MNIST_DIR), fashion_mnist_cache_dir()]
+    [fashion_mnist_install_dir(), fashion_mnist_cache_dir()]
         .into_iter()
         .find(|d| FASHION_MNIST_FILES.iter().all(|(f, _)| d.join(f).is_file()))
 }

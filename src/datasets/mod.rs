@@ -140,6 +140,31 @@ pub enum Dataset {
 /// Images the procedural set offers to metrics (it is endless; evaluation takes this many).
 pub const PROCEDURAL_EVAL_IMAGES: usize = 10_000;
 
+/// The dataset family a `source` names, where hindsight knows it: `procedural` (the built-in
+/// images) or `fashion-mnist` (its training and test sets, by name or as Debian's or the
+/// download cache's files), also with the `" (first N images)"` reference statistics add.
+/// `None` for anything else (a user's folder, an idx file elsewhere, imported statistics):
+/// what those hold is not known here.
+pub fn family(source: &str) -> Option<&'static str> {
+    let name = source.split(" (first ").next().unwrap_or(source);
+    if name == "procedural" {
+        return Some("procedural");
+    }
+    if name == "fashion-mnist" || name == "fashion-mnist-test" {
+        return Some("fashion-mnist");
+    }
+    let path = std::path::Path::new(name);
+    let in_fashion_dir = path.parent().is_some_and(|dir| {
+        dir == std::path::Path::new(idx::FASHION_MNIST_DIR)
+            || dir == idx::fashion_mnist_install_dir()
+            || dir == idx::fashion_mnist_cache_dir()
+    });
+    let fashion_file = idx::FASHION_MNIST_FILES
+        .iter()
+        .any(|(f, _)| path.file_name().is_some_and(|n| n == *f));
+    (in_fashion_dir && fashion_file).then_some("fashion-mnist")
+}
+
 impl Dataset {
     /// The dataset `source` names:
     /// - `procedural`, of `resolution` and `classes`;
@@ -160,7 +185,7 @@ impl Dataset {
         let seed = data_seed(training_seed);
         let fashion = |file: &str| {
             idx::fashion_mnist_dir()
-                .unwrap_or_else(|| idx::FASHION_MNIST_DIR.into())
+                .unwrap_or_else(idx::fashion_mnist_install_dir)
                 .join(file)
         };
         let idx_file = match source {
@@ -323,6 +348,32 @@ impl Dataset {
                 let image = pixels.iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
                 (image, class)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod family_tests {
+    use super::family;
+
+    #[test]
+    fn families_are_known_by_name_and_by_fashion_mnist_files() {
+        for (source, expected) in [
+            ("procedural", Some("procedural")),
+            ("procedural (first 500 images)", Some("procedural")),
+            ("fashion-mnist", Some("fashion-mnist")),
+            ("fashion-mnist-test (first 500 images)", Some("fashion-mnist")),
+            (
+                "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz",
+                Some("fashion-mnist"),
+            ),
+            // What hindsight cannot know: a slice elsewhere, a user's folder, an upload.
+            ("/tmp/fm-slice-images-idx3-ubyte", None),
+            ("/data/cifar10", None),
+            ("procedural-looking/folder", None),
+            ("stats.npz", None),
+        ] {
+            assert_eq!(family(source), expected, "{source}");
         }
     }
 }

@@ -227,6 +227,9 @@ pub struct SweepRequest {
     pub kid_subsets: Option<usize>,
     /// KID: most features per subset (default 1000).
     pub kid_subset_size: Option<usize>,
+    /// Sweep even when the reference statistics come from another dataset than the one the
+    /// run records it was trained on ([`dataset_mismatch`]); default false.
+    pub allow_dataset_mismatch: bool,
 }
 
 /// The validated sweep, stored with it (`sweeps.request`), followed by workers and sent to
@@ -541,6 +544,42 @@ fn checked_sampler(request: SamplerRequest, evaluator: Evaluator) -> Result<Samp
     }
 }
 
+/// Why `reference` was not made from the data `run` was trained on, or `None` when it may
+/// have been. Compared: the dataset family ([`crate::datasets::family`]: the built-in
+/// procedural images, Fashion-MNIST) where both sides name a known one, and the image
+/// channels where both are recorded (grey images are replicated to RGB for Inception, so
+/// grey would be compared with colour). A run records its data in `metadata.dataset`
+/// (`hindsight train`), its network's channels in `metadata.network`; runs with neither (a
+/// PyTorch trainer's) are not checked.
+pub fn dataset_mismatch(run: &Run, reference: &ReferenceRow) -> Option<String> {
+    let dataset = &run.metadata["dataset"];
+    let source = dataset["source"].as_str().unwrap_or("as its network records");
+    let run_family = dataset["source"].as_str().and_then(crate::datasets::family);
+    let reference_family = crate::datasets::family(&reference.source);
+    if let (Some(a), Some(b)) = (run_family, reference_family) {
+        if a != b {
+            return Some(format!(
+                "run {:?} was trained on {a} images ({source}) but reference statistics {:?} \
+                 come from {b} ({})",
+                run.name, reference.name, reference.source
+            ));
+        }
+    }
+    let run_channels = dataset["channels"]
+        .as_i64()
+        .or_else(|| run.metadata["network"]["img_channels"].as_i64());
+    if let (Some(a), Some(b)) = (run_channels, reference.channels) {
+        if a != b {
+            return Some(format!(
+                "run {:?} was trained on {a}-channel images ({source}) but reference \
+                 statistics {:?} come from {b}-channel images ({})",
+                run.name, reference.name, reference.source
+            ));
+        }
+    }
+    None
+}
+
 /// Validates `request` against the index and `limits`; returns the specification and the
 /// rows it names. Errors name the request's field (`sigma_rels`, `nimgs`, `num_images`,
 /// `reference`, `metrics[2].name`, …): unknown run or reference ([`Error::NotFound`]),
@@ -676,6 +715,7 @@ pub async fn validate(
     if kid_subset_size < 2 {
         return Err(Error::invalid("kid_subset_size", "at least 2"));
     }
+    let mut warnings = Vec::new();
     let reference = match (&request.reference, wants_images) {
         (Some(key), true) => Some(references::find(data, key).await.map_err(|e| match e {
             Error::NotFound(m) => Error::NotFound(format!("reference: {m}")),
@@ -709,6 +749,18 @@ pub async fn validate(
         (None, false) => None,
     };
     if let Some(reference) = &reference {
+        if let Some(why) = dataset_mismatch(&run, reference) {
+            if request.allow_dataset_mismatch {
+                warnings.push(format!("allowed by allow_dataset_mismatch: {why}"));
+            } else {
+                return Err(Error::invalid(
+                    "reference",
+                    format!(
+                        "{why}: FID and KID against them would measure the difference between                          the datasets, not the EMA length. Use reference statistics of the                          run's dataset (hindsight ref-stats), or set allow_dataset_mismatch                          (--allow-dataset-mismatch) to sweep anyway"
+                    ),
+                ));
+            }
+        }
         if reference.dims as usize != FEATURES {
             return Err(Error::invalid(
                 "reference",
@@ -752,7 +804,6 @@ pub async fn validate(
             })
         })
         .collect::<Vec<_>>();
-    let mut warnings = Vec::new();
     // Targets the snapshots reach only roughly are kept but named: their points are not the
     // EMA the axis says (the solver's profile error and noise gain, EDM2 eq. 7's fit).
     let mut rough = Vec::new();
@@ -789,15 +840,6 @@ pub async fn validate(
                      them after resizing both to 299×299, which is not the same as comparing \
                      images of one size",
                     network.img_resolution
-                ));
-            }
-        }
-        if let Some(c) = reference.channels {
-            if c as usize != network.img_channels {
-                warnings.push(format!(
-                    "the reference images have {c} channel(s) and the run's {}: grey images \
-                     are replicated to RGB for Inception, so grey is compared with colour",
-                    network.img_channels
                 ));
             }
         }

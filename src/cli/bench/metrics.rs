@@ -419,6 +419,7 @@ pub fn sweep_point(args: SweepPointArgs) -> anyhow::Result<()> {
             batch: Some(args.batch),
             kid_subsets: None,
             kid_subset_size: None,
+            allow_dataset_mismatch: false,
         };
         let created = sweep::create(&data, request, &SweepLimits::default()).await?;
         let worker = Worker::new(

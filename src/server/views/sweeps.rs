@@ -123,6 +123,11 @@ pub struct SweepRequestBody {
     /// KID: most features per subset (default 1000).
     #[serde(default)]
     pub kid_subset_size: Option<u64>,
+    /// Sweep even when the reference statistics come from another dataset than the run
+    /// records it was trained on (another dataset family, or grey against colour): refused
+    /// with a 400 naming `reference` otherwise. Default false.
+    #[serde(default)]
+    pub allow_dataset_mismatch: bool,
 }
 
 /// `sigma_rels` as a number, a list of numbers or EDM2's list syntax, with errors naming the
@@ -215,6 +220,7 @@ impl SweepRequestBody {
             batch: size(self.batch),
             kid_subsets: size(self.kid_subsets),
             kid_subset_size: size(self.kid_subset_size),
+            allow_dataset_mismatch: self.allow_dataset_mismatch,
         })
     }
 }

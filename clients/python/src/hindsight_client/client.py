@@ -537,6 +537,7 @@ class Client:
         batch: int | None = None,
         kid_subsets: int | None = None,
         kid_subset_size: int | None = None,
+        allow_dataset_mismatch: bool = False,
     ) -> Sweep:
         """Queues a sweep (``POST /sweeps``): for each EMA width in ``sigma_rels`` (and each
         training time in ``nimgs``), the server reconstructs the EMA of ``run``; then its
@@ -569,6 +570,9 @@ class Client:
                 (defaults 32, 0.002, 80, 7); not with ``sampler``.
             batch: images per batch (default 32): the unit of progress and resumption.
             kid_subsets, kid_subset_size: KID's random subsets (defaults 100, 1000).
+            allow_dataset_mismatch: sweep even when the reference statistics come from
+                another dataset than the run records it was trained on (the server refuses
+                that with a 400 naming ``reference`` otherwise).
 
         Raises :class:`~hindsight_client.errors.InvalidInput` (400) or
         :class:`~hindsight_client.errors.NotFound` (404: no such run or reference) with the
@@ -616,6 +620,8 @@ class Client:
         ):
             if value is not None:
                 request[key] = int(value)
+        if allow_dataset_mismatch:
+            request["allow_dataset_mismatch"] = True
         response = self._transport.send("POST", "/sweeps", json=request, idempotent=False)
         return Sweep.from_json(raise_for_status(response).json())
 
