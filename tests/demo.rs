@@ -415,7 +415,9 @@ fn a_second_demo_on_other_data_trains_a_new_run_and_never_mixes_datasets() {
         first.contains("snapshot(s) in run \"demo-quick-procedural\""),
         "{first}"
     );
-    assert!(data.join("demo/demo-quick-procedural-samples/grid.png").is_file());
+    assert!(data
+        .join("demo/demo-quick-procedural-samples/grid.png")
+        .is_file());
 
     // 2. With Fashion-MNIST installed: a new run, trained on it, swept against its own
     // reference statistics.
@@ -439,7 +441,10 @@ fn a_second_demo_on_other_data_trains_a_new_run_and_never_mixes_datasets() {
         }
     });
     let (fashion_best, fashion_sweep) = best_fid(&data, 2);
-    assert_eq!(fashion_sweep["sweep"]["run"], "demo-quick", "{fashion_sweep}");
+    assert_eq!(
+        fashion_sweep["sweep"]["run"], "demo-quick",
+        "{fashion_sweep}"
+    );
     assert_eq!(
         fashion_sweep["sweep"]["spec"]["reference_name"],
         "fashion-mnist-test-64"

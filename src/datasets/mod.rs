@@ -362,7 +362,10 @@ mod family_tests {
             ("procedural", Some("procedural")),
             ("procedural (first 500 images)", Some("procedural")),
             ("fashion-mnist", Some("fashion-mnist")),
-            ("fashion-mnist-test (first 500 images)", Some("fashion-mnist")),
+            (
+                "fashion-mnist-test (first 500 images)",
+                Some("fashion-mnist"),
+            ),
             (
                 "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz",
                 Some("fashion-mnist"),

@@ -309,10 +309,13 @@ mod cancellation_tests {
                 // The next writes (more than the pool has connections) commit within a
                 // second; the cancelled insert is not there.
                 for i in 0..6 {
-                    let mut tx = tokio::time::timeout(Duration::from_secs(10), db.begin_immediate())
-                        .await
-                        .unwrap_or_else(|_| panic!("round {round}: the write lock was not released"))
-                        .unwrap();
+                    let mut tx =
+                        tokio::time::timeout(Duration::from_secs(10), db.begin_immediate())
+                            .await
+                            .unwrap_or_else(|_| {
+                                panic!("round {round}: the write lock was not released")
+                            })
+                            .unwrap();
                     let name = format!("r{round}-{i}");
                     let r = sqlx::query("INSERT INTO runs (name, metadata) VALUES (?, '{}')")
                         .bind(&name)

@@ -553,7 +553,9 @@ fn checked_sampler(request: SamplerRequest, evaluator: Evaluator) -> Result<Samp
 /// PyTorch trainer's) are not checked.
 pub fn dataset_mismatch(run: &Run, reference: &ReferenceRow) -> Option<String> {
     let dataset = &run.metadata["dataset"];
-    let source = dataset["source"].as_str().unwrap_or("as its network records");
+    let source = dataset["source"]
+        .as_str()
+        .unwrap_or("as its network records");
     let run_family = dataset["source"].as_str().and_then(crate::datasets::family);
     let reference_family = crate::datasets::family(&reference.source);
     if let (Some(a), Some(b)) = (run_family, reference_family) {
