@@ -110,6 +110,7 @@ pub fn run(data_dir: &Path, args: DemoArgs) -> anyhow::Result<()> {
     for (name, secs) in &stages.0 {
         eprintln!("  {name:<38} {secs:>7.1} s");
     }
+    curve_verdict(data_dir, sweep_id, weights.is_none())?;
     if weights.is_none() {
         eprintln!(
             "\nthe sweep's numbers are the fallback metric (Fréchet distance and KID on a \
@@ -192,11 +193,12 @@ fn train(data_dir: &Path, settings: &mut DemoSettings, dataset: &str) -> anyhow:
     };
     eprintln!(
         "EDM2 network ({} channels, levels {:?}) on {dataset}: {} thousand images, batch {}, \
-         EMA snapshots (σ_rel 0.05 and 0.10) every {} thousand",
+         learning rate {}, EMA snapshots (σ_rel 0.05 and 0.10) every {} thousand",
         settings.network.model_channels,
         settings.network.channel_mult,
         settings.total_kimg,
         settings.batch,
+        settings.lr,
         settings.snapshot_kimg
     );
     let options = TrainOptions {
@@ -210,7 +212,7 @@ fn train(data_dir: &Path, settings: &mut DemoSettings, dataset: &str) -> anyhow:
         total_kimg: settings.total_kimg,
         snapshot_kimg: settings.snapshot_kimg,
         status_kimg: 1,
-        lr: 0.01,
+        lr: settings.lr,
         ref_batches: 2000.0,
         rampup_mimg: settings.rampup_mimg,
         seed: 0,
@@ -332,7 +334,7 @@ fn sweep(
         metric: Some("fid,kid".into()),
         user_metric: Vec::new(),
         num_images: Some(settings.num_images),
-        seed_sets: 1,
+        seed_sets: settings.seed_sets,
         reference: existing.is_none().then(|| reference.to_owned()),
         steps: settings.steps,
         batch: settings.sweep_batch,
@@ -365,6 +367,55 @@ fn sweep(
             .map(|s| s.id)
             .context("the sweep just run is not in the index")
     })
+}
+
+/// Says, per metric, where the curve's best σ_rel lies and how much worse the ends of the
+/// range are, against the points' seed noise: the reason to choose the EMA length after
+/// training is a minimum inside the range (EDM2's Fig. 5).
+fn curve_verdict(data_dir: &Path, sweep_id: i64, fallback: bool) -> anyhow::Result<()> {
+    use hindsight::metrics::Metric;
+    let points = block_on(async {
+        let data = DataDir::open(data_dir).await?;
+        Ok(data.db.sweep_points(sweep_id).await?)
+    })?;
+    eprintln!();
+    for metric in [Metric::Fid, Metric::Kid] {
+        let info = hindsight::sweep::MetricInfo::new(metric, fallback);
+        let Some(shape) = hindsight::demo::sweep_curve_shape(&points, &info) else {
+            continue;
+        };
+        let v = |x: f64| {
+            let x = x * info.scale;
+            if x.abs() >= 100.0 {
+                format!("{x:.1}")
+            } else {
+                format!("{x:.2}")
+            }
+        };
+        let noise = shape.noise.map_or("no noise estimate".to_owned(), |n| {
+            format!("noise ±{}", v(n))
+        });
+        let (lo, hi) = (shape.shortest, shape.longest);
+        let verdict = if shape.clear_interior() {
+            "a minimum inside the range, both ends worse by more than the noise"
+        } else if shape.interior() {
+            "a minimum inside the range, but an end within the noise"
+        } else {
+            "the best is at an end of the range"
+        };
+        eprintln!(
+            "{}: best σ_rel {:.3} ({}); σ_rel {:.3} is worse by {}, σ_rel {:.3} by {} ({noise}): \
+             {verdict}",
+            info.short_label,
+            shape.best.0,
+            v(shape.best.1),
+            lo.0,
+            v(lo.1),
+            hi.0,
+            v(hi.1)
+        );
+    }
+    Ok(())
 }
 
 /// Writes 64 images of the best FID point to `<data-dir>/demo/<run>-samples/` (kept if
