@@ -571,6 +571,12 @@ async fn session(client: &Client, addr: &str, token: &str, sweeps: &Sweeps, down
     })
     .await;
     assert!(bigger.contains("25000 images"), "{bigger}");
+    js(
+        client,
+        "document.querySelector('#sweep-form').scrollIntoView({block: 'center'});",
+    )
+    .await;
+    screenshot(client, "sweep-form.png").await;
     let value = client.find(Locator::Css("#rec-value")).await.unwrap();
     value.clear().await.unwrap();
     value.send_keys("0.09").await.unwrap();
@@ -754,10 +760,20 @@ fn check_marks(drawn: &Value, best_sigma: f64, clicked_sigma: f64) {
         (left - x).abs() <= width / 2.0,
         "the best label spans its point's x: {drawn}"
     );
+    // Beneath the point and its error bar (FID: lower is better), not far.
+    let below = top - best["top"].as_f64().unwrap();
     assert!(
-        (top - best["top"].as_f64().unwrap()).abs() <= 30.0,
-        "the best label is next to its point: {drawn}"
+        below > 0.0 && below <= 120.0,
+        "the best label is under its point: {drawn}"
     );
+    // No other point is nearer the label's centre than the best one.
+    for p in drawn["points"].as_array().unwrap() {
+        let other = (p["left"].as_f64().unwrap() - left).abs();
+        assert!(
+            other >= (x - left).abs(),
+            "the best label is nearer {p} than its own point: {drawn}"
+        );
+    }
     assert!(
         label["text"]
             .as_str()

@@ -192,12 +192,16 @@ export function curve(box, { sweep, overlays, metric, logX, selected, onPick }) 
           ctx.beginPath();
           ctx.arc(x, y, 10 * dpr, 0, 2 * Math.PI);
           ctx.stroke();
-          // Centred under the ring (over it when higher is better), kept inside the plot.
+          // Centred under the ring and its error bar (over them when higher is better),
+          // kept inside the plot.
           const text = `best σ_rel ${fmtShort(xs[best])}`;
           ctx.font = `${12 * dpr}px system-ui, sans-serif`;
           const width = ctx.measureText(text).width;
           const cx = Math.min(Math.max(x, u.bbox.left + width / 2 + 2 * dpr), u.bbox.left + u.bbox.width - width / 2 - 2 * dpr);
-          const ty = lowerIsBetter ? y + 14 * dpr : y - 14 * dpr;
+          const bar = errs[0][best] || 0;
+          const ty = lowerIsBetter
+            ? Math.max(y + 13 * dpr, u.valToPos(data[1][best] - bar, 'y', true) + 3 * dpr)
+            : Math.min(y - 13 * dpr, u.valToPos(data[1][best] + bar, 'y', true) - 3 * dpr);
           ctx.fillStyle = getComputedStyle(box).color || '#111';
           ctx.textAlign = 'center';
           ctx.textBaseline = lowerIsBetter ? 'top' : 'bottom';
