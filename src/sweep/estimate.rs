@@ -169,14 +169,18 @@ pub async fn measured(data: &DataDir, run: &Run) -> Result<Option<Measured>> {
         if sweep.evaluator != Evaluator::Builtin || sweep.run_id == run.id {
             continue;
         }
-        if !same_network.contains_key(&sweep.run_id) {
-            let same = match data.db.run(&sweep.run).await? {
-                Some(other) => &other.metadata["network"] == network,
-                None => false,
-            };
-            same_network.insert(sweep.run_id, same);
-        }
-        if !same_network[&sweep.run_id] {
+        let same = match same_network.get(&sweep.run_id) {
+            Some(&same) => same,
+            None => {
+                let same = match data.db.run(&sweep.run).await? {
+                    Some(other) => &other.metadata["network"] == network,
+                    None => false,
+                };
+                same_network.insert(sweep.run_id, same);
+                same
+            }
+        };
+        if !same {
             continue;
         }
         let points = data.db.sweep_points(sweep.id).await?;
