@@ -517,7 +517,16 @@ async fn session(client: &Client, addr: &str, token: &str, sweeps: &Sweeps, down
         format!("/sweeps/{sweep_id}/points/{last_idx}/grid.png")
     );
     assert!(image_loaded(client, "#grid-image").await > 0);
-    // The log-scale switch redraws with the same points.
+    let sigmas: Vec<f64> = plotted
+        .iter()
+        .map(|p| p["sigma_rel"].as_f64().unwrap())
+        .collect();
+    let drawn = axis_of(client, "fid").await;
+    check_axis(&drawn, &sigmas, false);
+    check_marks(&drawn, best_sigma, last["sigma_rel"].as_f64().unwrap());
+    screenshot(client, "sweep.png").await;
+    // The log-scale switch redraws with the same points, on a log axis over the data's
+    // range, the best label on its point and the clicked point still marked.
     click(client, "#log-x").await;
     let after = js(
         client,
@@ -525,7 +534,24 @@ async fn session(client: &Client, addr: &str, token: &str, sweeps: &Sweeps, down
     )
     .await;
     assert_eq!(after.as_u64(), Some(plotted.len() as u64));
-    screenshot(client, "sweep.png").await;
+    let drawn = axis_of(client, "fid").await;
+    check_axis(&drawn, &sigmas, true);
+    check_marks(&drawn, best_sigma, last["sigma_rel"].as_f64().unwrap());
+    screenshot(client, "sweep-log.png").await;
+    // Overlays: the external sweep (the same reference, images and seed sets) is offered;
+    // the idle one (user metrics only, no images) is not, and the page says why.
+    let external_id = sweeps.external["id"].as_i64().unwrap();
+    let offered = wait_text(client, "#overlays", |t| t.contains("Overlay")).await;
+    assert!(
+        offered.contains(&format!("#{external_id} "))
+            && !offered.contains(&format!("#{} ", sweeps.idle)),
+        "{offered}"
+    );
+    let hidden = wait_text(client, "#overlays-hidden", |t| !t.is_empty()).await;
+    assert!(
+        hidden.starts_with("1 other sweep") && hidden.contains("not comparable"),
+        "{hidden}"
+    );
 
     external_sweep_page(client, &base, sweeps).await;
 
@@ -533,6 +559,24 @@ async fn session(client: &Client, addr: &str, token: &str, sweeps: &Sweeps, down
     client.goto(&format!("{base}#/runs/fm")).await.unwrap();
     wait_text(client, "h1", |t| t == "fm").await;
     assert!(client.find(Locator::Css("#timeline canvas")).await.is_ok());
+    // The start-sweep form estimates the time from the finished sweep's points, and again
+    // when the sweep grows.
+    let first = wait_text(client, "#sw-estimate", |t| t.contains("Estimated time ≈")).await;
+    assert!(first.contains(&format!("sweep #{sweep_id}")), "{first}");
+    let images = client.find(Locator::Css("#sw-images")).await.unwrap();
+    images.clear().await.unwrap();
+    images.send_keys("5000").await.unwrap();
+    let bigger = wait_text(client, "#sw-estimate", |t| {
+        t.contains("Estimated time ≈") && t != first
+    })
+    .await;
+    assert!(bigger.contains("25000 images"), "{bigger}");
+    js(
+        client,
+        "document.querySelector('#sweep-form').scrollIntoView({block: 'center'});",
+    )
+    .await;
+    screenshot(client, "sweep-form.png").await;
     let value = client.find(Locator::Css("#rec-value")).await.unwrap();
     value.clear().await.unwrap();
     value.send_keys("0.09").await.unwrap();
@@ -634,6 +678,117 @@ async fn session(client: &Client, addr: &str, token: &str, sweeps: &Sweeps, down
         }
     }
     screenshot(client, "sweep-phone.png").await;
+}
+
+/// The σ_rel axis and the marks of chart `#chart-METRIC` as drawn: `{range, ticks, points,
+/// best, label, selected}` (see `chart.js`, `curve`).
+async fn axis_of(client: &Client, metric: &str) -> Value {
+    let script = format!(
+        "const b = document.querySelector('#chart-{metric}');
+         const j = (t) => (t ? JSON.parse(t) : null);
+         return {{range: j(b.dataset.xRange), ticks: j(b.dataset.xTicks), points: j(b.dataset.points),
+                  best: b.dataset.best, label: j(b.dataset.bestLabel), selected: j(b.dataset.selected)}};"
+    );
+    js(client, &script).await
+}
+
+/// The σ_rel axis spans the data (padded at most ×/÷1.5, below 0.5 on a log axis) and its
+/// tick labels are numbers within it, all written with the same decimals on a linear axis.
+#[track_caller]
+fn check_axis(drawn: &Value, sigmas: &[f64], log: bool) {
+    let lo = sigmas.iter().cloned().fold(f64::INFINITY, f64::min);
+    let hi = sigmas.iter().cloned().fold(0.0, f64::max);
+    let range = drawn["range"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{drawn}"));
+    let (min, max) = (range[0].as_f64().unwrap(), range[1].as_f64().unwrap());
+    assert!(
+        min <= lo && max >= hi,
+        "the axis shows every point: {drawn}"
+    );
+    if log {
+        assert!(min >= lo / 1.5 && max <= hi * 1.5 && max < 0.5, "{drawn}");
+    }
+    let labels: Vec<&str> = drawn["ticks"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{drawn}"))
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .filter(|t| !t.is_empty())
+        .collect();
+    assert!(labels.len() >= 2, "at least two ticks: {drawn}");
+    for label in &labels {
+        let v: f64 = label
+            .parse()
+            .unwrap_or_else(|_| panic!("tick {label:?} is not a number: {drawn}"));
+        assert!(
+            v >= min - 1e-9 && v <= max + 1e-9,
+            "tick {v} outside the axis: {drawn}"
+        );
+    }
+    if !log {
+        let decimals = |t: &str| t.split('.').nth(1).map_or(0, str::len);
+        assert!(
+            labels.iter().all(|t| decimals(t) == decimals(labels[0])),
+            "{labels:?}"
+        );
+    }
+}
+
+/// The best label sits on the best point (its span covers the point's x, close above or
+/// below it) and the clicked point is the one marked.
+#[track_caller]
+fn check_marks(drawn: &Value, best_sigma: f64, clicked_sigma: f64) {
+    let point = |sigma: f64| {
+        drawn["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["sigma_rel"].as_f64() == Some(sigma))
+            .unwrap_or_else(|| panic!("no point at {sigma}: {drawn}"))
+            .clone()
+    };
+    let best = point(best_sigma);
+    let label = &drawn["label"];
+    let (left, top, width) = (
+        label["left"].as_f64().unwrap_or_else(|| panic!("{drawn}")),
+        label["top"].as_f64().unwrap(),
+        label["width"].as_f64().unwrap(),
+    );
+    let x = best["left"].as_f64().unwrap();
+    assert!(
+        (left - x).abs() <= width / 2.0,
+        "the best label spans its point's x: {drawn}"
+    );
+    // Beneath the point and its error bar (FID: lower is better), not far.
+    let below = top - best["top"].as_f64().unwrap();
+    assert!(
+        below > 0.0 && below <= 120.0,
+        "the best label is under its point: {drawn}"
+    );
+    // No other point is nearer the label's centre than the best one.
+    for p in drawn["points"].as_array().unwrap() {
+        let other = (p["left"].as_f64().unwrap() - left).abs();
+        assert!(
+            other >= (x - left).abs(),
+            "the best label is nearer {p} than its own point: {drawn}"
+        );
+    }
+    assert!(
+        label["text"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("{best_sigma}")),
+        "{drawn}"
+    );
+    let selected = &drawn["selected"];
+    assert_eq!(
+        selected["sigma_rel"].as_f64(),
+        Some(clicked_sigma),
+        "{drawn}"
+    );
+    let clicked = point(clicked_sigma);
+    assert_eq!(selected["left"], clicked["left"], "{drawn}");
 }
 
 /// What a chart box (`#chart-METRIC`) shows once drawn: its plotted points, the best σ_rel and

@@ -105,6 +105,7 @@ pub(super) fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(sweeps::get_sweep, sweeps::delete_sweep))
         .routes(routes!(sweeps::sweep_events))
         .routes(routes!(sweeps::sweep_plot))
+        .routes(routes!(sweeps::sweep_estimate))
         .routes(routes!(sweeps::point_grid))
         .routes(
             routes!(sweeps::list_references, sweeps::post_reference).map(|r| {

@@ -18,8 +18,8 @@ use serde::Deserialize;
 use super::error::{body_rejection, parse_json, ApiError, ApiResult, ErrorBody};
 use super::state::AppState;
 use super::views::sweeps::{
-    PointView, ReferenceList, ReferenceView, ShutdownNotice, SweepEvent, SweepList, SweepProgress,
-    SweepRequestBody, SweepView,
+    PointView, ReferenceList, ReferenceView, ShutdownNotice, SweepEstimate, SweepEvent, SweepList,
+    SweepProgress, SweepRequestBody, SweepView,
 };
 use crate::app::references::{self, ReferenceOrigin};
 use crate::db::{PointRow, SweepRow};
@@ -140,6 +140,135 @@ pub(super) async fn list_sweeps(
         sweeps,
         next_before: next_before.flatten(),
     }))
+}
+
+/// Query of the estimate: the sweep's size, as `POST /sweeps` would take it.
+#[derive(Deserialize, utoipa::IntoParams)]
+pub(super) struct EstimateQuery {
+    /// Points; or give `sigma_rels` (and `nimgs`) to have them counted.
+    points: Option<String>,
+    /// EMA widths as `POST /sweeps` takes them: a list, or EDM2's `0.03,0.05,...,0.25`.
+    sigma_rels: Option<String>,
+    /// Training times, comma-separated (default: one, the run's last snapshot).
+    nimgs: Option<String>,
+    /// Images per seed set (default as `POST /sweeps`: 50 000 or the server's cap).
+    num_images: Option<String>,
+    /// Seed sets (default 1).
+    seed_sets: Option<String>,
+    /// Sampler steps (default 32).
+    steps: Option<String>,
+}
+
+/// `text` as a whole number from `lo` to `hi`, or a 400 naming `field`.
+fn count(text: &str, field: &str, lo: usize, hi: usize) -> ApiResult<usize> {
+    text.trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (lo..=hi).contains(n))
+        .ok_or_else(|| {
+            ApiError::invalid(format!(
+                "{field}: {text:?} is not a whole number from {lo} to {hi}"
+            ))
+        })
+}
+
+/// How long a builtin sweep of the run would take on one worker: seconds in all and per
+/// point, scaled from the timings of the newest finished points of the run's builtin sweeps
+/// (else of a run with the same network configuration): sampling by denoiser evaluations
+/// (2·steps − 1) and images, features and storing by images, reconstruction and metrics per
+/// point. Nothing measured yet: `seconds` is null and `note` says so.
+#[utoipa::path(get, path = "/runs/{run}/sweep-estimate", tag = "sweeps",
+    params(("run" = String, Path, description = "The run's name"), EstimateQuery),
+    responses(
+        (status = 200, description = "The estimate and what it was measured on", body = SweepEstimate),
+        (status = 400, description = "A bad parameter (the message names it)", body = ErrorBody),
+        (status = 404, description = "No such run", body = ErrorBody),
+    ))]
+pub(super) async fn sweep_estimate(
+    State(state): State<AppState>,
+    Path(run): Path<String>,
+    Query(query): Query<EstimateQuery>,
+) -> ApiResult<Json<SweepEstimate>> {
+    let limits = &state.config.sweep_limits;
+    let nimgs = match &query.nimgs {
+        None => 1,
+        Some(text) if text.trim().is_empty() => 1,
+        Some(text) => {
+            for item in text.split(',') {
+                item.trim()
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| {
+                        ApiError::invalid(format!(
+                            "nimgs: {item:?} is not a whole number of training images"
+                        ))
+                    })?;
+            }
+            text.split(',').count()
+        }
+    };
+    let points = match (&query.points, &query.sigma_rels) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "points: give points or sigma_rels, not both",
+            ))
+        }
+        (Some(text), None) => count(text, "points", 1, limits.max_points)?,
+        (None, Some(text)) => {
+            let widths = super::reconstruct::widths(
+                &super::reconstruct::Widths::List(text.clone()),
+                "sigma_rels",
+                false,
+                crate::phema::MAX_LIST_VALUES,
+            )?;
+            let points = widths.len() * nimgs;
+            if points == 0 || points > limits.max_points {
+                return Err(ApiError::invalid(format!(
+                    "sigma_rels: {points} points (sigma_rels × nimgs); from 1 to {}",
+                    limits.max_points
+                )));
+            }
+            points
+        }
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "points: give points (or sigma_rels, with nimgs for a 2-D sweep)",
+            ))
+        }
+    };
+    let num_images = match &query.num_images {
+        Some(text) => count(text, "num_images", 2, limits.max_images)?,
+        None => limits.max_images.min(50_000),
+    };
+    let seed_sets = match &query.seed_sets {
+        Some(text) => count(text, "seed_sets", 1, limits.max_seed_sets)?,
+        None => 1,
+    };
+    let steps = match &query.steps {
+        Some(text) => count(text, "steps", 2, 1000)?,
+        None => crate::sweep::SamplerSettings::default().steps,
+    };
+    let run = state.data.existing_run(&run).await?;
+    let planned = sweep::estimate::Planned {
+        points,
+        num_images,
+        seed_sets,
+        steps,
+    };
+    let measured = sweep::estimate::measured(&state.data, &run).await?;
+    let no_measurement = if sweep::run_network(&run).is_err() {
+        "no estimate: the run records no network configuration, so the server cannot sample it \
+         (its sweeps are external)"
+    } else {
+        "no measurement yet: no builtin sweep of this run (or of a run with the same network) \
+         has finished a point on this server"
+    };
+    Ok(Json(SweepEstimate::new(
+        &planned,
+        measured.as_ref(),
+        no_measurement,
+    )))
 }
 
 /// A sweep: status, points so far (results, timings, image grids) and the best point.

@@ -19,11 +19,13 @@
 //! - `labels`: how each metric is named, scaled and compared, and a point's error bar —
 //!   decided once for the UI, the command line, the plot and the Python client.
 //! - `plot`: the curve (1-D) or heat map (2-D) as SVG.
+//! - `estimate`: how long a sweep would take, from the timings of finished points.
 //!
 //! The queue lives in the index (`db::sweeps`); any number of workers — one inside
 //! `hindsight serve`, more from `hindsight worker` — share it.
 
 mod batch;
+pub mod estimate;
 pub mod external;
 mod labels;
 pub mod plot;

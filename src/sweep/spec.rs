@@ -408,6 +408,33 @@ impl SweepSpec {
             .collect()
     }
 
+    /// What a sweep's metric values can be compared on, as people read it: sweeps whose
+    /// values may share one chart (overlays) have the same key. FID and KID depend on the
+    /// reference statistics (by id: another data set, or the same one summarised again, is
+    /// another yardstick), on the feature network (Inception or the pixel-projection
+    /// fallback), on the images per seed set (FID is biased by `1/N`) and on the seed sets
+    /// (set `k` samples seeds `k·N … (k+1)·N − 1`, so equal `N` and sets mean equal seeds).
+    /// The sampler is left out: comparing its settings is what overlays are for.
+    pub fn comparison_key(&self) -> String {
+        let sets = if self.seed_sets == 1 {
+            "1 seed set".to_owned()
+        } else {
+            format!("{} seed sets", self.seed_sets)
+        };
+        match self.reference_id {
+            Some(id) if self.has_images() => format!(
+                "reference #{id}{}, {}, {} images × {sets}",
+                self.reference_name
+                    .as_deref()
+                    .map(|n| format!(" “{n}”"))
+                    .unwrap_or_default(),
+                self.feature_network,
+                self.num_images,
+            ),
+            _ => format!("no images (user metrics), {sets}"),
+        }
+    }
+
     /// Whether KID is among the metrics.
     pub fn wants(&self, metric: Metric) -> bool {
         self.metrics.contains(&metric)

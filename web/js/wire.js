@@ -146,6 +146,8 @@ export function sweep(s) {
     running: s.status === 'running' || s.status === 'queued',
     spec: sweepSpec(s.spec),
     metrics: s.metrics.map(metricInfo),
+    // Sweeps with equal keys may share a chart (same reference, images, seeds); readable.
+    comparisonKey: s.comparison_key,
     pointsTotal: s.points_total,
     pointsDone: s.points_done,
     imagesDone: s.images_done,
@@ -254,6 +256,26 @@ export function metricResult(m) {
 // schema: Timings
 export function timings(t) {
   return t.reconstruct_s + t.batches_s + t.metrics_s;
+}
+
+/** How long a builtin sweep would take (`GET /runs/{run}/sweep-estimate`): `seconds` in all
+ *  and per point on one worker (null: nothing measured yet), `note` the server's words for
+ *  what it was measured on (or why there is no number), `basis` the figures. */
+// schema: SweepEstimate
+export function sweepEstimate(e) {
+  return {
+    points: e.points,
+    images: e.images,
+    seconds: e.seconds ?? null,
+    pointSeconds: e.point_seconds ?? null,
+    basis: e.basis ? estimateBasis(e.basis) : null,
+    note: e.note,
+  };
+}
+
+// schema: EstimateBasis
+export function estimateBasis(b) {
+  return { run: b.run, sameRun: b.same_run, sweep: b.sweep, points: b.points, steps: b.steps, imagesPerS: b.images_per_s };
 }
 
 /** A lease on a point, held now: who (`worker`, the name it gave), which point, when it

@@ -372,6 +372,11 @@ pub struct SweepView {
     /// How each of its metrics is named, scaled (KID ×10³) and compared, in `spec.metrics`
     /// order: what every display of the sweep shows.
     pub metrics: Vec<MetricInfo>,
+    /// What its values can be compared on: sweeps with the same key (the same reference
+    /// statistics and feature network, images per seed set and seed sets) may share a chart;
+    /// others may not (FID from 128 images is not FID from 1000). Readable, e.g. `reference
+    /// #1 “cifar10”, inception-2015-12-05 pool3, 1000 images × 1 seed set`.
+    pub comparison_key: String,
     /// Points in all, done, failed.
     pub points_total: i64,
     /// Points done.
@@ -436,6 +441,7 @@ impl SweepView {
             run: s.run.clone(),
             status: s.status.into(),
             metrics: spec.metric_infos(),
+            comparison_key: spec.comparison_key(),
             spec,
             points_total: s.points,
             points_done: s.points_done,
@@ -738,6 +744,98 @@ pub struct SweepList {
     /// on the last page.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_before: Option<i64>,
+}
+
+/// How long a builtin sweep would take (`GET /runs/{run}/sweep-estimate`), from the timings
+/// of finished points measured on this server; `seconds` is null when nothing was measured.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct SweepEstimate {
+    /// Points asked about.
+    pub points: u64,
+    /// Images sampled in all (points × images per seed set × seed sets).
+    pub images: u64,
+    /// Seconds for the whole sweep on one worker (null: no measurement yet).
+    pub seconds: Option<f64>,
+    /// Seconds per point (null: no measurement yet).
+    pub point_seconds: Option<f64>,
+    /// What the estimate was measured on (null: nothing).
+    pub basis: Option<EstimateBasis>,
+    /// The basis in words, or why there is no estimate: what the page shows beside it.
+    pub note: String,
+}
+
+/// The finished points an estimate is scaled from.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct EstimateBasis {
+    /// The run measured.
+    pub run: String,
+    /// Whether it is the run asked about (else a run with the same network configuration).
+    pub same_run: bool,
+    /// The sweep measured.
+    pub sweep: i64,
+    /// Its finished points with timings.
+    pub points: u64,
+    /// Its sampler steps (sampling time is scaled by denoiser evaluations, 2·steps − 1).
+    pub steps: u64,
+    /// Images per second over its batches (sampling, features, storing).
+    pub images_per_s: f64,
+    /// Seconds of sampling per image, at its steps.
+    pub sample_s_per_image: f64,
+    /// Seconds of Inception features per image.
+    pub features_s_per_image: f64,
+    /// Seconds per image of the rest of a batch (storing).
+    pub other_s_per_image: f64,
+    /// Seconds per point reconstructing the weights (mean).
+    pub reconstruct_s: f64,
+    /// Seconds per point of statistics, FID and KID (mean).
+    pub metrics_s: f64,
+}
+
+impl SweepEstimate {
+    /// The estimate of `planned` from `measured`; without a measurement, `note` says why.
+    pub fn new(
+        planned: &crate::sweep::estimate::Planned,
+        measured: Option<&crate::sweep::estimate::Measured>,
+        no_measurement: &str,
+    ) -> Self {
+        let note = match measured {
+            Some(m) => format!(
+                "measured on {} point{} of sweep #{}{} at {} sampler steps ({:.1} images/s), \
+                 one worker",
+                m.points,
+                if m.points == 1 { "" } else { "s" },
+                m.sweep,
+                if m.same_run {
+                    String::new()
+                } else {
+                    format!(" of run “{}” (the same network)", m.run)
+                },
+                m.steps,
+                m.images_per_s,
+            ),
+            None => no_measurement.to_owned(),
+        };
+        SweepEstimate {
+            points: planned.points as u64,
+            images: planned.images() as u64,
+            seconds: measured.map(|m| m.seconds(planned)),
+            point_seconds: measured.map(|m| m.point_seconds(planned)),
+            basis: measured.map(|m| EstimateBasis {
+                run: m.run.clone(),
+                same_run: m.same_run,
+                sweep: m.sweep,
+                points: m.points as u64,
+                steps: m.steps as u64,
+                images_per_s: m.images_per_s,
+                sample_s_per_image: m.sample_s_per_image,
+                features_s_per_image: m.features_s_per_image,
+                other_s_per_image: m.other_s_per_image,
+                reconstruct_s: m.reconstruct_s,
+                metrics_s: m.metrics_s,
+            }),
+            note,
+        }
+    }
 }
 
 /// Stored reference statistics.

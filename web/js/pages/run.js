@@ -4,7 +4,7 @@
 import * as api from '../api.js';
 import { drawTimeline } from '../chart.js';
 import { fill, h, main, message } from '../dom.js';
-import { fmt, fmtBytes, fmtNimg } from '../format.js';
+import { fmt, fmtBytes, fmtDuration, fmtNimg } from '../format.js';
 import * as wire from '../wire.js';
 import { sweepTable } from './runs.js';
 
@@ -142,12 +142,41 @@ function reportView(r) {
 function sweepForm(run, detail, references) {
   const out = h('div', { 'aria-live': 'polite' });
   const field = (id, label, input, hint) => [h('label', { for: id }, label), h('span', {}, input, hint ? h('span', { class: 'muted' }, ` ${hint}`) : '')];
-  const sigma = h('input', { id: 'sw-sigma', value: '0.03,0.05,...,0.25', size: 28 });
+  // Defaults for a first look at the curve: 5 widths across EDM2's range, 500 images each
+  // (FID at 500 images is biased upwards, but alike for every point, which see the same
+  // seeds); the estimate below says what a bigger sweep costs.
+  const sigma = h('input', { id: 'sw-sigma', value: '0.05,0.10,...,0.25', size: 28 });
   const nimgs = h('input', { id: 'sw-nimgs', placeholder: String(detail.lastNimg || ''), size: 28 });
-  const images = h('input', { id: 'sw-images', type: 'number', min: '2', value: '1000' });
+  const images = h('input', { id: 'sw-images', type: 'number', min: '2', value: '500' });
   const seeds = h('input', { id: 'sw-seeds', type: 'number', min: '1', value: '1' });
   const steps = h('input', { id: 'sw-steps', type: 'number', min: '2', value: '32' });
   const reference = h('select', { id: 'sw-reference' }, references.map((r) => h('option', { value: r.name }, `${r.name} (${r.count || '?'} images)`)));
+  // How long it would take, as the server estimates it from points it has measured; asked
+  // again (once the typing pauses) whenever the size of the sweep changes.
+  const estimate = h('p', { id: 'sw-estimate', class: 'muted', 'aria-live': 'polite' }, 'Estimating the time…');
+  let asked = 0;
+  let pause = null;
+  const reestimate = () => {
+    clearTimeout(pause);
+    pause = setTimeout(async () => {
+      const q = new URLSearchParams({
+        sigma_rels: sigma.value, num_images: images.value, seed_sets: seeds.value, steps: steps.value,
+      });
+      if (nimgs.value.trim()) q.set('nimgs', nimgs.value);
+      const mine = ++asked;
+      try {
+        const e = wire.sweepEstimate(await api.get(`/runs/${encodeURIComponent(run)}/sweep-estimate?${q}`));
+        if (mine !== asked) return;
+        fill(estimate, e.seconds === null
+          ? `Estimated time: ${e.note}.`
+          : [h('strong', {}, `Estimated time ≈ ${fmtDuration(e.seconds)}`),
+            ` for ${e.points} point${e.points === 1 ? '' : 's'}, ${e.images} images (${fmtDuration(e.pointSeconds)} per point); ${e.note}.`]);
+      } catch (err) {
+        if (mine === asked) fill(estimate, `No estimate: ${err.message}`);
+      }
+    }, 250);
+  };
+  for (const input of [sigma, nimgs, images, seeds, steps]) input.addEventListener('input', reestimate);
   const fid = h('input', { id: 'sw-fid', type: 'checkbox', checked: true });
   const kid = h('input', { id: 'sw-kid', type: 'checkbox', checked: true });
   const submit = async (event) => {
@@ -170,6 +199,7 @@ function sweepForm(run, detail, references) {
     return h('section', { class: 'panel' }, h('h2', {}, 'Start a sweep'),
       h('p', {}, 'A sweep needs reference statistics: ', h('code', {}, 'hindsight ref-stats DATASET --name NAME'), '.'));
   }
+  reestimate();
   return h('section', { class: 'panel', id: 'sweep-form' }, h('h2', {}, 'Start a sweep'),
     h('form', { class: 'grid', onsubmit: submit },
       field('sw-sigma', 'σ_rel', sigma, 'a list, or EDM2\'s a,b,...,z'),
@@ -179,6 +209,7 @@ function sweepForm(run, detail, references) {
       field('sw-images', 'Images per seed set', images),
       field('sw-seeds', 'Seed sets', seeds, 'mean ± std over sets'),
       field('sw-steps', 'Sampler steps', steps),
+      h('span', {}, 'Time'), estimate,
       h('div', { class: 'actions' }, h('button', { type: 'submit', class: 'primary', id: 'sw-start' }, 'Start sweep'))),
     out);
 }

@@ -13,9 +13,16 @@ const getSweep = async (id) => wire.sweep(await api.get(`/sweeps/${id}`));
 export async function sweepPage(id) {
   document.title = `hindsight — sweep ${id}`;
   let sweep = await getSweep(id);
-  const others = wire.sweepList(await api.get('/sweeps')).filter((s) => s.id !== id);
+  // Overlays: only sweeps whose values are comparable with this one's (the server's
+  // comparison key: the same reference statistics, feature network, images per seed set and
+  // seed sets); the others are counted, not offered.
+  const listed = wire.sweepList(await api.get('/sweeps')).filter((s) => s.id !== id);
+  const others = listed.filter((s) => s.comparisonKey === sweep.comparisonKey);
+  const incomparable = listed.length - others.length;
   const overlays = new Map();
   let logX = false;
+  // The point whose images are shown, marked on the charts (kept across redraws).
+  let selectedIdx = null;
   const head = h('div');
   const charts = h('div', { id: 'charts' });
   const samples = h('div', { class: 'samples', id: 'samples', 'aria-live': 'polite' },
@@ -26,7 +33,7 @@ export async function sweepPage(id) {
   const evaluators = h('div', { id: 'evaluators' });
   const failures = h('div', { id: 'attempts' });
   const logBox = h('input', { type: 'checkbox', id: 'log-x', onchange: () => { logX = logBox.checked; draw(); } });
-  const overlayList = h('div', { class: 'controls' }, others.length ? 'Overlay:' : '',
+  const overlayList = h('div', { class: 'controls', id: 'overlays' }, others.length ? 'Overlay:' : '',
     others.map((o) => {
       const box = h('input', {
         type: 'checkbox', onchange: async () => {
@@ -36,9 +43,13 @@ export async function sweepPage(id) {
         },
       });
       return h('label', {}, box, ` #${o.id} ${o.run}`);
-    }));
+    }),
+    incomparable > 0 && h('span', { class: 'muted', id: 'overlays-hidden', title: `this sweep: ${sweep.comparisonKey}` },
+      `${incomparable} other sweep${incomparable === 1 ? '' : 's'} with other reference statistics, image counts or seed sets ${incomparable === 1 ? 'is' : 'are'} not comparable, so not offered`));
 
   const showSamples = (p) => {
+    selectedIdx = p.idx;
+    for (const c of charted) c.redraw();
     if (!p.gridUrl) {
       fill(samples, h('p', { class: 'muted' }, `Point ${p.idx} has no images yet.`));
       return;
@@ -173,19 +184,21 @@ export async function sweepPage(id) {
         h('td', { class: 'hide-narrow' }, fmtTime(f.claimedAt)), h('td', { class: 'hide-narrow' }, fmtTime(f.endedAt))))))));
   };
 
-  const chartCleanup = [];
-  onLeave(() => chartCleanup.forEach((f) => f()));
+  // The charts drawn now ({destroy, redraw} each).
+  const charted = [];
+  onLeave(() => charted.forEach((c) => c.destroy()));
+  const selected = () => selectedIdx;
   const draw = () => {
     charts.replaceChildren();
-    for (const f of chartCleanup.splice(0)) f();
+    for (const c of charted.splice(0)) c.destroy();
     for (const info of sweep.metrics) {
       const box = h('div', { class: 'chart', id: `chart-${info.metric}` });
       charts.append(h('h2', {}, `${info.label} vs EMA length`), box);
       const metric = info.metric;
-      if (nimgsOf(sweep).length > 1) heatMap(box, { sweep, metric, onPick: showSamples });
+      if (nimgsOf(sweep).length > 1) charted.push(heatMap(box, { sweep, metric, selected, onPick: showSamples }));
       else {
-        chartCleanup.push(curve(box, {
-          sweep, overlays: [...overlays.values()], metric, logX, onPick: showSamples,
+        charted.push(curve(box, {
+          sweep, overlays: [...overlays.values()], metric, logX, selected, onPick: showSamples,
         }));
       }
     }
