@@ -16,7 +16,8 @@ use crate::model::Edm2Config;
 pub enum Budget {
     /// About a minute: a tiny network, a few points of a few images (CI, smoke tests).
     Quick,
-    /// About eight minutes on 2 cores: samples look like clothing, a six-point curve.
+    /// About 8 minutes on 2 cores (4 of them training): samples look like clothing, a
+    /// six-point curve with its minimum inside the range.
     Standard,
     /// About an hour on 2 cores: five times the training, more points, more images per point.
     Long,

@@ -19,8 +19,9 @@ use super::common::{bar, block_on};
 /// Options of `hindsight demo`.
 #[derive(clap::Args)]
 pub struct DemoArgs {
-    /// How much work: `quick` (about a minute; what CI runs), `standard` (about 9 minutes on
-    /// 2 cores), `long` (about an hour on 2 cores: 5× the training, more points and images).
+    /// How much work: `quick` (about a minute; what CI runs), `standard` (about 8 minutes on
+    /// 2 cores, 4 of them training), `long` (about an hour on 2 cores: 5× the training, more
+    /// points and images).
     #[arg(long, value_enum, default_value_t = Budget::Standard)]
     budget: Budget,
     /// Where the web UI is served at the end.
