@@ -196,6 +196,39 @@ pub async fn choose_run(
     unreachable!("the loop returns")
 }
 
+/// The name of the demo's reference statistics of `test_set` (`fashion-mnist-test`,
+/// `procedural`): `base`, else `base-2`, `base-3`, … past statistics of that name made from
+/// other data (their `source`'s [`crate::datasets::family`]), which are left as they are;
+/// with a line for each passed over.
+pub async fn choose_reference(
+    data: &DataDir,
+    base: &str,
+    test_set: &str,
+) -> Result<(String, Vec<String>)> {
+    let wanted = crate::datasets::family(test_set);
+    let mut passed = Vec::new();
+    for n in 1.. {
+        let name = if n == 1 {
+            base.to_owned()
+        } else {
+            format!("{base}-{n}")
+        };
+        let row = match crate::app::references::find(data, &name).await {
+            Ok(row) => row,
+            Err(crate::Error::NotFound(_)) => return Ok((name, passed)),
+            Err(e) => return Err(e),
+        };
+        if crate::datasets::family(&row.source) == wanted && wanted.is_some() {
+            return Ok((name, passed));
+        }
+        passed.push(format!(
+            "reference statistics {name:?} come from {}, not {test_set}: leaving them as they are",
+            row.source
+        ));
+    }
+    unreachable!("the loop returns")
+}
+
 /// Where the demo's run `name` stands, against a budget of `total_kimg` thousand images.
 pub async fn run_state(data: &DataDir, name: &str, total_kimg: u64) -> Result<RunState> {
     let Some(run) = data.db.run(name).await? else {

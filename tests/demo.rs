@@ -420,9 +420,26 @@ fn a_second_demo_on_other_data_trains_a_new_run_and_never_mixes_datasets() {
         .is_file());
 
     // 2. With Fashion-MNIST installed: a new run, trained on it, swept against its own
-    // reference statistics.
+    // reference statistics — not against statistics of other data that bear their name.
+    let (ok, out) = hindsight_env(
+        &data,
+        &[
+            "ref-stats",
+            "procedural",
+            "--max-images",
+            "16",
+            "--name",
+            "fashion-mnist-test-64",
+        ],
+        &[weights_env],
+    );
+    assert!(ok, "{out}");
     let (ok, second) = hindsight_env(&data, &demo_args, &[weights_env, cache_env]);
     assert!(ok, "{second}");
+    assert!(
+        second.contains("\"fashion-mnist-test-64\" come from procedural"),
+        "{second}"
+    );
     assert!(!second.contains("reusing run"), "{second}");
     assert!(
         second.contains("snapshot(s) in run \"demo-quick\""),
@@ -447,7 +464,7 @@ fn a_second_demo_on_other_data_trains_a_new_run_and_never_mixes_datasets() {
     );
     assert_eq!(
         fashion_sweep["sweep"]["spec"]["reference_name"],
-        "fashion-mnist-test-64"
+        "fashion-mnist-test-64-2"
     );
 
     // 3. The procedural run against Fashion-MNIST's statistics: refused, naming the field
@@ -465,7 +482,7 @@ fn a_second_demo_on_other_data_trains_a_new_run_and_never_mixes_datasets() {
         "--steps",
         "4",
         "--reference",
-        "fashion-mnist-test-64",
+        "fashion-mnist-test-64-2",
         "--json",
     ];
     let (ok, refused) = hindsight_env(&data, &sweep, &[weights_env]);

@@ -338,6 +338,11 @@ fn sweep_requests_are_checked_field_by_field() {
         let (status, body) = send_json(&api, request.bearer(TOKEN)).await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         assert_eq!(body["spec"]["metrics"], json!(["fid"]));
+        // Uploaded statistics say nothing of their data: the sweep says it is unchecked.
+        assert!(
+            body["spec"]["warnings"].to_string().contains("is not checked"),
+            "{body}"
+        );
         assert_eq!(body["points"].as_array().unwrap().len(), 2);
         // EDM2's list syntax and a 2-D sweep.
         let request = post_json("/sweeps", &two_d_sweep(&data).await).bearer(TOKEN);

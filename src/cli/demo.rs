@@ -83,10 +83,18 @@ pub fn run(data_dir: &Path, args: DemoArgs) -> anyhow::Result<()> {
         "procedural"
     };
     // Without Inception weights, the clearly named fallback metric instead of none.
-    let reference = match &weights {
+    let base = match &weights {
         Some(_) => settings.reference_name(train_name),
         None => format!("{}-pixels", settings.reference_name(train_name)),
     };
+    // Never statistics of other data that happen to bear the name.
+    let (reference, passed) = block_on(async {
+        let data = DataDir::open(data_dir).await?;
+        Ok(hindsight::demo::choose_reference(&data, &base, test_set).await?)
+    })?;
+    for line in passed {
+        eprintln!("{line}");
+    }
     stages.time("reference statistics", || {
         reference_stats(
             data_dir,
@@ -161,9 +169,18 @@ fn dataset(offline: bool) -> anyhow::Result<Option<&'static str>> {
     match result {
         Ok(()) => Ok(Some("fashion-mnist")),
         Err(e) => {
+            let files = idx::FASHION_MNIST_FILES
+                .iter()
+                .map(|(f, _)| *f)
+                .collect::<Vec<_>>()
+                .join(" ");
             eprintln!(
                 "could not download Fashion-MNIST ({e}); training on the built-in procedural \
-                 images instead (install dataset-fashion-mnist for the real thing)"
+                 images instead. For the real thing, install Debian's dataset-fashion-mnist, or \
+                 fetch the files yourself (curl follows HTTPS_PROXY and your CA store):\n  \
+                 mkdir -p '{dir}' && cd '{dir}' && for f in {files}; do curl -fLO {base}$f; done",
+                dir = dest.display(),
+                base = base.trim_end_matches('/').to_owned() + "/",
             );
             Ok(None)
         }
@@ -393,27 +410,46 @@ fn curve_verdict(data_dir: &Path, sweep_id: i64, fallback: bool) -> anyhow::Resu
                 format!("{x:.2}")
             }
         };
-        let noise = shape.noise.map_or("no noise estimate".to_owned(), |n| {
-            format!("noise ±{}", v(n))
-        });
+        let noise = shape
+            .noise
+            .map_or("no noise estimate: one seed set".to_owned(), |n| {
+                format!("noise ±{}", v(n))
+            });
         let (lo, hi) = (shape.shortest, shape.longest);
-        let verdict = if shape.clear_interior() {
-            "a minimum inside the range, both ends worse by more than the noise"
-        } else if shape.interior() {
-            "a minimum inside the range, but an end within the noise"
+        let other = if shape.best.0 == lo.0 { hi } else { lo };
+        let (ends, verdict) = if shape.interior() {
+            let verdict = if shape.clear_interior() {
+                "a minimum inside the range, both ends worse by more than the noise"
+            } else if shape.noise.is_none() {
+                "a minimum inside the range (how it compares with the noise is unknown)"
+            } else {
+                "a minimum inside the range, but an end is within the noise"
+            };
+            let ends = format!(
+                "σ_rel {:.3} is worse by {}, σ_rel {:.3} by {}",
+                lo.0,
+                v(lo.1),
+                hi.0,
+                v(hi.1)
+            );
+            (ends, verdict)
         } else {
-            "the best is at an end of the range"
+            let within = shape.noise.is_some_and(|n| other.1 <= n);
+            let verdict = if within {
+                "the best is at an end of the range, and the other end is within the noise"
+            } else {
+                "the best is at an end of the range"
+            };
+            (
+                format!("σ_rel {:.3} is worse by {}", other.0, v(other.1)),
+                verdict,
+            )
         };
         eprintln!(
-            "{}: best σ_rel {:.3} ({}); σ_rel {:.3} is worse by {}, σ_rel {:.3} by {} ({noise}): \
-             {verdict}",
+            "{}: best σ_rel {:.3} ({}); {ends} ({noise}): {verdict}",
             info.short_label,
             shape.best.0,
             v(shape.best.1),
-            lo.0,
-            v(lo.1),
-            hi.0,
-            v(hi.1)
         );
     }
     Ok(())

@@ -236,13 +236,15 @@ pub fn run(data_dir: &Path, args: SweepArgs) -> anyhow::Result<()> {
             return Ok(());
         }
         eprintln!(
-            "sweep {}: {} point(s) × {} image(s) ({} seed set(s) of {}), reference {:?}",
+            "sweep {}: {} point(s) × {} image(s) ({} seed set(s) of {}), reference {}",
             sweep.id,
             sweep.points,
             spec.images_per_point(),
             spec.seed_sets,
             spec.num_images,
             spec.reference_name
+                .as_deref()
+                .map_or("none (user metrics)".to_owned(), |n| format!("{n:?}"))
         );
         work(&data, &sweep, args.weights.clone()).await?;
         let sweep = sweep::find(&data, sweep.id).await?;

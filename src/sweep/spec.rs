@@ -587,10 +587,19 @@ pub fn dataset_mismatch(run: &Run, reference: &ReferenceRow) -> Option<String> {
     let reference_family = crate::datasets::family(&reference.source);
     if let (Some(a), Some(b)) = (run_family, reference_family) {
         if a != b {
+            let from = |family: &str, source: &str| {
+                if family == source {
+                    format!("{family} images")
+                } else {
+                    format!("{family} images ({source})")
+                }
+            };
             return Some(format!(
-                "run {:?} was trained on {a} images ({source}) but reference statistics {:?} \
-                 come from {b} ({})",
-                run.name, reference.name, reference.source
+                "run {:?} was trained on {} but reference statistics {:?} come from {}",
+                run.name,
+                from(a, source),
+                reference.name,
+                from(b, &reference.source)
             ));
         }
     }
@@ -607,6 +616,21 @@ pub fn dataset_mismatch(run: &Run, reference: &ReferenceRow) -> Option<String> {
         }
     }
     None
+}
+
+/// A warning when `run` records its dataset but `reference` says nothing [`dataset_mismatch`]
+/// can compare with it (imported statistics: no known source, no channels), so that a sweep
+/// against them is not taken as checked.
+pub fn dataset_unchecked(run: &Run, reference: &ReferenceRow) -> Option<String> {
+    let source = run.metadata["dataset"]["source"].as_str()?;
+    if crate::datasets::family(&reference.source).is_some() || reference.channels.is_some() {
+        return None;
+    }
+    Some(format!(
+        "reference statistics {:?} ({}) record no dataset hindsight knows and no channels, so \
+         whether they describe the data run {:?} was trained on ({source}) is not checked",
+        reference.name, reference.source, run.name
+    ))
 }
 
 /// Validates `request` against the index and `limits`; returns the specification and the
@@ -778,6 +802,9 @@ pub async fn validate(
         (None, false) => None,
     };
     if let Some(reference) = &reference {
+        if let Some(warning) = dataset_unchecked(&run, reference) {
+            warnings.push(warning);
+        }
         if let Some(why) = dataset_mismatch(&run, reference) {
             if request.allow_dataset_mismatch {
                 warnings.push(format!("allowed by allow_dataset_mismatch: {why}"));
@@ -785,7 +812,10 @@ pub async fn validate(
                 return Err(Error::invalid(
                     "reference",
                     format!(
-                        "{why}: FID and KID against them would measure the difference between                          the datasets, not the EMA length. Use reference statistics of the                          run's dataset (hindsight ref-stats), or set allow_dataset_mismatch                          (--allow-dataset-mismatch) to sweep anyway"
+                        "{why}: FID and KID against them would measure the difference between the \
+                         datasets, not the EMA length. Use reference statistics of the run's \
+                         dataset (hindsight ref-stats), or set allow_dataset_mismatch \
+                         (--allow-dataset-mismatch) to sweep anyway"
                     ),
                 ));
             }

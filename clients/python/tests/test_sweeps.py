@@ -218,6 +218,9 @@ def test_sweep_requests_are_checked_and_errors_name_the_field(
             client.wait_sweep(999, timeout=10)
         with pytest.raises(ValueError, match="positive int"):
             client.wait_sweep(0)
+        # A string is not a yes: "false" must not force a sweep across datasets.
+        with pytest.raises(ValueError, match="allow_dataset_mismatch"):
+            client.start_sweep("t", 0.1, allow_dataset_mismatch="false", **args)  # type: ignore[arg-type]
         assert client.sweeps() == []  # nothing was queued by the refused requests
 
         # Imported statistics: FID only.

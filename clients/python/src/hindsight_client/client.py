@@ -620,6 +620,10 @@ class Client:
         ):
             if value is not None:
                 request[key] = int(value)
+        if not isinstance(allow_dataset_mismatch, bool):
+            raise ValueError(
+                f"allow_dataset_mismatch must be True or False, not {allow_dataset_mismatch!r}"
+            )
         if allow_dataset_mismatch:
             request["allow_dataset_mismatch"] = True
         response = self._transport.send("POST", "/sweeps", json=request, idempotent=False)
