@@ -139,6 +139,12 @@ pub enum RunState {
     Done(u64),
 }
 
+/// `base`, then `base-2`, `base-3`, …: the names the demo tries for a run or reference
+/// statistics until one is free or holds what it wants.
+fn numbered(base: &str) -> impl Iterator<Item = String> + '_ {
+    std::iter::once(base.to_owned()).chain((2..).map(move |n| format!("{base}-{n}")))
+}
+
 /// The run the demo trains on `dataset` (`fashion-mnist` or `procedural`) and where it
 /// stands: the budget's run (`demo`, `demo-quick`, `demo-long`) for Fashion-MNIST,
 /// `<that>-<dataset>` for other data — then `-2`, `-3`, … past runs of those names that were
@@ -156,12 +162,7 @@ pub async fn choose_run(
         format!("{}-{dataset}", settings.run)
     };
     let mut passed = Vec::new();
-    for n in 1.. {
-        let name = if n == 1 {
-            base.clone()
-        } else {
-            format!("{base}-{n}")
-        };
+    for name in numbered(&base) {
         let state = run_state(data, &name, settings.total_kimg).await?;
         if state == RunState::Missing {
             return Ok((name, state, passed));
@@ -207,12 +208,7 @@ pub async fn choose_reference(
 ) -> Result<(String, Vec<String>)> {
     let wanted = crate::datasets::family(test_set);
     let mut passed = Vec::new();
-    for n in 1.. {
-        let name = if n == 1 {
-            base.to_owned()
-        } else {
-            format!("{base}-{n}")
-        };
+    for name in numbered(base) {
         let row = match crate::app::references::find(data, &name).await {
             Ok(row) => row,
             Err(crate::Error::NotFound(_)) => return Ok((name, passed)),
